@@ -96,21 +96,26 @@ def test_soft_loss_population_optimum_is_reference_tilted_by_lagrangian_reward()
     log_ref = torch.log_softmax(torch.randn(k, dtype=torch.float64), 0)
     r_lambda = torch.randn(k, dtype=torch.float64)
     i, j = torch.triu_indices(k, k, offset=1)
+    log_pi, _ = _minimise_over_policies(k, lambda lp: mocan_loss(
+        lp[i], lp[j], log_ref[i], log_ref[j], r_lambda[i] - r_lambda[j], beta)[0].mean())
+    assert torch.allclose(log_pi.exp(), torch.softmax(log_ref + r_lambda / beta, 0), atol=1e-4)
+
+
+def _minimise_over_policies(k: int, objective) -> tuple[torch.Tensor, float]:
+    """(log π, final value) minimising ``objective(log π)`` over all policies on k responses (L-BFGS)."""
     theta = torch.zeros(k, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([theta], lr=1, max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-15,
                             line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
-        log_pi = torch.log_softmax(theta, 0)
-        loss = mocan_loss(log_pi[i], log_pi[j], log_ref[i], log_ref[j], r_lambda[i] - r_lambda[j], beta)[0].mean()
+        loss = objective(torch.log_softmax(theta, 0))
         loss.backward()
         return loss
 
     for _ in range(3):
-        opt.step(closure)
-    expected = torch.softmax(log_ref + r_lambda / beta, 0)
-    assert torch.allclose(torch.softmax(theta.detach(), 0), expected, atol=1e-4)
+        final = opt.step(closure)
+    return torch.log_softmax(theta.detach(), 0), float(final)
 
 
 def test_kl_estimate_equals_naive_weighted_mean_and_is_zero_at_reference():
@@ -148,3 +153,47 @@ def test_dpo_loss_equals_trl_sigmoid_loss():
     for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
                  "logps/chosen", "logps/rejected"):
         assert metrics[name][0] == pytest.approx(diag[name].mean().item(), abs=1e-6), name
+
+
+def test_mocan_absolute_matches_hand_computation():
+    # β = 0.5: βρ_a = 0.5·(−1 + 1.5) = 0.25, βρ_b = 0.5·(−2 + 1.5) = −0.25, h = 0.5
+    args = (T([-1.0]), T([-2.0]), T([-1.5]), T([-1.5]), T([1.3]))
+    loss, _ = mocan_loss(*args, beta=0.5, label="absolute", target_a=T([0.4]), target_b=T([-0.9]))
+    assert loss.item() == pytest.approx((0.5 - 1.3) ** 2 + (0.25 - 0.4) ** 2 + (-0.25 + 0.9) ** 2, abs=1e-6)
+    with pytest.raises(ValueError, match="needs target_a and target_b"):
+        mocan_loss(*args, beta=0.5, label="absolute")
+
+
+def test_target_logratios_are_the_tilted_policys_log_ratios():
+    import numpy as np
+
+    from dualign.pairs import target_logratios
+
+    rng = np.random.default_rng(0)
+    r_lambda, beta = rng.normal(size=7) * 30, 10.0
+    pids = np.array(["a", "a", "a", "b", "b", "b", "b"])
+    t = target_logratios(r_lambda, pids, beta)
+    for p in ("a", "b"):
+        m = pids == p
+        assert np.mean(np.exp(t[m] / beta)) == pytest.approx(1.0, rel=1e-12)  # Σ_k π_ref(y_k)·π_λ/π_ref = 1
+        np.testing.assert_allclose(np.diff(t[m]), np.diff(r_lambda[m]), rtol=1e-12, atol=1e-9)
+
+
+def test_absolute_loss_optimum_is_the_tilted_policy_with_its_normalisation():
+    # π_ref uniform over K responses (so the K samples are an exact sample): the optimum of the
+    # absolute loss over all pairs is π_λ ∝ π_ref·exp(r_λ/β), reached with zero loss.
+    import numpy as np
+
+    from dualign.pairs import target_logratios
+
+    torch.manual_seed(1)
+    k, beta = 6, 0.8
+    log_ref = torch.full((k,), -math.log(k), dtype=torch.float64)
+    r_lambda = torch.randn(k, dtype=torch.float64)
+    t = torch.from_numpy(target_logratios(r_lambda.numpy(), np.zeros(k), beta))
+    i, j = torch.triu_indices(k, k, offset=1)
+    log_pi, final = _minimise_over_policies(k, lambda lp: mocan_loss(
+        lp[i], lp[j], log_ref[i], log_ref[j], r_lambda[i] - r_lambda[j], beta, "absolute",
+        target_a=t[i], target_b=t[j])[0].mean())
+    assert torch.allclose(log_pi.exp(), torch.softmax(log_ref + r_lambda / beta, 0), atol=1e-6)
+    assert final < 1e-10

@@ -4,6 +4,7 @@ population optimum, and an end-to-end run on tiny models."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -259,6 +260,19 @@ def test_pecan_end_to_end_on_tiny_models(tiny_gpt2, tmp_path):
     assert summary["output_dir"] == str(run / "policy")
     assert "method: pecan" in (run / "policy" / "README.md").read_text()
 
+    # the other pair source: all within-prompt pairs of π_ref's samples, margins from their implicit rewards
+    on_samples = tmp_path / "on_samples"
+    on_samples.mkdir()
+    for name in ("scores.parquet", "dual.json", "sample.config.yaml"):
+        shutil.copyfile(run / name, on_samples / name)
+    train(TrainConfig(model=tiny_gpt2, run_dir=str(on_samples), method="pecan", pairs_from="scores",
+                      label="regression", group_by_prompt=True, **{**fast, "max_steps": 3}))
+    pairs = pd.read_parquet(on_samples / "pairs.parquet")
+    assert len(pairs) == scores["prompt_id"].nunique() * 6  # all pairs of K=4 samples
+    first = scores[scores["prompt_id"] == pairs["prompt_id"].iloc[0]]
+    r_lam = (first["h_r"] + lam * first["h_g"]).to_numpy()
+    assert pairs["target_margin"].iloc[0] == pytest.approx(r_lam[0] - r_lam[1], rel=1e-12)
+
 
 def test_pecan_bad_inputs_are_one_line(tmp_path):
     from dualign.train import TrainConfig, load_pairs
@@ -279,8 +293,10 @@ def test_pecan_bad_inputs_are_one_line(tmp_path):
         load_pairs(cfg(preferences=str(tmp_path / "trl.jsonl")))
     with pytest.raises(InputError, match="preference_scores.parquet: file not found"):
         load_pairs(cfg())
-    with pytest.raises(ConfigError, match="pecan uses soft or bernoulli labels"):
+    with pytest.raises(ConfigError, match="pecan uses soft or bernoulli labels on preference pairs"):
         load_pairs(cfg(label="regression"))
+    with pytest.raises(ConfigError, match="pairs_from=scores trains on the scores table"):
+        load_pairs(cfg(pairs_from="scores", preferences=str(tmp_path / "trl.jsonl")))
     write_table(pd.DataFrame({**base, "h_g_1": [0.4]}), tmp_path / "ok.parquet")
     pairs, _, _ = load_pairs(cfg(preferences=str(tmp_path / "ok.parquet")))
     assert pairs["target_margin"].tolist() == pytest.approx([(0.1 - 0.2) + 0.5 * (0.3 - 0.4)])

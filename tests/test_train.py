@@ -122,6 +122,44 @@ def test_batch_of_8_equals_8_accumulated_batches_of_1(tmp_path, tiny_gpt2):
     assert _max_diff(_weights(run_a / "policy"), _weights(run_b / "policy")) < 1e-5
 
 
+def test_grouped_epoch_order_keeps_each_prompts_pairs_together():
+    from dualign.train import epoch_order
+
+    groups = np.repeat(np.arange(5), [3, 1, 4, 2, 6])
+    order = epoch_order(7, 0, len(groups), groups)
+    assert sorted(order.tolist()) == list(range(len(groups)))
+    runs = [g for k, g in enumerate(groups[order]) if k == 0 or g != groups[order][k - 1]]
+    assert sorted(runs) == list(range(5))  # each prompt appears as one block
+    assert (epoch_order(7, 0, len(groups), groups) == order).all()
+    assert any((epoch_order(7, e, len(groups), groups) != order).any() for e in (1, 2))
+
+
+def test_grouped_batches_run_each_response_once_and_equal_single_pair_accumulation(tmp_path, tiny_gpt2,
+                                                                                    monkeypatch):
+    import dualign.train as train_module
+
+    seen: list[int] = []
+    original = train_module.sequence_logprobs
+
+    def counting(model, **batch):
+        if model.training:
+            seen.append(batch["input_ids"].shape[0])
+        return original(model, **batch)
+
+    monkeypatch.setattr(train_module, "sequence_logprobs", counting)
+    run_a, run_b = _run_dir(tmp_path, "a"), _run_dir(tmp_path, "b")
+    # 6 pairs = all pairs of one prompt's 4 responses: 4 sequences per step instead of 12
+    train(_cfg(tiny_gpt2, run_a, group_by_prompt=True, per_device_batch_size=6, max_steps=3))
+    assert seen == [4, 4, 4]
+    seen.clear()
+    train(_cfg(tiny_gpt2, run_b, group_by_prompt=True, per_device_batch_size=1, gradient_accumulation_steps=6,
+               max_steps=3))
+    assert seen == [2] * 18
+    for ma, mb in zip(_metrics(run_a), _metrics(run_b), strict=True):
+        assert ma["loss"] == pytest.approx(mb["loss"], abs=1e-5)
+    assert _max_diff(_weights(run_a / "policy"), _weights(run_b / "policy")) < 1e-5
+
+
 def test_resumed_run_equals_uninterrupted_run(tmp_path, tiny_gpt2):
     whole, parts = _run_dir(tmp_path, "whole"), _run_dir(tmp_path, "parts")
     kw = {"label": "bernoulli", "max_steps": 5, "save_steps": 100}

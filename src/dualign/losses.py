@@ -54,8 +54,9 @@ def dpo_loss(policy_logps_a: torch.Tensor, policy_logps_b: torch.Tensor,
 
 def mocan_loss(policy_logps_a: torch.Tensor, policy_logps_b: torch.Tensor,
                ref_logps_a: torch.Tensor, ref_logps_b: torch.Tensor, target_margin: torch.Tensor,
-               beta: float, label: Literal["soft", "bernoulli", "regression"] = "soft",
-               generator: torch.Generator | None = None) -> tuple[torch.Tensor, Diagnostics]:
+               beta: float, label: Literal["soft", "bernoulli", "regression", "absolute"] = "soft",
+               generator: torch.Generator | None = None, target_a: torch.Tensor | None = None,
+               target_b: torch.Tensor | None = None) -> tuple[torch.Tensor, Diagnostics]:
     """MoCAN: fit the policy's implicit reward margin to the Lagrangian reward margin.
 
     ``target_margin`` = r_λ(a) − r_λ(b) in reward units, with r_λ = r + Σ_j λ_j·g_j;
@@ -66,6 +67,11 @@ def mocan_loss(policy_logps_a: torch.Tensor, policy_logps_b: torch.Tensor,
     - ``bernoulli``: draw z ~ Bernoulli(q) (the official code's choice), then DPO with the drawn
       orientation: loss = −log σ((2z − 1)·h).
     - ``regression``: loss = (h − target_margin)².
+    - ``absolute``: loss = (h − target_margin)² + (β·ρ_a − t_a)² + (β·ρ_b − t_b)², with
+      t = r_λ − β·log Ẑ(x) the target's own log-ratio (``target_a``/``target_b``, see
+      :func:`dualign.pairs.target_logratios`). The pair term alone leaves a per-prompt offset of
+      log π/π_ref free, so the sampled responses can all lose probability together (mass moves to
+      responses never sampled); the absolute terms pin that offset to the target's.
 
     β convention: at the population optimum (all pairs of a prompt) h = r_λ(a) − r_λ(b), i.e.
     β·log π/π_ref = r_λ + const, so π ∝ π_ref·exp(r_λ/β), the maximiser of
@@ -82,33 +88,40 @@ def mocan_loss(policy_logps_a: torch.Tensor, policy_logps_b: torch.Tensor,
     elif label == "bernoulli":
         a_chosen = torch.rand(q.shape, generator=generator, device="cpu").to(q.device) < q
         losses = -F.logsigmoid(torch.where(a_chosen, h, -h))
-    elif label == "regression":
+    elif label in ("regression", "absolute"):
         losses = (h - target_margin) ** 2
         a_chosen = target_margin >= 0
+        if label == "absolute":
+            if target_a is None or target_b is None:
+                raise ValueError("label 'absolute' needs target_a and target_b (pairs from a scores table)")
+            losses = (losses + (beta * (policy_logps_a - ref_logps_a) - target_a.to(h.dtype)) ** 2
+                      + (beta * (policy_logps_b - ref_logps_b) - target_b.to(h.dtype)) ** 2)
     else:
-        raise ValueError(f"unknown label {label!r} (use 'soft', 'bernoulli' or 'regression')")
+        raise ValueError(f"unknown label {label!r} (use 'soft', 'bernoulli', 'regression' or 'absolute')")
     return losses, pair_diagnostics(policy_logps_a, policy_logps_b, ref_logps_a, ref_logps_b,
                                     beta, a_chosen)
 
 
 def pecan_loss(policy_logps_a: torch.Tensor, policy_logps_b: torch.Tensor,
                ref_logps_a: torch.Tensor, ref_logps_b: torch.Tensor, target_margin: torch.Tensor,
-               beta: float, label: Literal["soft", "bernoulli"] = "soft",
-               generator: torch.Generator | None = None) -> tuple[torch.Tensor, Diagnostics]:
-    """PeCAN: the MoCAN loss on preference pairs, its margin made of implicit rewards.
+               beta: float, label: Literal["soft", "bernoulli", "regression", "absolute"] = "soft",
+               generator: torch.Generator | None = None, target_a: torch.Tensor | None = None,
+               target_b: torch.Tensor | None = None) -> tuple[torch.Tensor, Diagnostics]:
+    """PeCAN: the MoCAN loss, its margin made of implicit rewards.
 
     target_margin = (r̂(a) − r̂(b)) + λ·(ĝ(a) − ĝ(b)) with r̂ = β_r·log(π_r/π_ref) and
     ĝ = β_g·log(π_g/π_ref), the implicit rewards of the DPO-pre-aligned π_r (β_r) and π_g (β_g)
     (the paper's reward and utility estimates, each up to a per-prompt constant that cancels in
     the margin). Labels: q = σ(target_margin); ``soft`` (default) the expected loss,
-    ``bernoulli`` z ~ Bernoulli(q) as in the official code. The population optimum is
+    ``bernoulli`` z ~ Bernoulli(q) as in the official code; ``regression`` and ``absolute`` as in
+    :func:`mocan_loss` (for π_ref's samples, ``pairs_from=scores``). The population optimum is
     π ∝ π_ref·exp((r̂ + λ·ĝ)/β). The official code labels with
     σ(Δlog(π_r/π_ref) + λ·Δlog(π_g/π_ref)), i.e. without β_r and β_g: the same only when β_r = β_g = 1.
     """
-    if label not in ("soft", "bernoulli"):
-        raise ValueError(f"unknown PeCAN label {label!r} (use 'soft' or 'bernoulli')")
+    if label not in ("soft", "bernoulli", "regression", "absolute"):
+        raise ValueError(f"unknown PeCAN label {label!r} (use 'soft', 'bernoulli', 'regression' or 'absolute')")
     return mocan_loss(policy_logps_a, policy_logps_b, ref_logps_a, ref_logps_b, target_margin, beta,
-                      label, generator)
+                      label, generator, target_a, target_b)
 
 
 def kl_estimate(logratios: torch.Tensor) -> torch.Tensor:

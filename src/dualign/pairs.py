@@ -70,9 +70,22 @@ def _require(table: pd.DataFrame, columns: tuple[str, ...], source: str) -> None
         raise InputError(f"{source}: missing column '{missing[0]}' (has: {', '.join(map(str, table.columns))})")
 
 
+def target_logratios(r_lambda: np.ndarray, prompt_ids: np.ndarray, beta: float) -> np.ndarray:
+    """β·log(π_λ/π_ref)(y) on π_ref's samples, in reward units: r_λ(y) − β·log Ẑ(x), with
+    Ẑ(x) = (1/K)·Σ_k exp(r_λ(y_k)/β) over the K samples of y's prompt (the dual's own estimate of
+    the partition function), so that the targets of a prompt satisfy (1/K)·Σ_k exp(t_k/β) = 1."""
+    t = np.empty(len(r_lambda))
+    for idx in pd.Series(np.arange(len(r_lambda))).groupby(np.asarray(prompt_ids), sort=False).indices.values():
+        z = r_lambda[idx] / beta
+        top = z.max()
+        t[idx] = r_lambda[idx] - beta * (top + np.log(np.mean(np.exp(z - top))))
+    return t
+
+
 def pairs_from_scores(scores: pd.DataFrame, dual: dict, pairs_per_prompt: int | None = None,
                       seed: int = 0, source: str = "scores") -> pd.DataFrame:
-    """Within-prompt pairs (i < j in sample order) with target_margin = r_λ(y_i) − r_λ(y_j).
+    """Within-prompt pairs (i < j in sample order) with target_margin = r_λ(y_i) − r_λ(y_j), and
+    ``target_a`` / ``target_b``: the absolute targets of :func:`target_logratios` (label ``absolute``).
 
     ``pairs_per_prompt=None`` (or ≥ K(K−1)/2) takes every pair; otherwise that many distinct pairs
     per prompt, drawn with ``numpy.random.default_rng(seed)``, prompts in order of appearance.
@@ -81,6 +94,7 @@ def pairs_from_scores(scores: pd.DataFrame, dual: dict, pairs_per_prompt: int | 
     r_lambda = lagrangian_reward(scores, dual, source=source)
     ref = (scores["ref_logprob"].to_numpy(dtype=float) if "ref_logprob" in scores.columns
            else np.full(len(scores), np.nan))
+    targets = target_logratios(r_lambda, scores["prompt_id"].to_numpy(), float(dual["beta"]))
     rng = np.random.default_rng(seed)
     rows = []
     for pid, idx in scores.groupby("prompt_id", sort=False).indices.items():
@@ -100,6 +114,8 @@ def pairs_from_scores(scores: pd.DataFrame, dual: dict, pairs_per_prompt: int | 
         "ref_logprob_a": ref[i],
         "ref_logprob_b": ref[j],
         "target_margin": r_lambda[i] - r_lambda[j],
+        "target_a": targets[i],
+        "target_b": targets[j],
     }), source)
 
 

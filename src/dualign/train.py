@@ -56,13 +56,18 @@ class TrainConfig:
     method: str = field(default="mocan", metadata={"help": "loss: mocan, pecan or dpo"})
     beta: float | None = field(default=None, metadata={
         "help": "KL weight β (default: dual.json's beta, else 0.1)"})
-    label: Literal["soft", "bernoulli", "regression"] = field(default="soft", metadata={
-        "help": "MoCAN/PeCAN label: soft (expected loss), bernoulli (sampled hard label), regression (MoCAN)"})
+    label: Literal["soft", "bernoulli", "regression", "absolute"] = field(default="soft", metadata={
+        "help": "MoCAN/PeCAN label: soft (expected loss), bernoulli (sampled hard label), regression (squared "
+                "margin error), absolute (regression + each response's log-ratio to the target's; pairs from scores)"})
     scores: str | None = field(default=None, metadata={"help": "scores table (default <run_dir>/scores.parquet)"})
     dual: str | None = field(default=None, metadata={"help": "dual.json with λ* (default <run_dir>/dual.json)"})
     preferences: str | None = field(default=None, metadata={
         "help": "preference file instead of scores: prompt/chosen/rejected, or prompt/response_0/response_1 + <score>_0/_1"})
     pairs: str | None = field(default=None, metadata={"help": "a ready pairs table (docs/formats.md), used as is"})
+    pairs_from: Literal["auto", "scores", "preferences"] = field(default="auto", metadata={
+        "help": "where pecan's pairs come from: preferences (the preference pairs scored with implicit rewards, "
+                "as in the paper), scores (π_ref's samples, scored as for the dual: the pairs the dual's "
+                "prediction is made on); auto: preferences for pecan, scores for mocan"})
     pairs_per_prompt: int | None = field(default=None, metadata={
         "help": "pairs drawn per prompt from scores (default: all K(K-1)/2)"})
     ref_logprobs: Literal["auto", "reuse", "compute"] = field(default="auto", metadata={
@@ -74,6 +79,10 @@ class TrainConfig:
     num_epochs: float = field(default=1.0, metadata={"help": "passes over the pairs"})
     max_steps: int = field(default=-1, metadata={"help": "optimizer steps (overrides num_epochs when > 0)"})
     per_device_batch_size: int = field(default=8, metadata={"help": "pairs per forward pass and device"})
+    group_by_prompt: bool = field(default=False, metadata={
+        "help": "order each epoch by prompt (prompts shuffled, a prompt's pairs together), so that a batch "
+                "holds whole prompts and each response runs once per step: the 28 pairs of K=8 samples "
+                "cost 8 sequences, not 56"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "forward passes per optimizer step"})
     warmup_ratio: float = field(default=0.1, metadata={"help": "share of steps with linear warmup"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
@@ -109,8 +118,10 @@ def _dpo(lp: PairLogps, batch: dict[str, torch.Tensor], cfg: TrainConfig,
 # One entry per method: (log-probs, pair columns as tensors, config, generator) -> (losses [B], diagnostics).
 LOSSES: dict[str, LossFn] = {
     "dpo": _dpo,
-    "mocan": lambda lp, batch, cfg, gen: mocan_loss(*lp, batch["target_margin"], cfg.beta, cfg.label, gen),
-    "pecan": lambda lp, batch, cfg, gen: pecan_loss(*lp, batch["target_margin"], cfg.beta, cfg.label, gen),
+    "mocan": lambda lp, batch, cfg, gen: mocan_loss(*lp, batch["target_margin"], cfg.beta, cfg.label, gen,
+                                                    batch.get("target_a"), batch.get("target_b")),
+    "pecan": lambda lp, batch, cfg, gen: pecan_loss(*lp, batch["target_margin"], cfg.beta, cfg.label, gen,
+                                                    batch.get("target_a"), batch.get("target_b")),
 }
 
 
@@ -120,12 +131,18 @@ def load_pairs(cfg: TrainConfig) -> tuple[pd.DataFrame, dict | None, dict[str, s
     """The training pairs, dual.json (None when not needed and absent) and the sha256 of the input files."""
     if cfg.method not in LOSSES:
         raise ConfigError(f"config key 'method': {cfg.method!r} is not one of {', '.join(LOSSES)}")
-    if cfg.method == "pecan" and cfg.label == "regression":
-        raise ConfigError("config key 'label': pecan uses soft or bernoulli labels")
+    if cfg.method == "pecan" and cfg.label in ("regression", "absolute") and cfg.pairs_from != "scores":
+        raise ConfigError("config key 'label': pecan uses soft or bernoulli labels on preference pairs "
+                          f"({cfg.label} needs pairs_from=scores)")
+    if cfg.pairs_from == "preferences" and not (cfg.preferences or cfg.method == "pecan"):
+        raise ConfigError("config key 'pairs_from': preferences needs 'preferences' (a preference file)")
     run_dir = Path(cfg.run_dir)
     dual_path = Path(cfg.dual) if cfg.dual else run_dir / "dual.json"
     preferences = cfg.preferences
-    if cfg.method == "pecan" and not (preferences or cfg.pairs):
+    if cfg.pairs_from == "scores" and preferences:
+        raise ConfigError("config keys 'pairs_from' and 'preferences': pairs_from=scores trains on the scores "
+                          "table, drop 'preferences'")
+    if cfg.method == "pecan" and not (preferences or cfg.pairs) and cfg.pairs_from != "scores":
         preferences = str(run_dir / "preference_scores.parquet")  # the score stage's, with implicit rewards
     files: dict[str, Path] = {}
     if cfg.pairs:
@@ -149,6 +166,9 @@ def load_pairs(cfg: TrainConfig) -> tuple[pd.DataFrame, dict | None, dict[str, s
         pairs = pairs_from_scores(scores, dual, cfg.pairs_per_prompt, cfg.seed, str(scores_path))
     if dual is not None:
         files["dual"] = dual_path
+    if cfg.label == "absolute" and cfg.method in ("mocan", "pecan") and not {"target_a", "target_b"} <= set(pairs):
+        raise ConfigError("config key 'label': absolute needs the target_a/target_b columns of pairs built from "
+                          "a scores table (use regression with preference pairs)")
     if cfg.method == "mocan" and dual is None and np.isinf(pairs["target_margin"]).all():
         warnings.warn("mocan on hard labels only (target_margin = ±inf) is DPO", stacklevel=2)
     return pairs, dual, {k: _sha256(p) for k, p in files.items()}
@@ -170,6 +190,8 @@ class EncodedPairs:
     ref_logps: torch.Tensor             # [2N] float32, NaN where still unknown
     columns: dict[str, torch.Tensor]    # numeric pair columns, [N] float64
     truncated: torch.Tensor             # [2N] bool: may have been cut at max_length
+    canonical: torch.Tensor             # [2N] long: the first row with the same prompt and response
+    groups: torch.Tensor                # [N] long: pair i's prompt, numbered 0.. in order of appearance
 
     def __len__(self) -> int:
         return len(self.columns["target_margin"])
@@ -202,10 +224,14 @@ def encode_pairs(pairs: pd.DataFrame, tokenizer, template: str, max_length: int,
     ref = np.concatenate([pairs["ref_logprob_a"].to_numpy(float), pairs["ref_logprob_b"].to_numpy(float)])
     numeric = [c for c in pairs.columns if c not in ("ref_logprob_a", "ref_logprob_b")
                and pd.api.types.is_numeric_dtype(pairs[c]) and c != "prompt_id"]
+    first: dict[tuple[str, str], int] = {}
+    canonical = [first.setdefault((p, r), k) for k, (p, r) in enumerate(zip(prompts, responses, strict=True))]
     return EncodedPairs(
         input_ids=ids, response_mask=masks, ref_logps=torch.tensor(ref, dtype=torch.float32),
         columns={c: torch.tensor(pairs[c].to_numpy(float)) for c in numeric},
-        truncated=torch.tensor([len(x) >= max_length for x in ids]))
+        truncated=torch.tensor([len(x) >= max_length for x in ids]),
+        canonical=torch.tensor(canonical, dtype=torch.long),
+        groups=torch.tensor(pd.factorize(pairs["prompt_id"])[0], dtype=torch.long))
 
 
 def _sample_stage_matches(cfg: TrainConfig) -> bool:
@@ -288,25 +314,41 @@ def _load_state(path: Path, cfg: TrainConfig) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- the loop
 
+def epoch_order(seed: int, epoch: int, n: int, groups: np.ndarray | None = None) -> np.ndarray:
+    """The pair order of one epoch, drawn from (seed, epoch) alone, so resume needs no state.
+
+    Without ``groups``: a permutation of the n pairs. With ``groups`` (pair i's prompt number): the
+    prompts in a random order, each prompt's pairs together in a random order within it.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    if groups is None:
+        return rng.permutation(n)
+    prompt_rank = np.argsort(rng.permutation(int(groups.max()) + 1))  # prompt g comes at position prompt_rank[g]
+    return np.lexsort((rng.random(n), prompt_rank[groups]))
+
+
 @functools.lru_cache(maxsize=2)
-def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
-    """The pair order of one epoch: a permutation drawn from (seed, epoch) alone, so resume needs no state."""
-    return np.random.default_rng([seed, epoch]).permutation(n)
+def _cached_order(seed: int, epoch: int, n: int, groups: bytes | None) -> np.ndarray:
+    return epoch_order(seed, epoch, n, None if groups is None else np.frombuffer(groups, dtype=np.int64))
 
 
-def _step_rows(step: int, steps_per_epoch: int, global_batch: int, n: int, seed: int) -> np.ndarray:
+def _step_rows(step: int, steps_per_epoch: int, global_batch: int, data: EncodedPairs, seed: int,
+               group_by_prompt: bool) -> np.ndarray:
     epoch, k = divmod(step, steps_per_epoch)
-    return epoch_order(seed, epoch, n)[k * global_batch:(k + 1) * global_batch]
+    groups = data.groups.numpy().astype(np.int64).tobytes() if group_by_prompt else None
+    return _cached_order(seed, epoch, len(data), groups)[k * global_batch:(k + 1) * global_batch]
 
 
 def pair_loss(model, data: EncodedPairs, rows: list[int], loss_fn: LossFn, cfg: TrainConfig,
               generator: torch.Generator, pad_id: int, accelerator) -> tuple[torch.Tensor, Diagnostics]:
-    """Per-pair losses of ``rows``: one forward pass over the a and b responses together."""
+    """Per-pair losses of ``rows``: one forward pass over their distinct responses (a and b together;
+    a response shared by several pairs, as in all-pairs MoCAN batches, is run once)."""
     n = len(data)
-    seq_rows = list(rows) + [n + r for r in rows]
-    batch = {k: v.to(accelerator.device) for k, v in data.collate(seq_rows, pad_id).items()}
+    seq_rows = data.canonical[list(rows) + [n + r for r in rows]]
+    unique, where = torch.unique(seq_rows, return_inverse=True)
+    batch = {k: v.to(accelerator.device) for k, v in data.collate(unique.tolist(), pad_id).items()}
     with accelerator.autocast():
-        logps = sequence_logprobs(model, **batch).float()
+        logps = sequence_logprobs(model, **batch).float()[where.to(accelerator.device)]
     ref = data.ref_logps[seq_rows].to(accelerator.device)
     lp = (logps[: len(rows)], logps[len(rows):], ref[: len(rows)], ref[len(rows):])
     columns = {k: v[rows].to(accelerator.device) for k, v in data.columns.items()}
@@ -362,7 +404,10 @@ def train(cfg: TrainConfig, stop_at_step: int | None = None) -> dict[str, Any]:
     else:
         trusted = cfg.ref_logprobs == "reuse" or (cfg.ref_logprobs == "auto" and _sample_stage_matches(cfg))
         need = torch.isnan(data.ref_logps) | data.truncated | (not trusted)
-        fill_ref_logps(model, data, need.nonzero().squeeze(1), pad_id, 2 * cfg.per_device_batch_size, accelerator)
+        need = need.nonzero().squeeze(1)
+        fill_ref_logps(model, data, torch.unique(data.canonical[need]), pad_id, 2 * cfg.per_device_batch_size,
+                       accelerator)
+        data.ref_logps[need] = data.ref_logps[data.canonical[need]]
 
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -405,7 +450,7 @@ def train(cfg: TrainConfig, stop_at_step: int | None = None) -> dict[str, Any]:
     progress = tqdm(total=total, initial=start, desc=f"train {cfg.method}", disable=None if main else True)
     t0, trained = time.perf_counter(), 0
     for step in range(start, total):
-        rows = _step_rows(step, steps_per_epoch, global_batch, len(data), cfg.seed)
+        rows = _step_rows(step, steps_per_epoch, global_batch, data, cfg.seed, cfg.group_by_prompt)
         trained += len(rows)
         step_metrics = _optimizer_step(model, optimizer, data, rows, loss_fn, cfg, generator, pad_id,
                                        accelerator, params)
