@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import hashlib
 import json
 import math
@@ -327,16 +326,6 @@ def epoch_order(seed: int, epoch: int, n: int, groups: np.ndarray | None = None)
     return np.lexsort((rng.random(n), prompt_rank[groups]))
 
 
-@functools.lru_cache(maxsize=2)
-def _cached_order(seed: int, epoch: int, n: int, groups: bytes | None) -> np.ndarray:
-    return epoch_order(seed, epoch, n, None if groups is None else np.frombuffer(groups, dtype=np.int64))
-
-
-def _step_rows(step: int, steps_per_epoch: int, global_batch: int, data: EncodedPairs, seed: int,
-               group_by_prompt: bool) -> np.ndarray:
-    epoch, k = divmod(step, steps_per_epoch)
-    groups = data.groups.numpy().astype(np.int64).tobytes() if group_by_prompt else None
-    return _cached_order(seed, epoch, len(data), groups)[k * global_batch:(k + 1) * global_batch]
 
 
 def pair_loss(model, data: EncodedPairs, rows: list[int], loss_fn: LossFn, cfg: TrainConfig,
@@ -449,8 +438,13 @@ def train(cfg: TrainConfig, stop_at_step: int | None = None) -> dict[str, Any]:
     window: dict[str, list] = {}
     progress = tqdm(total=total, initial=start, desc=f"train {cfg.method}", disable=None if main else True)
     t0, trained = time.perf_counter(), 0
+    groups = data.groups.numpy() if cfg.group_by_prompt else None
+    order, order_epoch = None, -1
     for step in range(start, total):
-        rows = _step_rows(step, steps_per_epoch, global_batch, data, cfg.seed, cfg.group_by_prompt)
+        epoch, batch_index = divmod(step, steps_per_epoch)
+        if epoch != order_epoch:
+            order, order_epoch = epoch_order(cfg.seed, epoch, len(data), groups), epoch
+        rows = order[batch_index * global_batch:(batch_index + 1) * global_batch]
         trained += len(rows)
         step_metrics = _optimizer_step(model, optimizer, data, rows, loss_fn, cfg, generator, pad_id,
                                        accelerator, params)
