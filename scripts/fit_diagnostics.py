@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 import yaml
 
+from dualign.baselines import tilted_means
 from dualign.constraints import parse_constraint
 from dualign.models import load_causal_lm, load_tokenizer, sequence_logprobs, tokenize_pairs
 from dualign.pairs import lagrangian_reward, read_dual
@@ -41,14 +42,8 @@ def policy_logprobs(policy: Path, scores: pd.DataFrame, template: str, batch_siz
 
 def weighted_means(scores: pd.DataFrame, logits: np.ndarray, columns: list[str]) -> dict[str, float]:
     """Per-prompt softmax(logits)-weighted means of ``columns`` and KL(w‖uniform), averaged over prompts."""
-    df = scores[["prompt_id", *columns]].copy()
-    df["logit"] = logits
-    df["w"] = np.exp(df["logit"] - df.groupby("prompt_id")["logit"].transform("max"))
-    df["w"] /= df.groupby("prompt_id")["w"].transform("sum")
-    k = df.groupby("prompt_id")["w"].transform("size")
-    out = {c: float((df["w"] * df[c]).groupby(df["prompt_id"]).sum().mean()) for c in columns}
-    out["kl"] = float((df["w"] * np.log(df["w"] * k + 1e-300)).groupby(df["prompt_id"]).sum().mean())
-    return out
+    means, kl = tilted_means(scores["prompt_id"].to_numpy(), logits, scores[columns].to_numpy(float))
+    return {**dict(zip(columns, means.tolist(), strict=True)), "kl": kl}
 
 
 def main(run: str) -> None:
