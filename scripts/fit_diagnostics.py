@@ -21,8 +21,8 @@ import pandas as pd
 import torch
 import yaml
 
-from dualign.baselines import tilted_means
 from dualign.constraints import parse_constraint
+from dualign.dual import tilted_means
 from dualign.models import load_causal_lm, load_tokenizer, sequence_logprobs, tokenize_pairs
 from dualign.pairs import lagrangian_reward, read_dual
 from dualign.templates import format_prompt

@@ -23,9 +23,8 @@ from dualign.baselines import (
     load_objective,
     ppo_clip_loss,
     run_method,
-    tilted_means,
 )
-from dualign.dual import kl, predictions
+from dualign.dual import kl, predictions, tilted_means
 from dualign.io import read_json, read_table, write_json, write_table
 
 

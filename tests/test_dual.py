@@ -320,3 +320,34 @@ def test_bad_inputs_raise_input_error(kwargs, match):
 def test_public_exports():
     assert dualign.solve_dual is dual.solve_dual and dualign.DualResult is dual.DualResult
     assert issubclass(dualign.InfeasibleConstraintError, ValueError)
+
+
+def test_grouped_logsumexp_equals_scipy_per_prompt_on_unsorted_ragged_rows():
+    from scipy.special import logsumexp
+
+    rng = np.random.default_rng(3)
+    ids = np.array(["b", "a", "b", "c", "a", "b", "c"])
+    v = rng.normal(size=len(ids)) * 400  # large values: the naive log Σ exp overflows
+    v[3] = -np.inf  # a zero-weight sample
+    out = dual.grouped_logsumexp(v, ids)
+    for pid in np.unique(ids):
+        np.testing.assert_allclose(out[ids == pid], logsumexp(v[ids == pid]), rtol=1e-12)
+
+
+def test_half_sample_kl_equals_the_rectangular_kl_on_the_first_half_of_each_prompts_samples():
+    rng = np.random.default_rng(5)
+    n, k, beta, lam = 40, 6, 0.5, np.array([0.7, 0.2])
+    r, g, w = rng.normal(size=(n, k)), rng.normal(size=(n, k, 2)), rng.uniform(0.5, 2, size=(n, k))
+    ids = np.repeat(np.arange(n), k)
+    half, full = dual.half_sample_kl(ids, r.ravel(), g.reshape(n * k, 2), lam, beta, w.ravel())
+    assert half == pytest.approx(dual.kl(r[:, :3], g[:, :3], lam, beta, w[:, :3]), rel=1e-10)
+    assert full == pytest.approx(dual.kl(r, g, lam, beta, w), rel=1e-10)
+    # a strong tilt: the K/2 estimate is the smaller one (each prompt's KL is at most log K)
+    half, full = dual.half_sample_kl(ids, 20 * r.ravel(), g.reshape(n * k, 2), lam, beta)
+    assert half < full <= np.log(k)
+    # prompts with one sample are left out of both; none with two or more: None
+    ids1 = np.concatenate([ids, [n, n + 1]])
+    out = dual.half_sample_kl(ids1, np.concatenate([r.ravel(), [5.0, -5.0]]),
+                              np.concatenate([g.reshape(n * k, 2), np.ones((2, 2))]), lam, beta)
+    assert out[1] == pytest.approx(dual.kl(r, g, lam, beta), rel=1e-10)
+    assert dual.half_sample_kl(np.arange(4), np.zeros(4), np.zeros((4, 1)), [1.0], beta) is None

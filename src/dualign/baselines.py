@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 
 from dualign.config import dump_yaml
 from dualign.constraints import Constraint, constraint_names, parse_constraint
+from dualign.dual import tilted_means
 from dualign.errors import ConfigError, InputError
 from dualign.io import read_json, read_table, write_json, write_table
 from dualign.pairs import pairs_from_scores, read_dual
@@ -196,29 +197,6 @@ def method_weights(method: str, objective: Objective,
     if len(lam) != m or (lam < 0).any():
         raise ConfigError(f"config key 'lambdas': expected {m} non-negative value(s), got {lambdas}")
     return 1.0, lam
-
-
-def tilted_means(prompt_ids: np.ndarray, logits: np.ndarray, values: np.ndarray,
-                 sample_weights: np.ndarray | None = None) -> tuple[np.ndarray, float]:
-    """(mean_x Σ_k p_k·v_k [c], mean_x KL(p‖w)) for p_k ∝ w_k·exp(s_k) within each prompt.
-
-    The long-format version of ``dual.predictions`` / ``dual.kl`` for any logits s (e.g. the thin
-    methods' (w_r·r + λᵀg)/β), weights w normalised per prompt.
-    """
-    codes = pd.factorize(pd.Series(prompt_ids))[0]
-    w = np.ones(len(codes)) if sample_weights is None else np.asarray(sample_weights, float)
-    w = w / np.bincount(codes, w)[codes]
-    with np.errstate(divide="ignore"):
-        z = np.asarray(logits, float) + np.log(w)
-    z = z - pd.Series(z).groupby(codes).transform("max").to_numpy()
-    p = np.exp(z)
-    p = p / np.bincount(codes, p)[codes]
-    n = codes.max() + 1
-    v = np.asarray(values, float).reshape(len(codes), -1)
-    means = np.stack([np.bincount(codes, p * v[:, j], minlength=n) for j in range(v.shape[1])], 1).mean(0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        terms = np.where(p > 0, p * (np.log(p) - np.log(w)), 0.0)
-    return means, float(np.bincount(codes, terms).mean())
 
 
 def method_dual(objective: Objective, scores: pd.DataFrame, lambdas: np.ndarray, reward_weight: float,

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pandas as pd
 from scipy.special import logsumexp
 
 from dualign.errors import InfeasibleConstraintError, InputError
@@ -780,6 +781,67 @@ def reference_means(prompt_ids, values, sample_weights=None) -> np.ndarray:
     return seg.sum(v.T * w).mean(axis=-1)
 
 
+def grouped_logsumexp(values, prompt_ids) -> np.ndarray:
+    """log Σ_{i: x_i = x_j} exp(v_i) for every row j: the per-prompt log-sum-exp of long-format
+    values, broadcast back to the rows (stable: the prompt's max is taken out first) → [n]."""
+    codes = pd.factorize(pd.Series(np.asarray(prompt_ids)))[0]
+    v = np.asarray(values, dtype=np.float64)
+    top = np.full(codes.max() + 1 if len(codes) else 0, -np.inf)
+    np.maximum.at(top, codes, v)
+    top = np.where(np.isfinite(top), top, 0.0)
+    return top[codes] + np.log(np.bincount(codes, np.exp(v - top[codes]))[codes])
+
+
+def tilted_means(prompt_ids: np.ndarray, logits: np.ndarray, values: np.ndarray,
+                 sample_weights: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+    """(mean_x Σ_k p_k·v_k [c], mean_x KL(p‖w)) for p_k ∝ w_k·exp(s_k) within each prompt.
+
+    The long-format version of :func:`predictions` / :func:`kl` for any logits s (e.g. the
+    baselines' (w_r·r + λᵀg)/β), weights w normalised per prompt; prompts may have different K.
+    """
+    codes = pd.factorize(pd.Series(np.asarray(prompt_ids)))[0]
+    w = np.ones(len(codes)) if sample_weights is None else np.asarray(sample_weights, float)
+    w = w / np.bincount(codes, w)[codes]
+    with np.errstate(divide="ignore"):
+        z = np.asarray(logits, float) + np.log(w)
+    p = np.exp(z - grouped_logsumexp(z, codes))
+    n = codes.max() + 1
+    v = np.asarray(values, float).reshape(len(codes), -1)
+    means = np.stack([np.bincount(codes, p * v[:, j], minlength=n) for j in range(v.shape[1])], 1).mean(0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(p > 0, p * (np.log(p) - np.log(w)), 0.0)
+    return means, float(np.bincount(codes, terms).mean())
+
+
+def half_sample_kl(prompt_index, rewards, utilities, lambdas, beta: float,
+                   sample_weights=None) -> tuple[float, float] | None:
+    """(KL estimate on the first ⌊K_x/2⌋ samples of each prompt, on all K_x) at fixed λ, both
+    mean_x Σ_k p_k log(p_k/w_k) over the prompts with K_x ≥ 2 (None when there are none).
+
+    The K-sample estimate of KL(π_λ‖π_ref) is at most log K per prompt and biased low; it grows
+    with K until the samples cover π_λ's mass. Half-K well below all-K says K was too small and
+    π_λ's true KL (what a fine-tune towards it spends) is likely above the prediction.
+    """
+    idx = np.asarray(prompt_index)
+    order = np.argsort(idx, kind="stable")
+    codes = pd.factorize(pd.Series(idx[order]))[0]
+    starts = np.searchsorted(codes, np.arange(codes.max() + 1)) if len(codes) else np.array([], int)
+    rank = np.arange(len(codes)) - starts[codes]
+    counts = np.bincount(codes)[codes]
+    keep, half = counts >= 2, rank < counts // 2
+    if not keep.any():
+        return None
+    g = np.asarray(utilities, np.float64).reshape(len(idx), -1)
+    logits = ((np.asarray(rewards, np.float64) + g @ np.atleast_1d(lambdas)) / beta)[order]
+    w = None if sample_weights is None else np.asarray(sample_weights, np.float64)[order]
+    values = np.zeros(len(codes))
+
+    def estimate(mask):
+        return tilted_means(codes[mask], logits[mask], values[mask], None if w is None else w[mask])[1]
+
+    return estimate(keep & half), estimate(keep)
+
+
 # ---------------------------------------------------------------------------------------------
 # Column-level: constraint strings, the dual.json report, the pipeline stage
 # ---------------------------------------------------------------------------------------------
@@ -859,7 +921,12 @@ def solve_constraints(scores: Scores, beta: float, reward: str, constraints: Seq
                               lambdas0=lambdas0)
     except InfeasibleConstraintError as e:
         raise _column_infeasible(e, constraints) from None
-    return _report(res, reward, constraints, ref)
+    out = _report(res, reward, constraints, ref)
+    halves = half_sample_kl(scores.prompt_index, scores.columns[reward], g, res.lambdas, beta,
+                            scores.sample_weights)
+    if halves is not None:
+        out["kl_half_samples"] = {"half": halves[0], "all": halves[1]}
+    return out
 
 
 def _report(res: DualResult, reward: str, constraints: Sequence[Constraint],
@@ -917,6 +984,11 @@ def format_report(report: dict[str, Any]) -> str:
     for key in (report["reward"], "kl"):
         lines.append(f"{key:24s} {'':12s} {'':12s} {report['reference'][key]:12.6g} "
                      f"{report['predicted'][key]:12.6g}{ci_text('predicted', key)}")
+    halves = report.get("kl_half_samples")
+    if halves:
+        lines.append(f"{'kl on K/2 samples':24s} {'':12s} {'':12s} {'':12s} {halves['half']:12.6g}  "
+                     f"(on all K of the same prompts: {halves['all']:.6g}; an estimate still growing "
+                     f"with K understates π_λ*'s KL)")
     return "\n".join(lines)
 
 

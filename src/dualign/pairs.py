@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from dualign.constraints import constraint_names, parse_constraint
+from dualign.dual import grouped_logsumexp
 from dualign.errors import InputError
 from dualign.io import read_json
 
@@ -74,12 +75,9 @@ def target_logratios(r_lambda: np.ndarray, prompt_ids: np.ndarray, beta: float) 
     """β·log(π_λ/π_ref)(y) on π_ref's samples, in reward units: r_λ(y) − β·log Ẑ(x), with
     Ẑ(x) = (1/K)·Σ_k exp(r_λ(y_k)/β) over the K samples of y's prompt (the dual's own estimate of
     the partition function), so that the targets of a prompt satisfy (1/K)·Σ_k exp(t_k/β) = 1."""
-    t = np.empty(len(r_lambda))
-    for idx in pd.Series(np.arange(len(r_lambda))).groupby(np.asarray(prompt_ids), sort=False).indices.values():
-        z = r_lambda[idx] / beta
-        top = z.max()
-        t[idx] = r_lambda[idx] - beta * (top + np.log(np.mean(np.exp(z - top))))
-    return t
+    r_lambda = np.asarray(r_lambda, dtype=np.float64)
+    counts = pd.Series(np.asarray(prompt_ids)).groupby(np.asarray(prompt_ids), sort=False).transform("size")
+    return r_lambda - beta * (grouped_logsumexp(r_lambda / beta, prompt_ids) - np.log(counts.to_numpy()))
 
 
 def pairs_from_scores(scores: pd.DataFrame, dual: dict, pairs_per_prompt: int | None = None,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -165,6 +166,7 @@ def run_pipeline(cfg: RunConfig, restart_from: str | None = None, log=print) -> 
     funcs = {"sample": sample, "prealign": prealign, "score": score,
              "dual": lambda c: run_dual(c, run_dir), "train": train, "evaluate": evaluate}
     stages = [s for s in STAGES if getattr(cfg, s) is not None]
+    total = 0.0
     for i, stage in enumerate(stages):
         stage_cfg = getattr(cfg, stage)
         done = (run_dir / OUTPUTS[stage]).exists()
@@ -176,10 +178,14 @@ def run_pipeline(cfg: RunConfig, restart_from: str | None = None, log=print) -> 
             log(f"[{i + 1}/{len(stages)}] {stage}: done, skipped")
             continue
         log(f"[{i + 1}/{len(stages)}] {stage} ...")
+        start = time.perf_counter()
         funcs[stage](stage_cfg)
+        spent = time.perf_counter() - start
+        total += spent
+        log(f"[{i + 1}/{len(stages)}] {stage}: {spent:.0f} s")
     report = read_json(run_dir / OUTPUTS["evaluate"])
     log(format_report(report))
-    log(f"report: {run_dir / OUTPUTS['evaluate']}")
+    log(f"report: {run_dir / OUTPUTS['evaluate']} (stages run now: {total:.0f} s)")
     return report
 
 

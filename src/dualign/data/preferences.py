@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dualign.data.prompts import _read_hub_dataset, _read_saved_dataset
+from dualign.data.sources import read_source
 from dualign.errors import InputError
-from dualign.io import TABLE_SUFFIXES, read_table, write_table
+from dualign.io import write_table
 
 PKU_COLUMNS = ("prompt", "response_0", "response_1", "better_response_id", "safer_response_id",
                "is_response_0_safe", "is_response_1_safe")
@@ -53,23 +53,11 @@ def read_preferences(source: str | Path, split: str = "train", revision: str | N
 
     Raises one line naming the source when neither the PKU-SafeRLHF nor the TRL columns are present.
     """
-    table = _read_source(source, split, revision)
+    table = read_source(source, split, revision, what="preference")
     preference_schema(table, str(source))
     if len(table) == 0:
         raise InputError(f"{source}: no preference rows")
     return table
-
-
-def _read_source(source: str | Path, split: str, revision: str | None) -> pd.DataFrame:
-    path = Path(source).expanduser()
-    if path.is_dir():
-        return _read_saved_dataset(path, split)
-    if path.exists():
-        return read_table(path)
-    text = str(source)
-    if text.startswith((".", "/", "~")) or path.suffix.lower() in TABLE_SUFFIXES:
-        raise InputError(f"{source}: preference file not found")
-    return _read_hub_dataset(text, split, revision)
 
 
 def preference_schema(table: pd.DataFrame, source: str = "preferences") -> str:

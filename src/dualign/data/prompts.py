@@ -1,10 +1,5 @@
-"""Prompt readers: a validated ``[prompt_id, prompt]`` table from a file, a saved dataset or the Hub.
-
-Sources, tried in this order:
-
-- a JSONL / JSON-lines / Parquet / CSV file;
-- a directory written by ``datasets``' ``save_to_disk`` (a ``DatasetDict`` is indexed by ``split``);
-- anything else is a Hub dataset id, loaded with ``datasets.load_dataset`` at ``revision``.
+"""Prompt reader: a validated ``[prompt_id, prompt]`` table from a file, a saved dataset or the Hub
+(the sources of :mod:`dualign.data.sources`).
 
 Rows are numbered from 1 in error messages.
 """
@@ -15,8 +10,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from dualign.data.sources import read_source
 from dualign.errors import InputError
-from dualign.io import TABLE_SUFFIXES, read_table
 
 
 def load_prompts(source: str | Path, prompt_column: str = "prompt", id_column: str | None = None,
@@ -28,7 +23,7 @@ def load_prompts(source: str | Path, prompt_column: str = "prompt", id_column: s
     (0-based, counted before ``max_prompts`` so ids are stable). Every row is validated; then the
     first ``max_prompts`` rows are kept.
     """
-    table = _read_source(source, split, revision)
+    table = read_source(source, split, revision, what="prompt")
     name = str(source)
     if len(table) == 0:
         raise InputError(f"{name}: no prompts (the prompt file is empty)")
@@ -52,45 +47,6 @@ def load_prompts(source: str | Path, prompt_column: str = "prompt", id_column: s
             raise InputError(f"max_prompts must be ≥ 1, got {max_prompts}")
         out = out.iloc[:max_prompts].reset_index(drop=True)
     return out
-
-
-def _read_source(source: str | Path, split: str, revision: str | None) -> pd.DataFrame:
-    path = Path(source).expanduser()
-    if path.is_dir():
-        return _read_saved_dataset(path, split)
-    if path.exists():
-        if path.stat().st_size == 0:
-            raise InputError(f"{source}: no prompts (the prompt file is empty)")
-        return read_table(path)
-    text = str(source)
-    if text.startswith((".", "/", "~")) or path.suffix.lower() in TABLE_SUFFIXES:
-        raise InputError(f"{source}: prompt file not found")
-    return _read_hub_dataset(text, split, revision)
-
-
-def _read_saved_dataset(path: Path, split: str) -> pd.DataFrame:
-    import datasets
-
-    try:
-        ds = datasets.load_from_disk(str(path))
-    except (FileNotFoundError, ValueError, OSError) as e:
-        raise InputError(f"{path}: not a saved dataset directory ({_first_line(e)})") from None
-    if isinstance(ds, datasets.DatasetDict):
-        if split not in ds:
-            raise InputError(f"{path}: no split '{split}' (splits: {', '.join(ds)})")
-        ds = ds[split]
-    return ds.to_pandas()
-
-
-def _read_hub_dataset(name: str, split: str, revision: str | None) -> pd.DataFrame:
-    import datasets
-
-    try:
-        ds = datasets.load_dataset(name, split=split, revision=revision)
-    except Exception as e:  # noqa: BLE001 - offline, unknown id, bad split, ...: all one line
-        raise InputError(f"dataset '{name}' (split '{split}', revision {revision or 'latest'}) "
-                         f"could not be loaded from the Hub: {_first_line(e)}") from None
-    return ds.to_pandas()
 
 
 def _require_column(table: pd.DataFrame, column: str, name: str, what: str) -> None:
@@ -117,8 +73,3 @@ def _prompt_ids(column: pd.Series | None, n: int, name: str) -> list:
             raise InputError(f"{name}: duplicate prompt id {v!r} (rows {first_row[v] + 1} and {i + 1})")
         first_row[v] = i
     return ids
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

@@ -40,7 +40,7 @@ class WorldConfig:
 
     seed: int = field(default=0, metadata={"help": "seed of every random choice in the world"})
     n_train_prompts: int = field(default=3000, metadata={"help": "prompts for π_ref's SFT and the preference pairs"})
-    n_dual_prompts: int = field(default=512, metadata={"help": "prompts for the dual / training stages"})
+    n_dual_prompts: int = field(default=1024, metadata={"help": "prompts for the dual / training stages"})
     n_eval_prompts: int = field(default=256, metadata={"help": "held-out prompts for evaluation"})
     harmful_fraction: float = field(default=0.5, metadata={"help": "fraction of harmful requests"})
     harmful_compliance: float = field(default=0.65, metadata={"help": "P(comply | harmful request) in π_ref's SFT corpus"})
