@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from dualign.config import load_yaml
-from dualign.pipeline import DEFAULT_CONFIG, SMALL_CONFIG, resolve_run_config, run_pipeline
+from dualign.pipeline import (
+    DEFAULT_CONFIG,
+    PECAN_SMALL_CONFIG,
+    SMALL_CONFIG,
+    load_run_values,
+    resolve_run_config,
+    run_pipeline,
+)
 
 
 @pytest.fixture(scope="module")
@@ -53,3 +60,31 @@ def test_report_has_cis_win_rates_and_the_gold_judge(report, tmp_path_factory):
     assert set(report["judge"]["policy"]) == {"all", "harmful=False", "harmful=True"}
     assert 0 <= report["win_rate"]["reward"] <= 1
     json.dumps(report)  # serialisable as written
+
+
+@pytest.fixture(scope="module")
+def pecan_report(small_world, tmp_path_factory) -> dict:
+    """`dualign demo --method pecan --size small`: preference pairs only, implicit rewards."""
+    values = load_run_values(PECAN_SMALL_CONFIG)
+    values["run_dir"] = str(tmp_path_factory.mktemp("pecan") / "run")
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run_pipeline(resolve_run_config(values), log=lambda s: None)
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_pecan_end_to_end_on_the_small_world_raises_the_lagrangian_implicit_reward(pecan_report):
+    """The small world's π_g (300 noisy pairs) is weak: h_g alone moves by ±0.05 with the thread
+    count, so the check is on what the fine-tune optimises, h_r + λ*·h_g, on held-out prompts."""
+    r = pecan_report
+    (row,) = r["constraints"]
+    lam = r["lambdas"]["h_g"]
+    assert row["constraint"] == "h_g>=ref+0.1" and lam > 0
+    assert row["predicted_change"] == pytest.approx(0.1, abs=1e-6)  # active: the dual binds
+    change = {c: r["policy"][c]["mean"] - r["reference"][c]["mean"] for c in ("h_r", "h_g")}
+    assert change["h_r"] + lam * change["h_g"] > 0.05
+    assert change["h_r"] > 0
+    assert 0.05 < r["kl"]["achieved"] < 3 * r["kl"]["predicted"]
+    assert {"reward", "cost"} <= set(r["policy"])  # the learned scorers evaluate it as well

@@ -275,20 +275,19 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from dualign.config import load_yaml
     from dualign.pipeline import (
         DEFAULT_CONFIG,
         PECAN_CONFIG,
+        PECAN_SMALL_CONFIG,
         SMALL_CONFIG,
+        load_run_values,
         resolve_run_config,
         run_pipeline,
     )
 
-    if args.method == "pecan":
-        values = load_yaml(PECAN_CONFIG)
-        values["world"]["size"] = args.size
-    else:
-        values = load_yaml(DEFAULT_CONFIG if args.size == "default" else SMALL_CONFIG)
+    configs = {("mocan", "default"): DEFAULT_CONFIG, ("mocan", "small"): SMALL_CONFIG,
+               ("pecan", "default"): PECAN_CONFIG, ("pecan", "small"): PECAN_SMALL_CONFIG}
+    values = load_run_values(configs[args.method, args.size])
     default_dir = "runs/demo" if (args.method, args.size) == ("mocan", "default") else \
         f"runs/demo-{args.method}-{args.size}"
     values.update(run_dir=args.run_dir or default_dir, seed=args.seed)

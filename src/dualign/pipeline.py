@@ -46,7 +46,8 @@ PRODUCTS = {"sample": ("samples.parquet", "samples.shards"), "prealign": ("preal
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
 SMALL_CONFIG = Path(__file__).parent / "configs" / "small.yaml"
 PECAN_CONFIG = Path(__file__).parent / "configs" / "pecan.yaml"
-PACKAGED = {"default": DEFAULT_CONFIG, "small": SMALL_CONFIG, "pecan": PECAN_CONFIG}
+PECAN_SMALL_CONFIG = Path(__file__).parent / "configs" / "pecan_small.yaml"
+PACKAGED = {"default": DEFAULT_CONFIG, "small": SMALL_CONFIG, "pecan": PECAN_CONFIG, "pecan_small": PECAN_SMALL_CONFIG}
 
 
 @dataclass
@@ -76,7 +77,7 @@ _SHARED = {
 
 
 def load_run_values(path: str | Path) -> dict[str, Any]:
-    """A run YAML; ``base: NAME`` (a packaged config: default, small, pecan) or ``base: FILE``
+    """A run YAML; ``base: NAME`` (a packaged config: default, small, pecan, pecan_small) or ``base: FILE``
     (relative to this file) is loaded first and this file's keys are merged over it."""
     values = load_yaml(path)
     base = values.pop("base", None)
