@@ -1,5 +1,6 @@
 """The built-in default on the small world: MoCAN end to end (the same code path as `dualign demo`)
-improves the constraint in the direction and roughly by the amount the dual predicted."""
+improves the constraint in the direction and roughly by the amount the dual predicted; PeCAN end
+to end (`dualign demo --method pecan --size small`) raises its implicit Lagrangian reward."""
 
 from __future__ import annotations
 
@@ -20,16 +21,21 @@ from dualign.pipeline import (
 )
 
 
-@pytest.fixture(scope="module")
-def report(small_world, tmp_path_factory) -> dict:
-    values = load_yaml(SMALL_CONFIG)
-    values["run_dir"] = str(tmp_path_factory.mktemp("demo") / "run")
+def _run_one_thread(config: Path, run_dir: Path) -> dict:
+    """A packaged run config end to end into ``run_dir`` on one thread (faster for tiny models)."""
+    values = load_run_values(config)
+    values["run_dir"] = str(run_dir)
     old = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         return run_pipeline(resolve_run_config(values), log=lambda s: None)
     finally:
         torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def report(small_world, tmp_path_factory) -> dict:
+    return _run_one_thread(SMALL_CONFIG, tmp_path_factory.mktemp("demo") / "run")
 
 
 def test_packaged_configs_resolve_to_the_world_paths(small_world):
@@ -65,14 +71,7 @@ def test_report_has_cis_win_rates_and_the_gold_judge(report, tmp_path_factory):
 @pytest.fixture(scope="module")
 def pecan_report(small_world, tmp_path_factory) -> dict:
     """`dualign demo --method pecan --size small`: preference pairs only, implicit rewards."""
-    values = load_run_values(PECAN_SMALL_CONFIG)
-    values["run_dir"] = str(tmp_path_factory.mktemp("pecan") / "run")
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return run_pipeline(resolve_run_config(values), log=lambda s: None)
-    finally:
-        torch.set_num_threads(old)
+    return _run_one_thread(PECAN_SMALL_CONFIG, tmp_path_factory.mktemp("pecan") / "run")
 
 
 def test_pecan_end_to_end_on_the_small_world_raises_the_lagrangian_implicit_reward(pecan_report):
