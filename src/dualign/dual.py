@@ -823,18 +823,18 @@ def half_sample_kl(prompt_index, rewards, utilities, lambdas, beta: float,
     π_λ's true KL (what a fine-tune towards it spends) is likely above the prediction.
     """
     idx = np.asarray(prompt_index)
-    order = np.argsort(idx, kind="stable")
-    codes = pd.factorize(pd.Series(idx[order]))[0]
-    starts = np.searchsorted(codes, np.arange(codes.max() + 1)) if len(codes) else np.array([], int)
-    rank = np.arange(len(codes)) - starts[codes]
-    counts = np.bincount(codes)[codes]
-    keep, half = counts >= 2, rank < counts // 2
+    order, counts, _ = _group(idx)
+    order = np.arange(idx.size) if order is None else order
+    seg = _Segments.from_counts(counts)
+    codes = np.repeat(np.arange(seg.num), counts)  # prompt of each row, rows in ``order``
+    counts = counts[codes]
+    keep, half = counts >= 2, np.arange(idx.size) - seg.starts[codes] < counts // 2
     if not keep.any():
         return None
-    g = np.asarray(utilities, np.float64).reshape(len(idx), -1)
+    g = np.asarray(utilities, np.float64).reshape(idx.size, -1)
     logits = ((np.asarray(rewards, np.float64) + g @ np.atleast_1d(lambdas)) / beta)[order]
     w = None if sample_weights is None else np.asarray(sample_weights, np.float64)[order]
-    values = np.zeros(len(codes))
+    values = np.zeros(idx.size)
 
     def estimate(mask):
         return tilted_means(codes[mask], logits[mask], values[mask], None if w is None else w[mask])[1]
