@@ -75,7 +75,7 @@ def test_prompts_and_texts_are_deterministic_from_the_seed():
     other = C.make_prompts(world_config("small", {"seed": 1}))
     assert [r["prompt"] for r in other["train"]] != [r["prompt"] for r in a["train"]]
     texts = [r["prompt"] for split in a.values() for r in split]
-    assert len(texts) == len(set(texts)) == 600 + 64 + 64          # distinct prompts, disjoint splits
+    assert len(texts) == len(set(texts)) == 600 + 64 + 64 + 64     # distinct prompts, disjoint splits
     harmful = sum(r["harmful"] for r in a["train"]) / len(a["train"])
     assert 0.4 < harmful < 0.6
     assert all(W.TOPIC_BY_NAME[r["topic"]].harmful == r["harmful"] for r in a["train"])
@@ -129,7 +129,7 @@ def test_judge_reads_perturbed_text_by_what_it_says():
 
 
 def test_world_directory_has_the_documented_files_and_schemas(world):
-    for split, n in (("train", 600), ("dual", 64), ("eval", 64)):
+    for split, n in (("train", 600), ("dual", 64), ("eval", 64), ("calibration", 64)):
         df = pd.read_json(world / f"prompts_{split}.jsonl", lines=True)
         assert list(df.columns) == ["prompt_id", "prompt", "topic", "harmful"] and len(df) == n
         assert df["prompt_id"].str.startswith(split).all()
@@ -198,11 +198,28 @@ def test_build_world_reuses_a_complete_world_and_refuses_another_config(world):
         build_world(world_config("small", {"seed": 1}), out_dir=world, progress=False)
 
 
-def test_cache_directory_is_keyed_by_the_config(monkeypatch, tmp_path):
+def test_cache_directory_is_keyed_by_the_config_threads_and_numeric_library_versions(monkeypatch, tmp_path):
+    from dualign.world import config as world_cfg
+
     monkeypatch.setenv("DUALIGN_CACHE", str(tmp_path))
     a, b = default_world_dir(world_config("small")), default_world_dir(world_config("small", {"seed": 1}))
     assert a.parent == tmp_path / "worlds" and a != b
     assert default_world_dir(world_config("small")) == a
+    assert default_world_dir(world_config("small", {"threads": 2})) != a   # reductions depend on threads
+    versions = world_cfg.numeric_versions()
+    assert versions["torch"].split("+")[0] == torch.__version__.split("+")[0] and set(versions) >= {"transformers", "tokenizers"}
+    monkeypatch.setattr(world_cfg, "numeric_versions", lambda: {**versions, "torch": "0.0"})
+    assert default_world_dir(world_config("small")) != a
+
+
+def test_build_settings_fix_the_threads_and_deterministic_mode_and_restore_them():
+    from dualign.world.build import deterministic
+
+    before = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())
+    with deterministic(3):
+        assert torch.get_num_threads() == 3 and torch.are_deterministic_algorithms_enabled()
+    assert (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()) == before
+    assert world_config("small").threads == 1 and world_config("default").threads == 2
 
 
 def test_cli_world_build_prints_the_world_and_its_summary(world):

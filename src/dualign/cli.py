@@ -309,7 +309,6 @@ def _add_world(p: argparse.ArgumentParser) -> None:
     build.add_argument("config", nargs="?", help="YAML file of WorldConfig keys (flags override it)")
     build.add_argument("--size", choices=list(PRESETS), default="default", help="size preset (default: default)")
     build.add_argument("--out", help="world directory (default: $DUALIGN_CACHE/worlds/world-<config hash>)")
-    build.add_argument("--threads", type=int, help="torch CPU threads while building")
     add_config_arguments(build, WorldConfig)
     info = sub.add_parser("info", help="print the summary of a built world directory")
     info.add_argument("dir", help="world directory")
@@ -340,8 +339,8 @@ def _cmd_world(args: argparse.Namespace) -> int:
         print(_world_summary(args.dir, load_world_info(args.dir)))
         return 0
     values = load_yaml(args.config) if args.config else {}
-    values.update(overrides_from_args(args, exclude=("config", "size", "out", "threads", "_world_command")))
-    path = build_world(world_config(args.size, values), out_dir=args.out, num_threads=args.threads)
+    values.update(overrides_from_args(args, exclude=("config", "size", "out", "_world_command")))
+    path = build_world(world_config(args.size, values), out_dir=args.out)
     print(_world_summary(path, load_world_info(path)))
     return 0
 

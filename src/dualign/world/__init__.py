@@ -5,16 +5,8 @@ behaviours with known gold helpfulness and harm, a gold judge that reads them ba
 ``build_world(world_config("small"))`` returns the (cached) world directory; see docs/formats.md.
 """
 
-from dualign.world.build import (
-    PRESETS,
-    WorldConfig,
-    build_world,
-    config_hash,
-    default_world_dir,
-    is_complete,
-    load_world_info,
-    world_config,
-)
+from dualign.world.build import build_world, default_world_dir, is_complete, load_world_info
+from dualign.world.config import PRESETS, WorldConfig, config_hash, world_config
 from dualign.world.judge import gold_harm, gold_helpfulness, judge
 
 __all__ = ["PRESETS", "WorldConfig", "build_world", "config_hash", "default_world_dir", "gold_harm",

@@ -10,86 +10,30 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 
-from dualign.config import build_config, config_to_dict
 from dualign.errors import InputError
-from dualign.io import write_json
+from dualign.io import write_json, write_table
 from dualign.provenance import versions
+from dualign.world import corpus as C
+from dualign.world import scorers as S
+from dualign.world.config import WORLD_VERSION, WorldConfig, config_hash
+from dualign.world.judge import judge
+from dualign.world.lm import sample_responses, train_ref_model
 
-# Bump when the world's text, judge or build procedure changes: it is part of the cache key.
-WORLD_VERSION = 1
-WORLD_FILES = ("world.json", "prompts_train.jsonl", "prompts_dual.jsonl", "prompts_eval.jsonl",
+WORLD_FILES = ("world.json", "prompts_train.jsonl", "prompts_dual.jsonl", "prompts_eval.jsonl", "prompts_calibration.jsonl",
                "preferences_train.jsonl", "preferences_test.jsonl", "sft_train.jsonl", "ref_samples_eval.jsonl",
                "ref_model/config.json", "reward_model/config.json", "cost_model/config.json")
-
-
-@dataclass
-class WorldConfig:
-    """Sizes and training settings of the synthetic world (defaults: the ``default`` preset)."""
-
-    seed: int = field(default=0, metadata={"help": "seed of every random choice in the world"})
-    n_train_prompts: int = field(default=3000, metadata={"help": "prompts for π_ref's SFT and the preference pairs"})
-    n_dual_prompts: int = field(default=1024, metadata={"help": "prompts for the dual / training stages"})
-    n_eval_prompts: int = field(default=256, metadata={"help": "held-out prompts for evaluation"})
-    harmful_fraction: float = field(default=0.5, metadata={"help": "fraction of harmful requests"})
-    harmful_compliance: float = field(default=0.65, metadata={"help": "P(comply | harmful request) in π_ref's SFT corpus"})
-    responses_per_prompt: int = field(default=2, metadata={"help": "SFT responses per train prompt"})
-    vocab_size: int = field(default=2000, metadata={"help": "BPE vocabulary of π_ref"})
-    hidden: int = field(default=128, metadata={"help": "π_ref hidden size"})
-    layers: int = field(default=3, metadata={"help": "π_ref layers"})
-    heads: int = field(default=4, metadata={"help": "π_ref attention heads"})
-    max_positions: int = field(default=128, metadata={"help": "π_ref context length"})
-    sft_epochs: float = field(default=5.0, metadata={"help": "passes over the SFT corpus"})
-    sft_batch_size: int = field(default=64, metadata={"help": "SFT batch size"})
-    sft_lr: float = field(default=5e-3, metadata={"help": "SFT peak learning rate"})
-    n_preference_pairs: int = field(default=2000, metadata={"help": "preference pairs (train prompts) for the scorers"})
-    n_test_pairs: int = field(default=500, metadata={"help": "held-out preference pairs (eval prompts)"})
-    preference_noise: float = field(default=0.1, metadata={"help": "probability of a flipped preference label"})
-    scorer_steps: int = field(default=400, metadata={"help": "full-batch optimizer steps per scorer head"})
-    scorer_lr: float = field(default=3e-3, metadata={"help": "scorer head learning rate"})
-    scorer_max_length: int = field(default=96, metadata={"help": "max tokens of a (prompt, response) pair"})
-    eval_samples: int = field(default=4, metadata={"help": "π_ref samples per eval prompt for world.json"})
-    max_new_tokens: int = field(default=64, metadata={"help": "max tokens of a sampled response"})
-
-    def __post_init__(self) -> None:
-        for name in ("n_train_prompts", "n_dual_prompts", "n_eval_prompts", "responses_per_prompt",
-                     "n_preference_pairs", "n_test_pairs", "eval_samples"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be ≥ 1")
-        for name in ("harmful_fraction", "harmful_compliance", "preference_noise"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must lie in [0, 1]")
-
-
-PRESETS: dict[str, dict[str, Any]] = {
-    "default": {},
-    "small": {"n_train_prompts": 600, "n_dual_prompts": 64, "n_eval_prompts": 64, "hidden": 64,
-              "layers": 2, "heads": 2, "sft_epochs": 8.0, "sft_batch_size": 32, "sft_lr": 8e-3,
-              "n_preference_pairs": 300, "n_test_pairs": 100},
-}
-
-
-def world_config(size: str = "default", values: dict[str, Any] | None = None) -> WorldConfig:
-    """The ``size`` preset overridden by ``values`` (unknown keys fail)."""
-    if size not in PRESETS:
-        raise InputError(f"unknown world size {size!r} (use one of {', '.join(PRESETS)})")
-    return build_config(WorldConfig, {**PRESETS[size], **(values or {})})
-
-
-def config_hash(cfg: WorldConfig) -> str:
-    blob = json.dumps({"world_version": WORLD_VERSION, **config_to_dict(cfg)}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 def cache_root() -> Path:
@@ -115,22 +59,22 @@ def is_complete(path: str | Path, cfg: WorldConfig | None = None) -> bool:
 
 
 def _write_jsonl(rows: list[dict], path: Path) -> None:
-    import pandas as pd
-
-    from dualign.io import write_table
-
     write_table(pd.DataFrame(rows), path)
 
 
 class _Clock:
-    """Wall and process-CPU seconds per build step (CPU time tells a busy machine from a slow build)."""
+    """Wall and process-CPU seconds per build step (CPU time tells a busy machine from a slow build);
+    with ``announce``, one line on stderr as each step starts."""
 
-    def __init__(self) -> None:
+    def __init__(self, announce: bool = False) -> None:
         self.wall: dict[str, float] = {}
         self.cpu: dict[str, float] = {}
+        self.announce = announce
 
     @contextlib.contextmanager
     def step(self, name: str):
+        if self.announce:
+            print(f"[dualign] world: {name.replace('_', ' ')} ...", file=sys.stderr, flush=True)
         wall, cpu = time.perf_counter(), time.process_time()
         yield
         self.wall[name] = round(time.perf_counter() - wall, 2)
@@ -146,9 +90,6 @@ def _pairwise_accuracy(scores: torch.Tensor, first_wins: torch.Tensor, valid: to
 def _train_scorers(cfg: WorldConfig, pairs: list[dict], test_pairs: list[dict], out: Path,
                    clock: _Clock, progress: bool) -> dict[str, Any]:
     """Reward and cost models from the preference pairs; held-out accuracies; saved model dirs."""
-    from dualign.world import scorers as S
-    from dualign.world.judge import judge
-
     tok, encoder = S.load_encoder()
     rows = pairs + test_pairs
     prompts = [r["prompt"] for r in rows for _ in range(2)]
@@ -207,9 +148,6 @@ def _train_scorers(cfg: WorldConfig, pairs: list[dict], test_pairs: list[dict], 
 
 def _measure_ref(cfg: WorldConfig, model, tok, eval_prompts: list[dict], progress: bool) -> tuple[dict, list[dict]]:
     """π_ref's samples on the eval prompts, judged: harmful-compliance and helpfulness rates."""
-    from dualign.world.judge import judge
-    from dualign.world.lm import sample_responses
-
     texts = sample_responses(model, tok, [r["prompt"] for r in eval_prompts], cfg.eval_samples,
                              cfg.max_new_tokens, seed=cfg.seed, progress=progress)
     rows = [{"prompt_id": p["prompt_id"], "prompt": p["prompt"], "harmful_prompt": p["harmful"],
@@ -239,10 +177,7 @@ def _measure_ref(cfg: WorldConfig, model, tok, eval_prompts: list[dict], progres
 
 
 def _build_into(cfg: WorldConfig, out: Path, progress: bool) -> dict[str, Any]:
-    from dualign.world import corpus as C
-    from dualign.world.lm import train_ref_model
-
-    clock = _Clock()
+    clock = _Clock(announce=progress)
     with clock.step("data"):
         prompts = C.make_prompts(cfg)
         for split, rows in prompts.items():
@@ -271,8 +206,22 @@ def _build_into(cfg: WorldConfig, out: Path, progress: bool) -> dict[str, Any]:
                          "threads": torch.get_num_threads()}}
 
 
+@contextlib.contextmanager
+def deterministic(threads: int):
+    """Build settings that make a build repeatable on one machine: ``threads`` torch threads and
+    torch's deterministic algorithms (restored afterwards)."""
+    old_threads, old_mode = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old_threads)
+        torch.use_deterministic_algorithms(old_mode)
+
+
 def build_world(cfg: WorldConfig | None = None, out_dir: str | Path | None = None,
-                num_threads: int | None = None, progress: bool = True) -> Path:
+                progress: bool = True) -> Path:
     """Build the world for ``cfg`` (or reuse it when already complete) and return its directory.
 
     ``out_dir`` defaults to :func:`default_world_dir` (a cache keyed by the config hash). The world
@@ -288,12 +237,10 @@ def build_world(cfg: WorldConfig | None = None, out_dir: str | Path | None = Non
         raise InputError(f"{final}: exists and is not a complete world; remove it or choose another directory")
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-    old_threads = torch.get_num_threads()
     try:
-        if num_threads:
-            torch.set_num_threads(num_threads)
         start = time.perf_counter()
-        info = _build_into(cfg, tmp, progress)
+        with deterministic(cfg.threads):
+            info = _build_into(cfg, tmp, progress)
         info["timing_s"]["build_wall"] = round(time.perf_counter() - start, 1)
         write_json({"world_version": WORLD_VERSION, "config_hash": config_hash(cfg), "seed": cfg.seed,
                     "config": dataclasses.asdict(cfg), **info, "versions": versions()}, tmp / "world.json")
@@ -303,7 +250,6 @@ def build_world(cfg: WorldConfig | None = None, out_dir: str | Path | None = Non
             shutil.rmtree(final)
         os.replace(tmp, final)
     finally:
-        torch.set_num_threads(old_threads)
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return final

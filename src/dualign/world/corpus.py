@@ -4,16 +4,13 @@ preference pairs in the PKU-SafeRLHF schema."""
 from __future__ import annotations
 
 import random
-from typing import TYPE_CHECKING
 
 from dualign.errors import ConfigError
 from dualign.world import text as W
+from dualign.world.config import WorldConfig
 from dualign.world.judge import judge
 
-if TYPE_CHECKING:
-    from dualign.world.build import WorldConfig
-
-SPLITS = ("train", "dual", "eval")
+SPLITS = ("train", "dual", "eval", "calibration")  # drawn in this order: a new split goes last
 
 
 def n_distinct_prompts(harmful: bool) -> int:
@@ -23,8 +20,9 @@ def n_distinct_prompts(harmful: bool) -> int:
 
 
 def make_prompts(cfg: WorldConfig) -> dict[str, list[dict]]:
-    """Distinct prompts split into train / dual / eval: rows of prompt_id, prompt, topic, harmful."""
-    sizes = {"train": cfg.n_train_prompts, "dual": cfg.n_dual_prompts, "eval": cfg.n_eval_prompts}
+    """Distinct prompts split into train / dual / eval / calibration: rows of prompt_id, prompt, topic, harmful."""
+    sizes = {"train": cfg.n_train_prompts, "dual": cfg.n_dual_prompts, "eval": cfg.n_eval_prompts,
+             "calibration": cfg.n_calibration_prompts}
     total = sum(sizes.values())
     if total > 0.5 * min(n_distinct_prompts(True), n_distinct_prompts(False)):
         raise ConfigError(f"world: {total} prompts requested; the templates make too few distinct ones")

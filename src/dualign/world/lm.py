@@ -5,28 +5,28 @@ from __future__ import annotations
 
 import math
 import random
-from typing import TYPE_CHECKING
 
 import torch
-from tqdm.auto import tqdm
 
 from dualign.models import tokenize_pairs
+from dualign.progress import Progress
 from dualign.templates import format_prompt
 from dualign.tiny import tiny_causal_lm, train_bpe_tokenizer
-
-if TYPE_CHECKING:
-    from dualign.world.build import WorldConfig
+from dualign.world.config import WorldConfig
 
 TEMPLATE = "plain"
 
 
 def sft_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean next-token cross-entropy over response tokens (incl. eos): −mean log π(y_t | x, y_<t)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-    target = batch["input_ids"][:, 1:]
-    mask = batch["response_mask"][:, 1:].float()
-    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
-    return (nll * mask).sum() / mask.sum()
+    """Mean next-token cross-entropy over response tokens (incl. eos): −mean log π(y_t | x, y_<t).
+
+    The output layer runs on the response positions alone: with a 2000-token vocabulary it is most
+    of a tiny model's compute, and prompt positions carry no loss.
+    """
+    hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    scored = batch["response_mask"][:, 1:].bool()
+    logits = model.get_output_embeddings()(hidden[:, :-1][scored])
+    return torch.nn.functional.cross_entropy(logits, batch["input_ids"][:, 1:][scored])
 
 
 def _no_dropout(model) -> None:
@@ -66,7 +66,7 @@ def train_ref_model(cfg: WorldConfig, corpus: list[dict], progress: bool = True)
     gen = torch.Generator().manual_seed(cfg.seed)
     order: list[int] = []
     losses = []
-    for _ in tqdm(range(total), desc="π_ref SFT", disable=None if progress else True):
+    for _ in Progress(range(total), desc="world: π_ref SFT", unit="steps", enabled=progress):
         if len(order) < cfg.sft_batch_size:
             order += torch.randperm(n, generator=gen).tolist()
         idx, order = order[:cfg.sft_batch_size], order[cfg.sft_batch_size:]
@@ -94,7 +94,8 @@ def sample_responses(model, tok, prompts: list[str], n_samples: int, max_new_tok
     random.seed(seed)
     tok.padding_side = "left"
     out: list[list[str]] = []
-    for i in tqdm(range(0, len(prompts), batch_size), desc="sampling π_ref", disable=None if progress else True):
+    for i in Progress(range(0, len(prompts), batch_size), desc="world: sampling π_ref", unit="batches",
+                      enabled=progress):
         chunk = [format_prompt(p, TEMPLATE) for p in prompts[i:i + batch_size]]
         enc = tok(chunk, return_tensors="pt", padding=True)
         gen = model.generate(**enc, do_sample=True, top_k=0, top_p=1.0, temperature=1.0,

@@ -12,7 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+
+from dualign.progress import Progress
 
 
 def minilm_path() -> Path:
@@ -35,7 +36,8 @@ def cls_features(tok, encoder, prompts: list[str], responses: list[str], max_len
     """Last-layer [CLS] states of ``tok(prompt, response)``, one row per pair [N, hidden]."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(responses[i]))
     out = torch.empty(len(prompts), encoder.config.hidden_size)
-    for s in tqdm(range(0, len(order), batch_size), desc="MiniLM features", disable=None if progress else True):
+    for s in Progress(range(0, len(order), batch_size), desc="world: MiniLM features", unit="batches",
+                      enabled=progress):
         idx = order[s:s + batch_size]
         enc = tok([prompts[i] for i in idx], [responses[i] for i in idx], padding=True, truncation=True,
                   max_length=max_length, return_tensors="pt")
@@ -79,7 +81,7 @@ def train_head(encoder, features: torch.Tensor, loss_fn, steps: int, lr: float, 
     """Full-batch AdamW on ``loss_fn(head, features).mean()``."""
     head = ScoreHead(encoder, seed=seed)
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.01)
-    for _ in tqdm(range(steps), desc=desc, disable=None if progress else True):
+    for _ in Progress(range(steps), desc=f"world: {desc}", unit="steps", enabled=progress):
         loss = loss_fn(head, features).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()

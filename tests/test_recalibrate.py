@@ -1,0 +1,45 @@
+"""The recalibrate stage's λ updates against hand computation (g units: more λ, more g)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dualign.recalibrate_math import dual_step, rescaled_targets, secant_step, shortfall
+
+
+def test_shortfall_is_achieved_minus_target_in_g_units():
+    # cost<=ref-4 is g = −cost with target change +4; the policy lowered the cost by 3
+    np.testing.assert_allclose(shortfall([3.0, 5.0], [4.0, 4.0]), [-1.0, 1.0])
+
+
+def test_rescaled_target_asks_the_dual_for_the_change_that_a_fixed_share_lands_on_target():
+    # the fine-tune reached 3 of a predicted 4 (ρ = 0.75): ask for 4/0.75 so that 0.75 of it is 4
+    np.testing.assert_allclose(rescaled_targets([3.0], [4.0], [4.0]), [4.0 / 0.75])
+    # over-shooting (ρ = 1.25) asks for less; a share ≤ 0 or huge is clipped to [1/4, 4]
+    np.testing.assert_allclose(rescaled_targets([5.0, -1.0, 40.0], [4.0, 4.0, 4.0], [4.0, 4.0, 4.0]),
+                               [3.2, 16.0, 1.0])
+
+
+def test_secant_step_is_the_root_of_the_line_through_the_last_two_points():
+    lam, defined = secant_step([2.0], [3.0], [1.0], [1.5], [4.0])
+    # slope (3 − 1.5)/(2 − 1) = 1.5; root at 2 + (4 − 3)/1.5
+    assert defined.tolist() == [True]
+    assert lam[0] == pytest.approx(2.0 + 1.0 / 1.5)
+    # projected on λ ≥ 0 when the line's root is negative
+    lam, _ = secant_step([0.5], [6.0], [0.25], [5.0], [4.0])
+    assert lam[0] == 0.0
+
+
+def test_secant_step_is_undefined_on_a_flat_or_falling_line_and_keeps_lambda():
+    lam, defined = secant_step([2.0, 2.0, 3.0], [3.0, 3.0, 3.0], [2.0, 1.0, 1.0], [1.0, 3.0, 3.5], [4.0] * 3)
+    assert defined.tolist() == [False, False, False]      # same λ; same Δa; Δa fell as λ rose
+    np.testing.assert_allclose(lam, [2.0, 2.0, 3.0])
+
+
+def test_dual_step_divides_the_slack_by_the_dual_curvature_and_projects():
+    # H = 2: predicted E[g] rises 2 per unit λ; 1 short → λ + 0.5
+    np.testing.assert_allclose(dual_step([1.0], [3.0], [4.0], [[2.0]]), [1.5])
+    # two constraints, H = [[2, 1], [1, 2]], slack s = (−1, 0.5): λ − H⁻¹s = λ − (−5/6, 2/3)
+    got = dual_step([1.0, 0.5], [3.0, 4.5], [4.0, 4.0], [[2.0, 1.0], [1.0, 2.0]])
+    np.testing.assert_allclose(got, [1.0 + 5 / 6, 0.0], atol=1e-9)   # 0.5 − 2/3 < 0: projected to 0
