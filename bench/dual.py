@@ -27,6 +27,7 @@ from scipy.optimize import minimize  # noqa: E402
 
 from dualign import dual  # noqa: E402
 from dualign.data.example import example_arrays  # noqa: E402
+from dualign.segments import Segments  # noqa: E402
 
 TOL = 1e-9
 
@@ -40,7 +41,7 @@ def _problem(n_total: int, m: int, k: int = 10, seed: int = 0, beta: float = 0.1
 
 def _tilt(rewards, utilities, thresholds, beta):
     n, k, m = utilities.shape
-    seg = dual._Segments(np.arange(0, n * k, k), np.full(n, k), k)
+    seg = Segments.rectangular(n, k)
     samples = dual._samples(seg, rewards.ravel(), utilities.reshape(-1, m).T.copy(), None, np.arange(n))
     return dual._Tilt(samples, thresholds, beta)
 

@@ -10,6 +10,7 @@ import dualign
 from dualign import dual
 from dualign.data.example import example_arrays
 from dualign.errors import InfeasibleConstraintError, InputError
+from dualign.segments import Segments
 
 
 def _world(n=6, k=5, m=2, seed=0):
@@ -72,7 +73,7 @@ def test_eight_constraints_match_exact_primal_solution():
 def test_newton_agrees_with_projected_gradient_descent():
     rewards, utilities, b = _world(n=50, k=8, m=2, seed=1)
     res = dualign.solve_dual(rewards, utilities, b, 0.2)
-    seg = dual._Segments(np.arange(0, 400, 8), np.full(50, 8), 8)
+    seg = Segments.rectangular(50, 8)
     samples = dual._samples(seg, rewards.ravel(), utilities.reshape(-1, 2).T.copy(), None, np.arange(50))
     tilt = dual._Tilt(samples, b, 0.2)
     step = 1.0 / np.linalg.eigvalsh(tilt.derivatives(tilt.evaluate(res.lambdas))[1]).max()
@@ -118,7 +119,7 @@ def test_fast_evaluation_equals_naive_formulas_on_ragged_weighted_prompts():
     np.testing.assert_allclose(res.kl, dual.kl(rewards, utilities, lam, beta, weights), rtol=1e-10)
     # fast gradient / Hessian
     keep = weights.ravel() > 0
-    seg = dual._Segments.from_counts((weights > 0).sum(1))
+    seg = Segments.from_counts((weights > 0).sum(1))
     samples = dual._samples(seg, rewards.ravel()[keep], utilities.reshape(-1, 2)[keep].T.copy(),
                             weights.ravel()[keep], np.arange(9))
     tilt = dual._Tilt(samples, b, beta)
@@ -229,7 +230,7 @@ def test_joint_margin_lp_detects_boundary_and_interior():
     rewards, utilities = example_arrays(8, 4, 1, seed=3)
     g = utilities[..., 0]
     both = np.stack([g, -g], axis=-1)
-    seg = dual._Segments(np.arange(0, 32, 4), np.full(8, 4), 4)
+    seg = Segments.rectangular(8, 4)
     samples = dual._samples(seg, rewards.ravel(), both.reshape(-1, 2).T.copy(), None, np.arange(8))
     mid = g.mean()
     assert dual._joint_margin(samples, np.array([mid - 0.1, -mid - 0.1])) > 1e-3

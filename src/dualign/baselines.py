@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 
 from dualign.config import dump_yaml
 from dualign.constraints import Constraint, constraint_names, parse_constraint
-from dualign.dual import tilted_means
+from dualign.dual import reference_means, tilted_means
 from dualign.errors import ConfigError, InputError
 from dualign.io import read_json, read_table, write_json, write_table
 from dualign.pairs import pairs_from_scores, read_dual
@@ -157,8 +157,6 @@ def load_objective(dual_path: Path, scores: pd.DataFrame | None = None,
                    constraints: list[str] | None = None, reward: str | None = None,
                    beta: float | None = None) -> Objective:
     """From ``constraints`` (thresholds from π_ref's means on ``scores``), else from dual.json."""
-    from dualign.dual import reference_means
-
     dual = read_dual(dual_path) if dual_path.exists() else None
     if not constraints and dual is None:
         raise InputError(f"{dual_path}: file not found (run the dual stage, or give constraints)")
@@ -387,8 +385,8 @@ def _estimate(policy_dir: str, prompts: pd.DataFrame, objective: Objective, scor
     del model
     needed = [s for s in scorers if parse_scorer(s).name in objective.columns]
     df = score_table(df, needed, batch_size=cfg.sample_batch_size, device=cfg.device, progress=False)
-    per_prompt = df.groupby("prompt_id", sort=False)[objective.columns].mean()
-    means = per_prompt.mean().to_dict()
+    means = dict(zip(objective.columns, np.atleast_1d(reference_means(
+        df["prompt_id"].to_numpy(), df[objective.columns].to_numpy(float))).tolist(), strict=True))
     g = np.array([c.sign * means[c.column] for c in objective.constraints])
     return g, {k: float(v) for k, v in means.items()}, int(df["response_tokens"].sum())
 

@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 from scipy.special import logsumexp
 
 from dualign.errors import InfeasibleConstraintError, InputError
+from dualign.segments import Segments
 
 if TYPE_CHECKING:
     from dualign.constraints import Constraint
@@ -143,70 +143,11 @@ class DualResult:
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Segments:
-    """Prompt x owns samples [starts[x], starts[x] + counts[x]); ``width`` = K when all are equal."""
-
-    starts: np.ndarray
-    counts: np.ndarray
-    width: int | None
-
-    @classmethod
-    def from_counts(cls, counts: np.ndarray) -> _Segments:
-        counts = np.asarray(counts, dtype=np.int64)
-        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        width = int(counts[0]) if np.all(counts == counts[0]) else None
-        return cls(starts, counts, width)
-
-    @property
-    def num(self) -> int:
-        return len(self.counts)
-
-    def sum(self, x: np.ndarray) -> np.ndarray:
-        """Per-prompt sums of ``x`` [..., n] → [..., N]."""
-        if self.width is not None:  # a BLAS matrix-vector product is ~4× faster than reduceat
-            lead = x.shape[:-1]
-            out = x.reshape(-1, self.width) @ np.ones(self.width)
-            return out.reshape(*lead, self.num)
-        return np.add.reduceat(x, self.starts, axis=-1)
-
-    def max(self, x: np.ndarray) -> np.ndarray:
-        return np.maximum.reduceat(x, self.starts, axis=-1)
-
-    def min(self, x: np.ndarray) -> np.ndarray:
-        return np.minimum.reduceat(x, self.starts, axis=-1)
-
-    def scale(self, x: np.ndarray, v: np.ndarray | float, shift: np.ndarray | None = None,
-              out: np.ndarray | None = None) -> np.ndarray:
-        """x_k·v_x (+ shift_x) for every sample k of prompt x; ``x`` [n], ``v`` and ``shift`` [N]."""
-        out = np.empty_like(x) if out is None else out
-        if self.width is not None:
-            x2, o2 = x.reshape(-1, self.width), out.reshape(-1, self.width)
-            np.multiply(x2, np.reshape(v, (-1, 1)) if np.ndim(v) else v, out=o2)
-            if shift is not None:
-                o2 += shift[:, None]
-            return out
-        np.multiply(x, self.expand(v) if np.ndim(v) else v, out=out)
-        if shift is not None:
-            out += self.expand(shift)
-        return out
-
-    def expand(self, v: np.ndarray) -> np.ndarray:
-        """Per-prompt values [..., N] → per-sample [..., n]."""
-        return np.repeat(v, self.width if self.width is not None else self.counts, axis=-1)
-
-    def sample_index(self, prompts: np.ndarray) -> np.ndarray:
-        """Indices of the samples of ``prompts``, in order (no Python loop over prompts)."""
-        counts = self.counts[prompts]
-        first = np.repeat(self.starts[prompts] - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
-        return first + np.arange(counts.sum())
-
-
 @dataclass
 class _Samples:
     """One dual problem's data: g is stored centred (g − centre) so that exp and Cov stay accurate."""
 
-    seg: _Segments
+    seg: Segments
     rewards: np.ndarray  # [n]
     centred: np.ndarray  # [m, n] g − centre
     centre: np.ndarray  # [m]
@@ -272,8 +213,7 @@ class _Samples:
 
     def take(self, prompts: np.ndarray, prompt_weights: np.ndarray) -> _Samples:
         """The sub-problem on ``prompts`` (sorted indices) with the given prompt weights."""
-        idx = self.seg.sample_index(prompts)
-        seg = _Segments.from_counts(self.seg.counts[prompts])
+        seg, idx = self.seg.take(prompts)
         out = _Samples(seg, self.rewards[idx], self.centred[:, idx], self.centre,
                        None if self.log_weights is None else self.log_weights[idx],
                        prompt_weights / prompt_weights.sum(),
@@ -285,7 +225,7 @@ class _Samples:
         return out
 
 
-def _samples(seg: _Segments, rewards: np.ndarray, utilities: np.ndarray,
+def _samples(seg: Segments, rewards: np.ndarray, utilities: np.ndarray,
              sample_weights: np.ndarray | None, labels: np.ndarray) -> _Samples:
     """Build the flat problem from grouped [n] rewards, [m, n] utilities, [n] weights (≥ 0).
 
@@ -297,7 +237,7 @@ def _samples(seg: _Segments, rewards: np.ndarray, utilities: np.ndarray,
         if np.any(counts == 0):
             bad = labels[np.flatnonzero(counts == 0)[0]]
             raise InputError(f"prompt {bad!r}: all sample weights are zero")
-        seg = _Segments.from_counts(counts)
+        seg = Segments.from_counts(counts)
         rewards, utilities, sample_weights = rewards[keep], utilities[:, keep], sample_weights[keep]
     log_weights = None
     if sample_weights is not None:
@@ -712,24 +652,11 @@ def solve_dual(rewards, utilities, thresholds, beta: float, sample_weights=None,
     b, weights, utilities, names = _check_inputs(rewards, utilities, sample_weights, thresholds,
                                                  beta, names, "[N, K]")
     n_prompts, k = rewards.shape
-    seg = _Segments(np.arange(0, n_prompts * k, k), np.full(n_prompts, k), k)
+    seg = Segments.rectangular(n_prompts, k)
     flat_w = None if weights is None else weights.ravel()
     samples = _samples(seg, rewards.ravel(), utilities.reshape(-1, len(b)).T.copy(), flat_w,
                        np.arange(n_prompts))
     return _finish(samples, b, float(beta), names, lambdas0, tol, max_iter, bootstrap, seed, ci_level)
-
-
-def _group(prompt_ids: np.ndarray) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
-    """(order or None when already grouped, counts, labels): rows of each prompt made contiguous."""
-    if prompt_ids.size > 1:
-        starts = np.concatenate([[0], np.flatnonzero(prompt_ids[1:] != prompt_ids[:-1]) + 1])
-    else:
-        starts = np.zeros(1, dtype=np.int64)
-    labels = prompt_ids[starts]
-    if np.unique(labels).size == labels.size:
-        return None, np.diff(np.append(starts, prompt_ids.size)), labels
-    labels, inverse, counts = np.unique(prompt_ids, return_inverse=True, return_counts=True)
-    return np.argsort(inverse, kind="stable"), counts, labels
 
 
 def solve_dual_long(prompt_ids, rewards, utilities, thresholds, beta: float, sample_weights=None, *,
@@ -750,11 +677,9 @@ def solve_dual_long(prompt_ids, rewards, utilities, thresholds, beta: float, sam
     utilities = utilities[:, None] if utilities.ndim == 1 else utilities
     b, weights, utilities, names = _check_inputs(rewards, utilities, sample_weights, thresholds,
                                                  beta, names, "[n]")
-    order, counts, labels = _group(prompt_ids)
-    if order is not None:
-        rewards, utilities = rewards[order], utilities[order]
-        weights = None if weights is None else weights[order]
-    samples = _samples(_Segments.from_counts(counts), rewards, utilities.T.copy(), weights, labels)
+    seg = Segments.of(prompt_ids)
+    weights = None if weights is None else seg.group(weights)
+    samples = _samples(seg, seg.group(rewards), seg.group(utilities).T.copy(), weights, seg.labels)
     return _finish(samples, b, float(beta), names, lambdas0, tol, max_iter, bootstrap, seed, ci_level)
 
 
@@ -770,13 +695,9 @@ def _finish(samples, b, beta, names, lambdas0, tol, max_iter, bootstrap, seed,
 
 def reference_means(prompt_ids, values, sample_weights=None) -> np.ndarray:
     """mean_x Σ_k w_k v_k (w normalised per prompt) for values [n] or [n, c] → scalar or [c]."""
-    prompt_ids = np.asarray(prompt_ids)
-    values = np.asarray(values, dtype=np.float64)
-    order, counts, _ = _group(prompt_ids)
-    seg = _Segments.from_counts(counts)
-    v = values if order is None else values[order]
-    w = np.ones(len(v)) if sample_weights is None else np.asarray(sample_weights, np.float64)
-    w = w if order is None else w[order]
+    seg = Segments.of(prompt_ids)
+    v = seg.group(np.asarray(values, dtype=np.float64))
+    w = np.ones(len(v)) if sample_weights is None else seg.group(np.asarray(sample_weights, np.float64))
     w = w / seg.expand(seg.sum(w))
     return seg.sum(v.T * w).mean(axis=-1)
 
@@ -784,12 +705,9 @@ def reference_means(prompt_ids, values, sample_weights=None) -> np.ndarray:
 def grouped_logsumexp(values, prompt_ids) -> np.ndarray:
     """log Σ_{i: x_i = x_j} exp(v_i) for every row j: the per-prompt log-sum-exp of long-format
     values, broadcast back to the rows (stable: the prompt's max is taken out first) → [n]."""
-    codes = pd.factorize(pd.Series(np.asarray(prompt_ids)))[0]
-    v = np.asarray(values, dtype=np.float64)
-    top = np.full(codes.max() + 1 if len(codes) else 0, -np.inf)
-    np.maximum.at(top, codes, v)
-    top = np.where(np.isfinite(top), top, 0.0)
-    return top[codes] + np.log(np.bincount(codes, np.exp(v - top[codes]))[codes])
+    seg = Segments.of(prompt_ids)
+    v = seg.group(np.asarray(values, dtype=np.float64))
+    return seg.ungroup(seg.expand(seg.logsumexp(v)))
 
 
 def tilted_means(prompt_ids: np.ndarray, logits: np.ndarray, values: np.ndarray,
@@ -799,18 +717,17 @@ def tilted_means(prompt_ids: np.ndarray, logits: np.ndarray, values: np.ndarray,
     The long-format version of :func:`predictions` / :func:`kl` for any logits s (e.g. the
     baselines' (w_r·r + λᵀg)/β), weights w normalised per prompt; prompts may have different K.
     """
-    codes = pd.factorize(pd.Series(np.asarray(prompt_ids)))[0]
-    w = np.ones(len(codes)) if sample_weights is None else np.asarray(sample_weights, float)
-    w = w / np.bincount(codes, w)[codes]
+    seg = Segments.of(prompt_ids)
+    w = np.ones(seg.size) if sample_weights is None else seg.group(np.asarray(sample_weights, float))
+    w = w / seg.expand(seg.sum(w))
     with np.errstate(divide="ignore"):
-        z = np.asarray(logits, float) + np.log(w)
-    p = np.exp(z - grouped_logsumexp(z, codes))
-    n = codes.max() + 1
-    v = np.asarray(values, float).reshape(len(codes), -1)
-    means = np.stack([np.bincount(codes, p * v[:, j], minlength=n) for j in range(v.shape[1])], 1).mean(0)
+        z = seg.group(np.asarray(logits, float)) + np.log(w)
+    p = np.exp(z - seg.expand(seg.logsumexp(z)))
+    v = seg.group(np.asarray(values, float).reshape(seg.size, -1))
+    means = seg.sum(p * v.T).mean(axis=-1)
     with np.errstate(divide="ignore", invalid="ignore"):
         terms = np.where(p > 0, p * (np.log(p) - np.log(w)), 0.0)
-    return means, float(np.bincount(codes, terms).mean())
+    return means, float(seg.sum(terms).mean())
 
 
 def half_sample_kl(prompt_index, rewards, utilities, lambdas, beta: float,
@@ -822,19 +739,16 @@ def half_sample_kl(prompt_index, rewards, utilities, lambdas, beta: float,
     with K until the samples cover π_λ's mass. Half-K well below all-K says K was too small and
     π_λ's true KL (what a fine-tune towards it spends) is likely above the prediction.
     """
-    idx = np.asarray(prompt_index)
-    order, counts, _ = _group(idx)
-    order = np.arange(idx.size) if order is None else order
-    seg = _Segments.from_counts(counts)
-    codes = np.repeat(np.arange(seg.num), counts)  # prompt of each row, rows in ``order``
-    counts = counts[codes]
-    keep, half = counts >= 2, np.arange(idx.size) - seg.starts[codes] < counts // 2
+    seg = Segments.of(prompt_index)
+    codes = np.repeat(np.arange(seg.num), seg.counts)  # prompt of each grouped row
+    counts = seg.expand(seg.counts)
+    keep, half = counts >= 2, np.arange(seg.size) - seg.expand(seg.starts) < counts // 2
     if not keep.any():
         return None
-    g = np.asarray(utilities, np.float64).reshape(idx.size, -1)
-    logits = ((np.asarray(rewards, np.float64) + g @ np.atleast_1d(lambdas)) / beta)[order]
-    w = None if sample_weights is None else np.asarray(sample_weights, np.float64)[order]
-    values = np.zeros(idx.size)
+    g = np.asarray(utilities, np.float64).reshape(seg.size, -1)
+    logits = seg.group((np.asarray(rewards, np.float64) + g @ np.atleast_1d(lambdas)) / beta)
+    w = None if sample_weights is None else seg.group(np.asarray(sample_weights, np.float64))
+    values = np.zeros(seg.size)
 
     def estimate(mask):
         return tilted_means(codes[mask], logits[mask], values[mask], None if w is None else w[mask])[1]

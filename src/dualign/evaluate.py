@@ -19,6 +19,7 @@ import pandas as pd
 
 from dualign.errors import InputError
 from dualign.io import read_json, write_json, write_table
+from dualign.segments import Segments
 
 
 @dataclass
@@ -52,10 +53,9 @@ def cluster_bootstrap_ci(values: np.ndarray, groups: np.ndarray, n_boot: int = 1
     mean = Σ_i v_i / n;  a bootstrap replicate draws G groups with replacement and takes the mean
     of all their values (responses of one prompt are correlated, so prompts are the unit).
     """
-    values = np.asarray(values, dtype=float)
-    _, inverse = np.unique(np.asarray(groups), return_inverse=True)
-    sums = np.bincount(inverse, weights=values)
-    counts = np.bincount(inverse).astype(float)
+    seg = Segments.of(groups)
+    sums = seg.sum(seg.group(np.asarray(values, dtype=float)))
+    counts = seg.counts.astype(float)
     mean = float(sums.sum() / counts.sum())
     if n_boot <= 0 or len(sums) < 2:
         return mean, float("nan"), float("nan")

@@ -21,9 +21,9 @@ import numpy as np
 import pandas as pd
 
 from dualign.constraints import constraint_names, parse_constraint
-from dualign.dual import grouped_logsumexp
 from dualign.errors import InputError
 from dualign.io import read_json
+from dualign.segments import Segments
 
 PAIR_COLUMNS = ("prompt_id", "prompt", "response_a", "response_b", "ref_logprob_a",
                 "ref_logprob_b", "target_margin")
@@ -75,9 +75,10 @@ def target_logratios(r_lambda: np.ndarray, prompt_ids: np.ndarray, beta: float) 
     """β·log(π_λ/π_ref)(y) on π_ref's samples, in reward units: r_λ(y) − β·log Ẑ(x), with
     Ẑ(x) = (1/K)·Σ_k exp(r_λ(y_k)/β) over the K samples of y's prompt (the dual's own estimate of
     the partition function), so that the targets of a prompt satisfy (1/K)·Σ_k exp(t_k/β) = 1."""
-    r_lambda = np.asarray(r_lambda, dtype=np.float64)
-    counts = pd.Series(np.asarray(prompt_ids)).groupby(np.asarray(prompt_ids), sort=False).transform("size")
-    return r_lambda - beta * (grouped_logsumexp(r_lambda / beta, prompt_ids) - np.log(counts.to_numpy()))
+    seg = Segments.of(prompt_ids)
+    r_lambda = seg.group(np.asarray(r_lambda, dtype=np.float64))
+    log_z = seg.logsumexp(r_lambda / beta) - np.log(seg.counts)
+    return seg.ungroup(r_lambda - beta * seg.expand(log_z))
 
 
 def pairs_from_scores(scores: pd.DataFrame, dual: dict, pairs_per_prompt: int | None = None,
@@ -94,8 +95,10 @@ def pairs_from_scores(scores: pd.DataFrame, dual: dict, pairs_per_prompt: int | 
            else np.full(len(scores), np.nan))
     targets = target_logratios(r_lambda, scores["prompt_id"].to_numpy(), float(dual["beta"]))
     rng = np.random.default_rng(seed)
+    seg = Segments.of(scores["prompt_id"].to_numpy())
     rows = []
-    for pid, idx in scores.groupby("prompt_id", sort=False).indices.items():
+    for x, pid in enumerate(seg.labels):
+        idx = seg.rows(x)
         if len(idx) < 2:
             raise InputError(f"{source}: prompt_id {pid!r} has fewer than 2 responses")
         pairs = list(combinations(idx, 2))

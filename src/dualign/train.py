@@ -45,6 +45,7 @@ from dualign.pairs import (
     validate_pairs,
 )
 from dualign.provenance import record_stage, versions
+from dualign.segments import Segments
 from dualign.templates import format_prompt
 
 
@@ -230,7 +231,7 @@ def encode_pairs(pairs: pd.DataFrame, tokenizer, template: str, max_length: int,
         columns={c: torch.tensor(pairs[c].to_numpy(float)) for c in numeric},
         truncated=torch.tensor([len(x) >= max_length for x in ids]),
         canonical=torch.tensor(canonical, dtype=torch.long),
-        groups=torch.tensor(pd.factorize(pairs["prompt_id"])[0], dtype=torch.long))
+        groups=torch.tensor(Segments.of(pairs["prompt_id"].to_numpy()).codes(), dtype=torch.long))
 
 
 def _sample_stage_matches(cfg: TrainConfig) -> bool:
