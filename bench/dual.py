@@ -27,6 +27,8 @@ from scipy.optimize import minimize  # noqa: E402
 
 from dualign import dual  # noqa: E402
 from dualign.data.example import example_arrays  # noqa: E402
+from dualign.dual.solver import kkt_residual, projected_gradient_descent  # noqa: E402
+from dualign.dual.tilt import Tilt, flat_samples  # noqa: E402
 from dualign.segments import Segments  # noqa: E402
 
 TOL = 1e-9
@@ -42,14 +44,14 @@ def _problem(n_total: int, m: int, k: int = 10, seed: int = 0, beta: float = 0.1
 def _tilt(rewards, utilities, thresholds, beta):
     n, k, m = utilities.shape
     seg = Segments.rectangular(n, k)
-    samples = dual._samples(seg, rewards.ravel(), utilities.reshape(-1, m).T.copy(), None, np.arange(n))
-    return dual._Tilt(samples, thresholds, beta)
+    samples = flat_samples(seg, rewards.ravel(), utilities.reshape(-1, m).T.copy(), None, np.arange(n))
+    return Tilt(samples, thresholds, beta)
 
 
 def _residual(tilt, lambdas) -> float:
     grad, _ = tilt.derivatives(tilt.evaluate(np.asarray(lambdas, dtype=np.float64)))
     scale = tilt.s.scale(tilt.b + tilt.s.centre)
-    return float(np.max(dual._kkt_residual(np.asarray(lambdas), grad) / scale))
+    return float(np.max(kkt_residual(np.asarray(lambdas), grad) / scale))
 
 
 def _best_time(fn, repeats: int, cpu: bool = False):
@@ -82,7 +84,7 @@ def _lbfgsb(tilt, m: int):
 
 def _pgd(tilt, m: int, step: float, cap: float):
     start = time.perf_counter()
-    lam, it, ok = dual._projected_gradient_descent(tilt, np.zeros(m), step, TOL, max_iter=200000,
+    lam, it, ok = projected_gradient_descent(tilt, np.zeros(m), step, TOL, max_iter=200000,
                                                    max_seconds=cap)
     return time.perf_counter() - start, lam, it, ok
 
