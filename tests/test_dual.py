@@ -83,7 +83,7 @@ def test_newton_agrees_with_projected_gradient_descent():
     rewards, utilities, b = _world(n=50, k=8, m=2, seed=1)
     res = dualign.solve_dual(rewards, utilities, b, 0.2)
     seg = Segments.rectangular(50, 8)
-    samples = flat_samples(seg, rewards.ravel(), utilities.reshape(-1, 2).T.copy(), None, np.arange(50))
+    samples = flat_samples(seg, rewards.ravel(), utilities.reshape(-1, 2), None, np.arange(50))
     tilt = Tilt(samples, b, 0.2)
     step = 1.0 / np.linalg.eigvalsh(tilt.derivatives(tilt.evaluate(res.lambdas))[1]).max()
     lam, _, ok = projected_gradient_descent(tilt, np.zeros(2), 0.5 * step, 1e-11, 100000)
@@ -131,7 +131,7 @@ def test_fast_evaluation_equals_naive_formulas_on_ragged_weighted_prompts():
     # fast gradient / Hessian
     keep = weights.ravel() > 0
     seg = Segments.from_counts((weights > 0).sum(1))
-    samples = flat_samples(seg, rewards.ravel()[keep], utilities.reshape(-1, 2)[keep].T.copy(),
+    samples = flat_samples(seg, rewards.ravel()[keep], utilities.reshape(-1, 2)[keep],
                             weights.ravel()[keep], np.arange(9))
     tilt = Tilt(samples, b, beta)
     grad, hess = tilt.derivatives(tilt.evaluate(lam))
@@ -242,7 +242,7 @@ def test_joint_margin_lp_detects_boundary_and_interior():
     g = utilities[..., 0]
     both = np.stack([g, -g], axis=-1)
     seg = Segments.rectangular(8, 4)
-    samples = flat_samples(seg, rewards.ravel(), both.reshape(-1, 2).T.copy(), None, np.arange(8))
+    samples = flat_samples(seg, rewards.ravel(), both.reshape(-1, 2), None, np.arange(8))
     mid = g.mean()
     assert joint_margin(samples, np.array([mid - 0.1, -mid - 0.1])) > 1e-3
     assert joint_margin(samples, np.array([mid, -mid])) == pytest.approx(0.0, abs=1e-9)
@@ -287,7 +287,7 @@ def test_constant_utility_and_collinear_constraints_are_handled():
 
 
 def test_warm_start_on_many_prompts_reaches_the_same_solution():
-    rewards, utilities = example_arrays(40000, 3, 2, seed=13)
+    rewards, utilities = example_arrays(40000, 4, 2, seed=13)
     b = utilities.mean(axis=(0, 1)) + 0.2
     warm = dualign.solve_dual(rewards, utilities, b, 0.1)
     cold = dualign.solve_dual(rewards, utilities, b, 0.1, lambdas0=np.zeros(2))
@@ -378,3 +378,30 @@ def test_tilted_means_on_unsorted_ragged_rows_equal_the_predictions_and_kl():
     pred_r, pred_g = F.predictions(seg, r, g, [lam], beta, w)
     assert means[0] == pytest.approx(pred_r, rel=1e-12) and means[1] == pytest.approx(pred_g[0], rel=1e-12)
     assert kl_long == pytest.approx(F.kl(seg, r, g, [lam], beta, w), rel=1e-12)
+
+
+def test_reachable_gap_bound_lies_below_the_exact_distance_to_the_limit():
+    """Tilt.reachable_gap (no pass over the samples) against Samples.reachable − predictions."""
+    for seed, beta in [(0, 0.1), (1, 1.0), (2, 0.02)]:
+        rewards, utilities, b = _world(n=30, k=6, m=2, seed=seed)
+        seg, r, g = _flat(rewards, utilities)
+        samples = flat_samples(seg, r, g, None, np.arange(30))
+        tilt = Tilt(samples, b, beta)
+        for lam in ([0.1, 0.2], [1.0, 3.0], [0.0, 0.5]):
+            _, hess = tilt.derivatives(tilt.evaluate(np.array(lam)))
+            gap = samples.reachable() - F.predictions(seg, r, g, lam, beta)[1]
+            bound = tilt.reachable_gap(hess)
+            assert np.all(bound > 0) and np.all(bound <= gap * (1 + 1e-12))
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_fast_reference_values_equal_reference_means_on_ragged_prompts(weighted):
+    rng = np.random.default_rng(4)
+    counts = rng.integers(2, 7, size=12)
+    ids = np.repeat(np.arange(12), counts)
+    r, g = rng.normal(size=ids.size), rng.normal(size=(ids.size, 2))
+    w = rng.uniform(0.2, 2.0, size=ids.size) if weighted else None
+    samples = flat_samples(Segments.from_counts(counts), r, g, w, np.arange(12))
+    reward, utilities = samples.reference()
+    expected = dual.reference_means(ids, np.column_stack([r, g]), w)
+    np.testing.assert_allclose([reward, *utilities], expected, rtol=1e-12)

@@ -93,8 +93,6 @@ class Segments:
 
     def max(self, x: np.ndarray) -> np.ndarray:
         """Per-prompt maxima of ``x`` [..., n] → [..., N]."""
-        if self.width is not None:
-            return x.reshape(*x.shape[:-1], self.num, self.width).max(axis=-1)
         return np.maximum.reduceat(x, self.starts, axis=-1)
 
     def logsumexp(self, x: np.ndarray) -> np.ndarray:

@@ -86,6 +86,7 @@ class _Solve:
     lambdas: np.ndarray
     point: Point
     grad: np.ndarray
+    hess: np.ndarray
     iterations: int
     converged: bool
     below_bound: bool  # D fell below a lower bound that holds whenever the primal is feasible
@@ -101,7 +102,8 @@ def _newton(tilt: Tilt, lambdas: np.ndarray, tol: float, max_iter: int) -> _Solv
     s = tilt.s
     scale = s.scale(tilt.b + s.centre)
     # Weak duality: if some p is feasible, D(λ) ≥ E_p[r] − β·KL(p‖w) ≥ min r + β·min log w.
-    lower_bound = float(s.rewards.min() + tilt.beta * s.log_weights_or_uniform().min())
+    log_w_min = -np.log(s.seg.counts.max()) if s.log_weights is None else s.log_weights.min()
+    lower_bound = float(s.rewards.min() + tilt.beta * log_w_min)
     floor = float(np.max(tilt.gabs) ** 2 / tilt.beta) or 1.0 / tilt.beta
     pt = tilt.evaluate(lambdas)
     grad, hess = tilt.derivatives(pt)
@@ -109,11 +111,11 @@ def _newton(tilt: Tilt, lambdas: np.ndarray, tol: float, max_iter: int) -> _Solv
     while True:
         residual = float(np.max(kkt_residual(lambdas, grad) / scale))
         if residual <= tol or it >= max_iter:
-            return _Solve(lambdas, pt, grad, it, residual <= tol, False, residual)
+            return _Solve(lambdas, pt, grad, hess, it, residual <= tol, False, residual)
         direction = _newton_target(lambdas, grad, hess, floor) - lambdas
         slope = float(grad @ direction)
         if not slope < 0:  # rounding: the model sees no descent left
-            return _Solve(lambdas, pt, grad, it, False, False, residual)
+            return _Solve(lambdas, pt, grad, hess, it, False, False, residual)
         alpha = 1.0
         while True:
             trial = np.maximum(lambdas + alpha * direction, 0.0)
@@ -123,11 +125,11 @@ def _newton(tilt: Tilt, lambdas: np.ndarray, tol: float, max_iter: int) -> _Solv
                 break
             alpha *= 0.5
             if alpha < 1e-12:
-                return _Solve(lambdas, pt, grad, it, False, False, residual)
+                return _Solve(lambdas, pt, grad, hess, it, False, False, residual)
         it += 1
         lambdas, pt = trial, tp
         if pt.value < lower_bound or not np.all(np.isfinite(lambdas)):
-            return _Solve(lambdas, pt, grad, it, False, True, np.inf)
+            return _Solve(lambdas, pt, grad, hess, it, False, True, np.inf)
         grad, hess = tilt.derivatives(pt)
 
 
@@ -172,13 +174,18 @@ def _infeasible(names: Sequence[str], thresholds: np.ndarray, reachable: np.ndar
     return err
 
 
-def _check_each(samples: Samples, thresholds: np.ndarray, names: Sequence[str]) -> None:
+def _check_each(samples: Samples, thresholds: np.ndarray, names: Sequence[str],
+                below_reachable: np.ndarray | None = None) -> None:
     """Raise when some b_j ≥ mean_x max_k g_jk (unless g_j is constant per prompt and b_j ≤ E_w g_j).
 
-    Within 1e-12·scale of the limit counts as at it: λ* would be astronomically large.
+    Within 1e-12·scale of the limit counts as at it: λ* would be astronomically large. When a
+    lower bound on mean_x max_k g_jk (``below_reachable``) already clears every b_j, the pass over
+    the samples that computes it exactly is skipped.
     """
-    reachable = samples.reachable()
     slack = 1e-12 * samples.scale(thresholds)
+    if below_reachable is not None and np.all(thresholds < below_reachable - slack):
+        return
+    reachable = samples.reachable()
     for j in np.flatnonzero(thresholds >= reachable - slack):
         _, ref = samples.reference()
         if thresholds[j] > ref[j] + slack[j]:
@@ -209,8 +216,10 @@ def joint_margin(samples: Samples, thresholds: np.ndarray) -> float:
 # Solving
 # ---------------------------------------------------------------------------------------------
 
-# Prompts in the first of the nested random subsets that warm-start Newton on large problems.
-_WARM_START_PROMPTS = 4096
+# A problem of more than 4 × _WARM_START_SAMPLES samples starts Newton from λ* of random prompts
+# holding about _WARM_START_SAMPLES samples (at least _WARM_START_PROMPTS prompts).
+_WARM_START_SAMPLES = 2**15
+_WARM_START_PROMPTS = 256
 
 
 def _solve(samples: Samples, thresholds: np.ndarray, beta: float, names: Sequence[str],
@@ -231,7 +240,9 @@ def _solve(samples: Samples, thresholds: np.ndarray, beta: float, names: Sequenc
     huge = np.max(sol.lambdas * tilt.gabs) / beta > SAFE_EXPONENT
     if sol.converged and not huge:
         if np.any(sol.lambdas > 0):
-            _check_each(samples, thresholds, names)
+            # E_p[g] + half the Hessian's bound on its distance to the limit (half: rounding room)
+            bound = sol.point.expected + samples.centre + tilt.reachable_gap(sol.hess) / 2
+            _check_each(samples, thresholds, names, below_reachable=bound)
         return sol, tilt
     _check_each(samples, thresholds, names)
     if samples.m > 1 and check_joint:
@@ -245,17 +256,18 @@ def _solve(samples: Samples, thresholds: np.ndarray, beta: float, names: Sequenc
 
 def _warm_start(samples: Samples, thresholds: np.ndarray, beta: float, names: Sequence[str],
                 tol: float, max_iter: int) -> np.ndarray:
-    """λ* of a random eighth of the prompts (itself warm-started the same way), else 0.
+    """λ* of random prompts holding about _WARM_START_SAMPLES samples, else 0.
 
     Its λ* is within sampling error of the full one, so Newton on all the data needs only the few
     steps of its quadratic phase.
     """
     num = samples.seg.num
     zero = np.zeros(samples.m)
-    if num < 4 * _WARM_START_PROMPTS:
+    size = max(_WARM_START_PROMPTS, round(num * _WARM_START_SAMPLES / samples.size))
+    if samples.size <= 4 * _WARM_START_SAMPLES or 4 * size > num:
         return zero
     rng = np.random.default_rng(num)
-    prompts = np.sort(rng.choice(num, size=_WARM_START_PROMPTS, replace=False))
+    prompts = np.sort(rng.choice(num, size=size, replace=False))
     sub = samples.take(prompts, samples.prompt_weights[prompts])
     try:
         sol, _ = _solve(sub, thresholds, beta, names, None, tol, max_iter, check_joint=False)
@@ -317,7 +329,8 @@ def _check_inputs(rewards: np.ndarray, utilities: np.ndarray, sample_weights, th
     if m == 0:
         raise InputError("at least one constraint (utility) is needed")
     for label, a in (("rewards", rewards), ("utilities", utilities)):
-        if not np.all(np.isfinite(a)):
+        # a finite sum means finite entries (NaN and ±inf propagate); only an overflow looks twice
+        if not np.isfinite(a.sum()) and not np.all(np.isfinite(a)):
             raise InputError(f"{label} contain NaN or infinite values")
     weights = None
     if sample_weights is not None:
@@ -356,8 +369,7 @@ def solve_dual(rewards, utilities, thresholds, beta: float, sample_weights=None,
     n_prompts, k = rewards.shape
     seg = Segments.rectangular(n_prompts, k)
     flat_w = None if weights is None else weights.ravel()
-    samples = flat_samples(seg, rewards.ravel(), utilities.reshape(-1, len(b)).T.copy(), flat_w,
-                       np.arange(n_prompts))
+    samples = flat_samples(seg, rewards.ravel(), utilities.reshape(-1, len(b)), flat_w, np.arange(n_prompts))
     return _finish(samples, b, float(beta), names, lambdas0, tol, max_iter, bootstrap, seed, ci_level)
 
 
@@ -381,7 +393,7 @@ def solve_dual_long(prompt_ids, rewards, utilities, thresholds, beta: float, sam
                                                  beta, names, "[n]")
     seg = Segments.of(prompt_ids)
     weights = None if weights is None else seg.group(weights)
-    samples = flat_samples(seg, seg.group(rewards), seg.group(utilities).T.copy(), weights, seg.labels)
+    samples = flat_samples(seg, seg.group(rewards), seg.group(utilities), weights, seg.labels)
     return _finish(samples, b, float(beta), names, lambdas0, tol, max_iter, bootstrap, seed, ci_level)
 
 
