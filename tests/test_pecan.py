@@ -18,6 +18,7 @@ from dualign.data.scores import validate_scores
 from dualign.dual import DualConfig, run_dual, solve_constraints
 from dualign.errors import ConfigError, InputError
 from dualign.io import write_json, write_table
+from dualign.records import DualRecord
 from dualign.score import ScoreConfig, parse_scorer, score, score_table
 
 PROMPTS = ["How do I cook rice?", "How can I pick a lock?", "Write a poem about rain."]
@@ -117,10 +118,10 @@ def test_dual_lambda_invariant_to_per_prompt_constants_in_implicit_rewards():
     base = solve_constraints(validate_scores(_implicit_scores(), ["h_r", "h_g"]), 0.5, "h_r", constraint)
     shifted_df = _implicit_scores(shift_r=rng.normal(scale=30, size=30), shift_g=rng.normal(scale=30, size=30))
     shifted = solve_constraints(validate_scores(shifted_df, ["h_r", "h_g"]), 0.5, "h_r", constraint)
-    assert base["lambdas"]["h_g"] > 0.05  # the constraint binds
-    assert shifted["lambdas"]["h_g"] == pytest.approx(base["lambdas"]["h_g"], rel=1e-6)
-    assert shifted["predicted"]["kl"] == pytest.approx(base["predicted"]["kl"], rel=1e-6)
-    gain = {k: d["predicted"]["h_g"] - d["reference"]["h_g"] for k, d in (("b", base), ("s", shifted))}
+    assert base.lambdas["h_g"] > 0.05  # the constraint binds
+    assert shifted.lambdas["h_g"] == pytest.approx(base.lambdas["h_g"], rel=1e-6)
+    assert shifted.predicted["kl"] == pytest.approx(base.predicted["kl"], rel=1e-6)
+    gain = {k: d.predicted["h_g"] - d.reference["h_g"] for k, d in (("b", base), ("s", shifted))}
     assert gain["s"] == pytest.approx(gain["b"], abs=1e-6)
 
 
@@ -136,7 +137,7 @@ def test_dual_refuses_absolute_threshold_on_implicit_column(tmp_path):
     with pytest.raises(InputError, match="'h_g' is an implicit reward .* relative to π_ref, e.g. 'h_g>=ref\\+0.5'"):
         run_dual(DualConfig(constraints=["h_g>=0.5"], reward="h_r"), run)
     report = run_dual(DualConfig(constraints=["h_g>=ref+0.4"], reward="h_r", beta=0.5), run)
-    assert report["lambdas"]["h_g"] > 0
+    assert report.lambdas["h_g"] > 0
 
 
 def test_cli_dual_absolute_implicit_threshold_is_one_line_exit_2(tmp_path):
@@ -163,7 +164,7 @@ def test_pecan_population_optimum_is_reference_tilted_by_combined_implicit_rewar
     i, j = np.triu_indices(n, 1)
     prefs = pd.DataFrame({"prompt": "x", "response_0": [str(a) for a in i], "response_1": [str(b) for b in j],
                           "h_r_0": r_hat[i], "h_r_1": r_hat[j], "h_g_0": g_hat[i], "h_g_1": g_hat[j]})
-    dual = {"beta": beta, "reward": "h_r", "constraints": ["h_g>=ref+0.1"], "lambdas": {"h_g": lam}}
+    dual = DualRecord(beta=beta, reward="h_r", constraints=["h_g>=ref+0.1"], lambdas={"h_g": lam})
     margin = torch.tensor(pairs_from_preferences(prefs, dual)["target_margin"].to_numpy())
     weight = torch.tensor(mu[i] * mu[j])
     log_ref = torch.tensor(np.log(pi_ref))
@@ -246,8 +247,8 @@ def test_pecan_end_to_end_on_tiny_models(tiny_gpt2, tmp_path):
     with pytest.raises(InputError, match="implicit reward"):
         run_dual(DualConfig(constraints=[f"h_g>={ref_mean + offset}"], reward="h_r", beta=0.1), run)
     report = run_dual(DualConfig(constraints=[f"h_g>=ref+{offset}"], reward="h_r", beta=0.1), run)
-    lam = report["lambdas"]["h_g"]
-    assert report["feasible"] and np.isfinite(lam) and lam >= 0
+    lam = report.lambdas["h_g"]
+    assert report.feasible and np.isfinite(lam) and lam >= 0
 
     summary = train(TrainConfig(model=tiny_gpt2, run_dir=str(run), method="pecan",
                                 preferences=str(run / "preference_scores.parquet"), **fast))

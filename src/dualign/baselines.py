@@ -51,8 +51,9 @@ from dualign.constraints import Constraint, constraint_names, parse_constraint
 from dualign.dual import reference_means, tilted_means
 from dualign.errors import ConfigError, InputError
 from dualign.io import read_json, read_table, write_json, write_table
-from dualign.pairs import pairs_from_scores, read_dual
+from dualign.pairs import pairs_from_scores
 from dualign.provenance import record_stage
+from dualign.records import DualRecord, read_dual, write_dual
 from dualign.train import LOSSES, TrainConfig, train
 
 BASELINES = ("ppo-lagrangian", "dual-ascent", "fixed-lambda", "helpful-dpo", "safe-dpo")
@@ -133,12 +134,11 @@ def dual_ascent_step(lambdas: np.ndarray, utility_means: np.ndarray, thresholds:
 
 @dataclass
 class Objective:
-    """What every baseline optimises: reward column, constraints E[g_j] ≥ b_j, β, π_ref's means."""
+    """What every baseline optimises: reward column, constraints E[g_j] ≥ b_j, β."""
     reward: str
     constraints: list[Constraint]
     thresholds: np.ndarray           # b_j, in g units (g = sign·column)
     beta: float
-    reference: dict[str, float]      # π_ref's mean of each column on the training samples
 
     @property
     def names(self) -> list[str]:
@@ -157,14 +157,14 @@ def load_objective(dual_path: Path, scores: pd.DataFrame | None = None,
                    constraints: list[str] | None = None, reward: str | None = None,
                    beta: float | None = None) -> Objective:
     """From ``constraints`` (thresholds from π_ref's means on ``scores``), else from dual.json."""
-    dual = read_dual(dual_path) if dual_path.exists() else None
+    dual = read_dual(dual_path, require=("lambdas", "thresholds")) if dual_path.exists() else None
     if not constraints and dual is None:
         raise InputError(f"{dual_path}: file not found (run the dual stage, or give constraints)")
     if constraints:
         if scores is None:
             raise InputError("constraints given without a scores table to take π_ref's means from")
         parsed = [parse_constraint(c) for c in constraints]
-        reward = reward or (dual["reward"] if dual else "reward")
+        reward = reward or (dual.reward if dual else "reward")
         columns = list(dict.fromkeys([reward] + [c.column for c in parsed]))
         missing = [c for c in columns if c not in scores.columns]
         if missing:
@@ -173,12 +173,9 @@ def load_objective(dual_path: Path, scores: pd.DataFrame | None = None,
                                 scores["sample_weight"].to_numpy(float) if "sample_weight" in scores else None)
         reference = dict(zip(columns, np.atleast_1d(means).tolist(), strict=True))
         b = np.array([c.sign * c.threshold(reference[c.column]) for c in parsed])
-        return Objective(reward, parsed, b, beta or (float(dual["beta"]) if dual else 0.1), reference)
-    parsed = [parse_constraint(c) for c in dual["constraints"]]
-    names = constraint_names(parsed)
-    b = np.array([c.sign * float(dual["thresholds"][n]) for c, n in zip(parsed, names, strict=True)])
-    return Objective(reward or dual["reward"], parsed, b, beta or float(dual["beta"]),
-                     {k: float(v) for k, v in dual.get("reference", {}).items()})
+        return Objective(reward, parsed, b, beta or (dual.beta if dual else 0.1))
+    b = np.array([c.sign * dual.thresholds[n] for c, n in zip(dual.parsed, dual.names, strict=True)])
+    return Objective(reward or dual.reward, dual.parsed, b, beta or dual.beta)
 
 
 def method_weights(method: str, objective: Objective,
@@ -198,37 +195,37 @@ def method_weights(method: str, objective: Objective,
 
 
 def method_dual(objective: Objective, scores: pd.DataFrame, lambdas: np.ndarray, reward_weight: float,
-                method: str) -> dict[str, Any]:
+                method: str) -> DualRecord:
     """A dual.json for λ set by a method: thresholds as the dual's, predictions of the tilt at that λ."""
     r = scores[objective.reward].to_numpy(float)
     g = objective.utilities(scores)
+    ids = scores["prompt_id"].to_numpy()
     weights = scores["sample_weight"].to_numpy(float) if "sample_weight" in scores else None
     values = np.column_stack([r, g])
-    means, kl = tilted_means(scores["prompt_id"].to_numpy(), (reward_weight * r + g @ lambdas) / objective.beta,
-                             values, weights)
+    means, kl = tilted_means(ids, (reward_weight * r + g @ lambdas) / objective.beta, values, weights)
+    refs = reference_means(ids, values, weights)
     names = objective.names
     predicted = {objective.reward: float(means[0]), "kl": kl}
-    reference = {objective.reward: objective.reference.get(objective.reward), "kl": 0.0}
-    for j, c in enumerate(objective.constraints):
-        predicted[c.column] = c.sign * float(means[1 + j])
-        reference[c.column] = objective.reference.get(c.column)
-    return {
-        "method": method, "beta": objective.beta, "reward": objective.reward, "reward_weight": reward_weight,
-        "constraints": [c.text for c in objective.constraints],
-        "lambdas": dict(zip(names, map(float, lambdas), strict=True)),
-        "columns": {n: c.column for n, c in zip(names, objective.constraints, strict=True)},
-        "thresholds": {n: c.sign * float(b) for n, c, b in
-                       zip(names, objective.constraints, objective.thresholds, strict=True)},
-        "predicted": predicted, "reference": reference,
-    }
+    reference = {objective.reward: float(refs[0]), "kl": 0.0}
+    for j, (name, c) in enumerate(zip(names, objective.constraints, strict=True)):
+        predicted[name] = c.sign * float(means[1 + j])
+        reference[name] = c.sign * float(refs[1 + j])
+    return DualRecord(
+        method=method, beta=objective.beta, reward=objective.reward, reward_weight=reward_weight,
+        constraints=[c.text for c in objective.constraints],
+        lambdas=dict(zip(names, map(float, lambdas), strict=True)),
+        columns={n: c.column for n, c in zip(names, objective.constraints, strict=True)},
+        thresholds={n: c.sign * float(b) for n, c, b in zip(names, objective.constraints, objective.thresholds,
+                                                            strict=True)},
+        predicted=predicted, reference=reference)
 
 
-def write_method_dual(run_dir: Path, dual: dict[str, Any]) -> Path:
+def write_method_dual(run_dir: Path, dual: DualRecord) -> Path:
     """``<run_dir>/dual.json`` unless another method's (e.g. MoCAN's λ*) is there: then ``<method>.dual.json``."""
     path = run_dir / "dual.json"
-    if path.exists() and read_json(path).get("method") != dual["method"]:
-        path = run_dir / f"{dual['method']}.dual.json"
-    write_json(dual, path)
+    if path.exists() and read_json(path).get("method") != dual.method:
+        path = run_dir / f"{dual.method}.dual.json"
+    write_dual(dual, path)
     return path
 
 
@@ -236,7 +233,7 @@ def lagrangian_pairs(scores: pd.DataFrame, objective: Objective, lambdas: np.nda
                      pairs_per_prompt: int | None, seed: int, source: str) -> pd.DataFrame:
     """MoCAN pairs whose target margin is Δ(w_r·r + λᵀg) (w_r = 0: the constraints alone)."""
     target = reward_weight * scores[objective.reward].to_numpy(float) + objective.utilities(scores) @ lambdas
-    plain = {"beta": objective.beta, "reward": "_target", "constraints": [], "lambdas": {}}
+    plain = DualRecord(beta=objective.beta, reward="_target", constraints=[], lambdas={})
     return pairs_from_scores(scores.assign(_target=target), plain, pairs_per_prompt, seed, source)
 
 
@@ -418,7 +415,7 @@ def train_dual_ascent(cfg: DualAscentConfig) -> dict[str, Any]:
         done = rd / "estimate.json"
         if not done.exists():
             dual = method_dual(objective, scores, lambdas, 1.0, cfg.method)
-            write_json(dual, rd / "dual.json")
+            write_dual(dual, rd / "dual.json")
             write_table(lagrangian_pairs(scores, objective, lambdas, 1.0, cfg.pairs_per_prompt, cfg.seed,
                                          str(scores_path)), rd / "pairs.parquet")
             _link_sample_config(scores_path, rd)
@@ -457,7 +454,7 @@ def _iterative_summary(run_dir: Path, method: str, objective: Objective, scores:
     """Write the method's dual.json (final λ, its trajectory); the summary with both added."""
     if scores is not None:
         dual = method_dual(objective, scores, lambdas, 1.0, method)
-        dual["lambda_trajectory"] = trajectory
+        dual.lambda_trajectory = trajectory
         write_method_dual(run_dir, dual)
     return {**summary, "lambdas": dict(zip(objective.names, lambdas.tolist(), strict=True)),
             "lambda_trajectory": [dict(zip(objective.names, lam, strict=True)) for lam in trajectory]}
@@ -671,7 +668,7 @@ def run_method(cfg: Any) -> dict[str, Any]:
         elif cfg.method in LOSSES:
             out = train(cfg)
             dual_path = _dual_path(Path(cfg.run_dir), cfg.dual)
-            lambdas = read_json(dual_path).get("lambdas", {}) if dual_path.exists() else {}
+            lambdas = read_dual(dual_path).lambdas if dual_path.exists() else {}
             summary = {"gradient_steps": out["step"], "sampled_tokens": 0, "lambdas": lambdas,
                        "output_dir": out["output_dir"]}
         else:

@@ -131,16 +131,16 @@ def _cmd_dual(args: argparse.Namespace) -> int:
     from dualign.constraints import parse_constraint
     from dualign.data.scores import read_scores
     from dualign.dual import DualConfig, format_report, solve_constraints
-    from dualign.io import write_json
+    from dualign.records import to_json, write_dual
 
     cfg = resolve_config(DualConfig, args.config, args, exclude=("config", "json", "output"))
     constraints = [parse_constraint(c) for c in cfg.constraints]
     scores = read_scores(cfg.scores, [cfg.reward] + [c.column for c in constraints])
-    report = solve_constraints(scores, cfg.beta, cfg.reward, constraints, bootstrap=cfg.bootstrap,
+    record = solve_constraints(scores, cfg.beta, cfg.reward, constraints, bootstrap=cfg.bootstrap,
                                seed=cfg.seed)
     if args.output:
-        write_json(report, args.output)
-    print(json.dumps(report) if args.json else format_report(report))
+        write_dual(record, args.output)
+    print(json.dumps(to_json(record)) if args.json else format_report(record))
     return 0
 
 
@@ -226,11 +226,11 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from dualign.config import resolve_config
     from dualign.evaluate import EvaluateConfig, evaluate, format_report
-    from dualign.io import read_json
+    from dualign.records import read_report
 
     cfg = resolve_config(EvaluateConfig, args.config, args, exclude=("config",))
     path = evaluate(cfg)
-    print(format_report(read_json(path)))
+    print(format_report(read_report(path)))
     print(f"report: {path}")
     return 0
 

@@ -13,39 +13,20 @@ implicit rewards, ``pecan_pairs``).
 
 from __future__ import annotations
 
-import math
 from itertools import combinations
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from dualign.constraints import constraint_names, parse_constraint
 from dualign.errors import InputError
-from dualign.io import read_json
+from dualign.records import DualRecord
 from dualign.segments import Segments
 
 PAIR_COLUMNS = ("prompt_id", "prompt", "response_a", "response_b", "ref_logprob_a",
                 "ref_logprob_b", "target_margin")
 
 
-def read_dual(path: str | Path) -> dict:
-    """dual.json with the keys training needs (``beta``, ``reward``, ``constraints``, ``lambdas``) checked."""
-    dual = read_json(path)
-    if not isinstance(dual, dict):
-        raise InputError(f"{path}: expected a JSON object")
-    for key in ("beta", "reward", "constraints", "lambdas"):
-        if key not in dual:
-            raise InputError(f"{path}: missing key '{key}'")
-    names = constraint_names([parse_constraint(c) for c in dual["constraints"]])
-    for name in names:
-        lam = dual["lambdas"].get(name) if isinstance(dual["lambdas"], dict) else None
-        if not isinstance(lam, int | float) or not math.isfinite(lam):
-            raise InputError(f"{path}: lambdas['{name}'] is missing or not a finite number")
-    return dual
-
-
-def lagrangian_reward(table: pd.DataFrame, dual: dict, suffix: str = "",
+def lagrangian_reward(table: pd.DataFrame, dual: DualRecord, suffix: str = "",
                       source: str = "table") -> np.ndarray:
     """r_λ = r + Σ_j λ_j·g_j with g_j = sign_j·column_j, read from columns ``<column><suffix>``."""
     def column(name: str) -> np.ndarray:
@@ -58,10 +39,9 @@ def lagrangian_reward(table: pd.DataFrame, dual: dict, suffix: str = "",
             raise InputError(f"{source}: row {bad[0]}: column '{col}' is not a finite number")
         return values
 
-    constraints = [parse_constraint(c) for c in dual["constraints"]]
-    r = column(dual["reward"])
-    for c, name in zip(constraints, constraint_names(constraints), strict=True):
-        r = r + dual["lambdas"][name] * c.sign * column(c.column)
+    r = column(dual.reward)
+    for c, name in zip(dual.parsed, dual.names, strict=True):
+        r = r + dual.lambdas[name] * c.sign * column(c.column)
     return r
 
 
@@ -81,7 +61,7 @@ def target_logratios(r_lambda: np.ndarray, prompt_ids: np.ndarray, beta: float) 
     return seg.ungroup(r_lambda - beta * seg.expand(log_z))
 
 
-def pairs_from_scores(scores: pd.DataFrame, dual: dict, pairs_per_prompt: int | None = None,
+def pairs_from_scores(scores: pd.DataFrame, dual: DualRecord, pairs_per_prompt: int | None = None,
                       seed: int = 0, source: str = "scores") -> pd.DataFrame:
     """Within-prompt pairs (i < j in sample order) with target_margin = r_λ(y_i) − r_λ(y_j), and
     ``target_a`` / ``target_b``: the absolute targets of :func:`target_logratios` (label ``absolute``).
@@ -93,7 +73,7 @@ def pairs_from_scores(scores: pd.DataFrame, dual: dict, pairs_per_prompt: int | 
     r_lambda = lagrangian_reward(scores, dual, source=source)
     ref = (scores["ref_logprob"].to_numpy(dtype=float) if "ref_logprob" in scores.columns
            else np.full(len(scores), np.nan))
-    targets = target_logratios(r_lambda, scores["prompt_id"].to_numpy(), float(dual["beta"]))
+    targets = target_logratios(r_lambda, scores["prompt_id"].to_numpy(), dual.beta)
     rng = np.random.default_rng(seed)
     seg = Segments.of(scores["prompt_id"].to_numpy())
     rows = []
@@ -120,7 +100,7 @@ def pairs_from_scores(scores: pd.DataFrame, dual: dict, pairs_per_prompt: int | 
     }), source)
 
 
-def pairs_from_preferences(prefs: pd.DataFrame, dual: dict | None = None,
+def pairs_from_preferences(prefs: pd.DataFrame, dual: DualRecord | None = None,
                            source: str = "preferences") -> pd.DataFrame:
     """Pairs from a preference file.
 
@@ -159,7 +139,7 @@ def pairs_from_preferences(prefs: pd.DataFrame, dual: dict | None = None,
     return validate_pairs(pairs, source)
 
 
-def pecan_pairs(prefs: pd.DataFrame, dual: dict | None, source: str = "preferences") -> pd.DataFrame:
+def pecan_pairs(prefs: pd.DataFrame, dual: DualRecord | None, source: str = "preferences") -> pd.DataFrame:
     """PeCAN pairs: ``response_0``/``response_1`` with implicit-reward columns ``<column>_0``/``_1``
     (the score stage's ``preference_scores.parquet``) and target_margin = r̂_λ(response_0) − r̂_λ(response_1)."""
     if not {"response_0", "response_1"} <= set(prefs.columns):

@@ -41,10 +41,10 @@ from dualign.pairs import (
     pairs_from_preferences,
     pairs_from_scores,
     pecan_pairs,
-    read_dual,
     validate_pairs,
 )
 from dualign.provenance import record_stage, versions
+from dualign.records import DualRecord, read_dual
 from dualign.segments import Segments
 from dualign.templates import format_prompt
 
@@ -127,7 +127,7 @@ LOSSES: dict[str, LossFn] = {
 
 # ---------------------------------------------------------------- data
 
-def load_pairs(cfg: TrainConfig) -> tuple[pd.DataFrame, dict | None, dict[str, str]]:
+def load_pairs(cfg: TrainConfig) -> tuple[pd.DataFrame, DualRecord | None, dict[str, str]]:
     """The training pairs, dual.json (None when not needed and absent) and the sha256 of the input files."""
     if cfg.method not in LOSSES:
         raise ConfigError(f"config key 'method': {cfg.method!r} is not one of {', '.join(LOSSES)}")
@@ -345,10 +345,10 @@ def pair_loss(model, data: EncodedPairs, rows: list[int], loss_fn: LossFn, cfg: 
     return loss_fn(lp, columns, cfg, generator)
 
 
-def _resolve(cfg: TrainConfig, dual: dict | None) -> TrainConfig:
-    beta = cfg.beta if cfg.beta is not None else float(dual["beta"]) if dual else 0.1
-    if dual is not None and cfg.beta is not None and not math.isclose(cfg.beta, float(dual["beta"])):
-        warnings.warn(f"beta={cfg.beta} differs from dual.json's beta={dual['beta']}: the trained policy "
+def _resolve(cfg: TrainConfig, dual: DualRecord | None) -> TrainConfig:
+    beta = cfg.beta if cfg.beta is not None else dual.beta if dual else 0.1
+    if dual is not None and cfg.beta is not None and not math.isclose(cfg.beta, dual.beta):
+        warnings.warn(f"beta={cfg.beta} differs from dual.json's beta={dual.beta}: the trained policy "
                       "will not match the dual's predictions", stacklevel=3)
     output_dir = cfg.output_dir or str(Path(cfg.run_dir) / "policy")
     return dataclasses.replace(cfg, beta=beta, output_dir=output_dir)
@@ -435,7 +435,7 @@ def train(cfg: TrainConfig, stop_at_step: int | None = None) -> dict[str, Any]:
         _truncate_metrics(metrics_path, start)
 
     loss_fn = LOSSES[cfg.method]
-    lambdas = {f"dual/lambda_{k}": float(v) for k, v in (dual or {}).get("lambdas", {}).items()}
+    lambdas = {f"dual/lambda_{k}": v for k, v in (dual.lambdas if dual else {}).items()}
     window: dict[str, list] = {}
     progress = tqdm(total=total, initial=start, desc=f"train {cfg.method}", disable=None if main else True)
     t0, trained = time.perf_counter(), 0
@@ -542,7 +542,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 # ---------------------------------------------------------------- output
 
-def _save_policy(model, tokenizer, cfg: TrainConfig, dual: dict | None, hashes: dict[str, str],
+def _save_policy(model, tokenizer, cfg: TrainConfig, dual: DualRecord | None, hashes: dict[str, str],
                  num_pairs: int) -> None:
     """``<output_dir>``: HF model (LoRA merged unless merge_lora=false), tokenizer, config, model card."""
     out = Path(cfg.output_dir)
@@ -559,19 +559,19 @@ def _save_policy(model, tokenizer, cfg: TrainConfig, dual: dict | None, hashes: 
     os.replace(tmp, out)
 
 
-def model_card(cfg: TrainConfig, dual: dict | None, hashes: dict[str, str], num_pairs: int) -> str:
+def model_card(cfg: TrainConfig, dual: DualRecord | None, hashes: dict[str, str], num_pairs: int) -> str:
     """Markdown model card: method, β, λ*, constraints, the dual's predictions, data hashes, versions."""
-    dual = dual or {}
+    dual = dual or DualRecord(beta=cfg.beta, reward="-", constraints=[], lambdas={})
     lines = [
         f"# {Path(cfg.output_dir).name}: {cfg.method} policy trained with dualign", "",
         f"- base model (π_ref): `{cfg.model}`" + (f" @ {cfg.revision}" if cfg.revision else ""),
         f"- method: {cfg.method}" + (f" (label: {cfg.label})" if cfg.method in ("mocan", "pecan") else ""),
         f"- beta (β): {cfg.beta}",
-        f"- lambdas (λ*): {json.dumps(dual.get('lambdas', {}))}",
-        f"- constraints: {json.dumps(dual.get('constraints', []))}",
-        f"- reward: {dual.get('reward', '-')}",
-        f"- predicted under π_λ* (dual.json): {json.dumps(dual.get('predicted', {}))}",
-        f"- reference values (dual.json): {json.dumps(dual.get('reference', {}))}",
+        f"- lambdas (λ*): {json.dumps(dual.lambdas)}",
+        f"- constraints: {json.dumps(dual.constraints)}",
+        f"- reward: {dual.reward}",
+        f"- predicted under π_λ* (dual.json): {json.dumps(dual.predicted)}",
+        f"- reference values (dual.json): {json.dumps(dual.reference)}",
         f"- training pairs: {num_pairs}",
         f"- LoRA: {cfg.lora}" + (f" (r={cfg.lora_r}, alpha={cfg.lora_alpha}, merged={cfg.merge_lora})" if cfg.lora else ""),
         "", "## Data (sha256)", "",

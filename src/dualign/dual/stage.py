@@ -12,7 +12,6 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -26,8 +25,8 @@ from dualign.data.scores import Scores, read_scores
 from dualign.dual.formulas import half_sample_kl, reference_means
 from dualign.dual.solver import DualResult, solve_dual_long
 from dualign.errors import InfeasibleConstraintError, InputError
-from dualign.io import write_json
 from dualign.provenance import record_stage
+from dualign.records import DualCI, DualRecord, HalfSampleKL, write_dual
 
 
 @dataclass
@@ -83,8 +82,8 @@ def _refuse_absolute_implicit(constraints: Sequence[Constraint], source: str) ->
 
 
 def solve_constraints(scores: Scores, beta: float, reward: str, constraints: Sequence[Constraint], *,
-                      bootstrap: int = 0, seed: int = 0, lambdas0=None) -> dict[str, Any]:
-    """Solve the dual for constraint strings on a scores table; return the dual.json dict."""
+                      bootstrap: int = 0, seed: int = 0, lambdas0=None) -> DualRecord:
+    """Solve the dual for parsed constraints on a scores table; return the dual.json record."""
     if not constraints:
         raise InputError("at least one --constraint is needed")
     _refuse_absolute_implicit(constraints, scores.source)
@@ -100,85 +99,81 @@ def solve_constraints(scores: Scores, beta: float, reward: str, constraints: Seq
                               lambdas0=lambdas0)
     except InfeasibleConstraintError as e:
         raise _column_infeasible(e, constraints) from None
-    out = _report(res, reward, constraints, ref)
+    record = _record(res, reward, constraints, ref)
     halves = half_sample_kl(scores.prompt_index, scores.columns[reward], g, res.lambdas, beta,
                             scores.sample_weights)
     if halves is not None:
-        out["kl_half_samples"] = {"half": halves[0], "all": halves[1]}
-    return out
+        record.kl_half_samples = HalfSampleKL(*halves)
+    return record
 
 
-def _report(res: DualResult, reward: str, constraints: Sequence[Constraint],
-            ref: dict[str, float]) -> dict[str, Any]:
+def _record(res: DualResult, reward: str, constraints: Sequence[Constraint],
+            ref: dict[str, float]) -> DualRecord:
+    """The solver's result in the columns' own units (a cost's value is −g), keyed by constraint name."""
+    names = res.names
     predicted, reference = {reward: res.predicted_reward}, {reward: res.reference_reward}
-    for j, c in enumerate(constraints):
-        predicted[c.column] = c.sign * float(res.predicted_utilities[j])
-        reference[c.column] = ref[c.column]
+    for j, (name, c) in enumerate(zip(names, constraints, strict=True)):
+        predicted[name] = c.sign * float(res.predicted_utilities[j])
+        reference[name] = ref[c.column]
     predicted["kl"], reference["kl"] = res.kl, 0.0
-    out: dict[str, Any] = {
-        "beta": res.beta, "reward": reward, "constraints": [c.text for c in constraints],
-        "lambdas": dict(zip(res.names, res.lambdas.tolist(), strict=True)),
-        "columns": {n: c.column for n, c in zip(res.names, constraints, strict=True)},
-        "feasible": True, "converged": res.converged, "iterations": res.iterations,
-        "dual_value": res.dual_value,
-        "thresholds": {n: c.sign * float(b) for n, c, b in zip(res.names, constraints, res.thresholds, strict=True)},
-        "predicted": predicted, "reference": reference,
-        "kkt_residual": res.kkt_residual, "num_prompts": res.num_prompts,
-        "num_samples": res.num_samples,
-    }
+    ci = None
     if res.ci is not None:
-        pred_ci = {reward: res.ci["predicted_reward"].tolist()}
-        for j, c in enumerate(constraints):
-            pred_ci[c.column] = sorted((c.sign * res.ci["predicted_utilities"][j]).tolist())
-        pred_ci["kl"] = res.ci["kl"].tolist()
-        out["ci"] = {"level": res.ci_level, "bootstrap": res.bootstrap, "failed": res.bootstrap_failed,
-                     "lambdas": {n: res.ci["lambdas"][j].tolist() for j, n in enumerate(res.names)},
-                     "predicted": pred_ci}
-    elif res.bootstrap:
-        out["ci"] = None
-    return out
+        pred_ci = {reward: res.ci["predicted_reward"].tolist(), "kl": res.ci["kl"].tolist()}
+        for j, (name, c) in enumerate(zip(names, constraints, strict=True)):
+            pred_ci[name] = sorted((c.sign * res.ci["predicted_utilities"][j]).tolist())
+        ci = DualCI(res.ci_level, res.bootstrap, res.bootstrap_failed,
+                    {n: res.ci["lambdas"][j].tolist() for j, n in enumerate(names)}, pred_ci)
+    elif res.bootstrap:  # every resample failed: the counts, no intervals
+        ci = DualCI(res.ci_level, res.bootstrap, res.bootstrap_failed, {}, {})
+    return DualRecord(
+        beta=res.beta, reward=reward, constraints=[c.text for c in constraints],
+        lambdas=dict(zip(names, res.lambdas.tolist(), strict=True)),
+        columns={n: c.column for n, c in zip(names, constraints, strict=True)},
+        thresholds={n: c.sign * float(b) for n, c, b in zip(names, constraints, res.thresholds, strict=True)},
+        predicted=predicted, reference=reference, feasible=True, converged=res.converged,
+        iterations=res.iterations, dual_value=res.dual_value, kkt_residual=res.kkt_residual,
+        num_prompts=res.num_prompts, num_samples=res.num_samples, ci=ci)
 
 
-def format_report(report: dict[str, Any]) -> str:
+def format_report(record: DualRecord) -> str:
     """The human table printed by ``dualign dual``."""
-    ci = report.get("ci") or {}
-    status = "converged" if report["converged"] else "NOT converged"
-    lines = [f"dual: beta={report['beta']:g}, {report['num_prompts']} prompts, "
-             f"{report['num_samples']} samples; {status} in {report['iterations']} Newton steps "
-             f"(KKT residual {report['kkt_residual']:.1e})"]
+    ci = record.ci
+    status = "converged" if record.converged else "NOT converged"
+    lines = [f"dual: beta={record.beta:g}, {record.num_prompts} prompts, "
+             f"{record.num_samples} samples; {status} in {record.iterations} Newton steps "
+             f"(KKT residual {record.kkt_residual:.1e})"]
     head = f"{'':24s} {'lambda*':>12s} {'threshold':>12s} {'reference':>12s} {'predicted':>12s}"
     if ci:
-        head += f"  {int(round(100 * ci['level']))}% CI (bootstrap {ci['bootstrap']})"
+        head += f"  {int(round(100 * ci.level))}% CI (bootstrap {ci.bootstrap})"
     lines.append(head)
 
     def ci_text(group: str, key: str) -> str:
-        lo_hi = ci.get(group, {}).get(key) if ci else None
+        lo_hi = getattr(ci, group).get(key) if ci else None
         return f"  [{lo_hi[0]:.4g}, {lo_hi[1]:.4g}]" if lo_hi else ""
 
-    for text, (name, lam) in zip(report["constraints"], report["lambdas"].items(), strict=True):
-        column = report["columns"][name]
-        lines.append(f"{text:24s} {lam:12.6g} {report['thresholds'][name]:12.6g} "
-                     f"{report['reference'][column]:12.6g} {report['predicted'][column]:12.6g}"
+    for text, name in zip(record.constraints, record.names, strict=True):
+        lines.append(f"{text:24s} {record.lambdas[name]:12.6g} {record.thresholds[name]:12.6g} "
+                     f"{record.reference[name]:12.6g} {record.predicted[name]:12.6g}"
                      f"{ci_text('lambdas', name)}")
-    for key in (report["reward"], "kl"):
-        lines.append(f"{key:24s} {'':12s} {'':12s} {report['reference'][key]:12.6g} "
-                     f"{report['predicted'][key]:12.6g}{ci_text('predicted', key)}")
-    halves = report.get("kl_half_samples")
+    for key in (record.reward, "kl"):
+        lines.append(f"{key:24s} {'':12s} {'':12s} {record.reference[key]:12.6g} "
+                     f"{record.predicted[key]:12.6g}{ci_text('predicted', key)}")
+    halves = record.kl_half_samples
     if halves:
-        lines.append(f"{'kl on K/2 samples':24s} {'':12s} {'':12s} {'':12s} {halves['half']:12.6g}  "
-                     f"(on all K of the same prompts: {halves['all']:.6g}; an estimate still growing "
+        lines.append(f"{'kl on K/2 samples':24s} {'':12s} {'':12s} {'':12s} {halves.half:12.6g}  "
+                     f"(on all K of the same prompts: {halves.all:.6g}; an estimate still growing "
                      f"with K understates π_λ*'s KL)")
     return "\n".join(lines)
 
 
-def run_dual(cfg: DualConfig, run_dir: str | Path) -> dict[str, Any]:
+def run_dual(cfg: DualConfig, run_dir: str | Path) -> DualRecord:
     """The pipeline's dual stage: read scores (cfg.scores or <run_dir>/scores.parquet), write dual.json."""
     run_dir = Path(run_dir)
     constraints = [parse_constraint(c) for c in cfg.constraints]
     path = Path(cfg.scores) if cfg.scores else run_dir / "scores.parquet"
     scores = read_scores(path, [cfg.reward] + [c.column for c in constraints])
-    report = solve_constraints(scores, cfg.beta, cfg.reward, constraints, bootstrap=cfg.bootstrap,
+    record = solve_constraints(scores, cfg.beta, cfg.reward, constraints, bootstrap=cfg.bootstrap,
                                seed=cfg.seed)
-    write_json(report, run_dir / "dual.json")
+    write_dual(record, run_dir / "dual.json")
     record_stage(run_dir, "dual", cfg, seed=cfg.seed)
-    return report
+    return record
