@@ -22,8 +22,8 @@ import torch
 import yaml
 
 from dualign.dual import tilted_means
+from dualign.methods.mocan import lagrangian_reward
 from dualign.models import load_causal_lm, load_tokenizer, sequence_logprobs, tokenize_pairs
-from dualign.pairs import lagrangian_reward
 from dualign.records import read_dual
 from dualign.templates import format_prompt
 

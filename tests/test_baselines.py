@@ -10,21 +10,19 @@ import pandas as pd
 import pytest
 import torch
 
-from dualign.baselines import (
-    DualAscentConfig,
-    FixedLambdaConfig,
+from dualign.io import read_json, read_table, write_json, write_table
+from dualign.methods.dispatch import run_method
+from dualign.methods.dual_ascent import DualAscentConfig, dual_ascent_step
+from dualign.methods.fixed_lambda import FixedLambdaConfig
+from dualign.methods.objective import lagrangian_pairs, load_objective
+from dualign.methods.ppo_lagrangian import (
     PPOLagrangianConfig,
     combined_advantage,
-    dual_ascent_step,
     group_advantages,
     kl_shaped_rewards,
     lagrange_multiplier_step,
-    lagrangian_pairs,
-    load_objective,
     ppo_clip_loss,
-    run_method,
 )
-from dualign.io import read_json, read_table, write_json, write_table
 
 
 def reward_fn(prompts, responses):

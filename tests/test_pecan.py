@@ -154,8 +154,8 @@ def test_pecan_population_optimum_is_reference_tilted_by_combined_implicit_rewar
     """Finite toy: 6 responses to one prompt, all pairs weighted by a data distribution μ ≠ π_ref.
     Minimising the expected PeCAN loss over every π gives π ∝ π_ref·exp((r̂ + λ·ĝ)/β) with
     r̂ = β_r·log(π_r/π_ref), ĝ = β_g·log(π_g/π_ref) (the pre-aligned models' implicit rewards)."""
-    from dualign.pairs import pairs_from_preferences
-    from dualign.train import LOSSES, TrainConfig
+    from dualign.methods.dpo import pairs_from_preferences
+    from dualign.train import LOSSES
 
     rng = np.random.default_rng(0)
     n, beta, beta_r, beta_g, lam = 6, 0.5, 0.3, 0.2, 0.8
@@ -168,7 +168,6 @@ def test_pecan_population_optimum_is_reference_tilted_by_combined_implicit_rewar
     margin = torch.tensor(pairs_from_preferences(prefs, dual)["target_margin"].to_numpy())
     weight = torch.tensor(mu[i] * mu[j])
     log_ref = torch.tensor(np.log(pi_ref))
-    cfg = TrainConfig(model="-", run_dir="-", method="pecan", beta=beta, label="soft")
     theta = torch.zeros(n, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([theta], lr=1, max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-15,
                             line_search_fn="strong_wolfe")
@@ -177,7 +176,7 @@ def test_pecan_population_optimum_is_reference_tilted_by_combined_implicit_rewar
         opt.zero_grad()
         logp = torch.log_softmax(theta, 0)
         losses, _ = LOSSES["pecan"]((logp[i], logp[j], log_ref[i], log_ref[j]),
-                                    {"target_margin": margin}, cfg, torch.Generator())
+                                    {"target_margin": margin}, beta, "soft", torch.Generator())
         loss = (weight * losses).sum() / weight.sum()
         loss.backward()
         return loss
@@ -207,7 +206,7 @@ PREFS = [  # (prompt, response_0, response_1, better, safer, safe_0, safe_1)
 
 def test_pecan_end_to_end_on_tiny_models(tiny_gpt2, tmp_path):
     """sample → DPO π_r, π_g on the two views → implicit scores → dual → pecan, on tiny models."""
-    from dualign.pecan import PrealignConfig, implicit_scorers, prealign
+    from dualign.methods.pecan_prealign import PrealignConfig, implicit_scorers, prealign
     from dualign.sample import SampleConfig, sample
     from dualign.train import TrainConfig, train
 

@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 
 from dualign.errors import InputError
 from dualign.io import write_table
-from dualign.pairs import pairs_from_preferences, pairs_from_scores
+from dualign.methods.dpo import pairs_from_preferences
+from dualign.methods.mocan import pairs_from_scores
 from dualign.records import DualRecord, write_dual
 from dualign.train import TrainConfig, train
 
@@ -104,8 +105,8 @@ def test_dpo_method_orients_each_pair_by_the_sign_of_its_margin():
     from dualign.train import LOSSES
 
     pa, pb, ra, rb = torch.tensor([-1.0, -2.0]), torch.tensor([-3.0, -0.5]), torch.zeros(2), torch.zeros(2)
-    cfg = TrainConfig(model="m", run_dir="r", beta=0.2)
-    losses, diag = LOSSES["dpo"]((pa, pb, ra, rb), {"target_margin": torch.tensor([math.inf, -0.1])}, cfg, None)
+    losses, diag = LOSSES["dpo"]((pa, pb, ra, rb), {"target_margin": torch.tensor([math.inf, -0.1])}, 0.2,
+                                 "soft", None)
     forward, _ = dpo_loss(pa, pb, ra, rb, 0.2)
     backward, _ = dpo_loss(pb, pa, rb, ra, 0.2)
     assert losses.tolist() == pytest.approx([forward[0].item(), backward[1].item()])

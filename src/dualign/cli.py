@@ -80,8 +80,8 @@ COMMANDS.append(("score", "add one column per scorer: <run_dir>/scores.parquet",
 
 
 def _add_train(p: argparse.ArgumentParser) -> None:
-    from dualign.baselines import add_baseline_arguments
     from dualign.config import add_config_arguments
+    from dualign.methods.dispatch import add_baseline_arguments
     from dualign.train import TrainConfig
 
     p.add_argument("config", nargs="?", help="YAML file of TrainConfig keys (flags override it)")
@@ -90,8 +90,8 @@ def _add_train(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from dualign.baselines import CONFIGS, run_method
     from dualign.config import load_yaml, resolve_config
+    from dualign.methods.dispatch import CONFIGS, run_method
     from dualign.train import TrainConfig, train
 
     method = getattr(args, "method", None) or (load_yaml(args.config).get("method") if args.config else None)

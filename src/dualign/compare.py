@@ -30,17 +30,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from dualign.baselines import (
-    DualAscentConfig,
-    FixedLambdaConfig,
-    PPOLagrangianConfig,
-    _link_sample_config,
-    measure,
-    run_method,
-)
 from dualign.config import build_config, merge
 from dualign.constraints import parse_constraint
 from dualign.io import atomic_path, read_json, read_table, write_json, write_table
+from dualign.methods.dispatch import measure, run_method
+from dualign.methods.dual_ascent import DualAscentConfig
+from dualign.methods.fixed_lambda import FixedLambdaConfig
+from dualign.methods.objective import link_sample_config
+from dualign.methods.ppo_lagrangian import PPOLagrangianConfig
 from dualign.records import EvalReport, read_dual, read_report, to_json
 
 METHODS = ("mocan", "fixed-lambda", "helpful-dpo", "safe-dpo", "dual-ascent", "ppo-lagrangian")
@@ -131,7 +128,7 @@ def method_config(run, cmp: CompareConfig, method: str, lam: float | None, sub: 
         return build_config(PPOLagrangianConfig, {**base, **cmp.ppo_lagrangian}, prefix="compare.ppo_lagrangian.")
     if method == "mocan":
         shutil.copyfile(shared / "dual.json", sub / "dual.json")
-        _link_sample_config(shared / "scores.parquet", sub)
+        link_sample_config(shared / "scores.parquet", sub)
         return dataclasses.replace(run.train, **common, dual=str(sub / "dual.json"))
     train = {**dataclasses.asdict(run.train), **common, "dual": str(shared / "dual.json")}
     if method == "dual-ascent":

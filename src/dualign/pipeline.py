@@ -28,7 +28,7 @@ from dualign.config import build_config, config_to_dict, load_yaml, merge
 from dualign.dual import DualConfig, run_dual
 from dualign.errors import ConfigError, InputError
 from dualign.evaluate import EvaluateConfig, evaluate, format_report
-from dualign.pecan import PrealignConfig, prealign
+from dualign.methods.pecan_prealign import PrealignConfig, prealign
 from dualign.records import read_report, to_json
 from dualign.sample import SampleConfig, sample
 from dualign.score import ScoreConfig, score
