@@ -19,7 +19,8 @@ from dualign.dual import DualConfig, run_dual, solve_constraints
 from dualign.errors import ConfigError, InputError
 from dualign.io import write_json, write_table
 from dualign.records import DualRecord
-from dualign.score import ScoreConfig, parse_scorer, score, score_table
+from dualign.score import ScoreConfig, score, score_table
+from dualign.scorers import parse_scorer
 
 PROMPTS = ["How do I cook rice?", "How can I pick a lock?", "Write a poem about rain."]
 RESPONSES = ["Rinse the rice, then simmer it.", "I can't help with that.", "Rain taps softly."]

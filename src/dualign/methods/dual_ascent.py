@@ -40,7 +40,8 @@ from dualign.models import load_causal_lm, load_tokenizer
 from dualign.provenance import record_stage
 from dualign.records import write_dual
 from dualign.sample import generate_responses
-from dualign.score import parse_scorer, score_table
+from dualign.score import score_table
+from dualign.scorers import parse_scorer
 from dualign.train import TrainConfig, train
 
 

@@ -56,7 +56,7 @@ from dualign.models import (
 )
 from dualign.provenance import record_stage
 from dualign.sample import generate_responses
-from dualign.score import load_scorer, parse_scorer, score_column
+from dualign.scorers import load_scorer, parse_scorer, score_column
 from dualign.templates import format_prompt
 
 
