@@ -16,6 +16,9 @@ sampled tokens, peak memory) and ``lambda.png`` (λ trajectories of the iterativ
 Compute accounting: the methods that learn from π_ref's samples are charged the shared sample and
 score stages (and MoCAN the dual stage): their ``wall_s`` and ``sampled_tokens`` include them;
 ``train_wall_s`` is the training alone.
+
+matplotlib is imported by the plotting functions only: its import costs a second that a
+comparison still training should not pay up front.
 """
 
 from __future__ import annotations
@@ -32,13 +35,18 @@ import pandas as pd
 
 from dualign.config import build_config, merge
 from dualign.constraints import parse_constraint
+from dualign.dual import run_dual
+from dualign.evaluate import evaluate
 from dualign.io import atomic_path, read_json, read_table, write_json, write_table
 from dualign.methods.dispatch import measure, run_method
 from dualign.methods.dual_ascent import DualAscentConfig
 from dualign.methods.fixed_lambda import FixedLambdaConfig
 from dualign.methods.objective import link_sample_config
 from dualign.methods.ppo_lagrangian import PPOLagrangianConfig
+from dualign.pipeline import load_run_values, resolve_run_config
 from dualign.records import EvalReport, read_dual, read_report, to_json
+from dualign.sample import sample
+from dualign.score import score
 
 METHODS = ("mocan", "fixed-lambda", "helpful-dpo", "safe-dpo", "dual-ascent", "ppo-lagrangian")
 SHARED_STAGES = (("sample", "samples.parquet"), ("score", "scores.parquet"), ("dual", "dual.json"))
@@ -66,8 +74,6 @@ class CompareConfig:
 
 def load_compare_config(path: str | Path, overrides: dict[str, Any] | None = None):
     """(RunConfig, CompareConfig) from a YAML file and overrides (e.g. ``{"run_dir": ...}``)."""
-    from dualign.pipeline import load_run_values, resolve_run_config
-
     values = merge(load_run_values(path), overrides or {})
     compare = build_config(CompareConfig, values.pop("compare", None) or {}, prefix="compare.")
     return resolve_run_config(values), compare
@@ -96,10 +102,6 @@ def _run_stage(fn, cfg, run_dir: Path) -> None:
 
 def run_shared(run, shared: Path, log=print) -> dict[str, Any]:
     """Sample, score and solve the dual once (skipping finished stages); their cost in ``compute.json``."""
-    from dualign.dual import run_dual
-    from dualign.sample import sample
-    from dualign.score import score
-
     funcs = {"sample": sample, "score": score, "dual": run_dual}
     shared.mkdir(parents=True, exist_ok=True)
     cost_path = shared / "compute.json"
@@ -140,8 +142,6 @@ def method_config(run, cmp: CompareConfig, method: str, lam: float | None, sub: 
 
 def _evaluate(run, sub: Path, shared: Path, seed: int) -> EvalReport:
     """The evaluate stage on one method run; π_ref's evaluation samples are made once per seed."""
-    from dualign.evaluate import evaluate
-
     cached = shared / "eval_reference" / f"seed{seed}.parquet"
     mine = sub / "eval" / "samples_reference.parquet"
     if cached.exists() and not mine.exists():

@@ -4,6 +4,9 @@ both, and report achieved vs predicted.
 Outputs in ``<run_dir>/eval/``: ``samples_policy.parquet``, ``samples_reference.parquet``,
 ``report.json``, ``scores.png`` (score distributions before/after) and
 ``predicted_vs_achieved.png``.
+
+matplotlib is imported by :func:`plot_report` only: ``dualign run --help`` imports this module and
+should not pay for it.
 """
 
 from __future__ import annotations
@@ -15,9 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
+from dualign.data.prompts import load_prompts
 from dualign.errors import InputError
-from dualign.io import atomic_path, write_table
+from dualign.io import atomic_path, read_table, write_table
+from dualign.models import load_causal_lm, load_tokenizer, sequence_logprobs, tokenize_pairs
+from dualign.provenance import record_stage
 from dualign.records import (
     ConstraintOutcome,
     DualRecord,
@@ -29,7 +36,10 @@ from dualign.records import (
     read_dual,
     write_report,
 )
+from dualign.sample import generate_responses
+from dualign.score import score_table
 from dualign.segments import Segments
+from dualign.templates import format_prompt
 
 
 @dataclass
@@ -105,9 +115,6 @@ def _load_callable(spec: str):
 def _sample_model(model_path: str, prompts: pd.DataFrame, cfg: EvaluateConfig, seed: int,
                   ref_model=None, ref_tokenizer=None) -> pd.DataFrame:
     """Generate from ``model_path``; add ``logprob`` (own) and ``ref_logprob`` (under π_ref)."""
-    from dualign.models import load_causal_lm, load_tokenizer
-    from dualign.sample import generate_responses
-
     tok = load_tokenizer(model_path)
     model = load_causal_lm(model_path, device=cfg.device).eval()
     df = generate_responses(model, tok, prompts["prompt"].tolist(), prompts["prompt_id"].tolist(),
@@ -124,11 +131,6 @@ def _sample_model(model_path: str, prompts: pd.DataFrame, cfg: EvaluateConfig, s
 
 
 def _logprobs(model, tokenizer, df: pd.DataFrame, cfg: EvaluateConfig) -> np.ndarray:
-    import torch
-
-    from dualign.models import sequence_logprobs, tokenize_pairs
-    from dualign.templates import format_prompt
-
     out = []
     texts = [format_prompt(p, cfg.template, tokenizer) for p in df["prompt"]]
     responses = df["response"].tolist()
@@ -156,11 +158,6 @@ def _judge_summary(df: pd.DataFrame, cfg: EvaluateConfig) -> dict[str, JudgeSumm
 
 def evaluate(cfg: EvaluateConfig) -> Path:
     """Run the evaluate stage; returns the path of ``eval/report.json``."""
-    from dualign.data.prompts import load_prompts
-    from dualign.models import load_causal_lm, load_tokenizer
-    from dualign.provenance import record_stage
-    from dualign.score import score_table
-
     run_dir = Path(cfg.run_dir)
     policy = cfg.policy or str(run_dir / "policy")
     if not Path(policy).exists() and (policy.startswith((".", "/")) or os.sep in policy):
@@ -201,8 +198,6 @@ def evaluate(cfg: EvaluateConfig) -> Path:
 def _prompt_metadata(cfg: EvaluateConfig) -> pd.DataFrame | None:
     if not cfg.group_column:
         return None
-    from dualign.io import read_table
-
     raw = read_table(cfg.prompts)
     if cfg.group_column not in raw or "prompt_id" not in raw:
         raise InputError(f"{cfg.prompts}: group column '{cfg.group_column}' (and prompt_id) not found")

@@ -3,7 +3,11 @@
 Every stage that needs log π(y|x) uses :func:`tokenize_pairs` + :func:`sequence_logprobs`, so the
 reference log-probs stored by ``sample`` are exactly those ``train`` would compute.
 Token convention: ``ids = tok(prompt_text, add_special_tokens=True) + tok(response, add_special_tokens=False) + [eos]``;
-the response mask covers the response tokens and the final eos.
+the response mask covers the response tokens and the final eos. :func:`disable_dropout` and
+:func:`save_model` are the training utilities every trainer shares.
+
+transformers is imported inside the loaders: its import costs a second that importing this
+module (e.g. for ``dualign train --help``) should not pay.
 """
 
 from __future__ import annotations

@@ -1,5 +1,7 @@
 """Threshold planner: sweep one constraint's threshold (and optionally β) and chart what π_λ* is
-predicted to reach, before any training. Writes ``plan.csv``, ``plan.json`` and ``plan.png``."""
+predicted to reach, before any training. Writes ``plan.csv``, ``plan.json`` and ``plan.png``.
+
+matplotlib is imported by :func:`plot` only (its import costs about a second)."""
 
 from __future__ import annotations
 

@@ -30,6 +30,7 @@ import pandas as pd
 import torch
 import yaml
 
+from dualign.data.preferences import long_responses, preference_schema, read_preferences
 from dualign.errors import ConfigError, InputError
 from dualign.io import read_table, write_table
 from dualign.provenance import record_stage
@@ -210,8 +211,6 @@ def score_preferences(source: str | Path | pd.DataFrame, specs: Sequence[ScorerS
                       progress: bool = True) -> pd.DataFrame:
     """A PKU-SafeRLHF pair table plus ``<name>_0``, ``<name>_1`` per scorer (``loads``: name → load
     kwargs) and, for implicit scorers, ``ref_logprob_0``, ``ref_logprob_1``."""
-    from dualign.data.preferences import long_responses, preference_schema, read_preferences
-
     prefs = source if isinstance(source, pd.DataFrame) else read_preferences(source)
     where = "preferences" if isinstance(source, pd.DataFrame) else str(source)
     if preference_schema(prefs, where) != "pku":

@@ -31,6 +31,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
+from huggingface_hub import snapshot_download
+from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from dualign.errors import ConfigError, InputError
@@ -111,8 +114,6 @@ def _model_dir(target: str) -> Path:
         raise InputError(f"scorer model '{target}' is a file, not a model directory")
     if target.startswith((".", "/", "~")) or target.count("/") > 1:
         raise InputError(f"scorer model '{target}' does not exist")
-    from huggingface_hub import snapshot_download
-
     try:
         return Path(snapshot_download(target))
     except Exception as e:  # noqa: BLE001 - offline, unknown id: one line
@@ -222,8 +223,6 @@ def _read_tensors(model_dir: Path, prefixes: tuple[str, ...]) -> dict[str, torch
     out: dict[str, torch.Tensor] = {}
     files = sorted(model_dir.glob("*.safetensors"))
     if files:
-        from safetensors import safe_open
-
         for f in files:
             with safe_open(str(f), framework="pt") as fh:
                 out.update({k: fh.get_tensor(k) for k in fh.keys() if k.startswith(prefixes)})
@@ -278,8 +277,6 @@ def implicit_beta(spec: ScorerSpec) -> float:
         return spec.beta
     recorded = Path(spec.target) / "dualign_train.yaml"
     if recorded.exists():
-        import yaml
-
         beta = (yaml.safe_load(recorded.read_text()) or {}).get("beta")
         if isinstance(beta, int | float) and beta > 0:
             return float(beta)

@@ -9,6 +9,10 @@ Its sampled dual D(λ) = β·mean_x log Σ_k w_k exp((r_k + λᵀg_k)/β) − λ
 ∇D = mean_x E_{p_λ}[g] − b and ∇²D = mean_x Cov_{p_λ}(g)/β (:mod:`dualign.dual.formulas`). The
 solver evaluates them on the flat problem of :mod:`dualign.dual.tilt`. When no finite λ* exists
 it raises :class:`~dualign.errors.InfeasibleConstraintError` naming the constraint and the limit.
+
+scipy's linalg, optimize and sparse are imported where they are used (the bounded Newton step
+for m > 1, the joint-feasibility LP): they cost half a second that every module importing
+:mod:`dualign.dual` (and ``dualign train --help``) would pay otherwise.
 """
 
 from __future__ import annotations
@@ -18,9 +22,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.sparse as sp
-from scipy.linalg import cholesky, solve_triangular
-from scipy.optimize import linprog, nnls
 from tqdm.auto import tqdm
 
 from dualign.dual.tilt import SAFE_EXPONENT, Point, Samples, Tilt, flat_samples
@@ -70,6 +71,9 @@ def _newton_target(lambdas: np.ndarray, grad: np.ndarray, hess: np.ndarray,
     With H + δI = UᵀU it is the non-negative least squares problem min_{y≥0} |U y + U⁻ᵀc|,
     c = g − Hλ. δ (tiny) keeps a singular H (collinear or constant utilities) solvable.
     """
+    from scipy.linalg import cholesky, solve_triangular
+    from scipy.optimize import nnls
+
     m = len(lambdas)
     delta = 1e-12 * max(float(np.max(np.diag(hess))), floor)
     h = hess + delta * np.eye(m)
@@ -197,6 +201,9 @@ def joint_margin(samples: Samples, thresholds: np.ndarray) -> float:
 
     t > 0 iff some reweighting satisfies every constraint strictly, i.e. iff a finite λ* exists.
     """
+    import scipy.sparse as sp
+    from scipy.optimize import linprog
+
     seg, n = samples.seg, samples.size
     scale = samples.scale(thresholds)
     qs = seg.expand(samples.prompt_weights)
