@@ -89,3 +89,9 @@ def test_world_import_graph_has_no_cycles():
 @pytest.mark.parametrize("module", sorted(set(MODULES) - {"dualign.__main__"}))  # that one runs the CLI
 def test_every_module_imports(module):
     importlib.import_module(module)
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_every_module_opens_with_a_docstring_saying_what_it_holds(module):
+    doc = ast.get_docstring(ast.parse(MODULES[module].read_text()))
+    assert doc and len(doc.split()) >= 5, module
