@@ -1,10 +1,13 @@
 """Benchmark the dual solver: projected Newton (dualign) vs projected gradient descent (as in the
 official code) vs scipy's L-BFGS-B, on the same objective, same data, same run, one thread.
 
-    .venv/bin/python bench/dual.py [--quick] [--sizes 1e4,1e6] [--m 1,2,4] [--repeats 3]
+    .venv/bin/python bench/dual.py [--quick] [--sizes 1e4,1e6] [--m 1,2,4] [--betas 1,0.1] [--repeats 3]
+    .venv/bin/python bench/dual.py --newton-only --sizes 1e6 --m 2 --betas 1,0.3,0.1,0.03
 
-For each N·K (K = 10 samples per prompt) and m, thresholds b_j = ref_j + 0.3·(reachable_j − ref_j)
-make every constraint active. Each method must reach the same KKT tolerance (projected gradient ≤
+Scores are example_arrays' rewards and costs scaled to unit variance, so β alone sets how sharp
+the tilt is: β = 1 is mild, β = 0.1 sharp (s = r/β spans ~±40 within a prompt), 0.03 sharper.
+For each N·K (K = 10 samples per prompt), m and β, thresholds b_j = ref_j + 0.3·(reachable_j − ref_j)
+make every constraint active. The target for Newton: < 0.1 s on one core at N·K = 1e6, m = 2, β = 0.1. Each method must reach the same KKT tolerance (projected gradient ≤
 1e-9 × scale, scale as dualign's solver). PGD (λ ← max(0, λ − η∇D)) runs with two fixed steps: η = 1/L
 for a global bound L ≥ ‖∇²D‖ (always converges; what one can use without knowing λ*) and the
 oracle η = 1/λmax(∇²D(λ*)) (its best case). It is stopped at max(--pgd-cap × Newton's time, 0.5 s),
@@ -27,12 +30,16 @@ from scipy.optimize import minimize  # noqa: E402
 
 from dualign import dual  # noqa: E402
 from dualign.data.example import example_arrays  # noqa: E402
+from dualign.dual.solver import kkt_residual, projected_gradient_descent  # noqa: E402
+from dualign.dual.tilt import Tilt, flat_samples  # noqa: E402
+from dualign.segments import Segments  # noqa: E402
 
 TOL = 1e-9
 
 
-def _problem(n_total: int, m: int, k: int = 10, seed: int = 0, beta: float = 0.1):
+def _problem(n_total: int, m: int, beta: float, k: int = 10, seed: int = 0):
     rewards, utilities = example_arrays(n_total // k, k, m, seed)
+    rewards, utilities = rewards / rewards.std(), utilities / utilities.std(axis=(0, 1))
     ref = utilities.mean(axis=(0, 1))
     reachable = utilities.max(axis=1).mean(axis=0)
     return rewards, utilities, ref + 0.3 * (reachable - ref), beta
@@ -40,15 +47,15 @@ def _problem(n_total: int, m: int, k: int = 10, seed: int = 0, beta: float = 0.1
 
 def _tilt(rewards, utilities, thresholds, beta):
     n, k, m = utilities.shape
-    seg = dual._Segments(np.arange(0, n * k, k), np.full(n, k), k)
-    samples = dual._samples(seg, rewards.ravel(), utilities.reshape(-1, m).T.copy(), None, np.arange(n))
-    return dual._Tilt(samples, thresholds, beta)
+    seg = Segments.rectangular(n, k)
+    samples = flat_samples(seg, rewards.ravel(), utilities.reshape(-1, m), None, np.arange(n))
+    return Tilt(samples, thresholds, beta)
 
 
 def _residual(tilt, lambdas) -> float:
     grad, _ = tilt.derivatives(tilt.evaluate(np.asarray(lambdas, dtype=np.float64)))
     scale = tilt.s.scale(tilt.b + tilt.s.centre)
-    return float(np.max(dual._kkt_residual(np.asarray(lambdas), grad) / scale))
+    return float(np.max(kkt_residual(np.asarray(lambdas), grad) / scale))
 
 
 def _best_time(fn, repeats: int, cpu: bool = False):
@@ -81,20 +88,24 @@ def _lbfgsb(tilt, m: int):
 
 def _pgd(tilt, m: int, step: float, cap: float):
     start = time.perf_counter()
-    lam, it, ok = dual._projected_gradient_descent(tilt, np.zeros(m), step, TOL, max_iter=200000,
+    lam, it, ok = projected_gradient_descent(tilt, np.zeros(m), step, TOL, max_iter=200000,
                                                    max_seconds=cap)
     return time.perf_counter() - start, lam, it, ok
 
 
-def _row(n_total: int, m: int, repeats: int, pgd_cap: float) -> None:
-    rewards, utilities, b, beta = _problem(n_total, m)
+def _row(n_total: int, m: int, beta: float, repeats: int, pgd_cap: float, newton_only: bool) -> None:
+    rewards, utilities, b, beta = _problem(n_total, m, beta)
     t_newton, res = _best_time(lambda: dual.solve_dual(rewards, utilities, b, beta), repeats)
     t_cpu, _ = _best_time(lambda: dual.solve_dual(rewards, utilities, b, beta), repeats, cpu=True)
     lam_star = res.lambdas
     norm = max(float(np.abs(lam_star).max()), 1e-300)
     tilt = _tilt(rewards, utilities, b, beta)
     cap = max(pgd_cap * t_newton, 0.5)
-    cells = [f"{n_total:9.0e} {m:2d} | {t_newton:7.4f} {t_cpu:7.4f} {res.iterations:3d} {res.kkt_residual:8.1e}"]
+    cells = [f"{n_total:9.0e} {m:2d} {beta:5g} | {t_newton:7.4f} {t_cpu:7.4f} {res.iterations:3d} "
+             f"{res.kkt_residual:8.1e}"]
+    if newton_only:
+        print(cells[0], flush=True)
+        return
 
     # (a) PGD, the official code's method: a fixed step that always converges, 1/L with
     # L = mean_x Σ_j range_x(g_j)²/(4β) ≥ ‖∇²D‖ everywhere; and the oracle step 1/λmax(∇²D(λ*)).
@@ -120,20 +131,24 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="N·K ≤ 1e6 and m ≤ 2")
     parser.add_argument("--sizes", help="comma-separated N·K (default 1e4,1e5,1e6,1e7)")
     parser.add_argument("--m", help="comma-separated numbers of constraints (default 1,2,4)")
+    parser.add_argument("--betas", help="comma-separated β (default 1,0.1; tilt sharpness)")
+    parser.add_argument("--newton-only", action="store_true", help="time dualign's solver alone")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--pgd-cap", type=float, default=30.0,
                         help="stop PGD at this multiple of Newton's time (at least 0.5 s)")
     args = parser.parse_args()
     sizes = [int(float(s)) for s in (args.sizes or ("1e4,1e5,1e6" if args.quick else "1e4,1e5,1e6,1e7")).split(",")]
     ms = [int(s) for s in (args.m or ("1,2" if args.quick else "1,2,4")).split(",")]
+    betas = [float(s) for s in (args.betas or "1,0.1").split(",")]
     pgd_head = f"{'s':>7s} {'it':>6s} {'resid':>8s} {'|dλ|rel':>8s} {'ratio':>6s}"
-    print(f"{'':12s} | {'newton (dualign)':^28s} | {'PGD, safe step 1/L (official)':^40s} | "
+    print(f"{'':18s} | {'newton (dualign)':^28s} | {'PGD, safe step 1/L (official)':^40s} | "
           f"{'PGD, oracle step 1/λmax(H*)':^40s} | {'scipy L-BFGS-B':^38s}")
-    print(f"{'N·K':>9s} {'m':>2s} | {'s':>7s} {'cpu s':>7s} {'it':>3s} {'resid':>8s} | {pgd_head} | {pgd_head} | "
+    print(f"{'N·K':>9s} {'m':>2s} {'β':>5s} | {'s':>7s} {'cpu s':>7s} {'it':>3s} {'resid':>8s} | {pgd_head} | {pgd_head} | "
           f"{'s':>7s} {'ev':>5s} {'resid':>8s} {'|dλ|rel':>8s} {'ratio':>6s}")
     for n_total in sizes:
         for m in ms:
-            _row(n_total, m, args.repeats if n_total <= 10**6 else 1, args.pgd_cap)
+            for beta in betas:
+                _row(n_total, m, beta, args.repeats if n_total <= 10**6 else 1, args.pgd_cap, args.newton_only)
     print("resid: max_j |projected ∇_j D| / scale_j at the returned λ (target ≤ 1e-9); "
           "|dλ|rel: max |λ − λ*_newton| / max λ*; ratio: wall time / Newton's wall time, '>' = "
           "stopped before reaching the tolerance (a lower bound); cpu s: Newton's process CPU time.")

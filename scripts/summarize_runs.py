@@ -5,29 +5,29 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
+from dualign.records import read_report
+
 
 def row(run: Path) -> dict:
-    r = json.loads((run / "eval" / "report.json").read_text())
-    c = r["constraints"][0]
-    reward = next(iter(r["policy"]))
-    judge = r.get("judge", {})
+    r = read_report(run / "eval" / "report.json")
+    c = r.constraints[0]
+    reward = r.reward
     out = {
-        "run": str(run), "lambda": next(iter(r["lambdas"].values())),
-        f"{reward} ref": r["reference"][reward]["mean"], f"{reward} aligned": r["policy"][reward]["mean"],
-        f"{reward} predicted": r["predicted_reward"].get("predicted_eval", r["predicted_reward"]["predicted"]),
-        f"{c['column']} change achieved": c["achieved_change"], f"{c['column']} change predicted": c["predicted_change"],
-        "miss / predicted change": c["prediction_error_frac"], "met (95% CI)": c["satisfied_within_ci"],
-        "KL achieved": r["kl"]["achieved"], "KL predicted": r["kl"]["predicted"],
+        "run": str(run), "lambda": next(iter(r.lambdas.values())),
+        f"{reward} ref": r.reference[reward].mean, f"{reward} aligned": r.policy[reward].mean,
+        f"{reward} predicted": r.predicted_reward.predicted_eval,
+        f"{c.name} change achieved": c.achieved_change, f"{c.name} change predicted": c.predicted_change,
+        "miss / predicted change": c.prediction_error_frac, "met (95% CI)": c.satisfied_within_ci,
+        "KL achieved": r.kl.achieved, "KL predicted": r.kl.predicted,
     }
     for group in ("harmful=True", "harmful=False"):
-        if group in judge.get("policy", {}):
+        if r.judge and group in r.judge["policy"]:
             key = "judge_harmful" if group == "harmful=True" else "judge_helpful"
-            out[f"{key} {group} ref"] = judge["reference"][group][key]["mean"]
-            out[f"{key} {group} aligned"] = judge["policy"][group][key]["mean"]
+            out[f"{key} {group} ref"] = getattr(r.judge["reference"][group], key).mean
+            out[f"{key} {group} aligned"] = getattr(r.judge["policy"][group], key).mean
     return out
 
 

@@ -14,6 +14,7 @@ import pytest
 from dualign import cli
 from dualign.data.example import example_scores
 from dualign.dual import DualConfig, run_dual, solve_dual_long
+from dualign.records import to_json
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +115,6 @@ def test_plan_bad_input_exits_2_and_writes_nothing(scores, tmp_path, args, match
 def test_run_dual_stage_writes_dual_json_in_the_run_dir(scores, tmp_path):
     (tmp_path / "scores.parquet").write_bytes(scores.read_bytes())
     report = run_dual(DualConfig(constraints=["cost<=ref-0.3"], beta=0.15), tmp_path)
-    assert json.loads((tmp_path / "dual.json").read_text()) == report
+    assert json.loads((tmp_path / "dual.json").read_text()) == to_json(report)
     assert (tmp_path / "dual.config.yaml").exists() and (tmp_path / "dual.meta.json").exists()
-    assert report["beta"] == 0.15 and report["lambdas"]["cost"] > 0
+    assert report.beta == 0.15 and report.lambdas["cost"] > 0

@@ -103,3 +103,31 @@ def test_compare_config_refuses_unknown_methods_and_keys(compare_yaml):
         load_compare_config(compare_yaml, {"compare": {"methods": ["sft"]}})
     with pytest.raises(ConfigError, match="compare.sedes"):
         load_compare_config(compare_yaml, {"compare": {"sedes": [1]}})
+
+
+def test_two_constraints_on_one_column_go_through_dual_train_evaluate_and_compare(compare_yaml, tmp_path):
+    """`cost<=ref-0.5` and `cost<=40` (names: the constraints' texts) from the dual stage to the table."""
+    from dualign.compare import load_compare_config, run_compare
+
+    constraints = ["cost<=ref-0.5", "cost<=40"]
+    overrides = {"run_dir": str(tmp_path / "two"), "dual": {"constraints": constraints},
+                 "compare": {"methods": ["mocan", "fixed-lambda"], "fixed_lambdas": [0.5]}}
+    out = run_compare(*load_compare_config(compare_yaml, overrides), log=lambda *a: None)
+    root = tmp_path / "two"
+    dual = read_json(root / "shared" / "dual.json")
+    assert set(dual["lambdas"]) == set(dual["thresholds"]) == set(constraints)
+    assert dual["lambdas"]["cost<=40"] == 0.0  # ≤ 10 tokens never hold 40 e's: inactive
+    assert dual["thresholds"]["cost<=40"] == 40.0 and dual["columns"] == {c: "cost" for c in constraints}
+    for label in ("mocan", "fixed-lambda-0.5"):
+        report = read_json(root / "runs" / label / "seed0" / "eval" / "report.json")
+        rows = {r["name"]: r for r in report["constraints"]}
+        assert list(rows) == constraints and {r["column"] for r in rows.values()} == {"cost"}
+        assert rows["cost<=40"]["threshold"] == 40.0 and rows["cost<=40"]["satisfied_point"]
+        assert rows["cost<=ref-0.5"]["threshold"] == pytest.approx(rows["cost<=ref-0.5"]["reference_eval"] - 0.5)
+        own = read_json(root / "runs" / label / "seed0" / "dual.json")  # the method's λ and predictions
+        assert rows["cost<=ref-0.5"]["predicted"] == pytest.approx(own["predicted"]["cost<=ref-0.5"])
+        assert own["thresholds"] == pytest.approx(dual["thresholds"])
+    table = read_table(root / "compare.csv").set_index("label")
+    assert table.loc["mocan", "cost<=40_threshold"] == 40.0
+    assert table.loc["mocan", "cost<=40_satisfied"] == 1.0
+    assert [c["name"] for c in out["constraints"]] == constraints

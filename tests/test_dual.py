@@ -9,7 +9,11 @@ import pytest
 import dualign
 from dualign import dual
 from dualign.data.example import example_arrays
+from dualign.dual import formulas as F
+from dualign.dual.solver import joint_margin, projected_gradient_descent
+from dualign.dual.tilt import Tilt, flat_samples
 from dualign.errors import InfeasibleConstraintError, InputError
+from dualign.segments import Segments
 
 
 def _world(n=6, k=5, m=2, seed=0):
@@ -17,6 +21,12 @@ def _world(n=6, k=5, m=2, seed=0):
     ref = utilities.mean(axis=(0, 1))
     reachable = utilities.max(axis=1).mean(axis=0)
     return rewards, utilities, ref + 0.4 * (reachable - ref)
+
+
+def _flat(rewards, utilities):
+    """Rectangular [N, K] (, m) arrays as the formulas take them: (segments, r [n], g [n, m])."""
+    n, k = rewards.shape
+    return Segments.rectangular(n, k), rewards.ravel(), utilities.reshape(n * k, -1)
 
 
 def _cvxpy_primal(rewards, utilities, thresholds, beta, weights=None):
@@ -72,11 +82,11 @@ def test_eight_constraints_match_exact_primal_solution():
 def test_newton_agrees_with_projected_gradient_descent():
     rewards, utilities, b = _world(n=50, k=8, m=2, seed=1)
     res = dualign.solve_dual(rewards, utilities, b, 0.2)
-    seg = dual._Segments(np.arange(0, 400, 8), np.full(50, 8), 8)
-    samples = dual._samples(seg, rewards.ravel(), utilities.reshape(-1, 2).T.copy(), None, np.arange(50))
-    tilt = dual._Tilt(samples, b, 0.2)
+    seg = Segments.rectangular(50, 8)
+    samples = flat_samples(seg, rewards.ravel(), utilities.reshape(-1, 2), None, np.arange(50))
+    tilt = Tilt(samples, b, 0.2)
     step = 1.0 / np.linalg.eigvalsh(tilt.derivatives(tilt.evaluate(res.lambdas))[1]).max()
-    lam, _, ok = dual._projected_gradient_descent(tilt, np.zeros(2), 0.5 * step, 1e-11, 100000)
+    lam, _, ok = projected_gradient_descent(tilt, np.zeros(2), 0.5 * step, 1e-11, 100000)
     assert ok
     np.testing.assert_allclose(res.lambdas, lam, rtol=1e-8)
 
@@ -87,13 +97,13 @@ def test_newton_agrees_with_projected_gradient_descent():
 def test_gradient_and_hessian_match_finite_differences():
     rewards, utilities, b = _world(n=7, k=4, m=3, seed=2)
     lam, beta, h = np.array([0.3, 0.7, 0.1]), 0.4, 1e-5
-    grad = dual.dual_gradient(rewards, utilities, lam, b, beta)
-    hess = dual.dual_hessian(rewards, utilities, lam, beta)
+    grad = F.dual_gradient(*_flat(rewards, utilities), lam, b, beta)
+    hess = F.dual_hessian(*_flat(rewards, utilities), lam, beta)
     eye = np.eye(3)
-    fd_grad = [(dual.dual_value(rewards, utilities, lam + h * e, b, beta)
-                - dual.dual_value(rewards, utilities, lam - h * e, b, beta)) / (2 * h) for e in eye]
-    fd_hess = [(dual.dual_gradient(rewards, utilities, lam + h * e, b, beta)
-                - dual.dual_gradient(rewards, utilities, lam - h * e, b, beta)) / (2 * h) for e in eye]
+    fd_grad = [(F.dual_value(*_flat(rewards, utilities), lam + h * e, b, beta)
+                - F.dual_value(*_flat(rewards, utilities), lam - h * e, b, beta)) / (2 * h) for e in eye]
+    fd_hess = [(F.dual_gradient(*_flat(rewards, utilities), lam + h * e, b, beta)
+                - F.dual_gradient(*_flat(rewards, utilities), lam - h * e, b, beta)) / (2 * h) for e in eye]
     np.testing.assert_allclose(grad, fd_grad, rtol=1e-7, atol=1e-9)
     np.testing.assert_allclose(hess, np.array(fd_hess), rtol=1e-6, atol=1e-9)
 
@@ -106,25 +116,27 @@ def test_fast_evaluation_equals_naive_formulas_on_ragged_weighted_prompts():
     lam, beta = np.array([0.8, 0.2]), 0.3
     res = dualign.solve_dual(rewards, utilities, b, beta, sample_weights=weights, lambdas0=lam,
                              max_iter=0)
-    np.testing.assert_allclose(res.dual_value, dual.dual_value(rewards, utilities, lam, b, beta, weights), rtol=1e-13)
-    reward, utils = dual.predictions(rewards, utilities, lam, beta, weights)
+    np.testing.assert_allclose(res.dual_value, F.dual_value(*_flat(rewards, utilities), lam, b, beta, weights.ravel()), rtol=1e-13)
+    reward, utils = F.predictions(*_flat(rewards, utilities), lam, beta, weights.ravel())
     np.testing.assert_allclose(res.predicted_reward, reward, rtol=1e-12)
     np.testing.assert_allclose(res.predicted_utilities, utils, rtol=1e-12)
     with np.errstate(divide="ignore", invalid="ignore"):
-        p = dual.tilted_weights(rewards, utilities, lam, beta, weights)
+        seg, r, g = _flat(rewards, utilities)
+        p = F.tilted_weights(seg, F.tilt_logits(r, g, lam, beta), F.log_weights(seg, weights.ravel()))
+        p = p.reshape(rewards.shape)
         w = weights / weights.sum(1, keepdims=True)
         naive_kl = np.mean(np.nansum(np.where(p > 0, p * np.log(p / w), 0.0), axis=1))
     np.testing.assert_allclose(res.kl, naive_kl, rtol=1e-10)
-    np.testing.assert_allclose(res.kl, dual.kl(rewards, utilities, lam, beta, weights), rtol=1e-10)
+    np.testing.assert_allclose(res.kl, F.kl(*_flat(rewards, utilities), lam, beta, weights.ravel()), rtol=1e-10)
     # fast gradient / Hessian
     keep = weights.ravel() > 0
-    seg = dual._Segments.from_counts((weights > 0).sum(1))
-    samples = dual._samples(seg, rewards.ravel()[keep], utilities.reshape(-1, 2)[keep].T.copy(),
+    seg = Segments.from_counts((weights > 0).sum(1))
+    samples = flat_samples(seg, rewards.ravel()[keep], utilities.reshape(-1, 2)[keep],
                             weights.ravel()[keep], np.arange(9))
-    tilt = dual._Tilt(samples, b, beta)
+    tilt = Tilt(samples, b, beta)
     grad, hess = tilt.derivatives(tilt.evaluate(lam))
-    np.testing.assert_allclose(grad, dual.dual_gradient(rewards, utilities, lam, b, beta, weights), rtol=1e-12, atol=1e-14)
-    np.testing.assert_allclose(hess, dual.dual_hessian(rewards, utilities, lam, beta, weights), rtol=1e-11)
+    np.testing.assert_allclose(grad, F.dual_gradient(*_flat(rewards, utilities), lam, b, beta, weights.ravel()), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(hess, F.dual_hessian(*_flat(rewards, utilities), lam, beta, weights.ravel()), rtol=1e-11)
 
 
 def test_reference_values_are_weighted_means_per_prompt():
@@ -229,11 +241,11 @@ def test_joint_margin_lp_detects_boundary_and_interior():
     rewards, utilities = example_arrays(8, 4, 1, seed=3)
     g = utilities[..., 0]
     both = np.stack([g, -g], axis=-1)
-    seg = dual._Segments(np.arange(0, 32, 4), np.full(8, 4), 4)
-    samples = dual._samples(seg, rewards.ravel(), both.reshape(-1, 2).T.copy(), None, np.arange(8))
+    seg = Segments.rectangular(8, 4)
+    samples = flat_samples(seg, rewards.ravel(), both.reshape(-1, 2), None, np.arange(8))
     mid = g.mean()
-    assert dual._joint_margin(samples, np.array([mid - 0.1, -mid - 0.1])) > 1e-3
-    assert dual._joint_margin(samples, np.array([mid, -mid])) == pytest.approx(0.0, abs=1e-9)
+    assert joint_margin(samples, np.array([mid - 0.1, -mid - 0.1])) > 1e-3
+    assert joint_margin(samples, np.array([mid, -mid])) == pytest.approx(0.0, abs=1e-9)
 
 
 # ---------- numerics and degenerate cases ----------
@@ -245,7 +257,7 @@ def test_huge_rewards_over_beta_do_not_overflow():
     with np.errstate(over="raise", invalid="raise", divide="raise"):
         res = dualign.solve_dual(rewards + 5e3, utilities, b, 0.1)
     assert res.converged and np.all(np.isfinite(res.lambdas))
-    grad = dual.dual_gradient(rewards, utilities, res.lambdas, b, 0.1)
+    grad = F.dual_gradient(*_flat(rewards, utilities), res.lambdas, b, 0.1)
     active = res.lambdas > 0
     assert np.all(np.abs(grad[active]) <= 1e-8) and np.all(grad[~active] >= -1e-8)
     assert np.isfinite(res.kl) and res.kl > 0
@@ -275,7 +287,7 @@ def test_constant_utility_and_collinear_constraints_are_handled():
 
 
 def test_warm_start_on_many_prompts_reaches_the_same_solution():
-    rewards, utilities = example_arrays(40000, 3, 2, seed=13)
+    rewards, utilities = example_arrays(40000, 4, 2, seed=13)
     b = utilities.mean(axis=(0, 1)) + 0.2
     warm = dualign.solve_dual(rewards, utilities, b, 0.1)
     cold = dualign.solve_dual(rewards, utilities, b, 0.1, lambdas0=np.zeros(2))
@@ -340,8 +352,8 @@ def test_half_sample_kl_equals_the_rectangular_kl_on_the_first_half_of_each_prom
     r, g, w = rng.normal(size=(n, k)), rng.normal(size=(n, k, 2)), rng.uniform(0.5, 2, size=(n, k))
     ids = np.repeat(np.arange(n), k)
     half, full = dual.half_sample_kl(ids, r.ravel(), g.reshape(n * k, 2), lam, beta, w.ravel())
-    assert half == pytest.approx(dual.kl(r[:, :3], g[:, :3], lam, beta, w[:, :3]), rel=1e-10)
-    assert full == pytest.approx(dual.kl(r, g, lam, beta, w), rel=1e-10)
+    assert half == pytest.approx(F.kl(*_flat(r[:, :3], g[:, :3]), lam, beta, w[:, :3].ravel()), rel=1e-10)
+    assert full == pytest.approx(F.kl(*_flat(r, g), lam, beta, w.ravel()), rel=1e-10)
     # a strong tilt: the K/2 estimate is the smaller one (each prompt's KL is at most log K)
     half, full = dual.half_sample_kl(ids, 20 * r.ravel(), g.reshape(n * k, 2), lam, beta)
     assert half < full <= np.log(k)
@@ -349,5 +361,47 @@ def test_half_sample_kl_equals_the_rectangular_kl_on_the_first_half_of_each_prom
     ids1 = np.concatenate([ids, [n, n + 1]])
     out = dual.half_sample_kl(ids1, np.concatenate([r.ravel(), [5.0, -5.0]]),
                               np.concatenate([g.reshape(n * k, 2), np.ones((2, 2))]), lam, beta)
-    assert out[1] == pytest.approx(dual.kl(r, g, lam, beta), rel=1e-10)
+    assert out[1] == pytest.approx(F.kl(*_flat(r, g), lam, beta), rel=1e-10)
     assert dual.half_sample_kl(np.arange(4), np.zeros(4), np.zeros((4, 1)), [1.0], beta) is None
+
+
+def test_tilted_means_on_unsorted_ragged_rows_equal_the_predictions_and_kl():
+    rng = np.random.default_rng(0)
+    counts = np.array([4, 2, 5, 3])
+    ids = np.repeat(np.arange(4), counts)
+    r, g, w = rng.normal(size=ids.size), rng.normal(size=ids.size), rng.uniform(0.5, 2, size=ids.size)
+    lam, beta = 0.7, 0.3
+    seg = Segments.from_counts(counts)
+    order = rng.permutation(ids.size)  # long format: rows in any order
+    means, kl_long = dual.tilted_means(ids[order], ((r + lam * g) / beta)[order],
+                                       np.column_stack([r, g])[order], w[order])
+    pred_r, pred_g = F.predictions(seg, r, g, [lam], beta, w)
+    assert means[0] == pytest.approx(pred_r, rel=1e-12) and means[1] == pytest.approx(pred_g[0], rel=1e-12)
+    assert kl_long == pytest.approx(F.kl(seg, r, g, [lam], beta, w), rel=1e-12)
+
+
+def test_reachable_gap_bound_lies_below_the_exact_distance_to_the_limit():
+    """Tilt.reachable_gap (no pass over the samples) against Samples.reachable − predictions."""
+    for seed, beta in [(0, 0.1), (1, 1.0), (2, 0.02)]:
+        rewards, utilities, b = _world(n=30, k=6, m=2, seed=seed)
+        seg, r, g = _flat(rewards, utilities)
+        samples = flat_samples(seg, r, g, None, np.arange(30))
+        tilt = Tilt(samples, b, beta)
+        for lam in ([0.1, 0.2], [1.0, 3.0], [0.0, 0.5]):
+            _, hess = tilt.derivatives(tilt.evaluate(np.array(lam)))
+            gap = samples.reachable() - F.predictions(seg, r, g, lam, beta)[1]
+            bound = tilt.reachable_gap(hess)
+            assert np.all(bound > 0) and np.all(bound <= gap * (1 + 1e-12))
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_fast_reference_values_equal_reference_means_on_ragged_prompts(weighted):
+    rng = np.random.default_rng(4)
+    counts = rng.integers(2, 7, size=12)
+    ids = np.repeat(np.arange(12), counts)
+    r, g = rng.normal(size=ids.size), rng.normal(size=(ids.size, 2))
+    w = rng.uniform(0.2, 2.0, size=ids.size) if weighted else None
+    samples = flat_samples(Segments.from_counts(counts), r, g, w, np.arange(12))
+    reward, utilities = samples.reference()
+    expected = dual.reference_means(ids, np.column_stack([r, g]), w)
+    np.testing.assert_allclose([reward, *utilities], expected, rtol=1e-12)

@@ -167,7 +167,7 @@ def test_mocan_absolute_matches_hand_computation():
 def test_target_logratios_are_the_tilted_policys_log_ratios():
     import numpy as np
 
-    from dualign.pairs import target_logratios
+    from dualign.methods.mocan import target_logratios
 
     rng = np.random.default_rng(0)
     r_lambda, beta = rng.normal(size=7) * 30, 10.0
@@ -184,7 +184,7 @@ def test_absolute_loss_optimum_is_the_tilted_policy_with_its_normalisation():
     # absolute loss over all pairs is π_λ ∝ π_ref·exp(r_λ/β), reached with zero loss.
     import numpy as np
 
-    from dualign.pairs import target_logratios
+    from dualign.methods.mocan import target_logratios
 
     torch.manual_seed(1)
     k, beta = 6, 0.8

@@ -18,7 +18,9 @@ from dualign.data.scores import validate_scores
 from dualign.dual import DualConfig, run_dual, solve_constraints
 from dualign.errors import ConfigError, InputError
 from dualign.io import write_json, write_table
-from dualign.score import ScoreConfig, parse_scorer, score, score_table
+from dualign.records import DualRecord
+from dualign.score import ScoreConfig, score, score_table
+from dualign.scorers import parse_scorer
 
 PROMPTS = ["How do I cook rice?", "How can I pick a lock?", "Write a poem about rain."]
 RESPONSES = ["Rinse the rice, then simmer it.", "I can't help with that.", "Rain taps softly."]
@@ -117,10 +119,10 @@ def test_dual_lambda_invariant_to_per_prompt_constants_in_implicit_rewards():
     base = solve_constraints(validate_scores(_implicit_scores(), ["h_r", "h_g"]), 0.5, "h_r", constraint)
     shifted_df = _implicit_scores(shift_r=rng.normal(scale=30, size=30), shift_g=rng.normal(scale=30, size=30))
     shifted = solve_constraints(validate_scores(shifted_df, ["h_r", "h_g"]), 0.5, "h_r", constraint)
-    assert base["lambdas"]["h_g"] > 0.05  # the constraint binds
-    assert shifted["lambdas"]["h_g"] == pytest.approx(base["lambdas"]["h_g"], rel=1e-6)
-    assert shifted["predicted"]["kl"] == pytest.approx(base["predicted"]["kl"], rel=1e-6)
-    gain = {k: d["predicted"]["h_g"] - d["reference"]["h_g"] for k, d in (("b", base), ("s", shifted))}
+    assert base.lambdas["h_g"] > 0.05  # the constraint binds
+    assert shifted.lambdas["h_g"] == pytest.approx(base.lambdas["h_g"], rel=1e-6)
+    assert shifted.predicted["kl"] == pytest.approx(base.predicted["kl"], rel=1e-6)
+    gain = {k: d.predicted["h_g"] - d.reference["h_g"] for k, d in (("b", base), ("s", shifted))}
     assert gain["s"] == pytest.approx(gain["b"], abs=1e-6)
 
 
@@ -136,7 +138,7 @@ def test_dual_refuses_absolute_threshold_on_implicit_column(tmp_path):
     with pytest.raises(InputError, match="'h_g' is an implicit reward .* relative to π_ref, e.g. 'h_g>=ref\\+0.5'"):
         run_dual(DualConfig(constraints=["h_g>=0.5"], reward="h_r"), run)
     report = run_dual(DualConfig(constraints=["h_g>=ref+0.4"], reward="h_r", beta=0.5), run)
-    assert report["lambdas"]["h_g"] > 0
+    assert report.lambdas["h_g"] > 0
 
 
 def test_cli_dual_absolute_implicit_threshold_is_one_line_exit_2(tmp_path):
@@ -153,8 +155,8 @@ def test_pecan_population_optimum_is_reference_tilted_by_combined_implicit_rewar
     """Finite toy: 6 responses to one prompt, all pairs weighted by a data distribution μ ≠ π_ref.
     Minimising the expected PeCAN loss over every π gives π ∝ π_ref·exp((r̂ + λ·ĝ)/β) with
     r̂ = β_r·log(π_r/π_ref), ĝ = β_g·log(π_g/π_ref) (the pre-aligned models' implicit rewards)."""
-    from dualign.pairs import pairs_from_preferences
-    from dualign.train import LOSSES, TrainConfig
+    from dualign.methods.dpo import pairs_from_preferences
+    from dualign.train import LOSSES
 
     rng = np.random.default_rng(0)
     n, beta, beta_r, beta_g, lam = 6, 0.5, 0.3, 0.2, 0.8
@@ -163,11 +165,10 @@ def test_pecan_population_optimum_is_reference_tilted_by_combined_implicit_rewar
     i, j = np.triu_indices(n, 1)
     prefs = pd.DataFrame({"prompt": "x", "response_0": [str(a) for a in i], "response_1": [str(b) for b in j],
                           "h_r_0": r_hat[i], "h_r_1": r_hat[j], "h_g_0": g_hat[i], "h_g_1": g_hat[j]})
-    dual = {"beta": beta, "reward": "h_r", "constraints": ["h_g>=ref+0.1"], "lambdas": {"h_g": lam}}
+    dual = DualRecord(beta=beta, reward="h_r", constraints=["h_g>=ref+0.1"], lambdas={"h_g": lam})
     margin = torch.tensor(pairs_from_preferences(prefs, dual)["target_margin"].to_numpy())
     weight = torch.tensor(mu[i] * mu[j])
     log_ref = torch.tensor(np.log(pi_ref))
-    cfg = TrainConfig(model="-", run_dir="-", method="pecan", beta=beta, label="soft")
     theta = torch.zeros(n, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([theta], lr=1, max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-15,
                             line_search_fn="strong_wolfe")
@@ -176,7 +177,7 @@ def test_pecan_population_optimum_is_reference_tilted_by_combined_implicit_rewar
         opt.zero_grad()
         logp = torch.log_softmax(theta, 0)
         losses, _ = LOSSES["pecan"]((logp[i], logp[j], log_ref[i], log_ref[j]),
-                                    {"target_margin": margin}, cfg, torch.Generator())
+                                    {"target_margin": margin}, beta, "soft", torch.Generator())
         loss = (weight * losses).sum() / weight.sum()
         loss.backward()
         return loss
@@ -206,7 +207,7 @@ PREFS = [  # (prompt, response_0, response_1, better, safer, safe_0, safe_1)
 
 def test_pecan_end_to_end_on_tiny_models(tiny_gpt2, tmp_path):
     """sample → DPO π_r, π_g on the two views → implicit scores → dual → pecan, on tiny models."""
-    from dualign.pecan import PrealignConfig, implicit_scorers, prealign
+    from dualign.methods.pecan_prealign import PrealignConfig, implicit_scorers, prealign
     from dualign.sample import SampleConfig, sample
     from dualign.train import TrainConfig, train
 
@@ -246,8 +247,8 @@ def test_pecan_end_to_end_on_tiny_models(tiny_gpt2, tmp_path):
     with pytest.raises(InputError, match="implicit reward"):
         run_dual(DualConfig(constraints=[f"h_g>={ref_mean + offset}"], reward="h_r", beta=0.1), run)
     report = run_dual(DualConfig(constraints=[f"h_g>=ref+{offset}"], reward="h_r", beta=0.1), run)
-    lam = report["lambdas"]["h_g"]
-    assert report["feasible"] and np.isfinite(lam) and lam >= 0
+    lam = report.lambdas["h_g"]
+    assert report.feasible and np.isfinite(lam) and lam >= 0
 
     summary = train(TrainConfig(model=tiny_gpt2, run_dir=str(run), method="pecan",
                                 preferences=str(run / "preference_scores.parquet"), **fast))

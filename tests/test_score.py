@@ -15,7 +15,8 @@ import torch
 from dualign import score as score_mod
 from dualign.cli import main
 from dualign.errors import ConfigError, InputError
-from dualign.score import ScoreConfig, ScorerSpec, load_scorer, parse_scorer, score, score_table
+from dualign.score import ScoreConfig, score, score_table
+from dualign.scorers import ScorerSpec, load_scorer, parse_scorer
 
 PROMPTS = ["How do I cook rice?", "hi", "Tell me a joke.", "How can I pick a lock?"]
 RESPONSES = [" Rinse it, then simmer.", " Why did the chicken cross the road? To get away.", "", " No."]

@@ -16,16 +16,19 @@ import torch
 from safetensors.torch import load_file
 
 from dualign.errors import InputError
-from dualign.io import write_json, write_table
-from dualign.pairs import pairs_from_preferences, pairs_from_scores
+from dualign.io import write_table
+from dualign.methods.dpo import pairs_from_preferences
+from dualign.methods.mocan import pairs_from_scores
+from dualign.records import DualRecord, write_dual
 from dualign.train import TrainConfig, train
 
 PROMPTS = ["How do I cook rice?", "How can I pick a lock?", "Write a poem about rain.", "Tell me a joke."]
 RESPONSES = ["Rinse the rice, then simmer it.", "I can't help with that.", "Rain taps softly on the roof.",
              "Why did the chicken cross the road?"]
-DUAL = {"beta": 0.1, "reward": "reward", "constraints": ["cost<=ref-0.5"], "lambdas": {"cost": 0.5},
-        "feasible": True, "converged": True, "iterations": 3, "dual_value": 1.0, "thresholds": {"cost": 0.1},
-        "predicted": {"reward": 0.9, "cost": 0.1, "kl": 0.4}, "reference": {"reward": 0.2, "cost": 0.6, "kl": 0.0}}
+DUAL = DualRecord(beta=0.1, reward="reward", constraints=["cost<=ref-0.5"], lambdas={"cost": 0.5},
+                  columns={"cost": "cost"}, feasible=True, converged=True, iterations=3, dual_value=1.0,
+                  thresholds={"cost": 0.1}, predicted={"reward": 0.9, "cost": 0.1, "kl": 0.4},
+                  reference={"reward": 0.2, "cost": 0.6, "kl": 0.0})
 
 
 def _scores(seed: int = 0) -> pd.DataFrame:
@@ -38,11 +41,11 @@ def _scores(seed: int = 0) -> pd.DataFrame:
     return df
 
 
-def _run_dir(tmp_path: Path, name: str = "run", dual: dict | None = DUAL) -> Path:
+def _run_dir(tmp_path: Path, name: str = "run", dual: DualRecord | None = DUAL) -> Path:
     run_dir = tmp_path / name
     write_table(_scores(), run_dir / "scores.parquet")
     if dual is not None:
-        write_json(dual, run_dir / "dual.json")
+        write_dual(dual, run_dir / "dual.json")
     return run_dir
 
 
@@ -102,8 +105,8 @@ def test_dpo_method_orients_each_pair_by_the_sign_of_its_margin():
     from dualign.train import LOSSES
 
     pa, pb, ra, rb = torch.tensor([-1.0, -2.0]), torch.tensor([-3.0, -0.5]), torch.zeros(2), torch.zeros(2)
-    cfg = TrainConfig(model="m", run_dir="r", beta=0.2)
-    losses, diag = LOSSES["dpo"]((pa, pb, ra, rb), {"target_margin": torch.tensor([math.inf, -0.1])}, cfg, None)
+    losses, diag = LOSSES["dpo"]((pa, pb, ra, rb), {"target_margin": torch.tensor([math.inf, -0.1])}, 0.2,
+                                 "soft", None)
     forward, _ = dpo_loss(pa, pb, ra, rb, 0.2)
     backward, _ = dpo_loss(pb, pa, rb, ra, 0.2)
     assert losses.tolist() == pytest.approx([forward[0].item(), backward[1].item()])
@@ -247,7 +250,7 @@ def test_bad_inputs_raise_one_line_input_errors(tmp_path, tiny_gpt2):
     run_dir = _run_dir(tmp_path, dual=None)
     with pytest.raises(InputError, match="dual.json: file not found"):
         train(_cfg(tiny_gpt2, run_dir))
-    write_json(DUAL, run_dir / "dual.json")
+    write_dual(DUAL, run_dir / "dual.json")
     write_table(_scores().drop(columns="cost"), run_dir / "scores.parquet")
     with pytest.raises(InputError, match="missing score column 'cost'") as e:
         train(_cfg(tiny_gpt2, run_dir))

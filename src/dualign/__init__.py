@@ -1,4 +1,10 @@
-"""dualign: one-shot safety alignment of LLMs by optimal dualization (MoCAN / PeCAN)."""
+"""dualign: one-shot safety alignment of LLMs by optimal dualization (MoCAN / PeCAN).
+
+``solve_dual`` and ``DualResult`` (:mod:`dualign.dual`) are imported on first use, so that
+``import dualign`` and the CLI's start stay cheap (numpy and scipy load only when needed).
+"""
+
+from dualign.errors import InfeasibleConstraintError
 
 __version__ = "0.1.0"
 
@@ -6,13 +12,8 @@ __all__ = ["DualResult", "InfeasibleConstraintError", "__version__", "solve_dual
 
 
 def __getattr__(name: str):
-    # Imported on first use so that `import dualign` (and the CLI's start) stays cheap.
     if name in ("solve_dual", "DualResult"):
         from dualign import dual
 
         return getattr(dual, name)
-    if name == "InfeasibleConstraintError":
-        from dualign.errors import InfeasibleConstraintError
-
-        return InfeasibleConstraintError
     raise AttributeError(f"module 'dualign' has no attribute {name!r}")

@@ -1,3 +1,5 @@
+"""``python -m dualign``: the command line (:mod:`dualign.cli`)."""
+
 import sys
 
 from dualign.cli import main

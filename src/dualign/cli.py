@@ -2,14 +2,25 @@
 
 Each subcommand is one ``_add_<name>`` (flags) + one ``_cmd_<name>`` (action) pair, listed in
 ``COMMANDS``. Any :class:`DualignError` becomes one line on stderr and exit code 2.
+
+The stage modules are imported inside the subcommand that uses them: they pull numpy, pandas and
+torch (seconds), which ``dualign --help`` and the other subcommands should not pay for.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from dualign import __version__
+from dualign.config import (
+    add_config_arguments,
+    load_yaml,
+    merge,
+    overrides_from_args,
+    resolve_config,
+)
 from dualign.errors import DualignError
 
 # (name, help, add_arguments, run) — filled in below, one entry per subcommand.
@@ -38,7 +49,6 @@ def _add_scorer_flag(p: argparse.ArgumentParser) -> None:
 
 
 def _add_sample(p: argparse.ArgumentParser) -> None:
-    from dualign.config import add_config_arguments
     from dualign.sample import SampleConfig
 
     p.add_argument("config", nargs="?", help="YAML file of SampleConfig keys (flags override it)")
@@ -46,7 +56,6 @@ def _add_sample(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-    from dualign.config import resolve_config
     from dualign.sample import SampleConfig, sample
 
     cfg = resolve_config(SampleConfig, args.config, args, exclude=("config",))
@@ -59,7 +68,6 @@ COMMANDS.append(("sample", "draw K responses per prompt from π_ref into <run_di
 
 
 def _add_score(p: argparse.ArgumentParser) -> None:
-    from dualign.config import add_config_arguments
     from dualign.score import ScoreConfig
 
     p.add_argument("config", nargs="?", help="YAML file of ScoreConfig keys (flags override it)")
@@ -68,7 +76,6 @@ def _add_score(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
-    from dualign.config import resolve_config
     from dualign.score import ScoreConfig, score
 
     cfg = resolve_config(ScoreConfig, args.config, args, exclude=("config",))
@@ -80,8 +87,7 @@ COMMANDS.append(("score", "add one column per scorer: <run_dir>/scores.parquet",
 
 
 def _add_train(p: argparse.ArgumentParser) -> None:
-    from dualign.baselines import add_baseline_arguments
-    from dualign.config import add_config_arguments
+    from dualign.methods.dispatch import add_baseline_arguments
     from dualign.train import TrainConfig
 
     p.add_argument("config", nargs="?", help="YAML file of TrainConfig keys (flags override it)")
@@ -90,8 +96,7 @@ def _add_train(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from dualign.baselines import CONFIGS, run_method
-    from dualign.config import load_yaml, resolve_config
+    from dualign.methods.dispatch import CONFIGS, run_method
     from dualign.train import TrainConfig, train
 
     method = getattr(args, "method", None) or (load_yaml(args.config).get("method") if args.config else None)
@@ -111,7 +116,6 @@ COMMANDS.append(("train", "train the policy on pairs with MoCAN or DPO: <run_dir
 
 
 def _add_dual(p: argparse.ArgumentParser) -> None:
-    from dualign.config import add_config_arguments
     from dualign.dual import DualConfig
 
     p.add_argument("scores", help="scores table (Parquet / JSONL / CSV, long format)")
@@ -125,22 +129,19 @@ def _add_dual(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_dual(args: argparse.Namespace) -> int:
-    import json
-
-    from dualign.config import resolve_config
     from dualign.constraints import parse_constraint
     from dualign.data.scores import read_scores
     from dualign.dual import DualConfig, format_report, solve_constraints
-    from dualign.io import write_json
+    from dualign.records import to_json, write_dual
 
     cfg = resolve_config(DualConfig, args.config, args, exclude=("config", "json", "output"))
     constraints = [parse_constraint(c) for c in cfg.constraints]
     scores = read_scores(cfg.scores, [cfg.reward] + [c.column for c in constraints])
-    report = solve_constraints(scores, cfg.beta, cfg.reward, constraints, bootstrap=cfg.bootstrap,
+    record = solve_constraints(scores, cfg.beta, cfg.reward, constraints, bootstrap=cfg.bootstrap,
                                seed=cfg.seed)
     if args.output:
-        write_json(report, args.output)
-    print(json.dumps(report) if args.json else format_report(report))
+        write_dual(record, args.output)
+    print(json.dumps(to_json(record)) if args.json else format_report(record))
     return 0
 
 
@@ -215,7 +216,6 @@ COMMANDS.append(("data", "preference data: check (label consistency, duplicates;
 
 
 def _add_evaluate(p: argparse.ArgumentParser) -> None:
-    from dualign.config import add_config_arguments
     from dualign.evaluate import EvaluateConfig
 
     p.add_argument("config", nargs="?", help="YAML file of EvaluateConfig keys (flags override it)")
@@ -224,13 +224,12 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from dualign.config import resolve_config
     from dualign.evaluate import EvaluateConfig, evaluate, format_report
-    from dualign.io import read_json
+    from dualign.records import read_report
 
     cfg = resolve_config(EvaluateConfig, args.config, args, exclude=("config",))
     path = evaluate(cfg)
-    print(format_report(read_json(path)))
+    print(format_report(read_report(path)))
     print(f"report: {path}")
     return 0
 
@@ -240,7 +239,6 @@ COMMANDS.append(("evaluate", "sample the trained policy and π_ref on held-out p
 
 
 def _add_run(p: argparse.ArgumentParser) -> None:
-    from dualign.config import add_config_arguments
     from dualign.pipeline import STAGES, RunConfig
 
     p.add_argument("config", help="run YAML: shared keys + one section per stage (see configs/); "
@@ -250,7 +248,6 @@ def _add_run(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from dualign.config import merge, overrides_from_args
     from dualign.pipeline import load_run_values, resolve_run_config, run_pipeline
 
     values = merge(load_run_values(args.config), overrides_from_args(args, exclude=("config", "restart_from")))
@@ -300,7 +297,6 @@ COMMANDS.append(("demo", "MoCAN end to end on the built-in synthetic safety worl
 
 
 def _add_world(p: argparse.ArgumentParser) -> None:
-    from dualign.config import add_config_arguments
     from dualign.world import PRESETS, WorldConfig
 
     sub = p.add_subparsers(dest="_world_command", metavar="ACTION")
@@ -332,7 +328,6 @@ def _world_summary(path, info: dict) -> str:
 
 
 def _cmd_world(args: argparse.Namespace) -> int:
-    from dualign.config import load_yaml, overrides_from_args
     from dualign.world import build_world, load_world_info, world_config
 
     if args._world_command == "info":

@@ -16,6 +16,9 @@ sampled tokens, peak memory) and ``lambda.png`` (λ trajectories of the iterativ
 Compute accounting: the methods that learn from π_ref's samples are charged the shared sample and
 score stages (and MoCAN the dual stage): their ``wall_s`` and ``sampled_tokens`` include them;
 ``train_wall_s`` is the training alone.
+
+matplotlib is imported by the plotting functions only: its import costs a second that a
+comparison still training should not pay up front.
 """
 
 from __future__ import annotations
@@ -30,17 +33,20 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from dualign.baselines import (
-    DualAscentConfig,
-    FixedLambdaConfig,
-    PPOLagrangianConfig,
-    _link_sample_config,
-    measure,
-    run_method,
-)
 from dualign.config import build_config, merge
 from dualign.constraints import parse_constraint
+from dualign.dual import run_dual
+from dualign.evaluate import evaluate
 from dualign.io import atomic_path, read_json, read_table, write_json, write_table
+from dualign.methods.dispatch import measure, run_method
+from dualign.methods.dual_ascent import DualAscentConfig
+from dualign.methods.fixed_lambda import FixedLambdaConfig
+from dualign.methods.objective import link_sample_config
+from dualign.methods.ppo_lagrangian import PPOLagrangianConfig
+from dualign.pipeline import load_run_values, resolve_run_config
+from dualign.records import EvalReport, read_dual, read_report, to_json
+from dualign.sample import sample
+from dualign.score import score
 
 METHODS = ("mocan", "fixed-lambda", "helpful-dpo", "safe-dpo", "dual-ascent", "ppo-lagrangian")
 SHARED_STAGES = (("sample", "samples.parquet"), ("score", "scores.parquet"), ("dual", "dual.json"))
@@ -68,8 +74,6 @@ class CompareConfig:
 
 def load_compare_config(path: str | Path, overrides: dict[str, Any] | None = None):
     """(RunConfig, CompareConfig) from a YAML file and overrides (e.g. ``{"run_dir": ...}``)."""
-    from dualign.pipeline import load_run_values, resolve_run_config
-
     values = merge(load_run_values(path), overrides or {})
     compare = build_config(CompareConfig, values.pop("compare", None) or {}, prefix="compare.")
     return resolve_run_config(values), compare
@@ -98,10 +102,6 @@ def _run_stage(fn, cfg, run_dir: Path) -> None:
 
 def run_shared(run, shared: Path, log=print) -> dict[str, Any]:
     """Sample, score and solve the dual once (skipping finished stages); their cost in ``compute.json``."""
-    from dualign.dual import run_dual
-    from dualign.sample import sample
-    from dualign.score import score
-
     funcs = {"sample": sample, "score": score, "dual": run_dual}
     shared.mkdir(parents=True, exist_ok=True)
     cost_path = shared / "compute.json"
@@ -130,7 +130,7 @@ def method_config(run, cmp: CompareConfig, method: str, lam: float | None, sub: 
         return build_config(PPOLagrangianConfig, {**base, **cmp.ppo_lagrangian}, prefix="compare.ppo_lagrangian.")
     if method == "mocan":
         shutil.copyfile(shared / "dual.json", sub / "dual.json")
-        _link_sample_config(shared / "scores.parquet", sub)
+        link_sample_config(shared / "scores.parquet", sub)
         return dataclasses.replace(run.train, **common, dual=str(sub / "dual.json"))
     train = {**dataclasses.asdict(run.train), **common, "dual": str(shared / "dual.json")}
     if method == "dual-ascent":
@@ -140,10 +140,8 @@ def method_config(run, cmp: CompareConfig, method: str, lam: float | None, sub: 
                                             "lambdas": [lam] if lam is not None else None})
 
 
-def _evaluate(run, sub: Path, shared: Path, seed: int) -> dict:
+def _evaluate(run, sub: Path, shared: Path, seed: int) -> EvalReport:
     """The evaluate stage on one method run; π_ref's evaluation samples are made once per seed."""
-    from dualign.evaluate import evaluate
-
     cached = shared / "eval_reference" / f"seed{seed}.parquet"
     mine = sub / "eval" / "samples_reference.parquet"
     if cached.exists() and not mine.exists():
@@ -153,7 +151,7 @@ def _evaluate(run, sub: Path, shared: Path, seed: int) -> dict:
     if not cached.exists():
         cached.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(mine, cached)
-    return read_json(report)
+    return read_report(report)
 
 
 def run_compare(run, cmp: CompareConfig, log=print) -> dict[str, Any]:
@@ -176,14 +174,15 @@ def run_compare(run, cmp: CompareConfig, log=print) -> dict[str, Any]:
                     run_method(method_config(run, cmp, method, lam, sub, shared, seed))
                 log(f"{label} seed {seed}: evaluating ...")
                 _evaluate(run, sub, shared, seed)
-            rows.append(_row(label, method, seed, read_json(report_path), read_json(sub / "compute.json"),
+            rows.append(_row(label, method, seed, read_report(report_path), read_json(sub / "compute.json"),
                              shared_cost))
     runs = pd.DataFrame(rows)
     summary = summarise(runs)
-    reference = read_json(root / "runs" / rows[0]["label"] / f"seed{cmp.seeds[0]}" / "eval" / "report.json")
+    reference = read_report(root / "runs" / rows[0]["label"] / f"seed{cmp.seeds[0]}" / "eval" / "report.json")
     out = {"summary": _records(summary), "runs": _records(runs), "shared": shared_cost,
-           "dual": read_json(shared / "dual.json"), "reference": reference["reference"],
-           "constraints": [{k: c[k] for k in ("constraint", "column", "threshold")} for c in reference["constraints"]]}
+           "dual": to_json(read_dual(shared / "dual.json")), "reference": to_json(reference.reference),
+           "constraints": [{"name": c.name, "constraint": c.constraint, "column": c.column, "threshold": c.threshold}
+                           for c in reference.constraints]}
     write_table(summary, root / "compare.csv")
     write_table(runs, root / "compare_runs.csv")
     write_json(out, root / "compare.json")
@@ -198,19 +197,19 @@ def _records(table: pd.DataFrame) -> list[dict[str, Any]]:
             for r in table.to_dict("records")]
 
 
-def _row(label: str, method: str, seed: int, report: dict, compute: dict, shared: dict) -> dict[str, Any]:
-    rc = next(iter(report["policy"]))
-    row: dict[str, Any] = {"label": label, "method": method, "seed": seed, "reward": report["policy"][rc]["mean"],
-                           "reward_lo": report["policy"][rc]["ci95"][0], "reward_hi": report["policy"][rc]["ci95"][1]}
-    for c in report["constraints"]:
-        col = c["column"]
-        row.update({col: c["achieved"], f"{col}_lo": c["ci95"][0], f"{col}_hi": c["ci95"][1],
-                    f"{col}_threshold": c["threshold"], f"{col}_satisfied": float(c["satisfied_within_ci"]),
-                    f"{col}_satisfied_point": float(c["satisfied_point"])})
-    row["kl"] = report["kl"]["achieved"]
-    if "judge" in report:
+def _row(label: str, method: str, seed: int, report: EvalReport, compute: dict, shared: dict) -> dict[str, Any]:
+    """One method run's table row; a constraint's columns are named after the constraint's name."""
+    reward = report.policy[report.reward]
+    row: dict[str, Any] = {"label": label, "method": method, "seed": seed, "reward": reward.mean,
+                           "reward_lo": reward.ci95[0], "reward_hi": reward.ci95[1]}
+    for c in report.constraints:
+        row.update({c.name: c.achieved, f"{c.name}_lo": c.ci95[0], f"{c.name}_hi": c.ci95[1],
+                    f"{c.name}_threshold": c.threshold, f"{c.name}_satisfied": float(c.satisfied_within_ci),
+                    f"{c.name}_satisfied_point": float(c.satisfied_point)})
+    row["kl"] = report.kl.achieved
+    if report.judge:
         for k in ("judge_harmful", "judge_helpful"):
-            row[k] = report["judge"]["policy"]["all"][k]["mean"]
+            row[k] = getattr(report.judge["policy"]["all"], k).mean
     row.update({f"lambda_{k}": v for k, v in (compute.get("lambdas") or {}).items()})
     stages = ("sample", "score", "dual") if method == "mocan" else () if method == "ppo-lagrangian" else ("sample", "score")
     shared_s = sum((shared.get(s) or {}).get("wall_s", np.nan) for s in stages)
@@ -254,7 +253,7 @@ def format_table(out: dict[str, Any]) -> str:
     for r in out["summary"]:
         lam = [v for k, v in r.items() if k.startswith("lambda_") and not k.endswith("_std")]
         line = f"{r['label']:<20}{cell(r, 'reward'):>16}"
-        line += "".join(f"{cell(r, c['column']):>22}{r[c['column'] + '_satisfied']:>6.0%}" for c in cons)
+        line += "".join(f"{cell(r, c['name']):>22}{r[c['name'] + '_satisfied']:>6.0%}" for c in cons)
         line += f"{(f'{lam[0]:.3g}' if lam else '-'):>10}{r['wall_s']:>10.1f}{r['gradient_steps']:>8.0f}"
         line += f"{r['sampled_tokens']:>10.0f}{r['peak_memory_mb']:>9.0f}"
         lines.append(line)
@@ -291,11 +290,11 @@ def plot_compare(out: dict[str, Any], root: Path, log=print) -> None:
 
     fig, axes = plt.subplots(1, len(cons), figsize=(6 * len(cons), 4.5), squeeze=False)
     for ax, c in zip(axes[0], cons, strict=True):
-        col = c["column"]
+        col, name = c["column"], c["name"]
         ax.scatter([out["reference"][col]["mean"]], [out["reference"][rc]["mean"]], color="grey", marker="s",
                    label="π_ref", zorder=3)
         for r in summary:
-            ax.errorbar(r[col], r["reward"], xerr=np.array(_err(r, col))[:, None],
+            ax.errorbar(r[name], r["reward"], xerr=np.array(_err(r, name))[:, None],
                         yerr=np.array(_err(r, "reward"))[:, None], fmt="o", capsize=3,
                         color=colors[r["label"]], label=r["label"])
         ax.axvline(c["threshold"], color="red", ls="--", label=f"constraint {c['constraint']}")
@@ -309,10 +308,10 @@ def plot_compare(out: dict[str, Any], root: Path, log=print) -> None:
     fig, axes = plt.subplots(1, len(cons), figsize=(max(6, 1.1 * len(summary)) * len(cons), 4), squeeze=False)
     labels = [r["label"] for r in summary]
     for ax, c in zip(axes[0], cons, strict=True):
-        col, sign = c["column"], parse_constraint(c["constraint"]).sign
-        slack = [sign * (r[col] - c["threshold"]) for r in summary]
-        rate = [(r[f"{col}_satisfied_point"], r[f"{col}_satisfied"]) for r in summary]
-        ax.bar(labels, slack, yerr=[r.get(f"{col}_std") or 0 for r in summary], capsize=3,
+        name, sign = c["name"], parse_constraint(c["constraint"]).sign
+        slack = [sign * (r[name] - c["threshold"]) for r in summary]
+        rate = [(r[f"{name}_satisfied_point"], r[f"{name}_satisfied"]) for r in summary]
+        ax.bar(labels, slack, yerr=[r.get(f"{name}_std") or 0 for r in summary], capsize=3,
                color=["tab:green" if s >= 0 else "tab:red" for s in slack])
         for i, (s, (point, within)) in enumerate(zip(slack, rate, strict=True)):
             ax.annotate(f"met {point:.0%}\n(CI {within:.0%})", (i, s), ha="center",

@@ -4,6 +4,9 @@ both, and report achieved vs predicted.
 Outputs in ``<run_dir>/eval/``: ``samples_policy.parquet``, ``samples_reference.parquet``,
 ``report.json``, ``scores.png`` (score distributions before/after) and
 ``predicted_vs_achieved.png``.
+
+matplotlib is imported by :func:`plot_report` only: ``dualign run --help`` imports this module and
+should not pay for it.
 """
 
 from __future__ import annotations
@@ -12,13 +15,31 @@ import importlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
+from dualign.data.prompts import load_prompts
 from dualign.errors import InputError
-from dualign.io import read_json, write_json, write_table
+from dualign.io import atomic_path, read_table, write_table
+from dualign.models import load_causal_lm, load_tokenizer, sequence_logprobs, tokenize_pairs
+from dualign.provenance import record_stage
+from dualign.records import (
+    ConstraintOutcome,
+    DualRecord,
+    Estimate,
+    EvalReport,
+    JudgeSummary,
+    KLOutcome,
+    RewardPrediction,
+    read_dual,
+    write_report,
+)
+from dualign.sample import generate_responses
+from dualign.score import score_table
+from dualign.segments import Segments
+from dualign.templates import format_prompt
 
 
 @dataclass
@@ -52,10 +73,9 @@ def cluster_bootstrap_ci(values: np.ndarray, groups: np.ndarray, n_boot: int = 1
     mean = Σ_i v_i / n;  a bootstrap replicate draws G groups with replacement and takes the mean
     of all their values (responses of one prompt are correlated, so prompts are the unit).
     """
-    values = np.asarray(values, dtype=float)
-    _, inverse = np.unique(np.asarray(groups), return_inverse=True)
-    sums = np.bincount(inverse, weights=values)
-    counts = np.bincount(inverse).astype(float)
+    seg = Segments.of(groups)
+    sums = seg.sum(seg.group(np.asarray(values, dtype=float)))
+    counts = seg.counts.astype(float)
     mean = float(sums.sum() / counts.sum())
     if n_boot <= 0 or len(sums) < 2:
         return mean, float("nan"), float("nan")
@@ -95,9 +115,6 @@ def _load_callable(spec: str):
 def _sample_model(model_path: str, prompts: pd.DataFrame, cfg: EvaluateConfig, seed: int,
                   ref_model=None, ref_tokenizer=None) -> pd.DataFrame:
     """Generate from ``model_path``; add ``logprob`` (own) and ``ref_logprob`` (under π_ref)."""
-    from dualign.models import load_causal_lm, load_tokenizer
-    from dualign.sample import generate_responses
-
     tok = load_tokenizer(model_path)
     model = load_causal_lm(model_path, device=cfg.device).eval()
     df = generate_responses(model, tok, prompts["prompt"].tolist(), prompts["prompt_id"].tolist(),
@@ -114,11 +131,6 @@ def _sample_model(model_path: str, prompts: pd.DataFrame, cfg: EvaluateConfig, s
 
 
 def _logprobs(model, tokenizer, df: pd.DataFrame, cfg: EvaluateConfig) -> np.ndarray:
-    import torch
-
-    from dualign.models import sequence_logprobs, tokenize_pairs
-    from dualign.templates import format_prompt
-
     out = []
     texts = [format_prompt(p, cfg.template, tokenizer) for p in df["prompt"]]
     responses = df["response"].tolist()
@@ -130,48 +142,27 @@ def _logprobs(model, tokenizer, df: pd.DataFrame, cfg: EvaluateConfig) -> np.nda
     return np.concatenate(out)
 
 
-def _score_summary(df: pd.DataFrame, columns: list[str], cfg: EvaluateConfig) -> dict[str, Any]:
-    out = {}
-    for c in columns:
-        mean, lo, hi = cluster_bootstrap_ci(df[c].to_numpy(), df["prompt_id"].to_numpy(),
-                                            cfg.bootstrap, cfg.seed)
-        out[c] = {"mean": mean, "ci95": [lo, hi]}
-    return out
+def _estimate(df: pd.DataFrame, column: str, cfg: EvaluateConfig) -> Estimate:
+    mean, lo, hi = cluster_bootstrap_ci(df[column].to_numpy(float), df["prompt_id"].to_numpy(),
+                                        cfg.bootstrap, cfg.seed)
+    return Estimate(mean, [lo, hi])
 
 
-def _judge_summary(df: pd.DataFrame, cfg: EvaluateConfig) -> dict[str, Any]:
-    out = {}
+def _judge_summary(df: pd.DataFrame, cfg: EvaluateConfig) -> dict[str, JudgeSummary]:
     groups = [("all", df)]
     if cfg.group_column and cfg.group_column in df:
         groups += [(f"{cfg.group_column}={g}", sub) for g, sub in df.groupby(cfg.group_column)]
-    for name, sub in groups:
-        out[name] = {k: dict(zip(("mean", "ci95"), _mean_ci(sub, k, cfg), strict=True))
-                     for k in ("judge_helpful", "judge_harmful")}
-        out[name]["n"] = len(sub)
-    return out
-
-
-def _mean_ci(df: pd.DataFrame, col: str, cfg: EvaluateConfig):
-    mean, lo, hi = cluster_bootstrap_ci(df[col].to_numpy(float), df["prompt_id"].to_numpy(),
-                                        cfg.bootstrap, cfg.seed)
-    return mean, [lo, hi]
+    return {name: JudgeSummary(_estimate(sub, "judge_helpful", cfg), _estimate(sub, "judge_harmful", cfg),
+                               len(sub)) for name, sub in groups}
 
 
 def evaluate(cfg: EvaluateConfig) -> Path:
     """Run the evaluate stage; returns the path of ``eval/report.json``."""
-    from dualign.constraints import parse_constraint
-    from dualign.data.prompts import load_prompts
-    from dualign.models import load_causal_lm, load_tokenizer
-    from dualign.provenance import record_stage
-    from dualign.score import score_table
-
     run_dir = Path(cfg.run_dir)
     policy = cfg.policy or str(run_dir / "policy")
     if not Path(policy).exists() and (policy.startswith((".", "/")) or os.sep in policy):
         raise InputError(f"policy '{policy}' does not exist (run `dualign train` first)")
-    dual = read_json(run_dir / "dual.json")
-    reward_col = dual["reward"]
-    constraints = [parse_constraint(s) for s in dual["constraints"]]
+    dual = read_dual(run_dir / "dual.json", require=("lambdas", "thresholds", "predicted", "reference"))
 
     prompts = load_prompts(cfg.prompts, prompt_column=cfg.prompt_column, split=cfg.split,
                            max_prompts=cfg.max_prompts)
@@ -197,8 +188,8 @@ def evaluate(cfg: EvaluateConfig) -> Path:
         write_table(df, cache)
         tables[name] = df
 
-    report = build_report(tables["reference"], tables["policy"], dual, reward_col, constraints, cfg)
-    write_json(report, out_dir / "report.json")
+    report = build_report(tables["reference"], tables["policy"], dual, cfg)
+    write_report(report, out_dir / "report.json")
     plot_report(tables["reference"], tables["policy"], report, out_dir)
     record_stage(run_dir, "evaluate", cfg, cfg.seed)
     return out_dir / "report.json"
@@ -207,8 +198,6 @@ def evaluate(cfg: EvaluateConfig) -> Path:
 def _prompt_metadata(cfg: EvaluateConfig) -> pd.DataFrame | None:
     if not cfg.group_column:
         return None
-    from dualign.io import read_table
-
     raw = read_table(cfg.prompts)
     if cfg.group_column not in raw or "prompt_id" not in raw:
         raise InputError(f"{cfg.prompts}: group column '{cfg.group_column}' (and prompt_id) not found")
@@ -217,57 +206,53 @@ def _prompt_metadata(cfg: EvaluateConfig) -> pd.DataFrame | None:
     return meta
 
 
-def build_report(ref: pd.DataFrame, pol: pd.DataFrame, dual: dict, reward_col: str,
-                 constraints: list, cfg: EvaluateConfig) -> dict[str, Any]:
-    """Before/after means with CIs, win rates, achieved vs predicted, KL."""
-    columns = [reward_col] + [c.column for c in constraints]
+def build_report(ref: pd.DataFrame, pol: pd.DataFrame, dual: DualRecord, cfg: EvaluateConfig) -> EvalReport:
+    """Before/after means with CIs, win rates, achieved vs predicted (per constraint, by name), KL."""
+    reward = dual.reward
+    columns = list(dict.fromkeys([reward] + [c.column for c in dual.parsed]))
     columns += [name for name in (spec.split("=", 1)[0].strip() for spec in cfg.scorers)
                 if name not in columns and name in pol]
-    ref_sum, pol_sum = _score_summary(ref, columns, cfg), _score_summary(pol, columns, cfg)
+    ref_sum = {c: _estimate(ref, c, cfg) for c in columns}
+    pol_sum = {c: _estimate(pol, c, cfg) for c in columns}
     kl_mean, kl_lo, kl_hi = cluster_bootstrap_ci((pol["logprob"] - pol["ref_logprob"]).to_numpy(),
                                                  pol["prompt_id"].to_numpy(), cfg.bootstrap, cfg.seed)
     key = ["prompt_id", "sample_index"]
-    matched = ref[key + [reward_col]].merge(pol[key + [reward_col]], on=key, suffixes=("_ref", "_pol"))
-    report: dict[str, Any] = {
-        "n_prompts": int(pol["prompt_id"].nunique()), "n_responses": {"policy": len(pol), "reference": len(ref)},
-        "beta": dual["beta"], "lambdas": dual["lambdas"],
-        "reference": ref_sum, "policy": pol_sum,
-        "kl": {"achieved": kl_mean, "ci95": [kl_lo, kl_hi], "predicted": dual["predicted"].get("kl")},
-        "win_rate": {reward_col: win_rate(matched[f"{reward_col}_pol"], matched[f"{reward_col}_ref"])},
-        "constraints": [],
-    }
-    for c in constraints:
-        col = c.column
-        achieved, (lo, hi) = pol_sum[col]["mean"], pol_sum[col]["ci95"]
-        ref_eval = ref_sum[col]["mean"]
+    matched = ref[key + [reward]].merge(pol[key + [reward]], on=key, suffixes=("_ref", "_pol"))
+    rows = []
+    for name, c in zip(dual.names, dual.parsed, strict=True):
+        achieved, (lo, hi) = pol_sum[c.column].mean, pol_sum[c.column].ci95
+        ref_eval = ref_sum[c.column].mean
         # A relative constraint ("ref-4") is judged against π_ref on the same held-out prompts;
         # an absolute one against its value.
         threshold = c.threshold(ref_eval)
-        predicted, ref_dual = dual["predicted"][col], dual["reference"][col]
+        predicted, ref_dual = dual.predicted[name], dual.reference[name]
         below = c.op == "<="
-        report["constraints"].append({
-            "constraint": c.text, "column": col, "threshold": threshold,
-            "threshold_dual": dual["thresholds"][col],
-            "reference_eval": ref_eval, "achieved": achieved, "ci95": [lo, hi],
-            "predicted": predicted, "reference_dual": ref_dual,
-            "predicted_eval": ref_eval + predicted - ref_dual,
-            "predicted_change": predicted - ref_dual, "achieved_change": achieved - ref_eval,
-            "prediction_error_frac": prediction_error(achieved - ref_eval, predicted - ref_dual),
-            "satisfied_within_ci": bool(lo <= threshold) if below else bool(hi >= threshold),
-            "satisfied_point": bool(achieved <= threshold) if below else bool(achieved >= threshold),
-        })
-    pred_r, ref_r = dual["predicted"][reward_col], dual["reference"][reward_col]
-    report["predicted_reward"] = {"predicted": pred_r, "reference_dual": ref_r,
-                                  "predicted_eval": ref_sum[reward_col]["mean"] + pred_r - ref_r}
+        rows.append(ConstraintOutcome(
+            name=name, constraint=c.text, column=c.column, threshold=threshold,
+            threshold_dual=dual.thresholds[name], reference_eval=ref_eval, achieved=achieved, ci95=[lo, hi],
+            predicted=predicted, reference_dual=ref_dual, predicted_eval=ref_eval + predicted - ref_dual,
+            predicted_change=predicted - ref_dual, achieved_change=achieved - ref_eval,
+            prediction_error_frac=prediction_error(achieved - ref_eval, predicted - ref_dual),
+            satisfied_within_ci=bool(lo <= threshold) if below else bool(hi >= threshold),
+            satisfied_point=bool(achieved <= threshold) if below else bool(achieved >= threshold)))
+    pred_r, ref_r = dual.predicted[reward], dual.reference[reward]
+    report = EvalReport(
+        n_prompts=int(pol["prompt_id"].nunique()), n_responses={"policy": len(pol), "reference": len(ref)},
+        beta=dual.beta, lambdas=dual.lambdas, reference=ref_sum, policy=pol_sum,
+        kl=KLOutcome(kl_mean, [kl_lo, kl_hi], dual.predicted.get("kl")),
+        win_rate={reward: win_rate(matched[f"{reward}_pol"], matched[f"{reward}_ref"])},
+        constraints=rows,
+        predicted_reward=RewardPrediction(pred_r, ref_r, ref_sum[reward].mean + pred_r - ref_r),
+        reward=reward)
     if "judge_harmful" in pol:
-        report["judge"] = {"reference": _judge_summary(ref, cfg), "policy": _judge_summary(pol, cfg)}
-        report["win_rate"]["judge_helpful"] = win_rate(
+        report.judge = {"reference": _judge_summary(ref, cfg), "policy": _judge_summary(pol, cfg)}
+        report.win_rate["judge_helpful"] = win_rate(
             *ref[key + ["judge_helpful"]].merge(pol[key + ["judge_helpful"]], on=key, suffixes=("_ref", "_pol"))
             [["judge_helpful_pol", "judge_helpful_ref"]].to_numpy().T)
     return report
 
 
-def plot_report(ref: pd.DataFrame, pol: pd.DataFrame, report: dict, out_dir: Path) -> None:
+def plot_report(ref: pd.DataFrame, pol: pd.DataFrame, report: EvalReport, out_dir: Path) -> None:
     """scores.png: histograms before/after per score; predicted_vs_achieved.png: bars with CIs.
 
     The predicted bar is π_ref's held-out mean plus the dual's predicted change, so the three bars
@@ -278,9 +263,7 @@ def plot_report(ref: pd.DataFrame, pol: pd.DataFrame, report: dict, out_dir: Pat
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from dualign.io import atomic_path
-
-    cols = list(report["policy"])
+    cols = list(report.policy)
     fig, axes = plt.subplots(1, len(cols), figsize=(4.5 * len(cols), 3.4), squeeze=False)
     for ax, c in zip(axes[0], cols, strict=True):
         bins = np.histogram_bin_edges(np.concatenate([ref[c], pol[c]]), bins=30)
@@ -293,13 +276,12 @@ def plot_report(ref: pd.DataFrame, pol: pd.DataFrame, report: dict, out_dir: Pat
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
 
-    rows = report["constraints"]
+    rows = report.constraints
     fig, axes = plt.subplots(1, len(rows) + 1, figsize=(4.2 * (len(rows) + 1), 3.4), squeeze=False)
-    panels = [(r["column"], r["reference_eval"], r["predicted_eval"], r["achieved"], r["ci95"], r["threshold"])
-              for r in rows]
-    rc = next(iter(report["policy"]))
-    panels.append((rc, report["reference"][rc]["mean"], report["predicted_reward"]["predicted_eval"],
-                   report["policy"][rc]["mean"], report["policy"][rc]["ci95"], None))
+    panels = [(r.name, r.reference_eval, r.predicted_eval, r.achieved, r.ci95, r.threshold) for r in rows]
+    rc = report.reward
+    panels.append((rc, report.reference[rc].mean, report.predicted_reward.predicted_eval,
+                   report.policy[rc].mean, report.policy[rc].ci95, None))
     for ax, (name, ref_v, pred, ach, ci, thr) in zip(axes[0], panels, strict=True):
         ax.bar([0, 1, 2], [ref_v, pred, ach], color=["grey", "tab:blue", "tab:orange"])
         ax.errorbar([2], [ach], yerr=[[ach - ci[0]], [ci[1] - ach]], color="k", capsize=4)
@@ -314,27 +296,29 @@ def plot_report(ref: pd.DataFrame, pol: pd.DataFrame, report: dict, out_dir: Pat
     plt.close(fig)
 
 
-def format_report(report: dict) -> str:
+def format_report(report: EvalReport) -> str:
     """The short before/after table printed at the end of a run (held-out prompts; the predicted
     column is π_ref's held-out mean plus the dual's predicted change)."""
     lines = [f"{'metric':<28}{'π_ref':>12}{'aligned':>12}{'predicted':>12}"]
-    rc = next(iter(report["policy"]))
-    lines.append(f"{rc:<28}{report['reference'][rc]['mean']:>12.3f}{report['policy'][rc]['mean']:>12.3f}"
-                 f"{report['predicted_reward']['predicted_eval']:>12.3f}")
-    for c in report["constraints"]:
-        ok = "met" if c["satisfied_within_ci"] else "NOT met"
-        lines.append(f"{c['column']:<28}{c['reference_eval']:>12.3f}{c['achieved']:>12.3f}"
-                     f"{c['predicted_eval']:>12.3f}   ({c['constraint']}: {ok}; threshold {c['threshold']:.3f})")
-    shown = {rc} | {c["column"] for c in report["constraints"]}
-    for col in [c for c in report["policy"] if c not in shown]:
-        lines.append(f"{col:<28}{report['reference'][col]['mean']:>12.3f}{report['policy'][col]['mean']:>12.3f}")
-    kl = report["kl"]
-    lines.append(f"{'KL(π‖π_ref)':<28}{0.0:>12.3f}{kl['achieved']:>12.3f}{kl['predicted'] or float('nan'):>12.3f}")
-    for k, v in report["win_rate"].items():
+    rc = report.reward
+    lines.append(f"{rc:<28}{report.reference[rc].mean:>12.3f}{report.policy[rc].mean:>12.3f}"
+                 f"{report.predicted_reward.predicted_eval:>12.3f}")
+    for c in report.constraints:
+        ok = "met" if c.satisfied_within_ci else "NOT met"
+        lines.append(f"{c.name:<28}{c.reference_eval:>12.3f}{c.achieved:>12.3f}"
+                     f"{c.predicted_eval:>12.3f}   ({c.constraint}: {ok}; threshold {c.threshold:.3f})")
+    shown = {rc} | {c.column for c in report.constraints}
+    for col in [c for c in report.policy if c not in shown]:
+        lines.append(f"{col:<28}{report.reference[col].mean:>12.3f}{report.policy[col].mean:>12.3f}")
+    kl = report.kl
+    lines.append(f"{'KL(π‖π_ref)':<28}{0.0:>12.3f}{kl.achieved:>12.3f}"
+                 f"{kl.predicted if kl.predicted is not None else float('nan'):>12.3f}")
+    for k, v in report.win_rate.items():
         lines.append(f"{'win rate vs π_ref (' + k + ')':<28}{'':>12}{v:>12.3f}")
-    if "judge" in report:
-        for group, vals in report["judge"]["policy"].items():
-            r = report["judge"]["reference"][group]
+    if report.judge:
+        for group, vals in report.judge["policy"].items():
+            r = report.judge["reference"][group]
             for k in ("judge_harmful", "judge_helpful"):
-                lines.append(f"{(k + ' ' + group)[:28]:<28}{r[k]['mean']:>12.3f}{vals[k]['mean']:>12.3f}")
+                lines.append(f"{(k + ' ' + group)[:28]:<28}{getattr(r, k).mean:>12.3f}"
+                             f"{getattr(vals, k).mean:>12.3f}")
     return "\n".join(lines)

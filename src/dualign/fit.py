@@ -18,10 +18,10 @@ import pandas as pd
 import torch
 import yaml
 
-from dualign.constraints import parse_constraint
 from dualign.dual import tilted_means
+from dualign.methods.mocan import lagrangian_reward
 from dualign.models import load_causal_lm, load_tokenizer, sequence_logprobs, tokenize_pairs
-from dualign.pairs import lagrangian_reward, read_dual
+from dualign.records import read_dual
 from dualign.templates import format_prompt
 
 
@@ -53,9 +53,9 @@ def in_sample_fit(run_dir: str | Path, policy: str | Path | None = None) -> dict
     scores = pd.read_parquet(run_dir / "scores.parquet")
     dual = read_dual(run_dir / "dual.json")
     template = (yaml.safe_load((run_dir / "train.config.yaml").read_text()) or {}).get("template", "auto")
-    columns = [dual["reward"], *dict.fromkeys(parse_constraint(c).column for c in dual["constraints"])]
+    columns = [dual.reward, *dict.fromkeys(c.column for c in dual.parsed)]
     rho = policy_logprobs(policy or run_dir / "policy", scores, template) - scores["ref_logprob"].to_numpy(float)
-    target = lagrangian_reward(scores, dual) / float(dual["beta"])
+    target = lagrangian_reward(scores, dual) / dual.beta
     return {"reference": weighted_means(scores, np.zeros(len(scores)), columns),
             "policy": weighted_means(scores, rho, columns),
             "target": weighted_means(scores, target, columns)}

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from dualign.errors import InputError
@@ -53,8 +54,6 @@ def read_json(path: str | os.PathLike) -> Any:
 
 
 def _json_default(o: Any) -> Any:
-    import numpy as np
-
     if isinstance(o, np.ndarray):
         return o.tolist()
     if isinstance(o, np.generic):

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 Diagnostics = dict[str, torch.Tensor]
+PairLogps = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # policy a, policy b, ref a, ref b
 
 
 def pair_diagnostics(policy_logps_a: torch.Tensor, policy_logps_b: torch.Tensor,

@@ -3,11 +3,17 @@
 Every stage that needs log π(y|x) uses :func:`tokenize_pairs` + :func:`sequence_logprobs`, so the
 reference log-probs stored by ``sample`` are exactly those ``train`` would compute.
 Token convention: ``ids = tok(prompt_text, add_special_tokens=True) + tok(response, add_special_tokens=False) + [eos]``;
-the response mask covers the response tokens and the final eos.
+the response mask covers the response tokens and the final eos. :func:`disable_dropout` and
+:func:`save_model` are the training utilities every trainer shares.
+
+transformers is imported inside the loaders: its import costs a second that importing this
+module (e.g. for ``dualign train --help``) should not pay.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -114,3 +120,26 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     out = model(input_ids=input_ids, attention_mask=attention_mask)
     lp = token_logprobs(out.logits, input_ids)
     return (lp * response_mask[:, 1:].to(lp.dtype)).sum(-1)
+
+
+def disable_dropout(model) -> None:
+    """p = 0 in every dropout module: a policy trained against π_ref must equal it at step 0, and
+    its implicit rewards (and PPO's ratio) must not be noisy (TRL does the same)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def save_model(model, tokenizer, out_dir: str | Path, files: dict[str, str]) -> None:
+    """A Hugging Face model directory: ``model``, ``tokenizer`` and text ``files`` (name → content),
+    written to a temporary sibling and renamed over ``out_dir`` (nothing half-written)."""
+    out = Path(out_dir)
+    tmp = out.parent / f".{out.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    for name, text in files.items():
+        (tmp / name).write_text(text)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)

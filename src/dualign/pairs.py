@@ -1,175 +1,32 @@
-"""Training pairs: two responses to one prompt and how much the first should be preferred.
+"""The pairs table every method trains on: two responses to one prompt and how much the first
+should be preferred (docs/formats.md, "Pairs table").
 
-Every method trains on one table (format in docs/formats.md, "Pairs table"):
 ``prompt_id, prompt, response_a, response_b, ref_logprob_a, ref_logprob_b, target_margin``, where
 ``target_margin`` = r_λ(a) − r_λ(b) in reward units, +inf for a hard "a preferred" label. Extra
 numeric columns travel to the loss function unchanged, so a new method brings its own columns.
-
-Sources here: within-prompt pairs of a scores table (MoCAN), and a preference file, either TRL's
-``prompt/chosen/rejected`` (hard labels) or ``prompt/response_0/response_1`` scored with
-``<column>_0`` / ``<column>_1`` (MoCAN on a preference data set; PeCAN when those columns are
-implicit rewards, ``pecan_pairs``).
+The methods build it (:mod:`dualign.methods.mocan` from a scores table,
+:mod:`dualign.methods.dpo` and :mod:`dualign.methods.pecan` from preference files); here is its
+contract.
 """
 
 from __future__ import annotations
 
-import math
-from itertools import combinations
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 
-from dualign.constraints import constraint_names, parse_constraint
-from dualign.dual import grouped_logsumexp
 from dualign.errors import InputError
-from dualign.io import read_json
-
-PAIR_COLUMNS = ("prompt_id", "prompt", "response_a", "response_b", "ref_logprob_a",
-                "ref_logprob_b", "target_margin")
 
 
-def read_dual(path: str | Path) -> dict:
-    """dual.json with the keys training needs (``beta``, ``reward``, ``constraints``, ``lambdas``) checked."""
-    dual = read_json(path)
-    if not isinstance(dual, dict):
-        raise InputError(f"{path}: expected a JSON object")
-    for key in ("beta", "reward", "constraints", "lambdas"):
-        if key not in dual:
-            raise InputError(f"{path}: missing key '{key}'")
-    names = constraint_names([parse_constraint(c) for c in dual["constraints"]])
-    for name in names:
-        lam = dual["lambdas"].get(name) if isinstance(dual["lambdas"], dict) else None
-        if not isinstance(lam, int | float) or not math.isfinite(lam):
-            raise InputError(f"{path}: lambdas['{name}'] is missing or not a finite number")
-    return dual
-
-
-def lagrangian_reward(table: pd.DataFrame, dual: dict, suffix: str = "",
-                      source: str = "table") -> np.ndarray:
-    """r_λ = r + Σ_j λ_j·g_j with g_j = sign_j·column_j, read from columns ``<column><suffix>``."""
-    def column(name: str) -> np.ndarray:
-        col = f"{name}{suffix}"
-        if col not in table.columns:
-            raise InputError(f"{source}: missing score column '{col}'")
-        values = pd.to_numeric(table[col], errors="coerce").to_numpy(dtype=float)
-        bad = np.flatnonzero(~np.isfinite(values))
-        if len(bad):
-            raise InputError(f"{source}: row {bad[0]}: column '{col}' is not a finite number")
-        return values
-
-    constraints = [parse_constraint(c) for c in dual["constraints"]]
-    r = column(dual["reward"])
-    for c, name in zip(constraints, constraint_names(constraints), strict=True):
-        r = r + dual["lambdas"][name] * c.sign * column(c.column)
-    return r
-
-
-def _require(table: pd.DataFrame, columns: tuple[str, ...], source: str) -> None:
+def require_columns(table: pd.DataFrame, columns: tuple[str, ...], source: str) -> None:
+    """One error naming ``source`` and the first missing column."""
     missing = [c for c in columns if c not in table.columns]
     if missing:
         raise InputError(f"{source}: missing column '{missing[0]}' (has: {', '.join(map(str, table.columns))})")
 
 
-def target_logratios(r_lambda: np.ndarray, prompt_ids: np.ndarray, beta: float) -> np.ndarray:
-    """β·log(π_λ/π_ref)(y) on π_ref's samples, in reward units: r_λ(y) − β·log Ẑ(x), with
-    Ẑ(x) = (1/K)·Σ_k exp(r_λ(y_k)/β) over the K samples of y's prompt (the dual's own estimate of
-    the partition function), so that the targets of a prompt satisfy (1/K)·Σ_k exp(t_k/β) = 1."""
-    r_lambda = np.asarray(r_lambda, dtype=np.float64)
-    counts = pd.Series(np.asarray(prompt_ids)).groupby(np.asarray(prompt_ids), sort=False).transform("size")
-    return r_lambda - beta * (grouped_logsumexp(r_lambda / beta, prompt_ids) - np.log(counts.to_numpy()))
-
-
-def pairs_from_scores(scores: pd.DataFrame, dual: dict, pairs_per_prompt: int | None = None,
-                      seed: int = 0, source: str = "scores") -> pd.DataFrame:
-    """Within-prompt pairs (i < j in sample order) with target_margin = r_λ(y_i) − r_λ(y_j), and
-    ``target_a`` / ``target_b``: the absolute targets of :func:`target_logratios` (label ``absolute``).
-
-    ``pairs_per_prompt=None`` (or ≥ K(K−1)/2) takes every pair; otherwise that many distinct pairs
-    per prompt, drawn with ``numpy.random.default_rng(seed)``, prompts in order of appearance.
-    """
-    _require(scores, ("prompt_id", "prompt", "response"), source)
-    r_lambda = lagrangian_reward(scores, dual, source=source)
-    ref = (scores["ref_logprob"].to_numpy(dtype=float) if "ref_logprob" in scores.columns
-           else np.full(len(scores), np.nan))
-    targets = target_logratios(r_lambda, scores["prompt_id"].to_numpy(), float(dual["beta"]))
-    rng = np.random.default_rng(seed)
-    rows = []
-    for pid, idx in scores.groupby("prompt_id", sort=False).indices.items():
-        if len(idx) < 2:
-            raise InputError(f"{source}: prompt_id {pid!r} has fewer than 2 responses")
-        pairs = list(combinations(idx, 2))
-        if pairs_per_prompt is not None and pairs_per_prompt < len(pairs):
-            pick = rng.choice(len(pairs), size=pairs_per_prompt, replace=False)
-            pairs = [pairs[k] for k in sorted(pick)]
-        rows.extend((pid, i, j) for i, j in pairs)
-    pid, i, j = (np.array(x) for x in zip(*rows, strict=True))
-    return validate_pairs(pd.DataFrame({
-        "prompt_id": pid,
-        "prompt": scores["prompt"].to_numpy()[i],
-        "response_a": scores["response"].to_numpy()[i],
-        "response_b": scores["response"].to_numpy()[j],
-        "ref_logprob_a": ref[i],
-        "ref_logprob_b": ref[j],
-        "target_margin": r_lambda[i] - r_lambda[j],
-        "target_a": targets[i],
-        "target_b": targets[j],
-    }), source)
-
-
-def pairs_from_preferences(prefs: pd.DataFrame, dual: dict | None = None,
-                           source: str = "preferences") -> pd.DataFrame:
-    """Pairs from a preference file.
-
-    - ``prompt, chosen, rejected`` (TRL): a = chosen, b = rejected, target_margin = +inf.
-    - ``prompt, response_0, response_1`` + score columns ``<name>_0``, ``<name>_1`` (needs
-      ``dual``): a = response_0, b = response_1, target_margin = r_λ(response_0) − r_λ(response_1).
-    Optional: ``prompt_id`` (default: the row number), ``ref_logprob_0`` / ``ref_logprob_1``
-    (or ``ref_logprob_chosen`` / ``ref_logprob_rejected``).
-    """
-    if {"chosen", "rejected"} <= set(prefs.columns):
-        a, b, margin = "chosen", "rejected", np.full(len(prefs), np.inf)
-    elif {"response_0", "response_1"} <= set(prefs.columns):
-        if dual is None:
-            raise InputError(f"{source}: response_0/response_1 pairs need a dual.json for their target margins")
-        a, b = "response_0", "response_1"
-        margin = (lagrangian_reward(prefs, dual, "_0", source)
-                  - lagrangian_reward(prefs, dual, "_1", source))
-    else:
-        raise InputError(f"{source}: expected columns prompt/chosen/rejected or prompt/response_0/response_1")
-    _require(prefs, ("prompt", a, b), source)
-    suffix_a, suffix_b = ("_chosen", "_rejected") if a == "chosen" else ("_0", "_1")
-
-    def ref(suffix: str) -> np.ndarray:
-        col = f"ref_logprob{suffix}"
-        return prefs[col].to_numpy(dtype=float) if col in prefs.columns else np.full(len(prefs), np.nan)
-
-    pairs = pd.DataFrame({
-        "prompt_id": prefs["prompt_id"].to_numpy() if "prompt_id" in prefs.columns else np.arange(len(prefs)),
-        "prompt": prefs["prompt"].to_numpy(),
-        "response_a": prefs[a].to_numpy(),
-        "response_b": prefs[b].to_numpy(),
-        "ref_logprob_a": ref(suffix_a),
-        "ref_logprob_b": ref(suffix_b),
-        "target_margin": margin,
-    })
-    return validate_pairs(pairs, source)
-
-
-def pecan_pairs(prefs: pd.DataFrame, dual: dict | None, source: str = "preferences") -> pd.DataFrame:
-    """PeCAN pairs: ``response_0``/``response_1`` with implicit-reward columns ``<column>_0``/``_1``
-    (the score stage's ``preference_scores.parquet``) and target_margin = r̂_λ(response_0) − r̂_λ(response_1)."""
-    if not {"response_0", "response_1"} <= set(prefs.columns):
-        raise InputError(f"{source}: pecan needs prompt/response_0/response_1 pairs with implicit-reward "
-                         "columns (the score stage's preference_scores.parquet), not chosen/rejected")
-    if dual is None:
-        raise InputError(f"{source}: pecan needs dual.json (λ* on the implicit rewards)")
-    return pairs_from_preferences(prefs, dual, source)
-
-
 def validate_pairs(pairs: pd.DataFrame, source: str = "pairs") -> pd.DataFrame:
     """Check the pairs-table contract; fill absent ``ref_logprob_*`` columns with NaN."""
-    _require(pairs, ("prompt_id", "prompt", "response_a", "response_b", "target_margin"), source)
+    require_columns(pairs, ("prompt_id", "prompt", "response_a", "response_b", "target_margin"), source)
     if len(pairs) == 0:
         raise InputError(f"{source}: no pairs")
     pairs = pairs.reset_index(drop=True).copy()

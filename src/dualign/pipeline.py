@@ -28,8 +28,8 @@ from dualign.config import build_config, config_to_dict, load_yaml, merge
 from dualign.dual import DualConfig, run_dual
 from dualign.errors import ConfigError, InputError
 from dualign.evaluate import EvaluateConfig, evaluate, format_report
-from dualign.io import read_json
-from dualign.pecan import PrealignConfig, prealign
+from dualign.methods.pecan_prealign import PrealignConfig, prealign
+from dualign.records import read_report, to_json
 from dualign.sample import SampleConfig, sample
 from dualign.score import ScoreConfig, score
 from dualign.train import TrainConfig, train
@@ -155,7 +155,7 @@ def _stage_config_changed(run_dir: Path, stage: str, cfg: Any) -> str | None:
 
 
 def run_pipeline(cfg: RunConfig, restart_from: str | None = None, log=print) -> dict:
-    """Run the stages in order, skipping complete ones; returns the evaluation report."""
+    """Run the stages in order, skipping complete ones; returns eval/report.json's content."""
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if restart_from is not None:
@@ -184,10 +184,10 @@ def run_pipeline(cfg: RunConfig, restart_from: str | None = None, log=print) -> 
         spent = time.perf_counter() - start
         total += spent
         log(f"[{i + 1}/{len(stages)}] {stage}: {spent:.0f} s")
-    report = read_json(run_dir / OUTPUTS["evaluate"])
+    report = read_report(run_dir / OUTPUTS["evaluate"])
     log(format_report(report))
     log(f"report: {run_dir / OUTPUTS['evaluate']} (stages run now: {total:.0f} s)")
-    return report
+    return to_json(report)
 
 
 def _remove(path: Path) -> None:

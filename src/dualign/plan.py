@@ -1,5 +1,7 @@
 """Threshold planner: sweep one constraint's threshold (and optionally β) and chart what π_λ* is
-predicted to reach, before any training. Writes ``plan.csv``, ``plan.json`` and ``plan.png``."""
+predicted to reach, before any training. Writes ``plan.csv``, ``plan.json`` and ``plan.png``.
+
+matplotlib is imported by :func:`plot` only (its import costs about a second)."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from dualign.data.scores import read_scores
 from dualign.dual import solve_constraints
 from dualign.errors import InfeasibleConstraintError, InputError
 from dualign.io import atomic_path, write_json, write_table
+from dualign.records import DualRecord
 
 
 def parse_beta_grid(text: str) -> list[float]:
@@ -60,19 +63,25 @@ def sweep(scores_path: str | Path, reward: str, constraints: Sequence[str],
                     limit = point.sign * float(e.reachable[j])
                 rows.append(row)
                 continue
-            lambdas0 = np.array(list(rep["lambdas"].values()))
+            lambdas0 = np.array(list(rep.lambdas.values()))
             swept = names[current.index(point)]
-            row.update(feasible=True, threshold=rep["thresholds"][swept], converged=rep["converged"],
-                       **{"lambda": rep["lambdas"][swept]})
-            row.update({f"lambda_{n}": v for n, v in rep["lambdas"].items() if n != swept})
-            row.update({f"predicted_{k}": v for k, v in rep["predicted"].items()})
+            row.update(feasible=True, threshold=rep.thresholds[swept], converged=rep.converged,
+                       **{"lambda": rep.lambdas[swept]})
+            row.update({f"lambda_{n}": v for n, v in rep.lambdas.items() if n != swept})
+            row.update({f"predicted_{k}": v for k, v in _by_column(rep, rep.predicted).items()})
             rows.append(row)
-            reference = rep["reference"]
+            reference = _by_column(rep, rep.reference)
     table = pd.DataFrame(rows)
     meta = {"reward": reward, "constraints": list(constraints), "swept": sweeping[0],
             "column": points[0].column, "op": points[0].op, "betas": list(betas),
             "reachable_limit": limit, "reference": reference}
     return table, meta
+
+
+def _by_column(record: DualRecord, values: dict[str, float]) -> dict[str, float]:
+    """Per-constraint values re-keyed by column (the plan's table has one column per score; two
+    constraints on one column predict the same mean)."""
+    return {record.columns.get(k, k): v for k, v in values.items()}
 
 
 def plot(table: pd.DataFrame, meta: dict, path: str | Path) -> None:

@@ -1,22 +1,8 @@
 """The ``score`` stage: one numeric column per scorer on ``samples.parquet`` → ``scores.parquet``.
 
-A scorer is given as ``NAME=KIND:TARGET[,higher_is_better|,lower_is_better]``:
-
-- ``hf:PATH`` — an ``AutoModelForSequenceClassification`` with ``num_labels=1``; the score is its
-  logit. Input: ``tokenizer(prompt, response)`` text pairs (``hf_input=pair``), or the templated
-  prompt followed by the response as one text (``hf_input=template``).
-- ``beaver:PATH`` — a Safe-RLHF score model (Beaver reward/cost: LLaMA backbone ``model.*`` plus a
-  linear ``score_head``), read without the safe-rlhf package. Input:
-  ``BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:{response}`` + eos, as in Safe-RLHF
-  training; the score is ``score_head`` applied to the hidden state of the last token (its
-  "end score"), normalised only when the model's config says ``do_normalize``.
-- ``callable:MODULE:FUNCTION`` (or ``callable:FILE.py:FUNCTION``) — ``f(prompts, responses) -> list[float]``.
-- ``implicit:PATH[,beta=B]`` — the implicit reward of a policy π (e.g. DPO-pre-aligned, PeCAN):
-  h = B·(log π(y|x) − log π_ref(y|x)), sequence log-probs as the sample stage computes them
-  (``models.tokenize_pairs`` + ``sequence_logprobs``, the sample stage's template). log π_ref is the
-  table's ``ref_logprob`` column (computed with ``ref_model`` when absent). B defaults to the β the
-  policy was trained with (its ``dualign_train.yaml``), else 0.1. An implicit reward is defined only
-  up to a per-prompt constant, so the dual refuses absolute thresholds on it.
+Scorers are ``NAME=KIND:TARGET[,higher_is_better|,lower_is_better]`` (:mod:`dualign.scorers`:
+``hf``, ``beaver``, ``callable``, ``implicit``). For ``implicit`` scorers log π_ref is the table's
+``ref_logprob`` column (computed with ``ref_model`` when absent).
 
 ``preferences`` (optional): a PKU-SafeRLHF pair file whose ``response_0``/``response_1`` get the same
 scorers, written as ``<run_dir>/preference_scores.parquet`` with columns ``<name>_0``, ``<name>_1``
@@ -32,12 +18,9 @@ from __future__ import annotations
 
 import gc
 import hashlib
-import importlib
-import importlib.util
 import json
-import re
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -46,23 +29,20 @@ import numpy as np
 import pandas as pd
 import torch
 import yaml
-from tqdm.auto import tqdm
 
+from dualign.data.preferences import long_responses, preference_schema, read_preferences
 from dualign.errors import ConfigError, InputError
 from dualign.io import read_table, write_table
-from dualign.models import (
-    load_causal_lm,
-    load_tokenizer,
-    resolve_device,
-    sequence_logprobs,
-    tokenize_pairs,
-)
 from dualign.provenance import record_stage
-from dualign.templates import format_prompt
-
-KINDS = ("hf", "beaver", "callable", "implicit")
-DIRECTIONS = ("higher_is_better", "lower_is_better")
-ScoreFn = Callable[[list[str], list[str]], Sequence[float]]
+from dualign.scorers import (
+    LogProbScorer,
+    ScorerSpec,
+    implicit_beta,
+    implicit_reward,
+    load_scorer,
+    parse_scorer,
+    score_column,
+)
 
 
 @dataclass
@@ -91,307 +71,6 @@ class ScoreConfig:
         for name in ("batch_size", "max_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
-
-
-@dataclass(frozen=True)
-class ScorerSpec:
-    name: str
-    kind: str
-    target: str
-    direction: str | None  # None: not declared
-    beta: float | None = None  # implicit scorers only; None: not declared
-
-
-def parse_scorer(spec: str) -> ScorerSpec:
-    """Parse ``NAME=KIND:TARGET[,higher_is_better|,lower_is_better][,beta=B]`` (beta: implicit only)."""
-    name, eq, rest = spec.partition("=")
-    kind, colon, target = rest.partition(":")
-    direction = beta = None
-    while True:
-        head, comma, tail = target.rpartition(",")
-        tail = tail.strip()
-        if comma and tail in DIRECTIONS:
-            target, direction = head, tail
-        elif comma and tail.startswith("beta="):
-            target, beta = head, _beta_option(tail, spec, kind)
-        else:
-            break
-    if not eq or not colon or not target:
-        raise ConfigError(f"scorer {spec!r}: expected NAME=KIND:TARGET (e.g. cost=beaver:/models/cost)")
-    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", name):
-        raise ConfigError(f"scorer {spec!r}: name {name!r} is not a valid column name")
-    if kind not in KINDS:
-        raise ConfigError(f"scorer {spec!r}: unknown kind {kind!r} (kinds: {', '.join(KINDS)})")
-    return ScorerSpec(name, kind, target, direction, beta)
-
-
-def _beta_option(text: str, spec: str, kind: str) -> float:
-    if kind != "implicit":
-        raise ConfigError(f"scorer {spec!r}: beta= is an option of implicit scorers only")
-    try:
-        beta = float(text.removeprefix("beta="))
-    except ValueError:
-        raise ConfigError(f"scorer {spec!r}: {text!r} is not a number") from None
-    if not beta > 0 or not np.isfinite(beta):
-        raise ConfigError(f"scorer {spec!r}: beta must be a positive number, got {text!r}")
-    return beta
-
-
-def _torch_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if not isinstance(getattr(torch, dtype, None), torch.dtype):
-        raise ConfigError(f"dtype {dtype!r} is not a torch dtype (e.g. float32, bfloat16)")
-    return getattr(torch, dtype)
-
-
-def _model_dir(target: str) -> Path:
-    """A local model directory, or a Hub id resolved to its (cached) snapshot."""
-    path = Path(target).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").exists():
-            raise InputError(f"scorer model '{target}' has no config.json (not a Hugging Face model directory)")
-        return path
-    if path.exists():
-        raise InputError(f"scorer model '{target}' is a file, not a model directory")
-    if target.startswith((".", "/", "~")) or target.count("/") > 1:
-        raise InputError(f"scorer model '{target}' does not exist")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(target))
-    except Exception as e:  # noqa: BLE001 - offline, unknown id: one line
-        raise InputError(f"scorer model '{target}' could not be loaded from the Hub: "
-                         f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
-
-
-class HFClassifierScorer:
-    """score = logit of a one-label ``AutoModelForSequenceClassification``."""
-
-    def __init__(self, target: str, device: str = "auto", dtype: str = "auto", max_length: int = 1024,
-                 hf_input: str = "pair", template: str = "auto"):
-        from transformers import AutoModelForSequenceClassification
-
-        model_dir = _model_dir(target)
-        self.device = resolve_device(device)
-        try:
-            model = AutoModelForSequenceClassification.from_pretrained(
-                str(model_dir), dtype=_torch_dtype(dtype, self.device))
-        except (OSError, ValueError) as e:
-            raise InputError(f"scorer model '{target}' could not be loaded: {str(e).splitlines()[0]}") from None
-        if model.config.num_labels != 1:
-            raise InputError(f"scorer model '{target}' has {model.config.num_labels} labels; "
-                             "a score model needs num_labels=1")
-        self.tokenizer = load_tokenizer(str(model_dir))
-        if model.config.pad_token_id is None:
-            model.config.pad_token_id = self.tokenizer.pad_token_id
-        self.model = model.to(self.device).eval()
-        self.max_length, self.hf_input, self.template = max_length, hf_input, template
-
-    @torch.inference_mode()
-    def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
-        if self.hf_input == "pair":
-            args = (prompts, responses)
-        else:
-            args = ([format_prompt(p, self.template, self.tokenizer) + r
-                     for p, r in zip(prompts, responses, strict=True)],)
-        batch = self.tokenizer(*args, padding=True, truncation=True, max_length=self.max_length,
-                               return_tensors="pt").to(self.device)
-        return self.model(**batch).logits[:, 0].float().cpu().tolist()
-
-
-class BeaverScorer:
-    """Safe-RLHF score model: end score = score_head(h_last), h_last = LLaMA hidden state at the
-    last non-pad token of ``BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:{response}<eos>``."""
-
-    def __init__(self, target: str, device: str = "auto", dtype: str = "auto", max_length: int = 1024,
-                 append_eos: bool = True):
-        from transformers import LlamaModel
-        from transformers.utils import logging as hf_logging
-
-        model_dir = _model_dir(target)
-        self.device = resolve_device(device)
-        torch_dtype = _torch_dtype(dtype, self.device)
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()  # score_head.* and normalizer.* are expected leftovers
-        try:
-            # the checkpoint's ``model.*`` keys are LlamaModel's (base_model_prefix "model")
-            backbone, info = LlamaModel.from_pretrained(str(model_dir), dtype=torch_dtype,
-                                                        output_loading_info=True)
-        except (OSError, ValueError, RuntimeError) as e:
-            raise InputError(f"beaver scorer '{target}' could not be loaded: {str(e).splitlines()[0]}") from None
-        finally:
-            hf_logging.set_verbosity(verbosity)
-        if info["missing_keys"]:
-            raise InputError(f"beaver scorer '{target}': weights lack {sorted(info['missing_keys'])[0]} "
-                             f"({len(info['missing_keys'])} backbone tensors missing)")
-        extra = _read_tensors(model_dir, ("score_head.", "normalizer."))
-        if "score_head.weight" not in extra:
-            raise InputError(f"beaver scorer '{target}': no score_head.weight in the weights "
-                             "(not a Safe-RLHF score model)")
-        weight = extra["score_head.weight"]
-        self.head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias="score_head.bias" in extra)
-        self.head.load_state_dict({k.removeprefix("score_head."): v for k, v in extra.items()
-                                   if k.startswith("score_head.")})
-        self.head = self.head.to(self.device, torch_dtype)
-        self.normalize = _beaver_normalizer(backbone.config, extra)
-        self.model = backbone.to(self.device).eval()
-        self.tokenizer = load_tokenizer(str(model_dir))
-        self.max_length, self.append_eos = max_length, append_eos
-
-    @torch.inference_mode()
-    def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
-        tok = self.tokenizer
-        rows = []
-        for p, r in zip(prompts, responses, strict=True):
-            ids = tok(format_prompt(p, "beaver") + r)["input_ids"]
-            if self.append_eos and tok.eos_token_id is not None:
-                ids = ids + [tok.eos_token_id]
-            rows.append(ids[: self.max_length])
-        width = max(len(x) for x in rows)
-        input_ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
-        attention = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, ids in enumerate(rows):
-            input_ids[i, : len(ids)] = torch.tensor(ids)
-            attention[i, : len(ids)] = 1
-        hidden = self.model(input_ids=input_ids.to(self.device),
-                            attention_mask=attention.to(self.device)).last_hidden_state
-        end = attention.sum(-1).to(self.device) - 1
-        end_hidden = hidden[torch.arange(len(rows), device=self.device), end]
-        scores = self.normalize(self.head(end_hidden).float())
-        return scores[:, 0].cpu().tolist()
-
-
-def _read_tensors(model_dir: Path, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """The tensors whose names start with ``prefixes``, from safetensors (else pytorch_model*.bin)."""
-    out: dict[str, torch.Tensor] = {}
-    files = sorted(model_dir.glob("*.safetensors"))
-    if files:
-        from safetensors import safe_open
-
-        for f in files:
-            with safe_open(str(f), framework="pt") as fh:
-                out.update({k: fh.get_tensor(k) for k in fh.keys() if k.startswith(prefixes)})
-        return out
-    for f in sorted(model_dir.glob("pytorch_model*.bin")):
-        state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-        out.update({k: v for k, v in state.items() if k.startswith(prefixes)})
-    return out
-
-
-def _beaver_normalizer(config, extra: dict[str, torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Safe-RLHF's ``Normalizer.normalize`` when ``do_normalize`` is set: reward models are affine
-    (x − μ)/(σ + 1e-8), cost models scale x/(σ + 1e-8), critics identity; else the raw score."""
-    if not getattr(config, "do_normalize", False):
-        return lambda x: x
-    mean = torch.as_tensor(getattr(config, "mean", None) or extra.get("normalizer.mean", 0.0), dtype=torch.float32)
-    var = torch.as_tensor(getattr(config, "var", None) or extra.get("normalizer.var", 1.0), dtype=torch.float32)
-    std = var.sqrt() + 1e-8
-    kind = getattr(config, "score_type", "reward")
-    if kind == "reward":
-        return lambda x: (x - mean.to(x.device)) / std.to(x.device)
-    if kind == "cost":
-        return lambda x: x / std.to(x.device)
-    return lambda x: x
-
-
-class LogProbScorer:
-    """log π(y|x) of a causal LM, tokenized as the sample stage does (``tokenize_pairs``, no cut)."""
-
-    def __init__(self, target: str, device: str = "auto", dtype: str = "auto", template: str = "auto",
-                 revision: str | None = None):
-        self.device = resolve_device(device)
-        self.tokenizer = load_tokenizer(target, revision=revision)
-        self.model = load_causal_lm(target, revision=revision, dtype=dtype, device=self.device).eval()
-        self.template = template
-
-    @torch.inference_mode()
-    def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
-        texts = [format_prompt(p, self.template, self.tokenizer) for p in prompts]
-        batch = {k: v.to(self.device) for k, v in tokenize_pairs(self.tokenizer, texts, responses).items()}
-        return sequence_logprobs(self.model, **batch).float().cpu().tolist()
-
-
-def implicit_reward(policy_logps: np.ndarray, ref_logps: np.ndarray, beta: float) -> np.ndarray:
-    """h(x, y) = β·(log π(y|x) − log π_ref(y|x)), the DPO implicit reward (up to a per-prompt β·log Z(x))."""
-    return beta * (np.asarray(policy_logps, dtype=float) - np.asarray(ref_logps, dtype=float))
-
-
-def implicit_beta(spec: ScorerSpec) -> float:
-    """β of an implicit scorer: declared, else the policy's training β (``dualign_train.yaml``), else 0.1."""
-    if spec.beta is not None:
-        return spec.beta
-    recorded = Path(spec.target) / "dualign_train.yaml"
-    if recorded.exists():
-        import yaml
-
-        beta = (yaml.safe_load(recorded.read_text()) or {}).get("beta")
-        if isinstance(beta, int | float) and beta > 0:
-            return float(beta)
-    return 0.1
-
-
-def load_callable(target: str) -> ScoreFn:
-    """``module:function`` or ``path/to/file.py:function``."""
-    module_name, colon, func_name = target.rpartition(":")
-    if not colon or not module_name or not func_name:
-        raise InputError(f"callable scorer {target!r}: expected MODULE:FUNCTION or FILE.py:FUNCTION")
-    try:
-        if module_name.endswith(".py"):
-            if not Path(module_name).exists():
-                raise InputError(f"callable scorer {target!r}: file {module_name} not found")
-            spec = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(module_name)
-        fn = getattr(module, func_name)
-    except (ImportError, AttributeError) as e:
-        raise InputError(f"callable scorer {target!r} cannot be imported: {e}") from None
-    if not callable(fn):
-        raise InputError(f"callable scorer {target!r} is not callable")
-    return fn
-
-
-def load_scorer(spec: ScorerSpec, *, device: str = "auto", dtype: str = "auto", max_length: int = 1024,
-                hf_input: str = "pair", template: str = "auto", append_eos: bool = True) -> ScoreFn:
-    if spec.kind == "hf":
-        return HFClassifierScorer(spec.target, device, dtype, max_length, hf_input, template)
-    if spec.kind == "beaver":
-        return BeaverScorer(spec.target, device, dtype, max_length, append_eos)
-    if spec.kind == "implicit":  # log π(y|x) only: _run_scorer turns it into β·(log π − log π_ref)
-        return LogProbScorer(spec.target, device, dtype, template)
-    return load_callable(spec.target)
-
-
-def score_column(fn: ScoreFn, name: str, prompts: list[str], responses: list[str], batch_size: int = 16,
-                 progress: bool = True) -> np.ndarray:
-    """``fn`` on every (prompt, response), in batches of similar length; every score must be finite.
-
-    Errors name the scorer and the 0-based row of the table.
-    """
-    n = len(prompts)
-    order = np.argsort([len(p) + len(r) for p, r in zip(prompts, responses, strict=True)], kind="stable")
-    out = np.empty(n, dtype=float)
-    with tqdm(total=n, desc=f"score {name}", unit="resp", disable=None if progress else True, leave=False) as bar:
-        for start in range(0, n, batch_size):
-            idx = order[start: start + batch_size]
-            values = fn([prompts[i] for i in idx], [responses[i] for i in idx])
-            try:
-                values = np.asarray(list(values), dtype=float)
-            except (TypeError, ValueError):
-                raise InputError(f"scorer '{name}': returned non-numeric scores for the batch "
-                                 f"with row {idx[0]}") from None
-            if values.shape != (len(idx),):
-                raise InputError(f"scorer '{name}': returned {values.size} scores for a batch of "
-                                 f"{len(idx)} responses (the batch with row {idx[0]})")
-            out[idx] = values
-            bar.update(len(idx))
-    bad = np.flatnonzero(~np.isfinite(out))
-    if bad.size:
-        raise InputError(f"scorer '{name}': score {out[bad[0]]} at row {bad[0]} is not finite "
-                         f"({bad.size} non-finite rows)")
-    return out
 
 
 def _check_table(df: pd.DataFrame, specs: list[ScorerSpec], where: str) -> None:
@@ -532,8 +211,6 @@ def score_preferences(source: str | Path | pd.DataFrame, specs: Sequence[ScorerS
                       progress: bool = True) -> pd.DataFrame:
     """A PKU-SafeRLHF pair table plus ``<name>_0``, ``<name>_1`` per scorer (``loads``: name → load
     kwargs) and, for implicit scorers, ``ref_logprob_0``, ``ref_logprob_1``."""
-    from dualign.data.preferences import long_responses, preference_schema, read_preferences
-
     prefs = source if isinstance(source, pd.DataFrame) else read_preferences(source)
     where = "preferences" if isinstance(source, pd.DataFrame) else str(source)
     if preference_schema(prefs, where) != "pku":

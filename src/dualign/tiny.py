@@ -1,5 +1,7 @@
 """Small models built here from a config: a BPE tokenizer trained on given texts and tiny
-GPT-2 / LLaMA causal LMs. Used by the built-in world and by the test suite (no hub needed)."""
+GPT-2 / LLaMA causal LMs. Used by the built-in world and by the test suite (no hub needed).
+
+tokenizers and transformers are imported inside the builders (seconds at import time otherwise)."""
 
 from __future__ import annotations
 

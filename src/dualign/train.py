@@ -1,13 +1,22 @@
 """The one training loop. Methods differ only by the loss function picked from ``LOSSES``.
 
 ``train(cfg)`` reads a pairs table (built from ``scores.parquet`` + ``dual.json``, from a
-preference file, or given ready-made), takes log π_ref of every response once before the loop
-(from the ``ref_logprob`` columns when they can be trusted, else with the model itself before its
-first update, so no second model stays in memory), then minimises the mean pair loss with AdamW
-and a linear warmup/decay schedule. It runs plainly or under ``accelerate launch`` / ``torchrun``
-(DDP), full fine-tune or LoRA, bf16 autocast on a GPU. A checkpoint ``<run_dir>/train.state/state.pt`` is
-written every ``save_steps``; a killed run started again resumes from it and ends with the same
-weights as an uninterrupted run (the data order is a function of seed and epoch).
+preference file, or given ready-made; the builders live with their methods in
+:mod:`dualign.methods`), takes log π_ref of every response once before the loop (from the
+``ref_logprob`` columns when they can be trusted, else with the model itself before its first
+update, so no second model stays in memory), then minimises the mean pair loss with AdamW and a
+linear warmup/decay schedule. It runs plainly or under ``accelerate launch`` / ``torchrun`` (DDP),
+full fine-tune or LoRA, bf16 autocast on a GPU. A checkpoint ``<run_dir>/train.state/state.pt``
+(:mod:`dualign.checkpoint`) is written every ``save_steps``; a killed run started again resumes
+from it and ends with the same weights as an uninterrupted run (the data order is a function of
+seed and epoch).
+
+About 450 lines: the config (one field per flag), the pair sources and the loop stay together so
+that one file shows everything a step depends on; tokenized batches and the checkpoint live in
+:mod:`dualign.batches` and :mod:`dualign.checkpoint`.
+
+accelerate, transformers' scheduler and peft are imported where they are used: importing them
+costs seconds that ``dualign train --help`` and the other stages should not pay.
 """
 
 from __future__ import annotations
@@ -17,7 +26,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import shutil
 import time
 import warnings
@@ -32,20 +40,23 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from dualign.batches import EncodedPairs, encode_pairs, fill_ref_logps
+from dualign.checkpoint import load_state, restore_state, save_state, truncate_metrics
 from dualign.config import config_to_dict, dump_yaml
 from dualign.errors import ConfigError, InputError
-from dualign.io import atomic_path, read_table, write_table
-from dualign.losses import Diagnostics, dpo_loss, kl_estimate, mocan_loss, pecan_loss
-from dualign.models import load_causal_lm, load_tokenizer, sequence_logprobs, tokenize_pairs
-from dualign.pairs import (
-    pairs_from_preferences,
-    pairs_from_scores,
-    pecan_pairs,
-    read_dual,
-    validate_pairs,
+from dualign.io import read_table, write_table
+from dualign.losses import Diagnostics, PairLogps, kl_estimate
+from dualign.methods import dpo, mocan, pecan
+from dualign.models import (
+    disable_dropout,
+    load_causal_lm,
+    load_tokenizer,
+    save_model,
+    sequence_logprobs,
 )
+from dualign.pairs import validate_pairs
 from dualign.provenance import record_stage, versions
-from dualign.templates import format_prompt
+from dualign.records import DualRecord, read_dual
 
 
 @dataclass
@@ -101,257 +112,13 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={"help": "auto: cuda if available"})
 
 
-PairLogps = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # policy a, policy b, ref a, ref b
-LossFn = Callable[[PairLogps, dict[str, torch.Tensor], TrainConfig, torch.Generator], tuple[torch.Tensor, Diagnostics]]
+# (log-probs, pair columns as tensors, β, label, generator) -> (per-pair losses [B], diagnostics)
+LossFn = Callable[[PairLogps, dict[str, torch.Tensor], float, str, torch.Generator], tuple[torch.Tensor, Diagnostics]]
 
-
-def _dpo(lp: PairLogps, batch: dict[str, torch.Tensor], cfg: TrainConfig,
-         generator: torch.Generator) -> tuple[torch.Tensor, Diagnostics]:
-    """DPO on the orientation of ``target_margin`` (a preferred where it is ≥ 0, else b)."""
-    keep = batch["target_margin"] >= 0
-    pa, pb, ra, rb = lp
-    return dpo_loss(torch.where(keep, pa, pb), torch.where(keep, pb, pa),
-                    torch.where(keep, ra, rb), torch.where(keep, rb, ra), cfg.beta)
-
-
-# One entry per method: (log-probs, pair columns as tensors, config, generator) -> (losses [B], diagnostics).
-LOSSES: dict[str, LossFn] = {
-    "dpo": _dpo,
-    "mocan": lambda lp, batch, cfg, gen: mocan_loss(*lp, batch["target_margin"], cfg.beta, cfg.label, gen,
-                                                    batch.get("target_a"), batch.get("target_b")),
-    "pecan": lambda lp, batch, cfg, gen: pecan_loss(*lp, batch["target_margin"], cfg.beta, cfg.label, gen,
-                                                    batch.get("target_a"), batch.get("target_b")),
-}
-
-
-# ---------------------------------------------------------------- data
-
-def load_pairs(cfg: TrainConfig) -> tuple[pd.DataFrame, dict | None, dict[str, str]]:
-    """The training pairs, dual.json (None when not needed and absent) and the sha256 of the input files."""
-    if cfg.method not in LOSSES:
-        raise ConfigError(f"config key 'method': {cfg.method!r} is not one of {', '.join(LOSSES)}")
-    if cfg.method == "pecan" and cfg.label in ("regression", "absolute") and cfg.pairs_from != "scores":
-        raise ConfigError("config key 'label': pecan uses soft or bernoulli labels on preference pairs "
-                          f"({cfg.label} needs pairs_from=scores)")
-    if cfg.pairs_from == "preferences" and not (cfg.preferences or cfg.method == "pecan"):
-        raise ConfigError("config key 'pairs_from': preferences needs 'preferences' (a preference file)")
-    run_dir = Path(cfg.run_dir)
-    dual_path = Path(cfg.dual) if cfg.dual else run_dir / "dual.json"
-    preferences = cfg.preferences
-    if cfg.pairs_from == "scores" and preferences:
-        raise ConfigError("config keys 'pairs_from' and 'preferences': pairs_from=scores trains on the scores "
-                          "table, drop 'preferences'")
-    if cfg.method == "pecan" and not (preferences or cfg.pairs) and cfg.pairs_from != "scores":
-        preferences = str(run_dir / "preference_scores.parquet")  # the score stage's, with implicit rewards
-    files: dict[str, Path] = {}
-    if cfg.pairs:
-        files["pairs"] = Path(cfg.pairs)
-        pairs = validate_pairs(read_table(cfg.pairs), str(cfg.pairs))
-        dual = read_dual(dual_path) if dual_path.exists() else None
-    elif preferences:
-        files["preferences"] = Path(preferences)
-        prefs = read_table(preferences)
-        needs_dual = "chosen" not in prefs.columns or cfg.dual is not None
-        dual = read_dual(dual_path) if needs_dual or dual_path.exists() else None
-        build = pecan_pairs if cfg.method == "pecan" else pairs_from_preferences
-        pairs = build(prefs, dual, str(preferences))
-    else:
-        scores_path = Path(cfg.scores) if cfg.scores else run_dir / "scores.parquet"
-        files["scores"] = scores_path
-        scores = read_table(scores_path)
-        if not dual_path.exists():
-            raise InputError(f"{dual_path}: file not found (run the dual stage first, or pass --dual)")
-        dual = read_dual(dual_path)
-        pairs = pairs_from_scores(scores, dual, cfg.pairs_per_prompt, cfg.seed, str(scores_path))
-    if dual is not None:
-        files["dual"] = dual_path
-    if cfg.label == "absolute" and cfg.method in ("mocan", "pecan") and not {"target_a", "target_b"} <= set(pairs):
-        raise ConfigError("config key 'label': absolute needs the target_a/target_b columns of pairs built from "
-                          "a scores table (use regression with preference pairs)")
-    if cfg.method == "mocan" and dual is None and np.isinf(pairs["target_margin"]).all():
-        warnings.warn("mocan on hard labels only (target_margin = ±inf) is DPO", stacklevel=2)
-    return pairs, dual, {k: _sha256(p) for k, p in files.items()}
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-@dataclass
-class EncodedPairs:
-    """Token ids of every pair (a rows then b rows, unpadded) and the tensors the losses need."""
-    input_ids: list[torch.Tensor]       # 2N rows: pair i's a at i, its b at N + i
-    response_mask: list[torch.Tensor]
-    ref_logps: torch.Tensor             # [2N] float32, NaN where still unknown
-    columns: dict[str, torch.Tensor]    # numeric pair columns, [N] float64
-    truncated: torch.Tensor             # [2N] bool: may have been cut at max_length
-    canonical: torch.Tensor             # [2N] long: the first row with the same prompt and response
-    groups: torch.Tensor                # [N] long: pair i's prompt, numbered 0.. in order of appearance
-
-    def __len__(self) -> int:
-        return len(self.columns["target_margin"])
-
-    def collate(self, rows: list[int], pad_id: int) -> dict[str, torch.Tensor]:
-        seqs = [self.input_ids[r] for r in rows]
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        attention = torch.zeros_like(ids)
-        response = torch.zeros_like(ids)
-        for k, r in enumerate(rows):
-            n = len(seqs[k])
-            ids[k, :n], attention[k, :n], response[k, :n] = seqs[k], 1, self.response_mask[r]
-        return {"input_ids": ids, "attention_mask": attention, "response_mask": response}
-
-
-def encode_pairs(pairs: pd.DataFrame, tokenizer, template: str, max_length: int,
-                 chunk: int = 256) -> EncodedPairs:
-    """Tokenize every (templated prompt, response) with :func:`dualign.models.tokenize_pairs`."""
-    texts = {p: format_prompt(p, template, tokenizer) for p in pairs["prompt"].unique()}
-    prompts = [texts[p] for p in pairs["prompt"]] * 2
-    responses = list(pairs["response_a"]) + list(pairs["response_b"])
-    ids, masks = [], []
-    for start in tqdm(range(0, len(prompts), chunk), desc="tokenize", disable=None, leave=False):
-        enc = tokenize_pairs(tokenizer, prompts[start:start + chunk], responses[start:start + chunk], max_length)
-        for row, att, resp in zip(enc["input_ids"], enc["attention_mask"], enc["response_mask"], strict=True):
-            n = int(att.sum())
-            ids.append(row[:n].clone())
-            masks.append(resp[:n].clone())
-    ref = np.concatenate([pairs["ref_logprob_a"].to_numpy(float), pairs["ref_logprob_b"].to_numpy(float)])
-    numeric = [c for c in pairs.columns if c not in ("ref_logprob_a", "ref_logprob_b")
-               and pd.api.types.is_numeric_dtype(pairs[c]) and c != "prompt_id"]
-    first: dict[tuple[str, str], int] = {}
-    canonical = [first.setdefault((p, r), k) for k, (p, r) in enumerate(zip(prompts, responses, strict=True))]
-    return EncodedPairs(
-        input_ids=ids, response_mask=masks, ref_logps=torch.tensor(ref, dtype=torch.float32),
-        columns={c: torch.tensor(pairs[c].to_numpy(float)) for c in numeric},
-        truncated=torch.tensor([len(x) >= max_length for x in ids]),
-        canonical=torch.tensor(canonical, dtype=torch.long),
-        groups=torch.tensor(pd.factorize(pairs["prompt_id"])[0], dtype=torch.long))
-
-
-def _sample_stage_matches(cfg: TrainConfig) -> bool:
-    """True when ``<run_dir>/sample.config.yaml`` used this model, revision and template."""
-    path = Path(cfg.run_dir) / "sample.config.yaml"
-    if not path.exists():
-        return False
-    sample_cfg = yaml.safe_load(path.read_text()) or {}
-    return all(sample_cfg.get(k) == getattr(cfg, k) for k in ("model", "revision", "template"))
-
-
-@torch.no_grad()
-def fill_ref_logps(model, data: EncodedPairs, rows: torch.Tensor, pad_id: int, batch_size: int,
-                   accelerator) -> None:
-    """log π_ref of the given sequence rows, with ``model`` still equal to π_ref, into ``data.ref_logps``."""
-    was_training = model.training
-    model.eval()
-    todo = sorted(rows.tolist(), key=lambda r: len(data.input_ids[r]))  # similar lengths: less padding
-    for start in tqdm(range(0, len(todo), batch_size), desc="reference log-probs", disable=None):
-        chunk = todo[start:start + batch_size]
-        batch = {k: v.to(accelerator.device) for k, v in data.collate(chunk, pad_id).items()}
-        with accelerator.autocast():
-            data.ref_logps[chunk] = sequence_logprobs(model, **batch).float().cpu()
-    model.train(was_training)
-
-
-# ---------------------------------------------------------------- model
-
-def _disable_dropout(model) -> None:
-    # Dropout would make π ≠ π_ref at step 0 and the implicit rewards noisy (TRL does the same).
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-
-
-def _wrap_lora(model, cfg: TrainConfig):
-    from peft import LoraConfig, get_peft_model
-
-    lora_cfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                          target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM")
-    try:
-        return get_peft_model(model, lora_cfg)
-    except ValueError as e:
-        raise ConfigError(f"config key 'lora_target_modules': {str(e).splitlines()[0]}") from None
-
-
-# ---------------------------------------------------------------- checkpoints
-
-def _state_path(cfg: TrainConfig) -> Path:
-    return Path(cfg.run_dir) / "train.state" / "state.pt"
-
-
-def _resume_key(cfg: TrainConfig) -> dict[str, Any]:
-    """Config values a checkpoint must agree with to be resumed."""
-    skip = ("logging_steps", "save_steps", "output_dir", "device", "merge_lora")
-    return {k: v for k, v in config_to_dict(cfg).items() if k not in skip}
-
-
-def _save_state(path: Path, step: int, model, optimizer, scheduler, generator, data: EncodedPairs,
-                cfg: TrainConfig) -> None:
-    trainable = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
-    state = {"step": step, "trainable": trainable, "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
-             "torch_rng": torch.get_rng_state(),
-             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-             "ref_logps": data.ref_logps, "config": _resume_key(cfg)}
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-
-
-def _load_state(path: Path, cfg: TrainConfig) -> dict[str, Any]:
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    old, new = state["config"], _resume_key(cfg)
-    for key in sorted(set(old) | set(new)):
-        if old.get(key) != new.get(key):
-            raise InputError(f"{path}: checkpoint of a run with {key}={old.get(key)!r}, now {new.get(key)!r}; "
-                             "restore the config or delete the checkpoint")
-    return state
+LOSSES: dict[str, LossFn] = {"dpo": dpo.pair_loss, "mocan": mocan.pair_loss, "pecan": pecan.pair_loss}
 
 
 # ---------------------------------------------------------------- the loop
-
-def epoch_order(seed: int, epoch: int, n: int, groups: np.ndarray | None = None) -> np.ndarray:
-    """The pair order of one epoch, drawn from (seed, epoch) alone, so resume needs no state.
-
-    Without ``groups``: a permutation of the n pairs. With ``groups`` (pair i's prompt number): the
-    prompts in a random order, each prompt's pairs together in a random order within it.
-    """
-    rng = np.random.default_rng([seed, epoch])
-    if groups is None:
-        return rng.permutation(n)
-    prompt_rank = np.argsort(rng.permutation(int(groups.max()) + 1))  # prompt g comes at position prompt_rank[g]
-    return np.lexsort((rng.random(n), prompt_rank[groups]))
-
-
-
-
-def pair_loss(model, data: EncodedPairs, rows: list[int], loss_fn: LossFn, cfg: TrainConfig,
-              generator: torch.Generator, pad_id: int, accelerator) -> tuple[torch.Tensor, Diagnostics]:
-    """Per-pair losses of ``rows``: one forward pass over their distinct responses (a and b together;
-    a response shared by several pairs, as in all-pairs MoCAN batches, is run once)."""
-    n = len(data)
-    seq_rows = data.canonical[list(rows) + [n + r for r in rows]]
-    unique, where = torch.unique(seq_rows, return_inverse=True)
-    batch = {k: v.to(accelerator.device) for k, v in data.collate(unique.tolist(), pad_id).items()}
-    with accelerator.autocast():
-        logps = sequence_logprobs(model, **batch).float()[where.to(accelerator.device)]
-    ref = data.ref_logps[seq_rows].to(accelerator.device)
-    lp = (logps[: len(rows)], logps[len(rows):], ref[: len(rows)], ref[len(rows):])
-    columns = {k: v[rows].to(accelerator.device) for k, v in data.columns.items()}
-    return loss_fn(lp, columns, cfg, generator)
-
-
-def _resolve(cfg: TrainConfig, dual: dict | None) -> TrainConfig:
-    beta = cfg.beta if cfg.beta is not None else float(dual["beta"]) if dual else 0.1
-    if dual is not None and cfg.beta is not None and not math.isclose(cfg.beta, float(dual["beta"])):
-        warnings.warn(f"beta={cfg.beta} differs from dual.json's beta={dual['beta']}: the trained policy "
-                      "will not match the dual's predictions", stacklevel=3)
-    output_dir = cfg.output_dir or str(Path(cfg.run_dir) / "policy")
-    return dataclasses.replace(cfg, beta=beta, output_dir=output_dir)
-
 
 def train(cfg: TrainConfig, stop_at_step: int | None = None) -> dict[str, Any]:
     """Train π from π_ref on the pairs; save ``<output_dir>``; return a summary.
@@ -359,19 +126,11 @@ def train(cfg: TrainConfig, stop_at_step: int | None = None) -> dict[str, Any]:
     ``stop_at_step``: checkpoint and return after that optimizer step (pausing a job; the next
     call resumes), without saving the policy.
     """
-    from accelerate import Accelerator
-    from transformers import get_linear_schedule_with_warmup
-
-    run_dir = Path(cfg.run_dir)
     pairs, dual, hashes = load_pairs(cfg)
-    recorded = cfg
-    cfg = _resolve(cfg, dual)
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("config key 'device': cuda was asked for but no GPU is visible")
-    cuda = cfg.device != "cpu" and torch.cuda.is_available()
-    bf16 = cuda and torch.cuda.is_bf16_supported()
-    accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if bf16 else "no")
+    recorded, cfg = cfg, _resolve(cfg, dual)
+    accelerator = _accelerator(cfg)
     main = accelerator.is_main_process
+    run_dir = Path(cfg.run_dir)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         record_stage(run_dir, "train", recorded, cfg.seed, extra={"data_sha256": hashes})
@@ -379,62 +138,36 @@ def train(cfg: TrainConfig, stop_at_step: int | None = None) -> dict[str, Any]:
             write_table(pairs, run_dir / "pairs.parquet")
     torch.manual_seed(cfg.seed)
 
+    # The policy starts as π_ref: log π_ref of every response is taken from it before its first update.
     tokenizer = load_tokenizer(cfg.model, revision=cfg.revision)
     model = load_causal_lm(cfg.model, revision=cfg.revision, dtype="float32", device=accelerator.device)
-    _disable_dropout(model)
+    disable_dropout(model)
     model.config.use_cache = False  # a KV cache is built and thrown away on every forward otherwise
     pad_id = tokenizer.pad_token_id
     data = encode_pairs(pairs, tokenizer, cfg.template, cfg.max_length)
-
-    state_path = _state_path(cfg)
-    state = _load_state(state_path, cfg) if state_path.exists() else None
+    state_path = run_dir / "train.state" / "state.pt"
+    state = load_state(state_path, _resume_key(cfg)) if state_path.exists() else None
     if state is not None:
         data.ref_logps = state["ref_logps"]
     else:
-        trusted = cfg.ref_logprobs == "reuse" or (cfg.ref_logprobs == "auto" and _sample_stage_matches(cfg))
-        need = torch.isnan(data.ref_logps) | data.truncated | (not trusted)
-        need = need.nonzero().squeeze(1)
-        fill_ref_logps(model, data, torch.unique(data.canonical[need]), pad_id, 2 * cfg.per_device_batch_size,
-                       accelerator)
-        data.ref_logps[need] = data.ref_logps[data.canonical[need]]
+        _reference_logps(model, data, cfg, pad_id, accelerator)
 
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        if cfg.lora:
-            model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need grads in
-    if cfg.lora:
-        model = _wrap_lora(model, cfg)
-    model.train()
+    model = _trainable(model, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=True)
-
-    world = accelerator.num_processes
-    global_batch = cfg.per_device_batch_size * cfg.gradient_accumulation_steps * world
+    global_batch = cfg.per_device_batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
     steps_per_epoch = math.ceil(len(data) / global_batch)
     total = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_epochs * steps_per_epoch))
-    scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * total), total)
+    scheduler = _schedule(optimizer, cfg, total)
     generator = torch.Generator().manual_seed(cfg.seed + accelerator.process_index)
-
-    start = 0
-    if state is not None:
-        named = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, value in state["trainable"].items():
-                named[name].copy_(value)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        if state["cuda_rng"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        start = state["step"]
+    start = restore_state(state, model, optimizer, scheduler, generator) if state is not None else 0
     model, optimizer = accelerator.prepare(model, optimizer)
     metrics_path = run_dir / "metrics.jsonl"
     if main:
-        _truncate_metrics(metrics_path, start)
+        truncate_metrics(metrics_path, start)
 
     loss_fn = LOSSES[cfg.method]
-    lambdas = {f"dual/lambda_{k}": float(v) for k, v in (dual or {}).get("lambdas", {}).items()}
+    lambdas = {f"dual/lambda_{k}": v for k, v in (dual.lambdas if dual else {}).items()}
     window: dict[str, list] = {}
     progress = tqdm(total=total, initial=start, desc=f"train {cfg.method}", disable=None if main else True)
     t0, trained = time.perf_counter(), 0
@@ -466,8 +199,8 @@ def train(cfg: TrainConfig, stop_at_step: int | None = None) -> dict[str, Any]:
         if done < total and (done % cfg.save_steps == 0 or done == stop_at_step):
             accelerator.wait_for_everyone()
             if main:
-                _save_state(state_path, done, accelerator.unwrap_model(model), optimizer, scheduler,
-                            generator, data, cfg)
+                save_state(state_path, done, accelerator.unwrap_model(model), optimizer, scheduler,
+                           generator, data.ref_logps, _resume_key(cfg))
         if done == stop_at_step and done < total:
             progress.close()
             return {"step": done, "total_steps": total, "stopped": True}
@@ -480,6 +213,35 @@ def train(cfg: TrainConfig, stop_at_step: int | None = None) -> dict[str, Any]:
     accelerator.wait_for_everyone()
     return {"step": total, "total_steps": total, "stopped": False, "output_dir": cfg.output_dir,
             "train_runtime": runtime, "pairs_per_second": trained / runtime}
+
+
+def epoch_order(seed: int, epoch: int, n: int, groups: np.ndarray | None = None) -> np.ndarray:
+    """The pair order of one epoch, drawn from (seed, epoch) alone, so resume needs no state.
+
+    Without ``groups``: a permutation of the n pairs. With ``groups`` (pair i's prompt number): the
+    prompts in a random order, each prompt's pairs together in a random order within it.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    if groups is None:
+        return rng.permutation(n)
+    prompt_rank = np.argsort(rng.permutation(int(groups.max()) + 1))  # prompt g comes at position prompt_rank[g]
+    return np.lexsort((rng.random(n), prompt_rank[groups]))
+
+
+def pair_loss(model, data: EncodedPairs, rows: list[int], loss_fn: LossFn, cfg: TrainConfig,
+              generator: torch.Generator, pad_id: int, accelerator) -> tuple[torch.Tensor, Diagnostics]:
+    """Per-pair losses of ``rows``: one forward pass over their distinct responses (a and b together;
+    a response shared by several pairs, as in all-pairs MoCAN batches, is run once)."""
+    n = len(data)
+    seq_rows = data.canonical[list(rows) + [n + r for r in rows]]
+    unique, where = torch.unique(seq_rows, return_inverse=True)
+    batch = {k: v.to(accelerator.device) for k, v in data.collate(unique.tolist(), pad_id).items()}
+    with accelerator.autocast():
+        logps = sequence_logprobs(model, **batch).float()[where.to(accelerator.device)]
+    ref = data.ref_logps[seq_rows].to(accelerator.device)
+    lp = (logps[: len(rows)], logps[len(rows):], ref[: len(rows)], ref[len(rows):])
+    columns = {k: v[rows].to(accelerator.device) for k, v in data.columns.items()}
+    return loss_fn(lp, columns, cfg.beta, cfg.label, generator)
 
 
 def _optimizer_step(model, optimizer, data: EncodedPairs, rows: np.ndarray, loss_fn: LossFn,
@@ -530,47 +292,162 @@ def _reduce_window(window: dict[str, list], accelerator, beta: float) -> dict[st
     return line
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Keep only the lines up to ``step`` (a resumed run rewrites what came after its checkpoint)."""
+# ---------------------------------------------------------------- setup
+
+def load_pairs(cfg: TrainConfig) -> tuple[pd.DataFrame, DualRecord | None, dict[str, str]]:
+    """The training pairs, dual.json (None when not needed and absent) and the sha256 of the input files."""
+    if cfg.method not in LOSSES:
+        raise ConfigError(f"config key 'method': {cfg.method!r} is not one of {', '.join(LOSSES)}")
+    if cfg.method == "pecan" and cfg.label in ("regression", "absolute") and cfg.pairs_from != "scores":
+        raise ConfigError("config key 'label': pecan uses soft or bernoulli labels on preference pairs "
+                          f"({cfg.label} needs pairs_from=scores)")
+    if cfg.pairs_from == "preferences" and not (cfg.preferences or cfg.method == "pecan"):
+        raise ConfigError("config key 'pairs_from': preferences needs 'preferences' (a preference file)")
+    run_dir = Path(cfg.run_dir)
+    dual_path = Path(cfg.dual) if cfg.dual else run_dir / "dual.json"
+    preferences = cfg.preferences
+    if cfg.pairs_from == "scores" and preferences:
+        raise ConfigError("config keys 'pairs_from' and 'preferences': pairs_from=scores trains on the scores "
+                          "table, drop 'preferences'")
+    if cfg.method == "pecan" and not (preferences or cfg.pairs) and cfg.pairs_from != "scores":
+        preferences = str(run_dir / "preference_scores.parquet")  # the score stage's, with implicit rewards
+    files: dict[str, Path] = {}
+    if cfg.pairs:
+        files["pairs"] = Path(cfg.pairs)
+        pairs = validate_pairs(read_table(cfg.pairs), str(cfg.pairs))
+        dual = read_dual(dual_path) if dual_path.exists() else None
+    elif preferences:
+        files["preferences"] = Path(preferences)
+        prefs = read_table(preferences)
+        needs_dual = "chosen" not in prefs.columns or cfg.dual is not None
+        dual = read_dual(dual_path) if needs_dual or dual_path.exists() else None
+        build = pecan.pecan_pairs if cfg.method == "pecan" else dpo.pairs_from_preferences
+        pairs = build(prefs, dual, str(preferences))
+    else:
+        scores_path = Path(cfg.scores) if cfg.scores else run_dir / "scores.parquet"
+        files["scores"] = scores_path
+        scores = read_table(scores_path)
+        if not dual_path.exists():
+            raise InputError(f"{dual_path}: file not found (run the dual stage first, or pass --dual)")
+        dual = read_dual(dual_path)
+        pairs = mocan.pairs_from_scores(scores, dual, cfg.pairs_per_prompt, cfg.seed, str(scores_path))
+    if dual is not None:
+        files["dual"] = dual_path
+    if cfg.label == "absolute" and cfg.method in ("mocan", "pecan") and not {"target_a", "target_b"} <= set(pairs):
+        raise ConfigError("config key 'label': absolute needs the target_a/target_b columns of pairs built from "
+                          "a scores table (use regression with preference pairs)")
+    if cfg.method == "mocan" and dual is None and np.isinf(pairs["target_margin"]).all():
+        warnings.warn("mocan on hard labels only (target_margin = ±inf) is DPO", stacklevel=2)
+    return pairs, dual, {k: _sha256(p) for k, p in files.items()}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _resolve(cfg: TrainConfig, dual: DualRecord | None) -> TrainConfig:
+    beta = cfg.beta if cfg.beta is not None else dual.beta if dual else 0.1
+    if dual is not None and cfg.beta is not None and not math.isclose(cfg.beta, dual.beta):
+        warnings.warn(f"beta={cfg.beta} differs from dual.json's beta={dual.beta}: the trained policy "
+                      "will not match the dual's predictions", stacklevel=3)
+    output_dir = cfg.output_dir or str(Path(cfg.run_dir) / "policy")
+    return dataclasses.replace(cfg, beta=beta, output_dir=output_dir)
+
+
+def _accelerator(cfg: TrainConfig):
+    """An Accelerator on the GPU when there is one (bf16 autocast where supported), else the CPU."""
+    from accelerate import Accelerator
+
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("config key 'device': cuda was asked for but no GPU is visible")
+    cuda = cfg.device != "cpu" and torch.cuda.is_available()
+    bf16 = cuda and torch.cuda.is_bf16_supported()
+    return Accelerator(cpu=not cuda, mixed_precision="bf16" if bf16 else "no")
+
+
+def _sample_stage_matches(cfg: TrainConfig) -> bool:
+    """True when ``<run_dir>/sample.config.yaml`` used this model, revision and template."""
+    path = Path(cfg.run_dir) / "sample.config.yaml"
     if not path.exists():
-        return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
-    with atomic_path(path) as tmp:
-        tmp.write_text("".join(ln + "\n" for ln in keep))
+        return False
+    sample_cfg = yaml.safe_load(path.read_text()) or {}
+    return all(sample_cfg.get(k) == getattr(cfg, k) for k in ("model", "revision", "template"))
+
+
+def _reference_logps(model, data: EncodedPairs, cfg: TrainConfig, pad_id: int, accelerator) -> None:
+    """log π_ref of every response the pairs table does not give trustworthily, from ``model`` = π_ref."""
+    trusted = cfg.ref_logprobs == "reuse" or (cfg.ref_logprobs == "auto" and _sample_stage_matches(cfg))
+    need = torch.isnan(data.ref_logps) | data.truncated | (not trusted)
+    need = need.nonzero().squeeze(1)
+    fill_ref_logps(model, data, torch.unique(data.canonical[need]), pad_id, 2 * cfg.per_device_batch_size,
+                   accelerator)
+    data.ref_logps[need] = data.ref_logps[data.canonical[need]]
+
+
+def _trainable(model, cfg: TrainConfig):
+    """The model in train mode, with gradient checkpointing and a LoRA adapter when asked."""
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        if cfg.lora:
+            model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need grads in
+    if cfg.lora:
+        model = _wrap_lora(model, cfg)
+    model.train()
+    return model
+
+
+def _wrap_lora(model, cfg: TrainConfig):
+    from peft import LoraConfig, get_peft_model
+
+    lora_cfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                          target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, lora_cfg)
+    except ValueError as e:
+        raise ConfigError(f"config key 'lora_target_modules': {str(e).splitlines()[0]}") from None
+
+
+def _schedule(optimizer, cfg: TrainConfig, total: int):
+    """Linear warmup over ``warmup_ratio`` of the steps, then linear decay to 0."""
+    from transformers import get_linear_schedule_with_warmup
+
+    return get_linear_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * total), total)
+
+
+def _resume_key(cfg: TrainConfig) -> dict[str, Any]:
+    """Config values a checkpoint must agree with to be resumed."""
+    skip = ("logging_steps", "save_steps", "output_dir", "device", "merge_lora")
+    return {k: v for k, v in config_to_dict(cfg).items() if k not in skip}
 
 
 # ---------------------------------------------------------------- output
 
-def _save_policy(model, tokenizer, cfg: TrainConfig, dual: dict | None, hashes: dict[str, str],
+def _save_policy(model, tokenizer, cfg: TrainConfig, dual: DualRecord | None, hashes: dict[str, str],
                  num_pairs: int) -> None:
     """``<output_dir>``: HF model (LoRA merged unless merge_lora=false), tokenizer, config, model card."""
-    out = Path(cfg.output_dir)
-    tmp = out.parent / f".{out.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
     if cfg.lora and cfg.merge_lora:
         model = model.merge_and_unload()
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "dualign_train.yaml").write_text(dump_yaml(cfg))
-    (tmp / "README.md").write_text(model_card(cfg, dual, hashes, num_pairs))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    save_model(model, tokenizer, cfg.output_dir, {"dualign_train.yaml": dump_yaml(cfg),
+                                                  "README.md": model_card(cfg, dual, hashes, num_pairs)})
 
 
-def model_card(cfg: TrainConfig, dual: dict | None, hashes: dict[str, str], num_pairs: int) -> str:
+def model_card(cfg: TrainConfig, dual: DualRecord | None, hashes: dict[str, str], num_pairs: int) -> str:
     """Markdown model card: method, β, λ*, constraints, the dual's predictions, data hashes, versions."""
-    dual = dual or {}
+    dual = dual or DualRecord(beta=cfg.beta, reward="-", constraints=[], lambdas={})
     lines = [
         f"# {Path(cfg.output_dir).name}: {cfg.method} policy trained with dualign", "",
         f"- base model (π_ref): `{cfg.model}`" + (f" @ {cfg.revision}" if cfg.revision else ""),
         f"- method: {cfg.method}" + (f" (label: {cfg.label})" if cfg.method in ("mocan", "pecan") else ""),
         f"- beta (β): {cfg.beta}",
-        f"- lambdas (λ*): {json.dumps(dual.get('lambdas', {}))}",
-        f"- constraints: {json.dumps(dual.get('constraints', []))}",
-        f"- reward: {dual.get('reward', '-')}",
-        f"- predicted under π_λ* (dual.json): {json.dumps(dual.get('predicted', {}))}",
-        f"- reference values (dual.json): {json.dumps(dual.get('reference', {}))}",
+        f"- lambdas (λ*): {json.dumps(dual.lambdas)}",
+        f"- constraints: {json.dumps(dual.constraints)}",
+        f"- reward: {dual.reward}",
+        f"- predicted under π_λ* (dual.json): {json.dumps(dual.predicted)}",
+        f"- reference values (dual.json): {json.dumps(dual.reference)}",
         f"- training pairs: {num_pairs}",
         f"- LoRA: {cfg.lora}" + (f" (r={cfg.lora_r}, alpha={cfg.lora_alpha}, merged={cfg.merge_lora})" if cfg.lora else ""),
         "", "## Data (sha256)", "",

@@ -29,6 +29,7 @@ import pandas as pd
 from dualign.data.sources import read_source
 from dualign.errors import InputError
 from dualign.io import write_table
+from dualign.segments import Segments
 
 PKU_COLUMNS = ("prompt", "response_0", "response_1", "better_response_id", "safer_response_id",
                "is_response_0_safe", "is_response_1_safe")
@@ -248,7 +249,7 @@ def preference_views(table: pd.DataFrame, source: str = "preferences",
     if empty.size:
         raise InputError(f"{source}: row {empty[0]}: the prompt or a response is empty "
                          "(dualign data check --fix drops such rows)")
-    prompt_id = pd.factorize(table["prompt"])[0]
+    prompt_id = Segments.of(table["prompt"].to_numpy()).codes()
     views = {}
     for view, column in VIEWS.items():
         ids = _label_ids(table[column])
@@ -284,7 +285,10 @@ def long_responses(table: pd.DataFrame) -> pd.DataFrame:
     Columns ``prompt_id``, ``prompt``, ``response`` and, when the pair table has
     ``ref_logprob_0`` / ``ref_logprob_1``, ``ref_logprob``.
     """
-    pid = table["prompt_id"].to_numpy() if "prompt_id" in table.columns else pd.factorize(table["prompt"])[0]
+    if "prompt_id" in table.columns:
+        pid = table["prompt_id"].to_numpy()
+    else:
+        pid = Segments.of(table["prompt"].to_numpy()).codes()
     out = pd.DataFrame({
         "prompt_id": np.concatenate([pid, pid]),
         "prompt": np.concatenate([table["prompt"].to_numpy()] * 2),

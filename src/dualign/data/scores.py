@@ -17,6 +17,7 @@ import pandas as pd
 
 from dualign.errors import InputError
 from dualign.io import read_table
+from dualign.segments import Segments
 
 WEIGHT_COLUMN = "sample_weight"
 
@@ -82,22 +83,20 @@ def validate_scores(df: pd.DataFrame, columns: Sequence[str], source: str = "sco
         bad = np.flatnonzero(weights < 0)
         if bad.size:
             raise InputError(f"{source}: row {bad[0] + 1}: {WEIGHT_COLUMN} {weights[bad[0]]:g} is negative")
-    codes, labels = pd.factorize(ids, sort=False)
-    counts = np.bincount(codes)
-    first_row = np.full(len(labels), len(codes))
-    np.minimum.at(first_row, codes, np.arange(len(codes)))
-    single = np.flatnonzero(counts < 2)
+    seg = Segments.of(ids.to_numpy())
+    first_row = seg.starts if seg.order is None else seg.order[seg.starts]
+    single = np.flatnonzero(seg.counts < 2)
     if single.size:
         x = single[0]
-        raise InputError(f"{source}: prompt_id {labels[x]!r} (row {first_row[x] + 1}) has only one "
+        raise InputError(f"{source}: prompt_id {seg.labels[x]!r} (row {first_row[x] + 1}) has only one "
                          "sample; every prompt needs at least 2")
     if weights is not None:
-        zero = np.flatnonzero(np.bincount(codes, weights=weights) <= 0)
+        zero = np.flatnonzero(seg.sum(seg.group(weights)) <= 0)
         if zero.size:
             x = zero[0]
-            raise InputError(f"{source}: prompt_id {labels[x]!r} (first row {first_row[x] + 1}): "
-                             f"all {counts[x]} sample weights are zero")
-    order = np.argsort(codes, kind="stable")
-    return Scores(source=source, prompt_index=codes[order].astype(np.int64),
-                  prompt_ids=np.asarray(labels), columns={c: v[order] for c, v in values.items()},
+            raise InputError(f"{source}: prompt_id {seg.labels[x]!r} (first row {first_row[x] + 1}): "
+                             f"all {seg.counts[x]} sample weights are zero")
+    order = np.arange(len(ids)) if seg.order is None else seg.order
+    return Scores(source=source, prompt_index=np.repeat(np.arange(seg.num), seg.counts),
+                  prompt_ids=seg.labels, columns={c: v[order] for c, v in values.items()},
                   sample_weights=None if weights is None else weights[order], rows=order + 1)

@@ -6,6 +6,8 @@ Shared by the prompt and preference readers. Sources, tried in this order:
 - a directory written by ``datasets``' ``save_to_disk`` (a ``DatasetDict`` is indexed by ``split``);
 - anything else that does not look like a path is a Hub dataset id, loaded with
   ``datasets.load_dataset`` at ``revision``.
+
+``datasets`` is imported only for the last two: its import takes about a second.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ import random
 
 import torch
 
-from dualign.models import tokenize_pairs
+from dualign.models import disable_dropout, tokenize_pairs
 from dualign.progress import Progress
 from dualign.templates import format_prompt
 from dualign.tiny import tiny_causal_lm, train_bpe_tokenizer
@@ -30,13 +30,11 @@ def sft_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def _no_dropout(model) -> None:
-    """Dropout off (config and modules): a tiny model memorises its small world faster without it,
-    and later stages then compute the same log-probs in train and eval mode."""
+    """Dropout off, in the saved config too: a tiny model memorises its small world faster without
+    it, and later stages then compute the same log-probs in train and eval mode."""
     for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "summary_first_dropout"):
         setattr(model.config, name, 0.0)
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
+    disable_dropout(model)
 
 
 def _lr_factor(step: int, total: int, warmup: int) -> float:

@@ -1,5 +1,7 @@
 """PeCAN's pre-alignment stage: DPO on the helpfulness view gives π_r, on the safety view π_g.
 
+Step 1 of :mod:`dualign.methods.pecan`, in its own module because it runs the one loop
+(:mod:`dualign.train`), which imports :mod:`dualign.methods.pecan` for its loss.
 The rest of PeCAN reuses the other stages (docs/formats.md, "PeCAN"): ``score`` with
 ``implicit:`` scorers on π_r and π_g (and ``preferences``), ``dual`` with a relative constraint,
 ``train --method pecan``. Outputs, under ``<run_dir>/prealign/``::

@@ -1,0 +1,86 @@
+"""The training pairs as tokens: every (templated prompt, response) tokenized once, batches
+collated from them, and log π_ref of each response taken before the policy's first update.
+
+A response shared by several pairs (all pairs of a prompt's K samples) keeps one canonical row,
+so a batch runs it once (:func:`dualign.train.pair_loss`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from dualign.models import sequence_logprobs, tokenize_pairs
+from dualign.segments import Segments
+from dualign.templates import format_prompt
+
+
+@dataclass
+class EncodedPairs:
+    """Token ids of every pair (a rows then b rows, unpadded) and the tensors the losses need."""
+    input_ids: list[torch.Tensor]       # 2N rows: pair i's a at i, its b at N + i
+    response_mask: list[torch.Tensor]
+    ref_logps: torch.Tensor             # [2N] float32, NaN where still unknown
+    columns: dict[str, torch.Tensor]    # numeric pair columns, [N] float64
+    truncated: torch.Tensor             # [2N] bool: may have been cut at max_length
+    canonical: torch.Tensor             # [2N] long: the first row with the same prompt and response
+    groups: torch.Tensor                # [N] long: pair i's prompt, numbered 0.. in order of appearance
+
+    def __len__(self) -> int:
+        return len(self.columns["target_margin"])
+
+    def collate(self, rows: list[int], pad_id: int) -> dict[str, torch.Tensor]:
+        seqs = [self.input_ids[r] for r in rows]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        attention = torch.zeros_like(ids)
+        response = torch.zeros_like(ids)
+        for k, r in enumerate(rows):
+            n = len(seqs[k])
+            ids[k, :n], attention[k, :n], response[k, :n] = seqs[k], 1, self.response_mask[r]
+        return {"input_ids": ids, "attention_mask": attention, "response_mask": response}
+
+
+def encode_pairs(pairs: pd.DataFrame, tokenizer, template: str, max_length: int,
+                 chunk: int = 256) -> EncodedPairs:
+    """Tokenize every (templated prompt, response) with :func:`dualign.models.tokenize_pairs`."""
+    texts = {p: format_prompt(p, template, tokenizer) for p in pairs["prompt"].unique()}
+    prompts = [texts[p] for p in pairs["prompt"]] * 2
+    responses = list(pairs["response_a"]) + list(pairs["response_b"])
+    ids, masks = [], []
+    for start in tqdm(range(0, len(prompts), chunk), desc="tokenize", disable=None, leave=False):
+        enc = tokenize_pairs(tokenizer, prompts[start:start + chunk], responses[start:start + chunk], max_length)
+        for row, att, resp in zip(enc["input_ids"], enc["attention_mask"], enc["response_mask"], strict=True):
+            n = int(att.sum())
+            ids.append(row[:n].clone())
+            masks.append(resp[:n].clone())
+    ref = np.concatenate([pairs["ref_logprob_a"].to_numpy(float), pairs["ref_logprob_b"].to_numpy(float)])
+    numeric = [c for c in pairs.columns if c not in ("ref_logprob_a", "ref_logprob_b")
+               and pd.api.types.is_numeric_dtype(pairs[c]) and c != "prompt_id"]
+    first: dict[tuple[str, str], int] = {}
+    canonical = [first.setdefault((p, r), k) for k, (p, r) in enumerate(zip(prompts, responses, strict=True))]
+    return EncodedPairs(
+        input_ids=ids, response_mask=masks, ref_logps=torch.tensor(ref, dtype=torch.float32),
+        columns={c: torch.tensor(pairs[c].to_numpy(float)) for c in numeric},
+        truncated=torch.tensor([len(x) >= max_length for x in ids]),
+        canonical=torch.tensor(canonical, dtype=torch.long),
+        groups=torch.tensor(Segments.of(pairs["prompt_id"].to_numpy()).codes(), dtype=torch.long))
+
+
+@torch.no_grad()
+def fill_ref_logps(model, data: EncodedPairs, rows: torch.Tensor, pad_id: int, batch_size: int,
+                   accelerator) -> None:
+    """log π_ref of the given sequence rows, with ``model`` still equal to π_ref, into ``data.ref_logps``."""
+    was_training = model.training
+    model.eval()
+    todo = sorted(rows.tolist(), key=lambda r: len(data.input_ids[r]))  # similar lengths: less padding
+    for start in tqdm(range(0, len(todo), batch_size), desc="reference log-probs", disable=None):
+        chunk = todo[start:start + batch_size]
+        batch = {k: v.to(accelerator.device) for k, v in data.collate(chunk, pad_id).items()}
+        with accelerator.autocast():
+            data.ref_logps[chunk] = sequence_logprobs(model, **batch).float().cpu()
+    model.train(was_training)

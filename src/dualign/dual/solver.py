@@ -1,0 +1,414 @@
+"""The dual's solver: λ* = argmin_{λ≥0} D(λ) by projected Newton, with feasibility checks, a warm
+start on large problems and a prompt bootstrap for confidence intervals.
+
+Primal, per prompt x with K samples y_k ~ π_ref and weights w_k (normalised per prompt):
+
+    maximize  E_π[r] − β·KL(π‖π_ref)   subject to  E_π[g_j] ≥ b_j,  j = 1..m.
+
+Its sampled dual D(λ) = β·mean_x log Σ_k w_k exp((r_k + λᵀg_k)/β) − λᵀb is convex, with
+∇D = mean_x E_{p_λ}[g] − b and ∇²D = mean_x Cov_{p_λ}(g)/β (:mod:`dualign.dual.formulas`). The
+solver evaluates them on the flat problem of :mod:`dualign.dual.tilt`. When no finite λ* exists
+it raises :class:`~dualign.errors.InfeasibleConstraintError` naming the constraint and the limit.
+
+scipy's linalg, optimize and sparse are imported where they are used (the bounded Newton step
+for m > 1, the joint-feasibility LP): they cost half a second that every module importing
+:mod:`dualign.dual` (and ``dualign train --help``) would pay otherwise.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from dualign.dual.tilt import SAFE_EXPONENT, Point, Samples, Tilt, flat_samples
+from dualign.errors import InfeasibleConstraintError, InputError
+from dualign.segments import Segments
+
+
+@dataclass
+class DualResult:
+    """λ* and what π_λ* is predicted to reach on the samples (utilities in g units: E[g_j] ≥ b_j)."""
+
+    lambdas: np.ndarray  # [m] λ*
+    dual_value: float  # D(λ*)
+    predicted_reward: float  # mean_x E_{p_λ*}[r]
+    predicted_utilities: np.ndarray  # [m] mean_x E_{p_λ*}[g_j]
+    kl: float  # mean_x KL(p_λ*‖w)
+    reference_reward: float  # mean_x E_w[r] (π_ref)
+    reference_utilities: np.ndarray  # [m] mean_x E_w[g_j]
+    thresholds: np.ndarray  # [m] b
+    beta: float
+    names: list[str]
+    iterations: int  # Newton steps on the full data
+    converged: bool
+    kkt_residual: float  # max_j |projected ∇_j D| / scale_j (the solver stops at ≤ tol)
+    num_prompts: int
+    num_samples: int
+    ci: dict[str, np.ndarray] | None = None  # bootstrap percentile CIs, each [..., 2]
+    ci_level: float | None = None
+    bootstrap: int = 0
+    bootstrap_failed: int = 0  # resamples that were infeasible or did not converge
+
+
+# ---------------------------------------------------------------------------------------------
+# Projected Newton
+# ---------------------------------------------------------------------------------------------
+
+
+def kkt_residual(lambdas: np.ndarray, grad: np.ndarray) -> np.ndarray:
+    """|projected gradient|: |∇_j D| where λ_j > 0, max(−∇_j D, 0) where λ_j = 0."""
+    return np.where(lambdas > 0, np.abs(grad), np.maximum(-grad, 0.0))
+
+
+def _newton_target(lambdas: np.ndarray, grad: np.ndarray, hess: np.ndarray,
+                   floor: float) -> np.ndarray:
+    """argmin_{y ≥ 0} gᵀ(y − λ) + ½(y − λ)ᵀH(y − λ): the bound-constrained Newton model's minimiser.
+
+    With H + δI = UᵀU it is the non-negative least squares problem min_{y≥0} |U y + U⁻ᵀc|,
+    c = g − Hλ. δ (tiny) keeps a singular H (collinear or constant utilities) solvable.
+    """
+    from scipy.linalg import cholesky, solve_triangular
+    from scipy.optimize import nnls
+
+    m = len(lambdas)
+    delta = 1e-12 * max(float(np.max(np.diag(hess))), floor)
+    h = hess + delta * np.eye(m)
+    c = grad - h @ lambdas
+    if m == 1:
+        return np.maximum(-c / h[0], 0.0)
+    u = cholesky(h, lower=False)
+    y, _ = nnls(u, -solve_triangular(u, c, trans="T"), maxiter=50 * m)
+    return y
+
+
+@dataclass
+class _Solve:
+    lambdas: np.ndarray
+    point: Point
+    grad: np.ndarray
+    hess: np.ndarray
+    iterations: int
+    converged: bool
+    below_bound: bool  # D fell below a lower bound that holds whenever the primal is feasible
+    residual: float
+
+
+def _newton(tilt: Tilt, lambdas: np.ndarray, tol: float, max_iter: int) -> _Solve:
+    """Projected Newton with an Armijo line search on the segment [λ, y], y ≥ 0 the model's minimiser.
+
+    Tests hold it equal to projected_gradient_descent (the official code's method) and to an
+    exact primal solve. Stops when max_j |projected ∇_j D| / scale_j ≤ tol.
+    """
+    s = tilt.s
+    scale = s.scale(tilt.b + s.centre)
+    # Weak duality: if some p is feasible, D(λ) ≥ E_p[r] − β·KL(p‖w) ≥ min r + β·min log w.
+    log_w_min = -np.log(s.seg.counts.max()) if s.log_weights is None else s.log_weights.min()
+    lower_bound = float(s.rewards.min() + tilt.beta * log_w_min)
+    floor = float(np.max(tilt.gabs) ** 2 / tilt.beta) or 1.0 / tilt.beta
+    pt = tilt.evaluate(lambdas)
+    grad, hess = tilt.derivatives(pt)
+    it = 0
+    while True:
+        residual = float(np.max(kkt_residual(lambdas, grad) / scale))
+        if residual <= tol or it >= max_iter:
+            return _Solve(lambdas, pt, grad, hess, it, residual <= tol, False, residual)
+        direction = _newton_target(lambdas, grad, hess, floor) - lambdas
+        slope = float(grad @ direction)
+        if not slope < 0:  # rounding: the model sees no descent left
+            return _Solve(lambdas, pt, grad, hess, it, False, False, residual)
+        alpha = 1.0
+        while True:
+            trial = np.maximum(lambdas + alpha * direction, 0.0)
+            tp = tilt.evaluate(trial, keep=pt)
+            noise = 64 * np.finfo(float).eps * (pt.value_scale + tp.value_scale)
+            if tp.value <= pt.value + 1e-4 * alpha * slope + noise:
+                break
+            alpha *= 0.5
+            if alpha < 1e-12:
+                return _Solve(lambdas, pt, grad, hess, it, False, False, residual)
+        it += 1
+        lambdas, pt = trial, tp
+        if pt.value < lower_bound or not np.all(np.isfinite(lambdas)):
+            return _Solve(lambdas, pt, grad, hess, it, False, True, np.inf)
+        grad, hess = tilt.derivatives(pt)
+
+
+def projected_gradient_descent(tilt: Tilt, lambdas: np.ndarray, step: float, tol: float,
+                                max_iter: int, max_seconds: float = np.inf) -> tuple[np.ndarray, int, bool]:
+    """λ ← max(0, λ − η·∇D(λ)) with a fixed step η, as the official code solves the dual.
+
+    Returns (λ, iterations, reached tol). Used as the reference in tests and the baseline in bench.
+    """
+    start = time.perf_counter()
+    scale = tilt.s.scale(tilt.b + tilt.s.centre)
+    for it in range(max_iter):
+        grad, _ = tilt.derivatives(tilt.evaluate(lambdas))
+        if np.max(kkt_residual(lambdas, grad) / scale) <= tol:
+            return lambdas, it, True
+        if time.perf_counter() - start > max_seconds:
+            return lambdas, it, False
+        lambdas = np.maximum(lambdas - step * grad, 0.0)
+    return lambdas, max_iter, False
+
+
+# ---------------------------------------------------------------------------------------------
+# Feasibility
+# ---------------------------------------------------------------------------------------------
+
+
+def _infeasible(names: Sequence[str], thresholds: np.ndarray, reachable: np.ndarray,
+                which: list[int], joint: bool, detail: str = "") -> InfeasibleConstraintError:
+    if joint:
+        parts = ", ".join(f"{names[j]} ≥ {thresholds[j]:.6g} (alone reachable up to {reachable[j]:.6g})"
+                          for j in which)
+        msg = (f"constraints are jointly infeasible: no reweighting of the samples reaches {parts} "
+               f"at once{detail}; no finite λ* exists")
+    else:
+        j = which[0]
+        msg = (f"constraint {names[j]!r} is infeasible: threshold {thresholds[j]:.6g} is not below "
+               f"{reachable[j]:.6g}, the largest value reachable by reweighting the samples "
+               f"(mean over prompts of the per-prompt maximum); no finite λ* exists")
+    err = InfeasibleConstraintError(msg)
+    err.which, err.joint = list(which), joint
+    err.thresholds, err.reachable, err.names = np.array(thresholds), np.array(reachable), list(names)
+    return err
+
+
+def _check_each(samples: Samples, thresholds: np.ndarray, names: Sequence[str],
+                below_reachable: np.ndarray | None = None) -> None:
+    """Raise when some b_j ≥ mean_x max_k g_jk (unless g_j is constant per prompt and b_j ≤ E_w g_j).
+
+    Within 1e-12·scale of the limit counts as at it: λ* would be astronomically large. When a
+    lower bound on mean_x max_k g_jk (``below_reachable``) already clears every b_j, the pass over
+    the samples that computes it exactly is skipped.
+    """
+    slack = 1e-12 * samples.scale(thresholds)
+    if below_reachable is not None and np.all(thresholds < below_reachable - slack):
+        return
+    reachable = samples.reachable()
+    for j in np.flatnonzero(thresholds >= reachable - slack):
+        _, ref = samples.reference()
+        if thresholds[j] > ref[j] + slack[j]:
+            raise _infeasible(names, thresholds, reachable, [int(j)], joint=False)
+
+
+def joint_margin(samples: Samples, thresholds: np.ndarray) -> float:
+    """max t s.t. Σ_x q_x Σ_k p_xk g_jk ≥ b_j + t·scale_j ∀j, p_x in the simplex, t ≤ 1 (an LP).
+
+    t > 0 iff some reweighting satisfies every constraint strictly, i.e. iff a finite λ* exists.
+    """
+    import scipy.sparse as sp
+    from scipy.optimize import linprog
+
+    seg, n = samples.seg, samples.size
+    scale = samples.scale(thresholds)
+    qs = seg.expand(samples.prompt_weights)
+    a_ub = sp.hstack([sp.csr_matrix(-(samples.centred * qs)), sp.csr_matrix(scale[:, None])])
+    b_ub = -(thresholds - samples.centre)
+    rows = np.repeat(np.arange(seg.num), seg.counts)
+    a_eq = sp.csr_matrix((np.ones(n), (rows, np.arange(n))), shape=(seg.num, n + 1))
+    cost = np.zeros(n + 1)
+    cost[-1] = -1.0
+    bounds = [(0, None)] * n + [(None, 1.0)]
+    res = linprog(cost, A_ub=a_ub, b_ub=b_ub, A_eq=a_eq, b_eq=np.ones(seg.num), bounds=bounds,
+                  method="highs")
+    return -float(res.fun) if res.status == 0 else -np.inf
+
+
+# ---------------------------------------------------------------------------------------------
+# Solving
+# ---------------------------------------------------------------------------------------------
+
+# A problem of more than 4 × _WARM_START_SAMPLES samples starts Newton from λ* of random prompts
+# holding about _WARM_START_SAMPLES samples (at least _WARM_START_PROMPTS prompts).
+_WARM_START_SAMPLES = 2**15
+_WARM_START_PROMPTS = 256
+
+
+def _solve(samples: Samples, thresholds: np.ndarray, beta: float, names: Sequence[str],
+           lambdas0: np.ndarray | None, tol: float, max_iter: int,
+           check_joint: bool = True) -> tuple[_Solve, Tilt]:
+    """Newton, then feasibility checks only where Newton's outcome leaves room for doubt.
+
+    A KKT point only meets a tolerance, and one is met at a finite λ even when b_j equals the
+    reachable limit (λ*_j = ∞), so active constraints (λ_j > 0) are always compared with
+    mean_x max_k g_jk. Where Newton failed (no convergence, D below the weak-duality bound) or λ is
+    so large that the tilt has nearly collapsed, every constraint is, and for m > 1 the joint LP
+    decides. ``check_joint=False`` (warm starts, bootstrap) skips the LP.
+    """
+    if lambdas0 is None:
+        lambdas0 = _warm_start(samples, thresholds, beta, names, tol, max_iter)
+    tilt = Tilt(samples, thresholds, beta)
+    sol = _newton(tilt, np.maximum(np.asarray(lambdas0, dtype=np.float64), 0.0), tol, max_iter)
+    huge = np.max(sol.lambdas * tilt.gabs) / beta > SAFE_EXPONENT
+    if sol.converged and not huge:
+        if np.any(sol.lambdas > 0):
+            # E_p[g] + half the Hessian's bound on its distance to the limit (half: rounding room)
+            bound = sol.point.expected + samples.centre + tilt.reachable_gap(sol.hess) / 2
+            _check_each(samples, thresholds, names, below_reachable=bound)
+        return sol, tilt
+    _check_each(samples, thresholds, names)
+    if samples.m > 1 and check_joint:
+        margin = -np.inf if sol.below_bound else joint_margin(samples, thresholds)
+        if margin <= 1e-7:
+            detail = "" if sol.below_bound else f" (best joint margin {margin:.3g} × scale)"
+            raise _infeasible(names, thresholds, samples.reachable(), list(range(samples.m)),
+                              joint=True, detail=detail)
+    return sol, tilt
+
+
+def _warm_start(samples: Samples, thresholds: np.ndarray, beta: float, names: Sequence[str],
+                tol: float, max_iter: int) -> np.ndarray:
+    """λ* of random prompts holding about _WARM_START_SAMPLES samples, else 0.
+
+    Its λ* is within sampling error of the full one, so Newton on all the data needs only the few
+    steps of its quadratic phase.
+    """
+    num = samples.seg.num
+    zero = np.zeros(samples.m)
+    size = max(_WARM_START_PROMPTS, round(num * _WARM_START_SAMPLES / samples.size))
+    if samples.size <= 4 * _WARM_START_SAMPLES or 4 * size > num:
+        return zero
+    rng = np.random.default_rng(num)
+    prompts = np.sort(rng.choice(num, size=size, replace=False))
+    sub = samples.take(prompts, samples.prompt_weights[prompts])
+    try:
+        sol, _ = _solve(sub, thresholds, beta, names, None, tol, max_iter, check_joint=False)
+    except InfeasibleConstraintError:
+        return zero
+    return sol.lambdas if np.all(np.isfinite(sol.lambdas)) and not sol.below_bound else zero
+
+
+def _result(samples: Samples, thresholds: np.ndarray, beta: float, names: list[str],
+            lambdas0, tol: float, max_iter: int) -> DualResult:
+    sol, tilt = _solve(samples, thresholds, beta, names, lambdas0, tol, max_iter)
+    reward, utilities, kl_value = tilt.outcomes(sol.point)
+    ref_reward, ref_utilities = samples.reference()
+    return DualResult(
+        lambdas=sol.lambdas, dual_value=sol.point.value, predicted_reward=reward,
+        predicted_utilities=utilities, kl=kl_value, reference_reward=ref_reward,
+        reference_utilities=ref_utilities, thresholds=thresholds, beta=beta, names=names,
+        iterations=sol.iterations, converged=sol.converged, kkt_residual=sol.residual,
+        num_prompts=samples.seg.num, num_samples=samples.size)
+
+
+def _bootstrap(samples: Samples, result: DualResult, bootstrap: int, seed: int, tol: float,
+               max_iter: int, level: float) -> None:
+    """Percentile CIs over prompts: resample prompts with replacement (multinomial prompt weights)."""
+    rng = np.random.default_rng(seed)
+    num = samples.seg.num
+    draws = []
+    for _ in tqdm(range(bootstrap), desc="bootstrap", disable=None, leave=False):
+        counts = rng.multinomial(num, np.full(num, 1.0 / num))
+        prompts = np.flatnonzero(counts)
+        sub = samples.take(prompts, counts[prompts].astype(np.float64))
+        try:
+            sol, tilt = _solve(sub, result.thresholds, result.beta, result.names, result.lambdas,
+                               tol, max_iter, check_joint=False)
+        except InfeasibleConstraintError:
+            continue
+        if not sol.converged:
+            continue
+        reward, utilities, kl_value = tilt.outcomes(sol.point)
+        draws.append(np.concatenate([sol.lambdas, [reward], utilities, [kl_value]]))
+    result.bootstrap, result.bootstrap_failed, result.ci_level = bootstrap, bootstrap - len(draws), level
+    if not draws:
+        return
+    lo, hi = np.percentile(np.array(draws), [50 * (1 - level), 50 * (1 + level)], axis=0)
+    bounds = np.stack([lo, hi], axis=-1)
+    m = samples.m
+    result.ci = {"lambdas": bounds[:m], "predicted_reward": bounds[m],
+                 "predicted_utilities": bounds[m + 1:2 * m + 1], "kl": bounds[-1]}
+
+
+def _check_inputs(rewards: np.ndarray, utilities: np.ndarray, sample_weights, thresholds, beta,
+                  names, rows: str) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, list[str]]:
+    if not (isinstance(beta, int | float | np.floating | np.integer) and np.isfinite(beta) and beta > 0):
+        raise InputError(f"beta must be a positive finite number, got {beta!r}")
+    if utilities.shape[:-1] != rewards.shape:
+        raise InputError(f"utilities have shape {utilities.shape[:-1]} (+ m) but rewards have "
+                         f"shape {rewards.shape}; expected matching {rows}")
+    m = utilities.shape[-1]
+    if m == 0:
+        raise InputError("at least one constraint (utility) is needed")
+    for label, a in (("rewards", rewards), ("utilities", utilities)):
+        # a finite sum means finite entries (NaN and ±inf propagate); only an overflow looks twice
+        if not np.isfinite(a.sum()) and not np.all(np.isfinite(a)):
+            raise InputError(f"{label} contain NaN or infinite values")
+    weights = None
+    if sample_weights is not None:
+        weights = np.asarray(sample_weights, dtype=np.float64)
+        if weights.shape != rewards.shape:
+            raise InputError(f"sample_weights have shape {weights.shape}, expected {rewards.shape}")
+        if not np.all(np.isfinite(weights)) or np.any(weights < 0):
+            raise InputError("sample_weights must be finite and ≥ 0")
+    b = np.asarray(thresholds, dtype=np.float64)
+    b = np.full(m, float(b)) if b.ndim == 0 else b
+    if b.shape != (m,) or not np.all(np.isfinite(b)):
+        raise InputError(f"thresholds must be a finite scalar or {m} values, got {thresholds!r}")
+    names = [f"g{j + 1}" for j in range(m)] if names is None else [str(x) for x in names]
+    if len(names) != m:
+        raise InputError(f"{len(names)} names given for {m} constraints")
+    return b, weights, np.asarray(utilities), names
+
+
+def solve_dual(rewards, utilities, thresholds, beta: float, sample_weights=None, *,
+               bootstrap: int = 0, seed: int = 0, tol: float = 1e-9, max_iter: int = 100,
+               names: Sequence[str] | None = None, lambdas0=None,
+               ci_level: float = 0.95) -> DualResult:
+    """λ* = argmin_{λ≥0} D(λ) for rewards [N, K], utilities [N, K, m] (or [N, K]), thresholds b.
+
+    The constraints read mean_x E_π[g_j] ≥ b_j. ``sample_weights`` [N, K] ≥ 0 are normalised per
+    prompt (uniform by default; zero-weight samples are ignored). ``bootstrap`` > 0 adds percentile
+    CIs over prompts (seeded by ``seed``). Raises InfeasibleConstraintError when no finite λ* exists.
+    """
+    rewards = np.asarray(rewards, dtype=np.float64)
+    if rewards.ndim != 2 or rewards.shape[0] == 0 or rewards.shape[1] == 0:
+        raise InputError(f"rewards must be a non-empty [N, K] array, got shape {rewards.shape}")
+    utilities = np.asarray(utilities, dtype=np.float64)
+    utilities = utilities[..., None] if utilities.ndim == 2 else utilities
+    b, weights, utilities, names = _check_inputs(rewards, utilities, sample_weights, thresholds,
+                                                 beta, names, "[N, K]")
+    n_prompts, k = rewards.shape
+    seg = Segments.rectangular(n_prompts, k)
+    flat_w = None if weights is None else weights.ravel()
+    samples = flat_samples(seg, rewards.ravel(), utilities.reshape(-1, len(b)), flat_w, np.arange(n_prompts))
+    return _finish(samples, b, float(beta), names, lambdas0, tol, max_iter, bootstrap, seed, ci_level)
+
+
+def solve_dual_long(prompt_ids, rewards, utilities, thresholds, beta: float, sample_weights=None, *,
+                    bootstrap: int = 0, seed: int = 0, tol: float = 1e-9, max_iter: int = 100,
+                    names: Sequence[str] | None = None, lambdas0=None,
+                    ci_level: float = 0.95) -> DualResult:
+    """:func:`solve_dual` on long-format rows: prompt_ids [n], rewards [n], utilities [n, m] or [n].
+
+    Prompts may have different numbers of samples; rows of a prompt need not be adjacent. Grouping
+    is one sort (none when the rows are already grouped); all per-prompt work is segment sums.
+    """
+    prompt_ids = np.asarray(prompt_ids)
+    rewards = np.asarray(rewards, dtype=np.float64)
+    if rewards.ndim != 1 or rewards.size == 0 or prompt_ids.shape != rewards.shape:
+        raise InputError(f"prompt_ids {prompt_ids.shape} and rewards {rewards.shape} must be "
+                         "non-empty and of the same length n")
+    utilities = np.asarray(utilities, dtype=np.float64)
+    utilities = utilities[:, None] if utilities.ndim == 1 else utilities
+    b, weights, utilities, names = _check_inputs(rewards, utilities, sample_weights, thresholds,
+                                                 beta, names, "[n]")
+    seg = Segments.of(prompt_ids)
+    weights = None if weights is None else seg.group(weights)
+    samples = flat_samples(seg, seg.group(rewards), seg.group(utilities), weights, seg.labels)
+    return _finish(samples, b, float(beta), names, lambdas0, tol, max_iter, bootstrap, seed, ci_level)
+
+
+def _finish(samples, b, beta, names, lambdas0, tol, max_iter, bootstrap, seed,
+            ci_level) -> DualResult:
+    if lambdas0 is not None and np.shape(lambdas0) != b.shape:
+        raise InputError(f"lambdas0 must have {b.size} values, got {np.shape(lambdas0)}")
+    result = _result(samples, b, beta, names, lambdas0, tol, max_iter)
+    if bootstrap:
+        _bootstrap(samples, result, int(bootstrap), seed, tol, max_iter, ci_level)
+    return result

@@ -1,0 +1,179 @@
+"""The dual stage: constraint strings on a scores table → λ*, predictions and CIs → dual.json.
+
+Constraints are ``COLUMN<=VALUE`` / ``COLUMN>=VALUE`` (:mod:`dualign.constraints`); each becomes a
+utility g_j = sign_j·column_j with threshold b_j, solved by :mod:`dualign.dual.solver` and reported
+back in the columns' own units. ``run_dual`` is the pipeline's stage; ``format_report`` the table
+``dualign dual`` prints.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from dualign.constraints import (
+    Constraint,
+    constraint_names,
+    parse_constraint,
+    utilities_and_thresholds,
+)
+from dualign.data.scores import Scores, read_scores
+from dualign.dual.formulas import half_sample_kl, reference_means
+from dualign.dual.solver import DualResult, solve_dual_long
+from dualign.errors import InfeasibleConstraintError, InputError
+from dualign.provenance import record_stage
+from dualign.records import DualCI, DualRecord, HalfSampleKL, write_dual
+
+
+@dataclass
+class DualConfig:
+    """The dual stage: λ* for the constraints on <run_dir>/scores.parquet → <run_dir>/dual.json."""
+
+    constraints: list[str] = field(metadata={
+        "help": "COLUMN<=VALUE (cost) or COLUMN>=VALUE (utility); VALUE absolute or ref+X / ref-X"})
+    scores: str | None = field(default=None, metadata={
+        "help": "scores table (default: <run_dir>/scores.parquet)"})
+    beta: float = field(default=0.1, metadata={"help": "KL coefficient β"})
+    reward: str = field(default="reward", metadata={"help": "reward column"})
+    bootstrap: int = field(default=0, metadata={
+        "help": "bootstrap resamples over prompts for CIs (0: none)"})
+    seed: int = field(default=0, metadata={"help": "bootstrap seed"})
+
+
+def _column_infeasible(err: InfeasibleConstraintError,
+                       constraints: Sequence[Constraint]) -> InfeasibleConstraintError:
+    """Restate a g-unit infeasibility in the columns' own units (a cost's reachable minimum)."""
+    def bound(j: int) -> str:
+        c = constraints[j]
+        word = "lowest" if c.sign < 0 else "highest"
+        return f"the {word} mean {c.column} reachable by reweighting the samples is {c.sign * err.reachable[j]:.6g}"
+
+    if err.joint:
+        parts = "; ".join(f"'{constraints[j].text}' asks {constraints[j].column} {constraints[j].op} "
+                          f"{constraints[j].sign * err.thresholds[j]:.6g} ({bound(j)})" for j in err.which)
+        msg = f"constraints jointly infeasible (no reweighting meets them all at once): {parts}"
+    else:
+        j = err.which[0]
+        c = constraints[j]
+        msg = (f"constraint '{c.text}' is infeasible: it asks mean {c.column} {c.op} "
+               f"{c.sign * err.thresholds[j]:.6g} but {bound(j)}")
+    new = InfeasibleConstraintError(msg)
+    new.__dict__.update(err.__dict__)
+    return new
+
+
+def _refuse_absolute_implicit(constraints: Sequence[Constraint], source: str) -> None:
+    """An implicit reward β·log(π/π_ref) is defined only up to a per-prompt constant, so only a
+    threshold relative to π_ref means anything; ``score.meta.json`` beside the scores says which
+    columns are implicit."""
+    meta = Path(source).parent / "score.meta.json"
+    if not Path(source).is_file() or not meta.exists():
+        return
+    scorers = json.loads(meta.read_text()).get("scorers", {})
+    for c in constraints:
+        if not c.relative and scorers.get(c.column, {}).get("kind") == "implicit":
+            raise InputError(f"constraint {c.text!r}: '{c.column}' is an implicit reward (defined only up "
+                             f"to a per-prompt constant), so its threshold must be relative to π_ref, "
+                             f"e.g. '{c.column}{c.op}ref{'+' if c.op == '>=' else '-'}0.5'")
+
+
+def solve_constraints(scores: Scores, beta: float, reward: str, constraints: Sequence[Constraint], *,
+                      bootstrap: int = 0, seed: int = 0, lambdas0=None) -> DualRecord:
+    """Solve the dual for parsed constraints on a scores table; return the dual.json record."""
+    if not constraints:
+        raise InputError("at least one --constraint is needed")
+    _refuse_absolute_implicit(constraints, scores.source)
+    columns = list(dict.fromkeys([reward] + [c.column for c in constraints]))
+    refs = reference_means(scores.prompt_index, np.stack([scores.columns[c] for c in columns], axis=1),
+                           scores.sample_weights)
+    ref = dict(zip(columns, refs.tolist(), strict=True))
+    g, b = utilities_and_thresholds(constraints, scores.columns, ref)
+    names = constraint_names(constraints)
+    try:
+        res = solve_dual_long(scores.prompt_index, scores.columns[reward], g, b, beta,
+                              scores.sample_weights, names=names, bootstrap=bootstrap, seed=seed,
+                              lambdas0=lambdas0)
+    except InfeasibleConstraintError as e:
+        raise _column_infeasible(e, constraints) from None
+    record = _record(res, reward, constraints, ref)
+    halves = half_sample_kl(scores.prompt_index, scores.columns[reward], g, res.lambdas, beta,
+                            scores.sample_weights)
+    if halves is not None:
+        record.kl_half_samples = HalfSampleKL(*halves)
+    return record
+
+
+def _record(res: DualResult, reward: str, constraints: Sequence[Constraint],
+            ref: dict[str, float]) -> DualRecord:
+    """The solver's result in the columns' own units (a cost's value is −g), keyed by constraint name."""
+    names = res.names
+    predicted, reference = {reward: res.predicted_reward}, {reward: res.reference_reward}
+    for j, (name, c) in enumerate(zip(names, constraints, strict=True)):
+        predicted[name] = c.sign * float(res.predicted_utilities[j])
+        reference[name] = ref[c.column]
+    predicted["kl"], reference["kl"] = res.kl, 0.0
+    ci = None
+    if res.ci is not None:
+        pred_ci = {reward: res.ci["predicted_reward"].tolist(), "kl": res.ci["kl"].tolist()}
+        for j, (name, c) in enumerate(zip(names, constraints, strict=True)):
+            pred_ci[name] = sorted((c.sign * res.ci["predicted_utilities"][j]).tolist())
+        ci = DualCI(res.ci_level, res.bootstrap, res.bootstrap_failed,
+                    {n: res.ci["lambdas"][j].tolist() for j, n in enumerate(names)}, pred_ci)
+    elif res.bootstrap:  # every resample failed: the counts, no intervals
+        ci = DualCI(res.ci_level, res.bootstrap, res.bootstrap_failed, {}, {})
+    return DualRecord(
+        beta=res.beta, reward=reward, constraints=[c.text for c in constraints],
+        lambdas=dict(zip(names, res.lambdas.tolist(), strict=True)),
+        columns={n: c.column for n, c in zip(names, constraints, strict=True)},
+        thresholds={n: c.sign * float(b) for n, c, b in zip(names, constraints, res.thresholds, strict=True)},
+        predicted=predicted, reference=reference, feasible=True, converged=res.converged,
+        iterations=res.iterations, dual_value=res.dual_value, kkt_residual=res.kkt_residual,
+        num_prompts=res.num_prompts, num_samples=res.num_samples, ci=ci)
+
+
+def format_report(record: DualRecord) -> str:
+    """The human table printed by ``dualign dual``."""
+    ci = record.ci
+    status = "converged" if record.converged else "NOT converged"
+    lines = [f"dual: beta={record.beta:g}, {record.num_prompts} prompts, "
+             f"{record.num_samples} samples; {status} in {record.iterations} Newton steps "
+             f"(KKT residual {record.kkt_residual:.1e})"]
+    head = f"{'':24s} {'lambda*':>12s} {'threshold':>12s} {'reference':>12s} {'predicted':>12s}"
+    if ci:
+        head += f"  {int(round(100 * ci.level))}% CI (bootstrap {ci.bootstrap})"
+    lines.append(head)
+
+    def ci_text(group: str, key: str) -> str:
+        lo_hi = getattr(ci, group).get(key) if ci else None
+        return f"  [{lo_hi[0]:.4g}, {lo_hi[1]:.4g}]" if lo_hi else ""
+
+    for text, name in zip(record.constraints, record.names, strict=True):
+        lines.append(f"{text:24s} {record.lambdas[name]:12.6g} {record.thresholds[name]:12.6g} "
+                     f"{record.reference[name]:12.6g} {record.predicted[name]:12.6g}"
+                     f"{ci_text('lambdas', name)}")
+    for key in (record.reward, "kl"):
+        lines.append(f"{key:24s} {'':12s} {'':12s} {record.reference[key]:12.6g} "
+                     f"{record.predicted[key]:12.6g}{ci_text('predicted', key)}")
+    halves = record.kl_half_samples
+    if halves:
+        lines.append(f"{'kl on K/2 samples':24s} {'':12s} {'':12s} {'':12s} {halves.half:12.6g}  "
+                     f"(on all K of the same prompts: {halves.all:.6g}; an estimate still growing "
+                     f"with K understates π_λ*'s KL)")
+    return "\n".join(lines)
+
+
+def run_dual(cfg: DualConfig, run_dir: str | Path) -> DualRecord:
+    """The pipeline's dual stage: read scores (cfg.scores or <run_dir>/scores.parquet), write dual.json."""
+    run_dir = Path(run_dir)
+    constraints = [parse_constraint(c) for c in cfg.constraints]
+    path = Path(cfg.scores) if cfg.scores else run_dir / "scores.parquet"
+    scores = read_scores(path, [cfg.reward] + [c.column for c in constraints])
+    record = solve_constraints(scores, cfg.beta, cfg.reward, constraints, bootstrap=cfg.bootstrap,
+                               seed=cfg.seed)
+    write_dual(record, run_dir / "dual.json")
+    record_stage(run_dir, "dual", cfg, seed=cfg.seed)
+    return record
