@@ -46,6 +46,7 @@ from dualign.models import (
 )
 from dualign.progress import Progress
 from dualign.templates import format_prompt
+from dualign.timing import timed
 
 KINDS = ("hf", "beaver", "callable", "implicit")
 DIRECTIONS = ("higher_is_better", "lower_is_better")
@@ -145,6 +146,7 @@ class HFClassifierScorer:
         self.model = model.to(self.device).eval()
         self.max_length, self.hf_input, self.template = max_length, hf_input, template
 
+    @timed("score forward")
     @torch.inference_mode()
     def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
         if self.hf_input == "pair":
@@ -294,6 +296,7 @@ class BeaverScorer:
         self.tokenizer = load_tokenizer(str(model_dir))
         self.max_length, self.append_eos = max_length, append_eos
 
+    @timed("score forward")
     @torch.inference_mode()
     def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
         tok = self.tokenizer
@@ -404,6 +407,7 @@ def load_callable(target: str) -> ScoreFn:
     return fn
 
 
+@timed("model load")
 def load_scorer(spec: ScorerSpec, *, device: str = "auto", dtype: str = "auto", max_length: int = 1024,
                 hf_input: str = "pair", template: str = "auto", append_eos: bool = True) -> ScoreFn:
     if spec.kind == "hf":

@@ -22,10 +22,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from dualign.dual.tilt import SAFE_EXPONENT, Point, Samples, Tilt, flat_samples
 from dualign.errors import InfeasibleConstraintError, InputError
+from dualign.progress import Progress
 from dualign.segments import Segments
 
 
@@ -302,7 +302,7 @@ def _bootstrap(samples: Samples, result: DualResult, bootstrap: int, seed: int, 
     rng = np.random.default_rng(seed)
     num = samples.seg.num
     draws = []
-    for _ in tqdm(range(bootstrap), desc="bootstrap", disable=None, leave=False):
+    for _ in Progress(range(bootstrap), desc="bootstrap", unit="resamples"):
         counts = rng.multinomial(num, np.full(num, 1.0 / num))
         prompts = np.flatnonzero(counts)
         sub = samples.take(prompts, counts[prompts].astype(np.float64))
