@@ -35,6 +35,21 @@ class DualCI:
     failed: int
     lambdas: dict[str, list[float]]  # by constraint name
     predicted: dict[str, list[float]]  # reward column, constraint names, "kl"
+    # the change π_λ makes over π_ref on the same resample (reward column, constraint names): a
+    # relative threshold's reference level is re-estimated on every resample
+    predicted_change: dict[str, list[float]] = field(default_factory=dict)
+
+
+@dataclass
+class ConfidencePlan:
+    """``dual --confidence``: λ chosen so that each constraint holds at its one-sided ``level``
+    bound under prompt resampling; ``margin`` (column units, by constraint name) is how far past
+    its threshold the point prediction was pushed, ``plain`` the solution without the margin."""
+
+    level: float
+    margin: dict[str, float]
+    plain_lambdas: dict[str, float]
+    plain_predicted: dict[str, float]  # reward column, constraint names, "kl"
 
 
 @dataclass
@@ -72,6 +87,7 @@ class DualRecord:
     num_samples: int | None = None
     ci: DualCI | None = None
     kl_half_samples: HalfSampleKL | None = None
+    confidence: ConfidencePlan | None = None
     method: str | None = None
     reward_weight: float | None = None
     lambda_trajectory: list[list[float]] | None = None
