@@ -33,9 +33,12 @@ def _tables(seed=0, n=30, k=3, shift=-1.0):
 
     rng = np.random.default_rng(seed)
     level = rng.normal(0, 5, n)
-    rows = lambda d: pd.DataFrame({"prompt_id": np.repeat([f"p{i}" for i in range(n)], k),
-                                   "sample_index": np.tile(np.arange(k), n),
-                                   "cost": np.repeat(level, k) + d + rng.normal(0, 1, n * k)})
+
+    def rows(d):
+        return pd.DataFrame({"prompt_id": np.repeat([f"p{i}" for i in range(n)], k),
+                             "sample_index": np.tile(np.arange(k), n),
+                             "cost": np.repeat(level, k) + d + rng.normal(0, 1, n * k)})
+
     return rows(0.0), rows(shift).sample(frac=1.0, random_state=1)   # policy rows shuffled
 
 
