@@ -23,7 +23,7 @@ import torch
 from dualign.constraints import parse_constraint
 from dualign.data.prompts import load_prompts
 from dualign.errors import InputError
-from dualign.io import atomic_path, read_table, write_table
+from dualign.io import atomic_path, read_json, read_table, write_table
 from dualign.models import load_causal_lm, load_tokenizer, sequence_logprobs, tokenize_pairs
 from dualign.provenance import record_stage
 from dualign.records import (
@@ -170,9 +170,11 @@ def _load_callable(spec: str):
         raise InputError(f"judge {spec!r} cannot be imported: {e}") from None
 
 
-def _sample_model(model_path: str, prompts: pd.DataFrame, cfg: EvaluateConfig, seed: int,
+def sample_model(model_path: str, prompts: pd.DataFrame, cfg: EvaluateConfig, seed: int,
                   ref_model=None, ref_tokenizer=None) -> pd.DataFrame:
-    """Generate from ``model_path``; add ``logprob`` (own) and ``ref_logprob`` (under π_ref)."""
+    """Generate from ``model_path`` with ``cfg``'s sampling settings (num_samples, template,
+    max_new_tokens, temperature, top_p, batch_size, device); add ``logprob`` (own) and
+    ``ref_logprob`` (under ``ref_model`` when given, else its own)."""
     tok = load_tokenizer(model_path)
     model = load_causal_lm(model_path, device=cfg.device).eval()
     df = generate_responses(model, tok, prompts["prompt"].tolist(), prompts["prompt_id"].tolist(),
@@ -220,7 +222,10 @@ def evaluate(cfg: EvaluateConfig) -> Path:
     policy = cfg.policy or str(run_dir / "policy")
     if not Path(policy).exists() and (policy.startswith((".", "/")) or os.sep in policy):
         raise InputError(f"policy '{policy}' does not exist (run `dualign train` first)")
-    dual = read_dual(run_dir / "dual.json", require=("lambdas", "thresholds", "predicted", "reference"))
+    # after recalibration the policy was trained at recalibrate/dual.json's λ, not at λ*
+    recalibrated = run_dir / "recalibrate" / "dual.json"
+    dual = read_dual(recalibrated if recalibrated.exists() else run_dir / "dual.json",
+                     require=("lambdas", "thresholds", "predicted", "reference"))
 
     prompts = load_prompts(cfg.prompts, prompt_column=cfg.prompt_column, split=cfg.split,
                            max_prompts=cfg.max_prompts)
@@ -235,7 +240,7 @@ def evaluate(cfg: EvaluateConfig) -> Path:
         if cache.exists():
             tables[name] = pd.read_parquet(cache)
             continue
-        df = _sample_model(path, prompts, cfg, seed, None if name == "reference" else ref_model, ref_tok)
+        df = sample_model(path, prompts, cfg, seed, None if name == "reference" else ref_model, ref_tok)
         df = score_table(df, cfg.scorers, batch_size=cfg.batch_size, device=cfg.device)
         if cfg.judge:
             verdict = _load_callable(cfg.judge)(df["prompt"].tolist(), df["response"].tolist())
@@ -247,10 +252,22 @@ def evaluate(cfg: EvaluateConfig) -> Path:
         tables[name] = df
 
     report = build_report(tables["reference"], tables["policy"], dual, cfg)
+    if (run_dir / "recalibrate.json").exists():
+        report.recalibration = recalibration_summary(read_json(run_dir / "recalibrate.json"))
     write_report(report, out_dir / "report.json")
     plot_report(tables["reference"], tables["policy"], report, out_dir)
     record_stage(run_dir, "evaluate", cfg, cfg.seed)
     return out_dir / "report.json"
+
+
+def recalibration_summary(record: dict) -> dict:
+    """What the report keeps of recalibrate.json: each round's λ, measured change and verdict, and
+    the compute the extra fine-tunes cost."""
+    rounds = [{"round": r["round"], "rule": r["rule"], "lambdas": dict(zip(record["names"], r["lambdas"], strict=True)),
+               "change": r["change"], "met": r["met"], "gradient_steps": r["gradient_steps"],
+               "sampled_tokens": r["sampled_tokens"], "wall_s": r["wall_s"]} for r in record["rounds"]]
+    return {"extra_fine_tunes": record["extra_fine_tunes"], "met_on_calibration": record["met"],
+            "rounds": rounds, "compute": record["compute"]}
 
 
 def _prompt_metadata(cfg: EvaluateConfig) -> pd.DataFrame | None:
