@@ -51,7 +51,9 @@ DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
 SMALL_CONFIG = Path(__file__).parent / "configs" / "small.yaml"
 PECAN_CONFIG = Path(__file__).parent / "configs" / "pecan.yaml"
 PECAN_SMALL_CONFIG = Path(__file__).parent / "configs" / "pecan_small.yaml"
-PACKAGED = {"default": DEFAULT_CONFIG, "small": SMALL_CONFIG, "pecan": PECAN_CONFIG, "pecan_small": PECAN_SMALL_CONFIG}
+RECALIBRATE_CONFIG = Path(__file__).parent / "configs" / "recalibrate.yaml"
+PACKAGED = {"default": DEFAULT_CONFIG, "small": SMALL_CONFIG, "pecan": PECAN_CONFIG, "pecan_small": PECAN_SMALL_CONFIG,
+            "recalibrate": RECALIBRATE_CONFIG}
 
 
 @dataclass
