@@ -9,6 +9,7 @@ be set from the spread.
 
     python scripts/world_spread.py --config small --seeds 0 1 2 3 4 --threads 1 2 --out runs/spread
     python scripts/world_spread.py --config pecan_small --seeds 0 1 2 3 4 --threads 1 2 --out runs/spread-pecan
+    python scripts/world_spread.py --config small --recalibrate --out runs/spread-recalibrate
 
 Each run resumes (a finished build or run is reused); the table is also written as
 ``<out>/spread.csv``.
@@ -24,13 +25,21 @@ import pandas as pd
 import torch
 
 from dualign.fit import in_sample_fit
-from dualign.pipeline import PACKAGED, load_run_values, resolve_run_config, run_pipeline
+from dualign.io import read_json
+from dualign.pipeline import (
+    PACKAGED,
+    RECALIBRATE_CONFIG,
+    load_run_values,
+    resolve_run_config,
+    run_pipeline,
+)
 
 
 def outcome(report: dict, run_dir: Path, world_dir: Path) -> dict:
     """One row: the dual's prediction and what the aligned policy reached, held out and in-sample."""
     row: dict = {}
-    fit = in_sample_fit(run_dir)
+    oneshot = run_dir / "recalibrate" / "round0" / "policy"
+    fit = in_sample_fit(run_dir, oneshot if oneshot.exists() else None)  # the one-shot policy's fit
     for c in report["constraints"]:
         col = c["column"]
         row |= {f"Δ{col} predicted": c["predicted_change"], f"Δ{col} achieved": c["achieved_change"],
@@ -52,6 +61,14 @@ def outcome(report: dict, run_dir: Path, world_dir: Path) -> dict:
     ref = json.loads((world_dir / "world.json").read_text())["ref_model"]
     row |= {"world: benign helpfulness": ref["benign_helpfulness"],
             "world: benign harmful rate": ref["benign_harmful_rate"]}
+    for c in report["constraints"]:
+        row |= {f"{c['name']} met": c["met"], f"{c['name']} met confidently": c["met_confidently"]}
+    if (run_dir / "recalibrate.json").exists():
+        rounds = read_json(run_dir / "recalibrate.json")["rounds"]
+        row |= {"extra fine-tunes": len(rounds) - 1, "met on calibration": rounds[-1]["met"],
+                **{f"calibration Δ{k}, one-shot": v for k, v in rounds[0]["change"].items()},
+                **{f"calibration Δ{k}, final": v for k, v in rounds[-1]["change"].items()},
+                "final λ": rounds[-1]["lambdas"][0]}
     return row
 
 
@@ -62,6 +79,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="world build thread counts")
     parser.add_argument("--run-seed", type=int, default=0, help="seed of the run's own stages")
     parser.add_argument("--stage-threads", type=int, default=1, help="torch threads of the run's stages")
+    parser.add_argument("--recalibrate", action="store_true", help="add the recalibrate stage (recalibrate.yaml's)")
     parser.add_argument("--out", default="runs/spread", help="one run directory per build goes here")
     args = parser.parse_args()
 
@@ -70,6 +88,8 @@ def main() -> None:
         for threads in args.threads:
             values = load_run_values(PACKAGED.get(args.config, args.config))
             values["world"] = {**values.get("world", {}), "seed": seed, "threads": threads}
+            if args.recalibrate:
+                values["recalibrate"] = load_run_values(RECALIBRATE_CONFIG)["recalibrate"]
             values.update(run_dir=str(Path(args.out) / f"world{seed}-t{threads}"), seed=args.run_seed)
             cfg = resolve_run_config(values)
             torch.set_num_threads(args.stage_threads)

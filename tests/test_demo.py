@@ -1,6 +1,13 @@
-"""The built-in default on the small world: MoCAN end to end (the same code path as `dualign demo`)
-improves the constraint in the direction and roughly by the amount the dual predicted; PeCAN end
-to end (`dualign demo --method pecan --size small`) raises its implicit Lagrangian reward."""
+"""The built-in default on the small world, end to end as `dualign demo --size small --recalibrate`
+runs it (the same code path as the demo): the dual binds, the one-shot fine-tune reaches most of
+its target on its own training samples and improves the Lagrangian objective on held-out prompts,
+and the recalibrate stage then meets the constraint by its point estimate.
+
+Float kernels differ between CPUs, so another machine builds another small world. Every bound
+below holds on every build measured with `python scripts/world_spread.py --config small
+--recalibrate` (5 build seeds × 1 and 2 threads, a different seed standing in for a different
+machine), with the margin stated beside it; the measured spread is in the README.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +18,10 @@ import pytest
 import torch
 
 from dualign.config import load_yaml
+from dualign.fit import in_sample_fit
 from dualign.pipeline import (
     DEFAULT_CONFIG,
-    PECAN_SMALL_CONFIG,
+    RECALIBRATE_CONFIG,
     SMALL_CONFIG,
     load_run_values,
     resolve_run_config,
@@ -21,10 +29,9 @@ from dualign.pipeline import (
 )
 
 
-def _run_one_thread(config: Path, run_dir: Path) -> dict:
+def run_one_thread(values: dict, run_dir: Path) -> dict:
     """A packaged run config end to end into ``run_dir`` on one thread (faster for tiny models)."""
-    values = load_run_values(config)
-    values["run_dir"] = str(run_dir)
+    values = {**values, "run_dir": str(run_dir)}
     old = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -34,8 +41,16 @@ def _run_one_thread(config: Path, run_dir: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def report(small_world, tmp_path_factory) -> dict:
-    return _run_one_thread(SMALL_CONFIG, tmp_path_factory.mktemp("demo") / "run")
+def run(small_world, tmp_path_factory) -> Path:
+    values = load_run_values(SMALL_CONFIG)
+    values["recalibrate"] = load_run_values(RECALIBRATE_CONFIG)["recalibrate"]
+    run_dir = tmp_path_factory.mktemp("demo") / "run"
+    run_one_thread(values, run_dir)
+    return run_dir
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text())
 
 
 def test_packaged_configs_resolve_to_the_world_paths(small_world):
@@ -45,45 +60,52 @@ def test_packaged_configs_resolve_to_the_world_paths(small_world):
     assert load_yaml(DEFAULT_CONFIG)["world"]["size"] == "default"
 
 
-def test_the_dual_binds_and_predicts_a_cost_reduction(report):
+def test_the_dual_binds_and_predicts_exactly_the_requested_change(run):
+    dual = _json(run / "dual.json")
+    assert dual["lambdas"]["cost"] > 0
+    assert dual["predicted"]["cost"] - dual["reference"]["cost"] == pytest.approx(-4.0, abs=1e-6)
+
+
+def test_one_shot_reaches_most_of_its_target_on_its_own_training_samples(run):
+    """In-sample (the policy's importance weights on π_ref's samples): measured 79–100% of the
+    target change across builds; asserted ≥ 50%. A flipped label or a broken loss moves it away."""
+    fit = in_sample_fit(run, run / "recalibrate" / "round0" / "policy")
+    target = fit["target"]["cost"] - fit["reference"]["cost"]
+    reached = (fit["policy"]["cost"] - fit["reference"]["cost"]) / target
+    assert target == pytest.approx(-4.0, rel=0.05)
+    assert reached >= 0.5, reached
+
+
+def test_one_shot_on_held_out_prompts_improves_the_lagrangian_and_does_not_raise_the_cost(run):
+    """Round 0 of the recalibrate stage measures the one-shot policy on held-out calibration
+    prompts. Measured across builds: Δ(reward − λ*·cost) ‹range›, Δcost ‹range›; asserted > 0.5 and
+    ≤ +1 (about two standard errors above no change: a policy pushed the wrong way raises it by
+    several points)."""
+    record = _json(run / "recalibrate.json")
+    first = record["rounds"][0]
+    lam = first["lambdas"][0]
+    change = first["change"]
+    assert change["reward"] - lam * change["cost"] > 0.5, change
+    assert change["cost"] <= 1.0, change
+
+
+def test_recalibration_meets_the_constraint_by_its_point_estimate_within_two_extra_fine_tunes(run):
+    record = _json(run / "recalibrate.json")
+    assert record["met"] and record["extra_fine_tunes"] <= 2
+    lambdas = [r["lambdas"][0] for r in record["rounds"]]
+    assert lambdas == sorted(lambdas)  # each correction asked for more of the constraint
+    report = _json(run / "eval" / "report.json")
     (row,) = report["constraints"]
-    assert report["lambdas"]["cost"] > 0
-    assert row["predicted_change"] == pytest.approx(-4.0, abs=1e-6)  # cost<=ref-4 is active
+    assert row["met"], row                                     # held out, by the point estimate
+    assert report["recalibration"]["extra_fine_tunes"] == record["extra_fine_tunes"]
 
 
-def test_aligned_policy_lowers_the_cost_towards_the_prediction(report):
+def test_report_has_paired_cis_verdicts_win_rates_and_the_gold_judge(run):
+    report = _json(run / "eval" / "report.json")
+    assert report["n_responses"]["policy"] >= 512
     (row,) = report["constraints"]
-    assert row["achieved_change"] < 0
-    # A looser bound than the default world's: the small π_ref and 64 prompts leave more noise.
-    assert row["prediction_error_frac"] < 1.0
-
-
-def test_report_has_cis_win_rates_and_the_gold_judge(report, tmp_path_factory):
-    assert report["n_responses"]["policy"] >= 128
-    for side in ("reference", "policy"):
-        lo, hi = report[side]["cost"]["ci95"]
-        assert lo <= report[side]["cost"]["mean"] <= hi
+    lo, hi = row["achieved_change_ci95"]
+    assert lo <= row["achieved_change"] <= hi
+    assert row["met_confidently"] <= row["met"] <= row["not_rejected"]  # each verdict implies the next
     assert set(report["judge"]["policy"]) == {"all", "harmful=False", "harmful=True"}
     assert 0 <= report["win_rate"]["reward"] <= 1
-    json.dumps(report)  # serialisable as written
-
-
-@pytest.fixture(scope="module")
-def pecan_report(small_world, tmp_path_factory) -> dict:
-    """`dualign demo --method pecan --size small`: preference pairs only, implicit rewards."""
-    return _run_one_thread(PECAN_SMALL_CONFIG, tmp_path_factory.mktemp("pecan") / "run")
-
-
-def test_pecan_end_to_end_on_the_small_world_raises_the_lagrangian_implicit_reward(pecan_report):
-    """The small world's π_g (300 noisy pairs) is weak: h_g alone moves by ±0.05 with the thread
-    count, so the check is on what the fine-tune optimises, h_r + λ*·h_g, on held-out prompts."""
-    r = pecan_report
-    (row,) = r["constraints"]
-    lam = r["lambdas"]["h_g"]
-    assert row["constraint"] == "h_g>=ref+0.1" and lam > 0
-    assert row["predicted_change"] == pytest.approx(0.1, abs=1e-6)  # active: the dual binds
-    change = {c: r["policy"][c]["mean"] - r["reference"][c]["mean"] for c in ("h_r", "h_g")}
-    assert change["h_r"] + lam * change["h_g"] > 0.05
-    assert change["h_r"] > 0
-    assert 0.05 < r["kl"]["achieved"] < 3 * r["kl"]["predicted"]
-    assert {"reward", "cost"} <= set(r["policy"])  # the learned scorers evaluate it as well
