@@ -168,7 +168,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, tiny_gpt2):
     kw = {"label": "bernoulli", "max_steps": 5, "save_steps": 100}
     train(_cfg(tiny_gpt2, whole, **kw))
     paused = train(_cfg(tiny_gpt2, parts, **kw), stop_at_step=2)
-    assert paused["stopped"] and (parts / "train.state" / "state.pt").exists() and not (parts / "policy").exists()
+    assert paused["stopped"] and (parts / "train.state" / "state.safetensors").exists() and not (parts / "policy").exists()
     train(_cfg(tiny_gpt2, parts, **kw))
     assert _max_diff(_weights(whole / "policy"), _weights(parts / "policy")) < 1e-6
     assert [m["step"] for m in _metrics(parts)] == [1, 2, 3, 4, 5]

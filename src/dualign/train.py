@@ -6,7 +6,7 @@ preference file, or given ready-made; the builders live with their methods in
 ``ref_logprob`` columns when they can be trusted, else with the model itself before its first
 update, so no second model stays in memory), then minimises the mean pair loss with AdamW and a
 linear warmup/decay schedule. It runs plainly or under ``accelerate launch`` / ``torchrun`` (DDP),
-full fine-tune or LoRA, bf16 autocast on a GPU. A checkpoint ``<run_dir>/train.state/state.pt``
+full fine-tune or LoRA, bf16 autocast on a GPU. A checkpoint ``<run_dir>/train.state/state.safetensors``
 (:mod:`dualign.checkpoint`) is written every ``save_steps``; a killed run started again resumes
 from it and ends with the same weights as an uninterrupted run (the data order is a function of
 seed and epoch).
@@ -41,7 +41,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from dualign.batches import EncodedPairs, encode_pairs, fill_ref_logps
-from dualign.checkpoint import load_state, restore_state, save_state, truncate_metrics
+from dualign.checkpoint import STATE_FILE, load_state, restore_state, save_state, truncate_metrics
 from dualign.config import config_to_dict, dump_yaml
 from dualign.errors import ConfigError, InputError
 from dualign.io import read_table, write_table
@@ -145,7 +145,7 @@ def train(cfg: TrainConfig, stop_at_step: int | None = None) -> dict[str, Any]:
     model.config.use_cache = False  # a KV cache is built and thrown away on every forward otherwise
     pad_id = tokenizer.pad_token_id
     data = encode_pairs(pairs, tokenizer, cfg.template, cfg.max_length)
-    state_path = run_dir / "train.state" / "state.pt"
+    state_path = run_dir / "train.state" / STATE_FILE
     state = load_state(state_path, _resume_key(cfg)) if state_path.exists() else None
     if state is not None:
         data.ref_logps = state["ref_logps"]
