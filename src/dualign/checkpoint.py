@@ -17,8 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from dualign.data.sources import first_line
-from dualign.errors import InputError
+from dualign.errors import InputError, first_line
 from dualign.io import atomic_path
 
 STATE_FILE = "state.safetensors"

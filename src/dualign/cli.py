@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from dualign import __version__
@@ -368,6 +369,9 @@ COMMANDS.append(("compare", "MoCAN against the baselines (ppo-lagrangian, dual-a
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # transformers' warnings are noise on the command line (and would break one-line errors);
+    # TRANSFORMERS_VERBOSITY=warning brings them back
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     command = next((a for a in argv if not a.startswith("-")), "")
     args = build_parser(command).parse_args(argv)
     try:

@@ -63,6 +63,8 @@ class EvaluateConfig:
     bootstrap: int = field(default=1000, metadata={"help": "bootstrap resamples over prompts for the 95% CIs"})
     seed: int = field(default=0, metadata={"help": "sampling and bootstrap seed"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, or auto"})
+    trust_remote_code: bool = field(default=False, metadata={
+        "help": "run Python code shipped with π_ref, the policy or a scorer model (auto_map); off: refused"})
 
 
 # ---------------------------------------------------------------------------------- statistics
@@ -115,8 +117,8 @@ def _load_callable(spec: str):
 def _sample_model(model_path: str, prompts: pd.DataFrame, cfg: EvaluateConfig, seed: int,
                   ref_model=None, ref_tokenizer=None) -> pd.DataFrame:
     """Generate from ``model_path``; add ``logprob`` (own) and ``ref_logprob`` (under π_ref)."""
-    tok = load_tokenizer(model_path)
-    model = load_causal_lm(model_path, device=cfg.device).eval()
+    tok = load_tokenizer(model_path, trust_remote_code=cfg.trust_remote_code)
+    model = load_causal_lm(model_path, device=cfg.device, trust_remote_code=cfg.trust_remote_code).eval()
     df = generate_responses(model, tok, prompts["prompt"].tolist(), prompts["prompt_id"].tolist(),
                             cfg.num_samples, template=cfg.template, max_new_tokens=cfg.max_new_tokens,
                             temperature=cfg.temperature, top_p=cfg.top_p, batch_size=cfg.batch_size,
@@ -167,8 +169,8 @@ def evaluate(cfg: EvaluateConfig) -> Path:
     prompts = load_prompts(cfg.prompts, prompt_column=cfg.prompt_column, split=cfg.split,
                            max_prompts=cfg.max_prompts)
     extra = _prompt_metadata(cfg)
-    ref_tok = load_tokenizer(cfg.reference)
-    ref_model = load_causal_lm(cfg.reference, device=cfg.device).eval()
+    ref_tok = load_tokenizer(cfg.reference, trust_remote_code=cfg.trust_remote_code)
+    ref_model = load_causal_lm(cfg.reference, device=cfg.device, trust_remote_code=cfg.trust_remote_code).eval()
 
     out_dir = run_dir / "eval"
     tables = {}
@@ -178,7 +180,8 @@ def evaluate(cfg: EvaluateConfig) -> Path:
             tables[name] = pd.read_parquet(cache)
             continue
         df = _sample_model(path, prompts, cfg, seed, None if name == "reference" else ref_model, ref_tok)
-        df = score_table(df, cfg.scorers, batch_size=cfg.batch_size, device=cfg.device)
+        df = score_table(df, cfg.scorers, batch_size=cfg.batch_size, device=cfg.device,
+                         trust_remote_code=cfg.trust_remote_code)
         if cfg.judge:
             verdict = _load_callable(cfg.judge)(df["prompt"].tolist(), df["response"].tolist())
             df["judge_helpful"] = np.asarray(verdict["helpful"], float)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from dualign.errors import InputError
+from dualign.errors import InputError, first_line
 
 
 def resolve_device(device: str | None = None) -> torch.device:
@@ -44,15 +44,26 @@ def _check_model_ref(name_or_path: str | Path) -> None:
         raise InputError(f"model path '{name_or_path}' has no config.json (not a Hugging Face model directory)")
 
 
-def load_tokenizer(name_or_path: str, revision: str | None = None, padding_side: str = "right"):
+def load_error(what: str, name: str, e: BaseException) -> InputError:
+    """One line for a model that cannot be loaded: a missing or refused file (a pickle that
+    ``weights_only`` rejects), or code it ships that dualign will not run without the opt-in."""
+    if "trust_remote_code" in str(e):
+        return InputError(f"{what} '{name}' ships its own Python code (auto_map); dualign runs it only "
+                          "with trust_remote_code: true (--trust-remote-code)")
+    return InputError(f"{what} '{name}' could not be loaded: {first_line(e)}")
+
+
+def load_tokenizer(name_or_path: str, revision: str | None = None, padding_side: str = "right",
+                   trust_remote_code: bool = False):
     """AutoTokenizer with a pad token (falls back to eos) and the requested padding side."""
     from transformers import AutoTokenizer
 
     _check_model_ref(name_or_path)
     try:
-        tok = AutoTokenizer.from_pretrained(str(name_or_path), revision=revision)
-    except (OSError, ValueError) as e:
-        raise InputError(f"tokenizer '{name_or_path}' could not be loaded: {str(e).splitlines()[0]}") from None
+        tok = AutoTokenizer.from_pretrained(str(name_or_path), revision=revision,
+                                            trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - any failure to read a model's files is one line naming it
+        raise load_error("tokenizer", name_or_path, e) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = padding_side
@@ -60,10 +71,11 @@ def load_tokenizer(name_or_path: str, revision: str | None = None, padding_side:
 
 
 def load_causal_lm(name_or_path: str, revision: str | None = None, dtype: str = "auto",
-                   device: str | torch.device | None = None):
+                   device: str | torch.device | None = None, trust_remote_code: bool = False):
     """AutoModelForCausalLM from a Hub id or a local directory, on ``device``.
 
-    ``dtype='auto'`` gives bfloat16 on a GPU and float32 on the CPU.
+    ``dtype='auto'`` gives bfloat16 on a GPU and float32 on the CPU. Code shipped with the model
+    runs only with ``trust_remote_code=True``; otherwise such a model is refused (never a prompt).
     """
     from transformers import AutoModelForCausalLM
 
@@ -74,9 +86,10 @@ def load_causal_lm(name_or_path: str, revision: str | None = None, dtype: str = 
     else:
         torch_dtype = getattr(torch, dtype)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(name_or_path), revision=revision, dtype=torch_dtype)
-    except (OSError, ValueError) as e:
-        raise InputError(f"model '{name_or_path}' could not be loaded: {str(e).splitlines()[0]}") from None
+        model = AutoModelForCausalLM.from_pretrained(str(name_or_path), revision=revision, dtype=torch_dtype,
+                                                     trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - any failure to read a model's files is one line naming it
+        raise load_error("model", name_or_path, e) from None
     return model.to(device)
 
 

@@ -49,6 +49,8 @@ class SampleConfig:
     shard_size: int = field(default=64, metadata={"help": "prompts per resumable shard"})
     device: str = field(default="auto", metadata={"help": "cuda, cpu, cuda:1, ... (auto: cuda if available)"})
     dtype: str = field(default="auto", metadata={"help": "float32, bfloat16, float16 (auto: bf16 on GPU, fp32 on CPU)"})
+    trust_remote_code: bool = field(default=False, metadata={
+        "help": "run Python code shipped with the model (its auto_map); off: such a model is refused"})
 
     def __post_init__(self) -> None:
         for name in ("num_samples", "max_new_tokens", "batch_size", "shard_size"):
@@ -154,8 +156,9 @@ def sample(cfg: SampleConfig, run_dir: str | Path | None = None) -> Path:
     run_dir = Path(run_dir or cfg.run_dir)
     prompts = load_prompts(cfg.prompts, cfg.prompt_column, cfg.id_column, cfg.split,
                            cfg.dataset_revision, cfg.max_prompts)
-    tokenizer = load_tokenizer(cfg.model, revision=cfg.revision)
-    model = load_causal_lm(cfg.model, revision=cfg.revision, dtype=cfg.dtype, device=cfg.device)
+    tokenizer = load_tokenizer(cfg.model, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    model = load_causal_lm(cfg.model, revision=cfg.revision, dtype=cfg.dtype, device=cfg.device,
+                           trust_remote_code=cfg.trust_remote_code)
     shard_dir = run_dir / "samples.shards"
     _check_shard_config(shard_dir, cfg)
     starts = range(0, len(prompts), cfg.shard_size)
@@ -182,7 +185,8 @@ def sample(cfg: SampleConfig, run_dir: str | Path | None = None) -> Path:
 def _check_shard_config(shard_dir: Path, cfg: SampleConfig) -> None:
     """Resume only shards made with the same config; anything else would mix two runs."""
     # device and dtype only change the numerics, and a run directory may be moved
-    wanted = {k: v for k, v in config_to_dict(cfg).items() if k not in ("device", "dtype", "run_dir")}
+    wanted = {k: v for k, v in config_to_dict(cfg).items()
+              if k not in ("device", "dtype", "run_dir", "trust_remote_code")}
     key = shard_dir / "config.json"
     if key.exists():
         found = read_json(key)

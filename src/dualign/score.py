@@ -64,6 +64,8 @@ class ScoreConfig:
         "help": "PKU-SafeRLHF pair file to score too (-> <run_dir>/preference_scores.parquet)"})
     ref_model: str | None = field(default=None, metadata={
         "help": "π_ref for implicit scorers where ref_logprob is absent (default: the sample stage's model)"})
+    trust_remote_code: bool = field(default=False, metadata={
+        "help": "run Python code shipped with a scorer model (its auto_map); off: such a model is refused"})
 
     def __post_init__(self) -> None:
         if not self.scorers:
@@ -89,7 +91,8 @@ def _check_table(df: pd.DataFrame, specs: list[ScorerSpec], where: str) -> None:
 def score_table(df: pd.DataFrame, scorers: Sequence[str | ScorerSpec], *, batch_size: int = 16,
                 device: str = "auto", dtype: str = "auto", max_length: int = 1024, hf_input: str = "pair",
                 template: str = "auto", append_eos: bool = True, progress: bool = True,
-                ref_model: str | None = None, ref_revision: str | None = None) -> pd.DataFrame:
+                ref_model: str | None = None, ref_revision: str | None = None,
+                trust_remote_code: bool = False) -> pd.DataFrame:
     """A copy of ``df`` (with ``prompt`` and ``response`` columns) plus one column per scorer.
 
     Implicit scorers read log π_ref from ``df['ref_logprob']``; when it is absent it is computed
@@ -98,7 +101,7 @@ def score_table(df: pd.DataFrame, scorers: Sequence[str | ScorerSpec], *, batch_
     specs = [s if isinstance(s, ScorerSpec) else parse_scorer(s) for s in scorers]
     _check_table(df, specs, "table")
     load = {"device": device, "dtype": dtype, "max_length": max_length, "hf_input": hf_input,
-            "template": template, "append_eos": append_eos}
+            "template": template, "append_eos": append_eos, "trust_remote_code": trust_remote_code}
     out = _with_ref_logprob(df, specs, ref_model, ref_revision, batch_size, progress, "table", **load)
     for spec in specs:
         out[spec.name] = _run_scorer(spec, out, batch_size, progress, **load)
@@ -115,7 +118,8 @@ def _with_ref_logprob(df: pd.DataFrame, specs: list[ScorerSpec], ref_model: str 
     if ref_model is None:
         raise InputError(f"{where}: implicit scorer '{implicit[0]}' needs a 'ref_logprob' column "
                          "(log π_ref, as the sample stage writes it) or ref_model")
-    fn = LogProbScorer(ref_model, load["device"], load["dtype"], load["template"], ref_revision)
+    fn = LogProbScorer(ref_model, load["device"], load["dtype"], load["template"], ref_revision,
+                       load.get("trust_remote_code", False))
     try:
         ref = score_column(fn, "ref_logprob", df["prompt"].tolist(), df["response"].tolist(),
                            batch_size, progress)
@@ -171,7 +175,8 @@ def score(cfg: ScoreConfig, run_dir: str | Path | None = None) -> Path:
     _check_table(samples, specs, str(run_dir / "samples.parquet"))
     ref_model, ref_revision, implicit_template = _reference(cfg, run_dir)
     load = {"device": cfg.device, "dtype": cfg.dtype, "max_length": cfg.max_length,
-            "hf_input": cfg.hf_input, "template": cfg.template, "append_eos": cfg.append_eos}
+            "hf_input": cfg.hf_input, "template": cfg.template, "append_eos": cfg.append_eos,
+            "trust_remote_code": cfg.trust_remote_code}
 
     def load_of(spec: ScorerSpec) -> dict:
         # implicit rewards must see the prompt exactly as π_ref did when ref_logprob was computed

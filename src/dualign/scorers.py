@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from dualign.errors import ConfigError, InputError
 from dualign.models import (
     load_causal_lm,
+    load_error,
     load_tokenizer,
     resolve_device,
     sequence_logprobs,
@@ -125,20 +126,20 @@ class HFClassifierScorer:
     """score = logit of a one-label ``AutoModelForSequenceClassification``."""
 
     def __init__(self, target: str, device: str = "auto", dtype: str = "auto", max_length: int = 1024,
-                 hf_input: str = "pair", template: str = "auto"):
+                 hf_input: str = "pair", template: str = "auto", trust_remote_code: bool = False):
         from transformers import AutoModelForSequenceClassification
 
         model_dir = _model_dir(target)
         self.device = resolve_device(device)
         try:
             model = AutoModelForSequenceClassification.from_pretrained(
-                str(model_dir), dtype=_torch_dtype(dtype, self.device))
-        except (OSError, ValueError) as e:
-            raise InputError(f"scorer model '{target}' could not be loaded: {str(e).splitlines()[0]}") from None
+                str(model_dir), dtype=_torch_dtype(dtype, self.device), trust_remote_code=trust_remote_code)
+        except Exception as e:  # noqa: BLE001 - any failure to read a model's files is one line naming it
+            raise load_error("scorer model", target, e) from None
         if model.config.num_labels != 1:
             raise InputError(f"scorer model '{target}' has {model.config.num_labels} labels; "
                              "a score model needs num_labels=1")
-        self.tokenizer = load_tokenizer(str(model_dir))
+        self.tokenizer = load_tokenizer(str(model_dir), trust_remote_code=trust_remote_code)
         if model.config.pad_token_id is None:
             model.config.pad_token_id = self.tokenizer.pad_token_id
         self.model = model.to(self.device).eval()
@@ -161,7 +162,7 @@ class BeaverScorer:
     last non-pad token of ``BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:{response}<eos>``."""
 
     def __init__(self, target: str, device: str = "auto", dtype: str = "auto", max_length: int = 1024,
-                 append_eos: bool = True):
+                 append_eos: bool = True, trust_remote_code: bool = False):
         from transformers import LlamaModel
         from transformers.utils import logging as hf_logging
 
@@ -174,8 +175,8 @@ class BeaverScorer:
             # the checkpoint's ``model.*`` keys are LlamaModel's (base_model_prefix "model")
             backbone, info = LlamaModel.from_pretrained(str(model_dir), dtype=torch_dtype,
                                                         output_loading_info=True)
-        except (OSError, ValueError, RuntimeError) as e:
-            raise InputError(f"beaver scorer '{target}' could not be loaded: {str(e).splitlines()[0]}") from None
+        except Exception as e:  # noqa: BLE001 - any failure to read a model's files is one line naming it
+            raise load_error("beaver scorer", target, e) from None
         finally:
             hf_logging.set_verbosity(verbosity)
         if info["missing_keys"]:
@@ -192,7 +193,7 @@ class BeaverScorer:
         self.head = self.head.to(self.device, torch_dtype)
         self.normalize = _beaver_normalizer(backbone.config, extra)
         self.model = backbone.to(self.device).eval()
-        self.tokenizer = load_tokenizer(str(model_dir))
+        self.tokenizer = load_tokenizer(str(model_dir), trust_remote_code=trust_remote_code)
         self.max_length, self.append_eos = max_length, append_eos
 
     @torch.inference_mode()
@@ -228,7 +229,10 @@ def _read_tensors(model_dir: Path, prefixes: tuple[str, ...]) -> dict[str, torch
                 out.update({k: fh.get_tensor(k) for k in fh.keys() if k.startswith(prefixes)})
         return out
     for f in sorted(model_dir.glob("pytorch_model*.bin")):
-        state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # noqa: BLE001 - a refused pickle or a damaged file: one line
+            raise load_error("beaver scorer weights", str(f), e) from None
         out.update({k: v for k, v in state.items() if k.startswith(prefixes)})
     return out
 
@@ -253,10 +257,11 @@ class LogProbScorer:
     """log π(y|x) of a causal LM, tokenized as the sample stage does (``tokenize_pairs``, no cut)."""
 
     def __init__(self, target: str, device: str = "auto", dtype: str = "auto", template: str = "auto",
-                 revision: str | None = None):
+                 revision: str | None = None, trust_remote_code: bool = False):
         self.device = resolve_device(device)
-        self.tokenizer = load_tokenizer(target, revision=revision)
-        self.model = load_causal_lm(target, revision=revision, dtype=dtype, device=self.device).eval()
+        self.tokenizer = load_tokenizer(target, revision=revision, trust_remote_code=trust_remote_code)
+        self.model = load_causal_lm(target, revision=revision, dtype=dtype, device=self.device,
+                                    trust_remote_code=trust_remote_code).eval()
         self.template = template
 
     @torch.inference_mode()
@@ -306,13 +311,16 @@ def load_callable(target: str) -> ScoreFn:
 
 
 def load_scorer(spec: ScorerSpec, *, device: str = "auto", dtype: str = "auto", max_length: int = 1024,
-                hf_input: str = "pair", template: str = "auto", append_eos: bool = True) -> ScoreFn:
+                hf_input: str = "pair", template: str = "auto", append_eos: bool = True,
+                trust_remote_code: bool = False) -> ScoreFn:
+    """The scorer of ``spec``. Model code shipped with a model runs only with ``trust_remote_code``;
+    a ``callable:`` scorer is the user's own code and runs as asked."""
     if spec.kind == "hf":
-        return HFClassifierScorer(spec.target, device, dtype, max_length, hf_input, template)
+        return HFClassifierScorer(spec.target, device, dtype, max_length, hf_input, template, trust_remote_code)
     if spec.kind == "beaver":
-        return BeaverScorer(spec.target, device, dtype, max_length, append_eos)
+        return BeaverScorer(spec.target, device, dtype, max_length, append_eos, trust_remote_code)
     if spec.kind == "implicit":  # log π(y|x) only: _run_scorer turns it into β·(log π − log π_ref)
-        return LogProbScorer(spec.target, device, dtype, template)
+        return LogProbScorer(spec.target, device, dtype, template, trust_remote_code=trust_remote_code)
     return load_callable(spec.target)
 
 

@@ -110,6 +110,8 @@ class TrainConfig:
     save_steps: int = field(default=500, metadata={"help": "steps between checkpoints in <run_dir>/train.state"})
     output_dir: str | None = field(default=None, metadata={"help": "where the policy goes (default <run_dir>/policy)"})
     device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={"help": "auto: cuda if available"})
+    trust_remote_code: bool = field(default=False, metadata={
+        "help": "run Python code shipped with the model (its auto_map); off: such a model is refused"})
 
 
 # (log-probs, pair columns as tensors, β, label, generator) -> (per-pair losses [B], diagnostics)
@@ -139,8 +141,9 @@ def train(cfg: TrainConfig, stop_at_step: int | None = None) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
 
     # The policy starts as π_ref: log π_ref of every response is taken from it before its first update.
-    tokenizer = load_tokenizer(cfg.model, revision=cfg.revision)
-    model = load_causal_lm(cfg.model, revision=cfg.revision, dtype="float32", device=accelerator.device)
+    tokenizer = load_tokenizer(cfg.model, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    model = load_causal_lm(cfg.model, revision=cfg.revision, dtype="float32", device=accelerator.device,
+                           trust_remote_code=cfg.trust_remote_code)
     disable_dropout(model)
     model.config.use_cache = False  # a KV cache is built and thrown away on every forward otherwise
     pad_id = tokenizer.pad_token_id
@@ -420,7 +423,7 @@ def _schedule(optimizer, cfg: TrainConfig, total: int):
 
 def _resume_key(cfg: TrainConfig) -> dict[str, Any]:
     """Config values a checkpoint must agree with to be resumed."""
-    skip = ("logging_steps", "save_steps", "output_dir", "device", "merge_lora")
+    skip = ("logging_steps", "save_steps", "output_dir", "device", "merge_lora", "trust_remote_code")
     return {k: v for k, v in config_to_dict(cfg).items() if k not in skip}
 
 
