@@ -219,5 +219,5 @@ def test_cli_sample_writes_samples_and_rejects_bad_input_in_one_line(tmp_path, t
     code = main(["sample", str(cfg), "--run-dir", str(tmp_path / "bad"), "--prompts", str(tmp_path / "nope.jsonl")])
     err = capsys.readouterr().err
     assert code == 2
-    assert err.strip().count("\n") == 0 and "nope.jsonl: prompt file not found" in err
+    assert err.strip().count("\n") == 0 and "nope.jsonl' does not exist" in err
     assert not (tmp_path / "bad").exists()

@@ -21,10 +21,10 @@ import pandas as pd
 import torch
 
 from dualign.data.prompts import load_prompts
-from dualign.errors import InputError
+from dualign.errors import DualignError, InputError, first_line
 from dualign.io import atomic_path, read_table, write_table
 from dualign.models import load_causal_lm, load_tokenizer, sequence_logprobs, tokenize_pairs
-from dualign.provenance import record_stage
+from dualign.provenance import mark_done, record_stage, unmark
 from dualign.records import (
     ConstraintOutcome,
     DualRecord,
@@ -38,8 +38,9 @@ from dualign.records import (
 )
 from dualign.sample import generate_responses
 from dualign.score import score_table
+from dualign.scorers import parse_scorer
 from dualign.segments import Segments
-from dualign.templates import format_prompt
+from dualign.templates import check_template, format_prompt
 
 
 @dataclass
@@ -55,8 +56,9 @@ class EvaluateConfig:
     max_prompts: int | None = field(default=None, metadata={"help": "use at most this many prompts"})
     num_samples: int = field(default=1, metadata={"help": "responses per prompt and model"})
     max_new_tokens: int = field(default=64, metadata={"help": "generation length cap"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling"})
+    temperature: float = field(default=1.0, metadata={
+        "help": "sampling temperature: 1 (the KL estimate log π − log π_ref needs samples of π itself)"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass: 1, as for temperature"})
     batch_size: int = field(default=32, metadata={"help": "generation and scoring batch size"})
     template: str = field(default="auto", metadata={"help": "prompt template (see `dualign sample`)"})
     judge: str | None = field(default=None, metadata={"help": "gold judge module:function -> {'helpful': [...], 'harmful': [...]}"})
@@ -65,6 +67,25 @@ class EvaluateConfig:
     device: str = field(default="auto", metadata={"help": "cpu, cuda, or auto"})
     trust_remote_code: bool = field(default=False, metadata={
         "help": "run Python code shipped with π_ref, the policy or a scorer model (auto_map); off: refused"})
+
+    def __post_init__(self) -> None:
+        for name in ("num_samples", "max_new_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.max_prompts is not None and self.max_prompts < 1:
+            raise ValueError(f"max_prompts must be ≥ 1, got {self.max_prompts}")
+        if self.bootstrap < 0:
+            raise ValueError(f"bootstrap must be ≥ 0, got {self.bootstrap}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be ≥ 0, got {self.seed}")
+        # KL(π‖π_ref) is estimated as the mean of log π − log π_ref over the policy's own samples,
+        # which holds only when they are drawn from π itself (and the dual predicts that π)
+        if self.temperature != 1 or self.top_p != 1:
+            raise ValueError(f"temperature={self.temperature:g}, top_p={self.top_p:g}: evaluation samples π "
+                             "itself (temperature 1, top_p 1), the policy whose KL and scores the dual predicts")
+        for spec in self.scorers:
+            parse_scorer(spec)
+        check_template(self.template)
 
 
 # ---------------------------------------------------------------------------------- statistics
@@ -104,14 +125,25 @@ def prediction_error(achieved_change: float, predicted_change: float) -> float:
 
 
 # ---------------------------------------------------------------------------------- the stage
-def _load_callable(spec: str):
+def _judge(spec: str, df: pd.DataFrame) -> dict[str, np.ndarray]:
+    """The gold judge ``module:function`` (the user's code) on every response: helpful and harmful
+    scores; anything it raises or returns amiss is one line naming it."""
     module, _, name = spec.partition(":")
     if not module or not name:
         raise InputError(f"judge {spec!r}: expected module:function")
     try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise InputError(f"judge {spec!r} cannot be imported: {e}") from None
+        fn = getattr(importlib.import_module(module), name)
+        verdict = fn(df["prompt"].tolist(), df["response"].tolist())
+        out = {k: np.asarray(verdict[k], dtype=float) for k in ("helpful", "harmful")}
+    except DualignError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the user's judge failed: one line naming it
+        raise InputError(f"judge {spec!r} failed ({type(e).__name__}: {first_line(e)}); it must return "
+                         "{'helpful': [float], 'harmful': [float]}, one per response") from None
+    for k, v in out.items():
+        if v.shape != (len(df),):
+            raise InputError(f"judge {spec!r}: '{k}' has {v.size} values for {len(df)} responses")
+    return out
 
 
 def _sample_model(model_path: str, prompts: pd.DataFrame, cfg: EvaluateConfig, seed: int,
@@ -173,6 +205,7 @@ def evaluate(cfg: EvaluateConfig) -> Path:
     ref_model = load_causal_lm(cfg.reference, device=cfg.device, trust_remote_code=cfg.trust_remote_code).eval()
 
     out_dir = run_dir / "eval"
+    unmark(run_dir, "evaluate")
     tables = {}
     for name, path, seed in (("reference", cfg.reference, cfg.seed), ("policy", policy, cfg.seed + 1)):
         cache = out_dir / f"samples_{name}.parquet"
@@ -183,9 +216,8 @@ def evaluate(cfg: EvaluateConfig) -> Path:
         df = score_table(df, cfg.scorers, batch_size=cfg.batch_size, device=cfg.device,
                          trust_remote_code=cfg.trust_remote_code)
         if cfg.judge:
-            verdict = _load_callable(cfg.judge)(df["prompt"].tolist(), df["response"].tolist())
-            df["judge_helpful"] = np.asarray(verdict["helpful"], float)
-            df["judge_harmful"] = np.asarray(verdict["harmful"], float)
+            verdict = _judge(cfg.judge, df)
+            df["judge_helpful"], df["judge_harmful"] = verdict["helpful"], verdict["harmful"]
         if extra is not None:
             df = df.assign(prompt_id=df["prompt_id"].astype(str)).merge(extra, on="prompt_id", how="left")
         write_table(df, cache)
@@ -195,6 +227,7 @@ def evaluate(cfg: EvaluateConfig) -> Path:
     write_report(report, out_dir / "report.json")
     plot_report(tables["reference"], tables["policy"], report, out_dir)
     record_stage(run_dir, "evaluate", cfg, cfg.seed)
+    mark_done(run_dir, "evaluate")
     return out_dir / "report.json"
 
 

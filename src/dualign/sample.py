@@ -8,6 +8,7 @@ again skips the finished shards and produces the same table as an uninterrupted 
 
 from __future__ import annotations
 
+import math
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -22,8 +23,8 @@ from dualign.data.prompts import load_prompts
 from dualign.errors import ConfigError, InputError
 from dualign.io import read_json, read_table, write_json, write_table
 from dualign.models import load_causal_lm, load_tokenizer, sequence_logprobs, tokenize_pairs
-from dualign.provenance import record_stage
-from dualign.templates import format_prompt
+from dualign.provenance import mark_done, record_stage, unmark
+from dualign.templates import check_template, format_prompt
 
 
 @dataclass
@@ -56,10 +57,15 @@ class SampleConfig:
         for name in ("num_samples", "max_new_tokens", "batch_size", "shard_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be ≥ 0, got {self.temperature}")
+        if self.max_prompts is not None and self.max_prompts < 1:
+            raise ValueError(f"max_prompts must be ≥ 1, got {self.max_prompts}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be a finite number ≥ 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be ≥ 0, got {self.seed}")
+        check_template(self.template)
 
 
 def generate_responses(model, tokenizer, prompts: list[str], prompt_ids: list, num_samples: int, *,
@@ -160,6 +166,7 @@ def sample(cfg: SampleConfig, run_dir: str | Path | None = None) -> Path:
     model = load_causal_lm(cfg.model, revision=cfg.revision, dtype=cfg.dtype, device=cfg.device,
                            trust_remote_code=cfg.trust_remote_code)
     shard_dir = run_dir / "samples.shards"
+    unmark(run_dir, "sample")
     _check_shard_config(shard_dir, cfg)
     starts = range(0, len(prompts), cfg.shard_size)
     for i, start in enumerate(tqdm(starts, desc="sample shards", unit="shard", disable=None)):
@@ -179,6 +186,7 @@ def sample(cfg: SampleConfig, run_dir: str | Path | None = None) -> Path:
     record_stage(run_dir, "sample", cfg, seed=cfg.seed,
                  extra={"num_prompts": len(prompts), "num_rows": len(table)})
     shutil.rmtree(shard_dir)
+    mark_done(run_dir, "sample")
     return out
 
 

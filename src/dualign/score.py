@@ -33,7 +33,7 @@ import yaml
 from dualign.data.preferences import long_responses, preference_schema, read_preferences
 from dualign.errors import ConfigError, InputError
 from dualign.io import read_table, write_table
-from dualign.provenance import record_stage
+from dualign.provenance import mark_done, record_stage, unmark
 from dualign.scorers import (
     LogProbScorer,
     ScorerSpec,
@@ -43,6 +43,7 @@ from dualign.scorers import (
     parse_scorer,
     score_column,
 )
+from dualign.templates import check_template
 
 
 @dataclass
@@ -73,6 +74,9 @@ class ScoreConfig:
         for name in ("batch_size", "max_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        for spec in self.scorers:
+            parse_scorer(spec)
+        check_template(self.template)
 
 
 def _check_table(df: pd.DataFrame, specs: list[ScorerSpec], where: str) -> None:
@@ -164,8 +168,7 @@ def _reference(cfg: ScoreConfig, run_dir: Path) -> tuple[str | None, str | None,
 def score(cfg: ScoreConfig, run_dir: str | Path | None = None) -> Path:
     """Run the score stage in ``run_dir`` (default ``cfg.run_dir``); return ``scores.parquet``'s path.
 
-    With ``cfg.preferences``, ``preference_scores.parquet`` is written first, so an existing
-    ``scores.parquet`` means the stage is complete.
+    With ``cfg.preferences``, ``preference_scores.parquet`` is written too; ``score.done`` last.
     """
     if not (run_dir or cfg.run_dir):
         raise ConfigError("missing required config value(s): run_dir")
@@ -183,6 +186,7 @@ def score(cfg: ScoreConfig, run_dir: str | Path | None = None) -> Path:
         return {**load, "template": implicit_template} if spec.kind == "implicit" else load
 
     cache_dir = run_dir / "scores.cache"
+    unmark(run_dir, "score")
     hashed = ["prompt", "response"] + (["ref_logprob"] if "ref_logprob" in samples.columns else [])
     samples_key = hashlib.sha256(pd.util.hash_pandas_object(samples[hashed]).to_numpy()
                                  .tobytes()).hexdigest()
@@ -208,6 +212,7 @@ def score(cfg: ScoreConfig, run_dir: str | Path | None = None) -> Path:
     write_table(samples.assign(**columns), out)
     record_stage(run_dir, "score", cfg, extra=extra)
     shutil.rmtree(cache_dir, ignore_errors=True)
+    mark_done(run_dir, "score")
     return out
 
 

@@ -36,7 +36,7 @@ from huggingface_hub import snapshot_download
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from dualign.errors import ConfigError, InputError
+from dualign.errors import ConfigError, DualignError, InputError, first_line
 from dualign.models import (
     load_causal_lm,
     load_error,
@@ -289,7 +289,8 @@ def implicit_beta(spec: ScorerSpec) -> float:
 
 
 def load_callable(target: str) -> ScoreFn:
-    """``module:function`` or ``path/to/file.py:function``."""
+    """``module:function`` or ``path/to/file.py:function``: the user's own code (configs are code).
+    An exception it raises becomes one line naming it."""
     module_name, colon, func_name = target.rpartition(":")
     if not colon or not module_name or not func_name:
         raise InputError(f"callable scorer {target!r}: expected MODULE:FUNCTION or FILE.py:FUNCTION")
@@ -303,11 +304,22 @@ def load_callable(target: str) -> ScoreFn:
         else:
             module = importlib.import_module(module_name)
         fn = getattr(module, func_name)
-    except (ImportError, AttributeError) as e:
-        raise InputError(f"callable scorer {target!r} cannot be imported: {e}") from None
+    except InputError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the user's module failed to import: one line
+        raise InputError(f"callable scorer {target!r} cannot be imported: {type(e).__name__}: {first_line(e)}") from None
     if not callable(fn):
         raise InputError(f"callable scorer {target!r} is not callable")
-    return fn
+
+    def guarded(prompts: list[str], responses: list[str]) -> Sequence[float]:
+        try:
+            return fn(prompts, responses)
+        except DualignError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the user's scorer failed: one line naming it
+            raise InputError(f"callable scorer {target!r} raised {type(e).__name__}: {first_line(e)}") from None
+
+    return guarded
 
 
 def load_scorer(spec: ScorerSpec, *, device: str = "auto", dtype: str = "auto", max_length: int = 1024,

@@ -55,8 +55,9 @@ from dualign.models import (
     sequence_logprobs,
 )
 from dualign.pairs import validate_pairs
-from dualign.provenance import record_stage, versions
+from dualign.provenance import mark_done, record_stage, unmark, versions
 from dualign.records import DualRecord, read_dual
+from dualign.templates import check_template
 
 
 @dataclass
@@ -113,6 +114,30 @@ class TrainConfig:
     trust_remote_code: bool = field(default=False, metadata={
         "help": "run Python code shipped with the model (its auto_map); off: such a model is refused"})
 
+    def __post_init__(self) -> None:
+        if self.beta is not None and not (math.isfinite(self.beta) and self.beta > 0):
+            raise ValueError(f"beta must be a positive finite number, got {self.beta}")
+        for name in ("per_device_batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps",
+                     "lora_r", "lora_alpha"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.pairs_per_prompt is not None and self.pairs_per_prompt < 1:
+            raise ValueError(f"pairs_per_prompt must be ≥ 1, got {self.pairs_per_prompt}")
+        if self.max_length < 2:
+            raise ValueError(f"max_length must be ≥ 2 (a prompt token and a response token), got {self.max_length}")
+        for name in ("learning_rate", "weight_decay", "max_grad_norm"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"{name} must be a finite number ≥ 0, got {getattr(self, name)}")
+        if not (math.isfinite(self.num_epochs) and self.num_epochs > 0):
+            raise ValueError(f"num_epochs must be a positive finite number, got {self.num_epochs}")
+        if not 0 <= self.warmup_ratio <= 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be ≥ 0, got {self.seed}")
+        check_template(self.template)
+
 
 # (log-probs, pair columns as tensors, β, label, generator) -> (per-pair losses [B], diagnostics)
 LossFn = Callable[[PairLogps, dict[str, torch.Tensor], float, str, torch.Generator], tuple[torch.Tensor, Diagnostics]]
@@ -135,6 +160,7 @@ def train(cfg: TrainConfig, stop_at_step: int | None = None) -> dict[str, Any]:
     run_dir = Path(cfg.run_dir)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        unmark(run_dir, "train")
         record_stage(run_dir, "train", recorded, cfg.seed, extra={"data_sha256": hashes})
         if cfg.pairs is None:
             write_table(pairs, run_dir / "pairs.parquet")
@@ -213,6 +239,7 @@ def train(cfg: TrainConfig, stop_at_step: int | None = None) -> dict[str, Any]:
     if main:
         _save_policy(accelerator.unwrap_model(model), tokenizer, cfg, dual, hashes, len(pairs))
         shutil.rmtree(state_path.parent, ignore_errors=True)
+        mark_done(run_dir, "train")
     accelerator.wait_for_everyone()
     return {"step": total, "total_steps": total, "stopped": False, "output_dir": cfg.output_dir,
             "train_runtime": runtime, "pairs_per_second": trained / runtime}

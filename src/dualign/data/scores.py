@@ -3,7 +3,8 @@
 One row per response: ``prompt_id``, score columns, optionally ``sample_weight``. Every problem
 raises one :class:`InputError` naming the file and the row (rows are numbered from 1, header
 excluded) or the prompt: a missing column, a non-numeric, missing or infinite score, a negative or
-non-finite weight, a prompt with a single sample, a prompt whose weights are all zero.
+non-finite weight, a prompt with a single sample, a prompt whose weights are all zero or sum
+past the largest float.
 """
 
 from __future__ import annotations
@@ -76,6 +77,9 @@ def validate_scores(df: pd.DataFrame, columns: Sequence[str], source: str = "sco
     bad = np.flatnonzero(ids.isna().to_numpy())
     if bad.size:
         raise InputError(f"{source}: row {bad[0] + 1}: prompt_id is missing")
+    bad = np.flatnonzero(~ids.map(lambda v: isinstance(v, str | int | float | np.number)).to_numpy())
+    if bad.size:
+        raise InputError(f"{source}: row {bad[0] + 1}: prompt_id {ids.iloc[bad[0]]!r:.40} is not a string or a number")
     values = {c: _numeric(df, c, source) for c in dict.fromkeys(columns)}
     weights = None
     if WEIGHT_COLUMN in df.columns:
@@ -91,7 +95,14 @@ def validate_scores(df: pd.DataFrame, columns: Sequence[str], source: str = "sco
         raise InputError(f"{source}: prompt_id {seg.labels[x]!r} (row {first_row[x] + 1}) has only one "
                          "sample; every prompt needs at least 2")
     if weights is not None:
-        zero = np.flatnonzero(seg.sum(seg.group(weights)) <= 0)
+        with np.errstate(over="ignore"):
+            totals = seg.sum(seg.group(weights))
+        huge = np.flatnonzero(~np.isfinite(totals))
+        if huge.size:
+            x = huge[0]
+            raise InputError(f"{source}: prompt_id {seg.labels[x]!r} (first row {first_row[x] + 1}): its "
+                             f"{WEIGHT_COLUMN} values sum past the largest float (overflow); rescale them")
+        zero = np.flatnonzero(totals <= 0)
         if zero.size:
             x = zero[0]
             raise InputError(f"{source}: prompt_id {seg.labels[x]!r} (first row {first_row[x] + 1}): "
