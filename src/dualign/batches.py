@@ -27,7 +27,7 @@ class EncodedPairs:
     ref_logps: torch.Tensor             # [2N] float32, NaN where still unknown
     columns: dict[str, torch.Tensor]    # numeric pair columns, [N] float64
     truncated: torch.Tensor             # [2N] bool: may have been cut at max_length
-    canonical: torch.Tensor             # [2N] long: the first row with the same prompt and response
+    canonical: torch.Tensor             # [2N] long: the first row with the same prompt and response (and cut)
     groups: torch.Tensor                # [N] long: pair i's prompt, numbered 0.. in order of appearance
 
     def __len__(self) -> int:
@@ -51,18 +51,22 @@ def encode_pairs(pairs: pd.DataFrame, tokenizer, template: str, max_length: int,
     texts = {p: format_prompt(p, template, tokenizer) for p in pairs["prompt"].unique()}
     prompts = [texts[p] for p in pairs["prompt"]] * 2
     responses = list(pairs["response_a"]) + list(pairs["response_b"])
+    cut = [False] * len(prompts)
+    if {"truncated_a", "truncated_b"} <= set(pairs.columns):
+        cut = list(pairs["truncated_a"].astype(bool)) + list(pairs["truncated_b"].astype(bool))
     ids, masks = [], []
     for start in tqdm(range(0, len(prompts), chunk), desc="tokenize", disable=None, leave=False):
-        enc = tokenize_pairs(tokenizer, prompts[start:start + chunk], responses[start:start + chunk], max_length)
+        rows = slice(start, start + chunk)
+        enc = tokenize_pairs(tokenizer, prompts[rows], responses[rows], max_length, truncated=cut[rows])
         for row, att, resp in zip(enc["input_ids"], enc["attention_mask"], enc["response_mask"], strict=True):
             n = int(att.sum())
             ids.append(row[:n].clone())
             masks.append(resp[:n].clone())
     ref = np.concatenate([pairs["ref_logprob_a"].to_numpy(float), pairs["ref_logprob_b"].to_numpy(float)])
-    numeric = [c for c in pairs.columns if c not in ("ref_logprob_a", "ref_logprob_b")
+    numeric = [c for c in pairs.columns if c not in ("ref_logprob_a", "ref_logprob_b", "truncated_a", "truncated_b")
                and pd.api.types.is_numeric_dtype(pairs[c]) and c != "prompt_id"]
-    first: dict[tuple[str, str], int] = {}
-    canonical = [first.setdefault((p, r), k) for k, (p, r) in enumerate(zip(prompts, responses, strict=True))]
+    first: dict[tuple[str, str, bool], int] = {}
+    canonical = [first.setdefault(key, k) for k, key in enumerate(zip(prompts, responses, cut, strict=True))]
     return EncodedPairs(
         input_ids=ids, response_mask=masks, ref_logps=torch.tensor(ref, dtype=torch.float32),
         columns={c: torch.tensor(pairs[c].to_numpy(float)) for c in numeric},

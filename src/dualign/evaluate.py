@@ -167,11 +167,12 @@ def _sample_model(model_path: str, prompts: pd.DataFrame, cfg: EvaluateConfig, s
 def _logprobs(model, tokenizer, df: pd.DataFrame, cfg: EvaluateConfig) -> np.ndarray:
     out = []
     texts = [format_prompt(p, cfg.template, tokenizer) for p in df["prompt"]]
-    responses = df["response"].tolist()
+    responses, cut = df["response"].tolist(), df["truncated"].tolist()
     device = next(model.parameters()).device
     with torch.no_grad():
         for i in range(0, len(df), cfg.batch_size):
-            batch = tokenize_pairs(tokenizer, texts[i:i + cfg.batch_size], responses[i:i + cfg.batch_size])
+            rows = slice(i, i + cfg.batch_size)
+            batch = tokenize_pairs(tokenizer, texts[rows], responses[rows], truncated=cut[rows])
             out.append(sequence_logprobs(model, **{k: v.to(device) for k, v in batch.items()}).cpu().numpy())
     return np.concatenate(out)
 

@@ -3,7 +3,8 @@
 Every stage that needs log π(y|x) uses :func:`tokenize_pairs` + :func:`sequence_logprobs`, so the
 reference log-probs stored by ``sample`` are exactly those ``train`` would compute.
 Token convention: ``ids = tok(prompt_text, add_special_tokens=True) + tok(response, add_special_tokens=False) + [eos]``;
-the response mask covers the response tokens and the final eos. :func:`disable_dropout` and
+the response mask covers the response tokens and the final eos. A response cut off by
+``max_new_tokens`` (``truncated`` in the samples table) never sampled an eos, so it gets none. :func:`disable_dropout` and
 :func:`save_model` are the training utilities every trainer shares.
 
 transformers is imported inside the loaders: its import costs a second that importing this
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -94,17 +96,20 @@ def load_causal_lm(name_or_path: str, revision: str | None = None, dtype: str = 
 
 
 def tokenize_pairs(tokenizer, prompt_texts: list[str], responses: list[str],
-                   max_length: int | None = None) -> dict[str, torch.Tensor]:
+                   max_length: int | None = None,
+                   truncated: Sequence[bool] | None = None) -> dict[str, torch.Tensor]:
     """Right-padded ``input_ids``, ``attention_mask`` and ``response_mask`` for (prompt, response) pairs.
 
-    ``prompt_texts`` are already templated. Over-long sequences are cut from the end of the
-    response (the prompt is kept whole).
+    ``prompt_texts`` are already templated. Each response ends with eos unless ``truncated`` says
+    it was cut by ``max_new_tokens`` (no eos was sampled). Over-long sequences are cut from the end
+    of the response (the prompt is kept whole).
     """
     eos = tokenizer.eos_token_id
+    truncated = [False] * len(responses) if truncated is None else list(truncated)
     rows, masks = [], []
-    for p, r in zip(prompt_texts, responses, strict=True):
+    for p, r, cut in zip(prompt_texts, responses, truncated, strict=True):
         p_ids = tokenizer(p, add_special_tokens=True)["input_ids"]
-        r_ids = tokenizer(r, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
+        r_ids = tokenizer(r, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None and not cut else [])
         if max_length is not None and len(p_ids) + len(r_ids) > max_length:
             r_ids = r_ids[: max(1, max_length - len(p_ids))]
         rows.append(p_ids + r_ids)

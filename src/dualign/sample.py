@@ -77,7 +77,9 @@ def generate_responses(model, tokenizer, prompts: list[str], prompt_ids: list, n
     Returns the long-format table (one row per response, prompt-major): ``prompt_id``, ``prompt``,
     ``response`` (decoded without special tokens, cut at eos), ``sample_index``, ``ref_logprob`` =
     log π(response | templated prompt) computed by ``tokenize_pairs`` + ``sequence_logprobs`` on the
-    decoded text (as ``train`` computes it), and ``response_tokens`` (response tokens + eos).
+    decoded text (as ``train`` computes it), ``response_tokens`` (response tokens + eos) and
+    ``truncated``: the response was cut by ``max_new_tokens`` before any eos, so its log-prob and
+    token count have no eos.
     Sampling is exact (no top-k) unless ``top_p < 1``; ``temperature=0`` is greedy decoding.
     """
     if len(prompts) != len(prompt_ids):
@@ -88,13 +90,14 @@ def generate_responses(model, tokenizer, prompts: list[str], prompt_ids: list, n
     was_training = model.training
     model.eval()
     torch.manual_seed(seed)
-    responses, logprobs, n_tokens = [], [], []
+    responses, logprobs, n_tokens, truncated = [], [], [], []
     try:
         for batch in tqdm(batches, desc="sample", unit="batch", disable=None if progress else True, leave=False):
             batch_texts = [texts[i] for i, _ in batch]
-            out = _generate_batch(model, tokenizer, batch_texts, max_new_tokens, temperature, top_p)
+            out, cut = _generate_batch(model, tokenizer, batch_texts, max_new_tokens, temperature, top_p)
             responses += out
-            lp, nt = _ref_logprobs(model, tokenizer, batch_texts, out)
+            truncated += cut
+            lp, nt = _ref_logprobs(model, tokenizer, batch_texts, out, cut)
             logprobs += lp
             n_tokens += nt
     finally:
@@ -106,13 +109,15 @@ def generate_responses(model, tokenizer, prompts: list[str], prompt_ids: list, n
         "sample_index": [k for _, k in rows],
         "ref_logprob": logprobs,
         "response_tokens": n_tokens,
+        "truncated": truncated,
     })
 
 
 @torch.inference_mode()
 def _generate_batch(model, tokenizer, texts: list[str], max_new_tokens: int, temperature: float,
-                    top_p: float) -> list[str]:
-    """Left-padded batched generation; each response is cut at its first eos and decoded."""
+                    top_p: float) -> tuple[list[str], list[bool]]:
+    """Left-padded batched generation; each response is cut at its first eos and decoded. Also
+    whether each was truncated: it ran to ``max_new_tokens`` without an eos."""
     device = next(model.parameters()).device
     encoded = [tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
     width = max(len(ids) for ids in encoded)
@@ -128,11 +133,12 @@ def _generate_batch(model, tokenizer, texts: list[str], max_new_tokens: int, tem
     out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
                          max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos_ids,
                          **sampling)
-    texts_out = []
+    texts_out, truncated = [], []
     for row in out[:, width:].tolist():
-        cut = next((j for j, t in enumerate(row) if t in eos_ids), len(row))
+        cut = next((j for j, t in enumerate(row) if t in eos_ids), None)
         texts_out.append(tokenizer.decode(row[:cut], skip_special_tokens=True))
-    return texts_out
+        truncated.append(cut is None)
+    return texts_out, truncated
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
@@ -147,9 +153,10 @@ def _eos_ids(model, tokenizer) -> list[int]:
 
 
 @torch.inference_mode()
-def _ref_logprobs(model, tokenizer, prompt_texts: list[str], responses: list[str]) -> tuple[list[float], list[int]]:
+def _ref_logprobs(model, tokenizer, prompt_texts: list[str], responses: list[str],
+                  truncated: list[bool]) -> tuple[list[float], list[int]]:
     device = next(model.parameters()).device
-    batch = tokenize_pairs(tokenizer, prompt_texts, responses)
+    batch = tokenize_pairs(tokenizer, prompt_texts, responses, truncated=truncated)
     lp = sequence_logprobs(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
                            batch["response_mask"].to(device))
     return lp.cpu().tolist(), batch["response_mask"].sum(-1).tolist()

@@ -31,6 +31,7 @@ import torch
 import yaml
 
 from dualign.data.preferences import long_responses, preference_schema, read_preferences
+from dualign.data.scores import truncated_flags
 from dualign.errors import ConfigError, InputError
 from dualign.io import read_table, write_table
 from dualign.provenance import mark_done, record_stage, unmark
@@ -126,7 +127,7 @@ def _with_ref_logprob(df: pd.DataFrame, specs: list[ScorerSpec], ref_model: str 
                        load.get("trust_remote_code", False))
     try:
         ref = score_column(fn, "ref_logprob", df["prompt"].tolist(), df["response"].tolist(),
-                           batch_size, progress)
+                           batch_size, progress, truncated_flags(df, where))
     finally:
         _free(fn)
     return df.assign(ref_logprob=ref)
@@ -143,7 +144,8 @@ def _run_scorer(spec: ScorerSpec, df: pd.DataFrame, batch_size: int, progress: b
                              "finite number")
     fn = load_scorer(spec, **load)
     try:
-        values = score_column(fn, spec.name, df["prompt"].tolist(), df["response"].tolist(), batch_size, progress)
+        values = score_column(fn, spec.name, df["prompt"].tolist(), df["response"].tolist(), batch_size, progress,
+                              truncated_flags(df, "table"))
     finally:
         _free(fn)
     return implicit_reward(values, ref, implicit_beta(spec)) if spec.kind == "implicit" else values
@@ -187,7 +189,7 @@ def score(cfg: ScoreConfig, run_dir: str | Path | None = None) -> Path:
 
     cache_dir = run_dir / "scores.cache"
     unmark(run_dir, "score")
-    hashed = ["prompt", "response"] + (["ref_logprob"] if "ref_logprob" in samples.columns else [])
+    hashed = ["prompt", "response"] + [c for c in ("ref_logprob", "truncated") if c in samples.columns]
     samples_key = hashlib.sha256(pd.util.hash_pandas_object(samples[hashed]).to_numpy()
                                  .tobytes()).hexdigest()
     columns = {}

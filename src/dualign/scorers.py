@@ -159,7 +159,10 @@ class HFClassifierScorer:
 
 class BeaverScorer:
     """Safe-RLHF score model: end score = score_head(h_last), h_last = LLaMA hidden state at the
-    last non-pad token of ``BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:{response}<eos>``."""
+    last non-pad token of ``BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:{response}<eos>``
+    (no eos for a response cut by ``max_new_tokens``: it never ended)."""
+
+    reads_truncated = True
 
     def __init__(self, target: str, device: str = "auto", dtype: str = "auto", max_length: int = 1024,
                  append_eos: bool = True, trust_remote_code: bool = False):
@@ -197,12 +200,13 @@ class BeaverScorer:
         self.max_length, self.append_eos = max_length, append_eos
 
     @torch.inference_mode()
-    def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
+    def __call__(self, prompts: list[str], responses: list[str],
+                 truncated: list[bool] | None = None) -> list[float]:
         tok = self.tokenizer
         rows = []
-        for p, r in zip(prompts, responses, strict=True):
+        for p, r, cut in zip(prompts, responses, truncated or [False] * len(prompts), strict=True):
             ids = tok(format_prompt(p, "beaver") + r)["input_ids"]
-            if self.append_eos and tok.eos_token_id is not None:
+            if self.append_eos and not cut and tok.eos_token_id is not None:
                 ids = ids + [tok.eos_token_id]
             rows.append(ids[: self.max_length])
         width = max(len(x) for x in rows)
@@ -256,6 +260,8 @@ def _beaver_normalizer(config, extra: dict[str, torch.Tensor]) -> Callable[[torc
 class LogProbScorer:
     """log π(y|x) of a causal LM, tokenized as the sample stage does (``tokenize_pairs``, no cut)."""
 
+    reads_truncated = True
+
     def __init__(self, target: str, device: str = "auto", dtype: str = "auto", template: str = "auto",
                  revision: str | None = None, trust_remote_code: bool = False):
         self.device = resolve_device(device)
@@ -265,9 +271,11 @@ class LogProbScorer:
         self.template = template
 
     @torch.inference_mode()
-    def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
+    def __call__(self, prompts: list[str], responses: list[str],
+                 truncated: list[bool] | None = None) -> list[float]:
         texts = [format_prompt(p, self.template, self.tokenizer) for p in prompts]
-        batch = {k: v.to(self.device) for k, v in tokenize_pairs(self.tokenizer, texts, responses).items()}
+        enc = tokenize_pairs(self.tokenizer, texts, responses, truncated=truncated)
+        batch = {k: v.to(self.device) for k, v in enc.items()}
         return sequence_logprobs(self.model, **batch).float().cpu().tolist()
 
 
@@ -337,18 +345,21 @@ def load_scorer(spec: ScorerSpec, *, device: str = "auto", dtype: str = "auto", 
 
 
 def score_column(fn: ScoreFn, name: str, prompts: list[str], responses: list[str], batch_size: int = 16,
-                 progress: bool = True) -> np.ndarray:
+                 progress: bool = True, truncated: list[bool] | None = None) -> np.ndarray:
     """``fn`` on every (prompt, response), in batches of similar length; every score must be finite.
 
-    Errors name the scorer and the 0-based row of the table.
+    Scorers that read the eos (``reads_truncated``: Beaver's end score, log π) are told which
+    responses were cut by ``max_new_tokens``. Errors name the scorer and the 0-based row of the table.
     """
+    eos_aware = truncated is not None and getattr(fn, "reads_truncated", False)
     n = len(prompts)
     order = np.argsort([len(p) + len(r) for p, r in zip(prompts, responses, strict=True)], kind="stable")
     out = np.empty(n, dtype=float)
     with tqdm(total=n, desc=f"score {name}", unit="resp", disable=None if progress else True, leave=False) as bar:
         for start in range(0, n, batch_size):
             idx = order[start: start + batch_size]
-            values = fn([prompts[i] for i in idx], [responses[i] for i in idx])
+            batch = ([prompts[i] for i in idx], [responses[i] for i in idx])
+            values = fn(*batch, truncated=[truncated[i] for i in idx]) if eos_aware else fn(*batch)
             try:
                 values = np.asarray(list(values), dtype=float)
             except (TypeError, ValueError):

@@ -279,14 +279,17 @@ def _optimizer_step(model, optimizer, data: EncodedPairs, rows: np.ndarray, loss
                     params: list[torch.nn.Parameter]) -> dict[str, list | float]:
     """Accumulate gradients over this process's share of ``rows``, clip, step; return its metrics.
 
-    Each pair's loss is weighted 1/len(rows) (times the process count, which DDP averages away), so
-    the gradient is that of the mean loss over the global batch whatever the micro-batch split.
+    Each pair's loss is weighted w_i/Σ_rows w (w_i the pairs table's ``weight``, else 1; times the
+    process count, which DDP averages away), so the gradient is that of the weighted mean loss
+    over the global batch whatever the micro-batch split.
     """
     share = np.array_split(rows, accelerator.num_processes)[accelerator.process_index].tolist()
     weight = 1.0
     if not share:  # a short last batch: join the collective ops with a zero-weight pair
         share, weight = [int(rows[0])], 0.0
-    scale = weight * accelerator.num_processes / len(rows)
+    pair_weights = data.columns.get("weight")
+    total = float(pair_weights[rows].sum()) if pair_weights is not None else float(len(rows))
+    scale = weight * accelerator.num_processes / total if total > 0 else 0.0
     micro = [share[i:i + cfg.per_device_batch_size] for i in range(0, len(share), cfg.per_device_batch_size)]
     out: dict[str, list | float] = {"diag": []}
     for i, mb in enumerate(micro):
@@ -294,9 +297,10 @@ def _optimizer_step(model, optimizer, data: EncodedPairs, rows: np.ndarray, loss
         ctx = accelerator.no_sync(model) if not sync else contextlib.nullcontext()
         with ctx:
             losses, diag = pair_loss(model, data, mb, loss_fn, cfg, generator, pad_id, accelerator)
-            accelerator.backward(losses.sum() * scale)
+            w = torch.ones_like(losses) if pair_weights is None else pair_weights[mb].to(losses)
+            accelerator.backward((losses * w).sum() * scale)
         if weight:
-            out["diag"].append({"loss": losses.detach(), **diag})
+            out["diag"].append({"loss": losses.detach(), **diag, "_weight": w.detach()})
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
     out["grad_norm"] = float(accelerator.clip_grad_norm_(params, max_norm))
     optimizer.step()
@@ -305,18 +309,20 @@ def _optimizer_step(model, optimizer, data: EncodedPairs, rows: np.ndarray, loss
 
 
 def _reduce_window(window: dict[str, list], accelerator, beta: float) -> dict[str, float]:
-    """Means over every pair of the logging window and every process; ``kl`` from the log-ratios."""
+    """Means over every pair of the logging window and every process (weighted by the pairs'
+    ``weight``, as the loss is); ``kl`` from the log-ratios."""
     diags = [d for step in window.get("diag", []) for d in step]
-    keys = list(diags[0]) if diags else []
-    cat = {k: torch.cat([d[k].float().cpu() for d in diags]) for k in keys}
-    sums = torch.tensor([float(cat[k].sum()) for k in keys] + [float(len(cat["loss"]) if keys else 0)],
+    keys = [k for k in diags[0] if k != "_weight"] if diags else []
+    cat = {k: torch.cat([d[k].float().cpu() for d in diags]) for k in [*keys, "_weight"]} if diags else {}
+    sums = torch.tensor([float((cat[k] * cat["_weight"]).sum()) for k in keys]
+                        + [float(cat["_weight"].sum()) if keys else 0.0],
                         device=accelerator.device, dtype=torch.float64)
     logratios = torch.cat([cat["rewards/chosen"], cat["rewards/rejected"]]) / beta if keys else torch.zeros(1)
     extra = torch.tensor([float(kl_estimate(logratios)), float(np.mean(window.get("grad_norm", [0.0])))],
                          device=accelerator.device, dtype=torch.float64)
     sums = accelerator.reduce(sums, reduction="sum")
     extra = accelerator.reduce(extra, reduction="mean")
-    count = max(float(sums[-1]), 1.0)
+    count = float(sums[-1]) if float(sums[-1]) > 0 else 1.0
     line = {k: float(sums[i]) / count for i, k in enumerate(keys)}
     line["kl"], line["grad_norm"] = float(extra[0]), float(extra[1])
     return line
@@ -363,6 +369,9 @@ def load_pairs(cfg: TrainConfig) -> tuple[pd.DataFrame, DualRecord | None, dict[
         pairs = mocan.pairs_from_scores(scores, dual, cfg.pairs_per_prompt, cfg.seed, str(scores_path))
     if dual is not None:
         files["dual"] = dual_path
+        if dual.converged is False and not dual.allow_unconverged:
+            raise InputError(f"{dual_path}: λ* did not converge (KKT residual {dual.kkt_residual}), so π_λ* is not "
+                             "the policy the dual predicts; solve again, or keep it with --allow-unconverged")
     if cfg.label == "absolute" and cfg.method in ("mocan", "pecan") and not {"target_a", "target_b"} <= set(pairs):
         raise ConfigError("config key 'label': absolute needs the target_a/target_b columns of pairs built from "
                           "a scores table (use regression with preference pairs)")
