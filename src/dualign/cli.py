@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 
 from dualign import __version__
 from dualign.config import (
@@ -399,9 +400,11 @@ COMMANDS.append(("compare", "MoCAN against the baselines (ppo-lagrangian, dual-a
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    # transformers' warnings are noise on the command line (and would break one-line errors);
-    # TRANSFORMERS_VERBOSITY=warning brings them back
+    # third-party warnings are noise on the command line (and would break one-line errors):
+    # TRANSFORMERS_VERBOSITY=warning and python -W default bring them back
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if not sys.warnoptions:
+        warnings.filterwarnings("ignore", module=r"(torch|transformers|accelerate|peft|datasets)(\.|$)")
     command = next((a for a in argv if not a.startswith("-")), "")
     args = build_parser(command).parse_args(argv)
     try:

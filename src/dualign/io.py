@@ -83,6 +83,8 @@ def read_table(path: str | os.PathLike) -> pd.DataFrame:
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: file not found")
+    if path.is_dir():
+        raise InputError(f"{path}: a directory, not a table file")
     suffix = path.suffix.lower()
     try:
         if suffix == ".parquet":

@@ -137,6 +137,8 @@ def resolve_run_config(values: dict[str, Any]) -> RunConfig:
     values = _replace_refs(values, "run:", Path(cfg.run_dir), must_exist=False)
     cfg = build_config(RunConfig, values)
     check_run(cfg)
+    # world: references are checked before the build (a reference outside the world, or no world)
+    _replace_refs(values, "world:", None if cfg.world is None else Path("world"), must_exist=False)
     if cfg.world is None:
         return cfg
     world = dict(cfg.world)
@@ -167,7 +169,7 @@ def check_run(cfg: RunConfig) -> None:
 _SPEC_HEAD = re.compile(r"([A-Za-z_][A-Za-z0-9_.-]*=[A-Za-z]+:)(.*)", re.S)
 
 
-def _replace_refs(node: Any, prefix: str, base: Path, must_exist: bool = True) -> Any:
+def _replace_refs(node: Any, prefix: str, base: Path | None, must_exist: bool = True) -> Any:
     if isinstance(node, dict):
         return {k: (v if k == "world" else _replace_refs(v, prefix, base, must_exist)) for k, v in node.items()}
     if isinstance(node, list):
@@ -177,7 +179,7 @@ def _replace_refs(node: Any, prefix: str, base: Path, must_exist: bool = True) -
     return node
 
 
-def _substitute(text: str, prefix: str, base: Path, must_exist: bool) -> str:
+def _substitute(text: str, prefix: str, base: Path | None, must_exist: bool) -> str:
     """``world:NAME`` → ``<base>/NAME`` where the whole value is the reference, or a scorer spec's
     target is (``cost=hf:world:cost_model,lower_is_better``); other text is left as it is."""
     head, rest = "", text
@@ -189,6 +191,8 @@ def _substitute(text: str, prefix: str, base: Path, must_exist: bool) -> str:
     name, comma, options = rest[len(prefix):], "", ""
     if head:  # a spec's options follow its target
         name, comma, options = name.partition(",")
+    if base is None:
+        raise ConfigError(f"config refers to '{prefix}{name}' but has no {prefix.rstrip(':')} section to build it from")
     path = _inside_dir(base, name, f"config reference '{prefix}{name}'")
     if must_exist and not path.exists():
         raise InputError(f"config refers to '{prefix}{name}' but {path} does not exist")

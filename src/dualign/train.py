@@ -158,24 +158,24 @@ def train(cfg: TrainConfig, stop_at_step: int | None = None) -> dict[str, Any]:
     accelerator = _accelerator(cfg)
     main = accelerator.is_main_process
     run_dir = Path(cfg.run_dir)
+    state_path = run_dir / "train.state" / STATE_FILE
+    state = load_state(state_path, _resume_key(cfg)) if state_path.exists() else None
+    torch.manual_seed(cfg.seed)
+    # The policy starts as π_ref: log π_ref of every response is taken from it before its first update.
+    # Loaded before the first write, so a model that cannot be loaded leaves nothing behind.
+    tokenizer = load_tokenizer(cfg.model, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    model = load_causal_lm(cfg.model, revision=cfg.revision, dtype="float32", device=accelerator.device,
+                           trust_remote_code=cfg.trust_remote_code)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         unmark(run_dir, "train")
         record_stage(run_dir, "train", recorded, cfg.seed, extra={"data_sha256": hashes})
         if cfg.pairs is None:
             write_table(pairs, run_dir / "pairs.parquet")
-    torch.manual_seed(cfg.seed)
-
-    # The policy starts as π_ref: log π_ref of every response is taken from it before its first update.
-    tokenizer = load_tokenizer(cfg.model, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
-    model = load_causal_lm(cfg.model, revision=cfg.revision, dtype="float32", device=accelerator.device,
-                           trust_remote_code=cfg.trust_remote_code)
     disable_dropout(model)
     model.config.use_cache = False  # a KV cache is built and thrown away on every forward otherwise
     pad_id = tokenizer.pad_token_id
     data = encode_pairs(pairs, tokenizer, cfg.template, cfg.max_length)
-    state_path = run_dir / "train.state" / STATE_FILE
-    state = load_state(state_path, _resume_key(cfg)) if state_path.exists() else None
     if state is not None:
         data.ref_logps = state["ref_logps"]
     else:
