@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from dualign.errors import InputError
+from dualign.errors import InputError, first_line
 
 TABLE_SUFFIXES = (".parquet", ".jsonl", ".json", ".csv")
 
@@ -48,9 +48,9 @@ def read_json(path: str | os.PathLike) -> Any:
     if not path.exists():
         raise InputError(f"{path}: file not found")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}: not valid JSON ({e})") from None
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:  # bad JSON, or not text at all
+        raise InputError(f"{path}: not valid JSON ({first_line(e)})") from None
 
 
 def _json_default(o: Any) -> Any:

@@ -28,8 +28,8 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 import torch
-import yaml
 
+from dualign.config import load_yaml
 from dualign.data.preferences import long_responses, preference_schema, read_preferences
 from dualign.data.scores import truncated_flags
 from dualign.errors import ConfigError, InputError
@@ -161,7 +161,7 @@ def _free(fn) -> None:
 def _reference(cfg: ScoreConfig, run_dir: Path) -> tuple[str | None, str | None, str]:
     """(π_ref, its revision, template) for implicit scorers: the sample stage's unless ``ref_model`` is set."""
     path = run_dir / "sample.config.yaml"
-    sample_cfg = (yaml.safe_load(path.read_text()) or {}) if path.exists() else {}
+    sample_cfg = load_yaml(path) if path.exists() else {}
     if cfg.ref_model:
         return cfg.ref_model, None, sample_cfg.get("template", cfg.template)
     return sample_cfg.get("model"), sample_cfg.get("revision"), sample_cfg.get("template", cfg.template)

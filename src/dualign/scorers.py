@@ -31,11 +31,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from huggingface_hub import snapshot_download
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
+from dualign.config import load_yaml
 from dualign.errors import ConfigError, DualignError, InputError, first_line
 from dualign.models import (
     load_causal_lm,
@@ -290,7 +290,7 @@ def implicit_beta(spec: ScorerSpec) -> float:
         return spec.beta
     recorded = Path(spec.target) / "dualign_train.yaml"
     if recorded.exists():
-        beta = (yaml.safe_load(recorded.read_text()) or {}).get("beta")
+        beta = load_yaml(recorded).get("beta")
         if isinstance(beta, int | float) and beta > 0:
             return float(beta)
     return 0.1

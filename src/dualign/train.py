@@ -37,12 +37,11 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 import torch
-import yaml
 from tqdm.auto import tqdm
 
 from dualign.batches import EncodedPairs, encode_pairs, fill_ref_logps
 from dualign.checkpoint import STATE_FILE, load_state, restore_state, save_state, truncate_metrics
-from dualign.config import config_to_dict, dump_yaml
+from dualign.config import config_to_dict, dump_yaml, load_yaml
 from dualign.errors import ConfigError, InputError
 from dualign.io import read_table, write_table
 from dualign.losses import Diagnostics, PairLogps, kl_estimate
@@ -413,7 +412,7 @@ def _sample_stage_matches(cfg: TrainConfig) -> bool:
     path = Path(cfg.run_dir) / "sample.config.yaml"
     if not path.exists():
         return False
-    sample_cfg = yaml.safe_load(path.read_text()) or {}
+    sample_cfg = load_yaml(path)
     return all(sample_cfg.get(k) == getattr(cfg, k) for k in ("model", "revision", "template"))
 
 

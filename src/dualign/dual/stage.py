@@ -8,7 +8,6 @@ back in the columns' own units. ``run_dual`` is the pipeline's stage; ``format_r
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from dualign.data.scores import Scores, read_scores
 from dualign.dual.formulas import half_sample_kl, reference_means
 from dualign.dual.solver import DualResult, solve_dual_long
 from dualign.errors import InfeasibleConstraintError, InputError
+from dualign.io import read_json
 from dualign.provenance import mark_done, record_stage, unmark
 from dualign.records import DualCI, DualRecord, HalfSampleKL, write_dual
 
@@ -89,7 +89,8 @@ def _refuse_absolute_implicit(constraints: Sequence[Constraint], source: str) ->
     meta = Path(source).parent / "score.meta.json"
     if not Path(source).is_file() or not meta.exists():
         return
-    scorers = json.loads(meta.read_text()).get("scorers", {})
+    record = read_json(meta)
+    scorers = record.get("scorers", {}) if isinstance(record, dict) else {}
     for c in constraints:
         if not c.relative and scorers.get(c.column, {}).get("kind") == "implicit":
             raise InputError(f"constraint {c.text!r}: '{c.column}' is an implicit reward (defined only up "
