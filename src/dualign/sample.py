@@ -173,8 +173,8 @@ def sample(cfg: SampleConfig, run_dir: str | Path | None = None) -> Path:
     model = load_causal_lm(cfg.model, revision=cfg.revision, dtype=cfg.dtype, device=cfg.device,
                            trust_remote_code=cfg.trust_remote_code)
     shard_dir = run_dir / "samples.shards"
-    unmark(run_dir, "sample")
     _check_shard_config(shard_dir, cfg)
+    unmark(run_dir, "sample")
     starts = range(0, len(prompts), cfg.shard_size)
     for i, start in enumerate(tqdm(starts, desc="sample shards", unit="shard", disable=None)):
         path = shard_dir / f"{i}.parquet"
