@@ -122,12 +122,12 @@ def test_two_constraints_on_one_column_go_through_dual_train_evaluate_and_compar
         report = read_json(root / "runs" / label / "seed0" / "eval" / "report.json")
         rows = {r["name"]: r for r in report["constraints"]}
         assert list(rows) == constraints and {r["column"] for r in rows.values()} == {"cost"}
-        assert rows["cost<=40"]["threshold"] == 40.0 and rows["cost<=40"]["satisfied_point"]
+        assert rows["cost<=40"]["threshold"] == 40.0 and rows["cost<=40"]["met"]
         assert rows["cost<=ref-0.5"]["threshold"] == pytest.approx(rows["cost<=ref-0.5"]["reference_eval"] - 0.5)
         own = read_json(root / "runs" / label / "seed0" / "dual.json")  # the method's λ and predictions
         assert rows["cost<=ref-0.5"]["predicted"] == pytest.approx(own["predicted"]["cost<=ref-0.5"])
         assert own["thresholds"] == pytest.approx(dual["thresholds"])
     table = read_table(root / "compare.csv").set_index("label")
     assert table.loc["mocan", "cost<=40_threshold"] == 40.0
-    assert table.loc["mocan", "cost<=40_satisfied"] == 1.0
+    assert table.loc["mocan", "cost<=40_met"] == 1.0
     assert [c["name"] for c in out["constraints"]] == constraints

@@ -151,7 +151,16 @@ def finished_run(tmp_path_factory, tiny_gpt2) -> tuple[dict, dict[str, bytes]]:
 
 
 def _files(run: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+    """Every file's bytes; a meta record without the wall-clock seconds ``dualign run`` adds to it."""
+    out = {}
+    for p in sorted(run.rglob("*")):
+        if p.is_file():
+            out[str(p.relative_to(run))] = p.read_bytes()
+            if p.name.endswith(".meta.json"):
+                meta = json.loads(p.read_text())
+                meta.pop("timing_s", None)
+                out[str(p.relative_to(run))] = json.dumps(meta).encode()
+    return out
 
 
 # What a kill -9 can leave of each stage: the stage writes its files in this order and its marker

@@ -204,8 +204,8 @@ def _row(label: str, method: str, seed: int, report: EvalReport, compute: dict, 
                            "reward_lo": reward.ci95[0], "reward_hi": reward.ci95[1]}
     for c in report.constraints:
         row.update({c.name: c.achieved, f"{c.name}_lo": c.ci95[0], f"{c.name}_hi": c.ci95[1],
-                    f"{c.name}_threshold": c.threshold, f"{c.name}_satisfied": float(c.satisfied_within_ci),
-                    f"{c.name}_satisfied_point": float(c.satisfied_point)})
+                    f"{c.name}_threshold": c.threshold, f"{c.name}_met": float(c.met),
+                    f"{c.name}_met_confidently": float(bool(c.met_confidently))})
     row["kl"] = report.kl.achieved
     if report.judge:
         for k in ("judge_harmful", "judge_helpful"):
@@ -246,14 +246,15 @@ def format_table(out: dict[str, Any]) -> str:
     def bound(c: dict) -> str:
         return f"{c['column']} ({'≤' if '<=' in c['constraint'] else '≥'}{c['threshold']:.2f})"
 
-    head = f"{'method':<20}{rc:>16}" + "".join(f"{bound(c):>22}{'met':>6}" for c in cons)
+    head = f"{'method':<20}{rc:>16}" + "".join(f"{bound(c):>22}{'met':>6}{'conf.':>6}" for c in cons)
     head += f"{'λ':>10}{'wall s':>10}{'steps':>8}{'tokens':>10}{'mem MiB':>9}"
     lines = [head, f"{'π_ref':<20}{out['reference'][rc]['mean']:>16.3f}"
-             + "".join(f"{out['reference'][c['column']]['mean']:>22.3f}{'':>6}" for c in cons)]
+             + "".join(f"{out['reference'][c['column']]['mean']:>22.3f}{'':>12}" for c in cons)]
     for r in out["summary"]:
         lam = [v for k, v in r.items() if k.startswith("lambda_") and not k.endswith("_std")]
         line = f"{r['label']:<20}{cell(r, 'reward'):>16}"
-        line += "".join(f"{cell(r, c['name']):>22}{r[c['name'] + '_satisfied']:>6.0%}" for c in cons)
+        line += "".join(f"{cell(r, c['name']):>22}{r[c['name'] + '_met']:>6.0%}"
+                        f"{r[c['name'] + '_met_confidently']:>6.0%}" for c in cons)
         line += f"{(f'{lam[0]:.3g}' if lam else '-'):>10}{r['wall_s']:>10.1f}{r['gradient_steps']:>8.0f}"
         line += f"{r['sampled_tokens']:>10.0f}{r['peak_memory_mb']:>9.0f}"
         lines.append(line)
@@ -310,11 +311,11 @@ def plot_compare(out: dict[str, Any], root: Path, log=print) -> None:
     for ax, c in zip(axes[0], cons, strict=True):
         name, sign = c["name"], parse_constraint(c["constraint"]).sign
         slack = [sign * (r[name] - c["threshold"]) for r in summary]
-        rate = [(r[f"{name}_satisfied_point"], r[f"{name}_satisfied"]) for r in summary]
+        rate = [(r[f"{name}_met"], r[f"{name}_met_confidently"]) for r in summary]
         ax.bar(labels, slack, yerr=[r.get(f"{name}_std") or 0 for r in summary], capsize=3,
                color=["tab:green" if s >= 0 else "tab:red" for s in slack])
-        for i, (s, (point, within)) in enumerate(zip(slack, rate, strict=True)):
-            ax.annotate(f"met {point:.0%}\n(CI {within:.0%})", (i, s), ha="center",
+        for i, (s, (point, confident)) in enumerate(zip(slack, rate, strict=True)):
+            ax.annotate(f"met {point:.0%}\n(confidently {confident:.0%})", (i, s), ha="center",
                         va="bottom" if s >= 0 else "top", fontsize=7)
         ax.axhline(0, color="k", lw=0.8)
         ax.set_ylabel(f"slack of {c['constraint']} (≥ 0: met)")

@@ -37,7 +37,6 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from dualign.batches import EncodedPairs, encode_pairs, fill_ref_logps
 from dualign.checkpoint import STATE_FILE, load_state, restore_state, save_state, truncate_metrics
@@ -54,9 +53,11 @@ from dualign.models import (
     sequence_logprobs,
 )
 from dualign.pairs import validate_pairs
+from dualign.progress import Progress
 from dualign.provenance import mark_done, record_stage, unmark, versions
 from dualign.records import DualRecord, read_dual
 from dualign.templates import check_template
+from dualign.timing import part
 
 
 @dataclass
@@ -197,7 +198,7 @@ def train(cfg: TrainConfig, stop_at_step: int | None = None) -> dict[str, Any]:
     loss_fn = LOSSES[cfg.method]
     lambdas = {f"dual/lambda_{k}": v for k, v in (dual.lambdas if dual else {}).items()}
     window: dict[str, list] = {}
-    progress = tqdm(total=total, initial=start, desc=f"train {cfg.method}", disable=None if main else True)
+    progress = Progress(total=total, initial=start, desc=f"train {cfg.method}", unit="steps", enabled=main)
     t0, trained = time.perf_counter(), 0
     groups = data.groups.numpy() if cfg.group_by_prompt else None
     order, order_epoch = None, -1
@@ -297,12 +298,14 @@ def _optimizer_step(model, optimizer, data: EncodedPairs, rows: np.ndarray, loss
         with ctx:
             losses, diag = pair_loss(model, data, mb, loss_fn, cfg, generator, pad_id, accelerator)
             w = torch.ones_like(losses) if pair_weights is None else pair_weights[mb].to(losses)
-            accelerator.backward((losses * w).sum() * scale)
+            with part("backward"):
+                accelerator.backward((losses * w).sum() * scale)
         if weight:
             out["diag"].append({"loss": losses.detach(), **diag, "_weight": w.detach()})
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-    out["grad_norm"] = float(accelerator.clip_grad_norm_(params, max_norm))
-    optimizer.step()
+    with part("optimizer"):
+        out["grad_norm"] = float(accelerator.clip_grad_norm_(params, max_norm))
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return out
 

@@ -30,7 +30,6 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from dualign.config import dump_yaml
 from dualign.data.prompts import load_prompts
@@ -54,6 +53,7 @@ from dualign.models import (
     token_logprobs,
     tokenize_pairs,
 )
+from dualign.progress import Progress
 from dualign.provenance import record_stage
 from dualign.sample import generate_responses
 from dualign.scorers import load_scorer, parse_scorer, score_column
@@ -215,7 +215,7 @@ def train_ppo_lagrangian(cfg: PPOLagrangianConfig) -> dict[str, Any]:
     metrics = run_dir / "metrics.jsonl"
     metrics.unlink(missing_ok=True)
     batches = _prompt_batches(prompts, cfg.prompts_per_iteration, cfg.seed)
-    for it in tqdm(range(cfg.iterations), desc="ppo-lagrangian", disable=None):
+    for it in Progress(range(cfg.iterations), desc="ppo-lagrangian", unit="iterations"):
         rollout = _rollout(policy, reference, tokenizer, scorers, next(batches), objective, cfg, it,
                            max_new_tokens, device)
         tokens += rollout.tokens
