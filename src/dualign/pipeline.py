@@ -40,25 +40,29 @@ from dualign.io import read_json, write_json
 from dualign.lock import run_lock
 from dualign.methods.pecan_prealign import PrealignConfig, prealign, view_configs
 from dualign.provenance import done_marker, is_done, record_config
+from dualign.recalibrate import RecalibrateConfig, recalibrate
 from dualign.records import read_report, to_json
 from dualign.sample import SampleConfig, sample
 from dualign.score import ScoreConfig, score
 from dualign.train import LOSSES, TrainConfig, train
 from dualign.world import build_world, default_world_dir, is_complete, world_config
 
-STAGES = ("sample", "prealign", "score", "dual", "train", "evaluate")
+STAGES = ("sample", "prealign", "score", "dual", "train", "recalibrate", "evaluate")
 OUTPUTS = {"sample": "samples.parquet", "prealign": "prealign/safe/policy", "score": "scores.parquet",
-           "dual": "dual.json", "train": "policy", "evaluate": "eval/report.json"}
+           "dual": "dual.json", "train": "policy", "recalibrate": "recalibrate.json",
+           "evaluate": "eval/report.json"}
 # Everything a stage leaves in the run directory (final output, resume state, side files).
 PRODUCTS = {"sample": ("samples.parquet", "samples.shards"), "prealign": ("prealign",),
             "score": ("scores.parquet", "scores.cache", "preference_scores.parquet"),
             "dual": ("dual.json",), "train": ("policy", "train.state", "pairs.parquet", "metrics.jsonl"),
-            "evaluate": ("eval",)}
+            "recalibrate": ("recalibrate", "recalibrate.json"), "evaluate": ("eval",)}
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
 SMALL_CONFIG = Path(__file__).parent / "configs" / "small.yaml"
 PECAN_CONFIG = Path(__file__).parent / "configs" / "pecan.yaml"
 PECAN_SMALL_CONFIG = Path(__file__).parent / "configs" / "pecan_small.yaml"
-PACKAGED = {"default": DEFAULT_CONFIG, "small": SMALL_CONFIG, "pecan": PECAN_CONFIG, "pecan_small": PECAN_SMALL_CONFIG}
+RECALIBRATE_CONFIG = Path(__file__).parent / "configs" / "recalibrate.yaml"
+PACKAGED = {"default": DEFAULT_CONFIG, "small": SMALL_CONFIG, "pecan": PECAN_CONFIG, "pecan_small": PECAN_SMALL_CONFIG,
+            "recalibrate": RECALIBRATE_CONFIG}
 
 
 @dataclass
@@ -72,6 +76,8 @@ class RunConfig:
     evaluate: EvaluateConfig
     seed: int = field(default=0, metadata={"help": "seed shared by every stage"})
     prealign: PrealignConfig | None = field(default=None, metadata={"help": "PeCAN's DPO pre-alignment"})
+    recalibrate: RecalibrateConfig | None = field(default=None, metadata={
+        "help": "measure the trained policy on calibration prompts and correct λ while a constraint misses"})
     world: dict | None = field(default=None, metadata={
         "help": "built-in world: {size: default|small, <WorldConfig key>: value, ...}"})
 
@@ -83,8 +89,14 @@ _SHARED = {
     "score": {"run_dir": "run_dir"},
     "dual": {"seed": "seed"},
     "train": {"run_dir": "run_dir", "model": "model", "seed": "seed"},
+    "recalibrate": {"run_dir": "run_dir", "reference": "model", "seed": "seed"},
     "evaluate": {"run_dir": "run_dir", "reference": "model", "seed": "seed"},
 }
+# Keys the recalibrate stage takes from other sections unless its own sets them: it samples and
+# scores as the evaluate stage does.
+_FROM_SECTIONS = {"recalibrate": {"scorers": ("evaluate", "scorers"), "template": ("evaluate", "template"),
+                                  "max_new_tokens": ("evaluate", "max_new_tokens"),
+                                  "batch_size": ("evaluate", "batch_size"), "device": ("evaluate", "device")}}
 
 
 def load_run_values(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
@@ -125,7 +137,7 @@ def resolve_run_config(values: dict[str, Any]) -> RunConfig:
     values = dict(values)
     for stage, shared in _SHARED.items():
         section = values.get(stage)
-        if stage == "prealign" and section is None:
+        if stage in ("prealign", "recalibrate") and section is None:
             continue
         if section is not None and not isinstance(section, dict):
             raise ConfigError(f"config key '{stage}': expected a mapping of {stage} keys, got {section!r:.60}")
@@ -133,6 +145,9 @@ def resolve_run_config(values: dict[str, Any]) -> RunConfig:
         for key, top in shared.items():
             if top in values and key not in section:
                 section[key] = values[top]
+        for key, (other, name) in _FROM_SECTIONS.get(stage, {}).items():
+            if key not in section and isinstance(values.get(other), dict) and name in values[other]:
+                section[key] = values[other][name]
         values[stage] = section
     cfg = build_config(RunConfig, values)  # every key and value checked before any path is touched
     values = _replace_refs(values, "run:", Path(cfg.run_dir), must_exist=False)
@@ -234,6 +249,10 @@ def run_pipeline(cfg: RunConfig, restart_from: str | None = None, log=print) -> 
     with run_lock(run_dir):
         if restart_from is not None:
             for stage in STAGES[STAGES.index(restart_from):]:
+                oneshot = run_dir / "recalibrate" / "round0" / "policy"
+                if stage == "recalibrate" and oneshot.exists() and (run_dir / "policy").exists():
+                    _remove(run_dir / "policy")  # the train stage's own policy comes back
+                    oneshot.rename(run_dir / "policy")
                 for name in PRODUCTS[stage] + (f"{stage}.config.yaml", f"{stage}.meta.json", f"{stage}.done"):
                     _remove(run_dir / name)
         total = _run_stages(cfg, run_dir, log)
@@ -246,7 +265,8 @@ def run_pipeline(cfg: RunConfig, restart_from: str | None = None, log=print) -> 
 def _run_stages(cfg: RunConfig, run_dir: Path, log) -> float:
     """Each stage not marked complete, in order (its config recorded first); the seconds spent."""
     funcs = {"sample": sample, "prealign": prealign, "score": score,
-             "dual": lambda c: run_dual(c, run_dir), "train": train, "evaluate": evaluate}
+             "dual": lambda c: run_dual(c, run_dir), "train": train,
+             "recalibrate": lambda c: recalibrate(c, cfg.train), "evaluate": evaluate}
     stages = [s for s in STAGES if getattr(cfg, s) is not None]
     total = 0.0
     for i, stage in enumerate(stages):

@@ -85,6 +85,9 @@ class TrainConfig:
         "help": "log π_ref source: auto (reuse the columns when the sample stage used this model and template), reuse, compute"})
     template: str = field(default="auto", metadata={"help": "prompt template (as for sample)"})
     revision: str | None = field(default=None, metadata={"help": "model revision"})
+    reference: str | None = field(default=None, metadata={
+        "help": "π_ref when the policy does not start from it (e.g. continuing from a trained policy): the "
+                "model whose log-probs anchor the loss (default: model)"})
     max_length: int = field(default=512, metadata={"help": "longest prompt+response, in tokens (responses are cut)"})
     learning_rate: float = field(default=5e-5, metadata={"help": "peak AdamW learning rate"})
     num_epochs: float = field(default=1.0, metadata={"help": "passes over the pairs"})
@@ -178,6 +181,12 @@ def train(cfg: TrainConfig, stop_at_step: int | None = None) -> dict[str, Any]:
     data = encode_pairs(pairs, tokenizer, cfg.template, cfg.max_length)
     if state is not None:
         data.ref_logps = state["ref_logps"]
+    elif cfg.reference and cfg.reference != cfg.model:
+        reference = load_causal_lm(cfg.reference, dtype="float32", device=accelerator.device,
+                                   trust_remote_code=cfg.trust_remote_code)
+        disable_dropout(reference)
+        _reference_logps(reference, data, cfg, pad_id, accelerator)
+        del reference
     else:
         _reference_logps(model, data, cfg, pad_id, accelerator)
 
@@ -411,16 +420,19 @@ def _accelerator(cfg: TrainConfig):
 
 
 def _sample_stage_matches(cfg: TrainConfig) -> bool:
-    """True when ``<run_dir>/sample.config.yaml`` used this model, revision and template."""
+    """True when ``<run_dir>/sample.config.yaml`` used this π_ref (``reference``, else ``model``),
+    revision and template."""
     path = Path(cfg.run_dir) / "sample.config.yaml"
     if not path.exists():
         return False
     sample_cfg = load_yaml(path)
-    return all(sample_cfg.get(k) == getattr(cfg, k) for k in ("model", "revision", "template"))
+    want = {"model": cfg.reference or cfg.model, "revision": cfg.revision, "template": cfg.template}
+    return all(sample_cfg.get(k) == v for k, v in want.items())
 
 
 def _reference_logps(model, data: EncodedPairs, cfg: TrainConfig, pad_id: int, accelerator) -> None:
-    """log π_ref of every response the pairs table does not give trustworthily, from ``model`` = π_ref."""
+    """log π_ref of every response the pairs table does not give trustworthily, from ``model`` = π_ref
+    (the policy before its first update, or the separate ``reference``)."""
     trusted = cfg.ref_logprobs == "reuse" or (cfg.ref_logprobs == "auto" and _sample_stage_matches(cfg))
     need = torch.isnan(data.ref_logps) | data.truncated | (not trusted)
     need = need.nonzero().squeeze(1)
