@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -138,6 +139,135 @@ def test_unknown_key_and_changed_stage_config_are_refused(tmp_path, tiny_gpt2):
         run_pipeline(resolve_run_config(changed), log=lambda s: None)
     report = run_pipeline(resolve_run_config(changed), restart_from="dual", log=lambda s: None)
     assert report["beta"] == 2.0
+
+
+# ------------------------------------------------------------------- kill windows, every stage
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_gpt2) -> tuple[dict, dict[str, bytes]]:
+    """One complete run: its config and every file's bytes."""
+    values = _config(tmp_path_factory.mktemp("finished"), tiny_gpt2)
+    run_pipeline(resolve_run_config(values), log=lambda s: None)
+    return values, _files(Path(values["run_dir"]))
+
+
+def _files(run: Path) -> dict[str, bytes]:
+    """Every file's bytes; a meta record without the wall-clock seconds ``dualign run`` adds to it."""
+    out = {}
+    for p in sorted(run.rglob("*")):
+        if p.is_file():
+            out[str(p.relative_to(run))] = p.read_bytes()
+            if p.name.endswith(".meta.json"):
+                meta = json.loads(p.read_text())
+                meta.pop("timing_s", None)
+                out[str(p.relative_to(run))] = json.dumps(meta).encode()
+    return out
+
+
+# What a kill -9 can leave of each stage: the stage writes its files in this order and its marker
+# last, so a kill leaves the marker missing and some tail of the files unwritten (or, for
+# metrics.jsonl, a prefix of its lines).
+KILL_STATES = {
+    "sample": [[], ["sample.meta.json", "samples.parquet"]],
+    "score": [[], ["score.meta.json"], ["score.meta.json", "scores.parquet"]],
+    "dual": [[], ["dual.meta.json"], ["dual.meta.json", "dual.json"]],
+    "train": [[], ["policy", "metrics.jsonl:2"], ["policy", "metrics.jsonl", "pairs.parquet"]],
+    "evaluate": [[], ["evaluate.meta.json"], ["evaluate.meta.json", "eval/predicted_vs_achieved.png"],
+                 ["evaluate.meta.json", "eval/predicted_vs_achieved.png", "eval/scores.png", "eval/report.json"],
+                 ["evaluate.meta.json", "eval/predicted_vs_achieved.png", "eval/scores.png", "eval/report.json",
+                  "eval/samples_policy.parquet"]],
+}
+
+
+@pytest.mark.parametrize("stage", list(KILL_STATES))
+def test_a_stage_killed_at_any_write_is_redone_to_the_same_bytes(tmp_path, finished_run, stage):
+    values, want = finished_run
+    for i, missing in enumerate(KILL_STATES[stage]):
+        run = tmp_path / f"kill{i}"
+        shutil.copytree(values["run_dir"], run)
+        (run / f"{stage}.done").unlink()
+        for name in missing:
+            name, _, keep = name.partition(":")
+            if keep:  # a kill mid-training leaves the first lines of metrics.jsonl
+                lines = (run / name).read_text().splitlines(keepends=True)
+                (run / name).write_text("".join(lines[: int(keep)]))
+            elif (run / name).is_dir():
+                shutil.rmtree(run / name)
+            else:
+                (run / name).unlink()
+        logs: list[str] = []
+        run_pipeline(resolve_run_config({**values, "run_dir": str(run)}), log=logs.append)
+        assert any(line.endswith(f"] {stage} ...") for line in logs), (missing, logs)
+        assert sum("done, skipped" in line for line in logs) == 4, logs
+        # the records name the run directory, which is another one here
+        got = {k: v.replace(str(run).encode(), values["run_dir"].encode()) for k, v in _files(run).items()}
+        assert got.keys() == want.keys() and all(got[k] == want[k] for k in want), \
+            (missing, [k for k in want if got.get(k) != want[k]])
+    # an unfinished stage keeps its recorded config: a changed one is refused, not mixed in
+    (run / f"{stage}.done").unlink()
+    section = {"sample": {"max_new_tokens": 13}, "score": {"batch_size": 3}, "dual": {"beta": 2.0},
+               "train": {"learning_rate": 2e-3}, "evaluate": {"num_samples": 3}}[stage]
+    changed = {**values, "run_dir": str(run), stage: {**values[stage], **section}}
+    with pytest.raises(InputError, match=f"stage '{stage}' was run with a different config"):
+        run_pipeline(resolve_run_config(changed), log=lambda s: None)
+
+
+# ---------------------------------------------------------------------- one writer per directory
+
+def test_a_second_run_on_the_same_directory_fails_at_once_naming_the_first(tmp_path, tiny_gpt2):
+    values = _config(tmp_path, tiny_gpt2, num_epochs=50)
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(values))
+    first = _run_cli(config)
+    lock = Path(values["run_dir"]) / ".lock"
+    deadline = time.time() + 120
+    while not lock.exists() and first.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    try:
+        assert first.poll() is None, first.stdout.read()
+        start = time.time()
+        second = subprocess.run([sys.executable, "-m", "dualign", "run", str(config)], capture_output=True,
+                                text=True, timeout=120, stdin=subprocess.DEVNULL)
+        assert second.returncode == 2 and second.stderr.count("\n") == 1, second.stderr
+        assert f"in use by another dualign process (pid {first.pid} on host" in second.stderr
+        assert time.time() - start < 60 and second.stdout == ""
+        assert first.poll() is None  # the first run goes on
+    finally:
+        first.kill()
+        first.wait()
+
+
+def test_the_lock_is_released_when_its_holder_is_killed(tmp_path):
+    from dualign.lock import run_lock
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from dualign.lock import run_lock\n"
+                               f"with run_lock({str(tmp_path)!r}):\n    print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(InputError, match=f"pid {holder.pid} on host"), run_lock(tmp_path):
+        pass
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    with run_lock(tmp_path) as path:  # the OS released it: a leftover file does not block
+        assert path.exists()
+    assert not path.exists()
+
+
+# ------------------------------------------------------------------------------- references
+
+def test_references_are_substituted_only_where_the_whole_value_is_one(tmp_path, tiny_gpt2):
+    values = _config(tmp_path, tiny_gpt2)
+    values["sample"]["template"] = "Now run: {prompt}\nAnswer:"
+    values["train"]["output_dir"] = "run:final/policy"
+    values["score"]["scorers"] = [*values["score"]["scorers"], "h=implicit:run:prealign/helpful/policy,beta=0.5"]
+    cfg = resolve_run_config(values)
+    run = values["run_dir"]
+    assert cfg.sample.template == "Now run: {prompt}\nAnswer:"
+    assert cfg.train.output_dir == f"{run}/final/policy"
+    assert cfg.score.scorers[-1] == f"h=implicit:{run}/prealign/helpful/policy,beta=0.5"
+    for bad in ("run:../outside", "run:/etc", "run:a/../../b"):
+        with pytest.raises(InputError, match="must be a relative path inside"):
+            resolve_run_config({**values, "train": {**values["train"], "output_dir": bad}})
 
 
 @pytest.mark.parametrize("name", ["paper_mocan.yaml", "paper_pecan.yaml"])

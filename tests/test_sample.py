@@ -17,6 +17,7 @@ from dualign.errors import InputError
 from dualign.models import load_causal_lm, load_tokenizer, sequence_logprobs, tokenize_pairs
 from dualign.sample import SampleConfig, generate_responses, sample
 from dualign.templates import format_prompt
+from dualign.train import TrainConfig
 
 PROMPTS = ["How do I cook rice?", "Tell me a joke.", "Write a poem about rain.", "hi", "How can I pick a lock?"]
 
@@ -96,7 +97,7 @@ def test_generate_responses_shape_and_seed_determinism(loaded, arch):
     b = generate_responses(model, tok, PROMPTS[:3], ["a", "b", "c"], 3, seed=1, **kw)
     c = generate_responses(model, tok, PROMPTS[:3], ["a", "b", "c"], 3, seed=2, **kw)
     assert a.columns.tolist() == ["prompt_id", "prompt", "response", "sample_index", "ref_logprob",
-                                  "response_tokens"]
+                                  "response_tokens", "truncated"]
     assert a["prompt_id"].tolist() == ["a"] * 3 + ["b"] * 3 + ["c"] * 3
     assert a["sample_index"].tolist() == [0, 1, 2] * 3
     assert a["prompt"].tolist() == [p for p in PROMPTS[:3] for _ in range(3)]
@@ -111,11 +112,13 @@ def test_ref_logprob_equals_direct_sequence_logprobs(loaded, arch):
     df = generate_responses(model, tok, PROMPTS, list(range(5)), 2, max_new_tokens=8, batch_size=3,
                             seed=0, progress=False)
     for row in df.itertuples():
-        batch = tokenize_pairs(tok, [format_prompt(row.prompt, "auto", tok)], [row.response])
+        batch = tokenize_pairs(tok, [format_prompt(row.prompt, "auto", tok)], [row.response],
+                               truncated=[row.truncated])
         with torch.no_grad():
             direct = sequence_logprobs(model, **batch).item()
         assert row.ref_logprob == pytest.approx(direct, abs=1e-4)
-        assert row.response_tokens == len(tok(row.response, add_special_tokens=False)["input_ids"]) + 1
+        eos = 0 if row.truncated else 1  # a response cut by max_new_tokens never sampled an eos
+        assert row.response_tokens == len(tok(row.response, add_special_tokens=False)["input_ids"]) + eos
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -148,6 +151,39 @@ def test_responses_stop_at_eos(tiny_gpt2):
     assert df["response"].tolist() == [""] * 4
     assert df["response_tokens"].tolist() == [1] * 4
     assert df["ref_logprob"].to_numpy() == pytest.approx(0.0, abs=1e-6)
+
+
+def _eos_biased(path: str, bias: float):
+    """The tiny model with ``bias`` added to eos's logit at every step."""
+    model, tok = load_causal_lm(path, device="cpu"), load_tokenizer(path)
+    head = torch.nn.Linear(model.lm_head.in_features, model.lm_head.out_features, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(model.lm_head.weight)
+        head.bias.zero_()
+        head.bias[tok.eos_token_id] = bias
+    model.lm_head = head
+    return model, tok
+
+
+def test_truncated_responses_are_marked_and_scored_without_an_invented_eos(tiny_gpt2):
+    from dualign.batches import encode_pairs, fill_ref_logps
+    from dualign.pairs import validate_pairs
+    from dualign.train import _accelerator
+
+    model, tok = _eos_biased(tiny_gpt2, 5.0)  # eos about a third of the time: some responses end, some are cut
+    df = generate_responses(model, tok, PROMPTS, list(range(5)), 4, max_new_tokens=3, template="plain",
+                            seed=0, progress=False)
+    assert df["truncated"].any() and not df["truncated"].all()
+    with_eos = tokenize_pairs(tok, [format_prompt(p, "plain") for p in df.prompt], list(df.response))
+    assert (df["response_tokens"] == with_eos["response_mask"].sum(-1).numpy() - df["truncated"]).all()
+    # train computes log π_ref of the same responses as sample did: eos only where one was sampled
+    pairs = pd.DataFrame({"prompt_id": df.prompt_id, "prompt": df.prompt, "response_a": df.response,
+                          "response_b": df.response, "target_margin": 0.0, "truncated_a": df.truncated,
+                          "truncated_b": df.truncated})
+    data = encode_pairs(validate_pairs(pairs), tok, "plain", max_length=64)
+    fill_ref_logps(model, data, torch.arange(len(df)), tok.pad_token_id, 8, _accelerator(TrainConfig(
+        model=tiny_gpt2, run_dir="unused", device="cpu")))
+    assert data.ref_logps[:len(df)].numpy() == pytest.approx(df["ref_logprob"].to_numpy(), abs=1e-4)
 
 
 # ----------------------------------------------------------------------------- stage + resume
@@ -219,5 +255,5 @@ def test_cli_sample_writes_samples_and_rejects_bad_input_in_one_line(tmp_path, t
     code = main(["sample", str(cfg), "--run-dir", str(tmp_path / "bad"), "--prompts", str(tmp_path / "nope.jsonl")])
     err = capsys.readouterr().err
     assert code == 2
-    assert err.strip().count("\n") == 0 and "nope.jsonl: prompt file not found" in err
+    assert err.strip().count("\n") == 0 and "nope.jsonl' does not exist" in err
     assert not (tmp_path / "bad").exists()

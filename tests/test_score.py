@@ -88,10 +88,10 @@ def _save_beaver(path, tok, bias: bool, **config_extra):
     return backbone, head
 
 
-def _beaver_by_hand(backbone, head, tok, prompt, response):
+def _beaver_by_hand(backbone, head, tok, prompt, response, eos: bool = True):
     """LlamaModel hidden state of the last token of the Beaver-formatted text + eos, @ score_head."""
     text = f"BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:{response}"
-    ids = tok(text)["input_ids"] + [tok.eos_token_id]
+    ids = tok(text)["input_ids"] + ([tok.eos_token_id] if eos else [])
     with torch.no_grad():
         h = backbone(input_ids=torch.tensor([ids])).last_hidden_state[0, -1]
         return float(h @ head.weight[0] + (head.bias[0] if head.bias is not None else 0.0))
@@ -153,6 +153,26 @@ def test_beaver_scorer_equals_hand_computed_end_score(tmp_path, tok, bias):
     want = [_beaver_by_hand(backbone, head, tok, p, r) for p, r in zip(PROMPTS, RESPONSES, strict=True)]
     assert got == pytest.approx(want, abs=1e-5)
     assert np.std(got) > 0
+
+
+def test_truncated_responses_are_scored_without_an_eos(tmp_path, tok, tiny_gpt2):
+    backbone, head = _save_beaver(tmp_path / "cost", tok, True)
+    cut = [True, False, True, False]
+    table = pd.DataFrame({"prompt": PROMPTS, "response": RESPONSES, "truncated": cut})
+    got = score_table(table, [f"cost=beaver:{tmp_path / 'cost'}"], device="cpu", progress=False)["cost"]
+    want = [_beaver_by_hand(backbone, head, tok, p, r, eos=not c) for p, r, c in zip(PROMPTS, RESPONSES, cut, strict=True)]
+    assert got.tolist() == pytest.approx(want, abs=1e-5)
+    # an implicit reward of π_ref itself is 0 when log π and log π_ref agree on the (absent) eos
+    from dualign.models import load_causal_lm, load_tokenizer, sequence_logprobs, tokenize_pairs
+    from dualign.templates import format_prompt
+
+    gpt_tok = load_tokenizer(tiny_gpt2)
+    enc = tokenize_pairs(gpt_tok, [format_prompt(p, "plain") for p in PROMPTS], RESPONSES, truncated=cut)
+    with torch.no_grad():
+        ref = sequence_logprobs(load_causal_lm(tiny_gpt2, device="cpu").eval(), **enc).numpy()
+    h = score_table(table.assign(ref_logprob=ref), [f"h=implicit:{tiny_gpt2},beta=1"], device="cpu",
+                    template="plain", progress=False)["h"]
+    assert h.tolist() == pytest.approx([0.0] * 4, abs=1e-5)
 
 
 def test_beaver_cost_scorer_scales_by_config_std_when_do_normalize(tmp_path, tok):

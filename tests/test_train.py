@@ -113,6 +113,36 @@ def test_dpo_method_orients_each_pair_by_the_sign_of_its_margin():
     assert diag["logps/chosen"].tolist() == [-1.0, -0.5]
 
 
+def test_sample_weights_give_pair_weights_and_a_weighted_partition_function():
+    scores = _scores()
+    scores["sample_weight"] = np.tile([1.0, 3.0, 0.0, 4.0], 4)
+    pairs = pairs_from_scores(scores, DUAL)
+    w = np.tile([1.0, 3.0, 0.0, 4.0], 4) / 8.0  # normalised within each prompt
+    first = pairs[pairs.prompt_id == "p0"]
+    assert first["weight"].tolist() == pytest.approx([w[0] * w[1], w[0] * w[2], w[0] * w[3],
+                                                      w[1] * w[2], w[1] * w[3], w[2] * w[3]])
+    # the absolute targets' normaliser is the weighted Ẑ: Σ_k w̄_k·exp(t_k/β) = 1 on each prompt
+    targets = np.concatenate([first["target_a"].to_numpy()[:1], first["target_b"].to_numpy()[:3]])  # t_0..t_3
+    assert np.sum(w[:4] * np.exp(targets / DUAL.beta)) == pytest.approx(1.0)
+    unweighted = pairs_from_scores(_scores(), DUAL)
+    assert "weight" not in unweighted and (pairs["target_margin"] == unweighted["target_margin"]).all()
+
+
+def test_weighted_pairs_train_as_the_pairs_repeated_by_their_weights(tmp_path, tiny_gpt2):
+    pairs = pairs_from_scores(_scores(), DUAL).iloc[:4].reset_index(drop=True)
+    weighted = pairs.assign(weight=[2.0, 1.0, 1.0, 0.0])
+    repeated = pairs.iloc[[0, 0, 1, 2]].reset_index(drop=True)
+    runs = {}
+    for name, table in (("weighted", weighted), ("repeated", repeated)):
+        run_dir = _run_dir(tmp_path, name)
+        write_table(table, run_dir / "pairs.jsonl")
+        train(_cfg(tiny_gpt2, run_dir, pairs=str(run_dir / "pairs.jsonl"), max_steps=3))
+        runs[name] = run_dir
+    for mw, mr in zip(_metrics(runs["weighted"]), _metrics(runs["repeated"]), strict=True):
+        assert mw["loss"] == pytest.approx(mr["loss"], abs=1e-6)
+    assert _max_diff(_weights(runs["weighted"] / "policy"), _weights(runs["repeated"] / "policy")) < 1e-6
+
+
 # ---------------------------------------------------------------- the loop
 
 def test_batch_of_8_equals_8_accumulated_batches_of_1(tmp_path, tiny_gpt2):
@@ -168,7 +198,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, tiny_gpt2):
     kw = {"label": "bernoulli", "max_steps": 5, "save_steps": 100}
     train(_cfg(tiny_gpt2, whole, **kw))
     paused = train(_cfg(tiny_gpt2, parts, **kw), stop_at_step=2)
-    assert paused["stopped"] and (parts / "train.state" / "state.pt").exists() and not (parts / "policy").exists()
+    assert paused["stopped"] and (parts / "train.state" / "state.safetensors").exists() and not (parts / "policy").exists()
     train(_cfg(tiny_gpt2, parts, **kw))
     assert _max_diff(_weights(whole / "policy"), _weights(parts / "policy")) < 1e-6
     assert [m["step"] for m in _metrics(parts)] == [1, 2, 3, 4, 5]

@@ -27,7 +27,7 @@ class EncodedPairs:
     ref_logps: torch.Tensor             # [2N] float32, NaN where still unknown
     columns: dict[str, torch.Tensor]    # numeric pair columns, [N] float64
     truncated: torch.Tensor             # [2N] bool: may have been cut at max_length
-    canonical: torch.Tensor             # [2N] long: the first row with the same prompt and response
+    canonical: torch.Tensor             # [2N] long: the first row with the same prompt and response (and cut)
     groups: torch.Tensor                # [N] long: pair i's prompt, numbered 0.. in order of appearance
 
     def __len__(self) -> int:
@@ -52,13 +52,17 @@ def encode_pairs(pairs: pd.DataFrame, tokenizer, template: str, max_length: int,
     texts = {p: format_prompt(p, template, tokenizer) for p in pairs["prompt"].unique()}
     prompts = [texts[p] for p in pairs["prompt"]] * 2
     responses = list(pairs["response_a"]) + list(pairs["response_b"])
-    first: dict[tuple[str, str], int] = {}
-    canonical = [first.setdefault((p, r), k) for k, (p, r) in enumerate(zip(prompts, responses, strict=True))]
+    cut = [False] * len(prompts)  # a response cut by max_new_tokens is tokenized without eos
+    if {"truncated_a", "truncated_b"} <= set(pairs.columns):
+        cut = list(pairs["truncated_a"].astype(bool)) + list(pairs["truncated_b"].astype(bool))
+    first: dict[tuple[str, str, bool], int] = {}
+    canonical = [first.setdefault(key, k) for k, key in enumerate(zip(prompts, responses, cut, strict=True))]
     distinct = list(first.values())
     encoded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for start in Progress(range(0, len(distinct), chunk), desc="tokenize", unit="chunks"):
         rows = distinct[start:start + chunk]
-        enc = tokenize_pairs(tokenizer, [prompts[k] for k in rows], [responses[k] for k in rows], max_length)
+        enc = tokenize_pairs(tokenizer, [prompts[k] for k in rows], [responses[k] for k in rows], max_length,
+                             truncated=[cut[k] for k in rows])
         for k, row, att, resp in zip(rows, enc["input_ids"], enc["attention_mask"], enc["response_mask"],
                                      strict=True):
             n = int(att.sum())
@@ -66,7 +70,7 @@ def encode_pairs(pairs: pd.DataFrame, tokenizer, template: str, max_length: int,
     ids = [encoded[c][0] for c in canonical]
     masks = [encoded[c][1] for c in canonical]
     ref = np.concatenate([pairs["ref_logprob_a"].to_numpy(float), pairs["ref_logprob_b"].to_numpy(float)])
-    numeric = [c for c in pairs.columns if c not in ("ref_logprob_a", "ref_logprob_b")
+    numeric = [c for c in pairs.columns if c not in ("ref_logprob_a", "ref_logprob_b", "truncated_a", "truncated_b")
                and pd.api.types.is_numeric_dtype(pairs[c]) and c != "prompt_id"]
     return EncodedPairs(
         input_ids=ids, response_mask=masks, ref_logps=torch.tensor(ref, dtype=torch.float32),

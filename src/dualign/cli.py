@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import warnings
 
 from dualign import __version__
 from dualign.config import (
@@ -21,7 +23,7 @@ from dualign.config import (
     overrides_from_args,
     resolve_config,
 )
-from dualign.errors import DualignError
+from dualign.errors import ConfigError, DualignError
 
 # (name, help, add_arguments, run) — filled in below, one entry per subcommand.
 COMMANDS: list[tuple[str, str, object, object]] = []
@@ -39,6 +41,19 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             add(p)
         p.set_defaults(_run=run)
     return parser
+
+
+def _run_stage(cfg, run):
+    """A stage command: check its inputs and outputs, then run it holding its run directory's lock
+    (under accelerate/torchrun the main process holds it for all)."""
+    from dualign import checks
+    from dualign.lock import run_lock
+
+    checks.stage_inputs(cfg, cfg.run_dir)
+    if cfg.run_dir is None or os.environ.get("RANK", "0") != "0":
+        return run(cfg)  # without a run directory the stage says so itself
+    with run_lock(cfg.run_dir):
+        return run(cfg)
 
 
 def _add_scorer_flag(p: argparse.ArgumentParser) -> None:
@@ -59,7 +74,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     from dualign.sample import SampleConfig, sample
 
     cfg = resolve_config(SampleConfig, args.config, args, exclude=("config",))
-    print(sample(cfg))
+    print(_run_stage(cfg, sample))
     return 0
 
 
@@ -79,7 +94,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     from dualign.score import ScoreConfig, score
 
     cfg = resolve_config(ScoreConfig, args.config, args, exclude=("config",))
-    print(score(cfg))
+    print(_run_stage(cfg, score))
     return 0
 
 
@@ -97,16 +112,18 @@ def _add_train(p: argparse.ArgumentParser) -> None:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from dualign.methods.dispatch import CONFIGS, run_method
-    from dualign.train import TrainConfig, train
+    from dualign.train import LOSSES, TrainConfig, train
 
     method = getattr(args, "method", None) or (load_yaml(args.config).get("method") if args.config else None)
+    if method is not None and method not in CONFIGS and method not in LOSSES:
+        raise ConfigError(f"config key 'method': {method!r} is not one of {', '.join([*LOSSES, *CONFIGS])}")
     if method in CONFIGS:
-        done = run_method(resolve_config(CONFIGS[method], args.config, args, exclude=("config",)))
+        done = _run_stage(resolve_config(CONFIGS[method], args.config, args, exclude=("config",)), run_method)
         print(f"{method}: {done['gradient_steps']} gradient steps, {done['sampled_tokens']} sampled tokens, "
               f"{done['wall_s']:.1f} s, λ = {done['lambdas']}: {done['output_dir']}")
         return 0
     cfg = resolve_config(TrainConfig, args.config, args, exclude=("config",))
-    summary = train(cfg)
+    summary = _run_stage(cfg, train)
     print(f"trained {summary['step']} steps ({summary['pairs_per_second']:.1f} pairs/s): {summary['output_dir']}")
     return 0
 
@@ -129,17 +146,21 @@ def _add_dual(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_dual(args: argparse.Namespace) -> int:
+    from dualign import checks
     from dualign.constraints import parse_constraint
     from dualign.data.scores import read_scores
-    from dualign.dual import DualConfig, format_report, solve_constraints
+    from dualign.dual import DualConfig, format_report, require_converged, solve_constraints
     from dualign.records import to_json, write_dual
 
     cfg = resolve_config(DualConfig, args.config, args, exclude=("config", "json", "output"))
+    if args.output:
+        checks.new_file(args.output, "--output")
     constraints = [parse_constraint(c) for c in cfg.constraints]
     scores = read_scores(cfg.scores, [cfg.reward] + [c.column for c in constraints])
     record = solve_constraints(scores, cfg.beta, cfg.reward, constraints, bootstrap=cfg.bootstrap,
                                confidence=cfg.confidence,
                                seed=cfg.seed)
+    require_converged(record, cfg.allow_unconverged)
     if args.output:
         write_dual(record, args.output)
     print(json.dumps(to_json(record)) if args.json else format_report(record))
@@ -162,9 +183,13 @@ def _add_plan(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from dualign.plan import parse_beta_grid, run_plan
+    from dualign import checks
+    from dualign.plan import OUTPUTS, parse_beta_grid, run_plan
 
     betas = parse_beta_grid(args.beta_grid if args.beta_grid else args.beta)
+    checks.writable_dir(args.out, "--out")
+    for name in OUTPUTS:
+        checks.new_file(f"{args.out}/{name}", "--out")
     table = run_plan(args.scores, args.reward, args.constraints, betas, args.out)
     feasible = int(table["feasible"].sum())
     print(f"plan: {len(table)} points ({feasible} feasible, {len(table) - feasible} infeasible) "
@@ -193,9 +218,16 @@ def _add_data(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
+    from dualign import checks
     from dualign.data import preferences as prefs
     from dualign.io import write_table
 
+    if args._data_command == "views":
+        checks.writable_dir(args.out, "--out")
+        for name in prefs.VIEWS:
+            checks.new_file(f"{args.out}/{name}.jsonl", "--out")
+    elif args.fix:
+        checks.new_file(args.fix, "--fix")
     table = prefs.read_preferences(args.file, args.split, args.revision)
     if args._data_command == "views":
         for name, view in prefs.preference_views(table, args.file).items():
@@ -229,7 +261,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from dualign.records import read_report
 
     cfg = resolve_config(EvaluateConfig, args.config, args, exclude=("config",))
-    path = evaluate(cfg)
+    path = _run_stage(cfg, evaluate)
     print(format_report(read_report(path)))
     print(f"report: {path}")
     return 0
@@ -381,6 +413,11 @@ COMMANDS.append(("compare", "MoCAN against the baselines (ppo-lagrangian, dual-a
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # third-party warnings are noise on the command line (and would break one-line errors):
+    # TRANSFORMERS_VERBOSITY=warning and python -W default bring them back
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if not sys.warnoptions:
+        warnings.filterwarnings("ignore", module=r"(torch|transformers|accelerate|peft|datasets)(\.|$)")
     command = next((a for a in argv if not a.startswith("-")), "")
     args = build_parser(command).parse_args(argv)
     try:

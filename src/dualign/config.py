@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from dualign.errors import ConfigError
+from dualign.errors import ConfigError, InputError, first_line
 
 T = TypeVar("T")
 
@@ -74,7 +74,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
         try:
             out = tp(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise ConfigError(f"config key '{key}': expected {tp.__name__}, got {value!r}") from None
         if tp is int and isinstance(value, float) and value != out:
             raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
@@ -109,6 +109,8 @@ def build_config(cls: type[T], values: dict[str, Any] | None, prefix: str = "") 
         raise ConfigError(f"missing required config value(s): {', '.join(missing)}")
     try:
         return cls(**kwargs)
+    except InputError as e:  # already names what is wrong
+        raise ConfigError(f"{prefix.rstrip('.')}: {e}" if prefix else str(e)) from None
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {e}") from None
 
@@ -117,10 +119,14 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: config file not found")
+    if not path.is_file():
+        raise ConfigError(f"{path}: not a file")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (not UTF-8)") from None
+    except (yaml.YAMLError, ValueError) as e:  # ValueError: a date-like value that is no date
+        raise ConfigError(f"{path}: not valid YAML ({first_line(e)})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping of config keys")
     return data

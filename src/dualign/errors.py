@@ -15,3 +15,9 @@ class ConfigError(InputError):
 
 class InfeasibleConstraintError(InputError):
     """No finite λ* exists: a threshold lies above what any reweighting of the samples reaches."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

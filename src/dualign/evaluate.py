@@ -24,7 +24,7 @@ import torch
 
 from dualign.constraints import parse_constraint
 from dualign.data.prompts import load_prompts
-from dualign.errors import InputError
+from dualign.errors import DualignError, InputError, first_line
 from dualign.io import atomic_path, cache_root, fingerprint, read_json, read_table, write_table
 from dualign.models import (
     load_causal_lm,
@@ -33,7 +33,7 @@ from dualign.models import (
     sequence_logprobs,
     tokenize_pairs,
 )
-from dualign.provenance import record_stage, versions
+from dualign.provenance import mark_done, record_stage, unmark, versions
 from dualign.records import (
     ConstraintOutcome,
     DualRecord,
@@ -49,7 +49,7 @@ from dualign.sample import generate_responses
 from dualign.score import score_table
 from dualign.scorers import parse_scorer
 from dualign.segments import Segments
-from dualign.templates import format_prompt
+from dualign.templates import check_template, format_prompt
 
 
 @dataclass
@@ -65,8 +65,9 @@ class EvaluateConfig:
     max_prompts: int | None = field(default=None, metadata={"help": "use at most this many prompts"})
     num_samples: int = field(default=1, metadata={"help": "responses per prompt and model"})
     max_new_tokens: int = field(default=64, metadata={"help": "generation length cap"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling"})
+    temperature: float = field(default=1.0, metadata={
+        "help": "sampling temperature: 1 (the KL estimate log π − log π_ref needs samples of π itself)"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass: 1, as for temperature"})
     batch_size: int = field(default=32, metadata={"help": "generation and scoring batch size"})
     template: str = field(default="auto", metadata={"help": "prompt template (see `dualign sample`)"})
     judge: str | None = field(default=None, metadata={"help": "gold judge module:function -> {'helpful': [...], 'harmful': [...]}"})
@@ -76,6 +77,27 @@ class EvaluateConfig:
                 "every setting that determines them (models, prompts, sampling, scorers, judge, seed) is unchanged"})
     seed: int = field(default=0, metadata={"help": "sampling and bootstrap seed"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, or auto"})
+    trust_remote_code: bool = field(default=False, metadata={
+        "help": "run Python code shipped with π_ref, the policy or a scorer model (auto_map); off: refused"})
+
+    def __post_init__(self) -> None:
+        for name in ("num_samples", "max_new_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.max_prompts is not None and self.max_prompts < 1:
+            raise ValueError(f"max_prompts must be ≥ 1, got {self.max_prompts}")
+        if self.bootstrap < 0:
+            raise ValueError(f"bootstrap must be ≥ 0, got {self.bootstrap}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be ≥ 0, got {self.seed}")
+        # KL(π‖π_ref) is estimated as the mean of log π − log π_ref over the policy's own samples,
+        # which holds only when they are drawn from π itself (and the dual predicts that π)
+        if self.temperature != 1 or self.top_p != 1:
+            raise ValueError(f"temperature={self.temperature:g}, top_p={self.top_p:g}: evaluation samples π "
+                             "itself (temperature 1, top_p 1), the policy whose KL and scores the dual predicts")
+        for spec in self.scorers:
+            parse_scorer(spec)
+        check_template(self.template)
 
 
 # ---------------------------------------------------------------------------------- statistics
@@ -172,23 +194,35 @@ def prediction_error(achieved_change: float, predicted_change: float) -> float:
 
 
 # ---------------------------------------------------------------------------------- the stage
-def _load_callable(spec: str):
+def _judge(spec: str, df: pd.DataFrame) -> dict[str, np.ndarray]:
+    """The gold judge ``module:function`` (the user's code) on every response: helpful and harmful
+    scores; anything it raises or returns amiss is one line naming it."""
     module, _, name = spec.partition(":")
     if not module or not name:
         raise InputError(f"judge {spec!r}: expected module:function")
     try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise InputError(f"judge {spec!r} cannot be imported: {e}") from None
+        fn = getattr(importlib.import_module(module), name)
+        verdict = fn(df["prompt"].tolist(), df["response"].tolist())
+        out = {k: np.asarray(verdict[k], dtype=float) for k in ("helpful", "harmful")}
+    except DualignError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the user's judge failed: one line naming it
+        raise InputError(f"judge {spec!r} failed ({type(e).__name__}: {first_line(e)}); it must return "
+                         "{'helpful': [float], 'harmful': [float]}, one per response") from None
+    for k, v in out.items():
+        if v.shape != (len(df),):
+            raise InputError(f"judge {spec!r}: '{k}' has {v.size} values for {len(df)} responses")
+    return out
 
 
 def sample_model(model_path: str, prompts: pd.DataFrame, cfg: EvaluateConfig, seed: int,
                   ref_model=None, ref_tokenizer=None) -> pd.DataFrame:
     """Generate from ``model_path`` with ``cfg``'s sampling settings (num_samples, template,
-    max_new_tokens, temperature, top_p, batch_size, device); add ``logprob`` (own) and
-    ``ref_logprob`` (under ``ref_model`` when given, else its own)."""
-    tok = load_tokenizer(model_path)
-    model = load_causal_lm(model_path, device=cfg.device).eval()
+    max_new_tokens, temperature, top_p, batch_size, device; trust_remote_code where it has one); add
+    ``logprob`` (own) and ``ref_logprob`` (under ``ref_model`` when given, else its own)."""
+    trust = getattr(cfg, "trust_remote_code", False)
+    tok = load_tokenizer(model_path, trust_remote_code=trust)
+    model = load_causal_lm(model_path, device=cfg.device, trust_remote_code=trust).eval()
     df = generate_responses(model, tok, prompts["prompt"].tolist(), prompts["prompt_id"].tolist(),
                             cfg.num_samples, template=cfg.template, max_new_tokens=cfg.max_new_tokens,
                             temperature=cfg.temperature, top_p=cfg.top_p, batch_size=cfg.batch_size,
@@ -205,11 +239,12 @@ def sample_model(model_path: str, prompts: pd.DataFrame, cfg: EvaluateConfig, se
 def _logprobs(model, tokenizer, df: pd.DataFrame, cfg: EvaluateConfig) -> np.ndarray:
     out = []
     texts = [format_prompt(p, cfg.template, tokenizer) for p in df["prompt"]]
-    responses = df["response"].tolist()
+    responses, cut = df["response"].tolist(), df["truncated"].tolist()
     device = next(model.parameters()).device
     with torch.no_grad():
         for i in range(0, len(df), cfg.batch_size):
-            batch = tokenize_pairs(tokenizer, texts[i:i + cfg.batch_size], responses[i:i + cfg.batch_size])
+            rows = slice(i, i + cfg.batch_size)
+            batch = tokenize_pairs(tokenizer, texts[rows], responses[rows], truncated=cut[rows])
             out.append(sequence_logprobs(model, **{k: v.to(device) for k, v in batch.items()}).cpu().numpy())
     return np.concatenate(out)
 
@@ -242,10 +277,11 @@ def evaluate(cfg: EvaluateConfig) -> Path:
     prompts = load_prompts(cfg.prompts, prompt_column=cfg.prompt_column, split=cfg.split,
                            max_prompts=cfg.max_prompts)
     extra = _prompt_metadata(cfg)
-    ref_tok = load_tokenizer(cfg.reference)
-    ref_model = load_causal_lm(cfg.reference, device=cfg.device).eval()
+    ref_tok = load_tokenizer(cfg.reference, trust_remote_code=cfg.trust_remote_code)
+    ref_model = load_causal_lm(cfg.reference, device=cfg.device, trust_remote_code=cfg.trust_remote_code).eval()
 
     out_dir = run_dir / "eval"
+    unmark(run_dir, "evaluate")
     tables = {}
     shared = cache_root() / "eval-reference" / f"{reference_key(cfg)}.parquet" if cfg.reference_cache else None
     for name, path, seed in (("reference", cfg.reference, cfg.seed), ("policy", policy, cfg.seed + 1)):
@@ -256,11 +292,11 @@ def evaluate(cfg: EvaluateConfig) -> Path:
             tables[name] = pd.read_parquet(cache)
             continue
         df = sample_model(path, prompts, cfg, seed, None if name == "reference" else ref_model, ref_tok)
-        df = score_table(df, cfg.scorers, batch_size=cfg.batch_size, device=cfg.device)
+        df = score_table(df, cfg.scorers, batch_size=cfg.batch_size, device=cfg.device,
+                         trust_remote_code=cfg.trust_remote_code)
         if cfg.judge:
-            verdict = _load_callable(cfg.judge)(df["prompt"].tolist(), df["response"].tolist())
-            df["judge_helpful"] = np.asarray(verdict["helpful"], float)
-            df["judge_harmful"] = np.asarray(verdict["harmful"], float)
+            verdict = _judge(cfg.judge, df)
+            df["judge_helpful"], df["judge_harmful"] = verdict["helpful"], verdict["harmful"]
         if extra is not None:
             df = df.assign(prompt_id=df["prompt_id"].astype(str)).merge(extra, on="prompt_id", how="left")
         write_table(df, cache)
@@ -274,6 +310,7 @@ def evaluate(cfg: EvaluateConfig) -> Path:
     write_report(report, out_dir / "report.json")
     plot_report(tables["reference"], tables["policy"], report, out_dir)
     record_stage(run_dir, "evaluate", cfg, cfg.seed)
+    mark_done(run_dir, "evaluate")
     return out_dir / "report.json"
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from dualign.errors import InputError
+from dualign.errors import InputError, first_line
 from dualign.timing import timed
 
 TABLE_SUFFIXES = (".parquet", ".jsonl", ".json", ".csv")
@@ -78,9 +78,9 @@ def read_json(path: str | os.PathLike) -> Any:
     if not path.exists():
         raise InputError(f"{path}: file not found")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}: not valid JSON ({e})") from None
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:  # bad JSON, or not text at all
+        raise InputError(f"{path}: not valid JSON ({first_line(e)})") from None
 
 
 def _json_default(o: Any) -> Any:
@@ -114,6 +114,8 @@ def read_table(path: str | os.PathLike) -> pd.DataFrame:
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: file not found")
+    if path.is_dir():
+        raise InputError(f"{path}: a directory, not a table file")
     suffix = path.suffix.lower()
     try:
         if suffix == ".parquet":

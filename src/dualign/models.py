@@ -3,7 +3,8 @@
 Every stage that needs log π(y|x) uses :func:`tokenize_pairs` + :func:`sequence_logprobs`, so the
 reference log-probs stored by ``sample`` are exactly those ``train`` would compute.
 Token convention: ``ids = tok(prompt_text, add_special_tokens=True) + tok(response, add_special_tokens=False) + [eos]``;
-the response mask covers the response tokens and the final eos. :func:`disable_dropout` and
+the response mask covers the response tokens and the final eos. A response cut off by
+``max_new_tokens`` (``truncated`` in the samples table) never sampled an eos, so it gets none. :func:`disable_dropout` and
 :func:`save_model` are the training utilities every trainer shares.
 
 transformers is imported inside the loaders: its import costs a second that importing this
@@ -15,11 +16,12 @@ from __future__ import annotations
 import inspect
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from dualign.errors import InputError
+from dualign.errors import InputError, first_line
 from dualign.timing import timed
 
 
@@ -46,16 +48,27 @@ def _check_model_ref(name_or_path: str | Path) -> None:
         raise InputError(f"model path '{name_or_path}' has no config.json (not a Hugging Face model directory)")
 
 
+def load_error(what: str, name: str, e: BaseException) -> InputError:
+    """One line for a model that cannot be loaded: a missing or refused file (a pickle that
+    ``weights_only`` rejects), or code it ships that dualign will not run without the opt-in."""
+    if "trust_remote_code" in str(e):
+        return InputError(f"{what} '{name}' ships its own Python code (auto_map); dualign runs it only "
+                          "with trust_remote_code: true (--trust-remote-code)")
+    return InputError(f"{what} '{name}' could not be loaded: {first_line(e)}")
+
+
 @timed("model load")
-def load_tokenizer(name_or_path: str, revision: str | None = None, padding_side: str = "right"):
+def load_tokenizer(name_or_path: str, revision: str | None = None, padding_side: str = "right",
+                   trust_remote_code: bool = False):
     """AutoTokenizer with a pad token (falls back to eos) and the requested padding side."""
     from transformers import AutoTokenizer
 
     _check_model_ref(name_or_path)
     try:
-        tok = AutoTokenizer.from_pretrained(str(name_or_path), revision=revision)
-    except (OSError, ValueError) as e:
-        raise InputError(f"tokenizer '{name_or_path}' could not be loaded: {str(e).splitlines()[0]}") from None
+        tok = AutoTokenizer.from_pretrained(str(name_or_path), revision=revision,
+                                            trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - any failure to read a model's files is one line naming it
+        raise load_error("tokenizer", name_or_path, e) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = padding_side
@@ -64,10 +77,11 @@ def load_tokenizer(name_or_path: str, revision: str | None = None, padding_side:
 
 @timed("model load")
 def load_causal_lm(name_or_path: str, revision: str | None = None, dtype: str = "auto",
-                   device: str | torch.device | None = None):
+                   device: str | torch.device | None = None, trust_remote_code: bool = False):
     """AutoModelForCausalLM from a Hub id or a local directory, on ``device``.
 
-    ``dtype='auto'`` gives bfloat16 on a GPU and float32 on the CPU.
+    ``dtype='auto'`` gives bfloat16 on a GPU and float32 on the CPU. Code shipped with the model
+    runs only with ``trust_remote_code=True``; otherwise such a model is refused (never a prompt).
     """
     from transformers import AutoModelForCausalLM
 
@@ -78,25 +92,29 @@ def load_causal_lm(name_or_path: str, revision: str | None = None, dtype: str = 
     else:
         torch_dtype = getattr(torch, dtype)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(name_or_path), revision=revision, dtype=torch_dtype)
-    except (OSError, ValueError) as e:
-        raise InputError(f"model '{name_or_path}' could not be loaded: {str(e).splitlines()[0]}") from None
+        model = AutoModelForCausalLM.from_pretrained(str(name_or_path), revision=revision, dtype=torch_dtype,
+                                                     trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - any failure to read a model's files is one line naming it
+        raise load_error("model", name_or_path, e) from None
     return model.to(device)
 
 
 @timed("tokenize")
 def tokenize_pairs(tokenizer, prompt_texts: list[str], responses: list[str],
-                   max_length: int | None = None) -> dict[str, torch.Tensor]:
+                   max_length: int | None = None,
+                   truncated: Sequence[bool] | None = None) -> dict[str, torch.Tensor]:
     """Right-padded ``input_ids``, ``attention_mask`` and ``response_mask`` for (prompt, response) pairs.
 
-    ``prompt_texts`` are already templated. Over-long sequences are cut from the end of the
-    response (the prompt is kept whole).
+    ``prompt_texts`` are already templated. Each response ends with eos unless ``truncated`` says
+    it was cut by ``max_new_tokens`` (no eos was sampled). Over-long sequences are cut from the end
+    of the response (the prompt is kept whole).
     """
     eos = tokenizer.eos_token_id
+    truncated = [False] * len(responses) if truncated is None else list(truncated)
     rows, masks = [], []
-    for p, r in zip(prompt_texts, responses, strict=True):
+    for p, r, cut in zip(prompt_texts, responses, truncated, strict=True):
         p_ids = tokenizer(p, add_special_tokens=True)["input_ids"]
-        r_ids = tokenizer(r, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
+        r_ids = tokenizer(r, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None and not cut else [])
         if max_length is not None and len(p_ids) + len(r_ids) > max_length:
             r_ids = r_ids[: max(1, max_length - len(p_ids))]
         rows.append(p_ids + r_ids)

@@ -2,8 +2,10 @@
 should be preferred (docs/formats.md, "Pairs table").
 
 ``prompt_id, prompt, response_a, response_b, ref_logprob_a, ref_logprob_b, target_margin``, where
-``target_margin`` = r_λ(a) − r_λ(b) in reward units, +inf for a hard "a preferred" label. Extra
-numeric columns travel to the loss function unchanged, so a new method brings its own columns.
+``target_margin`` = r_λ(a) − r_λ(b) in reward units, +inf for a hard "a preferred" label; optional
+``weight`` (the pair's weight in the mean loss, default 1) and ``truncated_a`` / ``truncated_b``
+(a response cut by ``max_new_tokens``: tokenized without eos). Extra numeric columns travel to
+the loss function unchanged, so a new method brings its own columns.
 The methods build it (:mod:`dualign.methods.mocan` from a scores table,
 :mod:`dualign.methods.dpo` and :mod:`dualign.methods.pecan` from preference files); here is its
 contract.
@@ -14,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from dualign.data.scores import TRUNCATED_COLUMN, truncated_flags
 from dualign.errors import InputError
 
 
@@ -43,4 +46,16 @@ def validate_pairs(pairs: pd.DataFrame, source: str = "pairs") -> pd.DataFrame:
         if len(bad):
             raise InputError(f"{source}: row {bad[0]}: column '{col}' is not a number")
         pairs[col] = values.astype(float)
+    for col in ("truncated_a", "truncated_b"):
+        if col in pairs.columns:
+            pairs[col] = truncated_flags(pairs.rename(columns={col: TRUNCATED_COLUMN}), source)
+    if "weight" in pairs.columns:
+        weight = pd.to_numeric(pairs["weight"], errors="coerce").to_numpy(dtype=float)
+        bad = np.flatnonzero(~(np.isfinite(weight) & (weight >= 0)))
+        if len(bad):
+            raise InputError(f"{source}: row {bad[0]}: column 'weight' is {pairs['weight'].iloc[bad[0]]!r:.40}, "
+                             "not a finite number ≥ 0")
+        if not weight.sum() > 0:
+            raise InputError(f"{source}: every pair's weight is zero")
+        pairs["weight"] = weight
     return pairs

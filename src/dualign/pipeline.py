@@ -1,20 +1,27 @@
 """``dualign run``: every stage in order into one run directory, resuming where it stopped.
 
-A stage whose output exists is skipped (outputs are written atomically, so an existing output is
-complete); a stage killed mid-way resumes from its own shards/checkpoints. Re-running a run
-directory with a changed stage config is refused rather than silently mixing results.
+Every stage's config is built and checked before the first one runs (and before the world is
+built): types, numbers, methods, constraints, scorer specs, the files and models it needs, the
+output paths. A stage marked complete (``<stage>.done``, its last write) is skipped; any other is
+run, resuming from its own shards/checkpoints, so a kill at any point costs at most the unfinished
+stage. A stage's config is recorded when it starts, and re-running a run directory with a changed
+config is refused rather than silently mixing results. One process at a time writes a run
+directory (:mod:`dualign.lock`).
 
 The run config has one section per stage (``sample``, ``score``, ``dual``, ``train``,
 ``evaluate``), each mirroring that stage's dataclass, plus shared keys: ``run_dir``, ``model``
 (π_ref, filled into the stages that need it) and ``seed``. An optional ``world`` section builds
-(or loads from the cache) the built-in synthetic world; any string value ``world:NAME`` is then
-replaced by the path ``<world_dir>/NAME``, and ``run:NAME`` by ``<run_dir>/NAME``. An optional
-``prealign`` section (PeCAN) trains π_r and π_g by DPO after sampling and before scoring, so the
-score stage can use ``implicit:run:prealign/helpful/policy``.
+(or loads from the cache) the built-in synthetic world; a string value ``world:NAME`` is then
+replaced by the path ``<world_dir>/NAME``, and ``run:NAME`` by ``<run_dir>/NAME``, where the whole
+value is the reference or a scorer spec's target is (``cost=hf:world:cost_model``); NAME must
+stay inside its directory. An optional ``prealign`` section (PeCAN) trains π_r and π_g by DPO
+after sampling and before scoring, so the score stage can use ``implicit:run:prealign/helpful/policy``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import shutil
 import sys
 import time
@@ -24,18 +31,20 @@ from typing import Any
 
 import yaml
 
-from dualign import timing
+from dualign import checks, timing
 from dualign.config import build_config, config_to_dict, load_yaml, merge
 from dualign.dual import DualConfig, run_dual
 from dualign.errors import ConfigError, InputError
 from dualign.evaluate import EvaluateConfig, evaluate, format_report
 from dualign.io import read_json, write_json
-from dualign.methods.pecan_prealign import PrealignConfig, prealign
+from dualign.lock import run_lock
+from dualign.methods.pecan_prealign import PrealignConfig, prealign, view_configs
+from dualign.provenance import done_marker, is_done, record_config
 from dualign.recalibrate import RecalibrateConfig, recalibrate
 from dualign.records import read_report, to_json
 from dualign.sample import SampleConfig, sample
 from dualign.score import ScoreConfig, score
-from dualign.train import TrainConfig, train
+from dualign.train import LOSSES, TrainConfig, train
 from dualign.world import build_world, default_world_dir, is_complete, world_config
 
 STAGES = ("sample", "prealign", "score", "dual", "train", "recalibrate", "evaluate")
@@ -90,18 +99,34 @@ _FROM_SECTIONS = {"recalibrate": {"scorers": ("evaluate", "scorers"), "template"
                                   "batch_size": ("evaluate", "batch_size"), "device": ("evaluate", "device")}}
 
 
-def load_run_values(path: str | Path) -> dict[str, Any]:
+def load_run_values(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     """A run YAML; ``base: NAME`` (a packaged config: default, small, pecan, pecan_small) or ``base: FILE``
-    (relative to this file) is loaded first and this file's keys are merged over it."""
+    (a path inside this file's directory) is loaded first and this file's keys are merged over it."""
+    path = Path(path)
     values = load_yaml(path)
     base = values.pop("base", None)
     if base is None:
         return values
-    base_path = PACKAGED.get(str(base)) or Path(path).parent / str(base)
-    if not Path(base_path).exists():
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base must be a packaged config ({', '.join(PACKAGED)}) or a YAML path, "
+                          f"got {base!r}")
+    base_path = PACKAGED.get(base) or _inside_dir(path.parent, base, f"{path}: base")
+    if not base_path.is_file():
         raise ConfigError(f"{path}: base {base!r} is neither a packaged config "
                           f"({', '.join(PACKAGED)}) nor an existing file")
-    return merge(load_run_values(base_path), values)
+    chain = (*_chain, path.resolve())
+    if base_path.resolve() in chain:
+        cycle = " -> ".join(p.name for p in (*chain, base_path.resolve()))
+        raise ConfigError(f"{path}: base {base!r} makes a cycle ({cycle})")
+    return merge(load_run_values(base_path, chain), values)
+
+
+def _inside_dir(root: Path, name: str, what: str) -> Path:
+    """``root/name`` for a relative ``name`` that stays inside ``root`` (no '..', not absolute)."""
+    rel = Path(name)
+    if not name or rel.is_absolute() or name.startswith("~") or ".." in rel.parts:
+        raise InputError(f"{what}: '{name}' must be a relative path inside {root} (no '..', not absolute)")
+    return root / rel
 
 
 def resolve_run_config(values: dict[str, Any]) -> RunConfig:
@@ -111,19 +136,25 @@ def resolve_run_config(values: dict[str, Any]) -> RunConfig:
     """
     values = dict(values)
     for stage, shared in _SHARED.items():
-        if stage in ("prealign", "recalibrate") and values.get(stage) is None:
+        section = values.get(stage)
+        if stage in ("prealign", "recalibrate") and section is None:
             continue
-        section = dict(values.get(stage) or {})
+        if section is not None and not isinstance(section, dict):
+            raise ConfigError(f"config key '{stage}': expected a mapping of {stage} keys, got {section!r:.60}")
+        section = dict(section or {})
         for key, top in shared.items():
             if top in values and key not in section:
                 section[key] = values[top]
         for key, (other, name) in _FROM_SECTIONS.get(stage, {}).items():
-            if key not in section and name in (values.get(other) or {}):
+            if key not in section and isinstance(values.get(other), dict) and name in values[other]:
                 section[key] = values[other][name]
         values[stage] = section
-    if "run_dir" in values:
-        values = _replace_refs(values, "run:", Path(values["run_dir"]), must_exist=False)
+    cfg = build_config(RunConfig, values)  # every key and value checked before any path is touched
+    values = _replace_refs(values, "run:", Path(cfg.run_dir), must_exist=False)
     cfg = build_config(RunConfig, values)
+    check_run(cfg)
+    # world: references are checked before the build (a reference outside the world, or no world)
+    _replace_refs(values, "world:", None if cfg.world is None else Path("world"), must_exist=False)
     if cfg.world is None:
         return cfg
     world = dict(cfg.world)
@@ -132,59 +163,107 @@ def resolve_run_config(values: dict[str, Any]) -> RunConfig:
         print(f"building the built-in world once (minutes; cached in {default_world_dir(world_cfg)}) ...",
               file=sys.stderr, flush=True)
     world_dir = build_world(world_cfg)
-    return build_config(RunConfig, _replace_refs(values, "world:", Path(world_dir)))
+    cfg = build_config(RunConfig, _replace_refs(values, "world:", Path(world_dir)))
+    check_run(cfg)
+    return cfg
 
 
-def _replace_refs(node: Any, prefix: str, base: Path, must_exist: bool = True) -> Any:
+def check_run(cfg: RunConfig) -> None:
+    """Everything about a run config that can be checked before its first stage (:mod:`dualign.checks`);
+    ``world:`` references wait for the world."""
+    if cfg.train.method not in LOSSES:
+        raise ConfigError(f"config key 'train.method': {cfg.train.method!r} is not one of {', '.join(LOSSES)} "
+                          "(baselines run with `dualign train --method` or `dualign compare`)")
+    if cfg.prealign is not None:
+        view_configs(cfg.prealign)
+    for stage in STAGES:
+        if getattr(cfg, stage) is not None:
+            checks.stage_inputs(getattr(cfg, stage), cfg.run_dir, prefix=f"{stage}.")
+
+
+# a scorer spec's head, NAME=KIND:, before a reference target
+_SPEC_HEAD = re.compile(r"([A-Za-z_][A-Za-z0-9_.-]*=[A-Za-z]+:)(.*)", re.S)
+
+
+def _replace_refs(node: Any, prefix: str, base: Path | None, must_exist: bool = True) -> Any:
     if isinstance(node, dict):
         return {k: (v if k == "world" else _replace_refs(v, prefix, base, must_exist)) for k, v in node.items()}
     if isinstance(node, list):
         return [_replace_refs(v, prefix, base, must_exist) for v in node]
-    if isinstance(node, str) and prefix in node:
+    if isinstance(node, str):
         return _substitute(node, prefix, base, must_exist)
     return node
 
 
-def _substitute(text: str, prefix: str, base: Path, must_exist: bool) -> str:
-    """``world:NAME`` → ``<base>/NAME`` wherever it appears (e.g. inside ``cost=hf:world:cost_model``)."""
-    out, rest = [], text
-    while prefix in rest:
-        head, _, tail = rest.partition(prefix)
-        name = tail.split(",")[0].split(";")[0]
-        if must_exist and not (base / name).exists():
-            raise InputError(f"config refers to '{prefix}{name}' but {base / name} does not exist")
-        out.append(head + str(base / name))
-        rest = tail[len(name):]
-    return "".join(out) + rest
+def _substitute(text: str, prefix: str, base: Path | None, must_exist: bool) -> str:
+    """``world:NAME`` → ``<base>/NAME`` where the whole value is the reference, or a scorer spec's
+    target is (``cost=hf:world:cost_model,lower_is_better``); other text is left as it is."""
+    head, rest = "", text
+    spec = _SPEC_HEAD.fullmatch(text)
+    if spec and spec.group(2).startswith(prefix):
+        head, rest = spec.group(1), spec.group(2)
+    if not rest.startswith(prefix):
+        return text
+    name, comma, options = rest[len(prefix):], "", ""
+    if head:  # a spec's options follow its target
+        name, comma, options = name.partition(",")
+    if base is None:
+        raise ConfigError(f"config refers to '{prefix}{name}' but has no {prefix.rstrip(':')} section to build it from")
+    path = _inside_dir(base, name, f"config reference '{prefix}{name}'")
+    if must_exist and not path.exists():
+        raise InputError(f"config refers to '{prefix}{name}' but {path} does not exist")
+    return head + str(path) + comma + options
 
 
 def _stage_config_changed(run_dir: Path, stage: str, cfg: Any) -> str | None:
-    """Name the first key whose recorded value differs from ``cfg``, or None when they agree."""
+    """Name the first key whose recorded value differs from ``cfg``, or None when they agree (a key
+    added to dualign since the record was written agrees when it has its default)."""
     recorded = run_dir / f"{stage}.config.yaml"
     if not recorded.exists():
         return None
-    old = yaml.safe_load(recorded.read_text()) or {}
+    try:
+        old = yaml.safe_load(recorded.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError):
+        old = None
+    if not isinstance(old, dict):
+        raise InputError(f"{recorded}: not a stage config record; delete it or use --restart-from {stage}")
     new = yaml.safe_load(yaml.safe_dump(config_to_dict(cfg)))
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg) if f.default is not dataclasses.MISSING}
     for key in sorted((set(old) | set(new)) - {"run_dir"}):  # a moved run directory still resumes
+        if key not in old and key in defaults and new.get(key) == defaults[key]:
+            continue
         if old.get(key) != new.get(key):
             return f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
     return None
 
 
 def run_pipeline(cfg: RunConfig, restart_from: str | None = None, log=print) -> dict:
-    """Run the stages in order, skipping complete ones; returns eval/report.json's content."""
+    """Run the stages in order, skipping complete ones; returns eval/report.json's content.
+
+    Holds the run directory's lock throughout; a second process on the same directory fails at once.
+    """
+    if restart_from is not None and restart_from not in STAGES:
+        raise ConfigError(f"--restart-from: unknown stage {restart_from!r} (stages: {', '.join(STAGES)})")
+    check_run(cfg)
     run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if restart_from is not None:
-        if restart_from not in STAGES:
-            raise ConfigError(f"--restart-from: unknown stage {restart_from!r} (stages: {', '.join(STAGES)})")
-        for stage in STAGES[STAGES.index(restart_from):]:
-            oneshot = run_dir / "recalibrate" / "round0" / "policy"
-            if stage == "recalibrate" and oneshot.exists() and (run_dir / "policy").exists():
-                _remove(run_dir / "policy")  # the train stage's own policy comes back
-                oneshot.rename(run_dir / "policy")
-            for name in PRODUCTS[stage] + (f"{stage}.config.yaml", f"{stage}.meta.json"):
-                _remove(run_dir / name)
+    with run_lock(run_dir):
+        if restart_from is not None:
+            for stage in STAGES[STAGES.index(restart_from):]:
+                oneshot = run_dir / "recalibrate" / "round0" / "policy"
+                if stage == "recalibrate" and oneshot.exists() and (run_dir / "policy").exists():
+                    _remove(run_dir / "policy")  # the train stage's own policy comes back
+                    oneshot.rename(run_dir / "policy")
+                for name in PRODUCTS[stage] + (f"{stage}.config.yaml", f"{stage}.meta.json", f"{stage}.done"):
+                    _remove(run_dir / name)
+        total = _run_stages(cfg, run_dir, log)
+        report = read_report(run_dir / OUTPUTS["evaluate"])
+    log(format_report(report))
+    log(f"report: {run_dir / OUTPUTS['evaluate']} (stages run now: {total:.0f} s)")
+    return to_json(report)
+
+
+def _run_stages(cfg: RunConfig, run_dir: Path, log) -> float:
+    """Each stage not marked complete, in order (its config recorded first); the seconds spent."""
     funcs = {"sample": sample, "prealign": prealign, "score": score,
              "dual": lambda c: run_dual(c, run_dir), "train": train,
              "recalibrate": lambda c: recalibrate(c, cfg.train), "evaluate": evaluate}
@@ -192,14 +271,15 @@ def run_pipeline(cfg: RunConfig, restart_from: str | None = None, log=print) -> 
     total = 0.0
     for i, stage in enumerate(stages):
         stage_cfg = getattr(cfg, stage)
-        done = (run_dir / OUTPUTS[stage]).exists()
-        if done:
-            changed = _stage_config_changed(run_dir, stage, stage_cfg)
-            if changed:
-                raise InputError(f"{run_dir}: stage '{stage}' was run with a different config ({changed}); "
-                                 f"use another --run-dir or --restart-from {stage}")
+        changed = _stage_config_changed(run_dir, stage, stage_cfg)
+        if changed:
+            raise InputError(f"{run_dir}: stage '{stage}' was run with a different config ({changed}); "
+                             f"use another --run-dir or --restart-from {stage}")
+        if is_done(run_dir, stage) and (run_dir / OUTPUTS[stage]).exists():
             log(f"[{i + 1}/{len(stages)}] {stage}: done, skipped")
             continue
+        done_marker(run_dir, stage).unlink(missing_ok=True)  # its output is gone: the stage is redone
+        record_config(run_dir, stage, stage_cfg)
         log(f"[{i + 1}/{len(stages)}] {stage} ...")
         start = time.perf_counter()
         with timing.collect() as parts:
@@ -209,10 +289,7 @@ def run_pipeline(cfg: RunConfig, restart_from: str | None = None, log=print) -> 
         record_timing(run_dir, stage, spent, parts)
         split = ", ".join(f"{k} {v:.0f} s" for k, v in sorted(parts.items(), key=lambda kv: -kv[1]) if v >= 0.5)
         log(f"[{i + 1}/{len(stages)}] {stage}: {spent:.0f} s" + (f" ({split})" if split else ""))
-    report = read_report(run_dir / OUTPUTS["evaluate"])
-    log(format_report(report))
-    log(f"report: {run_dir / OUTPUTS['evaluate']} (stages run now: {total:.0f} s)")
-    return to_json(report)
+    return total
 
 
 def record_timing(run_dir: Path, stage: str, seconds: float, parts: dict[str, float]) -> None:

@@ -19,6 +19,8 @@ from dualign.errors import InfeasibleConstraintError, InputError
 from dualign.io import atomic_path, write_json, write_table
 from dualign.records import DualRecord
 
+OUTPUTS = ("plan.csv", "plan.json", "plan.png")
+
 
 def parse_beta_grid(text: str) -> list[float]:
     """``0.05,0.1,0.2`` → [0.05, 0.1, 0.2]; each a positive finite number."""
@@ -130,8 +132,8 @@ def run_plan(scores_path: str | Path, reward: str, constraints: Sequence[str],
     """Sweep, then write <out>/plan.csv, plan.json, plan.png (nothing is written on bad input)."""
     table, meta = sweep(scores_path, reward, constraints, betas)
     out_dir = Path(out_dir)
-    write_table(table, out_dir / "plan.csv")
+    write_table(table, out_dir / OUTPUTS[0])
     records = table.astype(object).where(table.notna(), None).to_dict(orient="records")
-    write_json({**meta, "points": records}, out_dir / "plan.json")
-    plot(table, meta, out_dir / "plan.png")
+    write_json({**meta, "points": records}, out_dir / OUTPUTS[1])
+    plot(table, meta, out_dir / OUTPUTS[2])
     return table

@@ -46,7 +46,7 @@ from dualign.errors import InfeasibleConstraintError, InputError
 from dualign.evaluate import Paired, percentile_ci, sample_model
 from dualign.io import read_json, read_table, write_json, write_table
 from dualign.methods.objective import Objective, lagrangian_pairs, load_objective, method_dual
-from dualign.provenance import record_stage
+from dualign.provenance import mark_done, record_stage, unmark
 from dualign.records import write_dual
 from dualign.score import score_table
 from dualign.segments import Segments
@@ -259,6 +259,7 @@ def recalibrate(cfg: RecalibrateConfig, train_cfg: TrainConfig) -> dict[str, Any
     objective = load_objective(run_dir / "dual.json")
     dual = read_json(run_dir / "dual.json")
     prompts = load_prompts(cfg.prompts, prompt_column=cfg.prompt_column, max_prompts=cfg.max_prompts)
+    unmark(run_dir, "recalibrate")
     if not (root / "round0" / "policy").exists():  # the one-shot policy keeps its place in round 0
         (root / "round0").mkdir(parents=True, exist_ok=True)
         if not (run_dir / "policy").exists():
@@ -300,6 +301,7 @@ def recalibrate(cfg: RecalibrateConfig, train_cfg: TrainConfig) -> dict[str, Any
            "names": objective.names}
     write_json(out, run_dir / "recalibrate.json")
     record_stage(run_dir, "recalibrate", cfg, cfg.seed)
+    mark_done(run_dir, "recalibrate")
     return out
 
 

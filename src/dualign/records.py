@@ -88,6 +88,7 @@ class DualRecord:
     ci: DualCI | None = None
     kl_half_samples: HalfSampleKL | None = None
     confidence: ConfidencePlan | None = None
+    allow_unconverged: bool | None = None  # true: the dual stage was told to keep an unconverged λ*
     method: str | None = None
     reward_weight: float | None = None
     lambda_trajectory: list[list[float]] | None = None

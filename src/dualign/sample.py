@@ -8,6 +8,7 @@ again skips the finished shards and produces the same table as an uninterrupted 
 
 from __future__ import annotations
 
+import math
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -22,8 +23,8 @@ from dualign.errors import ConfigError, InputError
 from dualign.io import read_json, read_table, write_json, write_table
 from dualign.models import load_causal_lm, load_tokenizer, sequence_logprobs, tokenize_pairs
 from dualign.progress import Progress
-from dualign.provenance import record_stage
-from dualign.templates import format_prompt
+from dualign.provenance import mark_done, record_stage, unmark
+from dualign.templates import check_template, format_prompt
 from dualign.timing import timed
 
 
@@ -50,15 +51,22 @@ class SampleConfig:
     shard_size: int = field(default=64, metadata={"help": "prompts per resumable shard"})
     device: str = field(default="auto", metadata={"help": "cuda, cpu, cuda:1, ... (auto: cuda if available)"})
     dtype: str = field(default="auto", metadata={"help": "float32, bfloat16, float16 (auto: bf16 on GPU, fp32 on CPU)"})
+    trust_remote_code: bool = field(default=False, metadata={
+        "help": "run Python code shipped with the model (its auto_map); off: such a model is refused"})
 
     def __post_init__(self) -> None:
         for name in ("num_samples", "max_new_tokens", "batch_size", "shard_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be ≥ 0, got {self.temperature}")
+        if self.max_prompts is not None and self.max_prompts < 1:
+            raise ValueError(f"max_prompts must be ≥ 1, got {self.max_prompts}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be a finite number ≥ 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be ≥ 0, got {self.seed}")
+        check_template(self.template)
 
 
 def generate_responses(model, tokenizer, prompts: list[str], prompt_ids: list, num_samples: int, *,
@@ -70,7 +78,9 @@ def generate_responses(model, tokenizer, prompts: list[str], prompt_ids: list, n
     Returns the long-format table (one row per response, prompt-major): ``prompt_id``, ``prompt``,
     ``response`` (decoded without special tokens, cut at eos), ``sample_index``, ``ref_logprob`` =
     log π(response | templated prompt) computed by ``tokenize_pairs`` + ``sequence_logprobs`` on the
-    decoded text (as ``train`` computes it), and ``response_tokens`` (response tokens + eos).
+    decoded text (as ``train`` computes it), ``response_tokens`` (response tokens + eos) and
+    ``truncated``: the response was cut by ``max_new_tokens`` before any eos, so its log-prob and
+    token count have no eos.
     Sampling is exact (no top-k) unless ``top_p < 1``; ``temperature=0`` is greedy decoding.
     """
     if len(prompts) != len(prompt_ids):
@@ -81,13 +91,14 @@ def generate_responses(model, tokenizer, prompts: list[str], prompt_ids: list, n
     was_training = model.training
     model.eval()
     torch.manual_seed(seed)
-    responses, logprobs, n_tokens = [], [], []
+    responses, logprobs, n_tokens, truncated = [], [], [], []
     try:
         for batch in Progress(batches, desc="sample", unit="batches", enabled=progress):
             batch_texts = [texts[i] for i, _ in batch]
-            out = _generate_batch(model, tokenizer, batch_texts, max_new_tokens, temperature, top_p)
+            out, cut = _generate_batch(model, tokenizer, batch_texts, max_new_tokens, temperature, top_p)
             responses += out
-            lp, nt = _ref_logprobs(model, tokenizer, batch_texts, out)
+            truncated += cut
+            lp, nt = _ref_logprobs(model, tokenizer, batch_texts, out, cut)
             logprobs += lp
             n_tokens += nt
     finally:
@@ -99,14 +110,16 @@ def generate_responses(model, tokenizer, prompts: list[str], prompt_ids: list, n
         "sample_index": [k for _, k in rows],
         "ref_logprob": logprobs,
         "response_tokens": n_tokens,
+        "truncated": truncated,
     })
 
 
 @timed("generate")
 @torch.inference_mode()
 def _generate_batch(model, tokenizer, texts: list[str], max_new_tokens: int, temperature: float,
-                    top_p: float) -> list[str]:
-    """Left-padded batched generation; each response is cut at its first eos and decoded."""
+                    top_p: float) -> tuple[list[str], list[bool]]:
+    """Left-padded batched generation; each response is cut at its first eos and decoded. Also
+    whether each was truncated: it ran to ``max_new_tokens`` without an eos."""
     device = next(model.parameters()).device
     encoded = [tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
     width = max(len(ids) for ids in encoded)
@@ -122,11 +135,12 @@ def _generate_batch(model, tokenizer, texts: list[str], max_new_tokens: int, tem
     out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
                          max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos_ids,
                          **sampling)
-    texts_out = []
+    texts_out, truncated = [], []
     for row in out[:, width:].tolist():
-        cut = next((j for j, t in enumerate(row) if t in eos_ids), len(row))
+        cut = next((j for j, t in enumerate(row) if t in eos_ids), None)
         texts_out.append(tokenizer.decode(row[:cut], skip_special_tokens=True))
-    return texts_out
+        truncated.append(cut is None)
+    return texts_out, truncated
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
@@ -141,9 +155,10 @@ def _eos_ids(model, tokenizer) -> list[int]:
 
 
 @torch.inference_mode()
-def _ref_logprobs(model, tokenizer, prompt_texts: list[str], responses: list[str]) -> tuple[list[float], list[int]]:
+def _ref_logprobs(model, tokenizer, prompt_texts: list[str], responses: list[str],
+                  truncated: list[bool]) -> tuple[list[float], list[int]]:
     device = next(model.parameters()).device
-    batch = tokenize_pairs(tokenizer, prompt_texts, responses)
+    batch = tokenize_pairs(tokenizer, prompt_texts, responses, truncated=truncated)
     lp = sequence_logprobs(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
                            batch["response_mask"].to(device))
     return lp.cpu().tolist(), batch["response_mask"].sum(-1).tolist()
@@ -156,10 +171,12 @@ def sample(cfg: SampleConfig, run_dir: str | Path | None = None) -> Path:
     run_dir = Path(run_dir or cfg.run_dir)
     prompts = load_prompts(cfg.prompts, cfg.prompt_column, cfg.id_column, cfg.split,
                            cfg.dataset_revision, cfg.max_prompts)
-    tokenizer = load_tokenizer(cfg.model, revision=cfg.revision)
-    model = load_causal_lm(cfg.model, revision=cfg.revision, dtype=cfg.dtype, device=cfg.device)
+    tokenizer = load_tokenizer(cfg.model, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    model = load_causal_lm(cfg.model, revision=cfg.revision, dtype=cfg.dtype, device=cfg.device,
+                           trust_remote_code=cfg.trust_remote_code)
     shard_dir = run_dir / "samples.shards"
     _check_shard_config(shard_dir, cfg)
+    unmark(run_dir, "sample")
     starts = range(0, len(prompts), cfg.shard_size)
     with Progress(total=len(prompts) * cfg.num_samples, desc="sample", unit="responses") as bar:
         for i, start in enumerate(starts):
@@ -179,13 +196,15 @@ def sample(cfg: SampleConfig, run_dir: str | Path | None = None) -> Path:
     record_stage(run_dir, "sample", cfg, seed=cfg.seed,
                  extra={"num_prompts": len(prompts), "num_rows": len(table)})
     shutil.rmtree(shard_dir)
+    mark_done(run_dir, "sample")
     return out
 
 
 def _check_shard_config(shard_dir: Path, cfg: SampleConfig) -> None:
     """Resume only shards made with the same config; anything else would mix two runs."""
     # device and dtype only change the numerics, and a run directory may be moved
-    wanted = {k: v for k, v in config_to_dict(cfg).items() if k not in ("device", "dtype", "run_dir")}
+    wanted = {k: v for k, v in config_to_dict(cfg).items()
+              if k not in ("device", "dtype", "run_dir", "trust_remote_code")}
     key = shard_dir / "config.json"
     if key.exists():
         found = read_json(key)

@@ -28,12 +28,13 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 import torch
-import yaml
 
+from dualign.config import load_yaml
 from dualign.data.preferences import long_responses, preference_schema, read_preferences
+from dualign.data.scores import truncated_flags
 from dualign.errors import ConfigError, InputError
 from dualign.io import read_table, write_table
-from dualign.provenance import record_stage
+from dualign.provenance import mark_done, record_stage, unmark
 from dualign.scorers import (
     LogProbScorer,
     ScorerSpec,
@@ -47,6 +48,7 @@ from dualign.scorers import (
     score_columns,
     share_encoders,
 )
+from dualign.templates import check_template
 
 
 @dataclass
@@ -68,6 +70,8 @@ class ScoreConfig:
         "help": "PKU-SafeRLHF pair file to score too (-> <run_dir>/preference_scores.parquet)"})
     ref_model: str | None = field(default=None, metadata={
         "help": "π_ref for implicit scorers where ref_logprob is absent (default: the sample stage's model)"})
+    trust_remote_code: bool = field(default=False, metadata={
+        "help": "run Python code shipped with a scorer model (its auto_map); off: such a model is refused"})
 
     def __post_init__(self) -> None:
         if not self.scorers:
@@ -75,6 +79,9 @@ class ScoreConfig:
         for name in ("batch_size", "max_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        for spec in self.scorers:
+            parse_scorer(spec)
+        check_template(self.template)
 
 
 def _check_table(df: pd.DataFrame, specs: list[ScorerSpec], where: str) -> None:
@@ -93,7 +100,8 @@ def _check_table(df: pd.DataFrame, specs: list[ScorerSpec], where: str) -> None:
 def score_table(df: pd.DataFrame, scorers: Sequence[str | ScorerSpec], *, batch_size: int = 16,
                 device: str = "auto", dtype: str = "auto", max_length: int = 1024, hf_input: str = "pair",
                 template: str = "auto", append_eos: bool = True, progress: bool = True,
-                ref_model: str | None = None, ref_revision: str | None = None) -> pd.DataFrame:
+                ref_model: str | None = None, ref_revision: str | None = None,
+                trust_remote_code: bool = False) -> pd.DataFrame:
     """A copy of ``df`` (with ``prompt`` and ``response`` columns) plus one column per scorer.
 
     Implicit scorers read log π_ref from ``df['ref_logprob']``; when it is absent it is computed
@@ -102,7 +110,7 @@ def score_table(df: pd.DataFrame, scorers: Sequence[str | ScorerSpec], *, batch_
     specs = [s if isinstance(s, ScorerSpec) else parse_scorer(s) for s in scorers]
     _check_table(df, specs, "table")
     load = {"device": device, "dtype": dtype, "max_length": max_length, "hf_input": hf_input,
-            "template": template, "append_eos": append_eos}
+            "template": template, "append_eos": append_eos, "trust_remote_code": trust_remote_code}
     out = _with_ref_logprob(df, specs, ref_model, ref_revision, batch_size, progress, "table", **load)
     for name, values in score_specs(specs, out, batch_size, progress, {s.name: load for s in specs}).items():
         out[name] = values
@@ -165,10 +173,11 @@ def _with_ref_logprob(df: pd.DataFrame, specs: list[ScorerSpec], ref_model: str 
     if ref_model is None:
         raise InputError(f"{where}: implicit scorer '{implicit[0]}' needs a 'ref_logprob' column "
                          "(log π_ref, as the sample stage writes it) or ref_model")
-    fn = LogProbScorer(ref_model, load["device"], load["dtype"], load["template"], ref_revision)
+    fn = LogProbScorer(ref_model, load["device"], load["dtype"], load["template"], ref_revision,
+                       load.get("trust_remote_code", False))
     try:
         ref = score_column(fn, "ref_logprob", df["prompt"].tolist(), df["response"].tolist(),
-                           batch_size, progress)
+                           batch_size, progress, truncated_flags(df, where))
     finally:
         _free(fn)
     return df.assign(ref_logprob=ref)
@@ -185,7 +194,8 @@ def _run_scorer(spec: ScorerSpec, df: pd.DataFrame, batch_size: int, progress: b
                              "finite number")
     fn = load_scorer(spec, **load)
     try:
-        values = score_column(fn, spec.name, df["prompt"].tolist(), df["response"].tolist(), batch_size, progress)
+        values = score_column(fn, spec.name, df["prompt"].tolist(), df["response"].tolist(), batch_size, progress,
+                              truncated_flags(df, "table"))
     finally:
         _free(fn)
     return implicit_reward(values, ref, implicit_beta(spec)) if spec.kind == "implicit" else values
@@ -201,7 +211,7 @@ def _free(fn) -> None:
 def _reference(cfg: ScoreConfig, run_dir: Path) -> tuple[str | None, str | None, str]:
     """(π_ref, its revision, template) for implicit scorers: the sample stage's unless ``ref_model`` is set."""
     path = run_dir / "sample.config.yaml"
-    sample_cfg = (yaml.safe_load(path.read_text()) or {}) if path.exists() else {}
+    sample_cfg = load_yaml(path) if path.exists() else {}
     if cfg.ref_model:
         return cfg.ref_model, None, sample_cfg.get("template", cfg.template)
     return sample_cfg.get("model"), sample_cfg.get("revision"), sample_cfg.get("template", cfg.template)
@@ -210,8 +220,7 @@ def _reference(cfg: ScoreConfig, run_dir: Path) -> tuple[str | None, str | None,
 def score(cfg: ScoreConfig, run_dir: str | Path | None = None) -> Path:
     """Run the score stage in ``run_dir`` (default ``cfg.run_dir``); return ``scores.parquet``'s path.
 
-    With ``cfg.preferences``, ``preference_scores.parquet`` is written first, so an existing
-    ``scores.parquet`` means the stage is complete.
+    With ``cfg.preferences``, ``preference_scores.parquet`` is written too; ``score.done`` last.
     """
     if not (run_dir or cfg.run_dir):
         raise ConfigError("missing required config value(s): run_dir")
@@ -221,14 +230,16 @@ def score(cfg: ScoreConfig, run_dir: str | Path | None = None) -> Path:
     _check_table(samples, specs, str(run_dir / "samples.parquet"))
     ref_model, ref_revision, implicit_template = _reference(cfg, run_dir)
     load = {"device": cfg.device, "dtype": cfg.dtype, "max_length": cfg.max_length,
-            "hf_input": cfg.hf_input, "template": cfg.template, "append_eos": cfg.append_eos}
+            "hf_input": cfg.hf_input, "template": cfg.template, "append_eos": cfg.append_eos,
+            "trust_remote_code": cfg.trust_remote_code}
 
     def load_of(spec: ScorerSpec) -> dict:
         # implicit rewards must see the prompt exactly as π_ref did when ref_logprob was computed
         return {**load, "template": implicit_template} if spec.kind == "implicit" else load
 
     cache_dir = run_dir / "scores.cache"
-    hashed = ["prompt", "response"] + (["ref_logprob"] if "ref_logprob" in samples.columns else [])
+    unmark(run_dir, "score")
+    hashed = ["prompt", "response"] + [c for c in ("ref_logprob", "truncated") if c in samples.columns]
     samples_key = hashlib.sha256(pd.util.hash_pandas_object(samples[hashed]).to_numpy()
                                  .tobytes()).hexdigest()
     def cache_path(spec: ScorerSpec) -> Path:
@@ -256,6 +267,7 @@ def score(cfg: ScoreConfig, run_dir: str | Path | None = None) -> Path:
     write_table(samples.assign(**columns), out)
     record_stage(run_dir, "score", cfg, extra=extra)
     shutil.rmtree(cache_dir, ignore_errors=True)
+    mark_done(run_dir, "score")
     return out
 
 

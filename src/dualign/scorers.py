@@ -32,13 +32,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from huggingface_hub import snapshot_download
 from safetensors import safe_open
 
-from dualign.errors import ConfigError, InputError
+from dualign.config import load_yaml
+from dualign.errors import ConfigError, DualignError, InputError, first_line
 from dualign.models import (
     load_causal_lm,
+    load_error,
     load_tokenizer,
     resolve_device,
     sequence_logprobs,
@@ -127,20 +128,20 @@ class HFClassifierScorer:
     """score = logit of a one-label ``AutoModelForSequenceClassification``."""
 
     def __init__(self, target: str, device: str = "auto", dtype: str = "auto", max_length: int = 1024,
-                 hf_input: str = "pair", template: str = "auto"):
+                 hf_input: str = "pair", template: str = "auto", trust_remote_code: bool = False):
         from transformers import AutoModelForSequenceClassification
 
         model_dir = _model_dir(target)
         self.device = resolve_device(device)
         try:
             model = AutoModelForSequenceClassification.from_pretrained(
-                str(model_dir), dtype=_torch_dtype(dtype, self.device))
-        except (OSError, ValueError) as e:
-            raise InputError(f"scorer model '{target}' could not be loaded: {str(e).splitlines()[0]}") from None
+                str(model_dir), dtype=_torch_dtype(dtype, self.device), trust_remote_code=trust_remote_code)
+        except Exception as e:  # noqa: BLE001 - any failure to read a model's files is one line naming it
+            raise load_error("scorer model", target, e) from None
         if model.config.num_labels != 1:
             raise InputError(f"scorer model '{target}' has {model.config.num_labels} labels; "
                              "a score model needs num_labels=1")
-        self.tokenizer = load_tokenizer(str(model_dir))
+        self.tokenizer = load_tokenizer(str(model_dir), trust_remote_code=trust_remote_code)
         if model.config.pad_token_id is None:
             model.config.pad_token_id = self.tokenizer.pad_token_id
         self.model = model.to(self.device).eval()
@@ -259,10 +260,13 @@ def same_architecture(dir_a: str | Path, dir_b: str | Path) -> bool:
 
 class BeaverScorer:
     """Safe-RLHF score model: end score = score_head(h_last), h_last = LLaMA hidden state at the
-    last non-pad token of ``BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:{response}<eos>``."""
+    last non-pad token of ``BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:{response}<eos>``
+    (no eos for a response cut by ``max_new_tokens``: it never ended)."""
+
+    reads_truncated = True
 
     def __init__(self, target: str, device: str = "auto", dtype: str = "auto", max_length: int = 1024,
-                 append_eos: bool = True):
+                 append_eos: bool = True, trust_remote_code: bool = False):
         from transformers import LlamaModel
         from transformers.utils import logging as hf_logging
 
@@ -275,8 +279,8 @@ class BeaverScorer:
             # the checkpoint's ``model.*`` keys are LlamaModel's (base_model_prefix "model")
             backbone, info = LlamaModel.from_pretrained(str(model_dir), dtype=torch_dtype,
                                                         output_loading_info=True)
-        except (OSError, ValueError, RuntimeError) as e:
-            raise InputError(f"beaver scorer '{target}' could not be loaded: {str(e).splitlines()[0]}") from None
+        except Exception as e:  # noqa: BLE001 - any failure to read a model's files is one line naming it
+            raise load_error("beaver scorer", target, e) from None
         finally:
             hf_logging.set_verbosity(verbosity)
         if info["missing_keys"]:
@@ -293,17 +297,18 @@ class BeaverScorer:
         self.head = self.head.to(self.device, torch_dtype)
         self.normalize = _beaver_normalizer(backbone.config, extra)
         self.model = backbone.to(self.device).eval()
-        self.tokenizer = load_tokenizer(str(model_dir))
+        self.tokenizer = load_tokenizer(str(model_dir), trust_remote_code=trust_remote_code)
         self.max_length, self.append_eos = max_length, append_eos
 
     @timed("score forward")
     @torch.inference_mode()
-    def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
+    def __call__(self, prompts: list[str], responses: list[str],
+                 truncated: list[bool] | None = None) -> list[float]:
         tok = self.tokenizer
         rows = []
-        for p, r in zip(prompts, responses, strict=True):
+        for p, r, cut in zip(prompts, responses, truncated or [False] * len(prompts), strict=True):
             ids = tok(format_prompt(p, "beaver") + r)["input_ids"]
-            if self.append_eos and tok.eos_token_id is not None:
+            if self.append_eos and not cut and tok.eos_token_id is not None:
                 ids = ids + [tok.eos_token_id]
             rows.append(ids[: self.max_length])
         width = max(len(x) for x in rows)
@@ -330,7 +335,10 @@ def _read_tensors(model_dir: Path, prefixes: tuple[str, ...]) -> dict[str, torch
                 out.update({k: fh.get_tensor(k) for k in fh.keys() if k.startswith(prefixes)})
         return out
     for f in sorted(model_dir.glob("pytorch_model*.bin")):
-        state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # noqa: BLE001 - a refused pickle or a damaged file: one line
+            raise load_error("beaver scorer weights", str(f), e) from None
         out.update({k: v for k, v in state.items() if k.startswith(prefixes)})
     return out
 
@@ -354,17 +362,22 @@ def _beaver_normalizer(config, extra: dict[str, torch.Tensor]) -> Callable[[torc
 class LogProbScorer:
     """log π(y|x) of a causal LM, tokenized as the sample stage does (``tokenize_pairs``, no cut)."""
 
+    reads_truncated = True
+
     def __init__(self, target: str, device: str = "auto", dtype: str = "auto", template: str = "auto",
-                 revision: str | None = None):
+                 revision: str | None = None, trust_remote_code: bool = False):
         self.device = resolve_device(device)
-        self.tokenizer = load_tokenizer(target, revision=revision)
-        self.model = load_causal_lm(target, revision=revision, dtype=dtype, device=self.device).eval()
+        self.tokenizer = load_tokenizer(target, revision=revision, trust_remote_code=trust_remote_code)
+        self.model = load_causal_lm(target, revision=revision, dtype=dtype, device=self.device,
+                                    trust_remote_code=trust_remote_code).eval()
         self.template = template
 
     @torch.inference_mode()
-    def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
+    def __call__(self, prompts: list[str], responses: list[str],
+                 truncated: list[bool] | None = None) -> list[float]:
         texts = [format_prompt(p, self.template, self.tokenizer) for p in prompts]
-        batch = {k: v.to(self.device) for k, v in tokenize_pairs(self.tokenizer, texts, responses).items()}
+        enc = tokenize_pairs(self.tokenizer, texts, responses, truncated=truncated)
+        batch = {k: v.to(self.device) for k, v in enc.items()}
         return sequence_logprobs(self.model, **batch).float().cpu().tolist()
 
 
@@ -379,14 +392,15 @@ def implicit_beta(spec: ScorerSpec) -> float:
         return spec.beta
     recorded = Path(spec.target) / "dualign_train.yaml"
     if recorded.exists():
-        beta = (yaml.safe_load(recorded.read_text()) or {}).get("beta")
+        beta = load_yaml(recorded).get("beta")
         if isinstance(beta, int | float) and beta > 0:
             return float(beta)
     return 0.1
 
 
 def load_callable(target: str) -> ScoreFn:
-    """``module:function`` or ``path/to/file.py:function``."""
+    """``module:function`` or ``path/to/file.py:function``: the user's own code (configs are code).
+    An exception it raises becomes one line naming it."""
     module_name, colon, func_name = target.rpartition(":")
     if not colon or not module_name or not func_name:
         raise InputError(f"callable scorer {target!r}: expected MODULE:FUNCTION or FILE.py:FUNCTION")
@@ -400,46 +414,65 @@ def load_callable(target: str) -> ScoreFn:
         else:
             module = importlib.import_module(module_name)
         fn = getattr(module, func_name)
-    except (ImportError, AttributeError) as e:
-        raise InputError(f"callable scorer {target!r} cannot be imported: {e}") from None
+    except InputError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the user's module failed to import: one line
+        raise InputError(f"callable scorer {target!r} cannot be imported: {type(e).__name__}: {first_line(e)}") from None
     if not callable(fn):
         raise InputError(f"callable scorer {target!r} is not callable")
-    return fn
+
+    def guarded(prompts: list[str], responses: list[str]) -> Sequence[float]:
+        try:
+            return fn(prompts, responses)
+        except DualignError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the user's scorer failed: one line naming it
+            raise InputError(f"callable scorer {target!r} raised {type(e).__name__}: {first_line(e)}") from None
+
+    return guarded
 
 
 @timed("model load")
 def load_scorer(spec: ScorerSpec, *, device: str = "auto", dtype: str = "auto", max_length: int = 1024,
-                hf_input: str = "pair", template: str = "auto", append_eos: bool = True) -> ScoreFn:
+                hf_input: str = "pair", template: str = "auto", append_eos: bool = True,
+                trust_remote_code: bool = False) -> ScoreFn:
+    """The scorer of ``spec``. Model code shipped with a model runs only with ``trust_remote_code``;
+    a ``callable:`` scorer is the user's own code and runs as asked."""
     if spec.kind == "hf":
-        return HFClassifierScorer(spec.target, device, dtype, max_length, hf_input, template)
+        return HFClassifierScorer(spec.target, device, dtype, max_length, hf_input, template, trust_remote_code)
     if spec.kind == "beaver":
-        return BeaverScorer(spec.target, device, dtype, max_length, append_eos)
+        return BeaverScorer(spec.target, device, dtype, max_length, append_eos, trust_remote_code)
     if spec.kind == "implicit":  # log π(y|x) only: _run_scorer turns it into β·(log π − log π_ref)
-        return LogProbScorer(spec.target, device, dtype, template)
+        return LogProbScorer(spec.target, device, dtype, template, trust_remote_code=trust_remote_code)
     return load_callable(spec.target)
 
 
 def score_column(fn: ScoreFn, name: str, prompts: list[str], responses: list[str], batch_size: int = 16,
-                 progress: bool = True) -> np.ndarray:
+                 progress: bool = True, truncated: list[bool] | None = None) -> np.ndarray:
     """``fn`` on every (prompt, response), in batches of similar length; every score must be finite.
 
-    Errors name the scorer and the 0-based row of the table.
+    Scorers that read the eos (``reads_truncated``: Beaver's end score, log π) are told which
+    responses were cut by ``max_new_tokens``. Errors name the scorer and the 0-based row of the table.
     """
-    return score_columns(lambda p, r: [fn(p, r)], [name], prompts, responses, batch_size, progress)[name]
+    eos_aware = truncated is not None and getattr(fn, "reads_truncated", False)
+    return score_columns(lambda p, r, **cut: [fn(p, r, **cut)], [name], prompts, responses, batch_size,
+                         progress, truncated if eos_aware else None)[name]
 
 
 def score_columns(fn, names: list[str], prompts: list[str], responses: list[str], batch_size: int = 16,
-                  progress: bool = True) -> dict[str, np.ndarray]:
+                  progress: bool = True, truncated: list[bool] | None = None) -> dict[str, np.ndarray]:
     """One column per name from ``fn(prompts, responses) -> [scores of names[0], scores of names[1], ...]``
-    (a :class:`SharedEncoderScorers`), batched by length as :func:`score_column`."""
+    (a :class:`SharedEncoderScorers`), batched by length as :func:`score_column`; with ``truncated``,
+    ``fn`` also gets each batch's flags (``truncated=``)."""
     n = len(prompts)
     order = np.argsort([len(p) + len(r) for p, r in zip(prompts, responses, strict=True)], kind="stable")
     out = {name: np.empty(n, dtype=float) for name in names}
     with Progress(total=n, desc=f"score {', '.join(names)}", unit="responses", enabled=progress) as bar:
         for start in range(0, n, batch_size):
             idx = order[start: start + batch_size]
-            for name, values in zip(names, fn([prompts[i] for i in idx], [responses[i] for i in idx]),
-                                    strict=True):
+            batch = ([prompts[i] for i in idx], [responses[i] for i in idx])
+            cut = {} if truncated is None else {"truncated": [truncated[i] for i in idx]}
+            for name, values in zip(names, fn(*batch, **cut), strict=True):
                 out[name][idx] = _batch_scores(values, name, idx)
             bar.update(len(idx))
     for name, column in out.items():

@@ -21,6 +21,14 @@ NAMED_TEMPLATES = {
 }
 
 
+def check_template(template: str) -> None:
+    """``template`` is auto, chat, a named template or a string containing ``{prompt}``."""
+    if template not in ("auto", "chat") and "{prompt}" not in NAMED_TEMPLATES.get(template, template):
+        names = ", ".join(["auto", "chat", *NAMED_TEMPLATES])
+        raise InputError(f"template {template!r} is neither a named template ({names}) "
+                         "nor a string containing {prompt}")
+
+
 def format_prompt(prompt: str, template: str = "auto", tokenizer=None) -> str:
     """Render one prompt with ``template`` (see module docstring)."""
     if template == "auto":
@@ -31,9 +39,5 @@ def format_prompt(prompt: str, template: str = "auto", tokenizer=None) -> str:
             raise InputError("template 'chat': the tokenizer has no chat template")
         return tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
                                              tokenize=False, add_generation_prompt=True)
-    text = NAMED_TEMPLATES.get(template, template)
-    if "{prompt}" not in text:
-        names = ", ".join(["auto", "chat", *NAMED_TEMPLATES])
-        raise InputError(f"template {template!r} is neither a named template ({names}) "
-                         "nor a string containing {prompt}")
-    return text.replace("{prompt}", prompt)
+    check_template(template)
+    return NAMED_TEMPLATES.get(template, template).replace("{prompt}", prompt)

@@ -6,7 +6,7 @@ preference file, or given ready-made; the builders live with their methods in
 ``ref_logprob`` columns when they can be trusted, else with the model itself before its first
 update, so no second model stays in memory), then minimises the mean pair loss with AdamW and a
 linear warmup/decay schedule. It runs plainly or under ``accelerate launch`` / ``torchrun`` (DDP),
-full fine-tune or LoRA, bf16 autocast on a GPU. A checkpoint ``<run_dir>/train.state/state.pt``
+full fine-tune or LoRA, bf16 autocast on a GPU. A checkpoint ``<run_dir>/train.state/state.safetensors``
 (:mod:`dualign.checkpoint`) is written every ``save_steps``; a killed run started again resumes
 from it and ends with the same weights as an uninterrupted run (the data order is a function of
 seed and epoch).
@@ -37,11 +37,10 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 import torch
-import yaml
 
 from dualign.batches import EncodedPairs, encode_pairs, fill_ref_logps
-from dualign.checkpoint import load_state, restore_state, save_state, truncate_metrics
-from dualign.config import config_to_dict, dump_yaml
+from dualign.checkpoint import STATE_FILE, load_state, restore_state, save_state, truncate_metrics
+from dualign.config import config_to_dict, dump_yaml, load_yaml
 from dualign.errors import ConfigError, InputError
 from dualign.io import read_table, write_table
 from dualign.losses import Diagnostics, PairLogps, kl_estimate
@@ -55,8 +54,9 @@ from dualign.models import (
 )
 from dualign.pairs import validate_pairs
 from dualign.progress import Progress
-from dualign.provenance import record_stage, versions
+from dualign.provenance import mark_done, record_stage, unmark, versions
 from dualign.records import DualRecord, read_dual
+from dualign.templates import check_template
 from dualign.timing import part
 
 
@@ -114,6 +114,32 @@ class TrainConfig:
     save_steps: int = field(default=500, metadata={"help": "steps between checkpoints in <run_dir>/train.state"})
     output_dir: str | None = field(default=None, metadata={"help": "where the policy goes (default <run_dir>/policy)"})
     device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={"help": "auto: cuda if available"})
+    trust_remote_code: bool = field(default=False, metadata={
+        "help": "run Python code shipped with the model (its auto_map); off: such a model is refused"})
+
+    def __post_init__(self) -> None:
+        if self.beta is not None and not (math.isfinite(self.beta) and self.beta > 0):
+            raise ValueError(f"beta must be a positive finite number, got {self.beta}")
+        for name in ("per_device_batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps",
+                     "lora_r", "lora_alpha"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.pairs_per_prompt is not None and self.pairs_per_prompt < 1:
+            raise ValueError(f"pairs_per_prompt must be ≥ 1, got {self.pairs_per_prompt}")
+        if self.max_length < 2:
+            raise ValueError(f"max_length must be ≥ 2 (a prompt token and a response token), got {self.max_length}")
+        for name in ("learning_rate", "weight_decay", "max_grad_norm"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"{name} must be a finite number ≥ 0, got {getattr(self, name)}")
+        if not (math.isfinite(self.num_epochs) and self.num_epochs > 0):
+            raise ValueError(f"num_epochs must be a positive finite number, got {self.num_epochs}")
+        if not 0 <= self.warmup_ratio <= 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be ≥ 0, got {self.seed}")
+        check_template(self.template)
 
 
 # (log-probs, pair columns as tensors, β, label, generator) -> (per-pair losses [B], diagnostics)
@@ -135,26 +161,29 @@ def train(cfg: TrainConfig, stop_at_step: int | None = None) -> dict[str, Any]:
     accelerator = _accelerator(cfg)
     main = accelerator.is_main_process
     run_dir = Path(cfg.run_dir)
+    state_path = run_dir / "train.state" / STATE_FILE
+    state = load_state(state_path, _resume_key(cfg)) if state_path.exists() else None
+    torch.manual_seed(cfg.seed)
+    # The policy starts as π_ref: log π_ref of every response is taken from it before its first update.
+    # Loaded before the first write, so a model that cannot be loaded leaves nothing behind.
+    tokenizer = load_tokenizer(cfg.model, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    model = load_causal_lm(cfg.model, revision=cfg.revision, dtype="float32", device=accelerator.device,
+                           trust_remote_code=cfg.trust_remote_code)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        unmark(run_dir, "train")
         record_stage(run_dir, "train", recorded, cfg.seed, extra={"data_sha256": hashes})
         if cfg.pairs is None:
             write_table(pairs, run_dir / "pairs.parquet")
-    torch.manual_seed(cfg.seed)
-
-    # The policy starts as π_ref: log π_ref of every response is taken from it before its first update.
-    tokenizer = load_tokenizer(cfg.model, revision=cfg.revision)
-    model = load_causal_lm(cfg.model, revision=cfg.revision, dtype="float32", device=accelerator.device)
     disable_dropout(model)
     model.config.use_cache = False  # a KV cache is built and thrown away on every forward otherwise
     pad_id = tokenizer.pad_token_id
     data = encode_pairs(pairs, tokenizer, cfg.template, cfg.max_length)
-    state_path = run_dir / "train.state" / "state.pt"
-    state = load_state(state_path, _resume_key(cfg)) if state_path.exists() else None
     if state is not None:
         data.ref_logps = state["ref_logps"]
     elif cfg.reference and cfg.reference != cfg.model:
-        reference = load_causal_lm(cfg.reference, dtype="float32", device=accelerator.device)
+        reference = load_causal_lm(cfg.reference, dtype="float32", device=accelerator.device,
+                                   trust_remote_code=cfg.trust_remote_code)
         disable_dropout(reference)
         _reference_logps(reference, data, cfg, pad_id, accelerator)
         del reference
@@ -219,6 +248,7 @@ def train(cfg: TrainConfig, stop_at_step: int | None = None) -> dict[str, Any]:
     if main:
         _save_policy(accelerator.unwrap_model(model), tokenizer, cfg, dual, hashes, len(pairs))
         shutil.rmtree(state_path.parent, ignore_errors=True)
+        mark_done(run_dir, "train")
     accelerator.wait_for_everyone()
     return {"step": total, "total_steps": total, "stopped": False, "output_dir": cfg.output_dir,
             "train_runtime": runtime, "pairs_per_second": trained / runtime}
@@ -258,14 +288,17 @@ def _optimizer_step(model, optimizer, data: EncodedPairs, rows: np.ndarray, loss
                     params: list[torch.nn.Parameter]) -> dict[str, list | float]:
     """Accumulate gradients over this process's share of ``rows``, clip, step; return its metrics.
 
-    Each pair's loss is weighted 1/len(rows) (times the process count, which DDP averages away), so
-    the gradient is that of the mean loss over the global batch whatever the micro-batch split.
+    Each pair's loss is weighted w_i/Σ_rows w (w_i the pairs table's ``weight``, else 1; times the
+    process count, which DDP averages away), so the gradient is that of the weighted mean loss
+    over the global batch whatever the micro-batch split.
     """
     share = np.array_split(rows, accelerator.num_processes)[accelerator.process_index].tolist()
     weight = 1.0
     if not share:  # a short last batch: join the collective ops with a zero-weight pair
         share, weight = [int(rows[0])], 0.0
-    scale = weight * accelerator.num_processes / len(rows)
+    pair_weights = data.columns.get("weight")
+    total = float(pair_weights[rows].sum()) if pair_weights is not None else float(len(rows))
+    scale = weight * accelerator.num_processes / total if total > 0 else 0.0
     micro = [share[i:i + cfg.per_device_batch_size] for i in range(0, len(share), cfg.per_device_batch_size)]
     out: dict[str, list | float] = {"diag": []}
     for i, mb in enumerate(micro):
@@ -273,10 +306,11 @@ def _optimizer_step(model, optimizer, data: EncodedPairs, rows: np.ndarray, loss
         ctx = accelerator.no_sync(model) if not sync else contextlib.nullcontext()
         with ctx:
             losses, diag = pair_loss(model, data, mb, loss_fn, cfg, generator, pad_id, accelerator)
+            w = torch.ones_like(losses) if pair_weights is None else pair_weights[mb].to(losses)
             with part("backward"):
-                accelerator.backward(losses.sum() * scale)
+                accelerator.backward((losses * w).sum() * scale)
         if weight:
-            out["diag"].append({"loss": losses.detach(), **diag})
+            out["diag"].append({"loss": losses.detach(), **diag, "_weight": w.detach()})
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
     with part("optimizer"):
         out["grad_norm"] = float(accelerator.clip_grad_norm_(params, max_norm))
@@ -286,18 +320,20 @@ def _optimizer_step(model, optimizer, data: EncodedPairs, rows: np.ndarray, loss
 
 
 def _reduce_window(window: dict[str, list], accelerator, beta: float) -> dict[str, float]:
-    """Means over every pair of the logging window and every process; ``kl`` from the log-ratios."""
+    """Means over every pair of the logging window and every process (weighted by the pairs'
+    ``weight``, as the loss is); ``kl`` from the log-ratios."""
     diags = [d for step in window.get("diag", []) for d in step]
-    keys = list(diags[0]) if diags else []
-    cat = {k: torch.cat([d[k].float().cpu() for d in diags]) for k in keys}
-    sums = torch.tensor([float(cat[k].sum()) for k in keys] + [float(len(cat["loss"]) if keys else 0)],
+    keys = [k for k in diags[0] if k != "_weight"] if diags else []
+    cat = {k: torch.cat([d[k].float().cpu() for d in diags]) for k in [*keys, "_weight"]} if diags else {}
+    sums = torch.tensor([float((cat[k] * cat["_weight"]).sum()) for k in keys]
+                        + [float(cat["_weight"].sum()) if keys else 0.0],
                         device=accelerator.device, dtype=torch.float64)
     logratios = torch.cat([cat["rewards/chosen"], cat["rewards/rejected"]]) / beta if keys else torch.zeros(1)
     extra = torch.tensor([float(kl_estimate(logratios)), float(np.mean(window.get("grad_norm", [0.0])))],
                          device=accelerator.device, dtype=torch.float64)
     sums = accelerator.reduce(sums, reduction="sum")
     extra = accelerator.reduce(extra, reduction="mean")
-    count = max(float(sums[-1]), 1.0)
+    count = float(sums[-1]) if float(sums[-1]) > 0 else 1.0
     line = {k: float(sums[i]) / count for i, k in enumerate(keys)}
     line["kl"], line["grad_norm"] = float(extra[0]), float(extra[1])
     return line
@@ -344,6 +380,9 @@ def load_pairs(cfg: TrainConfig) -> tuple[pd.DataFrame, DualRecord | None, dict[
         pairs = mocan.pairs_from_scores(scores, dual, cfg.pairs_per_prompt, cfg.seed, str(scores_path))
     if dual is not None:
         files["dual"] = dual_path
+        if dual.converged is False and not dual.allow_unconverged:
+            raise InputError(f"{dual_path}: λ* did not converge (KKT residual {dual.kkt_residual}), so π_λ* is not "
+                             "the policy the dual predicts; solve again, or keep it with --allow-unconverged")
     if cfg.label == "absolute" and cfg.method in ("mocan", "pecan") and not {"target_a", "target_b"} <= set(pairs):
         raise ConfigError("config key 'label': absolute needs the target_a/target_b columns of pairs built from "
                           "a scores table (use regression with preference pairs)")
@@ -386,7 +425,7 @@ def _sample_stage_matches(cfg: TrainConfig) -> bool:
     path = Path(cfg.run_dir) / "sample.config.yaml"
     if not path.exists():
         return False
-    sample_cfg = yaml.safe_load(path.read_text()) or {}
+    sample_cfg = load_yaml(path)
     want = {"model": cfg.reference or cfg.model, "revision": cfg.revision, "template": cfg.template}
     return all(sample_cfg.get(k) == v for k, v in want.items())
 
@@ -434,7 +473,7 @@ def _schedule(optimizer, cfg: TrainConfig, total: int):
 
 def _resume_key(cfg: TrainConfig) -> dict[str, Any]:
     """Config values a checkpoint must agree with to be resumed."""
-    skip = ("logging_steps", "save_steps", "output_dir", "device", "merge_lora")
+    skip = ("logging_steps", "save_steps", "output_dir", "device", "merge_lora", "trust_remote_code")
     return {k: v for k, v in config_to_dict(cfg).items() if k not in skip}
 
 

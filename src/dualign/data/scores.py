@@ -1,9 +1,11 @@
 """Reader of the long-format scores table (docs/formats.md) for the dual.
 
-One row per response: ``prompt_id``, score columns, optionally ``sample_weight``. Every problem
+One row per response: ``prompt_id``, score columns, optionally ``sample_weight`` (and, read by the
+stages that tokenize responses, ``truncated``: cut by ``max_new_tokens``, no eos). Every problem
 raises one :class:`InputError` naming the file and the row (rows are numbered from 1, header
 excluded) or the prompt: a missing column, a non-numeric, missing or infinite score, a negative or
-non-finite weight, a prompt with a single sample, a prompt whose weights are all zero.
+non-finite weight, a prompt with a single sample, a prompt whose weights are all zero or sum
+past the largest float.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from dualign.io import read_table
 from dualign.segments import Segments
 
 WEIGHT_COLUMN = "sample_weight"
+TRUNCATED_COLUMN = "truncated"
 
 
 @dataclass
@@ -76,6 +79,9 @@ def validate_scores(df: pd.DataFrame, columns: Sequence[str], source: str = "sco
     bad = np.flatnonzero(ids.isna().to_numpy())
     if bad.size:
         raise InputError(f"{source}: row {bad[0] + 1}: prompt_id is missing")
+    bad = np.flatnonzero(~ids.map(lambda v: isinstance(v, str | int | float | np.number)).to_numpy())
+    if bad.size:
+        raise InputError(f"{source}: row {bad[0] + 1}: prompt_id {ids.iloc[bad[0]]!r:.40} is not a string or a number")
     values = {c: _numeric(df, c, source) for c in dict.fromkeys(columns)}
     weights = None
     if WEIGHT_COLUMN in df.columns:
@@ -91,7 +97,14 @@ def validate_scores(df: pd.DataFrame, columns: Sequence[str], source: str = "sco
         raise InputError(f"{source}: prompt_id {seg.labels[x]!r} (row {first_row[x] + 1}) has only one "
                          "sample; every prompt needs at least 2")
     if weights is not None:
-        zero = np.flatnonzero(seg.sum(seg.group(weights)) <= 0)
+        with np.errstate(over="ignore"):
+            totals = seg.sum(seg.group(weights))
+        huge = np.flatnonzero(~np.isfinite(totals))
+        if huge.size:
+            x = huge[0]
+            raise InputError(f"{source}: prompt_id {seg.labels[x]!r} (first row {first_row[x] + 1}): its "
+                             f"{WEIGHT_COLUMN} values sum past the largest float (overflow); rescale them")
+        zero = np.flatnonzero(totals <= 0)
         if zero.size:
             x = zero[0]
             raise InputError(f"{source}: prompt_id {seg.labels[x]!r} (first row {first_row[x] + 1}): "
@@ -100,3 +113,15 @@ def validate_scores(df: pd.DataFrame, columns: Sequence[str], source: str = "sco
     return Scores(source=source, prompt_index=np.repeat(np.arange(seg.num), seg.counts),
                   prompt_ids=seg.labels, columns={c: v[order] for c, v in values.items()},
                   sample_weights=None if weights is None else weights[order], rows=order + 1)
+
+
+def truncated_flags(df: pd.DataFrame, where: str) -> list[bool] | None:
+    """The samples' ``truncated`` column (cut by max_new_tokens: no eos) as booleans, or None when absent."""
+    if TRUNCATED_COLUMN not in df.columns:
+        return None
+    values = df[TRUNCATED_COLUMN]
+    ok = values.map(lambda v: isinstance(v, bool | np.bool_) or (isinstance(v, int | np.integer) and v in (0, 1)))
+    bad = np.flatnonzero(~ok.to_numpy(dtype=bool))
+    if bad.size:
+        raise InputError(f"{where}: row {bad[0]}: column 'truncated' is {values.iloc[bad[0]]!r:.40}, not true/false")
+    return [bool(v) for v in values]

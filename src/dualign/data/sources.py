@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from dualign.errors import InputError
+from dualign.errors import InputError, first_line
 from dualign.io import TABLE_SUFFIXES, read_table
 
 
@@ -62,9 +62,3 @@ def read_hub_dataset(name: str, split: str, revision: str | None) -> pd.DataFram
         raise InputError(f"dataset '{name}' (split '{split}', revision {revision or 'latest'}) "
                          f"could not be loaded from the Hub: {first_line(e)}") from None
     return ds.to_pandas()
-
-
-def first_line(e: BaseException) -> str:
-    """The first line of an exception's message (its type name when the message is empty)."""
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

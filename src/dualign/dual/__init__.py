@@ -23,8 +23,14 @@ from dualign.dual.formulas import (
     tilted_weights,
 )
 from dualign.dual.solver import DualResult, solve_dual, solve_dual_long
-from dualign.dual.stage import DualConfig, format_report, run_dual, solve_constraints
+from dualign.dual.stage import (
+    DualConfig,
+    format_report,
+    require_converged,
+    run_dual,
+    solve_constraints,
+)
 
 __all__ = ["DualConfig", "DualResult", "dual_gradient", "dual_hessian", "dual_value", "format_report",
-           "grouped_logsumexp", "half_sample_kl", "kl", "predictions", "reference_means", "run_dual",
-           "solve_constraints", "solve_dual", "solve_dual_long", "tilted_means", "tilted_weights"]
+           "grouped_logsumexp", "half_sample_kl", "kl", "predictions", "reference_means", "require_converged",
+           "run_dual", "solve_constraints", "solve_dual", "solve_dual_long", "tilted_means", "tilted_weights"]

@@ -8,7 +8,7 @@ back in the columns' own units. ``run_dual`` is the pipeline's stage; ``format_r
 
 from __future__ import annotations
 
-import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +25,8 @@ from dualign.data.scores import Scores, read_scores
 from dualign.dual.formulas import half_sample_kl, reference_means
 from dualign.dual.solver import DualResult, solve_dual_long
 from dualign.errors import InfeasibleConstraintError, InputError
-from dualign.provenance import record_stage
+from dualign.io import read_json
+from dualign.provenance import mark_done, record_stage, unmark
 from dualign.records import ConfidencePlan, DualCI, DualRecord, HalfSampleKL, write_dual
 
 
@@ -46,6 +47,23 @@ class DualConfig:
         "help": "plan with a margin: choose λ so that every constraint holds at this one-sided "
                 "confidence bound (e.g. 0.95) of its predicted value under prompt resampling, "
                 "not only at the point prediction; dual.json records the margin and what it costs"})
+    allow_unconverged: bool = field(default=False, metadata={
+        "help": "keep a λ* the solver did not converge to (recorded in dual.json, so train accepts it); "
+                "off: an unconverged solve is an error"})
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.beta) and self.beta > 0):
+            raise ValueError(f"beta must be a positive finite number, got {self.beta}")
+        if self.bootstrap < 0:
+            raise ValueError(f"bootstrap must be ≥ 0, got {self.bootstrap}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be ≥ 0, got {self.seed}")
+        if not self.constraints:
+            raise ValueError("at least one constraint is needed (COLUMN<=VALUE or COLUMN>=VALUE)")
+        for text in self.constraints:
+            parse_constraint(text)
+        if self.confidence is not None and not 0.5 <= self.confidence < 1:
+            raise ValueError(f"confidence must lie in [0.5, 1), got {self.confidence}")
 
 
 def _column_infeasible(err: InfeasibleConstraintError,
@@ -77,7 +95,8 @@ def _refuse_absolute_implicit(constraints: Sequence[Constraint], source: str) ->
     meta = Path(source).parent / "score.meta.json"
     if not Path(source).is_file() or not meta.exists():
         return
-    scorers = json.loads(meta.read_text()).get("scorers", {})
+    record = read_json(meta)
+    scorers = record.get("scorers", {}) if isinstance(record, dict) else {}
     for c in constraints:
         if not c.relative and scorers.get(c.column, {}).get("kind") == "implicit":
             raise InputError(f"constraint {c.text!r}: '{c.column}' is an implicit reward (defined only up "
@@ -85,14 +104,53 @@ def _refuse_absolute_implicit(constraints: Sequence[Constraint], source: str) ->
                              f"e.g. '{c.column}{c.op}ref{'+' if c.op == '>=' else '-'}0.5'")
 
 
+def _check_magnitudes(scores: Scores, columns: Sequence[str], beta: float) -> None:
+    """The solver sums squares of the values and of value/β (means, covariances, the tilt's
+    exponents) in float64: a column for which those overflow is refused by name, not solved into NaN."""
+    for column in columns:
+        x = scores.columns[column]
+        with np.errstate(over="ignore", invalid="ignore"):
+            ok = np.isfinite(np.sum(np.square(x))) and np.isfinite(np.sum(np.square(x / beta)))
+        if not ok:
+            raise InputError(f"{scores.source}: column {column!r} (values up to {np.max(np.abs(x)):.3g}) with "
+                             f"β = {beta:g} overflows the dual's float64 arithmetic (sums of squares of "
+                             "value/β); rescale the column" + (" or raise β" if beta < 1 else ""))
+
+
+def _check_finite(record: DualRecord, source: str) -> None:
+    """Every number of the solve must be finite (an overflow the magnitude check let through)."""
+    values = {**{f"lambdas.{k}": v for k, v in record.lambdas.items()},
+              **{f"predicted.{k}": v for k, v in record.predicted.items()}, "dual_value": record.dual_value}
+    bad = [k for k, v in values.items() if v is None or not math.isfinite(v)]
+    if bad:
+        raise InputError(f"{source}: the dual's arithmetic overflowed ({bad[0]} = {values[bad[0]]}); rescale "
+                         f"the columns {', '.join(dict.fromkeys(record.columns.values()))} or change β")
+
+
+def require_converged(record: DualRecord, allow: bool) -> DualRecord:
+    """An unconverged λ* is an error unless ``allow``; then dual.json records that it was accepted."""
+    if record.converged is False:
+        if not allow:
+            raise InputError(f"the dual did not converge in {record.iterations} Newton steps (KKT residual "
+                             f"{record.kkt_residual:.2g}): λ* and its predictions are unreliable; rescale the "
+                             "score columns or change β, or keep them with --allow-unconverged")
+        record.allow_unconverged = True
+    return record
+
+
 def solve_constraints(scores: Scores, beta: float, reward: str, constraints: Sequence[Constraint], *,
                       bootstrap: int = 0, seed: int = 0, lambdas0=None,
                       confidence: float | None = None) -> DualRecord:
-    """Solve the dual for parsed constraints on a scores table; return the dual.json record."""
+    """Solve the dual for parsed constraints on a scores table; return the dual.json record.
+
+    Columns whose arithmetic would overflow are refused by name, and so is a result that is not
+    finite; whether it converged is the caller's to judge (:func:`require_converged`).
+    """
     if not constraints:
         raise InputError("at least one --constraint is needed")
     _refuse_absolute_implicit(constraints, scores.source)
     columns = list(dict.fromkeys([reward] + [c.column for c in constraints]))
+    _check_magnitudes(scores, columns, beta)
     refs = reference_means(scores.prompt_index, np.stack([scores.columns[c] for c in columns], axis=1),
                            scores.sample_weights)
     ref = dict(zip(columns, refs.tolist(), strict=True))
@@ -106,6 +164,7 @@ def solve_constraints(scores: Scores, beta: float, reward: str, constraints: Seq
     except InfeasibleConstraintError as e:
         raise _column_infeasible(e, constraints) from None
     record = _record(res, reward, constraints, ref)
+    _check_finite(record, scores.source)
     halves = half_sample_kl(scores.prompt_index, scores.columns[reward], g, res.lambdas, beta,
                             scores.sample_weights)
     if halves is not None:
@@ -209,6 +268,9 @@ def run_dual(cfg: DualConfig, run_dir: str | Path) -> DualRecord:
     record = solve_constraints(scores, cfg.beta, cfg.reward, constraints, bootstrap=cfg.bootstrap,
                                confidence=cfg.confidence,
                                seed=cfg.seed)
+    require_converged(record, cfg.allow_unconverged)
+    unmark(run_dir, "dual")
     write_dual(record, run_dir / "dual.json")
     record_stage(run_dir, "dual", cfg, seed=cfg.seed)
+    mark_done(run_dir, "dual")
     return record

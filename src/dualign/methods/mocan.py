@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from dualign.data.scores import WEIGHT_COLUMN, truncated_flags, validate_scores
 from dualign.errors import InputError
 from dualign.losses import Diagnostics, PairLogps, mocan_loss
 from dualign.pairs import require_columns, validate_pairs
@@ -44,14 +45,31 @@ def lagrangian_reward(table: pd.DataFrame, dual: DualRecord, suffix: str = "",
     return r
 
 
-def target_logratios(r_lambda: np.ndarray, prompt_ids: np.ndarray, beta: float) -> np.ndarray:
+def target_logratios(r_lambda: np.ndarray, prompt_ids: np.ndarray, beta: float,
+                     weights: np.ndarray | None = None) -> np.ndarray:
     """β·log(π_λ/π_ref)(y) on π_ref's samples, in reward units: r_λ(y) − β·log Ẑ(x), with
-    Ẑ(x) = (1/K)·Σ_k exp(r_λ(y_k)/β) over the K samples of y's prompt (the dual's own estimate of
-    the partition function), so that the targets of a prompt satisfy (1/K)·Σ_k exp(t_k/β) = 1."""
+    Ẑ(x) = Σ_k w̄_k·exp(r_λ(y_k)/β) over the K samples of y's prompt (the dual's own estimate of
+    the partition function; w̄_k = 1/K, or the normalised ``weights``), so that the targets of a
+    prompt satisfy Σ_k w̄_k·exp(t_k/β) = 1."""
     seg = Segments.of(prompt_ids)
     r_lambda = seg.group(np.asarray(r_lambda, dtype=np.float64))
-    log_z = seg.logsumexp(r_lambda / beta) - np.log(seg.counts)
+    if weights is None:
+        log_z = seg.logsumexp(r_lambda / beta) - np.log(seg.counts)
+    else:
+        with np.errstate(divide="ignore"):  # a zero weight: log 0 = −inf, no mass
+            log_z = seg.logsumexp(r_lambda / beta + np.log(seg.group(weights)))
     return seg.ungroup(r_lambda - beta * seg.expand(log_z))
+
+
+def normalised_weights(scores: pd.DataFrame, source: str) -> np.ndarray | None:
+    """w̄ = ``sample_weight`` normalised within each prompt (π_ref's weights in the dual), or None
+    when the table has no such column."""
+    if WEIGHT_COLUMN not in scores.columns:
+        return None
+    validate_scores(scores, [], source)  # finite, ≥ 0, not all zero within a prompt
+    seg = Segments.of(scores["prompt_id"].to_numpy())
+    w = seg.group(scores[WEIGHT_COLUMN].to_numpy(dtype=np.float64))
+    return seg.ungroup(w / seg.expand(seg.sum(w)))
 
 
 def pairs_from_scores(scores: pd.DataFrame, dual: DualRecord, pairs_per_prompt: int | None = None,
@@ -61,12 +79,17 @@ def pairs_from_scores(scores: pd.DataFrame, dual: DualRecord, pairs_per_prompt: 
 
     ``pairs_per_prompt=None`` (or ≥ K(K−1)/2) takes every pair; otherwise that many distinct pairs
     per prompt, drawn with ``numpy.random.default_rng(seed)``, prompts in order of appearance.
+    With ``sample_weight`` (π_ref's samples weighted, as in the dual) each pair weighs
+    ``weight`` = w̄_i·w̄_j (w̄ normalised per prompt: a pair drawn from the weighted samples) and
+    Ẑ is weighted too; ``truncated`` travels as ``truncated_a`` / ``truncated_b``.
     """
     require_columns(scores, ("prompt_id", "prompt", "response"), source)
     r_lambda = lagrangian_reward(scores, dual, source=source)
     ref = (scores["ref_logprob"].to_numpy(dtype=float) if "ref_logprob" in scores.columns
            else np.full(len(scores), np.nan))
-    targets = target_logratios(r_lambda, scores["prompt_id"].to_numpy(), dual.beta)
+    weights = normalised_weights(scores, source)
+    cut = truncated_flags(scores, source)
+    targets = target_logratios(r_lambda, scores["prompt_id"].to_numpy(), dual.beta, weights)
     rng = np.random.default_rng(seed)
     seg = Segments.of(scores["prompt_id"].to_numpy())
     rows = []
@@ -80,7 +103,7 @@ def pairs_from_scores(scores: pd.DataFrame, dual: DualRecord, pairs_per_prompt: 
             pairs = [pairs[k] for k in sorted(pick)]
         rows.extend((pid, i, j) for i, j in pairs)
     pid, i, j = (np.array(x) for x in zip(*rows, strict=True))
-    return validate_pairs(pd.DataFrame({
+    pairs = pd.DataFrame({
         "prompt_id": pid,
         "prompt": scores["prompt"].to_numpy()[i],
         "response_a": scores["response"].to_numpy()[i],
@@ -90,7 +113,12 @@ def pairs_from_scores(scores: pd.DataFrame, dual: DualRecord, pairs_per_prompt: 
         "target_margin": r_lambda[i] - r_lambda[j],
         "target_a": targets[i],
         "target_b": targets[j],
-    }), source)
+    })
+    if weights is not None:
+        pairs["weight"] = weights[i] * weights[j]
+    if cut is not None:
+        pairs["truncated_a"], pairs["truncated_b"] = np.array(cut)[i], np.array(cut)[j]
+    return validate_pairs(pairs, source)
 
 
 def pair_loss(logps: PairLogps, batch: dict[str, torch.Tensor], beta: float, label: str,

@@ -9,12 +9,14 @@ The rest of PeCAN reuses the other stages (docs/formats.md, "PeCAN"): ``score`` 
     views/helpful.jsonl  views/safe.jsonl     # TRL pairs (chosen = better / safer response)
     helpful/policy/  safe/policy/             # π_r, π_g (HF model dirs; dualign_train.yaml records β)
 
-A view whose ``policy/`` exists is skipped, so a killed stage resumes (each DPO run also resumes
-from its own checkpoint).
+A view whose DPO run is marked complete (``prealign/<view>/train.done``) is skipped, so a killed
+stage resumes (each DPO run also resumes from its own checkpoint).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,7 @@ from typing import Any
 from dualign.config import build_config
 from dualign.data.preferences import write_views
 from dualign.errors import ConfigError
-from dualign.provenance import record_stage
+from dualign.provenance import is_done, mark_done, record_stage, unmark
 from dualign.train import TrainConfig, train
 
 VIEW_BETAS = {"helpful": "beta_r", "safe": "beta_g"}
@@ -44,21 +46,34 @@ class PrealignConfig:
         taken = {"model", "run_dir", "method", "beta", "preferences", "output_dir"} & set(self.train)
         if taken:
             raise ConfigError(f"config key 'train.{sorted(taken)[0]}' is set by the prealign stage itself")
+        for key in VIEW_BETAS.values():
+            if not (math.isfinite(getattr(self, key)) and getattr(self, key) > 0):
+                raise ValueError(f"{key} must be a positive finite number, got {getattr(self, key)}")
+
+
+def view_configs(cfg: PrealignConfig) -> dict[str, TrainConfig]:
+    """The DPO run of each view (checked up front by ``dualign run``)."""
+    root = Path(cfg.run_dir) / "prealign"
+    return {view: build_config(TrainConfig, {**cfg.train, "model": cfg.model, "run_dir": str(root / view),
+                                             "method": "dpo", "beta": getattr(cfg, beta_key),
+                                             "preferences": str(root / "views" / f"{view}.jsonl")},
+                               prefix="prealign.train.")
+            for view, beta_key in VIEW_BETAS.items()}
 
 
 def prealign(cfg: PrealignConfig) -> dict[str, Path]:
     """Train π_r and π_g with DPO from ``cfg.model``; return ``{"helpful": π_r dir, "safe": π_g dir}``."""
     root = Path(cfg.run_dir) / "prealign"
+    unmark(cfg.run_dir, "prealign")
     views = write_views(cfg.preferences, root / "views", cfg.split, cfg.revision)
+    configs = view_configs(cfg)
     policies = {}
-    for view, beta_key in VIEW_BETAS.items():
+    for view in VIEW_BETAS:
         policies[view] = root / view / "policy"
-        if policies[view].exists():
-            continue
-        values = {**cfg.train, "model": cfg.model, "run_dir": str(root / view), "method": "dpo",
-                  "beta": getattr(cfg, beta_key), "preferences": str(views[view])}
-        train(build_config(TrainConfig, values, prefix="prealign.train."))
+        if not is_done(root / view, "train"):
+            train(dataclasses.replace(configs[view], preferences=str(views[view])))
     record_stage(cfg.run_dir, "prealign", cfg)
+    mark_done(cfg.run_dir, "prealign")
     return policies
 
 
