@@ -96,10 +96,12 @@ def _add_train(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from dualign.methods.dispatch import CONFIGS, run_method
+    from dualign.methods.dispatch import CONFIGS, check_method, run_method
     from dualign.train import TrainConfig, train
 
     method = getattr(args, "method", None) or (load_yaml(args.config).get("method") if args.config else None)
+    if method is not None:
+        check_method(method)
     if method in CONFIGS:
         done = run_method(resolve_config(CONFIGS[method], args.config, args, exclude=("config",)))
         print(f"{method}: {done['gradient_steps']} gradient steps, {done['sampled_tokens']} sampled tokens, "
@@ -363,8 +365,9 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS.append(("compare", "MoCAN against the baselines (ppo-lagrangian, dual-ascent, fixed-lambda, "
-                 "helpful-dpo, safe-dpo) on the same data and seeds: table, plots", _add_compare, _cmd_compare))
+COMMANDS.append(("compare", "MoCAN against the baselines (ppo-/grpo-lagrangian, dual-ascent, fixed-lambda, "
+                 "reward-/cost-only-mocan, dpo-helpful, dpo-safe, safedpo) on the same data and seeds: table, "
+                 "plots, compute-to-target curves", _add_compare, _cmd_compare))
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
