@@ -122,6 +122,8 @@ def test_grpo_lambda_step_is_frozen_during_the_delay_and_ppo_step_is_the_log_spa
     assert GRPO_RULES.lambda_step(lam, J, b, 2, cfg).tolist() == [2.0]          # 1 − 0.5·(−3 + 1)
     ppo = PPOLagrangianConfig(model="m", run_dir="r", lambda_lr=0.5, lambda_delay=0)
     assert PPO_RULES.lambda_step(lam, J, b, 0, ppo) == pytest.approx([math.exp(0.5 * 2.0)])  # log λ + 0.5·(b − J)
+    capped = PPOLagrangianConfig(model="m", run_dir="r", lambda_lr=0.5, lambda_max=2.0)
+    assert PPO_RULES.lambda_step(lam, J, b, 0, capped).tolist() == [2.0]
 
 
 def test_grpo_advantage_is_the_leave_one_out_advantage_of_the_kl_shaped_lagrangian_return():

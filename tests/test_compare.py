@@ -167,7 +167,7 @@ def test_sweep_labels_each_setting_and_runs_it_on_the_sweep_seeds(compare_yaml):
 
 
 def test_first_met_is_the_smallest_budget_whose_seed_mean_meets_every_constraint():
-    from dualign.compare import first_met
+    from dualign.compare_report import first_met
 
     cons = [{"name": "cost", "constraint": "cost<=ref-1", "column": "cost", "threshold": 2.0}]
     curves = pd.DataFrame({"label": ["a"] * 3 + ["b"] * 2, "method": ["ppo-lagrangian"] * 5,

@@ -19,10 +19,9 @@ from typing import Any
 
 import numpy as np
 
+from dualign.compare_report import ITERATIVE
 from dualign.constraints import parse_constraint
 from dualign.io import atomic_path, read_json
-
-ITERATIVE = ("dual-ascent", "ppo-lagrangian", "grpo-lagrangian")
 
 
 def _save(fig, path: Path) -> None:

@@ -42,13 +42,15 @@ class GRPOLagrangianConfig(PPOLagrangianConfig):
     minibatch_size: int = field(default=64, metadata={"help": "ppo/grpo-lagrangian: sequences per optimizer step"})
     lambda_lr: float = field(default=0.05, metadata={
         "help": "λ step size: on log λ (ppo-lagrangian), on λ (grpo-lagrangian)"})
-    lambda_max: float = field(default=5.0, metadata={"help": "grpo-lagrangian: λ is capped here (Safe-RLHF's 5)"})
+    lambda_max: float | None = field(default=5.0, metadata={
+        "help": "ppo/grpo-lagrangian: λ is capped here (Safe-RLHF's λ_max; null: no cap)"})
 
 
 def projected_lambda_step(lambdas: np.ndarray, utility_means: np.ndarray, thresholds: np.ndarray, lr: float,
-                          lambda_max: float) -> np.ndarray:
-    """λ ← min(λ_max, max(0, λ − η·(J_g − b))): the dual-ascent step, capped."""
-    return np.minimum(lambda_max, dual_ascent_step(lambdas, utility_means, thresholds, lr))
+                          lambda_max: float | None) -> np.ndarray:
+    """λ ← min(λ_max, max(0, λ − η·(J_g − b))): the dual-ascent step, capped (``None``: not capped)."""
+    step = dual_ascent_step(lambdas, utility_means, thresholds, lr)
+    return step if lambda_max is None else np.minimum(lambda_max, step)
 
 
 def sequence_clip_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor,

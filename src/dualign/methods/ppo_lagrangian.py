@@ -6,7 +6,8 @@ Each iteration, top to bottom (:func:`train_primal_dual`):
 1. Rollout: K responses to each of a batch of training prompts from the current policy, scored
    by the reward and constraint scorers; log π_old and log π_ref of every response token.
 2. λ step on J_g, the mean episode utility over the last ``cost_window`` iterations: here
-   log λ_j ← log λ_j + lr_λ·(b_j − J_gj) (:func:`lagrange_multiplier_step`).
+   log λ_j ← log λ_j + lr_λ·(b_j − J_gj) (:func:`lagrange_multiplier_step`), capped at
+   ``lambda_max`` when set (Safe-RLHF clamps log λ at log 5).
 3. Advantages, critic-free: the reward with the KL penalty folded in, r̃ = r − β·log(π_old/π_ref)
    (:func:`kl_shaped_rewards`), and each utility get a group baseline over the K samples of their
    prompt (:func:`group_advantages`, RLOO by default), combined as A = (A_r + Σ_j λ_j·A_gj)/(1 + Σ_j λ_j)
@@ -99,6 +100,8 @@ class PPOLagrangianConfig:
     lambda_init: float = field(default=1.0, metadata={"help": "initial λ of every constraint"})
     lambda_lr: float = field(default=0.1, metadata={"help": "λ step size: on log λ (ppo-lagrangian), on λ (grpo-lagrangian)"})
     lambda_delay: int = field(default=0, metadata={"help": "ppo/grpo-lagrangian: iterations with λ frozen"})
+    lambda_max: float | None = field(default=None, metadata={
+        "help": "ppo/grpo-lagrangian: λ is capped here (Safe-RLHF's λ_max; null: no cap)"})
     cost_window: int = field(default=4, metadata={
         "help": "ppo/grpo-lagrangian: iterations whose episode costs the λ update averages"})
     sample_batch_size: int = field(default=32, metadata={"help": "online sampling/scoring batch size"})
@@ -194,8 +197,9 @@ class UpdateRules:
 
 def _log_space_step(lambdas: np.ndarray, utility_means: np.ndarray, thresholds: np.ndarray, it: int,
                     cfg: PPOLagrangianConfig) -> np.ndarray:
-    return np.exp(lagrange_multiplier_step(np.log(lambdas), utility_means, thresholds, cfg.lambda_lr, it,
+    step = np.exp(lagrange_multiplier_step(np.log(lambdas), utility_means, thresholds, cfg.lambda_lr, it,
                                            cfg.lambda_delay))
+    return step if cfg.lambda_max is None else np.minimum(cfg.lambda_max, step)
 
 
 PPO_RULES = UpdateRules(
