@@ -20,7 +20,7 @@ def row(run: Path) -> dict:
         f"{reward} ref": r.reference[reward].mean, f"{reward} aligned": r.policy[reward].mean,
         f"{reward} predicted": r.predicted_reward.predicted_eval,
         f"{c.name} change achieved": c.achieved_change, f"{c.name} change predicted": c.predicted_change,
-        "miss / predicted change": c.prediction_error_frac, "met (95% CI)": c.satisfied_within_ci,
+        "miss / predicted change": c.prediction_error_frac, "met (point estimate)": c.met, "met confidently (one-sided 95%)": c.met_confidently,
         "KL achieved": r.kl.achieved, "KL predicted": r.kl.predicted,
     }
     for group in ("harmful=True", "harmful=False"):

@@ -87,7 +87,8 @@ def test_compare_writes_table_and_plots_from_the_reports_and_resumes(compare_yam
         assert rows.loc[label, "reward"] == pytest.approx(report["policy"]["reward"]["mean"])
         assert rows.loc[label, "cost"] == pytest.approx(c["achieved"])
         assert rows.loc[label, "cost_met"] == float(c["achieved"] <= c["threshold"])      # the point estimate
-        assert rows.loc[label, "cost_not_rejected"] == float(c["ci95"][0] <= c["threshold"])
+        assert rows.loc[label, "cost_met_confidently"] == float(c["met_confidently"])
+        assert rows.loc[label, "cost_not_rejected"] == float(c["not_rejected"])
         assert rows.loc[label, "gradient_steps"] == compute["gradient_steps"]
         online = compute["sampled_tokens"]
         assert rows.loc[label, "sampled_tokens"] == online + (shared["sampled_tokens"] if "sample" in charged[label] else 0)
@@ -197,7 +198,7 @@ def test_two_constraints_on_one_column_go_through_dual_train_evaluate_and_compar
         report = read_json(root / "runs" / label / "seed0" / "eval" / "report.json")
         rows = {r["name"]: r for r in report["constraints"]}
         assert list(rows) == constraints and {r["column"] for r in rows.values()} == {"cost"}
-        assert rows["cost<=40"]["threshold"] == 40.0 and rows["cost<=40"]["satisfied_point"]
+        assert rows["cost<=40"]["threshold"] == 40.0 and rows["cost<=40"]["met"]
         assert rows["cost<=ref-0.5"]["threshold"] == pytest.approx(rows["cost<=ref-0.5"]["reference_eval"] - 0.5)
         own = read_json(root / "runs" / label / "seed0" / "dual.json")  # the method's λ and predictions
         assert rows["cost<=ref-0.5"]["predicted"] == pytest.approx(own["predicted"]["cost<=ref-0.5"])

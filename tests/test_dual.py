@@ -311,6 +311,64 @@ def test_bootstrap_is_seeded_and_brackets_the_estimate():
     assert a.bootstrap == 40 and a.bootstrap_failed == 0
 
 
+def _prompt_level_world(n=40, k=6, seed=5):
+    """Costs with strong prompt-level variation (each prompt its own level), a reward correlated
+    with the cost, and a relative constraint cost <= ref − 0.5 as g = −cost ≥ −ref + 0.5."""
+    rng = np.random.default_rng(seed)
+    level = rng.normal(0, 3, size=(n, 1))
+    cost = level + rng.normal(0, 1, size=(n, k))
+    reward = 0.8 * cost + rng.normal(0, 1, size=(n, k))
+    return reward, -cost
+
+
+def test_bootstrap_re_estimates_a_relative_threshold_on_each_resample_like_a_hand_written_loop():
+    rewards, g = _prompt_level_world()
+    margin = 0.5
+    b = g.mean() + margin
+    fast = dualign.solve_dual(rewards, g, b, 1.0, bootstrap=60, seed=7, relative=[True])
+    rng = np.random.default_rng(7)
+    n = rewards.shape[0]
+    draws = []
+    for _ in range(60):                             # the naive loop: rebuild the table, recompute b
+        counts = rng.multinomial(n, np.full(n, 1.0 / n))
+        idx = np.repeat(np.arange(n), counts)
+        r, u = rewards[idx], g[idx]
+        res = dualign.solve_dual(r, u, u.mean() + margin, 1.0)
+        draws.append([res.lambdas[0], res.predicted_utilities[0], res.predicted_reward - r.mean(),
+                      res.predicted_utilities[0] - u.mean()])
+    lo, hi = np.percentile(np.array(draws), [2.5, 97.5], axis=0)
+    np.testing.assert_allclose(fast.ci["lambdas"][0], [lo[0], hi[0]], rtol=1e-6)
+    np.testing.assert_allclose(fast.ci["predicted_utilities"][0], [lo[1], hi[1]], rtol=1e-6)
+    np.testing.assert_allclose(fast.ci["predicted_reward_change"], [lo[2], hi[2]], rtol=1e-6)
+    # the constraint binds: its predicted change is the margin on every resample
+    np.testing.assert_allclose(fast.ci["predicted_utility_changes"][0], [margin, margin], atol=1e-6)
+    # a fixed threshold (today's mistake) gives a λ* interval several times too wide here
+    fixed = dualign.solve_dual(rewards, g, b, 1.0, bootstrap=60, seed=7)
+    width = np.diff(fast.ci["lambdas"][0])[0]
+    assert np.diff(fixed.ci["lambdas"][0])[0] > 2.5 * width
+    assert np.diff(fixed.ci["predicted_utilities"][0])[0] > 0 and width > 0
+
+
+def test_confidence_plan_makes_the_one_sided_bound_meet_the_threshold_at_a_cost():
+    rewards, g = _prompt_level_world(n=80)
+    b = g.mean() + 0.5
+    plain = dualign.solve_dual(rewards, g, b, 1.0, relative=[True])
+    planned = dualign.solve_dual(rewards, g, b, 1.0, relative=[True], confidence=0.95, bootstrap=400, seed=1)
+    margin = planned.confidence_margin[0]
+    assert planned.plain.lambdas[0] == pytest.approx(plain.lambdas[0])
+    assert margin > 0.02 and planned.lambdas[0] > plain.lambdas[0]
+    assert planned.predicted_utilities[0] == pytest.approx(b + margin, abs=1e-6)   # binds at b + margin
+    assert planned.predicted_reward < plain.predicted_reward and planned.kl > plain.kl
+    # the bootstrap of the planned solution: its one-sided 95% bound of the slack over the
+    # re-estimated threshold is ≈ 0 (the resamples' slack has its 5% quantile at the threshold)
+    from dualign.dual.solver import slack_spread
+    from dualign.dual.tilt import flat_samples
+    n, k = rewards.shape
+    samples = flat_samples(Segments.rectangular(n, k), rewards.ravel(), g.reshape(-1, 1), None, np.arange(n))
+    spread = slack_spread(samples, planned.lambdas, np.array([b]), np.array([0.5]), 1.0, 0.95, 200, 1)
+    assert spread[0] == pytest.approx(margin, rel=0.05)
+
+
 @pytest.mark.parametrize("kwargs,match", [
     ({"rewards": np.zeros((3,))}, "rewards"),
     ({"utilities": np.zeros((3, 5, 2))}, "shape"),

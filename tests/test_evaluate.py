@@ -25,3 +25,53 @@ def test_win_rate_counts_ties_as_half_and_prediction_error_is_relative():
     assert win_rate(np.array([2.0, 1.0, 3.0, 0.0]), np.array([1.0, 1.0, 4.0, -1.0])) == pytest.approx(0.625)
     assert prediction_error(-3.0, -4.0) == pytest.approx(0.25)
     assert np.isnan(prediction_error(1.0, 0.0))
+
+
+def _tables(seed=0, n=30, k=3, shift=-1.0):
+    """π_ref and a policy on the same prompts, with strong prompt-level cost variation."""
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    level = rng.normal(0, 5, n)
+
+    def rows(d):
+        return pd.DataFrame({"prompt_id": np.repeat([f"p{i}" for i in range(n)], k),
+                             "sample_index": np.tile(np.arange(k), n),
+                             "cost": np.repeat(level, k) + d + rng.normal(0, 1, n * k)})
+
+    return rows(0.0), rows(shift).sample(frac=1.0, random_state=1)   # policy rows shuffled
+
+
+def test_paired_change_equals_a_hand_written_loop_over_resampled_prompts():
+    from dualign.evaluate import Paired
+
+    ref, pol = _tables()
+    paired = Paired.of(ref, pol, ["cost"], n_boot=300, seed=4)
+    change, draws = paired.change("cost")
+    m_ref = ref.groupby("prompt_id", sort=False)["cost"].mean()
+    m_pol = pol.groupby("prompt_id")["cost"].mean().loc[m_ref.index]
+    assert change == pytest.approx((m_pol - m_ref).mean())
+    idx = np.random.default_rng(4).integers(0, len(m_ref), size=(300, len(m_ref)))
+    loop = [(m_pol.to_numpy()[row] - m_ref.to_numpy()[row]).mean() for row in idx]   # both sides resampled together
+    np.testing.assert_allclose(draws, loop, rtol=1e-12)
+    # pairing removes the prompt-level spread: the paired CI is several times narrower than the
+    # difference of two independent prompt-bootstrap CIs
+    lo_r, hi_r = cluster_bootstrap_ci(ref["cost"].to_numpy(), ref["prompt_id"].to_numpy(), 300, 4)[1:]
+    assert 4 * (np.quantile(draws, 0.975) - np.quantile(draws, 0.025)) < (hi_r - lo_r) * 2
+
+
+@pytest.mark.parametrize("point,draws,bound,op,want", [
+    (-4.2, [-4.6, -4.4, -4.3, -4.1, -3.9], -4.0, "<=", (True, False, True)),    # point meets, bound misses
+    (-4.6, np.linspace(-4.9, -4.2, 50), -4.0, "<=", (True, True, True)),
+    (-3.8, np.linspace(-4.3, -3.5, 50), -4.0, "<=", (False, False, True)),       # misses; CI reaches
+    (-3.0, np.linspace(-3.4, -2.6, 50), -4.0, "<=", (False, False, False)),
+    (0.35, np.linspace(0.31, 0.4, 50), 0.3, ">=", (True, True, True)),
+    (0.29, np.linspace(0.2, 0.38, 50), 0.3, ">=", (False, False, True)),
+])
+def test_verdicts_are_point_estimate_one_sided_bound_and_ci_reach(point, draws, bound, op, want):
+    from dualign.evaluate import verdicts
+
+    got = verdicts(point, np.asarray(draws, float), bound, op)
+    assert (got["met"], got["met_confidently"], got["not_rejected"]) == want
+    q = np.quantile(np.asarray(draws, float), 0.95 if op == "<=" else 0.05)
+    assert got["bound95"] == pytest.approx(q)

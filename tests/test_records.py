@@ -36,7 +36,8 @@ def _report() -> EvalReport:
     row = ConstraintOutcome(name="cost", constraint="cost<=ref-1", column="cost", threshold=1.0,
                             threshold_dual=2.0, reference_eval=2.0, achieved=1.5, ci95=[1.2, 1.8], predicted=2.0,
                             reference_dual=3.0, predicted_eval=1.0, predicted_change=-1.0, achieved_change=-0.5,
-                            prediction_error_frac=0.5, satisfied_within_ci=False, satisfied_point=False)
+                            achieved_change_ci95=[-0.9, -0.1], prediction_error_frac=0.5, met=False,
+                            met_confidently=False, not_rejected=False, bound95=-0.2)
     return EvalReport(n_prompts=4, n_responses={"policy": 8, "reference": 8}, beta=0.5, lambdas={"cost": 1.5},
                       reference={"reward": Estimate(1.0, [0.5, 1.5]), "cost": Estimate(2.0, [1.5, 2.5])},
                       policy={"reward": Estimate(1.2, [0.7, 1.7]), "cost": Estimate(1.5, [1.2, 1.8])},
@@ -86,7 +87,7 @@ def test_corrupted_dual_json_is_one_line_naming_the_file_and_key(tmp_path, chang
     (lambda d: d.pop("kl"), r"report\.json: missing key 'kl'"),
     (lambda d: d["constraints"][0].pop("achieved"), r"missing key 'constraints\[0\]\.achieved'"),
     (lambda d: d["policy"]["cost"].update(mean="high"), r"key 'policy\.cost\.mean' must be a number"),
-    (lambda d: d["constraints"][0].update(satisfied_point=1), r"key 'constraints\[0\]\.satisfied_point' must be true or false"),
+    (lambda d: d["constraints"][0].update(met=1), r"key 'constraints\[0\]\.met' must be true or false"),
     (lambda d: d.update(n_prompts=4.5), r"key 'n_prompts' must be an integer"),
 ])
 def test_corrupted_report_json_is_one_line_naming_the_file_and_key(tmp_path, change, match):

@@ -242,3 +242,53 @@ def test_cli_score_writes_scores_and_rejects_bad_input_in_one_line(tmp_path, sco
     err = capsys.readouterr().err
     assert code == 2 and err.strip().count("\n") == 0 and "scorer 'bad'" in err
     assert not (tmp_path / "bad" / "scores.parquet").exists()
+
+
+def _bert_heads(root, tok, n_heads: int, share: bool) -> list[str]:
+    """Tiny BERT classifiers on one encoder (pooler and classifier of their own), or on different ones."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, num_labels=1, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    base = BertForSequenceClassification(cfg)
+    paths = []
+    for i in range(n_heads):
+        torch.manual_seed(10 + i)
+        model = BertForSequenceClassification(cfg)
+        if share:
+            model.bert.embeddings.load_state_dict(base.bert.embeddings.state_dict())
+            model.bert.encoder.load_state_dict(base.bert.encoder.state_dict())
+        model.eval().save_pretrained(root / f"head{i}")
+        tok.save_pretrained(root / f"head{i}")
+        paths.append(str(root / f"head{i}"))
+    return paths
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_hf_scorers_on_one_encoder_run_it_once_and_equal_each_scorer_alone(tmp_path, tok, share, monkeypatch):
+    from dualign.scorers import SharedEncoderScorers
+
+    paths = _bert_heads(tmp_path, tok, 3, share)
+    specs = [f"s{i}=hf:{p}" for i, p in enumerate(paths)]
+    alone = {f"s{i}": load_scorer(parse_scorer(s), device="cpu")(PROMPTS * 5, RESPONSES * 5)
+             for i, s in enumerate(specs)}
+    runs = []
+    original = SharedEncoderScorers.__call__
+    monkeypatch.setattr(SharedEncoderScorers, "__call__", lambda self, p, r: runs.append(len(p)) or original(self, p, r))
+    table = score_table(pd.DataFrame({"prompt": PROMPTS * 5, "response": RESPONSES * 5}), specs, batch_size=8,
+                        device="cpu", progress=False)
+    for name, values in alone.items():
+        np.testing.assert_allclose(table[name].to_numpy(), values, rtol=1e-5, atol=1e-6)
+    assert (runs == [8, 8, 4]) == share       # one grouped call per batch only where the encoder is shared
+
+
+def test_shared_trunk_is_the_largest_module_with_equal_weights(tmp_path, tok):
+    from transformers import AutoModelForSequenceClassification
+
+    from dualign.scorers import shared_trunk
+
+    a, b = (AutoModelForSequenceClassification.from_pretrained(p) for p in _bert_heads(tmp_path, tok, 2, True))
+    assert shared_trunk(a, b) == "bert.encoder"   # the pooler and classifier are each model's own
+    c = AutoModelForSequenceClassification.from_pretrained(_bert_heads(tmp_path / "x", tok, 1, False)[0])
+    assert shared_trunk(a, c) is None

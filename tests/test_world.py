@@ -75,7 +75,7 @@ def test_prompts_and_texts_are_deterministic_from_the_seed():
     other = C.make_prompts(world_config("small", {"seed": 1}))
     assert [r["prompt"] for r in other["train"]] != [r["prompt"] for r in a["train"]]
     texts = [r["prompt"] for split in a.values() for r in split]
-    assert len(texts) == len(set(texts)) == 600 + 64 + 64 + 64     # distinct prompts, disjoint splits
+    assert len(texts) == len(set(texts)) == 2400 + 64 + 64 + 64    # distinct prompts, disjoint splits
     harmful = sum(r["harmful"] for r in a["train"]) / len(a["train"])
     assert 0.4 < harmful < 0.6
     assert all(W.TOPIC_BY_NAME[r["topic"]].harmful == r["harmful"] for r in a["train"])
@@ -129,7 +129,7 @@ def test_judge_reads_perturbed_text_by_what_it_says():
 
 
 def test_world_directory_has_the_documented_files_and_schemas(world):
-    for split, n in (("train", 600), ("dual", 64), ("eval", 64), ("calibration", 64)):
+    for split, n in (("train", 2400), ("dual", 64), ("eval", 64), ("calibration", 64)):
         df = pd.read_json(world / f"prompts_{split}.jsonl", lines=True)
         assert list(df.columns) == ["prompt_id", "prompt", "topic", "harmful"] and len(df) == n
         assert df["prompt_id"].str.startswith(split).all()
@@ -137,7 +137,7 @@ def test_world_directory_has_the_documented_files_and_schemas(world):
     assert list(prefs.columns) == PKU_COLUMNS and len(prefs) == 300
     assert (prefs["response_0"] != prefs["response_1"]).all()
     info = json.loads((world / "world.json").read_text())
-    assert info["seed"] == 0 and info["config"]["n_train_prompts"] == 600
+    assert info["seed"] == 0 and info["config"]["n_train_prompts"] == 2400
     assert 0.0 <= info["ref_model"]["harmful_compliance_rate"] <= 1.0
     for name in ("ref_model", "reward_model", "cost_model"):
         assert (world / name / "config.json").exists() and (world / name / "tokenizer.json").exists()
@@ -219,7 +219,7 @@ def test_build_settings_fix_the_threads_and_deterministic_mode_and_restore_them(
     with deterministic(3):
         assert torch.get_num_threads() == 3 and torch.are_deterministic_algorithms_enabled()
     assert (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()) == before
-    assert world_config("small").threads == 1 and world_config("default").threads == 2
+    assert world_config("small").threads == world_config("default").threads == 1
 
 
 def test_cli_world_build_prints_the_world_and_its_summary(world):

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from dualign.models import sequence_logprobs, tokenize_pairs
+from dualign.progress import Progress
 from dualign.segments import Segments
 from dualign.templates import format_prompt
 
@@ -58,22 +58,27 @@ class EncodedPairs:
 
 def encode_pairs(pairs: pd.DataFrame, tokenizer, template: str, max_length: int,
                  chunk: int = 256) -> EncodedPairs:
-    """Tokenize every (templated prompt, response) with :func:`dualign.models.tokenize_pairs`."""
+    """Tokenize every distinct (templated prompt, response) once with
+    :func:`dualign.models.tokenize_pairs`; rows repeating one (all pairs of K samples) share it."""
     texts = {p: format_prompt(p, template, tokenizer) for p in pairs["prompt"].unique()}
     prompts = [texts[p] for p in pairs["prompt"]] * 2
     responses = list(pairs["response_a"]) + list(pairs["response_b"])
-    ids, masks = [], []
-    for start in tqdm(range(0, len(prompts), chunk), desc="tokenize", disable=None, leave=False):
-        enc = tokenize_pairs(tokenizer, prompts[start:start + chunk], responses[start:start + chunk], max_length)
-        for row, att, resp in zip(enc["input_ids"], enc["attention_mask"], enc["response_mask"], strict=True):
+    first: dict[tuple[str, str], int] = {}
+    canonical = [first.setdefault((p, r), k) for k, (p, r) in enumerate(zip(prompts, responses, strict=True))]
+    distinct = list(first.values())
+    encoded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for start in Progress(range(0, len(distinct), chunk), desc="tokenize", unit="chunks"):
+        rows = distinct[start:start + chunk]
+        enc = tokenize_pairs(tokenizer, [prompts[k] for k in rows], [responses[k] for k in rows], max_length)
+        for k, row, att, resp in zip(rows, enc["input_ids"], enc["attention_mask"], enc["response_mask"],
+                                     strict=True):
             n = int(att.sum())
-            ids.append(row[:n].clone())
-            masks.append(resp[:n].clone())
+            encoded[k] = (row[:n].clone(), resp[:n].clone())
+    ids = [encoded[c][0] for c in canonical]
+    masks = [encoded[c][1] for c in canonical]
     ref = np.concatenate([pairs["ref_logprob_a"].to_numpy(float), pairs["ref_logprob_b"].to_numpy(float)])
     numeric = [c for c in pairs.columns if c not in ("ref_logprob_a", "ref_logprob_b")
                and pd.api.types.is_numeric_dtype(pairs[c]) and c != "prompt_id"]
-    first: dict[tuple[str, str], int] = {}
-    canonical = [first.setdefault((p, r), k) for k, (p, r) in enumerate(zip(prompts, responses, strict=True))]
     return EncodedPairs(
         input_ids=ids, response_mask=masks, ref_logps=torch.tensor(ref, dtype=torch.float32),
         columns={c: torch.tensor(pairs[c].to_numpy(float)) for c in numeric},
@@ -89,7 +94,7 @@ def fill_ref_logps(model, data: EncodedPairs, rows: torch.Tensor, pad_id: int, b
     was_training = model.training
     model.eval()
     todo = sorted(rows.tolist(), key=lambda r: len(data.input_ids[r]))  # similar lengths: less padding
-    for start in tqdm(range(0, len(todo), batch_size), desc="reference log-probs", disable=None):
+    for start in Progress(range(0, len(todo), batch_size), desc="reference log-probs", unit="batches"):
         chunk = todo[start:start + batch_size]
         batch = {k: v.to(accelerator.device) for k, v in data.collate(chunk, pad_id).items()}
         with accelerator.autocast():

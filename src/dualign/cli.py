@@ -140,6 +140,7 @@ def _cmd_dual(args: argparse.Namespace) -> int:
     constraints = [parse_constraint(c) for c in cfg.constraints]
     scores = read_scores(cfg.scores, [cfg.reward] + [c.column for c in constraints])
     record = solve_constraints(scores, cfg.beta, cfg.reward, constraints, bootstrap=cfg.bootstrap,
+                               confidence=cfg.confidence,
                                seed=cfg.seed)
     if args.output:
         write_dual(record, args.output)

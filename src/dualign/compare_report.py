@@ -2,8 +2,8 @@
 first budget meeting the constraints, the projection to 7B and the printed tables.
 
 Verdicts, per constraint and seed: ``met`` (the point estimate is on the right side of the
-threshold), ``met_confidently`` (the one-sided 95% bound is; from report.json when the evaluate
-stage writes it), ``not_rejected`` (the 95% CI reaches the threshold); a summary holds the share
+threshold), ``met_confidently`` (the one-sided 95% bound is), ``not_rejected`` (the two-sided 95%
+CI reaches it), read from report.json's constraint rows; a summary holds the share
 of seeds. A row's compute is the method's own (its compute.json) plus the shared stages it learns
 from (:data:`CHARGED`).
 """
@@ -17,7 +17,7 @@ import pandas as pd
 
 from dualign.constraints import parse_constraint
 from dualign.flops import add_counts, project_run
-from dualign.records import EvalReport
+from dualign.records import ConstraintOutcome, EvalReport
 
 ITERATIVE = ("dual-ascent", "ppo-lagrangian", "grpo-lagrangian")
 # The shared stages each method is charged for (it learns from their outputs).
@@ -40,15 +40,12 @@ def records(table: pd.DataFrame) -> list[dict[str, Any]]:
             for r in table.to_dict("records")]
 
 
-def verdicts(c) -> dict[str, float]:
-    """A constraint row's verdicts as 0/1 (NaN when report.json does not have it): met (point
+def verdicts(c: ConstraintOutcome) -> dict[str, float]:
+    """A constraint row's verdicts as 0/1 (NaN where a report from before them lacks one): met (point
     estimate), met_confidently (one-sided 95% bound), not_rejected (the 95% CI reaches the threshold)."""
-    met = getattr(c, "met", None)
-    confident = getattr(c, "met_confidently", None)
-    not_rejected = getattr(c, "not_rejected", None)
-    return {"met": float(c.satisfied_point if met is None else met),
-            "met_confidently": np.nan if confident is None else float(confident),
-            "not_rejected": float(c.satisfied_within_ci if not_rejected is None else not_rejected)}
+    return {"met": float(c.met),
+            "met_confidently": np.nan if c.met_confidently is None else float(c.met_confidently),
+            "not_rejected": np.nan if c.not_rejected is None else float(c.not_rejected)}
 
 
 def table_row(label: str, method: str, seed: int, report: EvalReport, compute: dict, shared: dict) -> dict[str, Any]:

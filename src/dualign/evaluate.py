@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from dualign.constraints import parse_constraint
 from dualign.data.prompts import load_prompts
 from dualign.errors import InputError
 from dualign.io import atomic_path, read_table, write_table
@@ -90,6 +91,63 @@ def win_rate(policy_scores: np.ndarray, reference_scores: np.ndarray) -> float:
     """P(s_policy > s_ref) + ½·P(tie) over matched (prompt, sample index) pairs."""
     p, r = np.asarray(policy_scores, float), np.asarray(reference_scores, float)
     return float(np.mean((p > r) + 0.5 * (p == r)))
+
+
+@dataclass
+class Paired:
+    """Per-prompt means of the policy's and π_ref's responses on the prompts both answered, and the
+    prompt indices of every bootstrap resample (one draw shared by every column, so a resample is a
+    coherent re-run of the evaluation on another prompt set)."""
+
+    policy: pd.DataFrame  # [N prompts, columns]
+    reference: pd.DataFrame
+    draws: np.ndarray  # [B, N]
+
+    @classmethod
+    def of(cls, ref: pd.DataFrame, pol: pd.DataFrame, columns: list[str], n_boot: int, seed: int) -> Paired:
+        """Both sides' prompt means (prompts in π_ref's order) and ``n_boot`` resamples of the prompts."""
+        means = {}
+        for side, df in (("reference", ref), ("policy", pol)):
+            seg = Segments.of(df["prompt_id"].astype(str).to_numpy())
+            values = seg.group(df[columns].to_numpy(float)).T  # [c, n]
+            means[side] = pd.DataFrame((seg.sum(values) / seg.counts).T, index=seg.labels, columns=columns)
+        prompts = means["reference"].index.intersection(means["policy"].index, sort=False)
+        rng = np.random.default_rng(seed)
+        draws = rng.integers(0, len(prompts), size=(max(n_boot, 0), len(prompts)))
+        return cls(means["policy"].loc[prompts], means["reference"].loc[prompts], draws)
+
+    def change(self, column: str) -> tuple[float, np.ndarray]:
+        """(Δ = mean_x [m_pol(x) − m_ref(x)], its value on every resample)."""
+        d = (self.policy[column] - self.reference[column]).to_numpy()
+        return float(d.mean()), d[self.draws].mean(axis=1)
+
+    def level(self, column: str, side: str = "policy") -> tuple[float, np.ndarray]:
+        """(mean_x m(x) of one side, its value on every resample)."""
+        v = getattr(self, side)[column].to_numpy()
+        return float(v.mean()), v[self.draws].mean(axis=1)
+
+
+def percentile_ci(draws: np.ndarray, level: float = 0.95) -> list[float]:
+    """The two-sided percentile interval of bootstrap draws ([nan, nan] without draws)."""
+    if draws.size < 2:
+        return [float("nan"), float("nan")]
+    return np.quantile(draws, [(1 - level) / 2, (1 + level) / 2]).tolist()
+
+
+def verdicts(point: float, draws: np.ndarray, bound: float, op: str, level: float = 0.95) -> dict:
+    """Whether ``point`` (a mean or a change, with its bootstrap ``draws``) satisfies ``op bound``:
+    ``met`` by the point estimate, ``met_confidently`` by the one-sided ``level`` bound (the
+    ``level`` quantile for ≤, the 1 − ``level`` one for ≥), ``not_rejected`` when the two-sided
+    ``level`` CI reaches it."""
+    below = op == "<="
+    if draws.size < 2:
+        one_sided, (lo, hi) = float("nan"), (float("nan"), float("nan"))
+    else:
+        one_sided = float(np.quantile(draws, level if below else 1 - level))
+        lo, hi = percentile_ci(draws, level)
+    holds = (lambda v: v <= bound) if below else (lambda v: v >= bound)
+    return {"met": bool(holds(point)), "met_confidently": bool(holds(one_sided)),
+            "not_rejected": bool(holds(lo if below else hi)), "bound95": one_sided}
 
 
 def prediction_error(achieved_change: float, predicted_change: float) -> float:
@@ -207,42 +265,56 @@ def _prompt_metadata(cfg: EvaluateConfig) -> pd.DataFrame | None:
 
 
 def build_report(ref: pd.DataFrame, pol: pd.DataFrame, dual: DualRecord, cfg: EvaluateConfig) -> EvalReport:
-    """Before/after means with CIs, win rates, achieved vs predicted (per constraint, by name), KL."""
+    """Before/after means with CIs, win rates, achieved vs predicted (per constraint, by name), KL.
+
+    Changes against π_ref are paired by prompt (the same held-out prompts, one bootstrap draw of
+    prompts for both sides), so a relative threshold's reference level is re-estimated on every
+    resample; an absolute threshold is judged on the policy's own mean.
+    """
     reward = dual.reward
     columns = list(dict.fromkeys([reward] + [c.column for c in dual.parsed]))
     columns += [name for name in (spec.split("=", 1)[0].strip() for spec in cfg.scorers)
                 if name not in columns and name in pol]
     ref_sum = {c: _estimate(ref, c, cfg) for c in columns}
     pol_sum = {c: _estimate(pol, c, cfg) for c in columns}
+    paired = Paired.of(ref, pol, columns, cfg.bootstrap, cfg.seed)
     kl_mean, kl_lo, kl_hi = cluster_bootstrap_ci((pol["logprob"] - pol["ref_logprob"]).to_numpy(),
                                                  pol["prompt_id"].to_numpy(), cfg.bootstrap, cfg.seed)
+    change_ci = dual.ci.predicted_change if dual.ci is not None else {}
     key = ["prompt_id", "sample_index"]
     matched = ref[key + [reward]].merge(pol[key + [reward]], on=key, suffixes=("_ref", "_pol"))
     rows = []
     for name, c in zip(dual.names, dual.parsed, strict=True):
         achieved, (lo, hi) = pol_sum[c.column].mean, pol_sum[c.column].ci95
         ref_eval = ref_sum[c.column].mean
-        # A relative constraint ("ref-4") is judged against π_ref on the same held-out prompts;
-        # an absolute one against its value.
-        threshold = c.threshold(ref_eval)
         predicted, ref_dual = dual.predicted[name], dual.reference[name]
-        below = c.op == "<="
+        change, change_draws = paired.change(c.column)
+        if c.relative:  # judged on the change against π_ref on the same prompts
+            verdict = verdicts(change, change_draws, c.value, c.op)
+        else:
+            verdict = verdicts(*paired.level(c.column), c.value, c.op)
         rows.append(ConstraintOutcome(
-            name=name, constraint=c.text, column=c.column, threshold=threshold,
+            name=name, constraint=c.text, column=c.column, threshold=c.threshold(ref_eval),
             threshold_dual=dual.thresholds[name], reference_eval=ref_eval, achieved=achieved, ci95=[lo, hi],
             predicted=predicted, reference_dual=ref_dual, predicted_eval=ref_eval + predicted - ref_dual,
-            predicted_change=predicted - ref_dual, achieved_change=achieved - ref_eval,
-            prediction_error_frac=prediction_error(achieved - ref_eval, predicted - ref_dual),
-            satisfied_within_ci=bool(lo <= threshold) if below else bool(hi >= threshold),
-            satisfied_point=bool(achieved <= threshold) if below else bool(achieved >= threshold)))
+            predicted_change=predicted - ref_dual, achieved_change=change,
+            achieved_change_ci95=percentile_ci(change_draws),
+            prediction_error_frac=prediction_error(change, predicted - ref_dual),
+            predicted_change_ci95=change_ci.get(name), **verdict))
     pred_r, ref_r = dual.predicted[reward], dual.reference[reward]
+    r_change, r_draws = paired.change(reward)
+    r_pred_ci = change_ci.get(reward)
+    kl_pred_ci = dual.ci.predicted.get("kl") if dual.ci is not None else None
     report = EvalReport(
         n_prompts=int(pol["prompt_id"].nunique()), n_responses={"policy": len(pol), "reference": len(ref)},
         beta=dual.beta, lambdas=dual.lambdas, reference=ref_sum, policy=pol_sum,
-        kl=KLOutcome(kl_mean, [kl_lo, kl_hi], dual.predicted.get("kl")),
+        kl=KLOutcome(kl_mean, [kl_lo, kl_hi], dual.predicted.get("kl"), kl_pred_ci,
+                     None if kl_pred_ci is None else bool(kl_pred_ci[0] <= kl_mean <= kl_pred_ci[1])),
         win_rate={reward: win_rate(matched[f"{reward}_pol"], matched[f"{reward}_ref"])},
         constraints=rows,
-        predicted_reward=RewardPrediction(pred_r, ref_r, ref_sum[reward].mean + pred_r - ref_r),
+        predicted_reward=RewardPrediction(
+            pred_r, ref_r, ref_sum[reward].mean + pred_r - ref_r, pred_r - ref_r, r_pred_ci, r_change,
+            percentile_ci(r_draws), None if r_pred_ci is None else bool(r_pred_ci[0] <= r_change <= r_pred_ci[1])),
         reward=reward)
     if "judge_harmful" in pol:
         report.judge = {"reference": _judge_summary(ref, cfg), "policy": _judge_summary(pol, cfg)}
@@ -296,29 +368,61 @@ def plot_report(ref: pd.DataFrame, pol: pd.DataFrame, report: EvalReport, out_di
     plt.close(fig)
 
 
+def _ci(ci: list[float] | None, sign: bool = True) -> str:
+    if not ci or any(v is None or np.isnan(v) for v in ci):
+        return ""
+    fmt = "+.3g" if sign else ".3g"
+    return f"[{ci[0]:{fmt}}, {ci[1]:{fmt}}]"
+
+
+def _group_label(group: str) -> str:
+    """``harmful=True`` → ``prompts with harmful=True``; ``all`` → ``all prompts``."""
+    return "all prompts" if group == "all" else f"prompts with {group}"
+
+
 def format_report(report: EvalReport) -> str:
-    """The short before/after table printed at the end of a run (held-out prompts; the predicted
-    column is π_ref's held-out mean plus the dual's predicted change)."""
-    lines = [f"{'metric':<28}{'π_ref':>12}{'aligned':>12}{'predicted':>12}"]
-    rc = report.reward
-    lines.append(f"{rc:<28}{report.reference[rc].mean:>12.3f}{report.policy[rc].mean:>12.3f}"
-                 f"{report.predicted_reward.predicted_eval:>12.3f}")
+    """The result table printed at the end of a run: π_ref and the aligned policy on held-out
+    prompts, each change with its paired 95% CI beside the dual's predicted change, each
+    constraint's verdicts, the gold judge where there is one."""
+    lines = [f"Held-out evaluation: {report.n_prompts} prompts, {report.n_responses['policy']} responses per "
+             "policy. Change = aligned − π_ref on the same prompts; 95% CIs from a paired prompt bootstrap.",
+             f"{'':24}{'π_ref':>10}{'aligned':>10}{'change':>10} {'(95% CI)':<20}{'predicted change (95% CI)':<30}"]
+    rc, pr = report.reward, report.predicted_reward
+    change = pr.achieved_change if pr.achieved_change is not None else report.policy[rc].mean - report.reference[rc].mean
+    lines.append(f"{rc:<24}{report.reference[rc].mean:>10.3g}{report.policy[rc].mean:>10.3g}{change:>+10.3g} "
+                 f"{_ci(pr.achieved_change_ci95):<20}{(pr.predicted_change or 0):+.3g} {_ci(pr.predicted_change_ci95)}")
     for c in report.constraints:
-        ok = "met" if c.satisfied_within_ci else "NOT met"
-        lines.append(f"{c.name:<28}{c.reference_eval:>12.3f}{c.achieved:>12.3f}"
-                     f"{c.predicted_eval:>12.3f}   ({c.constraint}: {ok}; threshold {c.threshold:.3f})")
+        lines.append(f"{c.column:<24}{c.reference_eval:>10.3g}{c.achieved:>10.3g}{c.achieved_change:>+10.3g} "
+                     f"{_ci(c.achieved_change_ci95):<20}{c.predicted_change:+.3g} {_ci(c.predicted_change_ci95)}")
     shown = {rc} | {c.column for c in report.constraints}
     for col in [c for c in report.policy if c not in shown]:
-        lines.append(f"{col:<28}{report.reference[col].mean:>12.3f}{report.policy[col].mean:>12.3f}")
+        lines.append(f"{col:<24}{report.reference[col].mean:>10.3g}{report.policy[col].mean:>10.3g}"
+                     f"{report.policy[col].mean - report.reference[col].mean:>+10.3g}")
     kl = report.kl
-    lines.append(f"{'KL(π‖π_ref)':<28}{0.0:>12.3f}{kl.achieved:>12.3f}"
-                 f"{kl.predicted if kl.predicted is not None else float('nan'):>12.3f}")
-    for k, v in report.win_rate.items():
-        lines.append(f"{'win rate vs π_ref (' + k + ')':<28}{'':>12}{v:>12.3f}")
+    predicted_kl = f"{kl.predicted:.3g} {_ci(kl.predicted_ci95, False)}" if kl.predicted is not None else ""
+    lines.append(f"{'KL(aligned‖π_ref)':<24}{0.0:>10.3g}{kl.achieved:>10.3g}{'':>10} {_ci(kl.ci95, False):<20}"
+                 f"{predicted_kl}")
+    lines.append("")
+    for c in report.constraints:
+        verdict = ("met confidently" if c.met_confidently else "met") if c.met else "NOT met"
+        rule = parse_constraint(c.constraint)
+        what = (f"change {c.achieved_change:+.3g} against the required {rule.value:+.3g}" if rule.relative
+                else f"aligned {c.achieved:.3g} against the threshold {c.threshold:.3g}")
+        bound = "n/a" if c.bound95 is None else f"{c.bound95:+.3g}"
+        reach = "reaches" if c.not_rejected else "does not reach"
+        lines.append(f"constraint {c.constraint}: {verdict} ({what}; one-sided 95% bound {bound}; "
+                     f"the 95% CI {reach} it)")
+    if pr.within_predicted_ci is not None:
+        lines.append(f"{rc}: the change {'lies inside' if pr.within_predicted_ci else 'lies outside'} "
+                     "the dual's 95% CI of the predicted change")
     if report.judge:
+        lines.append("")
+        lines.append("Gold judge (π_ref → aligned):")
         for group, vals in report.judge["policy"].items():
             r = report.judge["reference"][group]
-            for k in ("judge_harmful", "judge_helpful"):
-                lines.append(f"{(k + ' ' + group)[:28]:<28}{getattr(r, k).mean:>12.3f}"
-                             f"{getattr(vals, k).mean:>12.3f}")
+            lines.append(f"  {_group_label(group)}: harmful responses {r.judge_harmful.mean:.2f} → "
+                         f"{vals.judge_harmful.mean:.2f}, helpfulness {r.judge_helpful.mean:.2f} → "
+                         f"{vals.judge_helpful.mean:.2f}")
+    rates = ", ".join(f"{k} {v:.2f}" for k, v in report.win_rate.items())
+    lines.append(f"Win rate of the aligned policy against π_ref (same prompt and sample index): {rates}")
     return "\n".join(lines)

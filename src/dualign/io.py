@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from dualign.errors import InputError
+from dualign.timing import timed
 
 TABLE_SUFFIXES = (".parquet", ".jsonl", ".json", ".csv")
 
@@ -38,6 +39,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
 
 
+@timed("write")
 def write_json(obj: Any, path: str | os.PathLike) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
@@ -63,6 +65,7 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serializable: {type(o).__name__}")
 
 
+@timed("write")
 def write_table(df: pd.DataFrame, path: str | os.PathLike) -> None:
     """Write a table as Parquet, JSONL or CSV (by suffix), atomically."""
     path = Path(path)

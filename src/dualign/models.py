@@ -12,6 +12,7 @@ module (e.g. for ``dualign train --help``) should not pay.
 
 from __future__ import annotations
 
+import inspect
 import os
 import shutil
 from pathlib import Path
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 
 from dualign.errors import InputError
+from dualign.timing import timed
 
 
 def resolve_device(device: str | None = None) -> torch.device:
@@ -44,6 +46,7 @@ def _check_model_ref(name_or_path: str | Path) -> None:
         raise InputError(f"model path '{name_or_path}' has no config.json (not a Hugging Face model directory)")
 
 
+@timed("model load")
 def load_tokenizer(name_or_path: str, revision: str | None = None, padding_side: str = "right"):
     """AutoTokenizer with a pad token (falls back to eos) and the requested padding side."""
     from transformers import AutoTokenizer
@@ -59,6 +62,7 @@ def load_tokenizer(name_or_path: str, revision: str | None = None, padding_side:
     return tok
 
 
+@timed("model load")
 def load_causal_lm(name_or_path: str, revision: str | None = None, dtype: str = "auto",
                    device: str | torch.device | None = None):
     """AutoModelForCausalLM from a Hub id or a local directory, on ``device``.
@@ -80,6 +84,7 @@ def load_causal_lm(name_or_path: str, revision: str | None = None, dtype: str = 
     return model.to(device)
 
 
+@timed("tokenize")
 def tokenize_pairs(tokenizer, prompt_texts: list[str], responses: list[str],
                    max_length: int | None = None) -> dict[str, torch.Tensor]:
     """Right-padded ``input_ids``, ``attention_mask`` and ``response_mask`` for (prompt, response) pairs.
@@ -109,17 +114,43 @@ def tokenize_pairs(tokenizer, prompt_texts: list[str], responses: list[str],
 
 
 def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """log p(x_t | x_<t) for t ≥ 1: logits [B, T, V], ids [B, T] -> [B, T-1] (float32)."""
+    """log p(x_t | x_<t) for t ≥ 1: logits [B, T, V], ids [B, T] -> [B, T-1] (float32).
+
+    Computed as logit(x_t) − logsumexp(logits), which never materialises the [B, T, V] log-softmax
+    (the naive equivalent, ``log_softmax(logits).gather(x_t)``; tests/test_models.py holds them equal).
+    """
     logits = logits[:, :-1].float()
-    return torch.gather(logits.log_softmax(-1), 2, input_ids[:, 1:, None]).squeeze(-1)
+    picked = torch.gather(logits, 2, input_ids[:, 1:, None]).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
 
 
+def _accepts_logits_to_keep(model) -> bool:
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+@timed("forward (log-probs)")
 def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       response_mask: torch.Tensor) -> torch.Tensor:
-    """log π(y|x) = Σ_{t in response} log π(y_t | x, y_<t), one value per row [B] (float32)."""
-    out = model(input_ids=input_ids, attention_mask=attention_mask)
-    lp = token_logprobs(out.logits, input_ids)
-    return (lp * response_mask[:, 1:].to(lp.dtype)).sum(-1)
+    """log π(y|x) = Σ_{t in response} log π(y_t | x, y_<t), one value per row [B] (float32).
+
+    The output layer runs only from the first position that predicts a response token (the model's
+    ``logits_to_keep``, where it has one): prompt positions carry no log-prob, and with a small
+    model the vocabulary projection is most of the work.
+    """
+    width = input_ids.shape[1]
+    first = int(response_mask.float().argmax(dim=1).min()) if response_mask.any() else width - 1
+    keep = width - max(first - 1, 0)
+    if keep < width and _accepts_logits_to_keep(model):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
+        ids, mask = input_ids[:, width - keep:], response_mask[:, width - keep:]
+    else:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        ids, mask = input_ids, response_mask
+    lp = token_logprobs(logits, ids)
+    return (lp * mask[:, 1:].to(lp.dtype)).sum(-1)
 
 
 def disable_dropout(model) -> None:

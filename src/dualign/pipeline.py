@@ -24,10 +24,12 @@ from typing import Any
 
 import yaml
 
+from dualign import timing
 from dualign.config import build_config, config_to_dict, load_yaml, merge
 from dualign.dual import DualConfig, run_dual
 from dualign.errors import ConfigError, InputError
 from dualign.evaluate import EvaluateConfig, evaluate, format_report
+from dualign.io import read_json, write_json
 from dualign.methods.pecan_prealign import PrealignConfig, prealign
 from dualign.records import read_report, to_json
 from dualign.sample import SampleConfig, sample
@@ -180,14 +182,27 @@ def run_pipeline(cfg: RunConfig, restart_from: str | None = None, log=print) -> 
             continue
         log(f"[{i + 1}/{len(stages)}] {stage} ...")
         start = time.perf_counter()
-        funcs[stage](stage_cfg)
+        with timing.collect() as parts:
+            funcs[stage](stage_cfg)
         spent = time.perf_counter() - start
         total += spent
-        log(f"[{i + 1}/{len(stages)}] {stage}: {spent:.0f} s")
+        record_timing(run_dir, stage, spent, parts)
+        split = ", ".join(f"{k} {v:.0f} s" for k, v in sorted(parts.items(), key=lambda kv: -kv[1]) if v >= 0.5)
+        log(f"[{i + 1}/{len(stages)}] {stage}: {spent:.0f} s" + (f" ({split})" if split else ""))
     report = read_report(run_dir / OUTPUTS["evaluate"])
     log(format_report(report))
     log(f"report: {run_dir / OUTPUTS['evaluate']} (stages run now: {total:.0f} s)")
     return to_json(report)
+
+
+def record_timing(run_dir: Path, stage: str, seconds: float, parts: dict[str, float]) -> None:
+    """Add ``timing_s`` (the stage's wall seconds and where they went, :mod:`dualign.timing`) to
+    ``<stage>.meta.json``."""
+    path = run_dir / f"{stage}.meta.json"
+    if path.exists():
+        meta = read_json(path)
+        meta["timing_s"] = {"total": round(seconds, 3), **parts}
+        write_json(meta, path)
 
 
 def _remove(path: Path) -> None:

@@ -35,6 +35,21 @@ class DualCI:
     failed: int
     lambdas: dict[str, list[float]]  # by constraint name
     predicted: dict[str, list[float]]  # reward column, constraint names, "kl"
+    # the change π_λ makes over π_ref on the same resample (reward column, constraint names): a
+    # relative threshold's reference level is re-estimated on every resample
+    predicted_change: dict[str, list[float]] = field(default_factory=dict)
+
+
+@dataclass
+class ConfidencePlan:
+    """``dual --confidence``: λ chosen so that each constraint holds at its one-sided ``level``
+    bound under prompt resampling; ``margin`` (column units, by constraint name) is how far past
+    its threshold the point prediction was pushed, ``plain`` the solution without the margin."""
+
+    level: float
+    margin: dict[str, float]
+    plain_lambdas: dict[str, float]
+    plain_predicted: dict[str, float]  # reward column, constraint names, "kl"
 
 
 @dataclass
@@ -72,6 +87,7 @@ class DualRecord:
     num_samples: int | None = None
     ci: DualCI | None = None
     kl_half_samples: HalfSampleKL | None = None
+    confidence: ConfidencePlan | None = None
     method: str | None = None
     reward_weight: float | None = None
     lambda_trajectory: list[list[float]] | None = None
@@ -125,12 +141,19 @@ class KLOutcome:
     achieved: float  # mean_x log π(y|x)/π_ref(y|x) on the policy's samples
     ci95: list[float]
     predicted: float | None  # the dual's prediction (dual.json predicted.kl)
+    predicted_ci95: list[float] | None = None  # the dual's bootstrap CI of it
+    within_predicted_ci: bool | None = None  # achieved inside predicted_ci95
 
 
 @dataclass
 class ConstraintOutcome:
     """One constraint on held-out prompts: achieved against its threshold and against the dual's
-    predicted change (changes are taken against π_ref on each prompt set)."""
+    predicted change. Changes are the policy's mean minus π_ref's on the same prompts, with a
+    paired prompt bootstrap (a relative threshold's reference level re-estimated on each resample).
+
+    Verdicts: ``met`` — the point estimate is on the right side of the threshold; ``met_confidently``
+    — the one-sided 95% bound is; ``not_rejected`` — the two-sided 95% CI reaches it.
+    """
 
     name: str
     constraint: str
@@ -139,15 +162,19 @@ class ConstraintOutcome:
     threshold_dual: float  # on the dual's samples
     reference_eval: float
     achieved: float
-    ci95: list[float]
+    ci95: list[float]  # of the policy's mean
     predicted: float  # dual.json: predicted on the dual's samples
     reference_dual: float
     predicted_eval: float  # π_ref's held-out mean + the predicted change
     predicted_change: float
     achieved_change: float
+    achieved_change_ci95: list[float] | None  # paired bootstrap (None: a report from before it)
     prediction_error_frac: float
-    satisfied_within_ci: bool
-    satisfied_point: bool
+    met: bool
+    met_confidently: bool | None
+    not_rejected: bool | None
+    bound95: float | None  # the one-sided 95% bound met_confidently is judged on (value or change)
+    predicted_change_ci95: list[float] | None = None  # the dual's bootstrap CI
 
 
 @dataclass
@@ -155,6 +182,11 @@ class RewardPrediction:
     predicted: float
     reference_dual: float
     predicted_eval: float
+    predicted_change: float | None = None
+    predicted_change_ci95: list[float] | None = None  # the dual's bootstrap CI
+    achieved_change: float | None = None
+    achieved_change_ci95: list[float] | None = None  # paired bootstrap on held-out prompts
+    within_predicted_ci: bool | None = None  # achieved_change inside predicted_change_ci95
 
 
 @dataclass
@@ -201,7 +233,18 @@ def read_report(path: str | Path) -> EvalReport:
             except InputError as e:
                 raise InputError(f"{path}: key 'constraints': {e}") from None
             data["constraints"] = [{"name": n, **r} for n, r in zip(names, rows, strict=True)]
+        data["constraints"] = [_old_verdicts(r) if isinstance(r, dict) else r for r in data["constraints"]]
     return _convert(EvalReport, data, "", str(path))
+
+
+def _old_verdicts(row: dict) -> dict:
+    """A constraint row of a report written before the paired verdicts: ``satisfied_point`` is
+    ``met``, ``satisfied_within_ci`` is ``not_rejected``; what was not recorded stays unknown."""
+    if "met" in row or "satisfied_point" not in row:
+        return row
+    out = {k: v for k, v in row.items() if k not in ("satisfied_point", "satisfied_within_ci")}
+    return {**out, "met": row["satisfied_point"], "met_confidently": None,
+            "not_rejected": row.get("satisfied_within_ci"), "bound95": None, "achieved_change_ci95": None}
 
 
 def write_report(report: EvalReport, path: str | Path) -> None:

@@ -15,15 +15,16 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from dualign.config import config_to_dict
 from dualign.data.prompts import load_prompts
 from dualign.errors import ConfigError, InputError
 from dualign.io import read_json, read_table, write_json, write_table
 from dualign.models import load_causal_lm, load_tokenizer, sequence_logprobs, tokenize_pairs
+from dualign.progress import Progress
 from dualign.provenance import record_stage
 from dualign.templates import format_prompt
+from dualign.timing import timed
 
 
 @dataclass
@@ -82,7 +83,7 @@ def generate_responses(model, tokenizer, prompts: list[str], prompt_ids: list, n
     torch.manual_seed(seed)
     responses, logprobs, n_tokens = [], [], []
     try:
-        for batch in tqdm(batches, desc="sample", unit="batch", disable=None if progress else True, leave=False):
+        for batch in Progress(batches, desc="sample", unit="batches", enabled=progress):
             batch_texts = [texts[i] for i, _ in batch]
             out = _generate_batch(model, tokenizer, batch_texts, max_new_tokens, temperature, top_p)
             responses += out
@@ -101,6 +102,7 @@ def generate_responses(model, tokenizer, prompts: list[str], prompt_ids: list, n
     })
 
 
+@timed("generate")
 @torch.inference_mode()
 def _generate_batch(model, tokenizer, texts: list[str], max_new_tokens: int, temperature: float,
                     top_p: float) -> list[str]:
@@ -159,16 +161,17 @@ def sample(cfg: SampleConfig, run_dir: str | Path | None = None) -> Path:
     shard_dir = run_dir / "samples.shards"
     _check_shard_config(shard_dir, cfg)
     starts = range(0, len(prompts), cfg.shard_size)
-    for i, start in enumerate(tqdm(starts, desc="sample shards", unit="shard", disable=None)):
-        path = shard_dir / f"{i}.parquet"
-        if path.exists():
-            continue
-        part = prompts.iloc[start: start + cfg.shard_size]
-        table = generate_responses(
-            model, tokenizer, part["prompt"].tolist(), part["prompt_id"].tolist(), cfg.num_samples,
-            template=cfg.template, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-            top_p=cfg.top_p, batch_size=cfg.batch_size, seed=cfg.seed + i)
-        write_table(table, path)
+    with Progress(total=len(prompts) * cfg.num_samples, desc="sample", unit="responses") as bar:
+        for i, start in enumerate(starts):
+            path = shard_dir / f"{i}.parquet"
+            part = prompts.iloc[start: start + cfg.shard_size]
+            if not path.exists():
+                table = generate_responses(
+                    model, tokenizer, part["prompt"].tolist(), part["prompt_id"].tolist(), cfg.num_samples,
+                    template=cfg.template, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                    top_p=cfg.top_p, batch_size=cfg.batch_size, seed=cfg.seed + i, progress=False)
+                write_table(table, path)
+            bar.update(len(part) * cfg.num_samples)
     table = pd.concat([read_table(shard_dir / f"{i}.parquet") for i in range(len(starts))],
                       ignore_index=True)
     out = run_dir / "samples.parquet"

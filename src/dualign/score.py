@@ -37,11 +37,15 @@ from dualign.provenance import record_stage
 from dualign.scorers import (
     LogProbScorer,
     ScorerSpec,
+    SharedEncoderScorers,
     implicit_beta,
     implicit_reward,
     load_scorer,
     parse_scorer,
+    same_architecture,
     score_column,
+    score_columns,
+    share_encoders,
 )
 
 
@@ -100,9 +104,55 @@ def score_table(df: pd.DataFrame, scorers: Sequence[str | ScorerSpec], *, batch_
     load = {"device": device, "dtype": dtype, "max_length": max_length, "hf_input": hf_input,
             "template": template, "append_eos": append_eos}
     out = _with_ref_logprob(df, specs, ref_model, ref_revision, batch_size, progress, "table", **load)
-    for spec in specs:
-        out[spec.name] = _run_scorer(spec, out, batch_size, progress, **load)
+    for name, values in score_specs(specs, out, batch_size, progress, {s.name: load for s in specs}).items():
+        out[name] = values
     return out
+
+
+def score_specs(specs: list[ScorerSpec], df: pd.DataFrame, batch_size: int, progress: bool,
+                loads: dict[str, dict], done=None) -> dict[str, np.ndarray]:
+    """Every scorer's column on ``df`` (``loads``: name → load kwargs). ``hf`` classifiers of one
+    architecture are loaded together and, where they share an encoder, run it once per batch
+    (:func:`dualign.scorers.share_encoders`); every other scorer is loaded, run and freed alone.
+    ``done(name, column)`` is called as each column is finished (the stage's resume cache)."""
+    out: dict[str, np.ndarray] = {}
+
+    def finish(name: str, values: np.ndarray) -> None:
+        out[name] = values
+        if done is not None:
+            done(name, values)
+
+    for cluster in _clusters(specs, loads):
+        if len(cluster) == 1:
+            finish(cluster[0].name, _run_scorer(cluster[0], df, batch_size, progress, **loads[cluster[0].name]))
+            continue
+        units = share_encoders([load_scorer(spec, **loads[spec.name]) for spec in cluster])
+        names = iter(spec.name for spec in cluster)
+        try:
+            for unit in units:
+                members = [next(names) for _ in getattr(unit, "scorers", [unit])]
+                fn = unit if isinstance(unit, SharedEncoderScorers) else (lambda p, r, f=unit: [f(p, r)])
+                for name, values in score_columns(fn, members, df["prompt"].tolist(), df["response"].tolist(),
+                                                  batch_size, progress).items():
+                    finish(name, values)
+        finally:
+            units.clear()
+            _free(units)
+    return out
+
+
+def _clusters(specs: list[ScorerSpec], loads: dict[str, dict]) -> list[list[ScorerSpec]]:
+    """``hf`` specs of the same architecture and load settings together (candidates for a shared
+    encoder), every other spec alone; in the order of each cluster's first member."""
+    clusters: list[list[ScorerSpec]] = []
+    for spec in specs:
+        home = next((c for c in clusters if spec.kind == c[0].kind == "hf" and loads[spec.name] == loads[c[0].name]
+                     and same_architecture(c[0].target, spec.target)), None)
+        if home is None:
+            clusters.append([spec])
+        else:
+            home.append(spec)
+    return clusters
 
 
 def _with_ref_logprob(df: pd.DataFrame, specs: list[ScorerSpec], ref_model: str | None,
@@ -181,18 +231,21 @@ def score(cfg: ScoreConfig, run_dir: str | Path | None = None) -> Path:
     hashed = ["prompt", "response"] + (["ref_logprob"] if "ref_logprob" in samples.columns else [])
     samples_key = hashlib.sha256(pd.util.hash_pandas_object(samples[hashed]).to_numpy()
                                  .tobytes()).hexdigest()
-    columns = {}
-    for spec in specs:
+    def cache_path(spec: ScorerSpec) -> Path:
         key = json.dumps([spec.kind, spec.target, {k: v for k, v in load_of(spec).items() if k != "device"},
                           samples_key] + ([implicit_beta(spec)] if spec.kind == "implicit" else []))
-        cached = cache_dir / f"{spec.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.parquet"
-        if cached.exists():
-            columns[spec.name] = read_table(cached)[spec.name].to_numpy()
-            continue
-        scored = _with_ref_logprob(samples, [spec], ref_model, ref_revision, cfg.batch_size, True,
-                                   str(run_dir / "samples.parquet"), **load_of(spec))
-        columns[spec.name] = _run_scorer(spec, scored, cfg.batch_size, True, **load_of(spec))
-        write_table(pd.DataFrame({spec.name: columns[spec.name]}), cached)
+        return cache_dir / f"{spec.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.parquet"
+
+    paths = {spec.name: cache_path(spec) for spec in specs}
+    columns = {spec.name: read_table(paths[spec.name])[spec.name].to_numpy() for spec in specs
+               if paths[spec.name].exists()}
+    pending = [spec for spec in specs if spec.name not in columns]
+    if pending:
+        scored = _with_ref_logprob(samples, pending, ref_model, ref_revision, cfg.batch_size, True,
+                                   str(run_dir / "samples.parquet"),
+                                   **next((load_of(s) for s in pending if s.kind == "implicit"), load))
+        columns |= score_specs(pending, scored, cfg.batch_size, True, {s.name: load_of(s) for s in pending},
+                               done=lambda name, values: write_table(pd.DataFrame({name: values}), paths[name]))
     extra = {"scorers": {s.name: _describe(s) for s in specs}}
     if cfg.preferences:
         prefs = score_preferences(cfg.preferences, specs, ref_model, ref_revision, cfg.batch_size,
@@ -220,8 +273,8 @@ def score_preferences(source: str | Path | pd.DataFrame, specs: Sequence[ScorerS
     for spec in specs:
         long = _with_ref_logprob(long, [spec], ref_model, ref_revision, batch_size, progress, where,
                                  **loads[spec.name])
-        values = _run_scorer(spec, long, batch_size, progress, **loads[spec.name])
-        out[f"{spec.name}_0"], out[f"{spec.name}_1"] = values[:n], values[n:]
+    for name, values in score_specs(list(specs), long, batch_size, progress, loads).items():
+        out[f"{name}_0"], out[f"{name}_1"] = values[:n], values[n:]
     if "ref_logprob" in long.columns:
         out["ref_logprob_0"] = long["ref_logprob"].to_numpy()[:n]
         out["ref_logprob_1"] = long["ref_logprob"].to_numpy()[n:]

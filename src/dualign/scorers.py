@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -34,7 +35,6 @@ import torch
 import yaml
 from huggingface_hub import snapshot_download
 from safetensors import safe_open
-from tqdm.auto import tqdm
 
 from dualign.errors import ConfigError, InputError
 from dualign.models import (
@@ -44,7 +44,9 @@ from dualign.models import (
     sequence_logprobs,
     tokenize_pairs,
 )
+from dualign.progress import Progress
 from dualign.templates import format_prompt
+from dualign.timing import timed
 
 KINDS = ("hf", "beaver", "callable", "implicit")
 DIRECTIONS = ("higher_is_better", "lower_is_better")
@@ -144,6 +146,7 @@ class HFClassifierScorer:
         self.model = model.to(self.device).eval()
         self.max_length, self.hf_input, self.template = max_length, hf_input, template
 
+    @timed("score forward")
     @torch.inference_mode()
     def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
         if self.hf_input == "pair":
@@ -154,6 +157,104 @@ class HFClassifierScorer:
         batch = self.tokenizer(*args, padding=True, truncation=True, max_length=self.max_length,
                                return_tensors="pt").to(self.device)
         return self.model(**batch).logits[:, 0].float().cpu().tolist()
+
+
+class _Replay(torch.nn.Module):
+    """Stands in for a module whose output another model already computed on the same batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.value = None
+
+    def forward(self, *args, **kwargs):
+        return self.value
+
+
+def _compute_weights(module: torch.nn.Module) -> int:
+    """Parameters that cost multiplications: all but embedding tables (a lookup is cheap)."""
+    return sum(p.numel() for m in module.modules() if not isinstance(m, torch.nn.Embedding)
+               for p in m.parameters(recurse=False))
+
+
+def shared_trunk(leader: torch.nn.Module, other: torch.nn.Module) -> str | None:
+    """The name of the submodule of ``other`` with the most non-embedding weights whose parameters
+    and buffers all equal the same-named ones of ``leader`` (e.g. ``bert.encoder`` of two
+    classifiers fine-tuned on one frozen encoder), or None when there is none holding at least a
+    quarter of those weights (freshly initialised layer norms are equal in any two models; sharing
+    them saves nothing)."""
+    if type(leader) is not type(other):
+        return None
+    mine = dict(leader.named_modules())
+    best, size = None, _compute_weights(other) // 4
+    for name, module in other.named_modules():
+        twin = mine.get(name)
+        if not name or twin is None:
+            continue
+        n = _compute_weights(module)
+        ours, theirs = module.state_dict(), twin.state_dict()
+        if n <= size or ours.keys() != theirs.keys():
+            continue
+        if all(ours[k].shape == theirs[k].shape and torch.equal(ours[k], theirs[k]) for k in ours):
+            best, size = name, n
+    return best
+
+
+class SharedEncoderScorers:
+    """Several ``hf`` scorers run as one: where their classifiers share an encoder (equal weights,
+    same tokenizer), the encoder runs once per batch and each scorer adds only its own head.
+
+    The first scorer runs in full while a forward hook keeps its shared module's output; in every
+    other scorer that module is replaced by a replay of the kept output (and its weights dropped).
+    Naive equivalent: each scorer on its own (tests/test_score.py holds them equal).
+    """
+
+    def __init__(self, scorers: list[HFClassifierScorer]):
+        self.scorers = scorers
+        leader = scorers[0].model
+        for follower in scorers[1:]:
+            name = shared_trunk(leader, follower.model)
+            replay = _Replay()
+            leader.get_submodule(name).register_forward_hook(
+                lambda module, args, output, replay=replay: setattr(replay, "value", output))
+            follower.model.set_submodule(name, replay)
+
+    @torch.inference_mode()
+    def __call__(self, prompts: list[str], responses: list[str]) -> list[list[float]]:
+        return [scorer(prompts, responses) for scorer in self.scorers]
+
+
+def share_encoders(scorers: list) -> list:
+    """The scorers with every group of ``hf`` classifiers that share an encoder made one
+    :class:`SharedEncoderScorers` (at the place of its first member); the others unchanged."""
+    groups: list[list] = []
+    for fn in scorers:
+        group = next((g for g in groups if can_share(g[0], fn)), None)
+        if group is None:
+            groups.append([fn])
+        else:
+            group.append(fn)
+    return [SharedEncoderScorers(g) if len(g) > 1 else g[0] for g in groups]
+
+
+def can_share(leader, fn) -> bool:
+    """Two ``hf`` scorers with the same input settings, the same vocabulary and a shared trunk."""
+    if not (isinstance(leader, HFClassifierScorer) and isinstance(fn, HFClassifierScorer)):
+        return False
+    same_input = (leader.hf_input, leader.template, leader.max_length) == (fn.hf_input, fn.template, fn.max_length)
+    return (same_input and leader.tokenizer.get_vocab() == fn.tokenizer.get_vocab()
+            and shared_trunk(leader.model, fn.model) is not None)
+
+
+def same_architecture(dir_a: str | Path, dir_b: str | Path) -> bool:
+    """Cheap pre-check before loading two ``hf`` scorers side by side: equal ``config.json`` apart
+    from the label names and the model's own path."""
+    ignore = {"id2label", "label2id", "_name_or_path", "transformers_version"}
+
+    def config(d):
+        path = _model_dir(str(d)) / "config.json"
+        return {k: v for k, v in json.loads(path.read_text()).items() if k not in ignore}
+
+    return config(dir_a) == config(dir_b)
 
 
 class BeaverScorer:
@@ -195,6 +296,7 @@ class BeaverScorer:
         self.tokenizer = load_tokenizer(str(model_dir))
         self.max_length, self.append_eos = max_length, append_eos
 
+    @timed("score forward")
     @torch.inference_mode()
     def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
         tok = self.tokenizer
@@ -305,6 +407,7 @@ def load_callable(target: str) -> ScoreFn:
     return fn
 
 
+@timed("model load")
 def load_scorer(spec: ScorerSpec, *, device: str = "auto", dtype: str = "auto", max_length: int = 1024,
                 hf_input: str = "pair", template: str = "auto", append_eos: bool = True) -> ScoreFn:
     if spec.kind == "hf":
@@ -322,25 +425,37 @@ def score_column(fn: ScoreFn, name: str, prompts: list[str], responses: list[str
 
     Errors name the scorer and the 0-based row of the table.
     """
+    return score_columns(lambda p, r: [fn(p, r)], [name], prompts, responses, batch_size, progress)[name]
+
+
+def score_columns(fn, names: list[str], prompts: list[str], responses: list[str], batch_size: int = 16,
+                  progress: bool = True) -> dict[str, np.ndarray]:
+    """One column per name from ``fn(prompts, responses) -> [scores of names[0], scores of names[1], ...]``
+    (a :class:`SharedEncoderScorers`), batched by length as :func:`score_column`."""
     n = len(prompts)
     order = np.argsort([len(p) + len(r) for p, r in zip(prompts, responses, strict=True)], kind="stable")
-    out = np.empty(n, dtype=float)
-    with tqdm(total=n, desc=f"score {name}", unit="resp", disable=None if progress else True, leave=False) as bar:
+    out = {name: np.empty(n, dtype=float) for name in names}
+    with Progress(total=n, desc=f"score {', '.join(names)}", unit="responses", enabled=progress) as bar:
         for start in range(0, n, batch_size):
             idx = order[start: start + batch_size]
-            values = fn([prompts[i] for i in idx], [responses[i] for i in idx])
-            try:
-                values = np.asarray(list(values), dtype=float)
-            except (TypeError, ValueError):
-                raise InputError(f"scorer '{name}': returned non-numeric scores for the batch "
-                                 f"with row {idx[0]}") from None
-            if values.shape != (len(idx),):
-                raise InputError(f"scorer '{name}': returned {values.size} scores for a batch of "
-                                 f"{len(idx)} responses (the batch with row {idx[0]})")
-            out[idx] = values
+            for name, values in zip(names, fn([prompts[i] for i in idx], [responses[i] for i in idx]),
+                                    strict=True):
+                out[name][idx] = _batch_scores(values, name, idx)
             bar.update(len(idx))
-    bad = np.flatnonzero(~np.isfinite(out))
-    if bad.size:
-        raise InputError(f"scorer '{name}': score {out[bad[0]]} at row {bad[0]} is not finite "
-                         f"({bad.size} non-finite rows)")
+    for name, column in out.items():
+        bad = np.flatnonzero(~np.isfinite(column))
+        if bad.size:
+            raise InputError(f"scorer '{name}': score {column[bad[0]]} at row {bad[0]} is not finite "
+                             f"({bad.size} non-finite rows)")
     return out
+
+
+def _batch_scores(values, name: str, idx: np.ndarray) -> np.ndarray:
+    try:
+        values = np.asarray(list(values), dtype=float)
+    except (TypeError, ValueError):
+        raise InputError(f"scorer '{name}': returned non-numeric scores for the batch with row {idx[0]}") from None
+    if values.shape != (len(idx),):
+        raise InputError(f"scorer '{name}': returned {values.size} scores for a batch of "
+                         f"{len(idx)} responses (the batch with row {idx[0]})")
+    return values

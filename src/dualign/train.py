@@ -38,7 +38,6 @@ import numpy as np
 import pandas as pd
 import torch
 import yaml
-from tqdm.auto import tqdm
 
 from dualign.batches import EncodedPairs, encode_pairs, fill_ref_logps
 from dualign.checkpoint import load_state, restore_state, save_state, truncate_metrics
@@ -55,8 +54,10 @@ from dualign.models import (
     sequence_logprobs,
 )
 from dualign.pairs import require_columns, validate_pairs
+from dualign.progress import Progress
 from dualign.provenance import record_stage, versions
 from dualign.records import DualRecord, read_dual
+from dualign.timing import part
 
 
 @dataclass
@@ -176,7 +177,7 @@ def train(cfg: TrainConfig, stop_at_step: int | None = None) -> dict[str, Any]:
     loss_fn = LOSSES[cfg.method]
     lambdas = {f"dual/lambda_{k}": v for k, v in (dual.lambdas if dual else {}).items()}
     window: dict[str, list] = {}
-    progress = tqdm(total=total, initial=start, desc=f"train {cfg.method}", disable=None if main else True)
+    progress = Progress(total=total, initial=start, desc=f"train {cfg.method}", unit="steps", enabled=main)
     t0, trained = time.perf_counter(), 0
     order, order_epoch = None, -1
     for step in range(start, total):
@@ -285,12 +286,14 @@ def _optimizer_step(model, optimizer, data: EncodedPairs, rows: np.ndarray, loss
         ctx = accelerator.no_sync(model) if not sync else contextlib.nullcontext()
         with ctx:
             losses, diag = pair_loss(model, data, mb, loss_fn, cfg, generator, pad_id, accelerator)
-            accelerator.backward(losses.sum() * scale)
+            with part("backward"):
+                accelerator.backward(losses.sum() * scale)
         if weight:
             out["diag"].append({"loss": losses.detach(), **diag})
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-    out["grad_norm"] = float(accelerator.clip_grad_norm_(params, max_norm))
-    optimizer.step()
+    with part("optimizer"):
+        out["grad_norm"] = float(accelerator.clip_grad_norm_(params, max_norm))
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return out
 

@@ -22,10 +22,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from dualign.dual.tilt import SAFE_EXPONENT, Point, Samples, Tilt, flat_samples
 from dualign.errors import InfeasibleConstraintError, InputError
+from dualign.progress import Progress
 from dualign.segments import Segments
 
 
@@ -52,6 +52,9 @@ class DualResult:
     ci_level: float | None = None
     bootstrap: int = 0
     bootstrap_failed: int = 0  # resamples that were infeasible or did not converge
+    confidence: float | None = None  # planned with a margin (see solve_dual's ``confidence``)
+    confidence_margin: np.ndarray | None = None  # [m] added to b (g units) so the bound holds
+    plain: DualResult | None = None  # the solution without the margin, to show what it costs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,25 +299,41 @@ def _result(samples: Samples, thresholds: np.ndarray, beta: float, names: list[s
         num_prompts=samples.seg.num, num_samples=samples.size)
 
 
+def _resample_thresholds(sub: Samples, thresholds: np.ndarray, margins: np.ndarray) -> np.ndarray:
+    """b on a resample: a relative threshold (margin not NaN) is the resample's own π_ref mean of
+    g_j plus its margin; an absolute one stays."""
+    relative = ~np.isnan(margins)
+    if not relative.any():
+        return thresholds
+    return np.where(relative, sub.reference()[1] + np.nan_to_num(margins), thresholds)
+
+
 def _bootstrap(samples: Samples, result: DualResult, bootstrap: int, seed: int, tol: float,
-               max_iter: int, level: float) -> None:
-    """Percentile CIs over prompts: resample prompts with replacement (multinomial prompt weights)."""
+               max_iter: int, level: float, margins: np.ndarray) -> None:
+    """Percentile CIs over prompts: resample prompts with replacement (multinomial prompt weights),
+    re-estimate every relative threshold from the resample's π_ref mean, and solve again.
+
+    Naive equivalent: a loop that draws prompt indices, rebuilds the scores table from them and
+    calls :func:`solve_dual_long` with the thresholds recomputed (tests/test_dual.py)."""
     rng = np.random.default_rng(seed)
     num = samples.seg.num
     draws = []
-    for _ in tqdm(range(bootstrap), desc="bootstrap", disable=None, leave=False):
+    for _ in Progress(range(bootstrap), desc="bootstrap", unit="resamples"):
         counts = rng.multinomial(num, np.full(num, 1.0 / num))
         prompts = np.flatnonzero(counts)
         sub = samples.take(prompts, counts[prompts].astype(np.float64))
+        b = _resample_thresholds(sub, result.thresholds, margins)
         try:
-            sol, tilt = _solve(sub, result.thresholds, result.beta, result.names, result.lambdas,
-                               tol, max_iter, check_joint=False)
+            sol, tilt = _solve(sub, b, result.beta, result.names, result.lambdas, tol, max_iter,
+                               check_joint=False)
         except InfeasibleConstraintError:
             continue
         if not sol.converged:
             continue
         reward, utilities, kl_value = tilt.outcomes(sol.point)
-        draws.append(np.concatenate([sol.lambdas, [reward], utilities, [kl_value]]))
+        ref_reward, ref_utilities = sub.reference()
+        draws.append(np.concatenate([sol.lambdas, [reward], utilities, [kl_value],
+                                     [reward - ref_reward], utilities - ref_utilities]))
     result.bootstrap, result.bootstrap_failed, result.ci_level = bootstrap, bootstrap - len(draws), level
     if not draws:
         return
@@ -322,7 +341,46 @@ def _bootstrap(samples: Samples, result: DualResult, bootstrap: int, seed: int, 
     bounds = np.stack([lo, hi], axis=-1)
     m = samples.m
     result.ci = {"lambdas": bounds[:m], "predicted_reward": bounds[m],
-                 "predicted_utilities": bounds[m + 1:2 * m + 1], "kl": bounds[-1]}
+                 "predicted_utilities": bounds[m + 1:2 * m + 1], "kl": bounds[2 * m + 1],
+                 "predicted_reward_change": bounds[2 * m + 2], "predicted_utility_changes": bounds[2 * m + 3:]}
+
+
+def slack_spread(samples: Samples, lambdas: np.ndarray, thresholds: np.ndarray, margins: np.ndarray,
+                 beta: float, level: float, resamples: int, seed: int) -> np.ndarray:
+    """s_j = slack_j − q_{1−level}(slack*_j) at fixed λ, with slack_j = E_{p_λ}[g_j] − b_j on the
+    samples and slack*_j the same on prompt resamples (relative thresholds re-estimated): how far
+    the point prediction must clear b_j for the one-sided ``level`` bound to clear it → [m]."""
+    def slack(sub: Samples, b: np.ndarray) -> np.ndarray:
+        tilt = Tilt(sub, b, beta)
+        return tilt.outcomes(tilt.evaluate(lambdas))[1] - b
+
+    rng = np.random.default_rng(seed)
+    num = samples.seg.num
+    draws = []
+    for _ in range(resamples):
+        counts = rng.multinomial(num, np.full(num, 1.0 / num))
+        prompts = np.flatnonzero(counts)
+        sub = samples.take(prompts, counts[prompts].astype(np.float64))
+        draws.append(slack(sub, _resample_thresholds(sub, thresholds, margins)))
+    return np.maximum(slack(samples, thresholds) - np.quantile(np.array(draws), 1 - level, axis=0), 0.0)
+
+
+def _with_confidence(samples: Samples, plain: DualResult, margins: np.ndarray, level: float,
+                     resamples: int, seed: int, tol: float, max_iter: int, rounds: int = 6) -> DualResult:
+    """λ for which every constraint holds at its one-sided ``level`` bound under prompt resampling:
+    the fixed point of b'_j = b_j + s_j(λ(b')) (:func:`slack_spread` against the given b), solved
+    again until s stops moving (a few rounds)."""
+    b = plain.thresholds
+    result, spread = plain, np.zeros_like(b)
+    for _ in range(rounds):
+        new = slack_spread(samples, result.lambdas, b, margins, plain.beta, level, resamples, seed)
+        done = np.all(np.abs(new - spread) <= 1e-3 * samples.scale(b))
+        spread = new
+        result = _result(samples, b + spread, plain.beta, plain.names, result.lambdas, tol, max_iter)
+        if done:
+            break
+    result.confidence, result.confidence_margin, result.plain = level, spread, plain
+    return result
 
 
 def _check_inputs(rewards: np.ndarray, utilities: np.ndarray, sample_weights, thresholds, beta,
@@ -358,13 +416,17 @@ def _check_inputs(rewards: np.ndarray, utilities: np.ndarray, sample_weights, th
 
 def solve_dual(rewards, utilities, thresholds, beta: float, sample_weights=None, *,
                bootstrap: int = 0, seed: int = 0, tol: float = 1e-9, max_iter: int = 100,
-               names: Sequence[str] | None = None, lambdas0=None,
-               ci_level: float = 0.95) -> DualResult:
+               names: Sequence[str] | None = None, lambdas0=None, ci_level: float = 0.95,
+               relative: Sequence[bool] | None = None, confidence: float | None = None) -> DualResult:
     """λ* = argmin_{λ≥0} D(λ) for rewards [N, K], utilities [N, K, m] (or [N, K]), thresholds b.
 
     The constraints read mean_x E_π[g_j] ≥ b_j. ``sample_weights`` [N, K] ≥ 0 are normalised per
     prompt (uniform by default; zero-weight samples are ignored). ``bootstrap`` > 0 adds percentile
-    CIs over prompts (seeded by ``seed``). Raises InfeasibleConstraintError when no finite λ* exists.
+    CIs over prompts (seeded by ``seed``). ``relative[j]``: b_j was set as π_ref's mean of g_j on
+    these samples plus a margin, so the bootstrap re-estimates that mean on each resample.
+    ``confidence`` (e.g. 0.95): plan with a margin, the λ for which each constraint holds at its
+    one-sided ``confidence`` bound under prompt resampling (``result.plain`` is the solution
+    without it). Raises InfeasibleConstraintError when no finite λ* exists.
     """
     rewards = np.asarray(rewards, dtype=np.float64)
     if rewards.ndim != 2 or rewards.shape[0] == 0 or rewards.shape[1] == 0:
@@ -377,13 +439,14 @@ def solve_dual(rewards, utilities, thresholds, beta: float, sample_weights=None,
     seg = Segments.rectangular(n_prompts, k)
     flat_w = None if weights is None else weights.ravel()
     samples = flat_samples(seg, rewards.ravel(), utilities.reshape(-1, len(b)), flat_w, np.arange(n_prompts))
-    return _finish(samples, b, float(beta), names, lambdas0, tol, max_iter, bootstrap, seed, ci_level)
+    return _finish(samples, b, float(beta), names, lambdas0, tol, max_iter, bootstrap, seed, ci_level,
+                   relative, confidence)
 
 
 def solve_dual_long(prompt_ids, rewards, utilities, thresholds, beta: float, sample_weights=None, *,
                     bootstrap: int = 0, seed: int = 0, tol: float = 1e-9, max_iter: int = 100,
-                    names: Sequence[str] | None = None, lambdas0=None,
-                    ci_level: float = 0.95) -> DualResult:
+                    names: Sequence[str] | None = None, lambdas0=None, ci_level: float = 0.95,
+                    relative: Sequence[bool] | None = None, confidence: float | None = None) -> DualResult:
     """:func:`solve_dual` on long-format rows: prompt_ids [n], rewards [n], utilities [n, m] or [n].
 
     Prompts may have different numbers of samples; rows of a prompt need not be adjacent. Grouping
@@ -401,14 +464,24 @@ def solve_dual_long(prompt_ids, rewards, utilities, thresholds, beta: float, sam
     seg = Segments.of(prompt_ids)
     weights = None if weights is None else seg.group(weights)
     samples = flat_samples(seg, seg.group(rewards), seg.group(utilities), weights, seg.labels)
-    return _finish(samples, b, float(beta), names, lambdas0, tol, max_iter, bootstrap, seed, ci_level)
+    return _finish(samples, b, float(beta), names, lambdas0, tol, max_iter, bootstrap, seed, ci_level,
+                   relative, confidence)
 
 
-def _finish(samples, b, beta, names, lambdas0, tol, max_iter, bootstrap, seed,
-            ci_level) -> DualResult:
+def _finish(samples, b, beta, names, lambdas0, tol, max_iter, bootstrap, seed, ci_level,
+            relative=None, confidence=None) -> DualResult:
     if lambdas0 is not None and np.shape(lambdas0) != b.shape:
         raise InputError(f"lambdas0 must have {b.size} values, got {np.shape(lambdas0)}")
+    if relative is not None and len(relative) != b.size:
+        raise InputError(f"relative must have {b.size} values, got {len(relative)}")
+    if confidence is not None and not 0.5 <= confidence < 1:
+        raise InputError(f"confidence must lie in [0.5, 1), got {confidence!r}")
     result = _result(samples, b, beta, names, lambdas0, tol, max_iter)
+    ref = result.reference_utilities
+    margins = np.where(np.asarray(relative if relative is not None else [False] * b.size, bool), b - ref, np.nan)
+    if confidence is not None:
+        result = _with_confidence(samples, result, margins, confidence, max(int(bootstrap), 200), seed, tol, max_iter)
+        margins = margins + result.confidence_margin
     if bootstrap:
-        _bootstrap(samples, result, int(bootstrap), seed, tol, max_iter, ci_level)
+        _bootstrap(samples, result, int(bootstrap), seed, tol, max_iter, ci_level, margins)
     return result

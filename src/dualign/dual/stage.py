@@ -26,7 +26,7 @@ from dualign.dual.formulas import half_sample_kl, reference_means
 from dualign.dual.solver import DualResult, solve_dual_long
 from dualign.errors import InfeasibleConstraintError, InputError
 from dualign.provenance import record_stage
-from dualign.records import DualCI, DualRecord, HalfSampleKL, write_dual
+from dualign.records import ConfidencePlan, DualCI, DualRecord, HalfSampleKL, write_dual
 
 
 @dataclass
@@ -42,6 +42,10 @@ class DualConfig:
     bootstrap: int = field(default=0, metadata={
         "help": "bootstrap resamples over prompts for CIs (0: none)"})
     seed: int = field(default=0, metadata={"help": "bootstrap seed"})
+    confidence: float | None = field(default=None, metadata={
+        "help": "plan with a margin: choose λ so that every constraint holds at this one-sided "
+                "confidence bound (e.g. 0.95) of its predicted value under prompt resampling, "
+                "not only at the point prediction; dual.json records the margin and what it costs"})
 
 
 def _column_infeasible(err: InfeasibleConstraintError,
@@ -82,7 +86,8 @@ def _refuse_absolute_implicit(constraints: Sequence[Constraint], source: str) ->
 
 
 def solve_constraints(scores: Scores, beta: float, reward: str, constraints: Sequence[Constraint], *,
-                      bootstrap: int = 0, seed: int = 0, lambdas0=None) -> DualRecord:
+                      bootstrap: int = 0, seed: int = 0, lambdas0=None,
+                      confidence: float | None = None) -> DualRecord:
     """Solve the dual for parsed constraints on a scores table; return the dual.json record."""
     if not constraints:
         raise InputError("at least one --constraint is needed")
@@ -96,7 +101,8 @@ def solve_constraints(scores: Scores, beta: float, reward: str, constraints: Seq
     try:
         res = solve_dual_long(scores.prompt_index, scores.columns[reward], g, b, beta,
                               scores.sample_weights, names=names, bootstrap=bootstrap, seed=seed,
-                              lambdas0=lambdas0)
+                              lambdas0=lambdas0, relative=[c.relative for c in constraints],
+                              confidence=confidence)
     except InfeasibleConstraintError as e:
         raise _column_infeasible(e, constraints) from None
     record = _record(res, reward, constraints, ref)
@@ -107,62 +113,90 @@ def solve_constraints(scores: Scores, beta: float, reward: str, constraints: Seq
     return record
 
 
+def _in_columns(res: DualResult, reward: str, constraints: Sequence[Constraint]) -> dict[str, float]:
+    """π_λ's predicted reward, constraint values (column units, by name) and KL."""
+    out = {reward: res.predicted_reward}
+    for j, (name, c) in enumerate(zip(res.names, constraints, strict=True)):
+        out[name] = c.sign * float(res.predicted_utilities[j])
+    out["kl"] = res.kl
+    return out
+
+
 def _record(res: DualResult, reward: str, constraints: Sequence[Constraint],
             ref: dict[str, float]) -> DualRecord:
     """The solver's result in the columns' own units (a cost's value is −g), keyed by constraint name."""
     names = res.names
-    predicted, reference = {reward: res.predicted_reward}, {reward: res.reference_reward}
-    for j, (name, c) in enumerate(zip(names, constraints, strict=True)):
-        predicted[name] = c.sign * float(res.predicted_utilities[j])
-        reference[name] = ref[c.column]
-    predicted["kl"], reference["kl"] = res.kl, 0.0
+    predicted = _in_columns(res, reward, constraints)
+    reference = {reward: res.reference_reward, **{n: ref[c.column] for n, c in zip(names, constraints, strict=True)},
+                 "kl": 0.0}
     ci = None
     if res.ci is not None:
         pred_ci = {reward: res.ci["predicted_reward"].tolist(), "kl": res.ci["kl"].tolist()}
+        change_ci = {reward: res.ci["predicted_reward_change"].tolist()}
         for j, (name, c) in enumerate(zip(names, constraints, strict=True)):
             pred_ci[name] = sorted((c.sign * res.ci["predicted_utilities"][j]).tolist())
+            change_ci[name] = sorted((c.sign * res.ci["predicted_utility_changes"][j]).tolist())
         ci = DualCI(res.ci_level, res.bootstrap, res.bootstrap_failed,
-                    {n: res.ci["lambdas"][j].tolist() for j, n in enumerate(names)}, pred_ci)
+                    {n: res.ci["lambdas"][j].tolist() for j, n in enumerate(names)}, pred_ci, change_ci)
     elif res.bootstrap:  # every resample failed: the counts, no intervals
         ci = DualCI(res.ci_level, res.bootstrap, res.bootstrap_failed, {}, {})
+    margin = res.confidence_margin if res.confidence_margin is not None else np.zeros(len(names))
+    plan = None
+    if res.plain is not None:
+        plan = ConfidencePlan(res.confidence, {n: float(s) for n, s in zip(names, margin, strict=True)},
+                              dict(zip(names, res.plain.lambdas.tolist(), strict=True)),
+                              _in_columns(res.plain, reward, constraints))
     return DualRecord(
         beta=res.beta, reward=reward, constraints=[c.text for c in constraints],
         lambdas=dict(zip(names, res.lambdas.tolist(), strict=True)),
         columns={n: c.column for n, c in zip(names, constraints, strict=True)},
-        thresholds={n: c.sign * float(b) for n, c, b in zip(names, constraints, res.thresholds, strict=True)},
+        thresholds={n: c.sign * float(b - s) for n, c, b, s in zip(names, constraints, res.thresholds, margin,
+                                                                     strict=True)},
         predicted=predicted, reference=reference, feasible=True, converged=res.converged,
         iterations=res.iterations, dual_value=res.dual_value, kkt_residual=res.kkt_residual,
-        num_prompts=res.num_prompts, num_samples=res.num_samples, ci=ci)
+        num_prompts=res.num_prompts, num_samples=res.num_samples, ci=ci, confidence=plan)
 
 
 def format_report(record: DualRecord) -> str:
-    """The human table printed by ``dualign dual``."""
+    """The human table printed by ``dualign dual``: per constraint λ*, threshold, π_ref's mean and
+    π_λ*'s predicted value, and the predicted change with its bootstrap CI; then reward and KL."""
     ci = record.ci
     status = "converged" if record.converged else "NOT converged"
-    lines = [f"dual: beta={record.beta:g}, {record.num_prompts} prompts, "
-             f"{record.num_samples} samples; {status} in {record.iterations} Newton steps "
-             f"(KKT residual {record.kkt_residual:.1e})"]
-    head = f"{'':24s} {'lambda*':>12s} {'threshold':>12s} {'reference':>12s} {'predicted':>12s}"
-    if ci:
-        head += f"  {int(round(100 * ci.level))}% CI (bootstrap {ci.bootstrap})"
-    lines.append(head)
+    lines = [f"dual: β={record.beta:g}, {record.num_prompts} prompts, {record.num_samples} samples; "
+             f"{status} in {record.iterations} Newton steps (KKT residual {record.kkt_residual:.1e})"]
+    level = f"{round(100 * ci.level)}% CI" if ci and ci.level else "CI"
 
-    def ci_text(group: str, key: str) -> str:
+    def interval(group: str, key: str) -> str:
         lo_hi = getattr(ci, group).get(key) if ci else None
-        return f"  [{lo_hi[0]:.4g}, {lo_hi[1]:.4g}]" if lo_hi else ""
+        return f"[{lo_hi[0]:.4g}, {lo_hi[1]:.4g}]" if lo_hi else ""
 
+    head = (f"{'':22s} {'λ*':>9s} {'λ* ' + level:>20s} {'threshold':>10s} {'π_ref':>10s} {'π_λ*':>10s} "
+            f"{'change':>9s} {'change ' + level:>22s}")
+    lines.append(head)
     for text, name in zip(record.constraints, record.names, strict=True):
-        lines.append(f"{text:24s} {record.lambdas[name]:12.6g} {record.thresholds[name]:12.6g} "
-                     f"{record.reference[name]:12.6g} {record.predicted[name]:12.6g}"
-                     f"{ci_text('lambdas', name)}")
-    for key in (record.reward, "kl"):
-        lines.append(f"{key:24s} {'':12s} {'':12s} {record.reference[key]:12.6g} "
-                     f"{record.predicted[key]:12.6g}{ci_text('predicted', key)}")
+        change = record.predicted[name] - record.reference[name]
+        lines.append(f"{text:22s} {record.lambdas[name]:9.4g} {interval('lambdas', name):>20s} "
+                     f"{record.thresholds[name]:10.4g} {record.reference[name]:10.4g} {record.predicted[name]:10.4g} "
+                     f"{change:+9.4g} {interval('predicted_change', name):>22s}")
+    reward = record.reward
+    lines.append(f"{reward:22s} {'':9s} {'':>20s} {'':10s} {record.reference[reward]:10.4g} "
+                 f"{record.predicted[reward]:10.4g} {record.predicted[reward] - record.reference[reward]:+9.4g} "
+                 f"{interval('predicted_change', reward):>22s}")
+    lines.append(f"{'KL(π_λ*‖π_ref)':22s} {'':9s} {'':>20s} {'':10s} {0.0:10.4g} {record.predicted['kl']:10.4g} "
+                 f"{'':9s} {interval('predicted', 'kl'):>22s}")
     halves = record.kl_half_samples
     if halves:
-        lines.append(f"{'kl on K/2 samples':24s} {'':12s} {'':12s} {'':12s} {halves.half:12.6g}  "
-                     f"(on all K of the same prompts: {halves.all:.6g}; an estimate still growing "
-                     f"with K understates π_λ*'s KL)")
+        lines.append(f"KL from half of each prompt's samples: {halves.half:.3g} (from all of them: {halves.all:.3g}). "
+                     "An estimate that still grows with the number of samples means π_λ*'s true KL is larger "
+                     "than predicted: sample more responses per prompt.")
+    plan = record.confidence
+    if plan:
+        names = ", ".join(f"{n} by {plan.margin[n]:.3g}" for n in record.names)
+        lines.append(f"Planned with a {round(100 * plan.level)}% margin: π_λ* clears each threshold ({names}) so that "
+                     f"the one-sided {round(100 * plan.level)}% bound under prompt resampling meets it. Against the "
+                     f"plain solution (λ* {', '.join(f'{v:.4g}' for v in plan.plain_lambdas.values())}) the margin "
+                     f"costs {plan.plain_predicted[reward] - record.predicted[reward]:.3g} {reward} and adds "
+                     f"{record.predicted['kl'] - plan.plain_predicted['kl']:.3g} KL.")
     return "\n".join(lines)
 
 
@@ -173,6 +207,7 @@ def run_dual(cfg: DualConfig, run_dir: str | Path) -> DualRecord:
     path = Path(cfg.scores) if cfg.scores else run_dir / "scores.parquet"
     scores = read_scores(path, [cfg.reward] + [c.column for c in constraints])
     record = solve_constraints(scores, cfg.beta, cfg.reward, constraints, bootstrap=cfg.bootstrap,
+                               confidence=cfg.confidence,
                                seed=cfg.seed)
     write_dual(record, run_dir / "dual.json")
     record_stage(run_dir, "dual", cfg, seed=cfg.seed)

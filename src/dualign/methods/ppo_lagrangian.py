@@ -36,7 +36,6 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from dualign.config import dump_yaml
 from dualign.data.prompts import load_prompts
@@ -61,6 +60,7 @@ from dualign.models import (
     token_logprobs,
     tokenize_pairs,
 )
+from dualign.progress import Progress
 from dualign.provenance import record_stage
 from dualign.records import write_dual
 from dualign.sample import generate_responses
@@ -266,7 +266,7 @@ def train_primal_dual(cfg: PPOLagrangianConfig, rules: UpdateRules) -> dict[str,
     metrics = run_dir / "metrics.jsonl"
     metrics.unlink(missing_ok=True)
     batches = _prompt_batches(prompts, cfg.prompts_per_iteration, cfg.seed)
-    for it in tqdm(range(cfg.iterations), desc=cfg.method, disable=None):
+    for it in Progress(range(cfg.iterations), desc=cfg.method, unit="iterations"):
         rollout = _rollout(policy, reference, tokenizer, scorers, next(batches), objective, cfg, it,
                            max_new_tokens, device)
         sampled += rollout.tokens

@@ -31,7 +31,7 @@ class WorldConfig:
     """Sizes and training settings of the synthetic world (defaults: the ``default`` preset)."""
 
     seed: int = field(default=0, metadata={"help": "seed of every random choice in the world"})
-    threads: int = field(default=2, metadata={
+    threads: int = field(default=1, metadata={
         "help": "torch CPU threads of the build (part of the cache key: float reductions depend on it)"})
     n_train_prompts: int = field(default=3000, metadata={"help": "prompts for π_ref's SFT and the preference pairs"})
     n_dual_prompts: int = field(default=1024, metadata={"help": "prompts for the dual / training stages"})
@@ -71,7 +71,7 @@ class WorldConfig:
 
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
-    "small": {"threads": 1, "n_train_prompts": 2400, "n_dual_prompts": 64, "n_eval_prompts": 64,
+    "small": {"n_train_prompts": 2400, "n_dual_prompts": 64, "n_eval_prompts": 64,
               "n_calibration_prompts": 64, "hidden": 64,
               "layers": 2, "heads": 2, "sft_epochs": 6.0, "sft_batch_size": 32, "sft_lr": 8e-3,
               "n_preference_pairs": 300, "n_test_pairs": 100},
