@@ -206,6 +206,7 @@ def run_shared(run, shared: Path, log=print, cmp: CompareConfig | None = None) -
     shared.mkdir(parents=True, exist_ok=True)
     cost_path = shared / "compute.json"
     cost = read_json(cost_path) if cost_path.exists() else {}
+    ran = False
     for stage, output in SHARED_STAGES:
         if (shared / output).exists():
             log(f"shared {stage}: done, skipped")
@@ -213,11 +214,12 @@ def run_shared(run, shared: Path, log=print, cmp: CompareConfig | None = None) -
         log(f"shared {stage} ...")
         with measure() as used:
             _run_stage(funcs[stage], getattr(run, stage), shared)
-        cost[stage] = used
+        cost[stage], ran = used, True
         write_json(cost, cost_path)
-    samples = read_table(shared / "scores.parquet")
-    cost["sampled_tokens"] = int(samples["response_tokens"].sum()) if "response_tokens" in samples else 0
-    cost["tokens"], cost["flops"] = _shared_counts(run, samples)
+    if ran or "flops" not in cost:  # counted once: it loads the tokenizer and the models' configs
+        samples = read_table(shared / "scores.parquet")
+        cost["sampled_tokens"] = int(samples["response_tokens"].sum()) if "response_tokens" in samples else 0
+        cost["tokens"], cost["flops"] = _shared_counts(run, samples)
     if cmp is not None and any(r.method in PREFERENCE for r in _runs(cmp)):
         if (shared / "preferences.parquet").exists() and "preferences" in cost:
             log("shared log π_ref of the preference pairs: done, skipped")
@@ -226,9 +228,9 @@ def run_shared(run, shared: Path, log=print, cmp: CompareConfig | None = None) -
             with measure() as used:
                 tokens = _preference_reference(run, cmp, shared / "preferences.parquet")
             cost["preferences"] = {**used, "tokens": {"reference": tokens}}
-        cost["tokens"]["preferences"] = cost["preferences"]["tokens"]
-        cost["flops"]["preferences"] = stage_flops(cost["preferences"]["tokens"],
-                                                   model_forward_params(run.train.model) or 0, [])
+            cost["tokens"]["preferences"] = cost["preferences"]["tokens"]
+            cost["flops"]["preferences"] = stage_flops(cost["preferences"]["tokens"],
+                                                       model_forward_params(run.train.model) or 0, [])
     write_json(cost, cost_path)
     return cost
 

@@ -26,6 +26,7 @@ no weights read).
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -63,9 +64,11 @@ def forward_params(model: torch.nn.Module) -> int:
     return total - sum(t.numel() for t in tables) + (out.weight.numel() if tied else 0)
 
 
+@lru_cache(maxsize=64)
 def model_forward_params(path: str | Path, kind: str = "causal") -> int | None:
     """N of a Hugging Face model directory (``kind``: causal, classifier or backbone), built from its
-    config on the meta device; None where there is no local config (a Hub id, a callable)."""
+    config on the meta device; None where there is no local config (a Hub id, a callable). Cached
+    per process: a comparison asks for the same few models once per run."""
     from transformers import (
         AutoConfig,
         AutoModel,
