@@ -9,10 +9,14 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# Worlds built by the tests never land in (or come from) the user's cache.
-os.environ["DUALIGN_CACHE"] = tempfile.mkdtemp(prefix="dualign-test-cache-")
+# Worlds built by the tests never land in (or come from) the user's cache. The xdist workers of one
+# run share one cache (named after the controller's run id), so a world is built once.
+_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+os.environ["DUALIGN_CACHE"] = (os.path.join(tempfile.gettempdir(), f"dualign-test-cache-{_RUN}") if _RUN
+                               else tempfile.mkdtemp(prefix="dualign-test-cache-"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Under xdist each worker gets one thread (two workers on two cores); alone, up to two.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, os.cpu_count() or 1)))
 
 TINY_TEXTS = [
     "User: How do I cook rice?\nAssistant: Rinse the rice, then simmer it for fifteen minutes.",
@@ -48,11 +52,11 @@ def tiny_model(request, tiny_gpt2, tiny_llama) -> str:
 def small_world() -> str:
     """The ``small`` built-in world, built once per session into the test cache (so that
     ``world: {size: small}`` in a run config finds it). One thread: faster for tiny models."""
+    import fcntl
+
     from dualign.world import build_world, world_config
 
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    os.makedirs(os.environ["DUALIGN_CACHE"], exist_ok=True)
+    with open(os.path.join(os.environ["DUALIGN_CACHE"], "small-world.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the other worker waits for this build, then reuses it
         return str(build_world(world_config("small"), progress=False))
-    finally:
-        torch.set_num_threads(old)

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -155,3 +156,26 @@ def test_every_subcommand_prints_its_help():
         with pytest.raises(SystemExit) as exit_info:
             main([name, "--help"])
         assert exit_info.value.code == 0, name
+
+
+def test_evaluate_reuses_reference_samples_across_runs_only_while_nothing_that_determines_them_changes(
+        tmp_path, tiny_gpt2, monkeypatch):
+    import dualign.evaluate as ev
+
+    values = _config(tmp_path, tiny_gpt2, max_steps=1)
+    run_pipeline(resolve_run_config(values), log=lambda s: None)
+    calls = []
+    original = ev.sample_model
+    monkeypatch.setattr(ev, "sample_model", lambda path, *a, **k: calls.append(path) or original(path, *a, **k))
+    second = {**values, "run_dir": str(tmp_path / "second")}
+    run_pipeline(resolve_run_config(second), log=lambda s: None)
+    assert calls == [str(tmp_path / "second" / "policy")]        # π_ref's table came from the cache
+    a = pd.read_parquet(Path(values["run_dir"]) / "eval" / "samples_reference.parquet")
+    b = pd.read_parquet(tmp_path / "second" / "eval" / "samples_reference.parquet")
+    pd.testing.assert_frame_equal(a, b)
+    calls.clear()
+    third = {**second, "run_dir": str(tmp_path / "third"), "evaluate": {**values["evaluate"], "max_new_tokens": 11}}
+    run_pipeline(resolve_run_config(third), log=lambda s: None)
+    assert len(calls) == 2                                        # a sampling setting changed: π_ref sampled again
+    meta = json.loads((tmp_path / "third" / "train.meta.json").read_text())
+    assert meta["timing_s"]["total"] > 0 and meta["timing_s"]["forward (log-probs)"] > 0

@@ -1,11 +1,11 @@
-"""The recalibrate stage's λ updates against hand computation (g units: more λ, more g)."""
+"""The recalibrate stage: its λ updates against hand computation (g units: more λ, more g)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from dualign.recalibrate_math import dual_step, rescaled_targets, secant_step, shortfall
+from dualign.recalibrate import dual_step, rescaled_targets, secant_step, shortfall
 
 
 def test_shortfall_is_achieved_minus_target_in_g_units():
@@ -43,3 +43,44 @@ def test_dual_step_divides_the_slack_by_the_dual_curvature_and_projects():
     # two constraints, H = [[2, 1], [1, 2]], slack s = (−1, 0.5): λ − H⁻¹s = λ − (−5/6, 2/3)
     got = dual_step([1.0, 0.5], [3.0, 4.5], [4.0, 4.0], [[2.0, 1.0], [1.0, 2.0]])
     np.testing.assert_allclose(got, [1.0 + 5 / 6, 0.0], atol=1e-9)   # 0.5 − 2/3 < 0: projected to 0
+
+
+def test_recalibrate_stage_corrects_lambda_until_met_replaces_the_policy_and_restores_it_on_restart(
+        tmp_path, tiny_gpt2):
+    """Tiny models, callable scorers (tests/test_pipeline.py): the one-shot policy is measured on the
+    calibration prompts; while the constraint misses λ moves up; every round is recorded with its
+    compute; evaluate reads the final λ's dual record; --restart-from recalibrate brings the
+    one-shot policy back."""
+    import json
+
+    from test_pipeline import _config
+
+    from dualign.pipeline import resolve_run_config, run_pipeline
+
+    values = _config(tmp_path, tiny_gpt2, num_epochs=1)
+    values["dual"]["constraints"] = ["cost<=ref-0.2"]  # asks more than one tiny epoch delivers
+    values["recalibrate"] = {"prompts": str(tmp_path / "prompts.jsonl"), "rounds": 2, "num_samples": 2,
+                             "bootstrap": 50}
+    run = tmp_path / "run"
+    report = run_pipeline(resolve_run_config(values), log=lambda s: None)
+    record = json.loads((run / "recalibrate.json").read_text())
+    rounds = record["rounds"]
+    assert rounds[0]["rule"] == "one-shot λ*" and rounds[0]["gradient_steps"] == 0
+    assert 1 <= len(rounds) <= 3 and record["extra_fine_tunes"] == len(rounds) - 1
+    if len(rounds) > 1:        # a miss moved λ up (g units: more λ, more of −cost)
+        assert rounds[0]["met"] is False and rounds[1]["rule"] == "rescaled target"
+        assert rounds[1]["lambdas"][0] > rounds[0]["lambdas"][0]
+        assert rounds[1]["gradient_steps"] > 0 and rounds[1]["sampled_tokens"] > 0
+    assert record["compute"]["gradient_steps"] == sum(r["gradient_steps"] for r in rounds)
+    final = json.loads((run / "recalibrate" / "dual.json").read_text())
+    assert report["lambdas"] == final["lambdas"] == {"cost": rounds[-1]["lambdas"][0]}
+    assert report["recalibration"]["extra_fine_tunes"] == len(rounds) - 1
+    assert (run / "recalibrate" / "round0" / "policy" / "model.safetensors").exists()
+    if len(rounds) > 1:
+        final_weights = (run / f"recalibrate/round{len(rounds) - 1}/policy/model.safetensors").read_bytes()
+        assert (run / "policy" / "model.safetensors").read_bytes() == final_weights
+    oneshot = (run / "recalibrate" / "round0" / "policy" / "model.safetensors").read_bytes()
+    values["recalibrate"]["rounds"] = 0
+    run_pipeline(resolve_run_config(values), restart_from="recalibrate", log=lambda s: None)
+    assert (run / "policy" / "model.safetensors").read_bytes() == oneshot
+    assert len(json.loads((run / "recalibrate.json").read_text())["rounds"]) == 1

@@ -271,6 +271,11 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
                    help="world size: default (the demo) or small (a one-minute smoke run)")
     p.add_argument("--method", choices=("mocan", "pecan"), default="mocan",
                    help="mocan (reward and cost models) or pecan (preference pairs only)")
+    p.add_argument("--recalibrate", action="store_true",
+                   help="add the recalibrate stage: measure the aligned policy on held-out calibration "
+                        "prompts and correct λ while the constraint misses (at most 2 extra fine-tunes)")
+    p.add_argument("--confidence", type=float,
+                   help="plan λ so that the constraint holds at this one-sided confidence bound (e.g. 0.95)")
     p.add_argument("--restart-from", choices=STAGES, help="delete this stage's outputs and later ones first")
 
 
@@ -279,6 +284,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         DEFAULT_CONFIG,
         PECAN_CONFIG,
         PECAN_SMALL_CONFIG,
+        RECALIBRATE_CONFIG,
         SMALL_CONFIG,
         load_run_values,
         resolve_run_config,
@@ -290,6 +296,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     values = load_run_values(configs[args.method, args.size])
     default_dir = "runs/demo" if (args.method, args.size) == ("mocan", "default") else \
         f"runs/demo-{args.method}-{args.size}"
+    if args.recalibrate:
+        values["recalibrate"] = load_run_values(RECALIBRATE_CONFIG)["recalibrate"]
+        default_dir += "-recalibrate"
+    if args.confidence is not None:
+        values["dual"] = {**values["dual"], "confidence": args.confidence}
+        default_dir += f"-confidence{args.confidence:g}"
     values.update(run_dir=args.run_dir or default_dir, seed=args.seed)
     run_pipeline(resolve_run_config(values), restart_from=args.restart_from)
     return 0

@@ -11,7 +11,9 @@ should not pay for it.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,9 +25,15 @@ import torch
 from dualign.constraints import parse_constraint
 from dualign.data.prompts import load_prompts
 from dualign.errors import InputError
-from dualign.io import atomic_path, read_table, write_table
-from dualign.models import load_causal_lm, load_tokenizer, sequence_logprobs, tokenize_pairs
-from dualign.provenance import record_stage
+from dualign.io import atomic_path, cache_root, fingerprint, read_json, read_table, write_table
+from dualign.models import (
+    load_causal_lm,
+    load_tokenizer,
+    resolve_device,
+    sequence_logprobs,
+    tokenize_pairs,
+)
+from dualign.provenance import record_stage, versions
 from dualign.records import (
     ConstraintOutcome,
     DualRecord,
@@ -39,6 +47,7 @@ from dualign.records import (
 )
 from dualign.sample import generate_responses
 from dualign.score import score_table
+from dualign.scorers import parse_scorer
 from dualign.segments import Segments
 from dualign.templates import format_prompt
 
@@ -62,6 +71,9 @@ class EvaluateConfig:
     template: str = field(default="auto", metadata={"help": "prompt template (see `dualign sample`)"})
     judge: str | None = field(default=None, metadata={"help": "gold judge module:function -> {'helpful': [...], 'harmful': [...]}"})
     bootstrap: int = field(default=1000, metadata={"help": "bootstrap resamples over prompts for the 95% CIs"})
+    reference_cache: bool = field(default=True, metadata={
+        "help": "reuse π_ref's held-out samples, scores and verdicts from $DUALIGN_CACHE/eval-reference when "
+                "every setting that determines them (models, prompts, sampling, scorers, judge, seed) is unchanged"})
     seed: int = field(default=0, metadata={"help": "sampling and bootstrap seed"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, or auto"})
 
@@ -170,9 +182,11 @@ def _load_callable(spec: str):
         raise InputError(f"judge {spec!r} cannot be imported: {e}") from None
 
 
-def _sample_model(model_path: str, prompts: pd.DataFrame, cfg: EvaluateConfig, seed: int,
+def sample_model(model_path: str, prompts: pd.DataFrame, cfg: EvaluateConfig, seed: int,
                   ref_model=None, ref_tokenizer=None) -> pd.DataFrame:
-    """Generate from ``model_path``; add ``logprob`` (own) and ``ref_logprob`` (under π_ref)."""
+    """Generate from ``model_path`` with ``cfg``'s sampling settings (num_samples, template,
+    max_new_tokens, temperature, top_p, batch_size, device); add ``logprob`` (own) and
+    ``ref_logprob`` (under ``ref_model`` when given, else its own)."""
     tok = load_tokenizer(model_path)
     model = load_causal_lm(model_path, device=cfg.device).eval()
     df = generate_responses(model, tok, prompts["prompt"].tolist(), prompts["prompt_id"].tolist(),
@@ -220,7 +234,10 @@ def evaluate(cfg: EvaluateConfig) -> Path:
     policy = cfg.policy or str(run_dir / "policy")
     if not Path(policy).exists() and (policy.startswith((".", "/")) or os.sep in policy):
         raise InputError(f"policy '{policy}' does not exist (run `dualign train` first)")
-    dual = read_dual(run_dir / "dual.json", require=("lambdas", "thresholds", "predicted", "reference"))
+    # after recalibration the policy was trained at recalibrate/dual.json's λ, not at λ*
+    recalibrated = run_dir / "recalibrate" / "dual.json"
+    dual = read_dual(recalibrated if recalibrated.exists() else run_dir / "dual.json",
+                     require=("lambdas", "thresholds", "predicted", "reference"))
 
     prompts = load_prompts(cfg.prompts, prompt_column=cfg.prompt_column, split=cfg.split,
                            max_prompts=cfg.max_prompts)
@@ -230,12 +247,15 @@ def evaluate(cfg: EvaluateConfig) -> Path:
 
     out_dir = run_dir / "eval"
     tables = {}
+    shared = cache_root() / "eval-reference" / f"{reference_key(cfg)}.parquet" if cfg.reference_cache else None
     for name, path, seed in (("reference", cfg.reference, cfg.seed), ("policy", policy, cfg.seed + 1)):
         cache = out_dir / f"samples_{name}.parquet"
+        if name == "reference" and shared is not None and shared.exists() and not cache.exists():
+            write_table(read_table(shared), cache)
         if cache.exists():
             tables[name] = pd.read_parquet(cache)
             continue
-        df = _sample_model(path, prompts, cfg, seed, None if name == "reference" else ref_model, ref_tok)
+        df = sample_model(path, prompts, cfg, seed, None if name == "reference" else ref_model, ref_tok)
         df = score_table(df, cfg.scorers, batch_size=cfg.batch_size, device=cfg.device)
         if cfg.judge:
             verdict = _load_callable(cfg.judge)(df["prompt"].tolist(), df["response"].tolist())
@@ -244,13 +264,41 @@ def evaluate(cfg: EvaluateConfig) -> Path:
         if extra is not None:
             df = df.assign(prompt_id=df["prompt_id"].astype(str)).merge(extra, on="prompt_id", how="left")
         write_table(df, cache)
+        if name == "reference" and shared is not None:
+            write_table(df, shared)
         tables[name] = df
 
     report = build_report(tables["reference"], tables["policy"], dual, cfg)
+    if (run_dir / "recalibrate.json").exists():
+        report.recalibration = recalibration_summary(read_json(run_dir / "recalibrate.json"))
     write_report(report, out_dir / "report.json")
     plot_report(tables["reference"], tables["policy"], report, out_dir)
     record_stage(run_dir, "evaluate", cfg, cfg.seed)
     return out_dir / "report.json"
+
+
+def reference_key(cfg: EvaluateConfig) -> str:
+    """The cache key of π_ref's evaluation table: everything that determines its rows — the model's
+    and every scorer's files, the prompts, the sampling settings and seed, the judge, the device type
+    and the library versions (``dualign.io.fingerprint``)."""
+    parts = {"reference": fingerprint(cfg.reference), "prompts": fingerprint(cfg.prompts),
+             "scorers": [[spec, fingerprint(parse_scorer(spec).target)] for spec in cfg.scorers],
+             "device": resolve_device(cfg.device).type,
+             "versions": versions(),
+             **{k: getattr(cfg, k) for k in ("prompt_column", "split", "max_prompts", "num_samples", "max_new_tokens",
+                                             "temperature", "top_p", "batch_size", "template", "judge",
+                                             "group_column", "seed")}}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def recalibration_summary(record: dict) -> dict:
+    """What the report keeps of recalibrate.json: each round's λ, measured change and verdict, and
+    the compute the extra fine-tunes cost."""
+    rounds = [{"round": r["round"], "rule": r["rule"], "lambdas": dict(zip(record["names"], r["lambdas"], strict=True)),
+               "change": r["change"], "met": r["met"], "gradient_steps": r["gradient_steps"],
+               "sampled_tokens": r["sampled_tokens"], "wall_s": r["wall_s"]} for r in record["rounds"]]
+    return {"extra_fine_tunes": record["extra_fine_tunes"], "met_on_calibration": record["met"],
+            "rounds": rounds, "compute": record["compute"]}
 
 
 def _prompt_metadata(cfg: EvaluateConfig) -> pd.DataFrame | None:

@@ -23,6 +23,34 @@ from dualign.timing import timed
 TABLE_SUFFIXES = (".parquet", ".jsonl", ".json", ".csv")
 
 
+def cache_root() -> Path:
+    """dualign's cache: ``$DUALIGN_CACHE``, else ``~/.cache/dualign`` (built worlds, π_ref's
+    evaluation samples)."""
+    return Path(os.environ.get("DUALIGN_CACHE") or Path.home() / ".cache" / "dualign").expanduser()
+
+
+def fingerprint(path: str | os.PathLike, full_below: int = 1 << 28) -> str:
+    """sha256 over a file's or a directory's files (relative name, size and content; for a file
+    larger than ``full_below`` bytes its size and modification time stand in for the content).
+    A string that is not an existing path (a Hub id) is its own fingerprint."""
+    import hashlib
+
+    root = Path(path)
+    if not root.exists():
+        return str(path)
+    h = hashlib.sha256()
+    for f in sorted([root] if root.is_file() else [p for p in root.rglob("*") if p.is_file()]):
+        stat = f.stat()
+        h.update(f"{f.relative_to(root) if f != root else f.name}\0{stat.st_size}\0".encode())
+        if stat.st_size < full_below:
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+        else:
+            h.update(str(stat.st_mtime_ns).encode())
+    return h.hexdigest()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` if the block succeeds."""

@@ -31,25 +31,29 @@ from dualign.errors import ConfigError, InputError
 from dualign.evaluate import EvaluateConfig, evaluate, format_report
 from dualign.io import read_json, write_json
 from dualign.methods.pecan_prealign import PrealignConfig, prealign
+from dualign.recalibrate import RecalibrateConfig, recalibrate
 from dualign.records import read_report, to_json
 from dualign.sample import SampleConfig, sample
 from dualign.score import ScoreConfig, score
 from dualign.train import TrainConfig, train
 from dualign.world import build_world, default_world_dir, is_complete, world_config
 
-STAGES = ("sample", "prealign", "score", "dual", "train", "evaluate")
+STAGES = ("sample", "prealign", "score", "dual", "train", "recalibrate", "evaluate")
 OUTPUTS = {"sample": "samples.parquet", "prealign": "prealign/safe/policy", "score": "scores.parquet",
-           "dual": "dual.json", "train": "policy", "evaluate": "eval/report.json"}
+           "dual": "dual.json", "train": "policy", "recalibrate": "recalibrate.json",
+           "evaluate": "eval/report.json"}
 # Everything a stage leaves in the run directory (final output, resume state, side files).
 PRODUCTS = {"sample": ("samples.parquet", "samples.shards"), "prealign": ("prealign",),
             "score": ("scores.parquet", "scores.cache", "preference_scores.parquet"),
             "dual": ("dual.json",), "train": ("policy", "train.state", "pairs.parquet", "metrics.jsonl"),
-            "evaluate": ("eval",)}
+            "recalibrate": ("recalibrate", "recalibrate.json"), "evaluate": ("eval",)}
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
 SMALL_CONFIG = Path(__file__).parent / "configs" / "small.yaml"
 PECAN_CONFIG = Path(__file__).parent / "configs" / "pecan.yaml"
 PECAN_SMALL_CONFIG = Path(__file__).parent / "configs" / "pecan_small.yaml"
-PACKAGED = {"default": DEFAULT_CONFIG, "small": SMALL_CONFIG, "pecan": PECAN_CONFIG, "pecan_small": PECAN_SMALL_CONFIG}
+RECALIBRATE_CONFIG = Path(__file__).parent / "configs" / "recalibrate.yaml"
+PACKAGED = {"default": DEFAULT_CONFIG, "small": SMALL_CONFIG, "pecan": PECAN_CONFIG, "pecan_small": PECAN_SMALL_CONFIG,
+            "recalibrate": RECALIBRATE_CONFIG}
 
 
 @dataclass
@@ -63,6 +67,8 @@ class RunConfig:
     evaluate: EvaluateConfig
     seed: int = field(default=0, metadata={"help": "seed shared by every stage"})
     prealign: PrealignConfig | None = field(default=None, metadata={"help": "PeCAN's DPO pre-alignment"})
+    recalibrate: RecalibrateConfig | None = field(default=None, metadata={
+        "help": "measure the trained policy on calibration prompts and correct λ while a constraint misses"})
     world: dict | None = field(default=None, metadata={
         "help": "built-in world: {size: default|small, <WorldConfig key>: value, ...}"})
 
@@ -74,8 +80,14 @@ _SHARED = {
     "score": {"run_dir": "run_dir"},
     "dual": {"seed": "seed"},
     "train": {"run_dir": "run_dir", "model": "model", "seed": "seed"},
+    "recalibrate": {"run_dir": "run_dir", "reference": "model", "seed": "seed"},
     "evaluate": {"run_dir": "run_dir", "reference": "model", "seed": "seed"},
 }
+# Keys the recalibrate stage takes from other sections unless its own sets them: it samples and
+# scores as the evaluate stage does.
+_FROM_SECTIONS = {"recalibrate": {"scorers": ("evaluate", "scorers"), "template": ("evaluate", "template"),
+                                  "max_new_tokens": ("evaluate", "max_new_tokens"),
+                                  "batch_size": ("evaluate", "batch_size"), "device": ("evaluate", "device")}}
 
 
 def load_run_values(path: str | Path) -> dict[str, Any]:
@@ -99,12 +111,15 @@ def resolve_run_config(values: dict[str, Any]) -> RunConfig:
     """
     values = dict(values)
     for stage, shared in _SHARED.items():
-        if stage == "prealign" and values.get("prealign") is None:
+        if stage in ("prealign", "recalibrate") and values.get(stage) is None:
             continue
         section = dict(values.get(stage) or {})
         for key, top in shared.items():
             if top in values and key not in section:
                 section[key] = values[top]
+        for key, (other, name) in _FROM_SECTIONS.get(stage, {}).items():
+            if key not in section and name in (values.get(other) or {}):
+                section[key] = values[other][name]
         values[stage] = section
     if "run_dir" in values:
         values = _replace_refs(values, "run:", Path(values["run_dir"]), must_exist=False)
@@ -164,10 +179,15 @@ def run_pipeline(cfg: RunConfig, restart_from: str | None = None, log=print) -> 
         if restart_from not in STAGES:
             raise ConfigError(f"--restart-from: unknown stage {restart_from!r} (stages: {', '.join(STAGES)})")
         for stage in STAGES[STAGES.index(restart_from):]:
+            oneshot = run_dir / "recalibrate" / "round0" / "policy"
+            if stage == "recalibrate" and oneshot.exists() and (run_dir / "policy").exists():
+                _remove(run_dir / "policy")  # the train stage's own policy comes back
+                oneshot.rename(run_dir / "policy")
             for name in PRODUCTS[stage] + (f"{stage}.config.yaml", f"{stage}.meta.json"):
                 _remove(run_dir / name)
     funcs = {"sample": sample, "prealign": prealign, "score": score,
-             "dual": lambda c: run_dual(c, run_dir), "train": train, "evaluate": evaluate}
+             "dual": lambda c: run_dual(c, run_dir), "train": train,
+             "recalibrate": lambda c: recalibrate(c, cfg.train), "evaluate": evaluate}
     stages = [s for s in STAGES if getattr(cfg, s) is not None]
     total = 0.0
     for i, stage in enumerate(stages):

@@ -217,6 +217,7 @@ class EvalReport:
     predicted_reward: RewardPrediction
     reward: str
     judge: dict[str, dict[str, JudgeSummary]] | None = None
+    recalibration: dict[str, Any] | None = None  # recalibrate.json's rounds and compute, when it ran
 
 
 def read_report(path: str | Path) -> EvalReport:

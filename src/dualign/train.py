@@ -86,6 +86,9 @@ class TrainConfig:
         "help": "log π_ref source: auto (reuse the columns when the sample stage used this model and template), reuse, compute"})
     template: str = field(default="auto", metadata={"help": "prompt template (as for sample)"})
     revision: str | None = field(default=None, metadata={"help": "model revision"})
+    reference: str | None = field(default=None, metadata={
+        "help": "π_ref when the policy does not start from it (e.g. continuing from a trained policy): the "
+                "model whose log-probs anchor the loss (default: model)"})
     max_length: int = field(default=512, metadata={"help": "longest prompt+response, in tokens (responses are cut)"})
     learning_rate: float = field(default=5e-5, metadata={"help": "peak AdamW learning rate"})
     num_epochs: float = field(default=1.0, metadata={"help": "passes over the pairs"})
@@ -153,6 +156,11 @@ def train(cfg: TrainConfig, stop_at_step: int | None = None) -> dict[str, Any]:
     need = _reference_rows(data, cfg)
     if state is not None:
         data.ref_logps = state["ref_logps"]
+    elif cfg.reference and cfg.reference != cfg.model:
+        reference = load_causal_lm(cfg.reference, dtype="float32", device=accelerator.device)
+        disable_dropout(reference)
+        _reference_logps(reference, data, need, cfg, pad_id, accelerator)
+        del reference
     else:
         _reference_logps(model, data, need, cfg, pad_id, accelerator)
 
@@ -396,22 +404,26 @@ def _accelerator(cfg: TrainConfig):
 
 
 def _sample_stage_matches(cfg: TrainConfig) -> bool:
-    """True when ``<run_dir>/sample.config.yaml`` used this model, revision and template."""
+    """True when ``<run_dir>/sample.config.yaml`` used this π_ref (``reference``, else ``model``),
+    revision and template."""
     path = Path(cfg.run_dir) / "sample.config.yaml"
     if not path.exists():
         return False
     sample_cfg = yaml.safe_load(path.read_text()) or {}
-    return all(sample_cfg.get(k) == getattr(cfg, k) for k in ("model", "revision", "template"))
+    want = {"model": cfg.reference or cfg.model, "revision": cfg.revision, "template": cfg.template}
+    return all(sample_cfg.get(k) == v for k, v in want.items())
 
 
 def reference_logprobs(cfg: TrainConfig, pairs: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, int]:
     """log π_ref(a|x) and log π_ref(b|x) of a pairs table, computed as :func:`train` computes them
-    (``cfg``'s model, template and max_length; the same tokens, batching and precision), so that
+    (``cfg``'s π_ref, ``reference`` else ``model``, template and max_length; the same tokens,
+    batching and precision), so that
     several runs on the same pairs can share them (``ref_logprob_a/_b`` with ``ref_logprobs: reuse``);
     and the tokens run through π_ref (each distinct sequence once)."""
     accelerator = _accelerator(cfg)
     tokenizer = load_tokenizer(cfg.model, revision=cfg.revision)
-    model = load_causal_lm(cfg.model, revision=cfg.revision, dtype="float32", device=accelerator.device)
+    model = load_causal_lm(cfg.reference or cfg.model, revision=cfg.revision, dtype="float32",
+                           device=accelerator.device)
     disable_dropout(model)
     data = encode_pairs(validate_pairs(pairs), tokenizer, cfg.template, cfg.max_length)
     rows = torch.unique(data.canonical)
@@ -429,7 +441,8 @@ def _reference_rows(data: EncodedPairs, cfg: TrainConfig) -> torch.Tensor:
 
 def _reference_logps(model, data: EncodedPairs, need: torch.Tensor, cfg: TrainConfig, pad_id: int,
                      accelerator) -> None:
-    """log π_ref of the ``need`` rows (:func:`_reference_rows`), from ``model`` = π_ref."""
+    """log π_ref of the ``need`` rows (:func:`_reference_rows`), from ``model`` = π_ref (the policy
+    before its first update, or the separate ``reference``)."""
     fill_ref_logps(model, data, torch.unique(data.canonical[need]), pad_id, 2 * cfg.per_device_batch_size,
                    accelerator)
     data.ref_logps[need] = data.ref_logps[data.canonical[need]]

@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 
 from dualign.errors import InputError
-from dualign.io import write_json, write_table
+from dualign.io import cache_root, write_json, write_table
 from dualign.provenance import versions
 from dualign.world import corpus as C
 from dualign.world import scorers as S
@@ -34,10 +34,6 @@ from dualign.world.lm import sample_responses, train_ref_model
 WORLD_FILES = ("world.json", "prompts_train.jsonl", "prompts_dual.jsonl", "prompts_eval.jsonl", "prompts_calibration.jsonl",
                "preferences_train.jsonl", "preferences_test.jsonl", "sft_train.jsonl", "ref_samples_eval.jsonl",
                "ref_model/config.json", "reward_model/config.json", "cost_model/config.json")
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("DUALIGN_CACHE") or Path.home() / ".cache" / "dualign").expanduser()
 
 
 def default_world_dir(cfg: WorldConfig) -> Path:
