@@ -45,7 +45,10 @@ def compare_yaml(tiny_gpt2, tmp_path):
         "train": {"max_steps": 2, "per_device_batch_size": 4, "device": "cpu"},
         "evaluate": {"prompts": str(prompts), "scorers": scorers, "bootstrap": 20, "num_samples": 2,
                      "max_new_tokens": 8, "device": "cpu"},
-        "compare": {"methods": ["mocan", "dual-ascent", "grpo-lagrangian", "dpo-helpful", "safedpo"], "seeds": [0],
+        "recalibrate": {"prompts": str(prompts), "num_samples": 2, "max_new_tokens": 8, "rounds": 1,
+                        "margin": 100.0, "bootstrap": 20, "device": "cpu"},   # the margin makes it fine-tune again
+        "compare": {"methods": ["mocan", "mocan-recalibrated", "dual-ascent", "grpo-lagrangian", "dpo-helpful",
+                                "safedpo"], "seeds": [0],
                     "fixed_lambdas": [0.5], "preferences": str(preferences),
                     "dual_ascent": {"rounds": 2, "estimate_prompts": 2, "max_new_tokens": 8},
                     "ppo_lagrangian": {"iterations": 2, "prompts_per_iteration": 2, "num_samples": 2,
@@ -65,7 +68,7 @@ def test_compare_writes_table_and_plots_from_the_reports_and_resumes(compare_yam
     out = run_compare(*load_compare_config(compare_yaml), log=lambda *a: None)
     root = tmp_path / "cmp"
     table = read_table(root / "compare.csv")
-    labels = ["mocan", "dual-ascent", "grpo-lagrangian", "dpo-helpful", "safedpo"]
+    labels = ["mocan", "mocan-recalibrated", "dual-ascent", "grpo-lagrangian", "dpo-helpful", "safedpo"]
     assert table["label"].tolist() == labels
     for name in ("pareto", "constraints", "compute", "lambda", "compute_to_target"):
         assert (root / "plots" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -75,7 +78,8 @@ def test_compare_writes_table_and_plots_from_the_reports_and_resumes(compare_yam
     shared = read_json(root / "shared" / "compute.json")
     samples = read_table(root / "shared" / "scores.parquet")
     assert shared["sampled_tokens"] == samples["response_tokens"].sum() > 0
-    charged = {"mocan": ("sample", "score", "dual"), "dual-ascent": ("sample", "score"), "grpo-lagrangian": (),
+    charged = {"mocan": ("sample", "score", "dual"), "mocan-recalibrated": ("sample", "score", "dual"),
+               "dual-ascent": ("sample", "score"), "grpo-lagrangian": (),
                "dpo-helpful": ("preferences",), "safedpo": ("preferences",)}
     for label in rows.index:
         report = read_json(root / "runs" / label / "seed0" / "eval" / "report.json")
@@ -98,6 +102,14 @@ def test_compare_writes_table_and_plots_from_the_reports_and_resumes(compare_yam
     offset = parse_constraint(dual["constraints"][0]).value
     assert table["cost_threshold"].tolist() == pytest.approx([c["reference_eval"] + offset] * len(table))
     assert rows.loc["mocan", "lambda_cost"] == pytest.approx(dual["lambdas"]["cost"])
+    # MoCAN with recalibration: the one-shot fine-tune, then one more at a corrected λ, evaluated at that λ
+    recal = read_json(root / "runs" / "mocan-recalibrated" / "seed0" / "compute.json")
+    oneshot = read_json(root / "runs" / "mocan-recalibrated" / "seed0" / "oneshot.compute.json")
+    assert recal["extra_fine_tunes"] == 1 and recal["oneshot_lambdas"] == pytest.approx(dual["lambdas"])
+    assert rows.loc["mocan-recalibrated", "lambda_cost"] == pytest.approx(recal["lambdas"]["cost"])
+    assert recal["gradient_steps"] == 2 * oneshot["gradient_steps"] and recal["sampled_tokens"] > 0
+    assert recal["tokens"]["training"] == 2 * oneshot["tokens"]["training"]
+    assert rows.loc["mocan-recalibrated", "flops"] > rows.loc["mocan", "flops"]
     assert rows.loc["dual-ascent", "gradient_steps"] == 4       # 2 rounds × 2 steps
     assert rows.loc["grpo-lagrangian", "gradient_steps"] == 2   # 2 iterations × 1 pass of one minibatch
     assert rows.loc["dpo-helpful", "gradient_steps"] == 1 and rows.loc["safedpo", "sampled_tokens"] == 0
@@ -126,7 +138,7 @@ def test_compare_writes_table_and_plots_from_the_reports_and_resumes(compare_yam
     res = subprocess.run([sys.executable, "-m", "dualign", "compare", str(compare_yaml)], capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 0, res.stderr
-    assert res.stdout.count("done, skipped") == 4 + 5       # the shared stages and every method
+    assert res.stdout.count("done, skipped") == 4 + 6       # the shared stages and every method
     assert "grpo-lagrangian" in res.stdout and "π_ref" in res.stdout and "compute to target" in res.stdout
     assert stamps == {p: p.stat().st_mtime_ns for p in root.glob("runs/*/seed0/compute.json")}
 
@@ -141,7 +153,7 @@ def test_compare_config_refuses_unknown_methods_and_keys(compare_yaml):
     with pytest.raises(ConfigError, match="'helpful-dpo' was renamed 'reward-only-mocan'"):
         load_compare_config(compare_yaml, {"compare": {"methods": ["helpful-dpo"]}})
     with pytest.raises(ConfigError, match="'mocan-recalibrated' needs a 'recalibrate' section"):
-        load_compare_config(compare_yaml, {"compare": {"methods": ["mocan-recalibrated"]}})
+        load_compare_config(compare_yaml, {"recalibrate": None, "compare": {"methods": ["mocan-recalibrated"]}})
     with pytest.raises(ConfigError, match="compare.sweep.grpo-lagrangian.lambda_lrr"):
         load_compare_config(compare_yaml, {"compare": {"sweep": {"grpo-lagrangian": [{"lambda_lrr": 1.0}]}}})
     with pytest.raises(ConfigError, match="compare.preference_dpo.safety_marign"):

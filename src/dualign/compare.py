@@ -7,6 +7,8 @@ score and dual stages run once into ``<run_dir>/shared`` (and, for the preferenc
 π_ref into ``<run_dir>/runs/<label>/seed<s>`` and is evaluated by the ``evaluate`` stage with seed
 s, on the same held-out prompts, with π_ref's evaluation samples drawn once per seed. The
 evaluation's size (so its CI width) is the ``evaluate`` section's ``max_prompts`` × ``num_samples``.
+``mocan-recalibrated`` runs MoCAN's one-shot fine-tune and then the recalibrate stage (the run
+config's ``recalibrate`` section) on it, a second point beside MoCAN on the compute axis.
 An iterative method with ``checkpoints`` in its section is also evaluated at each of those budgets
 (``runs/<label>/seed<s>/budgets/<n>``). ``sweep`` runs extra settings of a method on
 ``sweep_seeds`` (labels ``method[key=value,...]``). Whatever has its ``eval/report.json`` is
@@ -55,6 +57,7 @@ from dualign.dual import run_dual
 from dualign.errors import ConfigError
 from dualign.evaluate import evaluate
 from dualign.flops import (
+    add_counts,
     model_forward_params,
     scorer_forward_params,
     stage_flops,
@@ -68,7 +71,8 @@ from dualign.methods.objective import link_sample_config, sequence_tokens
 from dualign.methods.ppo_lagrangian import PPOLagrangianConfig
 from dualign.methods.preference_dpo import PreferenceDPOConfig
 from dualign.models import load_tokenizer
-from dualign.pipeline import load_run_values, resolve_run_config, run_pipeline
+from dualign.pipeline import load_run_values, resolve_run_config
+from dualign.recalibrate import recalibrate
 from dualign.records import EvalReport, read_dual, read_report, to_json
 from dualign.sample import sample
 from dualign.score import score
@@ -295,19 +299,40 @@ def method_config(run, cmp: CompareConfig, r: Run, sub: Path, shared: Path, seed
                                             "lambdas": [r.lam] if r.lam is not None else None})
 
 
-def _run_recalibrated(run, sub: Path, shared: Path, seed: int) -> None:
-    """MoCAN with recalibration: ``dualign run`` into ``sub`` on the shared samples, scores and dual
-    (copied, so those stages are skipped), with the run config's recalibrate section; its wall-clock
-    and memory in compute.json (the stages' own counts are the pipeline's)."""
-    for name in ("samples.parquet", "scores.parquet", "dual.json", "sample.config.yaml", "score.config.yaml",
-                 "dual.config.yaml"):
-        if (shared / name).exists():
-            shutil.copyfile(shared / name, sub / name)
-    stages = {s: dataclasses.replace(getattr(run, s), run_dir=str(sub), seed=seed) for s in ("train", "evaluate")}
+def _run_recalibrated(run, cmp: CompareConfig, sub: Path, shared: Path, seed: int) -> None:
+    """MoCAN with recalibration: MoCAN's one-shot fine-tune (as the ``mocan`` method), then the
+    recalibrate stage with the run config's section on it, in ``sub``. compute.json: the one-shot's
+    cost plus the stage's (its wall-clock, gradient steps and sampled tokens; tokens: each round's
+    calibration samples of the policy and π_ref's once, sampled, self-scored and scored, and each
+    extra fine-tune the one-shot's training tokens, scaled by its epochs: the same pairs on the
+    same schedule)."""
+    oneshot_path = sub / "oneshot.compute.json"
+    train_cfg = method_config(run, cmp, Run("mocan", "mocan", [seed]), sub, shared, seed)
+    if not oneshot_path.exists():
+        run_method(train_cfg)
+        (sub / "compute.json").rename(oneshot_path)
+    shutil.copyfile(shared / "scores.parquet", sub / "scores.parquet")  # the stage reads <run_dir>/scores.parquet
+    oneshot = read_json(oneshot_path)
+    rcfg = dataclasses.replace(run.recalibrate, run_dir=str(sub), seed=seed)
     with measure() as used:
-        run_pipeline(dataclasses.replace(run, run_dir=str(sub), **stages), log=lambda *a: None)
-    write_json({"method": "mocan-recalibrated", "gradient_steps": float("nan"), "sampled_tokens": 0,
-                "lambdas": read_dual(sub / "dual.json").lambdas, **used}, sub / "compute.json")
+        out = recalibrate(rcfg, train_cfg)
+    tok = load_tokenizer(train_cfg.model, revision=train_cfg.revision)
+    calibration = [read_table(p) for p in sorted((sub / "recalibrate").glob("**/*.parquet"))
+                   if p.name in ("samples.parquet", "reference.parquet")]
+    n = sum(sequence_tokens(t, tok, rcfg.template) for t in calibration)
+    epochs = (rcfg.epochs / train_cfg.num_epochs) if rcfg.epochs is not None and train_cfg.max_steps <= 0 else 1.0
+    extra = {"generation": n, "forward": n, "scored": n,
+             "training": oneshot["tokens"]["training"] * epochs * out["extra_fine_tunes"]}
+    tokens = add_counts(oneshot["tokens"], extra)
+    n_policy = model_forward_params(train_cfg.model) or 0
+    write_json({"method": "mocan-recalibrated", "gradient_steps": oneshot["gradient_steps"] + out["compute"]["gradient_steps"],
+                "sampled_tokens": out["compute"]["sampled_tokens"],
+                "lambdas": read_dual(sub / "recalibrate" / "dual.json").lambdas,
+                "oneshot_lambdas": oneshot["lambdas"], "extra_fine_tunes": out["extra_fine_tunes"],
+                "wall_s": oneshot["wall_s"] + used["wall_s"],
+                "peak_memory_mb": max(oneshot["peak_memory_mb"], used["peak_memory_mb"]), "tokens": tokens,
+                "flops": stage_flops(tokens, n_policy, [scorer_forward_params(s) for s in rcfg.scorers])},
+               sub / "compute.json")
 
 
 def _evaluate(run, run_dir: Path, shared: Path, seed: int, policy: str | None = None) -> EvalReport:
@@ -335,25 +360,16 @@ def _train_and_evaluate(run, cmp: CompareConfig, r: Run, seed: int, root: Path, 
     if not ((sub / "compute.json").exists() and (sub / "policy").exists()):
         log(f"{r.label} seed {seed}: training ...")
         if r.method == "mocan-recalibrated":
-            _copy_reference(shared, sub, seed)
-            _run_recalibrated(run, sub, shared, seed)
+            _run_recalibrated(run, cmp, sub, shared, seed)
         else:
             run_method(method_config(run, cmp, r, sub, shared, seed))
     for budget in _budget_dirs(sub):
         if not (budget / "eval" / "report.json").exists():
             log(f"{r.label} seed {seed}: evaluating budget {budget.name} ...")
             _evaluate(run, budget, shared, seed, read_json(budget / "compute.json").get("policy"))
-    if not report_path.exists():  # (mocan-recalibrated: the pipeline evaluated it)
-        log(f"{r.label} seed {seed}: evaluating ...")
-        _evaluate(run, sub, shared, seed)
+    log(f"{r.label} seed {seed}: evaluating ...")
+    _evaluate(run, sub, shared, seed)
     return sub
-
-
-def _copy_reference(shared: Path, sub: Path, seed: int) -> None:
-    cached = shared / "eval_reference" / f"seed{seed}.parquet"
-    if cached.exists():
-        (sub / "eval").mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(cached, sub / "eval" / "samples_reference.parquet")
 
 
 def _budget_dirs(sub: Path) -> list[Path]:
