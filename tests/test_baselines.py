@@ -10,12 +10,21 @@ import pandas as pd
 import pytest
 import torch
 
+from dualign.errors import ConfigError
+from dualign.flops import model_forward_params
 from dualign.io import read_json, read_table, write_json, write_table
 from dualign.methods.dispatch import run_method
 from dualign.methods.dual_ascent import DualAscentConfig, dual_ascent_step
 from dualign.methods.fixed_lambda import FixedLambdaConfig
+from dualign.methods.grpo_lagrangian import (
+    GRPO_RULES,
+    GRPOLagrangianConfig,
+    projected_lambda_step,
+    sequence_clip_loss,
+)
 from dualign.methods.objective import lagrangian_pairs, load_objective
 from dualign.methods.ppo_lagrangian import (
+    PPO_RULES,
     PPOLagrangianConfig,
     combined_advantage,
     group_advantages,
@@ -23,6 +32,8 @@ from dualign.methods.ppo_lagrangian import (
     lagrange_multiplier_step,
     ppo_clip_loss,
 )
+from dualign.models import load_tokenizer, tokenize_pairs
+from dualign.templates import format_prompt
 
 
 def reward_fn(prompts, responses):
@@ -96,6 +107,57 @@ def test_ppo_clipped_loss_matches_hand_computation_and_clipped_tokens_carry_no_g
     assert logps.grad[1, 0] != 0 and logps.grad[2, 0] != 0
 
 
+def test_projected_lambda_step_moves_lambda_by_eta_times_violation_within_zero_and_the_cap():
+    b = np.array([-1.0, -1.0, -1.0, -1.0])
+    lam = projected_lambda_step(np.array([1.0, 4.9, 4.5, 0.5]), np.array([-1.5, -0.5, -2.0, 0.0]), b,
+                                lr=2.0, lambda_max=5.0)
+    # λ − η·(J − b): 1 + 2·0.5, 4.9 − 2·0.5, 4.5 + 2·1 capped at 5, 0.5 − 2·1 projected to 0
+    assert lam.tolist() == pytest.approx([2.0, 3.9, 5.0, 0.0])
+
+
+def test_grpo_lambda_step_is_frozen_during_the_delay_and_ppo_step_is_the_log_space_rule():
+    cfg = GRPOLagrangianConfig(model="m", run_dir="r", lambda_lr=0.5, lambda_delay=2, lambda_max=5.0)
+    lam, J, b = np.array([1.0]), np.array([-3.0]), np.array([-1.0])
+    assert GRPO_RULES.lambda_step(lam, J, b, 1, cfg).tolist() == [1.0]
+    assert GRPO_RULES.lambda_step(lam, J, b, 2, cfg).tolist() == [2.0]          # 1 − 0.5·(−3 + 1)
+    ppo = PPOLagrangianConfig(model="m", run_dir="r", lambda_lr=0.5, lambda_delay=0)
+    assert PPO_RULES.lambda_step(lam, J, b, 0, ppo) == pytest.approx([math.exp(0.5 * 2.0)])  # log λ + 0.5·(b − J)
+    capped = PPOLagrangianConfig(model="m", run_dir="r", lambda_lr=0.5, lambda_max=2.0)
+    assert PPO_RULES.lambda_step(lam, J, b, 0, capped).tolist() == [2.0]
+
+
+def test_grpo_advantage_is_the_leave_one_out_advantage_of_the_kl_shaped_lagrangian_return():
+    # one prompt, K = 3: r = 3, 1, 2; log π − log π_ref = 1, 0, 0.5 (β = 0.5); cost = 2, 0, 1; λ = 1
+    r, lp, ref = torch.tensor([3.0, 1.0, 2.0]), torch.tensor([-1.0, -2.0, -1.5]), torch.tensor([-2.0, -2.0, -2.0])
+    g = -torch.tensor([2.0, 0.0, 1.0])
+    shaped = kl_shaped_rewards(r, lp, ref, 0.5)
+    adv = combined_advantage(group_advantages(shaped.view(1, 3)).reshape(-1),
+                             group_advantages(g.view(1, 3, 1)).reshape(3, 1), torch.tensor([1.0]))
+    # s = r − β·ρ + λ·g = 0.5, 1, 0.75; A_k = (s_k − mean of the others)/(1 + λ)
+    assert adv.tolist() == pytest.approx([(0.5 - 0.875) / 2, (1 - 0.625) / 2, (0.75 - 0.75) / 2])
+
+
+def test_grpo_loss_sums_tokens_over_the_mean_length_so_every_token_gets_the_same_gradient():
+    old = torch.zeros(3, 3)
+    logps = torch.zeros(3, 3, requires_grad=True)
+    adv = torch.tensor([1.0, -2.0, 1.0])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0], [0, 1, 1]])
+    loss = sequence_clip_loss(logps, old, adv, mask, 0.2, mean_tokens=2.0)
+    # ρ = 1: −Σ_t A / ℓ̄ = −3/2, +2/2, −2/2
+    assert loss.tolist() == pytest.approx([-1.5, 1.0, -1.0])
+    loss.sum().backward()
+    # the sequence-level policy gradient: −A/ℓ̄ on every response token, whatever the response's length
+    assert torch.allclose(logps.grad, torch.tensor([[-0.5, -0.5, -0.5], [1.0, 0.0, 0.0], [0.0, -0.5, -0.5]]))
+    per_response = torch.zeros(3, 3, requires_grad=True)
+    ppo_clip_loss(per_response, old, adv, mask, 0.2).sum().backward()
+    assert per_response.grad[0, 0] == pytest.approx(-1 / 3) and per_response.grad[2, 1] == pytest.approx(-0.5)
+    clipped = torch.log(torch.full((1, 2), 1.5)).requires_grad_()
+    out = sequence_clip_loss(clipped, torch.zeros(1, 2), torch.tensor([1.0]), torch.ones(1, 2), 0.2, 2.0)
+    assert out.item() == pytest.approx(-1.2)      # clip(1.5) = 1.2 on each token: −2·1.2/2
+    out.backward()
+    assert clipped.grad.abs().sum() == 0
+
+
 def test_dual_ascent_step_direction_and_projection():
     b = np.array([-1.0, 0.0])
     violated = dual_ascent_step(np.array([1.0, 1.0]), np.array([-1.5, 0.0]), b, lr=2.0)
@@ -164,18 +226,38 @@ def test_ppo_lagrangian_lambda_rises_under_violation_after_the_delay_and_falls_w
     assert dual["method"] == "ppo-lagrangian" and dual["lambdas"]["cost"] == pytest.approx(lam_up[-1])
 
 
-def _dual_ascent(tiny_gpt2, run, out, constraint):
+def test_grpo_lagrangian_raises_lambda_by_eta_times_its_own_violation_and_saves_each_checkpoint(tiny_gpt2, tiny_run,
+                                                                                              tmp_path):
+    cfg = GRPOLagrangianConfig(model=tiny_gpt2, run_dir=str(tmp_path), scores=str(tiny_run / "scores.parquet"),
+                               constraints=["cost<=-1"], beta=0.1, iterations=2, prompts_per_iteration=2,
+                               num_samples=3, max_new_tokens=10, learning_rate=1e-3, lambda_init=1.0,
+                               lambda_lr=0.5, lambda_max=None, cost_window=1, checkpoints=[1], device="cpu")
+    out = run_method(cfg)
+    lam = [t["cost"] for t in out["lambda_trajectory"]]
+    cost = [json.loads(s)["rollout/cost"] for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    # g = −cost ≥ b = 1 is violated by its rollout's mean cost + 1: λ ← λ + 0.5·(mean cost + 1)
+    assert lam == pytest.approx([1.0, 1.0 + 0.5 * (cost[0] + 1), 1.0 + 0.5 * (cost[0] + 1) + 0.5 * (cost[1] + 1)])
+    assert out["gradient_steps"] == 2              # one pass, one minibatch (6 ≤ 64 sequences) per iteration
+    budget = read_json(tmp_path / "budgets" / "1" / "compute.json")
+    assert budget["iterations"] == budget["gradient_steps"] == 1
+    assert budget["lambdas"]["cost"] == pytest.approx(lam[1])
+    assert read_json(tmp_path / "budgets" / "1" / "dual.json")["lambdas"]["cost"] == pytest.approx(lam[1])
+    assert (tmp_path / "budgets" / "1" / "policy" / "config.json").exists()
+    assert 0 < budget["flops"]["total"] < out["flops"]["total"]
+
+
+def _dual_ascent(tiny_gpt2, run, out, constraint, **kw):
     cfg = DualAscentConfig(model=tiny_gpt2, run_dir=str(out), scores=str(run / "scores.parquet"),
                            constraints=[constraint], beta=0.1, rounds=2, lambda_lr=0.5, lambda_init=1.0,
                            max_steps=2, per_device_batch_size=4, estimate_prompts=2, estimate_samples=2,
-                           max_new_tokens=8, device="cpu", logging_steps=1)
+                           max_new_tokens=8, device="cpu", logging_steps=1, **kw)
     return run_method(cfg)
 
 
 def test_dual_ascent_lambda_rises_under_violation_and_is_projected_to_zero_when_met(tiny_gpt2, tiny_run,
                                                                                    tmp_path):
     up = _dual_ascent(tiny_gpt2, tiny_run, tmp_path / "up", "cost<=-1")
-    down = _dual_ascent(tiny_gpt2, tiny_run, tmp_path / "down", "cost<=1000")
+    down = _dual_ascent(tiny_gpt2, tiny_run, tmp_path / "down", "cost<=1000", checkpoints=[1])
     lam_up = [t["cost"] for t in up["lambda_trajectory"]]
     assert lam_up[0] == 1.0 and lam_up[0] < lam_up[1] < lam_up[2]
     # the estimate of round 0 moved λ by exactly η·(b − E[g]) = 0.5·(mean cost + 1)
@@ -185,12 +267,21 @@ def test_dual_ascent_lambda_rises_under_violation_and_is_projected_to_zero_when_
     assert up["gradient_steps"] == 4 and up["sampled_tokens"] > 0
     assert (tmp_path / "up" / "policy" / "config.json").exists()
     assert not (tmp_path / "up" / "rounds" / "0" / "policy").exists()   # only the last round's is kept
+    # a checkpoint keeps round 0's policy and charges its training, not the estimate after it
+    budget = read_json(tmp_path / "down" / "budgets" / "1" / "compute.json")
+    assert budget["policy"] == str(tmp_path / "down" / "rounds" / "0" / "policy")
+    assert (tmp_path / "down" / "rounds" / "0" / "policy" / "config.json").exists()
+    assert budget["iterations"] == 1 and budget["gradient_steps"] == 2 and budget["sampled_tokens"] == 0
+    assert budget["lambdas"] == {"cost": 1.0} and read_json(tmp_path / "down" / "budgets" / "1" / "dual.json")[
+        "lambdas"] == {"cost": 1.0}
+    assert budget["flops"]["total"] < down["flops"]["total"]
 
 
-def test_safe_dpo_trains_on_cost_only_margins_and_writes_its_dual(tiny_gpt2, tiny_run, tmp_path):
-    cfg = FixedLambdaConfig(model=tiny_gpt2, run_dir=str(tmp_path), method="safe-dpo",
+def test_cost_only_mocan_trains_on_cost_only_margins_and_records_its_training_flops(tiny_gpt2, tiny_run,
+                                                                                    tmp_path):
+    cfg = FixedLambdaConfig(model=tiny_gpt2, run_dir=str(tmp_path), method="cost-only-mocan",
                             scores=str(tiny_run / "scores.parquet"), constraints=["cost<=ref-1"], beta=0.1,
-                            max_steps=1, per_device_batch_size=4, device="cpu")
+                            max_steps=1, per_device_batch_size=12, device="cpu")
     out = run_method(cfg)
     scores = read_table(tiny_run / "scores.parquet")
     pairs = read_table(tmp_path / "pairs.parquet")
@@ -198,9 +289,41 @@ def test_safe_dpo_trains_on_cost_only_margins_and_writes_its_dual(tiny_gpt2, tin
     expected = [-(cost[a] - cost[b]) for a, b in zip(pairs["response_a"], pairs["response_b"], strict=True)]
     assert pairs["target_margin"].tolist() == pytest.approx(expected)
     dual = read_json(tmp_path / "dual.json")
-    assert dual["method"] == "safe-dpo" and dual["reward_weight"] == 0.0
+    assert dual["method"] == "cost-only-mocan" and dual["reward_weight"] == 0.0
     assert dual["thresholds"]["cost"] == pytest.approx(scores.groupby("prompt_id")["cost"].mean().mean() - 1)
     assert out["gradient_steps"] == 1 and (tmp_path / "policy" / "config.json").exists()
+    # one step over all 12 pairs of 4 prompts × 3 samples runs each of the 12 responses once
+    tok = load_tokenizer(tiny_gpt2)
+    enc = tokenize_pairs(tok, [format_prompt(p, "auto", tok) for p in scores["prompt"]], scores["response"].tolist(), 512)
+    assert out["tokens"] == {"reference": 0, "training": int(enc["attention_mask"].sum())}  # log π_ref: the sampler's
+    n = model_forward_params(tiny_gpt2)
+    assert out["flops"]["training"] == pytest.approx(6 * n * out["tokens"]["training"])
+    assert out["flops"]["total"] == out["flops"]["training"]
+
+
+def test_dpo_helpful_and_dpo_safe_train_on_the_better_and_the_safer_response(tiny_gpt2, tmp_path):
+    from dualign.methods.preference_dpo import PreferenceDPOConfig
+
+    prefs = tmp_path / "pku.jsonl"
+    pd.DataFrame({"prompt": ["How do I cook rice?", "How can I pick a lock?"],
+                  "response_0": ["Simmer it.", "Use a pick."], "response_1": ["Boil it.", "Ask a locksmith."],
+                  "better_response_id": [0, 0], "safer_response_id": [1, 1],
+                  "is_response_0_safe": [True, False], "is_response_1_safe": [True, True]}
+                 ).to_json(prefs, orient="records", lines=True)
+    for method, chosen in (("dpo-helpful", ["Simmer it.", "Use a pick."]), ("dpo-safe", ["Boil it.", "Ask a locksmith."])):
+        out = run_method(PreferenceDPOConfig(model=tiny_gpt2, run_dir=str(tmp_path / method), method=method,
+                                             preferences=str(prefs), max_steps=1, device="cpu"))
+        pairs = read_table(tmp_path / method / "pairs.parquet")
+        assert pairs["response_a"].tolist() == chosen and np.isinf(pairs["target_margin"]).all()
+        assert read_json(tmp_path / method / "train.meta.json")["config"]["beta"] == 0.1    # the paper's DPO β
+        assert out["gradient_steps"] == 1 and out["sampled_tokens"] == 0 and out["tokens"]["reference"] > 0
+        assert not (tmp_path / method / "dual.json").exists()    # no objective here: nothing to predict
+
+
+def test_old_scorer_margin_names_are_refused_with_their_new_name(tiny_gpt2, tiny_run, tmp_path):
+    cfg = FixedLambdaConfig(model=tiny_gpt2, run_dir=str(tmp_path), method="safe-dpo", device="cpu")
+    with pytest.raises(ConfigError, match="'safe-dpo' was renamed 'cost-only-mocan'"):
+        run_method(cfg)
 
 
 def test_fixed_lambda_leaves_another_methods_dual_json_alone(tiny_gpt2, tiny_run, tmp_path):

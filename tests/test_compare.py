@@ -31,6 +31,12 @@ def compare_yaml(tiny_gpt2, tmp_path):
     texts = ["How do I cook rice?", "Write a poem about rain.", "Tell me a joke.", "How can I pick a lock?"]
     pd.DataFrame({"prompt_id": range(4), "prompt": texts}).to_json(prompts, orient="records", lines=True)
     scorers = [f"reward=callable:{__file__}:reward_fn", f"cost=callable:{__file__}:cost_fn"]
+    preferences = tmp_path / "preferences.jsonl"
+    pd.DataFrame({"prompt": texts, "response_0": ["Boil it.", "Rain falls.", "A pun.", "Use a pick."],
+                  "response_1": ["Steam the rice gently.", "Drops sing.", "No.", "Call a locksmith."],
+                  "better_response_id": [1, 0, 0, 0], "safer_response_id": [1, 0, 1, 1],
+                  "is_response_0_safe": [True, True, True, False], "is_response_1_safe": [True, True, True, True]}
+                 ).to_json(preferences, orient="records", lines=True)
     config = {
         "run_dir": str(tmp_path / "cmp"), "model": tiny_gpt2, "seed": 0,
         "sample": {"prompts": str(prompts), "num_samples": 3, "max_new_tokens": 8, "device": "cpu"},
@@ -39,11 +45,17 @@ def compare_yaml(tiny_gpt2, tmp_path):
         "train": {"max_steps": 2, "per_device_batch_size": 4, "device": "cpu"},
         "evaluate": {"prompts": str(prompts), "scorers": scorers, "bootstrap": 20, "num_samples": 2,
                      "max_new_tokens": 8, "device": "cpu"},
-        "compare": {"methods": ["mocan", "fixed-lambda", "dual-ascent", "ppo-lagrangian"], "seeds": [0],
-                    "fixed_lambdas": [0.5],
+        "recalibrate": {"prompts": str(prompts), "num_samples": 2, "max_new_tokens": 8, "rounds": 1,
+                        "margin": 100.0, "bootstrap": 20, "device": "cpu"},   # the margin makes it fine-tune again
+        "compare": {"methods": ["mocan", "mocan-recalibrated", "dual-ascent", "grpo-lagrangian", "dpo-helpful",
+                                "safedpo"], "seeds": [0],
+                    "fixed_lambdas": [0.5], "preferences": str(preferences),
                     "dual_ascent": {"rounds": 2, "estimate_prompts": 2, "max_new_tokens": 8},
                     "ppo_lagrangian": {"iterations": 2, "prompts_per_iteration": 2, "num_samples": 2,
-                                       "max_new_tokens": 8, "minibatch_size": 4}},
+                                       "max_new_tokens": 8, "minibatch_size": 4},
+                    "grpo_lagrangian": {"iterations": 2, "prompts_per_iteration": 2, "num_samples": 2,
+                                        "max_new_tokens": 8, "checkpoints": [1]},
+                    "preference_dpo": {"max_steps": 1, "per_device_batch_size": 4}},
     }
     path = tmp_path / "compare.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -56,8 +68,9 @@ def test_compare_writes_table_and_plots_from_the_reports_and_resumes(compare_yam
     out = run_compare(*load_compare_config(compare_yaml), log=lambda *a: None)
     root = tmp_path / "cmp"
     table = read_table(root / "compare.csv")
-    assert table["label"].tolist() == ["mocan", "fixed-lambda-0.5", "dual-ascent", "ppo-lagrangian"]
-    for name in ("pareto", "constraints", "compute", "lambda"):
+    labels = ["mocan", "mocan-recalibrated", "dual-ascent", "grpo-lagrangian", "dpo-helpful", "safedpo"]
+    assert table["label"].tolist() == labels
+    for name in ("pareto", "constraints", "compute", "lambda", "compute_to_target"):
         assert (root / "plots" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((root / "compare.json").read_text())["summary"] == out["summary"]
 
@@ -65,23 +78,57 @@ def test_compare_writes_table_and_plots_from_the_reports_and_resumes(compare_yam
     shared = read_json(root / "shared" / "compute.json")
     samples = read_table(root / "shared" / "scores.parquet")
     assert shared["sampled_tokens"] == samples["response_tokens"].sum() > 0
+    charged = {"mocan": ("sample", "score", "dual"), "mocan-recalibrated": ("sample", "score", "dual"),
+               "dual-ascent": ("sample", "score"), "grpo-lagrangian": (),
+               "dpo-helpful": ("preferences",), "safedpo": ("preferences",)}
     for label in rows.index:
         report = read_json(root / "runs" / label / "seed0" / "eval" / "report.json")
         compute = read_json(root / "runs" / label / "seed0" / "compute.json")
+        (c,) = report["constraints"]
         assert rows.loc[label, "reward"] == pytest.approx(report["policy"]["reward"]["mean"])
-        assert rows.loc[label, "cost"] == pytest.approx(report["constraints"][0]["achieved"])
+        assert rows.loc[label, "cost"] == pytest.approx(c["achieved"])
+        assert rows.loc[label, "cost_met"] == float(c["achieved"] <= c["threshold"])      # the point estimate
+        assert rows.loc[label, "cost_met_confidently"] == float(c["met_confidently"])
+        assert rows.loc[label, "cost_not_rejected"] == float(c["not_rejected"])
         assert rows.loc[label, "gradient_steps"] == compute["gradient_steps"]
         online = compute["sampled_tokens"]
-        assert rows.loc[label, "sampled_tokens"] == online + (0 if label == "ppo-lagrangian" else shared["sampled_tokens"])
+        assert rows.loc[label, "sampled_tokens"] == online + (shared["sampled_tokens"] if "sample" in charged[label] else 0)
+        # FLOPs: the method's own stages plus the shared stages it learns from
+        assert rows.loc[label, "flops"] == pytest.approx(
+            compute["flops"]["total"] + sum(shared["flops"][s]["total"] for s in charged[label]))
+    assert shared["flops"]["sample"]["generation"] > 0 and shared["flops"]["preferences"]["reference"] > 0
     # every method is judged against one threshold: π_ref's held-out mean plus the constraint's offset
     dual = read_json(root / "shared" / "dual.json")
-    (c,) = report["constraints"]
     offset = parse_constraint(dual["constraints"][0]).value
     assert table["cost_threshold"].tolist() == pytest.approx([c["reference_eval"] + offset] * len(table))
-    assert rows.loc["fixed-lambda-0.5", "lambda_cost"] == 0.5
     assert rows.loc["mocan", "lambda_cost"] == pytest.approx(dual["lambdas"]["cost"])
+    # MoCAN with recalibration: the one-shot fine-tune, then one more at a corrected λ, evaluated at that λ
+    recal = read_json(root / "runs" / "mocan-recalibrated" / "seed0" / "compute.json")
+    oneshot = read_json(root / "runs" / "mocan-recalibrated" / "seed0" / "oneshot.compute.json")
+    assert recal["extra_fine_tunes"] == 1 and recal["oneshot_lambdas"] == pytest.approx(dual["lambdas"])
+    assert rows.loc["mocan-recalibrated", "lambda_cost"] == pytest.approx(recal["lambdas"]["cost"])
+    assert recal["gradient_steps"] == 2 * oneshot["gradient_steps"] and recal["sampled_tokens"] > 0
+    assert recal["tokens"]["training"] == 2 * oneshot["tokens"]["training"]
+    assert rows.loc["mocan-recalibrated", "flops"] > rows.loc["mocan", "flops"]
     assert rows.loc["dual-ascent", "gradient_steps"] == 4       # 2 rounds × 2 steps
-    assert rows.loc["ppo-lagrangian", "gradient_steps"] == 4    # 2 iterations × 2 epochs × 1 minibatch (2 × 2 samples)
+    assert rows.loc["grpo-lagrangian", "gradient_steps"] == 2   # 2 iterations × 1 pass of one minibatch
+    assert rows.loc["dpo-helpful", "gradient_steps"] == 1 and rows.loc["safedpo", "sampled_tokens"] == 0
+    # the preference baselines trained on the shared log π_ref (no reference pass of their own)
+    assert read_json(root / "runs" / "dpo-helpful" / "seed0" / "compute.json")["tokens"]["reference"] == 0
+    assert read_json(root / "runs" / "safedpo" / "seed0" / "compute.json")["transform"] == {
+        "kept": 3, "swapped": 1, "dropped": 0}       # the last pair's more helpful response is unsafe
+    # the iterative methods' budgets: each checkpoint evaluated, the final policy the last budget
+    budgets = read_table(root / "compare_budgets.csv")
+    assert sorted(zip(budgets["label"], budgets["budget"], strict=True)) == [
+        ("dual-ascent", 2), ("grpo-lagrangian", 1), ("grpo-lagrangian", 2)]
+    first = budgets[(budgets["label"] == "grpo-lagrangian") & (budgets["budget"] == 1)].iloc[0]
+    report = read_json(root / "runs" / "grpo-lagrangian" / "seed0" / "budgets" / "1" / "eval" / "report.json")
+    assert first["cost"] == pytest.approx(report["constraints"][0]["achieved"])
+    assert first["flops"] < rows.loc["grpo-lagrangian", "flops"]
+    assert set(out["first_met"]) == {"dual-ascent", "grpo-lagrangian"}
+    projection = read_table(root / "projection_7b.csv").set_index("label")
+    assert projection.loc["grpo-lagrangian", "memory_gb"] > projection.loc["mocan", "memory_gb"]
+    assert projection.loc["dpo-helpful", "flops_generation"] == 0 < projection.loc["mocan", "flops_generation"]
     # every method saw π_ref's evaluation samples of the same seed
     ref = [read_table(root / "runs" / x / "seed0" / "eval" / "samples_reference.parquet")["response"].tolist()
            for x in rows.index]
@@ -91,8 +138,8 @@ def test_compare_writes_table_and_plots_from_the_reports_and_resumes(compare_yam
     res = subprocess.run([sys.executable, "-m", "dualign", "compare", str(compare_yaml)], capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 0, res.stderr
-    assert res.stdout.count("done, skipped") == 3 + 4       # the shared stages and every method
-    assert "ppo-lagrangian" in res.stdout and "π_ref" in res.stdout
+    assert res.stdout.count("done, skipped") == 4 + 6       # the shared stages and every method
+    assert "grpo-lagrangian" in res.stdout and "π_ref" in res.stdout and "compute to target" in res.stdout
     assert stamps == {p: p.stat().st_mtime_ns for p in root.glob("runs/*/seed0/compute.json")}
 
 
@@ -103,6 +150,42 @@ def test_compare_config_refuses_unknown_methods_and_keys(compare_yaml):
         load_compare_config(compare_yaml, {"compare": {"methods": ["sft"]}})
     with pytest.raises(ConfigError, match="compare.sedes"):
         load_compare_config(compare_yaml, {"compare": {"sedes": [1]}})
+    with pytest.raises(ConfigError, match="'helpful-dpo' was renamed 'reward-only-mocan'"):
+        load_compare_config(compare_yaml, {"compare": {"methods": ["helpful-dpo"]}})
+    with pytest.raises(ConfigError, match="'mocan-recalibrated' needs a 'recalibrate' section"):
+        load_compare_config(compare_yaml, {"recalibrate": None, "compare": {"methods": ["mocan-recalibrated"]}})
+    with pytest.raises(ConfigError, match="compare.sweep.grpo-lagrangian.lambda_lrr"):
+        load_compare_config(compare_yaml, {"compare": {"sweep": {"grpo-lagrangian": [{"lambda_lrr": 1.0}]}}})
+    with pytest.raises(ConfigError, match="compare.preference_dpo.safety_marign"):
+        load_compare_config(compare_yaml, {"compare": {"preference_dpo": {"safety_marign": 1.0}}})
+    with pytest.raises(ConfigError, match="sweep: 'mocan' has no settings section"):
+        load_compare_config(compare_yaml, {"compare": {"sweep": {"mocan": [{"beta": 1.0}]}}})
+
+
+def test_sweep_labels_each_setting_and_runs_it_on_the_sweep_seeds(compare_yaml):
+    from dualign.compare import _runs, load_compare_config
+
+    _, cmp = load_compare_config(compare_yaml, {"compare": {
+        "methods": ["mocan"], "seeds": [0, 1, 2],
+        "sweep": {"grpo-lagrangian": [{"lambda_lr": 0.02, "beta": 5.0}, {"lambda_lr": 0.2}]}}})
+    runs = _runs(cmp)
+    assert [(r.label, r.seeds) for r in runs] == [
+        ("mocan", [0, 1, 2]), ("grpo-lagrangian[lambda_lr=0.02,beta=5.0]", [0]), ("grpo-lagrangian[lambda_lr=0.2]", [0])]
+    assert runs[1].overrides == {"lambda_lr": 0.02, "beta": 5.0}
+
+
+def test_first_met_is_the_smallest_budget_whose_seed_mean_meets_every_constraint():
+    from dualign.compare_report import first_met
+
+    cons = [{"name": "cost", "constraint": "cost<=ref-1", "column": "cost", "threshold": 2.0}]
+    curves = pd.DataFrame({"label": ["a"] * 3 + ["b"] * 2, "method": ["ppo-lagrangian"] * 5,
+                           "budget": [30, 10, 20, 10, 20], "cost": [1.5, 2.5, 2.0, 3.0, 2.1],
+                           "cost_threshold": [2.0] * 5, "reward": [1.0, 3.0, 2.0, 4.0, 3.5],
+                           "kl": [0.5, 0.1, 0.3, 0.0, 0.1], "flops": [3e9, 1e9, 2e9, 1e9, 2e9],
+                           "wall_s": [3.0, 1.0, 2.0, 1.0, 2.0], "gradient_steps": [30, 10, 20, 10, 20]})
+    met = first_met(curves, cons)
+    assert met["a"]["budget"] == 20 and met["a"]["reward"] == 2.0 and met["a"]["kl"] == 0.3  # 2.0 ≤ 2.0 meets
+    assert met["b"] is None
 
 
 def test_two_constraints_on_one_column_go_through_dual_train_evaluate_and_compare(compare_yaml, tmp_path):
@@ -129,5 +212,6 @@ def test_two_constraints_on_one_column_go_through_dual_train_evaluate_and_compar
         assert own["thresholds"] == pytest.approx(dual["thresholds"])
     table = read_table(root / "compare.csv").set_index("label")
     assert table.loc["mocan", "cost<=40_threshold"] == 40.0
+    assert table.loc["fixed-lambda-0.5", "lambda_cost<=ref-0.5"] == table.loc["fixed-lambda-0.5", "lambda_cost<=40"] == 0.5
     assert table.loc["mocan", "cost<=40_met"] == 1.0
     assert [c["name"] for c in out["constraints"]] == constraints

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dualign.losses import dpo_loss, kl_estimate, mocan_loss
+from dualign.losses import dpo_loss, kl_estimate, mocan_loss, safedpo_loss
 
 T = torch.tensor
 
@@ -28,6 +28,21 @@ def test_dpo_loss_matches_hand_computation():
     assert diag["rewards/margins"].tolist() == pytest.approx([0.5, -1.0])
     assert diag["rewards/accuracies"].tolist() == [1.0, 0.0]
     assert diag["logps/chosen"].tolist() == [-1.0, -3.0]
+
+
+def test_safedpo_loss_matches_hand_computation_and_is_dpo_without_unsafe_responses():
+    pa, pb, ra, rb = T([-1.0, -1.0, -3.0]), T([-2.0, -2.0, -1.0]), T([-1.5, -1.5, -2.0]), T([-1.5, -1.5, -2.0])
+    unsafe_a, unsafe_b = T([0.0, 0.0, 0.0]), T([0.0, 1.0, 1.0])
+    losses, diag = safedpo_loss(pa, pb, ra, rb, 0.5, unsafe_a, unsafe_b, 2.0)
+    # h = 0.5·(ρ_a − ρ_b): 0.5, 0.5, −1; the safe-over-unsafe rows 1 and 2 must clear Δ = 2:
+    # −log σ(0.5), −log σ(0.5 − 2), −log σ(−1 − 2)
+    expected = [math.log(1 + math.exp(-0.5)), math.log(1 + math.exp(1.5)), math.log(1 + math.exp(3.0))]
+    assert losses.tolist() == pytest.approx(expected, abs=1e-6)
+    assert diag["rewards/margins"].tolist() == pytest.approx([0.5, 0.5, -1.0])
+    assert safedpo_loss(pa, pb, ra, rb, 0.5, unsafe_a, unsafe_b, 0.0)[0].tolist() == pytest.approx(
+        dpo_loss(pa, pb, ra, rb, 0.5)[0].tolist())       # Δ = 0: DPO on the transformed pairs (Eq. 11)
+    at_ref, _ = safedpo_loss(pa, pb, pa, pb, 0.5, unsafe_a, unsafe_b, 2.0)
+    assert at_ref.tolist() == pytest.approx([math.log(2), math.log(1 + math.exp(2.0)), math.log(1 + math.exp(2.0))])
 
 
 def test_mocan_soft_and_regression_match_hand_computation():

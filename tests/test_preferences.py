@@ -174,3 +174,40 @@ def test_cli_data_check_missing_file_is_one_line_exit_2(tmp_path):
     res = _cli("check", str(tmp_path / "nope.jsonl"))
     assert res.returncode == 2
     assert res.stderr.strip().count("\n") == 0 and "preference file not found" in res.stderr
+
+
+def test_safedpo_transform_keeps_safe_winners_swaps_unsafe_ones_and_drops_unsafe_pairs():
+    from dualign.methods.safedpo import safedpo_pairs, safedpo_transform
+
+    table = pd.DataFrame({
+        "prompt": ["p0", "p1", "p2", "p3", "p4"],
+        "response_0": ["a0", "a1", "a2", "a3", "a4"], "response_1": ["b0", "b1", "b2", "b3", "b4"],
+        "better_response_id": [0, 1, 0, 1, 0], "safer_response_id": [0, 0, 1, 0, 1],
+        # y_w safe, y_l safe | y_w = b1 safe, y_l = a1 unsafe | y_w = a2 unsafe, y_l safe
+        # | y_w = b3 unsafe, y_l = a3 safe | both unsafe
+        "is_response_0_safe": [True, False, False, True, False],
+        "is_response_1_safe": [True, True, True, False, False],
+        "ref_logprob_0": [-1.0, -2.0, -3.0, -4.0, -5.0], "ref_logprob_1": [-1.5, -2.5, -3.5, -4.5, -5.5],
+    })
+    out, counts = safedpo_transform(table)
+    assert counts == {"kept": 2, "swapped": 2, "dropped": 1}
+    assert out["chosen"].tolist() == ["a0", "b1", "b2", "a3"]
+    assert out["rejected"].tolist() == ["b0", "a1", "a2", "b3"]
+    assert out["chosen_unsafe"].tolist() == [0, 0, 0, 0]
+    assert out["rejected_unsafe"].tolist() == [0, 1, 1, 1]
+    assert out["ref_logprob_chosen"].tolist() == [-1.0, -2.5, -3.5, -4.0]
+    assert out["ref_logprob_rejected"].tolist() == [-1.5, -2.0, -3.0, -4.5]
+    pairs, _ = safedpo_pairs(table, delta=10.0)
+    assert pairs["response_a"].tolist() == out["chosen"].tolist()
+    assert pairs["unsafe_b"].tolist() == [0, 1, 1, 1] and set(pairs["safety_margin"]) == {10.0}
+    assert pairs["ref_logprob_a"].tolist() == out["ref_logprob_chosen"].tolist()
+
+
+def test_safedpo_transform_refuses_a_safety_flag_that_is_not_true_or_false(pku_file):
+    from dualign.methods.safedpo import safedpo_transform
+
+    table = read_preferences(pku_file).head(3).copy()
+    table["is_response_1_safe"] = table["is_response_1_safe"].astype(object)
+    table.loc[2, "is_response_1_safe"] = "maybe"
+    with pytest.raises(InputError, match="row 2: is_response_1_safe is 'maybe'"):
+        safedpo_transform(table)

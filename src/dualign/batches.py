@@ -33,6 +33,17 @@ class EncodedPairs:
     def __len__(self) -> int:
         return len(self.columns["target_margin"])
 
+    def distinct(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The sequences of pairs ``rows`` (a rows then b rows), the distinct ones among them (each
+        response shared by several pairs run once) and where each sequence sits among those."""
+        seq_rows = self.canonical[list(rows) + [len(self) + r for r in rows]]
+        unique, where = torch.unique(seq_rows, return_inverse=True)
+        return seq_rows, unique, where
+
+    def tokens(self, rows: torch.Tensor | list[int]) -> int:
+        """Tokens (prompt + response) of the given sequence rows."""
+        return int(sum(len(self.input_ids[int(r)]) for r in rows))
+
     def collate(self, rows: list[int], pad_id: int) -> dict[str, torch.Tensor]:
         seqs = [self.input_ids[r] for r in rows]
         width = max(len(s) for s in seqs)

@@ -23,7 +23,7 @@ from dualign.config import (
     overrides_from_args,
     resolve_config,
 )
-from dualign.errors import ConfigError, DualignError
+from dualign.errors import DualignError
 
 # (name, help, add_arguments, run) — filled in below, one entry per subcommand.
 COMMANDS: list[tuple[str, str, object, object]] = []
@@ -111,12 +111,12 @@ def _add_train(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from dualign.methods.dispatch import CONFIGS, run_method
-    from dualign.train import LOSSES, TrainConfig, train
+    from dualign.methods.dispatch import CONFIGS, check_method, run_method
+    from dualign.train import TrainConfig, train
 
     method = getattr(args, "method", None) or (load_yaml(args.config).get("method") if args.config else None)
-    if method is not None and method not in CONFIGS and method not in LOSSES:
-        raise ConfigError(f"config key 'method': {method!r} is not one of {', '.join([*LOSSES, *CONFIGS])}")
+    if method is not None:
+        check_method(method)
     if method in CONFIGS:
         done = _run_stage(resolve_config(CONFIGS[method], args.config, args, exclude=("config",)), run_method)
         print(f"{method}: {done['gradient_steps']} gradient steps, {done['sampled_tokens']} sampled tokens, "
@@ -408,8 +408,9 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS.append(("compare", "MoCAN against the baselines (ppo-lagrangian, dual-ascent, fixed-lambda, "
-                 "helpful-dpo, safe-dpo) on the same data and seeds: table, plots", _add_compare, _cmd_compare))
+COMMANDS.append(("compare", "MoCAN against the baselines (ppo-/grpo-lagrangian, dual-ascent, fixed-lambda, "
+                 "reward-/cost-only-mocan, dpo-helpful, dpo-safe, safedpo) on the same data and seeds: table, "
+                 "plots, compute-to-target curves", _add_compare, _cmd_compare))
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv

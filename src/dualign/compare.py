@@ -2,23 +2,31 @@
 
 The config is a ``dualign run`` config (``run_dir``, ``model``, ``world``, ``sample``, ``score``,
 ``dual``, ``train``, ``evaluate``) plus a ``compare`` section (:class:`CompareConfig`). The sample,
-score and dual stages run once into ``<run_dir>/shared``; every method then trains from π_ref into
-``<run_dir>/runs/<label>/seed<s>`` (the pair methods with the ``train`` section's settings, the
-baselines with their own sections on top) and is evaluated by the ``evaluate`` stage with seed s.
-A method/seed whose ``eval/report.json`` exists is skipped, so an interrupted comparison resumes.
+score and dual stages run once into ``<run_dir>/shared`` (and, for the preference baselines, log
+π_ref of the preference pairs, ``shared/preferences.parquet``); every method then trains from
+π_ref into ``<run_dir>/runs/<label>/seed<s>`` and is evaluated by the ``evaluate`` stage with seed
+s, on the same held-out prompts, with π_ref's evaluation samples drawn once per seed. The
+evaluation's size (so its CI width) is the ``evaluate`` section's ``max_prompts`` × ``num_samples``.
+``mocan-recalibrated`` runs MoCAN's one-shot fine-tune and then the recalibrate stage (the run
+config's ``recalibrate`` section) on it, a second point beside MoCAN on the compute axis.
+An iterative method with ``checkpoints`` in its section is also evaluated at each of those budgets
+(``runs/<label>/seed<s>/budgets/<n>``). ``sweep`` runs extra settings of a method on
+``sweep_seeds`` (labels ``method[key=value,...]``). Whatever has its ``eval/report.json`` is
+skipped, so an interrupted comparison resumes.
 
-Outputs in ``<run_dir>``: ``compare.csv`` (one row per method: means and standard deviations over
-seeds), ``compare_runs.csv`` (one row per method and seed), ``compare.json`` (both, plus the shared
-stages' cost) and ``plots/``: ``pareto.png`` (reward vs constraint value, the threshold line, error
-bars), ``constraints.png`` (slack and satisfaction), ``compute.png`` (wall-clock, gradient steps,
-sampled tokens, peak memory) and ``lambda.png`` (λ trajectories of the iterative methods).
+Outputs in ``<run_dir>``: ``compare.csv`` (one row per label: means and standard deviations over
+seeds), ``compare_runs.csv`` (one row per label and seed), ``compare_budgets.csv`` (one row per
+label, budget and seed), ``projection_7b.csv`` (:func:`~dualign.compare_report.projection_table`), ``compare.json`` (all of
+them, the shared stages' cost, the first budget meeting the constraints) and ``plots/``
+(:mod:`dualign.compare_plots`).
+
+The tables (verdicts ``met``, ``met_confidently``, ``not_rejected``; compute charged with the
+shared stages) are :mod:`dualign.compare_report`'s, the plots :mod:`dualign.compare_plots`'.
 
 Compute accounting: the methods that learn from π_ref's samples are charged the shared sample and
-score stages (and MoCAN the dual stage): their ``wall_s`` and ``sampled_tokens`` include them;
-``train_wall_s`` is the training alone.
-
-matplotlib is imported by the plotting functions only: its import costs a second that a
-comparison still training should not pay up front.
+score stages (and MoCAN the dual stage), the preference baselines the shared log π_ref of the
+pairs: their ``wall_s``, ``sampled_tokens``, ``tokens_*`` and ``flops*`` include them;
+``train_wall_s`` is the training alone. FLOPs: :mod:`dualign.flops`.
 """
 
 from __future__ import annotations
@@ -33,60 +41,155 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from dualign.compare_plots import plot_compare
+from dualign.compare_report import (
+    ITERATIVE,
+    first_met,
+    format_table,
+    projection_table,
+    records,
+    summarise,
+    table_row,
+)
 from dualign.config import build_config, merge
-from dualign.constraints import parse_constraint
+from dualign.data.preferences import read_preferences
 from dualign.dual import run_dual
+from dualign.errors import ConfigError
 from dualign.evaluate import evaluate
-from dualign.io import atomic_path, read_json, read_table, write_json, write_table
-from dualign.methods.dispatch import measure, run_method
+from dualign.flops import (
+    add_counts,
+    model_forward_params,
+    scorer_forward_params,
+    stage_flops,
+)
+from dualign.io import read_json, read_table, write_json, write_table
+from dualign.methods.dispatch import RENAMED, measure, run_method
 from dualign.methods.dual_ascent import DualAscentConfig
 from dualign.methods.fixed_lambda import FixedLambdaConfig
-from dualign.methods.objective import link_sample_config
+from dualign.methods.grpo_lagrangian import GRPOLagrangianConfig
+from dualign.methods.objective import link_sample_config, sequence_tokens
 from dualign.methods.ppo_lagrangian import PPOLagrangianConfig
+from dualign.methods.preference_dpo import PreferenceDPOConfig
+from dualign.models import load_tokenizer
 from dualign.pipeline import load_run_values, resolve_run_config
+from dualign.recalibrate import recalibrate
 from dualign.records import EvalReport, read_dual, read_report, to_json
 from dualign.sample import sample
 from dualign.score import score
+from dualign.train import reference_logprobs
+from dualign.world import build_world, world_config
 
-METHODS = ("mocan", "fixed-lambda", "helpful-dpo", "safe-dpo", "dual-ascent", "ppo-lagrangian")
+METHODS = ("mocan", "mocan-recalibrated", "fixed-lambda", "reward-only-mocan", "cost-only-mocan", "dpo-helpful",
+           "dpo-safe", "safedpo", "dual-ascent", "ppo-lagrangian", "grpo-lagrangian")
+ONLINE = ("ppo-lagrangian", "grpo-lagrangian")
+PREFERENCE = ("dpo-helpful", "dpo-safe", "safedpo")
+SECTIONS = {"dual-ascent": "dual_ascent", "ppo-lagrangian": "ppo_lagrangian", "grpo-lagrangian": "grpo_lagrangian",
+            **{m: "preference_dpo" for m in PREFERENCE}}
 SHARED_STAGES = (("sample", "samples.parquet"), ("score", "scores.parquet"), ("dual", "dual.json"))
-
-
 @dataclass
 class CompareConfig:
-    methods: list[str] = field(default_factory=lambda: list(METHODS), metadata={
+    methods: list[str] = field(default_factory=lambda: [m for m in METHODS if m != "mocan-recalibrated"], metadata={
         "help": f"methods to run: {', '.join(METHODS)}"})
     seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "training/evaluation seeds"})
     fixed_lambdas: list[float] = field(default_factory=lambda: [0.5, 2.0], metadata={
         "help": "fixed-lambda: one run per value (the same λ for every constraint)"})
     dual_ascent: dict[str, Any] = field(default_factory=dict, metadata={
-        "help": "DualAscentConfig keys on top of the train section (rounds, lambda_lr, ...)"})
+        "help": "DualAscentConfig keys on top of the train section (rounds, lambda_lr, checkpoints, ...)"})
     ppo_lagrangian: dict[str, Any] = field(default_factory=dict, metadata={
-        "help": "PPOLagrangianConfig keys (iterations, num_samples, lambda_lr, ...)"})
+        "help": "PPOLagrangianConfig keys (iterations, num_samples, lambda_lr, checkpoints, ...)"})
+    grpo_lagrangian: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "GRPOLagrangianConfig keys (iterations, num_samples, lambda_lr, lambda_max, checkpoints, ...)"})
+    preference_dpo: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "PreferenceDPOConfig keys of dpo-helpful, dpo-safe and safedpo (beta, learning_rate, num_epochs, "
+                "safety_margin, ...): their own training settings, not the train section's"})
+    preferences: str | None = field(default=None, metadata={
+        "help": "PKU-style preference file of dpo-helpful, dpo-safe, safedpo (world:NAME allowed; default: the "
+                "prealign section's)"})
+    sweep: dict[str, list[dict[str, Any]]] = field(default_factory=dict, metadata={
+        "help": "extra settings per method, run on sweep_seeds: {method: [{key: value, ...}, ...]} on top of the "
+                "method's section (e.g. lambda_lr and beta, the KL coefficient)"})
+    sweep_seeds: list[int] | None = field(default=None, metadata={"help": "seeds of the sweep (default: the first)"})
+    projection_params: float = field(default=7e9, metadata={
+        "help": "parameters of the policy, reward and cost models of the FLOPs projection"})
 
     def __post_init__(self) -> None:
-        unknown = [m for m in self.methods if m not in METHODS]
-        if unknown:
-            raise ValueError(f"unknown method {unknown[0]!r} (methods: {', '.join(METHODS)})")
+        for method in [*self.methods, *self.sweep]:
+            if method in RENAMED:
+                raise ValueError(f"method {method!r} was renamed {RENAMED[method]!r}")
+            if method not in METHODS:
+                raise ValueError(f"unknown method {method!r} (methods: {', '.join(METHODS)})")
+        unswept = [m for m in self.sweep if m not in SECTIONS]
+        if unswept:
+            raise ValueError(f"sweep: {unswept[0]!r} has no settings section to sweep ({', '.join(SECTIONS)})")
         if not self.seeds:
             raise ValueError("seeds must not be empty")
+        if not self.methods and not any(self.sweep.values()):
+            raise ValueError("methods and sweep are both empty: nothing to compare")
+
+
+@dataclass
+class Run:
+    """One line of the table: a label, its method and what it adds to the method's section."""
+    label: str
+    method: str
+    seeds: list[int]
+    lam: float | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
 
 
 def load_compare_config(path: str | Path, overrides: dict[str, Any] | None = None):
     """(RunConfig, CompareConfig) from a YAML file and overrides (e.g. ``{"run_dir": ...}``)."""
     values = merge(load_run_values(path), overrides or {})
     compare = build_config(CompareConfig, values.pop("compare", None) or {}, prefix="compare.")
-    return resolve_run_config(values), compare
+    _check_sections(compare)
+    run = resolve_run_config(values)
+    if "mocan-recalibrated" in compare.methods and getattr(run, "recalibrate", None) is None:
+        raise ConfigError("compare method 'mocan-recalibrated' needs a 'recalibrate' section (the recalibrate "
+                          "stage) in the run config")
+    if any(m in PREFERENCE for m in compare.methods + list(compare.sweep)):
+        compare.preferences = _preference_source(run, compare.preferences)
+    return run, compare
 
 
-def _runs(cmp: CompareConfig) -> list[tuple[str, str, float | None]]:
-    """(label, method, fixed λ) of every method run."""
+def _check_sections(cmp: CompareConfig) -> None:
+    """Every method section and sweep setting builds its config, so a misspelled key fails before any work."""
+    classes = {"dual_ascent": DualAscentConfig, "ppo_lagrangian": PPOLagrangianConfig,
+               "grpo_lagrangian": GRPOLagrangianConfig, "preference_dpo": PreferenceDPOConfig}
+    for section, cls in classes.items():
+        build_config(cls, {"model": "-", "run_dir": "-", **getattr(cmp, section)}, prefix=f"compare.{section}.")
+    for method, settings in cmp.sweep.items():
+        section = SECTIONS[method]
+        for extra in settings:
+            build_config(classes[section], {"model": "-", "run_dir": "-", **getattr(cmp, section), **extra},
+                         prefix=f"compare.sweep.{method}.")
+
+
+def _preference_source(run, given: str | None) -> str:
+    """The preference file: ``compare.preferences`` (``world:NAME`` inside the built world), else prealign's."""
+    source = given or (run.prealign.preferences if run.prealign is not None else None)
+    if source is None:
+        raise ConfigError("missing required config value(s): compare.preferences (a PKU-style preference file "
+                          "for dpo-helpful, dpo-safe, safedpo)")
+    if source.startswith("world:"):
+        if run.world is None:
+            raise ConfigError(f"compare.preferences: {source!r} needs a world section")
+        world = dict(run.world)
+        source = str(Path(build_world(world_config(world.pop("size", "default"), world))) / source[len("world:"):])
+    return source
+
+
+def _runs(cmp: CompareConfig) -> list[Run]:
+    """Every line of the table, sweep entries last."""
     out = []
     for method in cmp.methods:
         if method == "fixed-lambda":
-            out += [(f"fixed-lambda-{lam:g}", method, lam) for lam in cmp.fixed_lambdas]
+            out += [Run(f"fixed-lambda-{lam:g}", method, cmp.seeds, lam) for lam in cmp.fixed_lambdas]
         else:
-            out.append((method, method, None))
+            out.append(Run(method, method, cmp.seeds))
+    for method, settings in cmp.sweep.items():
+        for extra in settings:
+            label = f"{method}[{','.join(f'{k}={v}' for k, v in extra.items())}]"
+            out.append(Run(label, method, cmp.sweep_seeds or cmp.seeds[:1], overrides=dict(extra)))
     return out
 
 
@@ -100,12 +203,14 @@ def _run_stage(fn, cfg, run_dir: Path) -> None:
         fn(cfg)
 
 
-def run_shared(run, shared: Path, log=print) -> dict[str, Any]:
-    """Sample, score and solve the dual once (skipping finished stages); their cost in ``compute.json``."""
+def run_shared(run, shared: Path, log=print, cmp: CompareConfig | None = None) -> dict[str, Any]:
+    """Sample, score and solve the dual once (skipping finished stages), and log π_ref of the
+    preference pairs when a preference baseline runs; their cost in ``compute.json``."""
     funcs = {"sample": sample, "score": score, "dual": run_dual}
     shared.mkdir(parents=True, exist_ok=True)
     cost_path = shared / "compute.json"
     cost = read_json(cost_path) if cost_path.exists() else {}
+    ran = False
     for stage, output in SHARED_STAGES:
         if (shared / output).exists():
             log(f"shared {stage}: done, skipped")
@@ -113,253 +218,200 @@ def run_shared(run, shared: Path, log=print) -> dict[str, Any]:
         log(f"shared {stage} ...")
         with measure() as used:
             _run_stage(funcs[stage], getattr(run, stage), shared)
-        cost[stage] = used
+        cost[stage], ran = used, True
         write_json(cost, cost_path)
-    samples = read_table(shared / "scores.parquet")
-    cost["sampled_tokens"] = int(samples["response_tokens"].sum()) if "response_tokens" in samples else 0
+    if ran or "flops" not in cost:  # counted once: it loads the tokenizer and the models' configs
+        samples = read_table(shared / "scores.parquet")
+        cost["sampled_tokens"] = int(samples["response_tokens"].sum()) if "response_tokens" in samples else 0
+        cost["tokens"], cost["flops"] = _shared_counts(run, samples)
+    if cmp is not None and any(r.method in PREFERENCE for r in _runs(cmp)):
+        if (shared / "preferences.parquet").exists() and "preferences" in cost:
+            log("shared log π_ref of the preference pairs: done, skipped")
+        else:
+            log("shared log π_ref of the preference pairs ...")
+            with measure() as used:
+                tokens = _preference_reference(run, cmp, shared / "preferences.parquet")
+            cost["preferences"] = {**used, "tokens": {"reference": tokens}}
+            cost["tokens"]["preferences"] = cost["preferences"]["tokens"]
+            cost["flops"]["preferences"] = stage_flops(cost["preferences"]["tokens"],
+                                                       model_forward_params(run.train.model) or 0, [])
     write_json(cost, cost_path)
     return cost
 
 
-def method_config(run, cmp: CompareConfig, method: str, lam: float | None, sub: Path, shared: Path, seed: int):
-    """The training config of one method run: the train section (pair methods) or the PPO section."""
+def _shared_counts(run, samples: pd.DataFrame) -> tuple[dict, dict]:
+    """Tokens and FLOPs of the shared sample and score stages (the dual's arithmetic: ≈ 0). The
+    sampler's log-prob pass is π_ref's log-probs of the samples, the pair methods' reference."""
+    if "response_tokens" not in samples:
+        return {}, {}
+    n = sequence_tokens(samples, load_tokenizer(run.sample.model, revision=run.sample.revision), run.sample.template)
+    tokens = {"sample": {"generation": n, "reference": n}, "score": {"scored": n}, "dual": {}}
+    n_policy = model_forward_params(run.sample.model) or 0
+    n_scorers = [scorer_forward_params(s) for s in run.score.scorers]
+    return tokens, {stage: stage_flops(t, n_policy, n_scorers) for stage, t in tokens.items()}
+
+
+def _preference_reference(run, cmp: CompareConfig, out: Path) -> int:
+    """The preference table with ``ref_logprob_0/_1`` (as the preference baselines' training takes
+    them), written to ``out``; returns the tokens run through π_ref."""
+    cfg = _preference_config(run, cmp, "dpo-helpful", out.parent, out.parent, 0, {})
+    table = read_preferences(cmp.preferences)
+    pairs = pd.DataFrame({"prompt_id": np.arange(len(table)), "prompt": table["prompt"].to_numpy(),
+                          "response_a": table["response_0"].to_numpy(), "response_b": table["response_1"].to_numpy(),
+                          "target_margin": np.inf})
+    ref_0, ref_1, tokens = reference_logprobs(cfg, pairs)
+    write_table(table.assign(ref_logprob_0=ref_0, ref_logprob_1=ref_1), out)
+    return tokens
+
+
+def _preference_config(run, cmp: CompareConfig, method: str, sub: Path, shared: Path, seed: int,
+                       overrides: dict) -> PreferenceDPOConfig:
+    """dpo-helpful / dpo-safe / safedpo: the model's settings of the train section, their own section."""
+    base = {k: getattr(run.train, k) for k in ("model", "template", "revision", "device", "max_length")}
+    prefs = shared / "preferences.parquet"
+    base.update({"run_dir": str(sub), "scores": str(shared / "scores.parquet"), "dual": str(shared / "dual.json"),
+                 "seed": seed, "method": method, "preferences": str(prefs) if prefs.exists() else cmp.preferences,
+                 "ref_logprobs": "reuse" if prefs.exists() else "compute"})
+    return build_config(PreferenceDPOConfig, {**base, **cmp.preference_dpo, **overrides},
+                        prefix="compare.preference_dpo.")
+
+
+def method_config(run, cmp: CompareConfig, r: Run, sub: Path, shared: Path, seed: int):
+    """The training config of one method run: its section (and sweep settings) on its base."""
     common = {"run_dir": str(sub), "scores": str(shared / "scores.parquet"), "seed": seed, "output_dir": None}
-    if method == "ppo-lagrangian":
+    if r.method in ONLINE:
+        cls = PPOLagrangianConfig if r.method == "ppo-lagrangian" else GRPOLagrangianConfig
         base = {"model": run.train.model, "template": run.train.template, "revision": run.train.revision,
                 "device": run.train.device, "beta": run.train.beta, "dual": str(shared / "dual.json"), **common}
-        return build_config(PPOLagrangianConfig, {**base, **cmp.ppo_lagrangian}, prefix="compare.ppo_lagrangian.")
-    if method == "mocan":
+        section = getattr(cmp, SECTIONS[r.method])
+        return build_config(cls, {**base, **section, **r.overrides}, prefix=f"compare.{SECTIONS[r.method]}.")
+    if r.method in PREFERENCE:
+        return _preference_config(run, cmp, r.method, sub, shared, seed, r.overrides)
+    if r.method == "mocan":
         shutil.copyfile(shared / "dual.json", sub / "dual.json")
         link_sample_config(shared / "scores.parquet", sub)
         return dataclasses.replace(run.train, **common, dual=str(sub / "dual.json"))
     train = {**dataclasses.asdict(run.train), **common, "dual": str(shared / "dual.json")}
-    if method == "dual-ascent":
-        return build_config(DualAscentConfig, {**train, "method": method, **cmp.dual_ascent},
+    if r.method == "dual-ascent":
+        return build_config(DualAscentConfig, {**train, "method": r.method, **cmp.dual_ascent, **r.overrides},
                             prefix="compare.dual_ascent.")
-    return build_config(FixedLambdaConfig, {**train, "method": method,
-                                            "lambdas": [lam] if lam is not None else None})
+    return build_config(FixedLambdaConfig, {**train, "method": r.method,
+                                            "lambdas": [r.lam] if r.lam is not None else None})
 
 
-def _evaluate(run, sub: Path, shared: Path, seed: int) -> EvalReport:
-    """The evaluate stage on one method run; π_ref's evaluation samples are made once per seed."""
+def _run_recalibrated(run, cmp: CompareConfig, sub: Path, shared: Path, seed: int) -> None:
+    """MoCAN with recalibration: MoCAN's one-shot fine-tune (as the ``mocan`` method), then the
+    recalibrate stage with the run config's section on it, in ``sub``. compute.json: the one-shot's
+    cost plus the stage's (its wall-clock, gradient steps and sampled tokens; tokens: each round's
+    calibration samples of the policy and π_ref's once, sampled, self-scored and scored, and each
+    extra fine-tune the one-shot's training tokens, scaled by its epochs: the same pairs on the
+    same schedule)."""
+    oneshot_path = sub / "oneshot.compute.json"
+    train_cfg = method_config(run, cmp, Run("mocan", "mocan", [seed]), sub, shared, seed)
+    if not oneshot_path.exists():
+        run_method(train_cfg)
+        (sub / "compute.json").rename(oneshot_path)
+    shutil.copyfile(shared / "scores.parquet", sub / "scores.parquet")  # the stage reads <run_dir>/scores.parquet
+    oneshot = read_json(oneshot_path)
+    rcfg = dataclasses.replace(run.recalibrate, run_dir=str(sub), seed=seed)
+    with measure() as used:
+        out = recalibrate(rcfg, train_cfg)
+    tok = load_tokenizer(train_cfg.model, revision=train_cfg.revision)
+    calibration = [read_table(p) for p in sorted((sub / "recalibrate").glob("**/*.parquet"))
+                   if p.name in ("samples.parquet", "reference.parquet")]
+    n = sum(sequence_tokens(t, tok, rcfg.template) for t in calibration)
+    epochs = (rcfg.epochs / train_cfg.num_epochs) if rcfg.epochs is not None and train_cfg.max_steps <= 0 else 1.0
+    extra = {"generation": n, "forward": n, "scored": n,
+             "training": oneshot["tokens"]["training"] * epochs * out["extra_fine_tunes"]}
+    tokens = add_counts(oneshot["tokens"], extra)
+    n_policy = model_forward_params(train_cfg.model) or 0
+    write_json({"method": "mocan-recalibrated", "gradient_steps": oneshot["gradient_steps"] + out["compute"]["gradient_steps"],
+                "sampled_tokens": out["compute"]["sampled_tokens"],
+                "lambdas": read_dual(sub / "recalibrate" / "dual.json").lambdas,
+                "oneshot_lambdas": oneshot["lambdas"], "extra_fine_tunes": out["extra_fine_tunes"],
+                "wall_s": oneshot["wall_s"] + used["wall_s"],
+                "peak_memory_mb": max(oneshot["peak_memory_mb"], used["peak_memory_mb"]), "tokens": tokens,
+                "flops": stage_flops(tokens, n_policy, [scorer_forward_params(s) for s in rcfg.scorers])},
+               sub / "compute.json")
+
+
+def _evaluate(run, run_dir: Path, shared: Path, seed: int, policy: str | None = None) -> EvalReport:
+    """The evaluate stage on one policy; π_ref's evaluation samples are made once per seed."""
     cached = shared / "eval_reference" / f"seed{seed}.parquet"
-    mine = sub / "eval" / "samples_reference.parquet"
+    mine = run_dir / "eval" / "samples_reference.parquet"
     if cached.exists() and not mine.exists():
         mine.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(cached, mine)
-    report = evaluate(dataclasses.replace(run.evaluate, run_dir=str(sub), seed=seed, policy=None))
+    report = evaluate(dataclasses.replace(run.evaluate, run_dir=str(run_dir), seed=seed, policy=policy))
     if not cached.exists():
         cached.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(mine, cached)
     return read_report(report)
 
 
+def _train_and_evaluate(run, cmp: CompareConfig, r: Run, seed: int, root: Path, shared: Path, log) -> Path:
+    """One method run (skipping what is done): train, evaluate, evaluate each budget."""
+    sub = root / "runs" / r.label / f"seed{seed}"
+    report_path = sub / "eval" / "report.json"
+    if report_path.exists():
+        log(f"{r.label} seed {seed}: done, skipped")
+        return sub
+    sub.mkdir(parents=True, exist_ok=True)
+    if not ((sub / "compute.json").exists() and (sub / "policy").exists()):
+        log(f"{r.label} seed {seed}: training ...")
+        if r.method == "mocan-recalibrated":
+            _run_recalibrated(run, cmp, sub, shared, seed)
+        else:
+            run_method(method_config(run, cmp, r, sub, shared, seed))
+    for budget in _budget_dirs(sub):
+        if not (budget / "eval" / "report.json").exists():
+            log(f"{r.label} seed {seed}: evaluating budget {budget.name} ...")
+            _evaluate(run, budget, shared, seed, read_json(budget / "compute.json").get("policy"))
+    log(f"{r.label} seed {seed}: evaluating ...")
+    _evaluate(run, sub, shared, seed)
+    return sub
+
+
+def _budget_dirs(sub: Path) -> list[Path]:
+    return sorted((p.parent for p in (sub / "budgets").glob("*/compute.json")), key=lambda p: int(p.name))
+
+
 def run_compare(run, cmp: CompareConfig, log=print) -> dict[str, Any]:
-    """Every method × seed (resuming), then the table and plots; returns ``compare.json``'s content."""
+    """Every method × seed (resuming), then the tables and plots; returns ``compare.json``'s content."""
     root = Path(run.run_dir)
     shared = root / "shared"
-    shared_cost = run_shared(run, shared, log)
-    rows = []
-    for seed in cmp.seeds:
-        for label, method, lam in _runs(cmp):
-            sub = root / "runs" / label / f"seed{seed}"
-            report_path = sub / "eval" / "report.json"
-            if report_path.exists():
-                log(f"{label} seed {seed}: done, skipped")
-            else:
-                sub.mkdir(parents=True, exist_ok=True)
-                policy = sub / "policy"
-                if not ((sub / "compute.json").exists() and policy.exists()):
-                    log(f"{label} seed {seed}: training ...")
-                    run_method(method_config(run, cmp, method, lam, sub, shared, seed))
-                log(f"{label} seed {seed}: evaluating ...")
-                _evaluate(run, sub, shared, seed)
-            rows.append(_row(label, method, seed, read_report(report_path), read_json(sub / "compute.json"),
-                             shared_cost))
+    shared_cost = run_shared(run, shared, log, cmp)
+    rows, budget_rows = [], []
+    for r in _runs(cmp):
+        for seed in r.seeds:
+            sub = _train_and_evaluate(run, cmp, r, seed, root, shared, log)
+            compute = read_json(sub / "compute.json")
+            final = table_row(r.label, r.method, seed, read_report(sub / "eval" / "report.json"), compute,
+                              shared_cost)
+            rows.append(final)
+            for budget in _budget_dirs(sub):
+                budget_rows.append(table_row(r.label, r.method, seed, read_report(budget / "eval" / "report.json"),
+                                             read_json(budget / "compute.json"), shared_cost))
+            if r.method in ITERATIVE:
+                budget_rows.append(final)
     runs = pd.DataFrame(rows)
     summary = summarise(runs)
-    reference = read_report(root / "runs" / rows[0]["label"] / f"seed{cmp.seeds[0]}" / "eval" / "report.json")
-    out = {"summary": _records(summary), "runs": _records(runs), "shared": shared_cost,
-           "dual": to_json(read_dual(shared / "dual.json")), "reference": to_json(reference.reference),
-           "constraints": [{"name": c.name, "constraint": c.constraint, "column": c.column, "threshold": c.threshold}
-                           for c in reference.constraints]}
+    budgets = pd.DataFrame(budget_rows)
+    curves = summarise(budgets, ["label", "budget"]) if len(budgets) else pd.DataFrame()
+    reference = read_report(root / "runs" / rows[0]["label"] / f"seed{rows[0]['seed']}" / "eval" / "report.json")
+    cons = [{"name": c.name, "constraint": c.constraint, "column": c.column, "threshold": c.threshold}
+            for c in reference.constraints]
+    projection = projection_table(summary, curves, cons, cmp.projection_params)
+    out = {"summary": records(summary), "runs": records(runs), "budgets": records(budgets),
+           "curves": records(curves), "first_met": first_met(curves, cons), "projection": records(projection),
+           "shared": shared_cost, "dual": to_json(read_dual(shared / "dual.json")),
+           "reference": to_json(reference.reference), "constraints": cons}
     write_table(summary, root / "compare.csv")
     write_table(runs, root / "compare_runs.csv")
+    if len(budgets):
+        write_table(budgets, root / "compare_budgets.csv")
+    write_table(projection, root / "projection_7b.csv")
     write_json(out, root / "compare.json")
     plot_compare(out, root, log)
     log(format_table(out))
     return out
-
-
-def _records(table: pd.DataFrame) -> list[dict[str, Any]]:
-    """Rows as dicts, NaN (e.g. a std over one seed) as None so that the JSON stays standard."""
-    return [{k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in r.items()}
-            for r in table.to_dict("records")]
-
-
-def _row(label: str, method: str, seed: int, report: EvalReport, compute: dict, shared: dict) -> dict[str, Any]:
-    """One method run's table row; a constraint's columns are named after the constraint's name."""
-    reward = report.policy[report.reward]
-    row: dict[str, Any] = {"label": label, "method": method, "seed": seed, "reward": reward.mean,
-                           "reward_lo": reward.ci95[0], "reward_hi": reward.ci95[1]}
-    for c in report.constraints:
-        row.update({c.name: c.achieved, f"{c.name}_lo": c.ci95[0], f"{c.name}_hi": c.ci95[1],
-                    f"{c.name}_threshold": c.threshold, f"{c.name}_met": float(c.met),
-                    f"{c.name}_met_confidently": float(bool(c.met_confidently))})
-    row["kl"] = report.kl.achieved
-    if report.judge:
-        for k in ("judge_harmful", "judge_helpful"):
-            row[k] = getattr(report.judge["policy"]["all"], k).mean
-    row.update({f"lambda_{k}": v for k, v in (compute.get("lambdas") or {}).items()})
-    stages = ("sample", "score", "dual") if method == "mocan" else () if method == "ppo-lagrangian" else ("sample", "score")
-    shared_s = sum((shared.get(s) or {}).get("wall_s", np.nan) for s in stages)
-    row.update({"train_wall_s": compute["wall_s"], "wall_s": compute["wall_s"] + shared_s,
-                "gradient_steps": compute["gradient_steps"],
-                "sampled_tokens": compute["sampled_tokens"] + (shared["sampled_tokens"] if stages else 0),
-                "peak_memory_mb": compute["peak_memory_mb"]})
-    return row
-
-
-def summarise(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per label: the mean of every numeric column over seeds, ``<col>_std`` and ``n_seeds``."""
-    numeric = [c for c in runs.columns if c not in ("label", "method", "seed")
-               and pd.api.types.is_numeric_dtype(runs[c])]
-    grouped = runs.groupby("label", sort=False)
-    mean = grouped[numeric].mean()
-    spread = [c for c in numeric if not c.endswith(("_lo", "_hi", "_threshold"))]
-    std = grouped[spread].std(ddof=1).add_suffix("_std")
-    out = pd.concat([mean, std], axis=1).reset_index()
-    out.insert(1, "method", grouped["method"].first().to_numpy())
-    out.insert(2, "n_seeds", grouped.size().to_numpy())
-    return out
-
-
-def format_table(out: dict[str, Any]) -> str:
-    """The printed table: one line per method (mean ± std over seeds)."""
-    cons = out["constraints"]
-    rc = out["dual"]["reward"]
-
-    def cell(r: dict, key: str, fmt: str = ".3f") -> str:
-        s = r.get(f"{key}_std")
-        return f"{r[key]:{fmt}}" + (f"±{s:{fmt}}" if s is not None and np.isfinite(s) else "")
-
-    def bound(c: dict) -> str:
-        return f"{c['column']} ({'≤' if '<=' in c['constraint'] else '≥'}{c['threshold']:.2f})"
-
-    head = f"{'method':<20}{rc:>16}" + "".join(f"{bound(c):>22}{'met':>6}{'conf.':>6}" for c in cons)
-    head += f"{'λ':>10}{'wall s':>10}{'steps':>8}{'tokens':>10}{'mem MiB':>9}"
-    lines = [head, f"{'π_ref':<20}{out['reference'][rc]['mean']:>16.3f}"
-             + "".join(f"{out['reference'][c['column']]['mean']:>22.3f}{'':>12}" for c in cons)]
-    for r in out["summary"]:
-        lam = [v for k, v in r.items() if k.startswith("lambda_") and not k.endswith("_std")]
-        line = f"{r['label']:<20}{cell(r, 'reward'):>16}"
-        line += "".join(f"{cell(r, c['name']):>22}{r[c['name'] + '_met']:>6.0%}"
-                        f"{r[c['name'] + '_met_confidently']:>6.0%}" for c in cons)
-        line += f"{(f'{lam[0]:.3g}' if lam else '-'):>10}{r['wall_s']:>10.1f}{r['gradient_steps']:>8.0f}"
-        line += f"{r['sampled_tokens']:>10.0f}{r['peak_memory_mb']:>9.0f}"
-        lines.append(line)
-    return "\n".join(lines)
-
-
-# ------------------------------------------------------------------ plots
-
-def _save(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-
-
-def _err(r: dict, key: str) -> tuple[float, float]:
-    """Error bar half-widths: the std over seeds, or the evaluation's 95% CI with one seed."""
-    if r["n_seeds"] > 1:
-        return r[f"{key}_std"], r[f"{key}_std"]
-    return r[key] - r[f"{key}_lo"], r[f"{key}_hi"] - r[key]
-
-
-def plot_compare(out: dict[str, Any], root: Path, log=print) -> None:
-    """pareto.png, constraints.png, compute.png and (iterative methods present) lambda.png in ``root/plots``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    summary, cons, rc = out["summary"], out["constraints"], out["dual"]["reward"]
-    colors = {r["label"]: plt.cm.tab10(i % 10) for i, r in enumerate(summary)}
-
-    fig, axes = plt.subplots(1, len(cons), figsize=(6 * len(cons), 4.5), squeeze=False)
-    for ax, c in zip(axes[0], cons, strict=True):
-        col, name = c["column"], c["name"]
-        ax.scatter([out["reference"][col]["mean"]], [out["reference"][rc]["mean"]], color="grey", marker="s",
-                   label="π_ref", zorder=3)
-        for r in summary:
-            ax.errorbar(r[name], r["reward"], xerr=np.array(_err(r, name))[:, None],
-                        yerr=np.array(_err(r, "reward"))[:, None], fmt="o", capsize=3,
-                        color=colors[r["label"]], label=r["label"])
-        ax.axvline(c["threshold"], color="red", ls="--", label=f"constraint {c['constraint']}")
-        ax.set_xlabel(f"{col} (evaluation mean)")
-        ax.set_ylabel(f"{rc} (evaluation mean)")
-        ax.legend(fontsize=7)
-    fig.suptitle("reward vs constraint value (error bars: std over seeds, or 95% CI with one seed)", fontsize=9)
-    fig.tight_layout()
-    _save(fig, root / "plots" / "pareto.png")
-
-    fig, axes = plt.subplots(1, len(cons), figsize=(max(6, 1.1 * len(summary)) * len(cons), 4), squeeze=False)
-    labels = [r["label"] for r in summary]
-    for ax, c in zip(axes[0], cons, strict=True):
-        name, sign = c["name"], parse_constraint(c["constraint"]).sign
-        slack = [sign * (r[name] - c["threshold"]) for r in summary]
-        rate = [(r[f"{name}_met"], r[f"{name}_met_confidently"]) for r in summary]
-        ax.bar(labels, slack, yerr=[r.get(f"{name}_std") or 0 for r in summary], capsize=3,
-               color=["tab:green" if s >= 0 else "tab:red" for s in slack])
-        for i, (s, (point, confident)) in enumerate(zip(slack, rate, strict=True)):
-            ax.annotate(f"met {point:.0%}\n(confidently {confident:.0%})", (i, s), ha="center",
-                        va="bottom" if s >= 0 else "top", fontsize=7)
-        ax.axhline(0, color="k", lw=0.8)
-        ax.set_ylabel(f"slack of {c['constraint']} (≥ 0: met)")
-        ax.set_title("share of seeds meeting it: point estimate (and not rejected by the 95% CI)", fontsize=8)
-        ax.tick_params(axis="x", rotation=30, labelsize=8)
-    fig.tight_layout()
-    _save(fig, root / "plots" / "constraints.png")
-
-    metrics = [("wall_s", "wall-clock (s)"), ("gradient_steps", "policy gradient steps"),
-               ("sampled_tokens", "sampled tokens"), ("peak_memory_mb", "peak memory (MiB)")]
-    fig, axes = plt.subplots(1, 4, figsize=(max(14, 3.2 * len(summary)), 4))
-    for ax, (key, title) in zip(axes, metrics, strict=True):
-        ax.bar(labels, [r[key] for r in summary], yerr=[r.get(f"{key}_std") or 0 for r in summary], capsize=3,
-               color=[colors[x] for x in labels])
-        ax.set_title(title)
-        ax.tick_params(axis="x", rotation=45, labelsize=7)
-    fig.tight_layout()
-    _save(fig, root / "plots" / "compute.png")
-    _plot_lambdas(out, root)
-    log(f"plots: {root / 'plots'}")
-
-
-def _plot_lambdas(out: dict[str, Any], root: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    iterative = [(r["label"], r["seed"]) for r in out["runs"] if r["method"] in ("dual-ascent", "ppo-lagrangian")]
-    if not iterative:
-        return
-    methods = list(dict.fromkeys(label for label, _ in iterative))
-    lam_star = out["dual"]["lambdas"]
-    fig, axes = plt.subplots(1, len(methods), figsize=(5.5 * len(methods), 4), squeeze=False)
-    for ax, method in zip(axes[0], methods, strict=True):
-        for label, seed in iterative:
-            if label != method:
-                continue
-            traj = read_json(root / "runs" / label / f"seed{seed}" / "compute.json").get("lambda_trajectory") or []
-            for name in lam_star:
-                ax.plot(range(len(traj)), [t[name] for t in traj], marker="o", ms=3, label=f"λ_{name} seed {seed}")
-        for name, value in lam_star.items():
-            ax.axhline(value, color="red", ls="--", label=f"λ*_{name} (dual)")
-        ax.set_xlabel("round" if method == "dual-ascent" else "iteration")
-        ax.set_ylabel("λ")
-        ax.set_title(method)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    _save(fig, root / "plots" / "lambda.png")
-

@@ -53,6 +53,28 @@ def dpo_loss(policy_logps_a: torch.Tensor, policy_logps_b: torch.Tensor,
                                               ref_logps_b, beta, a_chosen)
 
 
+def safedpo_loss(policy_logps_a: torch.Tensor, policy_logps_b: torch.Tensor,
+                 ref_logps_a: torch.Tensor, ref_logps_b: torch.Tensor, beta: float,
+                 unsafe_a: torch.Tensor, unsafe_b: torch.Tensor,
+                 delta: float | torch.Tensor) -> tuple[torch.Tensor, Diagnostics]:
+    """SafeDPO (Kim et al., arXiv 2505.20065, §3): DPO on the transformed pairs with a safety offset,
+
+        loss = −log σ(β·[(log π(a) − log π_ref(a)) − (log π(b) − log π_ref(b))] − (h_b − h_a)·Δ),
+
+    a = ỹ_w, b = ỹ_l the pair after the transform T (:func:`dualign.methods.safedpo.safedpo_transform`),
+    h = 1 for an unsafe response, 0 for a safe one. Δ ≥ 0 is in logit units (outside β): a
+    safe-over-unsafe pair must reach β·h > Δ before its loss flattens; safe-over-safe pairs get
+    plain DPO. Δ = 0 is the paper's Eq. 11 (DPO on T(D)); Δ > 0 its Eq. 12, as cited by secondary
+    sources (the primary text was not available to us). The optimum is the same for any Δ ≥ 0
+    (the paper's Prop. 4.4). ln 2 at π = π_ref when Δ = 0.
+    """
+    h = beta * ((policy_logps_a - ref_logps_a) - (policy_logps_b - ref_logps_b))
+    offset = (unsafe_b.to(h.dtype) - unsafe_a.to(h.dtype)) * delta
+    a_chosen = torch.ones_like(h, dtype=torch.bool)
+    return -F.logsigmoid(h - offset), pair_diagnostics(policy_logps_a, policy_logps_b, ref_logps_a,
+                                                       ref_logps_b, beta, a_chosen)
+
+
 def mocan_loss(policy_logps_a: torch.Tensor, policy_logps_b: torch.Tensor,
                ref_logps_a: torch.Tensor, ref_logps_b: torch.Tensor, target_margin: torch.Tensor,
                beta: float, label: Literal["soft", "bernoulli", "regression", "absolute"] = "soft",

@@ -44,7 +44,7 @@ from dualign.config import config_to_dict, dump_yaml, load_yaml
 from dualign.errors import ConfigError, InputError
 from dualign.io import read_table, write_table
 from dualign.losses import Diagnostics, PairLogps, kl_estimate
-from dualign.methods import dpo, mocan, pecan
+from dualign.methods import dpo, mocan, pecan, safedpo
 from dualign.models import (
     disable_dropout,
     load_causal_lm,
@@ -52,7 +52,7 @@ from dualign.models import (
     save_model,
     sequence_logprobs,
 )
-from dualign.pairs import validate_pairs
+from dualign.pairs import require_columns, validate_pairs
 from dualign.progress import Progress
 from dualign.provenance import mark_done, record_stage, unmark, versions
 from dualign.records import DualRecord, read_dual
@@ -64,7 +64,8 @@ from dualign.timing import part
 class TrainConfig:
     model: str = field(metadata={"help": "π_ref (the initial policy): Hugging Face model id or local directory"})
     run_dir: str = field(metadata={"help": "run directory (reads scores.parquet, dual.json; writes policy/)"})
-    method: str = field(default="mocan", metadata={"help": "loss: mocan, pecan or dpo"})
+    method: str = field(default="mocan", metadata={
+        "help": "loss: mocan, pecan, dpo, or safedpo (on a pairs table with unsafe_a/unsafe_b/safety_margin)"})
     beta: float | None = field(default=None, metadata={
         "help": "KL weight β (default: dual.json's beta, else 0.1)"})
     label: Literal["soft", "bernoulli", "regression", "absolute"] = field(default="soft", metadata={
@@ -145,7 +146,8 @@ class TrainConfig:
 # (log-probs, pair columns as tensors, β, label, generator) -> (per-pair losses [B], diagnostics)
 LossFn = Callable[[PairLogps, dict[str, torch.Tensor], float, str, torch.Generator], tuple[torch.Tensor, Diagnostics]]
 
-LOSSES: dict[str, LossFn] = {"dpo": dpo.pair_loss, "mocan": mocan.pair_loss, "pecan": pecan.pair_loss}
+LOSSES: dict[str, LossFn] = {"dpo": dpo.pair_loss, "mocan": mocan.pair_loss, "pecan": pecan.pair_loss,
+                             "safedpo": safedpo.pair_loss}
 
 
 # ---------------------------------------------------------------- the loop
@@ -179,16 +181,17 @@ def train(cfg: TrainConfig, stop_at_step: int | None = None) -> dict[str, Any]:
     model.config.use_cache = False  # a KV cache is built and thrown away on every forward otherwise
     pad_id = tokenizer.pad_token_id
     data = encode_pairs(pairs, tokenizer, cfg.template, cfg.max_length)
+    need = _reference_rows(data, cfg)
     if state is not None:
         data.ref_logps = state["ref_logps"]
     elif cfg.reference and cfg.reference != cfg.model:
         reference = load_causal_lm(cfg.reference, dtype="float32", device=accelerator.device,
                                    trust_remote_code=cfg.trust_remote_code)
         disable_dropout(reference)
-        _reference_logps(reference, data, cfg, pad_id, accelerator)
+        _reference_logps(reference, data, need, cfg, pad_id, accelerator)
         del reference
     else:
-        _reference_logps(model, data, cfg, pad_id, accelerator)
+        _reference_logps(model, data, need, cfg, pad_id, accelerator)
 
     model = _trainable(model, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -197,6 +200,10 @@ def train(cfg: TrainConfig, stop_at_step: int | None = None) -> dict[str, Any]:
     steps_per_epoch = math.ceil(len(data) / global_batch)
     total = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_epochs * steps_per_epoch))
     scheduler = _schedule(optimizer, cfg, total)
+    groups = data.groups.numpy() if cfg.group_by_prompt else None
+    tokens = {"reference": data.tokens(torch.unique(data.canonical[need])),
+              "training": _schedule_tokens(data, cfg, total, steps_per_epoch, global_batch, groups,
+                                           accelerator.num_processes)}
     generator = torch.Generator().manual_seed(cfg.seed + accelerator.process_index)
     start = restore_state(state, model, optimizer, scheduler, generator) if state is not None else 0
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -209,7 +216,6 @@ def train(cfg: TrainConfig, stop_at_step: int | None = None) -> dict[str, Any]:
     window: dict[str, list] = {}
     progress = Progress(total=total, initial=start, desc=f"train {cfg.method}", unit="steps", enabled=main)
     t0, trained = time.perf_counter(), 0
-    groups = data.groups.numpy() if cfg.group_by_prompt else None
     order, order_epoch = None, -1
     for step in range(start, total):
         epoch, batch_index = divmod(step, steps_per_epoch)
@@ -251,7 +257,7 @@ def train(cfg: TrainConfig, stop_at_step: int | None = None) -> dict[str, Any]:
         mark_done(run_dir, "train")
     accelerator.wait_for_everyone()
     return {"step": total, "total_steps": total, "stopped": False, "output_dir": cfg.output_dir,
-            "train_runtime": runtime, "pairs_per_second": trained / runtime}
+            "train_runtime": runtime, "pairs_per_second": trained / runtime, "tokens": tokens}
 
 
 def epoch_order(seed: int, epoch: int, n: int, groups: np.ndarray | None = None) -> np.ndarray:
@@ -267,13 +273,28 @@ def epoch_order(seed: int, epoch: int, n: int, groups: np.ndarray | None = None)
     return np.lexsort((rng.random(n), prompt_rank[groups]))
 
 
+def _schedule_tokens(data: EncodedPairs, cfg: TrainConfig, total: int, steps_per_epoch: int, global_batch: int,
+                     groups: np.ndarray | None, processes: int) -> int:
+    """Tokens the whole schedule runs forward and backward (all processes): the distinct sequences
+    of every micro-batch of every step, split as :func:`_optimizer_step` splits them. A function
+    of the config alone, so a resumed run counts what an uninterrupted one does."""
+    count = 0
+    for step in range(total):
+        epoch, batch_index = divmod(step, steps_per_epoch)
+        if batch_index == 0:
+            order = epoch_order(cfg.seed, epoch, len(data), groups)
+        rows = order[batch_index * global_batch:(batch_index + 1) * global_batch]
+        for share in np.array_split(rows, processes):
+            for i in range(0, len(share), cfg.per_device_batch_size):
+                count += data.tokens(data.distinct(share[i:i + cfg.per_device_batch_size].tolist())[1])
+    return count
+
+
 def pair_loss(model, data: EncodedPairs, rows: list[int], loss_fn: LossFn, cfg: TrainConfig,
               generator: torch.Generator, pad_id: int, accelerator) -> tuple[torch.Tensor, Diagnostics]:
     """Per-pair losses of ``rows``: one forward pass over their distinct responses (a and b together;
     a response shared by several pairs, as in all-pairs MoCAN batches, is run once)."""
-    n = len(data)
-    seq_rows = data.canonical[list(rows) + [n + r for r in rows]]
-    unique, where = torch.unique(seq_rows, return_inverse=True)
+    seq_rows, unique, where = data.distinct(rows)
     batch = {k: v.to(accelerator.device) for k, v in data.collate(unique.tolist(), pad_id).items()}
     with accelerator.autocast():
         logps = sequence_logprobs(model, **batch).float()[where.to(accelerator.device)]
@@ -386,6 +407,8 @@ def load_pairs(cfg: TrainConfig) -> tuple[pd.DataFrame, DualRecord | None, dict[
     if cfg.label == "absolute" and cfg.method in ("mocan", "pecan") and not {"target_a", "target_b"} <= set(pairs):
         raise ConfigError("config key 'label': absolute needs the target_a/target_b columns of pairs built from "
                           "a scores table (use regression with preference pairs)")
+    if cfg.method == "safedpo":
+        require_columns(pairs, ("unsafe_a", "unsafe_b", "safety_margin"), "pairs (safedpo)")
     if cfg.method == "mocan" and dual is None and np.isinf(pairs["target_margin"]).all():
         warnings.warn("mocan on hard labels only (target_margin = ±inf) is DPO", stacklevel=2)
     return pairs, dual, {k: _sha256(p) for k, p in files.items()}
@@ -430,12 +453,35 @@ def _sample_stage_matches(cfg: TrainConfig) -> bool:
     return all(sample_cfg.get(k) == v for k, v in want.items())
 
 
-def _reference_logps(model, data: EncodedPairs, cfg: TrainConfig, pad_id: int, accelerator) -> None:
-    """log π_ref of every response the pairs table does not give trustworthily, from ``model`` = π_ref
-    (the policy before its first update, or the separate ``reference``)."""
+def reference_logprobs(cfg: TrainConfig, pairs: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, int]:
+    """log π_ref(a|x) and log π_ref(b|x) of a pairs table, computed as :func:`train` computes them
+    (``cfg``'s π_ref, ``reference`` else ``model``, template and max_length; the same tokens,
+    batching and precision), so that
+    several runs on the same pairs can share them (``ref_logprob_a/_b`` with ``ref_logprobs: reuse``);
+    and the tokens run through π_ref (each distinct sequence once)."""
+    accelerator = _accelerator(cfg)
+    tokenizer = load_tokenizer(cfg.model, revision=cfg.revision)
+    model = load_causal_lm(cfg.reference or cfg.model, revision=cfg.revision, dtype="float32",
+                           device=accelerator.device)
+    disable_dropout(model)
+    data = encode_pairs(validate_pairs(pairs), tokenizer, cfg.template, cfg.max_length)
+    rows = torch.unique(data.canonical)
+    fill_ref_logps(model, data, rows, tokenizer.pad_token_id, 2 * cfg.per_device_batch_size, accelerator)
+    ref = data.ref_logps[data.canonical].numpy().astype(float)
+    return ref[:len(data)], ref[len(data):], data.tokens(rows)
+
+
+def _reference_rows(data: EncodedPairs, cfg: TrainConfig) -> torch.Tensor:
+    """The sequence rows whose log π_ref the pairs table does not give trustworthily."""
     trusted = cfg.ref_logprobs == "reuse" or (cfg.ref_logprobs == "auto" and _sample_stage_matches(cfg))
     need = torch.isnan(data.ref_logps) | data.truncated | (not trusted)
-    need = need.nonzero().squeeze(1)
+    return need.nonzero().squeeze(1)
+
+
+def _reference_logps(model, data: EncodedPairs, need: torch.Tensor, cfg: TrainConfig, pad_id: int,
+                     accelerator) -> None:
+    """log π_ref of the ``need`` rows (:func:`_reference_rows`), from ``model`` = π_ref (the policy
+    before its first update, or the separate ``reference``)."""
     fill_ref_logps(model, data, torch.unique(data.canonical[need]), pad_id, 2 * cfg.per_device_batch_size,
                    accelerator)
     data.ref_logps[need] = data.ref_logps[data.canonical[need]]

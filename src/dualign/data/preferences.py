@@ -239,6 +239,7 @@ def preference_views(table: pd.DataFrame, source: str = "preferences",
     """``{"helpful": pairs, "safe": pairs}`` in TRL format (``prompt_id, prompt, chosen, rejected``).
 
     helpful: chosen = response_<better_response_id>; safe: chosen = response_<safer_response_id>.
+    A table with ``ref_logprob_0``/``ref_logprob_1`` gives ``ref_logprob_chosen``/``ref_logprob_rejected``.
     A row whose id is not 0/1 is an error (``skip_invalid``: dropped from that view instead), as are
     empty texts; other issues are left to ``dualign data check``.
     """
@@ -257,15 +258,32 @@ def preference_views(table: pd.DataFrame, source: str = "preferences",
         if bad.size and not skip_invalid:
             raise InputError(f"{source}: row {bad[0]}: {column} is {_plain(table[column].iloc[bad[0]])!r}, expected 0 or 1")
         keep = ids >= 0
-        r0, r1 = table["response_0"].to_numpy()[keep], table["response_1"].to_numpy()[keep]
-        first = ids[keep] == 0
-        views[view] = pd.DataFrame({
-            "prompt_id": prompt_id[keep],
-            "prompt": table["prompt"].to_numpy()[keep],
-            "chosen": np.where(first, r0, r1),
-            "rejected": np.where(first, r1, r0),
-        })
+        chosen, rejected = _oriented(table, "response", ids, keep)
+        views[view] = pd.DataFrame({"prompt_id": prompt_id[keep], "prompt": table["prompt"].to_numpy()[keep],
+                                    "chosen": chosen, "rejected": rejected})
+        if {"ref_logprob_0", "ref_logprob_1"} <= set(table.columns):
+            views[view]["ref_logprob_chosen"], views[view]["ref_logprob_rejected"] = _oriented(
+                table, "ref_logprob", ids, keep)
     return views
+
+
+def _oriented(table: pd.DataFrame, stem: str, ids: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(``<stem>_<id>``, ``<stem>_<1 − id>``) of the kept rows."""
+    v0, v1 = table[f"{stem}_0"].to_numpy()[keep], table[f"{stem}_1"].to_numpy()[keep]
+    first = ids[keep] == 0
+    return np.where(first, v0, v1), np.where(first, v1, v0)
+
+
+def response_safety(table: pd.DataFrame, source: str = "preferences") -> np.ndarray:
+    """[n, 2] bool: ``is_response_0_safe``, ``is_response_1_safe`` (true = SAFE); one line naming the
+    first row whose flag is not true/false."""
+    flags = np.stack([_flags(table[f"is_response_{k}_safe"]) for k in (0, 1)], axis=1)
+    bad = np.argwhere(flags < 0)
+    if bad.size:
+        row, k = bad[0]
+        raise InputError(f"{source}: row {row}: is_response_{k}_safe is "
+                         f"{_plain(table[f'is_response_{k}_safe'].iloc[row])!r}, expected true or false")
+    return flags.astype(bool)
 
 
 def write_views(source: str | Path, out_dir: str | Path, split: str = "train",

@@ -1,6 +1,8 @@
 """``dualign train --method NAME`` for every method: the config class and trainer of each
 baseline, and :func:`run_method`, which trains any method and records what it cost
-(``<run_dir>/compute.json``: wall-clock, gradient steps, sampled tokens, peak memory, λ).
+(``<run_dir>/compute.json``: wall-clock, gradient steps, sampled tokens, peak memory, λ, and the
+tokens and FLOPs of each stage, :mod:`dualign.flops`; the same FLOPs in each
+``budgets/<n>/compute.json`` an iterative method wrote).
 
 MoCAN, PeCAN and DPO are the one loop (:func:`dualign.train.train`, chosen by ``method`` from
 ``LOSSES``); the baselines have their own files in :mod:`dualign.methods`.
@@ -22,49 +24,83 @@ import torch
 
 from dualign.config import add_config_arguments
 from dualign.errors import ConfigError
-from dualign.io import write_json
+from dualign.flops import model_forward_params, scorer_forward_params, stage_flops
+from dualign.io import read_json, write_json
 from dualign.methods.dual_ascent import DualAscentConfig, train_dual_ascent
 from dualign.methods.fixed_lambda import FixedLambdaConfig, train_fixed_lambda
+from dualign.methods.grpo_lagrangian import GRPOLagrangianConfig, train_grpo_lagrangian
 from dualign.methods.objective import dual_file
 from dualign.methods.ppo_lagrangian import PPOLagrangianConfig, train_ppo_lagrangian
+from dualign.methods.preference_dpo import PreferenceDPOConfig, train_preference_dpo
 from dualign.records import read_dual
 from dualign.train import LOSSES, TrainConfig, train
 
-CONFIGS: dict[str, type] = {"ppo-lagrangian": PPOLagrangianConfig, "dual-ascent": DualAscentConfig,
-                            "fixed-lambda": FixedLambdaConfig, "helpful-dpo": FixedLambdaConfig,
-                            "safe-dpo": FixedLambdaConfig}
-TRAINERS = {"ppo-lagrangian": train_ppo_lagrangian, "dual-ascent": train_dual_ascent,
-            "fixed-lambda": train_fixed_lambda, "helpful-dpo": train_fixed_lambda,
-            "safe-dpo": train_fixed_lambda}
+CONFIGS: dict[str, type] = {
+    "ppo-lagrangian": PPOLagrangianConfig, "grpo-lagrangian": GRPOLagrangianConfig,
+    "dual-ascent": DualAscentConfig, "fixed-lambda": FixedLambdaConfig, "reward-only-mocan": FixedLambdaConfig,
+    "cost-only-mocan": FixedLambdaConfig, "dpo-helpful": PreferenceDPOConfig, "dpo-safe": PreferenceDPOConfig,
+    "safedpo": PreferenceDPOConfig}
+TRAINERS = {
+    "ppo-lagrangian": train_ppo_lagrangian, "grpo-lagrangian": train_grpo_lagrangian,
+    "dual-ascent": train_dual_ascent, "fixed-lambda": train_fixed_lambda, "reward-only-mocan": train_fixed_lambda,
+    "cost-only-mocan": train_fixed_lambda, "dpo-helpful": train_preference_dpo, "dpo-safe": train_preference_dpo,
+    "safedpo": train_preference_dpo}
+# The scorer-margin baselines' old names, refused with the new one (an alias would sit next to the
+# preference baselines dpo-helpful / dpo-safe and be mistaken for them).
+RENAMED = {"helpful-dpo": "reward-only-mocan", "safe-dpo": "cost-only-mocan"}
 
 
 def run_method(cfg: Any) -> dict[str, Any]:
     """Train with any method (a baseline config, or a TrainConfig for mocan/dpo/...), measuring it;
     write ``<run_dir>/compute.json``: wall_s, gradient_steps, sampled_tokens (online only), peak
     memory (MiB), final λ and, for the iterative methods, the λ trajectory."""
+    check_method(cfg.method)
     with measure() as used:
         if cfg.method in TRAINERS:
             summary = TRAINERS[cfg.method](cfg)
-        elif cfg.method in LOSSES:
+        else:
             out = train(cfg)
             dual_path = dual_file(Path(cfg.run_dir), cfg.dual)
             lambdas = read_dual(dual_path).lambdas if dual_path.exists() else {}
             summary = {"gradient_steps": out["step"], "sampled_tokens": 0, "lambdas": lambdas,
-                       "output_dir": out["output_dir"]}
-        else:
-            raise ConfigError(f"config key 'method': {cfg.method!r} is not one of "
-                              f"{', '.join([*LOSSES, *TRAINERS])}")
+                       "output_dir": out["output_dir"], "tokens": out["tokens"]}
     compute = {"method": cfg.method, **summary, **used}
+    flops = _flops_of(cfg.model, summary.get("scorers") or [])
+    compute["flops"] = flops(compute.get("tokens"))
     write_json(compute, Path(cfg.run_dir) / "compute.json")
+    for budget in sorted((Path(cfg.run_dir) / "budgets").glob("*/compute.json")):
+        record = read_json(budget)
+        write_json({**record, "flops": flops(record.get("tokens"))}, budget)
     return compute
+
+
+def check_method(method: str) -> None:
+    """One line for an unknown method, naming the new name of a renamed one."""
+    if method in RENAMED:
+        raise ConfigError(f"method {method!r} was renamed {RENAMED[method]!r} (MoCAN's loss on scorer margins; "
+                          "DPO on preference pairs is dpo-helpful / dpo-safe)")
+    if method not in TRAINERS and method not in LOSSES:
+        raise ConfigError(f"config key 'method': {method!r} is not one of {', '.join([*LOSSES, *TRAINERS])}")
+
+
+def _flops_of(model: str, scorers: list[str]):
+    """tokens → FLOPs per stage (:func:`dualign.flops.stage_flops`) with the policy's and the online
+    scorers' parameter counts; None where the policy is not a local model directory."""
+    n_policy = model_forward_params(model)
+    n_scorers = [scorer_forward_params(s) for s in scorers]
+
+    def flops(tokens: dict | None) -> dict | None:
+        return stage_flops(tokens, n_policy, n_scorers) if tokens is not None and n_policy else None
+    return flops
 
 
 def add_baseline_arguments(parser: argparse.ArgumentParser) -> None:
     """The baselines' own flags (those TrainConfig does not have), for ``dualign train``."""
     seen = {f.name for f in dataclasses.fields(TrainConfig)}
-    group = parser.add_argument_group("baselines (--method ppo-lagrangian, dual-ascent, fixed-lambda, "
-                                      "helpful-dpo, safe-dpo)")
-    for cls in (FixedLambdaConfig, DualAscentConfig, PPOLagrangianConfig):
+    group = parser.add_argument_group("baselines (--method ppo-lagrangian, grpo-lagrangian, dual-ascent, "
+                                      "fixed-lambda, reward-only-mocan, cost-only-mocan, dpo-helpful, dpo-safe, "
+                                      "safedpo)")
+    for cls in (FixedLambdaConfig, DualAscentConfig, PPOLagrangianConfig, GRPOLagrangianConfig, PreferenceDPOConfig):
         fresh = tuple(f.name for f in dataclasses.fields(cls) if f.name in seen)
         add_config_arguments(group, cls, skip=fresh)
         seen |= {f.name for f in dataclasses.fields(cls)}

@@ -1,8 +1,11 @@
 """The thin baselines: MoCAN's loss at a λ set by hand instead of the dual's λ*.
 
 - ``fixed-lambda``: target margins r_λ(a) − r_λ(b) at the given λ (one value: the same for all).
-- ``helpful-dpo``: the reward alone (λ = 0).
-- ``safe-dpo``: the constraints alone (reward weight 0, λ = 1).
+- ``reward-only-mocan``: the reward alone (λ = 0).
+- ``cost-only-mocan``: the constraints alone (reward weight 0, λ = 1).
+
+(Formerly ``helpful-dpo`` and ``safe-dpo``, renamed: they are MoCAN's loss on π_ref's
+samples, not DPO on preference pairs, which is :mod:`dualign.methods.preference_dpo`.)
 
 Each reads the objective (:mod:`dualign.methods.objective`), writes its dual.json and pairs, and
 trains through the one loop with ``method: mocan``.
@@ -36,7 +39,7 @@ from dualign.train import TrainConfig, train
 @dataclass
 class FixedLambdaConfig(TrainConfig):
     method: str = field(default="fixed-lambda", metadata={
-        "help": "fixed-lambda (λ by hand), helpful-dpo (λ = 0) or safe-dpo (constraints only)"})
+        "help": "fixed-lambda (λ by hand), reward-only-mocan (λ = 0) or cost-only-mocan (constraints only)"})
     lambdas: list[float] | None = field(default=None, metadata={
         "help": "fixed-lambda: λ per constraint in order (one value: the same for all)"})
     constraints: list[str] | None = field(default=None, metadata={
@@ -46,11 +49,12 @@ class FixedLambdaConfig(TrainConfig):
 
 def method_weights(method: str, objective: Objective,
                    lambdas: list[float] | None) -> tuple[float, np.ndarray]:
-    """(reward weight, λ) of the thin methods: fixed-lambda (given λ), helpful-dpo (1, 0), safe-dpo (0, 1)."""
+    """(reward weight, λ) of the thin methods: fixed-lambda (given λ), reward-only-mocan (1, 0),
+    cost-only-mocan (0, 1)."""
     m = len(objective.constraints)
-    if method == "helpful-dpo":
+    if method == "reward-only-mocan":
         return 1.0, np.zeros(m)
-    if method == "safe-dpo":
+    if method == "cost-only-mocan":
         return 0.0, np.ones(m)
     if lambdas is None:
         raise ConfigError("missing required config value(s): lambdas (fixed-lambda: one λ per constraint)")
@@ -78,4 +82,4 @@ def train_fixed_lambda(cfg: FixedLambdaConfig) -> dict[str, Any]:
                                   dual=str(dual_path), beta=objective.beta, preferences=None))
     return {"gradient_steps": summary["step"], "sampled_tokens": 0,
             "lambdas": dict(zip(objective.names, lambdas.tolist(), strict=True)),
-            "output_dir": summary["output_dir"]}
+            "output_dir": summary["output_dir"], "tokens": summary["tokens"]}

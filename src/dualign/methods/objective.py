@@ -27,6 +27,7 @@ from dualign.errors import ConfigError, InputError
 from dualign.io import read_json
 from dualign.methods.mocan import pairs_from_scores
 from dualign.records import DualRecord, read_dual, write_dual
+from dualign.templates import format_prompt
 from dualign.train import TrainConfig
 
 
@@ -164,6 +165,14 @@ def scorer_specs(scorers: list[str] | None, scores_path: Path) -> list[str]:
     if not recorded:
         raise ConfigError(f"missing required config value(s): scorers (no {path} to take them from)")
     return recorded
+
+
+def sequence_tokens(table: pd.DataFrame, tokenizer, template: str) -> int:
+    """Tokens of every (templated prompt, response) row of a samples table: the prompt's tokens plus
+    ``response_tokens`` (response + eos), as the sampler and the scorers process them."""
+    lengths = {p: len(tokenizer(format_prompt(p, template, tokenizer), add_special_tokens=True)["input_ids"])
+               for p in table["prompt"].unique()}
+    return int(table["prompt"].map(lengths).sum() + table["response_tokens"].sum())
 
 
 def train_config(cfg: TrainConfig, **changes: Any) -> TrainConfig:

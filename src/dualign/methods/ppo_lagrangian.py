@@ -1,28 +1,34 @@
-"""PPO-Lagrangian, Safe-RLHF's primal-dual RL (Dai et al., 2024), on MoCAN's objective.
+"""PPO-Lagrangian, Safe-RLHF's primal-dual RL (Dai et al., 2024), on MoCAN's objective; and the
+loop it shares with GRPO-Lagrangian (:mod:`dualign.methods.grpo_lagrangian`).
 
-Each iteration, top to bottom (:func:`train_ppo_lagrangian`):
+Each iteration, top to bottom (:func:`train_primal_dual`):
 
 1. Rollout: K responses to each of a batch of training prompts from the current policy, scored
    by the reward and constraint scorers; log π_old and log π_ref of every response token.
-2. λ step: log λ_j ← log λ_j + lr_λ·(b_j − J_gj), J_g the mean episode utility over the last
-   ``cost_window`` iterations (:func:`lagrange_multiplier_step`).
+2. λ step on J_g, the mean episode utility over the last ``cost_window`` iterations: here
+   log λ_j ← log λ_j + lr_λ·(b_j − J_gj) (:func:`lagrange_multiplier_step`), capped at
+   ``lambda_max`` when set (Safe-RLHF clamps log λ at log 5).
 3. Advantages, critic-free: the reward with the KL penalty folded in, r̃ = r − β·log(π_old/π_ref)
    (:func:`kl_shaped_rewards`), and each utility get a group baseline over the K samples of their
    prompt (:func:`group_advantages`, RLOO by default), combined as A = (A_r + Σ_j λ_j·A_gj)/(1 + Σ_j λ_j)
    (:func:`combined_advantage`).
-4. PPO: ``ppo_epochs`` passes of minibatches minimising the clipped objective (:func:`ppo_clip_loss`).
+4. Policy steps: ``ppo_epochs`` passes of minibatches on the policy loss, here PPO's clipped
+   objective averaged over each response's tokens (:func:`ppo_clip_loss`).
 
-The update rules are the pure functions below; λ and its trajectory go to metrics.jsonl and the
-method's dual.json. This is the one method with its own loop: it samples online.
+The two variants differ only by :class:`UpdateRules` (the λ step of 2 and the loss of 4), pure
+functions below and in :mod:`dualign.methods.grpo_lagrangian`. λ and its trajectory go to
+metrics.jsonl and the method's dual.json. With ``checkpoints``, the policy after those
+iterations is saved with what it cost so far (``<run_dir>/budgets/<iteration>/``: ``policy/``,
+``compute.json``, ``dual.json``), for compute-to-target curves.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import math
+import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -34,12 +40,13 @@ import torch
 from dualign.config import dump_yaml
 from dualign.data.prompts import load_prompts
 from dualign.errors import ConfigError
-from dualign.io import read_table
+from dualign.io import read_table, write_json
 from dualign.methods.objective import (
     Objective,
     dual_file,
     iterative_summary,
     load_objective,
+    method_dual,
     sample_settings,
     scorer_specs,
     scores_file,
@@ -55,6 +62,7 @@ from dualign.models import (
 )
 from dualign.progress import Progress
 from dualign.provenance import record_stage
+from dualign.records import write_dual
 from dualign.sample import generate_responses
 from dualign.scorers import load_scorer, parse_scorer, score_column
 from dualign.templates import format_prompt
@@ -76,27 +84,31 @@ class PPOLagrangianConfig:
         "help": "scorer specs (default: the score stage's, score.config.yaml beside the scores)"})
     template: str = field(default="auto", metadata={"help": "prompt template (as for sample)"})
     revision: str | None = field(default=None, metadata={"help": "model revision"})
-    iterations: int = field(default=20, metadata={"help": "ppo-lagrangian: rollout batches (one λ update each)"})
-    prompts_per_iteration: int = field(default=8, metadata={"help": "ppo-lagrangian: prompts per rollout batch"})
-    num_samples: int = field(default=4, metadata={"help": "ppo-lagrangian: K responses per prompt (group baseline)"})
+    iterations: int = field(default=20, metadata={"help": "ppo/grpo-lagrangian: rollout batches (one λ update each)"})
+    prompts_per_iteration: int = field(default=8, metadata={"help": "ppo/grpo-lagrangian: prompts per rollout batch"})
+    num_samples: int = field(default=4, metadata={"help": "ppo/grpo-lagrangian: K responses per prompt (group baseline)"})
     max_new_tokens: int | None = field(default=None, metadata={
         "help": "online sampling: longest response (default: the sample stage's, else 64)"})
     temperature: float = field(default=1.0, metadata={"help": "online sampling temperature"})
-    ppo_epochs: int = field(default=2, metadata={"help": "ppo-lagrangian: passes over each rollout batch"})
-    minibatch_size: int = field(default=16, metadata={"help": "ppo-lagrangian: sequences per optimizer step"})
-    clip_range: float = field(default=0.2, metadata={"help": "ppo-lagrangian: PPO ratio clip ε"})
+    ppo_epochs: int = field(default=2, metadata={"help": "ppo/grpo-lagrangian: passes over each rollout batch"})
+    minibatch_size: int = field(default=16, metadata={"help": "ppo/grpo-lagrangian: sequences per optimizer step"})
+    clip_range: float = field(default=0.2, metadata={"help": "ppo/grpo-lagrangian: PPO ratio clip ε"})
     advantage: Literal["rloo", "mean"] = field(default="rloo", metadata={
-        "help": "ppo-lagrangian: group baseline, leave-one-out (rloo) or the group mean"})
+        "help": "ppo/grpo-lagrangian: group baseline, leave-one-out (rloo) or the group mean"})
     learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0: none)"})
     lambda_init: float = field(default=1.0, metadata={"help": "initial λ of every constraint"})
-    lambda_lr: float = field(default=0.1, metadata={"help": "λ step size (on log λ)"})
-    lambda_delay: int = field(default=0, metadata={"help": "ppo-lagrangian: iterations with λ frozen"})
+    lambda_lr: float = field(default=0.1, metadata={"help": "λ step size: on log λ (ppo-lagrangian), on λ (grpo-lagrangian)"})
+    lambda_delay: int = field(default=0, metadata={"help": "ppo/grpo-lagrangian: iterations with λ frozen"})
+    lambda_max: float | None = field(default=None, metadata={
+        "help": "ppo/grpo-lagrangian: λ is capped here (Safe-RLHF's λ_max; null: no cap)"})
     cost_window: int = field(default=4, metadata={
-        "help": "ppo-lagrangian: iterations whose episode costs the λ update averages"})
+        "help": "ppo/grpo-lagrangian: iterations whose episode costs the λ update averages"})
     sample_batch_size: int = field(default=32, metadata={"help": "online sampling/scoring batch size"})
     seed: int = field(default=0, metadata={"help": "seed: prompt order, sampling"})
     logging_steps: int = field(default=1, metadata={"help": "iterations between metrics.jsonl lines"})
+    checkpoints: list[int] | None = field(default=None, metadata={
+        "help": "iterations after which the policy and its cost so far are saved (<run_dir>/budgets/<n>)"})
     output_dir: str | None = field(default=None, metadata={"help": "where the policy goes (default <run_dir>/policy)"})
     device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={"help": "auto: cuda if available"})
 
@@ -145,11 +157,17 @@ def ppo_clip_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torc
 
     logps, old_logps, mask [B, T] (token log-probs, response tokens marked 1); advantages [B].
     """
-    ratio = torch.exp(logps - old_logps)
-    adv = advantages[:, None]
-    per_token = -torch.min(ratio * adv, ratio.clamp(1 - clip_range, 1 + clip_range) * adv)
+    per_token = clipped_token_losses(logps, old_logps, advantages, clip_range)
     m = mask.to(per_token.dtype)
     return (per_token * m).sum(-1) / m.sum(-1).clamp(min=1)
+
+
+def clipped_token_losses(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor,
+                         clip_range: float) -> torch.Tensor:
+    """−min(ρ_t·A, clip(ρ_t, 1−ε, 1+ε)·A) at every token [B, T], ρ_t = exp(log π − log π_old)."""
+    ratio = torch.exp(logps - old_logps)
+    adv = advantages[:, None]
+    return -torch.min(ratio * adv, ratio.clamp(1 - clip_range, 1 + clip_range) * adv)
 
 
 def lagrange_multiplier_step(log_lambdas: np.ndarray, utility_means: np.ndarray, thresholds: np.ndarray,
@@ -165,6 +183,30 @@ def lagrange_multiplier_step(log_lambdas: np.ndarray, utility_means: np.ndarray,
     return log_lambdas + lr * (np.asarray(thresholds, float) - np.asarray(utility_means, float))
 
 
+@dataclass(frozen=True)
+class UpdateRules:
+    """What tells the primal-dual variants apart: the λ step and the per-sequence policy loss.
+
+    lambda_step(λ [m], J_g [m], b [m], iteration, cfg) → λ;
+    policy_loss(logps, old_logps [B, T], advantages [B], mask [B, T], clip_range, mean_tokens) → [B],
+    ``mean_tokens`` the mean response length of the rollout (the caller takes the mean over B).
+    """
+    lambda_step: Callable[[np.ndarray, np.ndarray, np.ndarray, int, Any], np.ndarray]
+    policy_loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float, float], torch.Tensor]
+
+
+def _log_space_step(lambdas: np.ndarray, utility_means: np.ndarray, thresholds: np.ndarray, it: int,
+                    cfg: PPOLagrangianConfig) -> np.ndarray:
+    step = np.exp(lagrange_multiplier_step(np.log(lambdas), utility_means, thresholds, cfg.lambda_lr, it,
+                                           cfg.lambda_delay))
+    return step if cfg.lambda_max is None else np.minimum(cfg.lambda_max, step)
+
+
+PPO_RULES = UpdateRules(
+    lambda_step=_log_space_step,
+    policy_loss=lambda logps, old, adv, mask, clip, mean_tokens: ppo_clip_loss(logps, old, adv, mask, clip))
+
+
 # ------------------------------------------------------------------ the loop
 
 
@@ -178,17 +220,25 @@ class Rollout:
     ref_seq: torch.Tensor  # [B] log π_ref(y|x)
     values: dict[str, torch.Tensor]  # score column -> [B]
     utilities: torch.Tensor  # [B, m] g_j = sign_j·column_j
-    tokens: int
+    tokens: int  # sampled response tokens
+    sequence_tokens: int  # prompt + response tokens of the B sequences
 
 
 def train_ppo_lagrangian(cfg: PPOLagrangianConfig) -> dict[str, Any]:
-    """Online primal-dual RL from π_ref; λ and its trajectory in metrics.jsonl and dual.json."""
+    """Online primal-dual RL from π_ref, Safe-RLHF's rules (log-space λ, clipped PPO)."""
+    return train_primal_dual(cfg, PPO_RULES)
+
+
+def train_primal_dual(cfg: PPOLagrangianConfig, rules: UpdateRules) -> dict[str, Any]:
+    """Online primal-dual RL from π_ref with the given update rules; λ and its trajectory in
+    metrics.jsonl and dual.json; the policy at each of ``checkpoints`` in ``budgets/``."""
     _check(cfg)
+    start_time = time.perf_counter()
     run_dir = Path(cfg.run_dir)
     scores_path = scores_file(run_dir, cfg.scores)
-    scores = read_table(scores_path) if cfg.constraints else None
+    scores = read_table(scores_path) if scores_path.exists() else None
     objective = load_objective(dual_file(run_dir, cfg.dual), scores, cfg.constraints, cfg.reward, cfg.beta)
-    specs = {s.name: s for s in map(parse_scorer, scorer_specs(cfg.scorers, scores_path))}
+    specs = {parse_scorer(s).name: s for s in scorer_specs(cfg.scorers, scores_path)}
     missing = [c for c in objective.columns if c not in specs]
     if missing:
         raise ConfigError(f"config key 'scorers': no scorer named '{missing[0]}'")
@@ -205,49 +255,68 @@ def train_ppo_lagrangian(cfg: PPOLagrangianConfig) -> dict[str, Any]:
     disable_dropout(policy)  # dropout would make the PPO ratio ≠ 1 on the first pass
     policy.config.use_cache = True
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
-    scorers = {c: load_scorer(specs[c], device=str(device)) for c in objective.columns}
+    scorers = {c: load_scorer(parse_scorer(specs[c]), device=str(device)) for c in objective.columns}
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, fused=device.type == "cuda")
 
-    log_lambdas = np.full(len(objective.thresholds), math.log(max(cfg.lambda_init, 1e-8)))
+    lambdas = np.full(len(objective.thresholds), max(cfg.lambda_init, 1e-8))
     window: deque[np.ndarray] = deque(maxlen=cfg.cost_window)
-    trajectory = [np.exp(log_lambdas).tolist()]
-    steps, tokens = 0, 0
+    trajectory = [lambdas.tolist()]
+    steps, sampled = 0, 0
+    tokens = {"generation": 0, "scored": 0, "reference": 0, "forward": 0, "training": 0}
     metrics = run_dir / "metrics.jsonl"
     metrics.unlink(missing_ok=True)
     batches = _prompt_batches(prompts, cfg.prompts_per_iteration, cfg.seed)
-    for it in Progress(range(cfg.iterations), desc="ppo-lagrangian", unit="iterations"):
+    for it in Progress(range(cfg.iterations), desc=cfg.method, unit="iterations"):
         rollout = _rollout(policy, reference, tokenizer, scorers, next(batches), objective, cfg, it,
                            max_new_tokens, device)
-        tokens += rollout.tokens
+        sampled += rollout.tokens
         window.append(rollout.utilities.mean(0).cpu().numpy())
-        log_lambdas = lagrange_multiplier_step(log_lambdas, np.mean(window, axis=0), objective.thresholds,
-                                               cfg.lambda_lr, it, cfg.lambda_delay)
-        lambdas = torch.tensor(np.exp(log_lambdas), dtype=torch.float32, device=device)
-        trajectory.append(np.exp(log_lambdas).tolist())
+        lambdas = rules.lambda_step(lambdas, np.mean(window, axis=0), objective.thresholds, it, cfg)
+        trajectory.append(lambdas.tolist())
         k = cfg.num_samples
         p = len(rollout.old_seq) // k
         shaped = kl_shaped_rewards(rollout.values[objective.reward], rollout.old_seq, rollout.ref_seq, objective.beta)
         adv = combined_advantage(group_advantages(shaped.view(p, k), cfg.advantage).reshape(-1),
                                  group_advantages(rollout.utilities.view(p, k, -1), cfg.advantage).reshape(p * k, -1),
-                                 lambdas)
-        losses, clipped = _ppo_epochs(policy, optimizer, rollout, adv, cfg, device)
+                                 torch.tensor(lambdas, dtype=torch.float32, device=device))
+        losses, clipped = _policy_epochs(policy, optimizer, rollout, adv, rules, cfg, device)
         steps += len(losses)
+        # generation: prompt + response once (KV cache); forward: the sampler's own log-prob pass
+        # (generate_responses) and log π_old; reference: log π_ref; each scorer once; the epochs
+        n = rollout.sequence_tokens
+        tokens = {"generation": tokens["generation"] + n, "scored": tokens["scored"] + n,
+                  "reference": tokens["reference"] + n, "forward": tokens["forward"] + 2 * n,
+                  "training": tokens["training"] + n * cfg.ppo_epochs}
         if (it + 1) % cfg.logging_steps == 0 or it + 1 == cfg.iterations:
-            line = {"step": it + 1, "gradient_steps": steps, "sampled_tokens": tokens, "loss": float(np.mean(losses)),
+            line = {"step": it + 1, "gradient_steps": steps, "sampled_tokens": sampled, "loss": float(np.mean(losses)),
                     "clipfrac": float(np.mean(clipped)), "kl": float((rollout.old_seq - rollout.ref_seq).mean()),
                     **{f"rollout/{c}": float(v.mean()) for c, v in rollout.values.items()},
                     **{f"dual/lambda_{n}": v for n, v in zip(objective.names, trajectory[-1], strict=True)}}
             with open(metrics, "a") as f:
                 f.write(json.dumps(line) + "\n")
-    save_model(policy, tokenizer, output_dir, {
+        if it + 1 in (cfg.checkpoints or []) and it + 1 < cfg.iterations:
+            budget = run_dir / "budgets" / str(it + 1)
+            _save_policy(policy, tokenizer, budget / "policy", cfg)
+            if scores is not None:
+                write_dual(method_dual(objective, scores, lambdas, 1.0, cfg.method), budget / "dual.json")
+            write_json({"method": cfg.method, "iterations": it + 1, "policy": str(budget / "policy"),
+                        "wall_s": time.perf_counter() - start_time,
+                        "gradient_steps": steps, "sampled_tokens": sampled, "tokens": tokens,
+                        "lambdas": dict(zip(objective.names, lambdas.tolist(), strict=True))},
+                       budget / "compute.json")
+    _save_policy(policy, tokenizer, output_dir, cfg)
+    return iterative_summary(run_dir, cfg.method, objective, scores, lambdas, trajectory,
+                             {"gradient_steps": steps, "sampled_tokens": sampled, "output_dir": str(output_dir),
+                              "iterations": cfg.iterations, "tokens": tokens,
+                              "scorers": [specs[c] for c in objective.columns]})
+
+
+def _save_policy(policy, tokenizer, out: Path, cfg: PPOLagrangianConfig) -> None:
+    save_model(policy, tokenizer, out, {
         "dualign_train.yaml": dump_yaml(cfg),
-        "README.md": f"# {output_dir.name}: {cfg.method} policy trained with dualign\n\n"
+        "README.md": f"# {out.name}: {cfg.method} policy trained with dualign\n\n"
                      f"- base model (π_ref): `{cfg.model}`\n- beta (β): {cfg.beta}\n"
                      "- the resolved config is in `dualign_train.yaml`\n"})
-    if scores is None and scores_path.exists():
-        scores = read_table(scores_path)
-    return iterative_summary(run_dir, cfg.method, objective, scores, np.exp(log_lambdas), trajectory,
-                             {"gradient_steps": steps, "sampled_tokens": tokens, "output_dir": str(output_dir)})
 
 
 def _check(cfg: PPOLagrangianConfig) -> None:
@@ -255,6 +324,9 @@ def _check(cfg: PPOLagrangianConfig) -> None:
                 "cost_window", "sample_batch_size"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"config key '{key}': must be ≥ 1")
+    bad = [c for c in cfg.checkpoints or [] if not 1 <= c <= cfg.iterations]
+    if bad:
+        raise ConfigError(f"config key 'checkpoints': {bad[0]} is not an iteration in 1..{cfg.iterations}")
 
 
 def _training_prompts(cfg: PPOLagrangianConfig, scores_path: Path) -> pd.DataFrame:
@@ -301,20 +373,21 @@ def _rollout(policy, reference, tokenizer, scorers: dict, prompts: pd.DataFrame,
               for c in objective.columns}
     g = torch.stack([c.sign * values[c.column] for c in objective.constraints], dim=1)
     return Rollout(enc, mask, old, (old * mask).sum(-1), (ref * mask).sum(-1), values, g,
-                   int(df["response_tokens"].sum()))
+                   int(df["response_tokens"].sum()), int(enc["attention_mask"].sum()))
 
 
-def _ppo_epochs(policy, optimizer, rollout: Rollout, adv: torch.Tensor, cfg: PPOLagrangianConfig,
-                device: torch.device) -> tuple[list[float], list[float]]:
-    """``ppo_epochs`` shuffled passes of minibatches on the clipped loss; (losses, clip fractions)."""
+def _policy_epochs(policy, optimizer, rollout: Rollout, adv: torch.Tensor, rules: UpdateRules,
+                   cfg: PPOLagrangianConfig, device: torch.device) -> tuple[list[float], list[float]]:
+    """``ppo_epochs`` shuffled passes of minibatches on the rules' policy loss; (losses, clip fractions)."""
     losses, clipped = [], []
     n, mask = len(rollout.old), rollout.mask
+    mean_tokens = float(mask.sum()) / n
     for _ in range(cfg.ppo_epochs):
         perm = torch.randperm(n)
         for s in range(0, n, cfg.minibatch_size):
             idx = perm[s:s + cfg.minibatch_size].to(device)
             new = _token_logps(policy, {key: v[idx] for key, v in rollout.enc.items()})
-            loss = ppo_clip_loss(new, rollout.old[idx], adv[idx], mask[idx], cfg.clip_range).mean()
+            loss = rules.policy_loss(new, rollout.old[idx], adv[idx], mask[idx], cfg.clip_range, mean_tokens).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.max_grad_norm > 0:
