@@ -80,6 +80,7 @@ def main() -> None:
     parser.add_argument("--run-seed", type=int, default=0, help="seed of the run's own stages")
     parser.add_argument("--stage-threads", type=int, default=1, help="torch threads of the run's stages")
     parser.add_argument("--recalibrate", action="store_true", help="add the recalibrate stage (recalibrate.yaml's)")
+    parser.add_argument("--restart-from", help="rerun each build's run from this stage (as dualign run's flag)")
     parser.add_argument("--out", default="runs/spread", help="one run directory per build goes here")
     args = parser.parse_args()
 
@@ -93,7 +94,7 @@ def main() -> None:
             values.update(run_dir=str(Path(args.out) / f"world{seed}-t{threads}"), seed=args.run_seed)
             cfg = resolve_run_config(values)
             torch.set_num_threads(args.stage_threads)
-            report = run_pipeline(cfg, log=lambda s: None)
+            report = run_pipeline(cfg, restart_from=args.restart_from, log=lambda s: None)
             world_dir = Path(cfg.model).parent
             rows.append({"world seed": seed, "build threads": threads, **outcome(report, Path(cfg.run_dir), world_dir)})
             print(json.dumps(rows[-1]), flush=True)

@@ -84,3 +84,44 @@ def test_recalibrate_stage_corrects_lambda_until_met_replaces_the_policy_and_res
     run_pipeline(resolve_run_config(values), restart_from="recalibrate", log=lambda s: None)
     assert (run / "policy" / "model.safetensors").read_bytes() == oneshot
     assert len(json.loads((run / "recalibrate.json").read_text())["rounds"]) == 1
+
+
+def _objective_and_scores(n=40, k=6, seed=0):
+    import pandas as pd
+
+    from dualign.constraints import parse_constraint
+    from dualign.methods.objective import Objective
+
+    rng = np.random.default_rng(seed)
+    cost = rng.normal(0, 1, (n, k))
+    scores = pd.DataFrame({"prompt_id": np.repeat(np.arange(n), k), "reward": (cost + rng.normal(0, 1, (n, k))).ravel(),
+                           "cost": cost.ravel()})
+    c = parse_constraint("cost<=ref-0.3")
+    return Objective("reward", [c], np.array([-(cost.mean() - 0.3)]), 1.0), scores
+
+
+def test_first_correction_asks_the_dual_for_the_rescaled_change_capped_below_the_reachable_one():
+    from dualign.recalibrate import REACHABLE_SHARE, _predicted_change, next_lambdas
+
+    objective, scores = _objective_and_scores()
+    reachable = -(scores.groupby("prompt_id")["cost"].min().mean() - scores["cost"].mean())   # in g = −cost
+    # measured: 0.15 of a predicted 0.3 (share 0.5) → ask 0.6; and a share of 0.05 → capped
+    for achieved, want in ((0.15, 0.6), (0.015, REACHABLE_SHARE * reachable)):
+        history = [{"lambdas": [0.5], "achieved_g": [achieved], "required_g": [0.3], "predicted_g": [0.3]}]
+        lam, rule = next_lambdas(history, objective, scores)
+        assert rule == "rescaled target"
+        assert _predicted_change(objective, scores, lam)[0] == pytest.approx(min(want, REACHABLE_SHARE * reachable),
+                                                                            rel=1e-5)
+
+
+def test_later_corrections_take_the_secant_else_the_dual_step():
+    from dualign.recalibrate import next_lambdas
+
+    objective, scores = _objective_and_scores()
+    rising = [{"lambdas": [0.5], "achieved_g": [0.1], "required_g": [0.3], "predicted_g": [0.3]},
+              {"lambdas": [1.0], "achieved_g": [0.2], "required_g": [0.3], "predicted_g": [0.5]}]
+    lam, rule = next_lambdas(rising, objective, scores)
+    assert rule == "secant" and lam[0] == pytest.approx(1.5)
+    falling = [rising[0], {**rising[1], "achieved_g": [0.05]}]
+    lam, rule = next_lambdas(falling, objective, scores)
+    assert rule == "dual step" and lam[0] > 1.0            # still short: more λ

@@ -10,7 +10,8 @@ takes the paired change of every constraint. Where the point estimate misses (by
 
 - first correction (one measured point): assume the fine-tune achieves a fixed share of what the
   dual predicts, Δa_j(λ) ≈ ρ_j·Δp_j(λ) with ρ_j = Δa_j(λ_0)/Δp_j(λ_0), and solve the dual for the
-  predicted change t_j/ρ_j (:func:`rescaled_targets`);
+  predicted change t_j/ρ_j (:func:`rescaled_targets`), capped at 90% of the largest change any
+  reweighting of the samples reaches;
 - later corrections: a secant step per constraint through the last two measured points
   (:func:`secant_step`);
 - where the secant is undefined (a flat or falling line), a projected dual step as in CAID
@@ -99,6 +100,10 @@ def dual_step(lambdas: np.ndarray, achieved: np.ndarray, target: np.ndarray,
     step = np.linalg.lstsq(h + 1e-12 * np.trace(h) * np.eye(len(h)), s, rcond=None)[0]
     return np.maximum(np.asarray(lambdas, float) - step, 0.0)
 
+
+# A rescaled target is capped at this share of the largest change reweighting the samples reaches:
+# beyond it λ* grows without bound (and the fine-tune's KL with it).
+REACHABLE_SHARE = 0.9
 
 # ---------------------------------------------------------------------------------------------
 # The stage
@@ -218,11 +223,14 @@ def next_lambdas(history: list[dict[str, Any]], objective: Objective, scores: pd
         if defined.all():
             return nxt, "secant"
     else:
-        ask = rescaled_targets(achieved, np.array(last["predicted_g"]), required)
+        ref_g = F.reference_means(ids, g, w)
+        reachable = seg.max(seg.group(g).T).mean(axis=-1) - ref_g  # the most any reweighting changes g
+        ask = np.minimum(rescaled_targets(achieved, np.array(last["predicted_g"]), required),
+                         REACHABLE_SHARE * reachable)
         try:
-            res = solve_dual_long(ids, r, g, F.reference_means(ids, g, w) + ask, objective.beta, w, lambdas0=lam)
+            res = solve_dual_long(ids, r, g, ref_g + ask, objective.beta, w, lambdas0=lam)
             return res.lambdas, "rescaled target"
-        except InfeasibleConstraintError:  # the rescaled change is beyond what reweighting reaches
+        except InfeasibleConstraintError:  # jointly out of reach: fall back to the dual step
             pass
     hessian = F.dual_hessian(seg, seg.group(r), seg.group(g), lam, objective.beta,
                              None if w is None else seg.group(w))
