@@ -16,6 +16,7 @@ import dataclasses
 import json
 import sys
 import textwrap
+from pathlib import Path
 
 from dualign import __version__
 from dualign.config import (
@@ -253,13 +254,13 @@ against the predicted constraint value (the trade-off), and λ* and the KL again
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from dualign.plan import parse_beta_grid, run_plan
+    from dualign.io import read_json
+    from dualign.plan import format_plan, parse_beta_grid, run_plan
 
     betas = parse_beta_grid(args.beta_grid if args.beta_grid else args.beta)
     table = run_plan(args.scores, args.reward, args.constraints, betas, args.out)
-    feasible = int(table["feasible"].sum())
-    print(f"plan: {len(table)} points ({feasible} feasible, {len(table) - feasible} infeasible) "
-          f"-> {args.out}/plan.csv, plan.json, plan.png")
+    print(format_plan(table, read_json(Path(args.out) / "plan.json")))
+    print("Files to open: " + ", ".join(str(Path(args.out) / name) for name in ("plan.png", "plan.csv", "plan.json")))
     return 0
 
 
@@ -331,13 +332,13 @@ report.json, scores.png, predicted_vs_achieved.png.
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from dualign.evaluate import EvaluateConfig, evaluate, format_report
+    from dualign.evaluate import EvaluateConfig, evaluate, format_outputs, format_report
     from dualign.records import read_report
 
     cfg = resolve_config(EvaluateConfig, args.config, args, exclude=("config",))
     path = evaluate(cfg)
     print(format_report(read_report(path)))
-    print(f"report: {path}")
+    print(format_outputs(cfg.run_dir, cfg.policy))
     return 0
 
 
