@@ -8,9 +8,7 @@ MoCAN, PeCAN and DPO are the one loop (:func:`dualign.train.train`, chosen by ``
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import dataclasses
 import threading
 import time
 from collections.abc import Iterator
@@ -20,7 +18,6 @@ from typing import Any
 import psutil
 import torch
 
-from dualign.config import add_config_arguments
 from dualign.errors import ConfigError
 from dualign.io import write_json
 from dualign.methods.dual_ascent import DualAscentConfig, train_dual_ascent
@@ -28,7 +25,7 @@ from dualign.methods.fixed_lambda import FixedLambdaConfig, train_fixed_lambda
 from dualign.methods.objective import dual_file
 from dualign.methods.ppo_lagrangian import PPOLagrangianConfig, train_ppo_lagrangian
 from dualign.records import read_dual
-from dualign.train import LOSSES, TrainConfig, train
+from dualign.train import LOSSES, train
 
 CONFIGS: dict[str, type] = {"ppo-lagrangian": PPOLagrangianConfig, "dual-ascent": DualAscentConfig,
                             "fixed-lambda": FixedLambdaConfig, "helpful-dpo": FixedLambdaConfig,
@@ -57,17 +54,6 @@ def run_method(cfg: Any) -> dict[str, Any]:
     compute = {"method": cfg.method, **summary, **used}
     write_json(compute, Path(cfg.run_dir) / "compute.json")
     return compute
-
-
-def add_baseline_arguments(parser: argparse.ArgumentParser) -> None:
-    """The baselines' own flags (those TrainConfig does not have), for ``dualign train``."""
-    seen = {f.name for f in dataclasses.fields(TrainConfig)}
-    group = parser.add_argument_group("baselines (--method ppo-lagrangian, dual-ascent, fixed-lambda, "
-                                      "helpful-dpo, safe-dpo)")
-    for cls in (FixedLambdaConfig, DualAscentConfig, PPOLagrangianConfig):
-        fresh = tuple(f.name for f in dataclasses.fields(cls) if f.name in seen)
-        add_config_arguments(group, cls, skip=fresh)
-        seen |= {f.name for f in dataclasses.fields(cls)}
 
 
 @contextlib.contextmanager
