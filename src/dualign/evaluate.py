@@ -3,10 +3,11 @@ both, and report achieved vs predicted.
 
 Outputs in ``<run_dir>/eval/``: ``samples_policy.parquet``, ``samples_reference.parquet``,
 ``report.json``, ``scores.png`` (score distributions before/after) and
-``predicted_vs_achieved.png``.
+``predicted_vs_achieved.png`` (predicted against achieved changes, with CIs). :func:`format_report`
+is the result table a run ends with, :func:`format_outputs` the files it names.
 
-matplotlib is imported by :func:`plot_report` only: ``dualign run --help`` imports this module and
-should not pay for it.
+matplotlib is imported by :func:`plot_report` only (about a second): the pipeline and the baselines
+import this module for its statistics and sampling.
 """
 
 from __future__ import annotations
