@@ -98,6 +98,9 @@ def test_plan_writes_table_json_and_png_with_infeasible_points(scores, tmp_path)
     bad = table[~table["feasible"]]
     assert np.all(bad["threshold"] <= plan["reachable_limit"])
     assert (out / "plan.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = [line for line in proc.stdout.splitlines() if line.startswith(("0.1 ", "0.3 "))]
+    assert len(rows) == 12 and sum("infeasible" in r for r in rows) == (~table["feasible"]).sum()
+    assert f"{out / 'plan.png'}" in proc.stdout and "//" not in proc.stdout
 
 
 @pytest.mark.parametrize("args,match", [

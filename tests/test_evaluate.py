@@ -75,3 +75,62 @@ def test_verdicts_are_point_estimate_one_sided_bound_and_ci_reach(point, draws, 
     assert (got["met"], got["met_confidently"], got["not_rejected"]) == want
     q = np.quantile(np.asarray(draws, float), 0.95 if op == "<=" else 0.05)
     assert got["bound95"] == pytest.approx(q)
+
+
+def _report(shift: float, tmp_path=None):
+    """A report on synthetic tables: reward, cost (constraint cost<=ref-1) and a gold judge on
+    harmful and benign prompts; the policy's cost moves by ``shift``."""
+    from dualign.evaluate import EvaluateConfig, build_report
+    from dualign.records import DualCI, DualRecord
+
+    ref, pol = _tables(shift=shift)
+    for df, d in ((ref, 0.0), (pol, 0.5)):
+        df["reward"] = 1.0 + d + np.arange(len(df)) % 3
+        df["judge_harmful"] = (df["cost"] > (0 if d == 0 else 2)).astype(float)
+        df["judge_helpful"] = 0.5 + 0.1 * d
+        df["harmful"] = df["prompt_id"].str[1:].astype(int) % 2 == 0
+    dual = DualRecord(beta=2.0, reward="reward", constraints=["cost<=ref-1"], lambdas={"cost": 0.7},
+                      columns={"cost": "cost"}, thresholds={"cost": -1.0}, predicted={"reward": 0.8, "cost": -1.0,
+                                                                                      "kl": 0.3},
+                      reference={"reward": 1.0, "cost": 0.0, "kl": 0.0},
+                      ci=DualCI(0.95, 50, 0, {"cost": [0.5, 0.9]}, {"kl": [0.2, 0.4]},
+                                {"reward": [-0.4, 0.0], "cost": [-1.0, -1.0]}))
+    pol["logprob"], pol["ref_logprob"] = 0.0, -0.3
+    cfg = EvaluateConfig(run_dir=str(tmp_path or "."), reference="m", prompts="p", bootstrap=200,
+                         scorers=["reward=callable:m:f", "cost=callable:m:g"], group_column="harmful")
+    return ref, pol, build_report(ref, pol, dual, cfg)
+
+
+@pytest.mark.parametrize("shift,verdict", [(-3.0, "met confidently"), (-0.2, "NOT met")])
+def test_result_table_shows_verdicts_cis_lambda_and_plain_judge_rows_in_aligned_columns(shift, verdict):
+    from dualign.evaluate import format_report
+
+    text = format_report(_report(shift)[2])
+    lines = text.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.lstrip().startswith("π_ref"))
+    table = lines[head:lines.index("", head)]
+    ends = {len(line) for line in table if not line.startswith("gold judge")}
+    assert table[1].startswith("reward") and table[2].startswith("cost (constraint cost<=ref-1)")
+    assert max(ends) == len(table[0]) and "predicted" in table[0]          # no cell runs past its column
+    assert "  harmful compliance on harmful prompts" in text and "  helpfulness on benign prompts" in text
+    verdict_line = next(line for line in lines if line.startswith("  cost<=ref-1"))
+    assert verdict_line.rstrip().endswith(verdict) and "change <= -1" in verdict_line
+    assert "λ* = cost 0.7, β = 2" in text and "KL(aligned ‖ π_ref), nats" in text
+    if verdict == "NOT met":
+        assert "met" not in verdict_line.replace("NOT met", "")
+
+
+def test_closing_lines_name_every_file_worth_opening(tmp_path):
+    from dualign.evaluate import format_outputs, plot_report
+    from dualign.records import write_report
+
+    ref, pol, report = _report(-3.0, tmp_path)
+    (tmp_path / "eval").mkdir()
+    write_report(report, tmp_path / "eval" / "report.json")
+    plot_report(ref, pol, report, tmp_path / "eval")
+    (tmp_path / "policy").mkdir()
+    text = format_outputs(tmp_path)
+    for name in ("eval/report.json", "eval/predicted_vs_achieved.png", "eval/scores.png", "policy/"):
+        assert str(tmp_path / name) in text
+    for name in ("scores.png", "predicted_vs_achieved.png"):
+        assert (tmp_path / "eval" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 from dualign.errors import InputError
+from dualign.io import current_umask
 from dualign.world import (
     build_world,
     default_world_dir,
@@ -141,6 +143,12 @@ def test_world_directory_has_the_documented_files_and_schemas(world):
     assert 0.0 <= info["ref_model"]["harmful_compliance_rate"] <= 1.0
     for name in ("ref_model", "reward_model", "cost_model"):
         assert (world / name / "config.json").exists() and (world / name / "tokenizer.json").exists()
+
+
+def test_world_directory_and_its_files_have_the_umask_s_mode(world):
+    mask = current_umask()
+    modes = {str(p.relative_to(world)): stat.S_IMODE(p.stat().st_mode) for p in [world, *world.rglob("*")]}
+    assert modes == {p: (0o777 if (world / p).is_dir() else 0o666) & ~mask for p in modes}
 
 
 def test_ref_model_complies_with_harmful_requests_yet_refuses_sometimes(world):

@@ -1,19 +1,23 @@
 """The ``dualign`` command line. Thin: parses flags, calls the stage functions, prints.
 
-Each subcommand is one ``_add_<name>`` (flags) + one ``_cmd_<name>`` (action) pair, listed in
-``COMMANDS``. Any :class:`DualignError` becomes one line on stderr and exit code 2.
+Each subcommand is one ``_add_<name>`` (flags, help text and an example) + one ``_cmd_<name>``
+(action) pair, listed in ``COMMANDS``. Any :class:`DualignError` becomes one line on stderr and
+exit code 2. Third-party logs and progress bars are off unless ``--verbose`` (:mod:`dualign.quiet`).
 
-The stage modules are imported inside the subcommand that uses them: they pull numpy, pandas and
-torch (seconds), which ``dualign --help`` and the other subcommands should not pay for.
+The stage modules are imported inside the subcommand that runs them: they pull numpy, pandas and
+torch (seconds), which ``dualign --help`` and every ``dualign COMMAND --help`` should not pay for.
+The flags come from the stage configs as read from their source (:mod:`dualign.config_source`).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
-import warnings
+import textwrap
+from pathlib import Path
 
 from dualign import __version__
 from dualign.config import (
@@ -23,22 +27,66 @@ from dualign.config import (
     overrides_from_args,
     resolve_config,
 )
+from dualign.config_source import config_class, config_classes, source_constant
 from dualign.errors import DualignError
+from dualign.quiet import quiet_third_party
+
+DESCRIPTION = """\
+dualign aligns a language model to be helpful under safety constraints, in one shot (MoCAN and
+PeCAN, Huang et al., NeurIPS 2024). It samples responses from your model π_ref, scores them
+(reward, costs), solves a small convex dual for the constraint weights λ*, which also predicts the
+aligned model's reward, safety and KL before any training, then fine-tunes once towards
+π_λ* ∝ π_ref·exp((r + λ*ᵀg)/β) and measures what it reached against the prediction."""
+
+EPILOG = """\
+start here:
+  dualign demo --size small        a small synthetic safety world and a tiny model, end to end
+  dualign demo                     the full demo: MoCAN under cost <= ref-4, a before/after table
+  dualign run my_run.yaml          your model: sample, score, dual, train, evaluate from one config
+
+A run directory (runs/... by default) holds every stage's output; built worlds and π_ref's
+evaluation cache live in $DUALIGN_CACHE (default ~/.cache/dualign). `dualign COMMAND --help`
+explains each command. File formats: docs/formats.md."""
+
+CONFIG_RULE = ("Each flag is also a key of the optional YAML file (--num-samples ↔ num_samples); "
+               "flags override the file.")
+
+# `dualign train --help`'s list of methods (tests/test_cli_help.py: every method the code knows).
+TRAIN_METHODS = """\
+  mocan            MoCAN (default): pairs of π_ref's samples labelled by r + λ*ᵀg from dual.json
+  pecan            PeCAN: the same loss on implicit rewards of DPO-pre-aligned models (needs dual.json)
+  dpo              DPO on a preference file (--preferences prompt/chosen/rejected)
+  safedpo          SafeDPO on a preference file with safety labels (helpful pairs, unsafe answers ranked last)
+  fixed-lambda     baseline: MoCAN's loss at a λ you give (--lambdas) instead of λ*
+  reward-only-mocan  baseline: MoCAN's loss on the reward alone (λ = 0)
+  cost-only-mocan  baseline: MoCAN's loss on the constraints alone
+  dpo-helpful      baseline: DPO on the helpfulness preference pairs (the paper's DPO_h)
+  dpo-safe         baseline: DPO on the safety preference pairs (the paper's DPO_s)
+  dual-ascent      baseline: fine-tune, measure the constraint, move λ, repeat (--rounds)
+  ppo-lagrangian   baseline: online PPO on the Lagrangian, λ updated as it trains
+  grpo-lagrangian  baseline: online critic-free group policy gradient, λ updated on its rollouts"""
+
+# The order of the command list in `dualign --help`: the newcomer's path first.
+ORDER = ("demo", "run", "world", "sample", "score", "dual", "plan", "train", "evaluate", "compare", "data")
 
 # (name, help, add_arguments, run) — filled in below, one entry per subcommand.
 COMMANDS: list[tuple[str, str, object, object]] = []
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The parser; only ``command``'s flags are built (each stage's import costs seconds)."""
-    parser = argparse.ArgumentParser(prog="dualign", description=__doc__.splitlines()[0])
+    """The parser; only ``command``'s flags are built."""
+    parser = argparse.ArgumentParser(prog="dualign", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"dualign {__version__}")
+    _add_verbose(parser, default=False)
     sub = parser.add_subparsers(dest="_command", metavar="COMMAND")
     sub.required = True
-    for name, help_, add, run in COMMANDS:
-        p = sub.add_parser(name, help=help_, description=help_)
+    for name, help_, add, run in sorted(COMMANDS, key=lambda c: ORDER.index(c[0]) if c[0] in ORDER else len(ORDER)):
+        p = sub.add_parser(name, help=help_, description=textwrap.fill(help_, 100),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         if command is None or name == command:
             add(p)
+            _add_verbose(p)
         p.set_defaults(_run=run)
     return parser
 
@@ -56,6 +104,18 @@ def _run_stage(cfg, run):
         return run(cfg)
 
 
+def _add_verbose(p: argparse.ArgumentParser, default: object = argparse.SUPPRESS) -> None:
+    """``--verbose``, before or after the command (``_verbose``: not a config key)."""
+    p.add_argument("--verbose", dest="_verbose", action="store_true", default=default,
+                   help="show third-party logs, warnings and progress bars (transformers, datasets, "
+                        "the Hub), which are off by default")
+
+
+def _stage_usage(p: argparse.ArgumentParser, config: str = "[CONFIG.yaml]") -> None:
+    """A one-line usage (the generated one lists every flag) and the YAML / flag rule."""
+    p.usage = f"%(prog)s {config} [--FLAG VALUE ...]".replace("  ", " ")
+
+
 def _add_scorer_flag(p: argparse.ArgumentParser) -> None:
     """``--scorer`` (alias ``--scorers``), repeatable, filling the config's ``scorers`` list."""
     p.add_argument("--scorer", "--scorers", dest="scorers", action="append", default=argparse.SUPPRESS,
@@ -64,10 +124,14 @@ def _add_scorer_flag(p: argparse.ArgumentParser) -> None:
 
 
 def _add_sample(p: argparse.ArgumentParser) -> None:
-    from dualign.sample import SampleConfig
+    _stage_usage(p)
+    p.add_argument("config", nargs="?", help="YAML file of the keys below (flags override it)")
+    add_config_arguments(p, config_class("dualign.sample", "SampleConfig"))
+    p.epilog = f"""\
+example:
+  dualign sample --model gpt2 --prompts prompts.jsonl --num-samples 8 --run-dir runs/mine
 
-    p.add_argument("config", nargs="?", help="YAML file of SampleConfig keys (flags override it)")
-    add_config_arguments(p, SampleConfig)
+{CONFIG_RULE}"""
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
@@ -78,16 +142,21 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS.append(("sample", "draw K responses per prompt from π_ref into <run_dir>/samples.parquet",
+COMMANDS.append(("sample", "draw K responses per prompt from π_ref: <run_dir>/samples.parquet",
                  _add_sample, _cmd_sample))
 
 
 def _add_score(p: argparse.ArgumentParser) -> None:
-    from dualign.score import ScoreConfig
-
-    p.add_argument("config", nargs="?", help="YAML file of ScoreConfig keys (flags override it)")
+    _stage_usage(p)
+    p.add_argument("config", nargs="?", help="YAML file of the keys below (flags override it)")
     _add_scorer_flag(p)
-    add_config_arguments(p, ScoreConfig, skip=("scorers",))
+    add_config_arguments(p, config_class("dualign.score", "ScoreConfig"), skip=("scorers",))
+    p.epilog = f"""\
+example:
+  dualign score --run-dir runs/mine --scorer reward=hf:my/reward-model \\
+      --scorer cost=beaver:PKU-Alignment/beaver-7b-v1.0-cost,lower_is_better
+
+{CONFIG_RULE}"""
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
@@ -98,16 +167,30 @@ def _cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS.append(("score", "add one column per scorer: <run_dir>/scores.parquet", _add_score, _cmd_score))
+COMMANDS.append(("score", "score the samples, one column per scorer (reward, costs): <run_dir>/scores.parquet",
+                 _add_score, _cmd_score))
 
 
 def _add_train(p: argparse.ArgumentParser) -> None:
-    from dualign.methods.dispatch import add_baseline_arguments
-    from dualign.train import TrainConfig
+    _stage_usage(p)
+    p.add_argument("config", nargs="?", help="YAML file of the keys below (flags override it)")
+    train_config = config_class("dualign.train", "TrainConfig")
+    add_config_arguments(p, train_config)
+    baselines = config_classes("dualign.methods.dispatch", "CONFIGS")
+    seen = {f.name for f in dataclasses.fields(train_config)}
+    group = p.add_argument_group(f"the baselines' own flags (--method {', '.join(baselines)})")
+    for cls in dict.fromkeys(baselines.values()):
+        add_config_arguments(group, cls, skip=tuple(f.name for f in dataclasses.fields(cls) if f.name in seen))
+        seen |= {f.name for f in dataclasses.fields(cls)}
+    p.epilog = f"""\
+methods (--method):
+{TRAIN_METHODS}
 
-    p.add_argument("config", nargs="?", help="YAML file of TrainConfig keys (flags override it)")
-    add_config_arguments(p, TrainConfig)
-    add_baseline_arguments(p)
+examples:
+  dualign train --run-dir runs/mine --model gpt2          MoCAN on scores.parquet + dual.json
+  dualign train --method dpo --model gpt2 --preferences pairs.jsonl --run-dir runs/dpo
+
+{CONFIG_RULE}"""
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -128,18 +211,24 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS.append(("train", "train the policy on pairs with MoCAN or DPO: <run_dir>/policy",
-                 _add_train, _cmd_train))
+COMMANDS.append(("train", "fine-tune π_ref towards π_λ* (MoCAN), or with PeCAN, DPO or a baseline: "
+                 "<run_dir>/policy", _add_train, _cmd_train))
 
 
 def _add_dual(p: argparse.ArgumentParser) -> None:
-    from dualign.dual import DualConfig
+    p.usage = "%(prog)s SCORES --constraint COLUMN<=VALUE [--beta B] [--FLAG VALUE ...]"
+    p.epilog = """\
+examples:
+  dualign dual scores.jsonl --beta 0.1 --reward reward --constraint 'cost<=ref-0.5' --bootstrap 200
+  dualign dual runs/mine/scores.parquet --constraint 'cost<=ref-4' --constraint 'toxicity<=0.1' --json
 
+The table gives, per constraint, λ* with its bootstrap CI, the threshold, π_ref's mean and the
+predicted mean under π_λ*, and the predicted change with its CI; then the reward and the KL."""
     p.add_argument("scores", help="scores table (Parquet / JSONL / CSV, long format)")
     p.add_argument("--constraint", dest="constraints", action="append", default=argparse.SUPPRESS,
                    help="COLUMN<=VALUE (cost) or COLUMN>=VALUE (utility); VALUE absolute or "
                         "ref+X / ref-X (repeatable)")
-    add_config_arguments(p, DualConfig, skip=("scores", "constraints"))
+    add_config_arguments(p, config_class("dualign.dual.stage", "DualConfig"), skip=("scores", "constraints"))
     p.add_argument("--config", help="YAML file of DualConfig keys (flags override it)")
     p.add_argument("--json", action="store_true", help="print one JSON object (dual.json layout)")
     p.add_argument("--output", help="also write the JSON to this file")
@@ -167,11 +256,17 @@ def _cmd_dual(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS.append(("dual", "solve for λ* and predict reward, constraint values and KL of π_λ*",
-                 _add_dual, _cmd_dual))
+COMMANDS.append(("dual", "solve for λ* on a scores table and predict the aligned policy's reward, "
+                 "constraint values and KL", _add_dual, _cmd_dual))
 
 
 def _add_plan(p: argparse.ArgumentParser) -> None:
+    p.epilog = """\
+example:
+  dualign plan runs/mine/scores.parquet --constraint 'cost<=ref-{0.5:6:12}' --beta-grid 0.05,0.1,0.2 --out plan/
+
+Prints one row per point and writes plan.csv, plan.json and plan.png: the predicted reward
+against the predicted constraint value (the trade-off), and λ* and the KL against the threshold."""
     p.add_argument("scores", help="scores table (Parquet / JSONL / CSV, long format)")
     p.add_argument("--constraint", dest="constraints", action="append", required=True,
                    help="one with a sweep, e.g. 'cost<=ref-{0.1:2.0:20}' (start:stop:count); "
@@ -184,24 +279,28 @@ def _add_plan(p: argparse.ArgumentParser) -> None:
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     from dualign import checks
-    from dualign.plan import OUTPUTS, parse_beta_grid, run_plan
+    from dualign.io import read_json
+    from dualign.plan import OUTPUTS, format_plan, parse_beta_grid, run_plan
 
     betas = parse_beta_grid(args.beta_grid if args.beta_grid else args.beta)
     checks.writable_dir(args.out, "--out")
     for name in OUTPUTS:
         checks.new_file(f"{args.out}/{name}", "--out")
     table = run_plan(args.scores, args.reward, args.constraints, betas, args.out)
-    feasible = int(table["feasible"].sum())
-    print(f"plan: {len(table)} points ({feasible} feasible, {len(table) - feasible} infeasible) "
-          f"-> {args.out}/plan.csv, plan.json, plan.png")
+    print(format_plan(table, read_json(Path(args.out) / "plan.json")))
+    print("Files to open: " + ", ".join(str(Path(args.out) / name) for name in ("plan.png", "plan.csv", "plan.json")))
     return 0
 
 
-COMMANDS.append(("plan", "sweep a constraint threshold (and β): predicted reward, cost, λ*, KL; "
-                 "CSV, JSON and PNG", _add_plan, _cmd_plan))
+COMMANDS.append(("plan", "before training: sweep a constraint's threshold (and β) and print the predicted "
+                 "reward, λ* and KL of each; CSV, JSON and PNG", _add_plan, _cmd_plan))
 
 
 def _add_data(p: argparse.ArgumentParser) -> None:
+    p.epilog = """\
+examples:
+  dualign data check PKU-Alignment/PKU-SafeRLHF --split train --fix clean.jsonl
+  dualign data views clean.jsonl --out views/        views/helpful.jsonl, views/safe.jsonl for DPO"""
     sub = p.add_subparsers(dest="_data_command", metavar="ACTION")
     sub.required = True
     check = sub.add_parser("check", help="report label inconsistencies, duplicates, empty and identical "
@@ -212,6 +311,8 @@ def _add_data(p: argparse.ArgumentParser) -> None:
         q.add_argument("file", help="JSONL / Parquet / CSV file, saved datasets directory, or Hub dataset id")
         q.add_argument("--split", default="train", help="dataset split (saved or Hub datasets)")
         q.add_argument("--revision", help="Hub dataset revision pin")
+    for q in (check, views):
+        _add_verbose(q)
     check.add_argument("--fix", metavar="OUT", help="write the rows without issues to OUT "
                        "(a duplicate's first occurrence is kept)")
     views.add_argument("--out", required=True, help="output directory")
@@ -249,35 +350,53 @@ COMMANDS.append(("data", "preference data: check (label consistency, duplicates;
 
 
 def _add_evaluate(p: argparse.ArgumentParser) -> None:
-    from dualign.evaluate import EvaluateConfig
-
-    p.add_argument("config", nargs="?", help="YAML file of EvaluateConfig keys (flags override it)")
+    _stage_usage(p)
+    p.add_argument("config", nargs="?", help="YAML file of the keys below (flags override it)")
     _add_scorer_flag(p)
-    add_config_arguments(p, EvaluateConfig, skip=("scorers",))
+    add_config_arguments(p, config_class("dualign.evaluate", "EvaluateConfig"), skip=("scorers",))
+    p.epilog = f"""\
+example:
+  dualign evaluate --run-dir runs/mine --reference gpt2 --prompts heldout.jsonl \\
+      --scorer reward=hf:my/reward-model --scorer cost=hf:my/cost-model,lower_is_better
+
+Prints π_ref against the aligned policy on the same held-out prompts (each change with its paired
+95% CI beside the dual's prediction), each constraint's verdict, and writes <run_dir>/eval/:
+report.json, scores.png, predicted_vs_achieved.png.
+
+{CONFIG_RULE}"""
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from dualign.evaluate import EvaluateConfig, evaluate, format_report
+    from dualign.evaluate import EvaluateConfig, evaluate, format_outputs, format_report
     from dualign.records import read_report
 
     cfg = resolve_config(EvaluateConfig, args.config, args, exclude=("config",))
     path = _run_stage(cfg, evaluate)
     print(format_report(read_report(path)))
-    print(f"report: {path}")
+    print(format_outputs(cfg.run_dir, cfg.policy))
     return 0
 
 
-COMMANDS.append(("evaluate", "sample the trained policy and π_ref on held-out prompts, score both, "
+COMMANDS.append(("evaluate", "sample π_ref and the aligned policy on held-out prompts, score both, "
                  "report achieved vs predicted: <run_dir>/eval/", _add_evaluate, _cmd_evaluate))
 
 
 def _add_run(p: argparse.ArgumentParser) -> None:
-    from dualign.pipeline import STAGES, RunConfig
+    p.usage = "%(prog)s CONFIG.yaml [--run-dir DIR] [--seed N] [--restart-from STAGE] [--STAGE.KEY VALUE ...]"
+    p.epilog = """\
+examples:
+  dualign run my_run.yaml
+  dualign run my_run.yaml --run-dir runs/lr1e-5 --train.learning-rate 1e-5 --sample.num-samples 16
 
+A run config (docs/formats.md) has shared keys (run_dir, model, seed) and one section per stage;
+`base: default` (or small, pecan) starts from a packaged config. Each stage's output is written
+whole or not at all, so a killed run started again resumes where it stopped. At the end it
+prints the result table and the files worth opening."""
     p.add_argument("config", help="run YAML: shared keys + one section per stage (see configs/); "
                    "`base: default` starts from a packaged config")
-    p.add_argument("--restart-from", choices=STAGES, help="delete this stage's outputs and later ones first")
-    add_config_arguments(p, RunConfig)
+    p.add_argument("--restart-from", choices=source_constant("dualign.pipeline", "STAGES"),
+                   help="delete this stage's outputs and later ones first")
+    add_config_arguments(p, config_class("dualign.pipeline", "RunConfig"))
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -288,17 +407,28 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS.append(("run", "all stages (sample, score, dual, train, evaluate) into one run directory; "
-                 "resumes where it stopped", _add_run, _cmd_run))
+COMMANDS.append(("run", "every stage (sample, score, dual, train, evaluate) from one YAML config into one run "
+                 "directory; resumes where it stopped", _add_run, _cmd_run))
 
 
 def _add_demo(p: argparse.ArgumentParser) -> None:
-    from dualign.pipeline import STAGES
+    p.epilog = """\
+examples:
+  dualign demo --size small          a smoke run: the small world, every stage, a few minutes
+  dualign demo                       MoCAN under cost <= ref-4 with β = 10 (the README's table)
+  dualign demo --method pecan        PeCAN: the same world from its preference pairs alone
+  dualign demo --recalibrate         then measure on calibration prompts, correct λ, fine-tune again
+  dualign demo --confidence 0.95     plan λ so that the constraint holds at its 95% bound
 
+The first run builds the world (π_ref, reward and cost models; minutes) into $DUALIGN_CACHE/worlds
+and reuses it afterwards. The run ends with a table of π_ref against the aligned policy on held-out
+prompts, the constraint's verdict, and the files worth opening: eval/report.json, eval/scores.png,
+eval/predicted_vs_achieved.png and the aligned model in policy/."""
     p.add_argument("--run-dir", help="run directory (default runs/demo, or runs/demo-<method>-<size>)")
     p.add_argument("--seed", type=int, default=0, help="seed of sampling and training (the world keeps its own)")
     p.add_argument("--size", choices=("default", "small"), default="default",
-                   help="world size: default (the demo) or small (a one-minute smoke run)")
+                   help="world size: default (the demo) or small (a smaller world and fewer prompts: "
+                        "a smoke run that checks everything works, not a result)")
     p.add_argument("--method", choices=("mocan", "pecan"), default="mocan",
                    help="mocan (reward and cost models) or pecan (preference pairs only)")
     p.add_argument("--recalibrate", action="store_true",
@@ -306,7 +436,8 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
                         "prompts and correct λ while the constraint misses (at most 2 extra fine-tunes)")
     p.add_argument("--confidence", type=float,
                    help="plan λ so that the constraint holds at this one-sided confidence bound (e.g. 0.95)")
-    p.add_argument("--restart-from", choices=STAGES, help="delete this stage's outputs and later ones first")
+    p.add_argument("--restart-from", choices=source_constant("dualign.pipeline", "STAGES"),
+                   help="delete this stage's outputs and later ones first")
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -337,22 +468,30 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS.append(("demo", "MoCAN end to end on the built-in synthetic safety world (same as "
-                 "`dualign run` with the packaged default config)", _add_demo, _cmd_demo))
+COMMANDS.append(("demo", "start here: MoCAN (or PeCAN) end to end on the built-in synthetic safety world, "
+                 "ending in a before/after table", _add_demo, _cmd_demo))
 
 
 def _add_world(p: argparse.ArgumentParser) -> None:
-    from dualign.world import PRESETS, WorldConfig
+    p.epilog = """\
+examples:
+  dualign world build --size small    build (or find in $DUALIGN_CACHE/worlds) and print its summary
+  dualign world info ~/.cache/dualign/worlds/world-<hash>
 
+The world: templated benign and harmful requests, a tiny GPT-2 π_ref trained to be helpful but
+unsafe, reward and cost models, and a gold judge that reads behaviour back from the text."""
+    presets = source_constant("dualign.world.config", "PRESETS")
     sub = p.add_subparsers(dest="_world_command", metavar="ACTION")
     sub.required = True
     build = sub.add_parser("build", help="build the world (or find it in the cache) and print where it is")
     build.add_argument("config", nargs="?", help="YAML file of WorldConfig keys (flags override it)")
-    build.add_argument("--size", choices=list(PRESETS), default="default", help="size preset (default: default)")
+    build.add_argument("--size", choices=list(presets), default="default", help="size preset (default: default)")
     build.add_argument("--out", help="world directory (default: $DUALIGN_CACHE/worlds/world-<config hash>)")
-    add_config_arguments(build, WorldConfig)
+    add_config_arguments(build, config_class("dualign.world.config", "WorldConfig"))
     info = sub.add_parser("info", help="print the summary of a built world directory")
     info.add_argument("dir", help="world directory")
+    for q in (build, info):
+        _add_verbose(q)
 
 
 def _world_summary(path, info: dict) -> str:
@@ -385,11 +524,14 @@ def _cmd_world(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS.append(("world", "the built-in synthetic safety world: build (cached; prints where it is) "
-                 "and info", _add_world, _cmd_world))
+COMMANDS.append(("world", "the built-in synthetic safety world: build it (cached; prints where it is) or "
+                 "summarise a built one", _add_world, _cmd_world))
 
 
 def _add_compare(p: argparse.ArgumentParser) -> None:
+    p.epilog = """\
+example:
+  dualign compare src/dualign/configs/compare_world.yaml --seed 0 --seed 1 --seed 2"""
     p.add_argument("config", help="run YAML (as for `dualign run`) plus a `compare` section: methods, seeds, "
                    "fixed_lambdas, dual_ascent, ppo_lagrangian")
     p.add_argument("--run-dir", help="comparison directory (overrides the config's run_dir)")
@@ -414,13 +556,10 @@ COMMANDS.append(("compare", "MoCAN against the baselines (ppo-/grpo-lagrangian, 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    # third-party warnings are noise on the command line (and would break one-line errors):
-    # TRANSFORMERS_VERBOSITY=warning and python -W default bring them back
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    if not sys.warnoptions:
-        warnings.filterwarnings("ignore", module=r"(torch|transformers|accelerate|peft|datasets)(\.|$)")
     command = next((a for a in argv if not a.startswith("-")), "")
     args = build_parser(command).parse_args(argv)
+    if not args._verbose:
+        quiet_third_party()
     try:
         return int(args._run(args) or 0)
     except DualignError as e:

@@ -134,7 +134,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type, prefix: str = "",
                          skip: tuple[str, ...] = ()) -> None:
-    """Add one flag per dataclass field (``--field-name``; nested: ``--section.field-name``).
+    """Add one flag per dataclass field (``--field-name``; nested: ``--section.field-name``, in a
+    group of the help per section).
 
     Defaults are suppressed so that only flags actually given override the YAML file.
     """
@@ -147,20 +148,22 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, prefix: str
         dest = prefix + f.name
         help_ = f.metadata.get("help", "").replace("%", "%%")  # argparse %-formats help
         if _is_dataclass_type(tp):
-            add_config_arguments(parser, tp, prefix=f"{dest}.")
+            group = parser.add_argument_group(f"section '{dest}' of the run config", f.metadata.get("help")) \
+                if isinstance(parser, argparse.ArgumentParser) else parser
+            add_config_arguments(group, tp, prefix=f"{dest}.")
         elif tp is bool:
             parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=help_)
         elif typing.get_origin(tp) in (list, tuple):
             parser.add_argument(flag, dest=dest, action="append", default=argparse.SUPPRESS,
-                                help=(help_ + " (repeatable)").strip())
+                                metavar=f.name.upper(), help=(help_ + " (repeatable)").strip())
         elif typing.get_origin(tp) is typing.Literal:
             parser.add_argument(flag, dest=dest, choices=list(typing.get_args(tp)),
                                 default=argparse.SUPPRESS, help=help_)
         elif typing.get_origin(tp) is dict or tp is dict:
             continue  # mappings are YAML-only
         else:
-            parser.add_argument(flag, dest=dest, default=argparse.SUPPRESS, help=help_)
+            parser.add_argument(flag, dest=dest, default=argparse.SUPPRESS, metavar=f.name.upper(), help=help_)
 
 
 def overrides_from_args(args: argparse.Namespace, exclude: tuple[str, ...] = ()) -> dict[str, Any]:

@@ -1,7 +1,9 @@
 """File helpers shared by every stage: atomic writes and table readers/writers.
 
 Nothing is ever written half-way: each writer writes to a temporary file in the target's
-directory and renames it over the target only once the write has succeeded.
+directory and renames it over the target only once the write has succeeded. The renamed file gets
+the mode a plain ``open`` would have given it (``0o666 & ~umask``), not the temporary file's 0600,
+so a run directory shared with a colleague or a web server is readable as the umask intends.
 """
 
 from __future__ import annotations
@@ -51,9 +53,35 @@ def fingerprint(path: str | os.PathLike, full_below: int = 1 << 28) -> str:
     return h.hexdigest()
 
 
+def current_umask() -> int:
+    """The process's umask (read by setting it and setting it back: there is no getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(path: str | os.PathLike) -> None:
+    """Give ``path`` (and, for a directory, everything in it) the mode ``open`` or ``mkdir`` would
+    have: ``0o666 & ~umask`` for a file, ``0o777 & ~umask`` for a directory (``tempfile``, and
+    transformers' shard writer, make them 0600 / 0700)."""
+    mask = current_umask()
+    root = Path(path)
+    for p in [root, *(root.rglob("*") if root.is_dir() else ())]:
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
+def temp_dir_beside(path: str | os.PathLike) -> Path:
+    """A new empty directory beside ``path`` (to be renamed onto it), with the umask's mode."""
+    path = Path(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    honour_umask(tmp)
+    return tmp
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` if the block succeeds."""
+    """Yield a temporary path beside ``path``; rename it onto ``path`` (with the umask's mode) if
+    the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -61,6 +89,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        honour_umask(tmp)
         os.replace(tmp, path)
     finally:
         if tmp.exists():

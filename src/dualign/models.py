@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from dualign.errors import InputError, first_line
+from dualign.io import honour_umask
 from dualign.timing import timed
 
 
@@ -181,7 +182,8 @@ def disable_dropout(model) -> None:
 
 def save_model(model, tokenizer, out_dir: str | Path, files: dict[str, str]) -> None:
     """A Hugging Face model directory: ``model``, ``tokenizer`` and text ``files`` (name → content),
-    written to a temporary sibling and renamed over ``out_dir`` (nothing half-written)."""
+    written to a temporary sibling and renamed over ``out_dir`` (nothing half-written); every file
+    gets the umask's mode (transformers writes weight shards through 0600 temporary files)."""
     out = Path(out_dir)
     tmp = out.parent / f".{out.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -189,6 +191,7 @@ def save_model(model, tokenizer, out_dir: str | Path, files: dict[str, str]) -> 
     tokenizer.save_pretrained(tmp)
     for name, text in files.items():
         (tmp / name).write_text(text)
+    honour_umask(tmp)
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)

@@ -35,7 +35,7 @@ from dualign import checks, timing
 from dualign.config import build_config, config_to_dict, load_yaml, merge
 from dualign.dual import DualConfig, run_dual
 from dualign.errors import ConfigError, InputError
-from dualign.evaluate import EvaluateConfig, evaluate, format_report
+from dualign.evaluate import EvaluateConfig, evaluate, format_outputs, format_report
 from dualign.io import read_json, write_json
 from dualign.lock import run_lock
 from dualign.methods.pecan_prealign import PrealignConfig, prealign, view_configs
@@ -258,7 +258,7 @@ def run_pipeline(cfg: RunConfig, restart_from: str | None = None, log=print) -> 
         total = _run_stages(cfg, run_dir, log)
         report = read_report(run_dir / OUTPUTS["evaluate"])
     log(format_report(report))
-    log(f"report: {run_dir / OUTPUTS['evaluate']} (stages run now: {total:.0f} s)")
+    log(f"{format_outputs(run_dir)}\n(stages run now: {total:.0f} s)")
     return to_json(report)
 
 

@@ -18,6 +18,7 @@ from dualign.dual import solve_constraints
 from dualign.errors import InfeasibleConstraintError, InputError
 from dualign.io import atomic_path, write_json, write_table
 from dualign.records import DualRecord
+from dualign.text_table import num, text_table
 
 OUTPUTS = ("plan.csv", "plan.json", "plan.png")
 
@@ -87,44 +88,82 @@ def _by_column(record: DualRecord, values: dict[str, float]) -> dict[str, float]
 
 
 def plot(table: pd.DataFrame, meta: dict, path: str | Path) -> None:
-    """Predicted reward vs predicted constraint value, λ* and KL vs threshold; infeasible shaded."""
+    """Predicted reward vs predicted constraint value, λ* and KL vs threshold; infeasible shaded,
+    the reachable limit dashed, a caption saying what each mark is."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    column, reward = meta["column"], meta["reward"]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    column, reward, op = meta["column"], meta["reward"], meta["op"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 5.2))
     thresholds = np.sort(table["threshold"].unique())
     half = (np.diff(thresholds).min() / 2) if len(thresholds) > 1 else 0.05
     feasible = table[table["feasible"]] if "lambda" in table else table.iloc[:0]
     for beta, ok in feasible.groupby("beta", sort=True):
-        axes[0].plot(ok[f"predicted_{column}"], ok[f"predicted_{reward}"], "o-", ms=3, label=f"β={beta:g}")
-        axes[1].plot(ok["threshold"], ok["lambda"], "o-", ms=3, label=f"β={beta:g}")
-        axes[2].plot(ok["threshold"], ok["predicted_kl"], "o-", ms=3, label=f"β={beta:g}")
-    if meta.get("reference"):
-        ref = meta["reference"]
-        axes[0].plot([ref[column]], [ref[reward]], "k*", ms=10, label="π_ref")
+        axes[0].plot(ok[f"predicted_{column}"], ok[f"predicted_{reward}"], "o-", ms=3, label=f"β = {beta:g}")
+        axes[1].plot(ok["threshold"], ok["lambda"], "o-", ms=3)
+        axes[2].plot(ok["threshold"], ok["predicted_kl"], "o-", ms=3)
+    ref = meta.get("reference")
+    if ref:
+        axes[0].plot([ref[column]], [ref[reward]], "k*", ms=11, label="π_ref (no training)")
     bad = table.loc[~table["feasible"], "threshold"].unique()
     for ax in axes[1:]:
         for i, t in enumerate(bad):
             ax.axvspan(t - half, t + half, color="red", alpha=0.12, lw=0,
-                       label="infeasible" if i == 0 else None)
+                       label="infeasible threshold" if i == 0 and ax is axes[1] else None)
         if meta.get("reachable_limit") is not None:
-            ax.axvline(meta["reachable_limit"], color="red", ls="--", lw=1)
-        ax.set_xlabel(f"threshold: {column} {meta['op']} …")
-    axes[0].set_xlabel(f"predicted {column}")
-    axes[0].set_ylabel(f"predicted {reward}")
-    axes[1].set_ylabel("λ*")
-    axes[2].set_ylabel("KL(π_λ*‖π_ref)")
+            ax.axvline(meta["reachable_limit"], color="red", ls="--", lw=1,
+                       label=f"reachable limit of mean {column}" if ax is axes[1] else None)
+        if ref:
+            ax.axvline(ref[column], color="k", ls=":", lw=1, label=f"π_ref's mean {column}" if ax is axes[1] else None)
+        ax.set_xlabel(f"threshold: mean {column} {op} … ({column} units)")
+    axes[0].set_xlabel(f"predicted mean {column} under π_λ* ({column} units)")
+    axes[0].set_ylabel(f"predicted mean {reward} under π_λ* ({reward} units)")
+    axes[0].set_title(f"the trade-off: {reward} against {column}")
+    axes[1].set_ylabel(f"λ* ({reward} units per {column} unit)")
+    axes[1].set_title("λ* that meets each threshold")
+    axes[2].set_ylabel("predicted KL(π_λ* ‖ π_ref) (nats)")
+    axes[2].set_title("KL spent to meet each threshold")
     for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(f"dualign plan: {meta['swept']}")
-    fig.tight_layout()
+    handles = {}
+    for ax in axes[:2]:
+        for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, h)
+    fig.legend(handles.values(), handles.keys(), loc="lower center", bbox_to_anchor=(0.5, 0.06),
+               ncol=min(len(handles), 7), frameon=False)
+    fig.suptitle(f"dualign plan, predicted before any training from π_ref's samples: {meta['swept']}")
+    fig.text(0.5, 0.015, "Each point solves the dual at one threshold (and β). Red band: a threshold no reweighting "
+             f"of π_ref's samples can meet; red dashed line: the best mean {column} any reweighting reaches.",
+             ha="center", fontsize=9, color="0.3")
+    fig.tight_layout(rect=(0, 0.14, 1, 1))
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
+
+
+def format_plan(table: pd.DataFrame, meta: dict) -> str:
+    """The sweep as the table ``dualign plan`` prints: one row per (β, threshold)."""
+    column, reward = meta["column"], meta["reward"]
+    rows = []
+    for _, row in table.iterrows():
+        threshold = num(row["threshold"], digits=4)
+        if "offset" in row and not pd.isna(row["offset"]):
+            threshold = f"ref{row['offset']:+.4g} = {threshold}"
+        if not row["feasible"]:
+            rows.append([f"{row['beta']:g}", threshold, "infeasible"])
+            continue
+        rows.append([f"{row['beta']:g}", threshold, num(row["lambda"], digits=4),
+                     num(row[f"predicted_{reward}"], digits=4), num(row[f"predicted_{column}"], digits=4),
+                     num(row["predicted_kl"], digits=4)])
+    header = ["β", f"threshold ({column} {meta['op']})", "λ*", f"{reward} (predicted)", f"{column} (predicted)",
+              "KL (predicted)"]
+    lines = [f"Predicted for π_λ* from π_ref's samples, before any training ({meta['swept']}):", ""]
+    ref = meta.get("reference")
+    if ref:
+        lines.insert(1, f"π_ref: {reward} {num(ref[reward], digits=4)}, {column} {num(ref[column], digits=4)}.")
+    return "\n".join(lines + text_table(header, rows))
 
 
 def run_plan(scores_path: str | Path, reward: str, constraints: Sequence[str],

@@ -9,6 +9,7 @@ back in the columns' own units. ``run_dual`` is the pipeline's stage; ``format_r
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ from dualign.errors import InfeasibleConstraintError, InputError
 from dualign.io import read_json
 from dualign.provenance import mark_done, record_stage, unmark
 from dualign.records import ConfidencePlan, DualCI, DualRecord, HalfSampleKL, write_dual
+from dualign.text_table import interval, num, text_table
 
 
 @dataclass
@@ -217,45 +219,52 @@ def _record(res: DualResult, reward: str, constraints: Sequence[Constraint],
 
 
 def format_report(record: DualRecord) -> str:
-    """The human table printed by ``dualign dual``: per constraint λ*, threshold, π_ref's mean and
-    π_λ*'s predicted value, and the predicted change with its bootstrap CI; then reward and KL."""
+    """The human table printed by ``dualign dual``: per constraint λ* with its bootstrap CI, the
+    threshold, π_ref's mean and π_λ*'s predicted value, and the predicted change with its CI; then
+    reward and KL; then what the half-sample KL and a confidence plan say."""
     ci = record.ci
     status = "converged" if record.converged else "NOT converged"
-    lines = [f"dual: β={record.beta:g}, {record.num_prompts} prompts, {record.num_samples} samples; "
-             f"{status} in {record.iterations} Newton steps (KKT residual {record.kkt_residual:.1e})"]
+    per_prompt = record.num_samples / max(record.num_prompts, 1)
+    lines = [f"The dual on {record.num_prompts} prompts × {per_prompt:.3g} samples of π_ref, β = {record.beta:g}: "
+             f"{status} ({record.iterations} Newton steps, KKT residual {record.kkt_residual:.1e}).",
+             "π_λ* is the policy the fine-tune aims at; its values are predicted from π_ref's samples, before "
+             "any training.", ""]
     level = f"{round(100 * ci.level)}% CI" if ci and ci.level else "CI"
 
-    def interval(group: str, key: str) -> str:
-        lo_hi = getattr(ci, group).get(key) if ci else None
-        return f"[{lo_hi[0]:.4g}, {lo_hi[1]:.4g}]" if lo_hi else ""
+    def interval_of(group: str, key: str, sign: bool = False) -> str:
+        return interval(getattr(ci, group).get(key) if ci else None, sign, digits=4)
 
-    head = (f"{'':22s} {'λ*':>9s} {'λ* ' + level:>20s} {'threshold':>10s} {'π_ref':>10s} {'π_λ*':>10s} "
-            f"{'change':>9s} {'change ' + level:>22s}")
-    lines.append(head)
+    rows = []
     for text, name in zip(record.constraints, record.names, strict=True):
-        change = record.predicted[name] - record.reference[name]
-        lines.append(f"{text:22s} {record.lambdas[name]:9.4g} {interval('lambdas', name):>20s} "
-                     f"{record.thresholds[name]:10.4g} {record.reference[name]:10.4g} {record.predicted[name]:10.4g} "
-                     f"{change:+9.4g} {interval('predicted_change', name):>22s}")
+        rows.append([text, num(record.lambdas[name], digits=4), interval_of("lambdas", name),
+                     num(record.thresholds[name], digits=4), num(record.reference[name], digits=4),
+                     num(record.predicted[name], digits=4),
+                     num(record.predicted[name] - record.reference[name], sign=True, digits=4),
+                     interval_of("predicted_change", name, sign=True)])
     reward = record.reward
-    lines.append(f"{reward:22s} {'':9s} {'':>20s} {'':10s} {record.reference[reward]:10.4g} "
-                 f"{record.predicted[reward]:10.4g} {record.predicted[reward] - record.reference[reward]:+9.4g} "
-                 f"{interval('predicted_change', reward):>22s}")
-    lines.append(f"{'KL(π_λ*‖π_ref)':22s} {'':9s} {'':>20s} {'':10s} {0.0:10.4g} {record.predicted['kl']:10.4g} "
-                 f"{'':9s} {interval('predicted', 'kl'):>22s}")
+    rows.append([f"{reward} (the reward)" if reward != "reward" else reward, "", "", "",
+                 num(record.reference[reward], digits=4), num(record.predicted[reward], digits=4),
+                 num(record.predicted[reward] - record.reference[reward], sign=True, digits=4),
+                 interval_of("predicted_change", reward, sign=True)])
+    rows.append(["KL(π_λ* ‖ π_ref), nats", "", "", "", "0", num(record.predicted["kl"], digits=4), "",
+                 interval_of("predicted", "kl")])
+    lines += text_table(["", "λ*", f"λ* {level}", "threshold", "π_ref", "π_λ*", "change", f"change {level}"], rows)
+    notes = []
     halves = record.kl_half_samples
     if halves:
-        lines.append(f"KL from half of each prompt's samples: {halves.half:.3g} (from all of them: {halves.all:.3g}). "
-                     "An estimate that still grows with the number of samples means π_λ*'s true KL is larger "
-                     "than predicted: sample more responses per prompt.")
+        notes.append(f"KL estimated from half of each prompt's samples: {halves.half:.3g}; from all of them: "
+                     f"{halves.all:.3g}. An estimate that still grows with the number of samples means π_λ*'s "
+                     "true KL is larger than predicted: sample more responses per prompt.")
     plan = record.confidence
     if plan:
         names = ", ".join(f"{n} by {plan.margin[n]:.3g}" for n in record.names)
-        lines.append(f"Planned with a {round(100 * plan.level)}% margin: π_λ* clears each threshold ({names}) so that "
+        notes.append(f"Planned with a {round(100 * plan.level)}% margin: π_λ* clears each threshold ({names}) so that "
                      f"the one-sided {round(100 * plan.level)}% bound under prompt resampling meets it. Against the "
                      f"plain solution (λ* {', '.join(f'{v:.4g}' for v in plan.plain_lambdas.values())}) the margin "
                      f"costs {plan.plain_predicted[reward] - record.predicted[reward]:.3g} {reward} and adds "
                      f"{record.predicted['kl'] - plan.plain_predicted['kl']:.3g} KL.")
+    for note in notes:
+        lines += ["", *textwrap.wrap(note, 100)]
     return "\n".join(lines)
 
 

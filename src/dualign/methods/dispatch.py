@@ -10,9 +10,7 @@ MoCAN, PeCAN and DPO are the one loop (:func:`dualign.train.train`, chosen by ``
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import dataclasses
 import threading
 import time
 from collections.abc import Iterator
@@ -22,7 +20,6 @@ from typing import Any
 import psutil
 import torch
 
-from dualign.config import add_config_arguments
 from dualign.errors import ConfigError
 from dualign.flops import model_forward_params, scorer_forward_params, stage_flops
 from dualign.io import read_json, write_json
@@ -33,7 +30,7 @@ from dualign.methods.objective import dual_file
 from dualign.methods.ppo_lagrangian import PPOLagrangianConfig, train_ppo_lagrangian
 from dualign.methods.preference_dpo import PreferenceDPOConfig, train_preference_dpo
 from dualign.records import read_dual
-from dualign.train import LOSSES, TrainConfig, train
+from dualign.train import LOSSES, train
 
 CONFIGS: dict[str, type] = {
     "ppo-lagrangian": PPOLagrangianConfig, "grpo-lagrangian": GRPOLagrangianConfig,
@@ -92,18 +89,6 @@ def _flops_of(model: str, scorers: list[str]):
     def flops(tokens: dict | None) -> dict | None:
         return stage_flops(tokens, n_policy, n_scorers) if tokens is not None and n_policy else None
     return flops
-
-
-def add_baseline_arguments(parser: argparse.ArgumentParser) -> None:
-    """The baselines' own flags (those TrainConfig does not have), for ``dualign train``."""
-    seen = {f.name for f in dataclasses.fields(TrainConfig)}
-    group = parser.add_argument_group("baselines (--method ppo-lagrangian, grpo-lagrangian, dual-ascent, "
-                                      "fixed-lambda, reward-only-mocan, cost-only-mocan, dpo-helpful, dpo-safe, "
-                                      "safedpo)")
-    for cls in (FixedLambdaConfig, DualAscentConfig, PPOLagrangianConfig, GRPOLagrangianConfig, PreferenceDPOConfig):
-        fresh = tuple(f.name for f in dataclasses.fields(cls) if f.name in seen)
-        add_config_arguments(group, cls, skip=fresh)
-        seen |= {f.name for f in dataclasses.fields(cls)}
 
 
 @contextlib.contextmanager

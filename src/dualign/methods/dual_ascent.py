@@ -92,7 +92,7 @@ def _estimate(policy_dir: str, prompts: pd.DataFrame, objective: Objective, scor
                             temperature=cfg.temperature, batch_size=cfg.sample_batch_size, seed=seed)
     del model
     needed = [s for s in scorers if parse_scorer(s).name in objective.columns]
-    df = score_table(df, needed, batch_size=cfg.sample_batch_size, device=cfg.device, progress=False)
+    df = score_table(df, needed, batch_size=cfg.sample_batch_size, device=cfg.device)
     means = dict(zip(objective.columns, np.atleast_1d(reference_means(
         df["prompt_id"].to_numpy(), df[objective.columns].to_numpy(float))).tolist(), strict=True))
     g = np.array([c.sign * means[c.column] for c in objective.constraints])

@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ import pandas as pd
 import torch
 
 from dualign.errors import InputError
-from dualign.io import cache_root, write_json, write_table
+from dualign.io import cache_root, honour_umask, temp_dir_beside, write_json, write_table
 from dualign.provenance import versions
 from dualign.world import corpus as C
 from dualign.world import scorers as S
@@ -232,7 +231,7 @@ def build_world(cfg: WorldConfig | None = None, out_dir: str | Path | None = Non
     if final.exists() and any(final.iterdir()) and out_dir is not None:
         raise InputError(f"{final}: exists and is not a complete world; remove it or choose another directory")
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    tmp = temp_dir_beside(final)
     try:
         start = time.perf_counter()
         with deterministic(cfg.threads):
@@ -242,6 +241,7 @@ def build_world(cfg: WorldConfig | None = None, out_dir: str | Path | None = Non
                     "config": dataclasses.asdict(cfg), **info, "versions": versions()}, tmp / "world.json")
         if is_complete(final, cfg):  # another process finished the same world meanwhile
             return final
+        honour_umask(tmp)  # transformers writes weight shards 0600
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
