@@ -294,7 +294,8 @@ def test_cost_only_mocan_trains_on_cost_only_margins_and_records_its_training_fl
     assert out["gradient_steps"] == 1 and (tmp_path / "policy" / "config.json").exists()
     # one step over all 12 pairs of 4 prompts × 3 samples runs each of the 12 responses once
     tok = load_tokenizer(tiny_gpt2)
-    enc = tokenize_pairs(tok, [format_prompt(p, "auto", tok) for p in scores["prompt"]], scores["response"].tolist(), 512)
+    enc = tokenize_pairs(tok, [format_prompt(p, "auto", tok) for p in scores["prompt"]], scores["response"].tolist(), 512,
+                         truncated=scores["truncated"].tolist())  # a response cut at max_new_tokens has no eos
     assert out["tokens"] == {"reference": 0, "training": int(enc["attention_mask"].sum())}  # log π_ref: the sampler's
     n = model_forward_params(tiny_gpt2)
     assert out["flops"]["training"] == pytest.approx(6 * n * out["tokens"]["training"])

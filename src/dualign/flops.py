@@ -78,7 +78,7 @@ def model_forward_params(path: str | Path, kind: str = "causal") -> int | None:
 
     if not (Path(path) / "config.json").exists():
         return None
-    config = AutoConfig.from_pretrained(str(path))
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)  # counting needs no custom code
     build = {"causal": AutoModelForCausalLM, "classifier": AutoModelForSequenceClassification,
              "backbone": AutoModel}[kind]
     with torch.device("meta"):
