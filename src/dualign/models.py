@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from dualign.errors import InputError, first_line
+from dualign.errors import ConfigError, InputError, first_line
 from dualign.io import honour_umask
 from dualign.timing import timed
 
@@ -78,11 +78,14 @@ def load_tokenizer(name_or_path: str, revision: str | None = None, padding_side:
 
 @timed("model load")
 def load_causal_lm(name_or_path: str, revision: str | None = None, dtype: str = "auto",
-                   device: str | torch.device | None = None, trust_remote_code: bool = False):
+                   device: str | torch.device | None = None, trust_remote_code: bool = False,
+                   load_in_4bit: bool = False):
     """AutoModelForCausalLM from a Hub id or a local directory, on ``device``.
 
     ``dtype='auto'`` gives bfloat16 on a GPU and float32 on the CPU. Code shipped with the model
     runs only with ``trust_remote_code=True``; otherwise such a model is refused (never a prompt).
+    ``load_in_4bit``: the linear layers in bitsandbytes' 4-bit NF4 with bf16 compute (QLoRA),
+    on a CUDA device only (:func:`check_4bit`).
     """
     from transformers import AutoModelForCausalLM
 
@@ -92,12 +95,32 @@ def load_causal_lm(name_or_path: str, revision: str | None = None, dtype: str = 
         torch_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     else:
         torch_dtype = getattr(torch, dtype)
+    quantized = {}
+    if load_in_4bit:
+        check_4bit(device)
+        from transformers import BitsAndBytesConfig
+
+        quantized = {"quantization_config": BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16),
+            "device_map": {"": device}}
     try:
         model = AutoModelForCausalLM.from_pretrained(str(name_or_path), revision=revision, dtype=torch_dtype,
-                                                     trust_remote_code=trust_remote_code)
+                                                     trust_remote_code=trust_remote_code, **quantized)
     except Exception as e:  # noqa: BLE001 - any failure to read a model's files is one line naming it
         raise load_error("model", name_or_path, e) from None
-    return model.to(device)
+    return model if load_in_4bit else model.to(device)
+
+
+def check_4bit(device: torch.device) -> None:
+    """4-bit weights need bitsandbytes and a CUDA device: refuse in one line before loading anything."""
+    if device.type != "cuda":
+        raise ConfigError(f"config key 'load_in_4bit': 4-bit (QLoRA) weights need a CUDA GPU; this run is on "
+                          f"{device.type}")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ConfigError("config key 'load_in_4bit': 4-bit (QLoRA) weights need bitsandbytes "
+                          "(pip install bitsandbytes)") from None
 
 
 @timed("tokenize")
