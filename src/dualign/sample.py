@@ -93,6 +93,8 @@ class SampleConfig:
             raise ValueError(f"seed must be ≥ 0, got {self.seed}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.tensor_parallel_size > 1 and self.backend != "vllm":
+            raise ValueError("tensor_parallel_size > 1 needs backend: vllm (the hf backend runs one device per process)")
         check_template(self.template)
 
 
@@ -158,7 +160,7 @@ def _generate_batch(model, tokenizer, texts: list[str], max_new_tokens: int, tem
     for r, ids in enumerate(encoded):
         input_ids[r, width - len(ids):] = torch.tensor(ids)
         attention[r, width - len(ids):] = 1
-    eos_ids = _eos_ids(model, tokenizer)
+    eos_ids = stop_ids(getattr(model, "generation_config", None), tokenizer)
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} \
         if temperature > 0 else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
@@ -172,9 +174,9 @@ def _generate_batch(model, tokenizer, texts: list[str], max_new_tokens: int, tem
     return texts_out, truncated
 
 
-def _eos_ids(model, tokenizer) -> list[int]:
+def stop_ids(generation_config, tokenizer) -> list[int]:
     """The tokenizer's eos plus any extra stop ids of the model's generation config (chat models)."""
-    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = getattr(generation_config, "eos_token_id", None)
     ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.insert(0, tokenizer.eos_token_id)
@@ -202,6 +204,10 @@ def sample(cfg: SampleConfig, run_dir: str | Path | None = None) -> Path:
     if not (run_dir or cfg.run_dir):
         raise ConfigError("missing required config value(s): run_dir")
     run_dir = Path(run_dir or cfg.run_dir)
+    if cfg.backend == "vllm":
+        from dualign.vllm_sampler import check_vllm
+
+        check_vllm()
     dp = ranks()
     prompts = load_prompts(cfg.prompts, cfg.prompt_column, cfg.id_column, cfg.split,
                            cfg.dataset_revision, cfg.max_prompts)
@@ -214,7 +220,7 @@ def sample(cfg: SampleConfig, run_dir: str | Path | None = None) -> Path:
     inline = cfg.backend == "hf" and _hf_numerics(cfg.dtype, device) == numerics
     responses = {i: shard_dir / f"{i}.{'parquet' if inline else 'responses.parquet'}" for i in shards}
     # the engine is loaded before the first write: a model that cannot be loaded leaves nothing behind
-    generate = _sampler(cfg, tokenizer, device, inline) if any(not p.exists() for p in responses.values()) else None
+    generate = _sampler(cfg, tokenizer, device, inline, dp.size) if any(not p.exists() for p in responses.values()) else None
     if dp.main:
         _check_shard_config(shard_dir, cfg)
         unmark(run_dir, "sample")
@@ -272,12 +278,12 @@ def _hf_numerics(dtype: str, device: torch.device) -> dict:
     return {"dtype": dtype, "autocast": None, "quantization": None}
 
 
-def _sampler(cfg: SampleConfig, tokenizer, device: torch.device, logprobs: bool):
+def _sampler(cfg: SampleConfig, tokenizer, device: torch.device, logprobs: bool, processes: int = 1):
     """``(prompts, prompt_ids, seed) -> table`` of the configured engine."""
     if cfg.backend == "vllm":
         from dualign.vllm_sampler import VLLMSampler
 
-        return VLLMSampler(cfg, tokenizer)
+        return VLLMSampler(cfg, tokenizer, processes)
     model = load_causal_lm(cfg.model, revision=cfg.revision, dtype=cfg.dtype, device=device,
                            trust_remote_code=cfg.trust_remote_code)
 
