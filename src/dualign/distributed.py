@@ -20,6 +20,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -44,6 +45,18 @@ class Ranks:
             from accelerate import PartialState
 
             PartialState().wait_for_everyone()
+
+    def sum(self, values: np.ndarray) -> np.ndarray:
+        """Σ over the processes of each one's float64 ``values`` (itself alone). A process that
+        leaves 0 where another computed a value hands that value on exactly: x + 0 = x."""
+        if self.size == 1:
+            return values
+        import torch.distributed as dist
+        from accelerate import PartialState
+
+        tensor = torch.as_tensor(np.asarray(values, dtype=np.float64), device=PartialState().device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor.cpu().numpy()
 
     def mine(self, n: int) -> list[int]:
         """The indices of ``n`` work units this process takes: ``rank, rank + size, ...``."""
