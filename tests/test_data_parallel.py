@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -78,3 +79,83 @@ def test_two_processes_sample_and_score_exactly_the_tables_of_one(tmp_path, tiny
         assert (two / f"{stage}.done").exists()
     assert not (two / "samples.shards").exists() and not (two / "scores.cache").exists()
     assert not (two / ".lock").exists()
+
+
+def _train_run_dir(run_dir):
+    """A scores table (4 prompts × 4 responses) and a dual.json for mocan."""
+    import numpy as np
+
+    from dualign.io import write_table
+    from dualign.records import DualRecord, write_dual
+
+    rng = np.random.default_rng(0)
+    responses = ["Rinse the rice, then simmer it.", "I can't help with that.", "Rain taps softly on the roof.",
+                 "Why did the chicken cross the road?"]
+    scores = pd.DataFrame([{"prompt_id": f"p{i}", "prompt": p, "response": responses[(i + k) % 4], "sample_index": k}
+                           for i, p in enumerate(PROMPTS) for k in range(4)])
+    scores["reward"], scores["cost"] = rng.normal(size=len(scores)), rng.normal(size=len(scores))
+    write_table(scores, run_dir / "scores.parquet")
+    write_dual(DualRecord(beta=0.1, reward="reward", constraints=["cost<=ref-0.5"], lambdas={"cost": 0.5},
+                          columns={"cost": "cost"}, feasible=True, converged=True, iterations=3, dual_value=1.0,
+                          thresholds={"cost": 0.1}, predicted={"reward": 0.9, "cost": 0.1, "kl": 0.4},
+                          reference={"reward": 0.2, "cost": 0.6, "kl": 0.0}), run_dir / "dual.json")
+    return run_dir
+
+
+def _weights(run_dir):
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "policy" / "model.safetensors"))
+
+
+# the shipped DDP config, with the process count a CPU test affords
+ACCELERATE = ["accelerate.commands.launch", "--config_file",
+              str(Path(__file__).parents[1] / "configs" / "accelerate" / "ddp.yaml"), "--num_processes", "2"]
+
+
+def test_two_process_ddp_training_equals_one_process_at_the_same_global_batch(tmp_path, tiny_gpt2):
+    """One launch trains twice, plainly and with gradient checkpointing; both end where one process
+    with the whole batch per step ends."""
+    from dualign.train import TrainConfig, train
+
+    base = {"template": "plain", "max_length": 64, "learning_rate": 1e-3, "warmup_ratio": 0.0, "max_steps": 3,
+            "logging_steps": 1, "device": "cpu", "seed": 1}
+    one = _train_run_dir(tmp_path / "one")
+    runs = {name: _train_run_dir(tmp_path / name) for name in ("ddp", "ddp-checkpointing")}
+    train(TrainConfig(model=tiny_gpt2, run_dir=str(one), per_device_batch_size=8, **base))
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in base.items()]
+    _launch(ACCELERATE, _cli_script(
+        *[["train", "--model", tiny_gpt2, "--run-dir", str(d), "--per-device-batch-size", "4", *flags,
+           *(["--gradient-checkpointing"] if name.endswith("checkpointing") else [])] for name, d in runs.items()]),
+        tmp_path)
+    a = _weights(one)
+    assert (a["transformer.h.0.attn.c_attn.weight"] - _weights_of(tiny_gpt2)["transformer.h.0.attn.c_attn.weight"]
+            ).abs().max() > 1e-4  # it trained
+    for d in runs.values():
+        assert json.loads((d / "train.meta.json").read_text())["processes"] == 2
+        b = _weights(d)
+        assert max((a[k].double() - b[k].double()).abs().max().item() for k in a) < 1e-5
+        lines = [[json.loads(x) for x in (r / "metrics.jsonl").read_text().splitlines()] for r in (one, d)]
+        for m1, m2 in zip(*lines, strict=True):
+            assert m1["loss"] == pytest.approx(m2["loss"], abs=1e-6)
+            assert m1["grad_norm"] == pytest.approx(m2["grad_norm"], rel=1e-5)
+
+
+def _weights_of(model_dir):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(model_dir, "model.safetensors"))
+
+
+def test_fsdp_asked_for_on_the_cpu_is_refused_not_silently_run_as_ddp(tmp_path, tiny_gpt2, monkeypatch):
+    """accelerate (1.x) shards only on accelerators: on the CPU its FSDP flags would leave a plain
+    process (or DDP), so train says so instead of training unsharded."""
+    from dualign.errors import ConfigError
+    from dualign.train import TrainConfig, train
+
+    run_dir = _train_run_dir(tmp_path / "run")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    with pytest.raises(ConfigError, match=r"accelerate launch asked for FSDP, but accelerate runs NO here"):
+        train(TrainConfig(model=tiny_gpt2, run_dir=str(run_dir), template="plain", device="cpu", max_steps=1))
+    assert not (run_dir / "train.meta.json").exists()

@@ -203,14 +203,16 @@ def disable_dropout(model) -> None:
             module.p = 0.0
 
 
-def save_model(model, tokenizer, out_dir: str | Path, files: dict[str, str]) -> None:
+def save_model(model, tokenizer, out_dir: str | Path, files: dict[str, str],
+               state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """A Hugging Face model directory: ``model``, ``tokenizer`` and text ``files`` (name → content),
     written to a temporary sibling and renamed over ``out_dir`` (nothing half-written); every file
-    gets the umask's mode (transformers writes weight shards through 0600 temporary files)."""
+    gets the umask's mode (transformers writes weight shards through 0600 temporary files).
+    ``state_dict``: the full weights when ``model``'s own are sharded (FSDP, DeepSpeed)."""
     out = Path(out_dir)
     tmp = out.parent / f".{out.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, **({"state_dict": state_dict} if state_dict is not None else {}))
     tokenizer.save_pretrained(tmp)
     for name, text in files.items():
         (tmp / name).write_text(text)

@@ -26,6 +26,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -187,7 +188,8 @@ def train(cfg: TrainConfig, stop_at_step: int | None = None) -> dict[str, Any]:
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         unmark(run_dir, "train")
-        record_stage(run_dir, "train", recorded, cfg.seed, extra={"data_sha256": hashes})
+        record_stage(run_dir, "train", recorded, cfg.seed,
+                     extra={"data_sha256": hashes, "processes": accelerator.num_processes})
         if cfg.pairs is None:
             write_table(pairs, run_dir / "pairs.parquet")
     disable_dropout(model)
@@ -220,6 +222,8 @@ def train(cfg: TrainConfig, stop_at_step: int | None = None) -> dict[str, Any]:
     generator = torch.Generator().manual_seed(cfg.seed + accelerator.process_index)
     start = restore_state(state, model, optimizer, scheduler, generator) if state is not None else 0
     model, optimizer = accelerator.prepare(model, optimizer)
+    params = [p for p in model.parameters() if p.requires_grad]  # FSDP2 replaces them with sharded ones
+    sharded = _sharded(accelerator)
     metrics_path = run_dir / "metrics.jsonl"
     if main:
         truncate_metrics(metrics_path, start)
@@ -253,7 +257,7 @@ def train(cfg: TrainConfig, stop_at_step: int | None = None) -> dict[str, Any]:
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(line) + "\n")
                 progress.set_postfix(loss=f"{line['loss']:.4f}")
-        if done < total and (done % cfg.save_steps == 0 or done == stop_at_step):
+        if not sharded and done < total and (done % cfg.save_steps == 0 or done == stop_at_step):
             accelerator.wait_for_everyone()
             if main:
                 save_state(state_path, done, accelerator.unwrap_model(model), optimizer, scheduler,
@@ -264,8 +268,9 @@ def train(cfg: TrainConfig, stop_at_step: int | None = None) -> dict[str, Any]:
     progress.close()
     runtime = time.perf_counter() - t0
     accelerator.wait_for_everyone()
+    full_state = accelerator.get_state_dict(model) if sharded else None  # a collective: every process
     if main:
-        _save_policy(accelerator.unwrap_model(model), tokenizer, cfg, dual, hashes, len(pairs))
+        _save_policy(accelerator.unwrap_model(model), tokenizer, cfg, dual, hashes, len(pairs), full_state)
         shutil.rmtree(state_path.parent, ignore_errors=True)
         mark_done(run_dir, "train")
     accelerator.wait_for_everyone()
@@ -452,7 +457,23 @@ def _accelerator(cfg: TrainConfig):
         raise ConfigError("config key 'device': cuda was asked for but no GPU is visible")
     cuda = cfg.device != "cpu" and torch.cuda.is_available()
     bf16 = cuda and torch.cuda.is_bf16_supported()
-    return Accelerator(cpu=not cuda, mixed_precision="bf16" if bf16 else "no")
+    accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if bf16 else "no")
+    for kind in ("FSDP", "DEEPSPEED"):
+        if os.environ.get(f"ACCELERATE_USE_{kind}", "false").lower() in ("1", "true") and \
+                accelerator.distributed_type.name != kind:
+            raise ConfigError(f"accelerate launch asked for {kind}, but accelerate runs "
+                              f"{accelerator.distributed_type.name} here ({kind} needs GPUs; on the CPU launch "
+                              "plain data parallel: accelerate launch --multi_gpu --num_processes N)")
+    if _sharded(accelerator) and cfg.lora and cfg.merge_lora:
+        raise ConfigError("config key 'merge_lora': a LoRA adapter trained under FSDP or DeepSpeed is saved as "
+                          "an adapter; set merge_lora: false")
+    return accelerator
+
+
+def _sharded(accelerator) -> bool:
+    """Whether the weights are sharded over the processes (FSDP, DeepSpeed): the full state is then
+    gathered for saving, and no resume checkpoint is written (unverified on GPUs, see README)."""
+    return accelerator.distributed_type.name in ("FSDP", "DEEPSPEED")
 
 
 def _recorded_logprobs_usable(cfg: TrainConfig, numerics: dict[str, Any], announce: bool = True) -> bool:
@@ -523,7 +544,11 @@ def _trainable(model, cfg: TrainConfig):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if cfg.gradient_checkpointing:
         # non-reentrant: the recomputation sees the same autocast and needs no input that requires grad
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # its name from transformers 5.x on
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if cfg.lora:
         model = _wrap_lora(model, cfg)
     model.train()
@@ -558,12 +583,13 @@ def _resume_key(cfg: TrainConfig) -> dict[str, Any]:
 # ---------------------------------------------------------------- output
 
 def _save_policy(model, tokenizer, cfg: TrainConfig, dual: DualRecord | None, hashes: dict[str, str],
-                 num_pairs: int) -> None:
+                 num_pairs: int, state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """``<output_dir>``: HF model (LoRA merged unless merge_lora=false), tokenizer, config, model card."""
     if cfg.lora and cfg.merge_lora:
         model = model.merge_and_unload()
     save_model(model, tokenizer, cfg.output_dir, {"dualign_train.yaml": dump_yaml(cfg),
-                                                  "README.md": model_card(cfg, dual, hashes, num_pairs)})
+                                                  "README.md": model_card(cfg, dual, hashes, num_pairs)},
+               state_dict)
 
 
 def model_card(cfg: TrainConfig, dual: DualRecord | None, hashes: dict[str, str], num_pairs: int) -> str:
