@@ -62,6 +62,12 @@ def existing_file(path: str | Path, key: str) -> None:
         raise InputError(f"{key}: '{path}' is a directory, not a file")
 
 
+def is_model_dir(path: Path) -> bool:
+    """A Hugging Face model directory: a config.json, or a PEFT adapter's adapter_config.json
+    (transformers loads its base model and applies the adapter: an unmerged LoRA policy)."""
+    return (path / "config.json").exists() or (path / "adapter_config.json").exists()
+
+
 def model(ref: str, key: str) -> None:
     """A local model path must be a directory with a config.json; other references are Hub ids."""
     p = Path(ref).expanduser()
@@ -71,7 +77,7 @@ def model(ref: str, key: str) -> None:
         return
     if not p.is_dir():
         raise InputError(f"{key}: model path '{ref}' is a file, not a model directory")
-    if not (p / "config.json").exists():
+    if not is_model_dir(p):
         raise InputError(f"{key}: model path '{ref}' has no config.json (not a Hugging Face model directory)")
 
 

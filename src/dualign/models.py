@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from dualign.checks import is_model_dir
 from dualign.errors import ConfigError, InputError, first_line
 from dualign.io import honour_umask
 from dualign.timing import timed
@@ -45,7 +46,7 @@ def _check_model_ref(name_or_path: str | Path) -> None:
         if looks_local:
             raise InputError(f"model path '{name_or_path}' does not exist")
         return
-    if p.is_dir() and not (p / "config.json").exists():
+    if p.is_dir() and not is_model_dir(p):
         raise InputError(f"model path '{name_or_path}' has no config.json (not a Hugging Face model directory)")
 
 
