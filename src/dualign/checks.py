@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from dualign.errors import InputError, first_line
-from dualign.io import TABLE_SUFFIXES
+from dualign.io import TABLE_SUFFIXES, is_model_dir
 
 
 def looks_local(ref: str) -> bool:
@@ -60,12 +60,6 @@ def existing_file(path: str | Path, key: str) -> None:
         raise InputError(f"{key}: '{path}' does not exist")
     if p.is_dir():
         raise InputError(f"{key}: '{path}' is a directory, not a file")
-
-
-def is_model_dir(path: Path) -> bool:
-    """A Hugging Face model directory: a config.json, or a PEFT adapter's adapter_config.json
-    (transformers loads its base model and applies the adapter: an unmerged LoRA policy)."""
-    return (path / "config.json").exists() or (path / "adapter_config.json").exists()
 
 
 def model(ref: str, key: str) -> None:

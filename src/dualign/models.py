@@ -21,9 +21,8 @@ from pathlib import Path
 
 import torch
 
-from dualign.checks import is_model_dir
 from dualign.errors import ConfigError, InputError, first_line
-from dualign.io import honour_umask
+from dualign.io import honour_umask, is_model_dir
 from dualign.timing import timed
 
 
@@ -194,6 +193,17 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
         ids, mask = input_ids, response_mask
     lp = token_logprobs(logits, ids)
     return (lp * mask[:, 1:].to(lp.dtype)).sum(-1)
+
+
+def stop_ids(generation_config, tokenizer) -> list[int]:
+    """The tokenizer's eos plus any extra stop ids of the model's generation config (chat models)."""
+    ids = getattr(generation_config, "eos_token_id", None)
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.insert(0, tokenizer.eos_token_id)
+    if not ids:
+        raise InputError("the tokenizer has no eos token, so responses could not stop")
+    return ids
 
 
 def disable_dropout(model) -> None:

@@ -37,6 +37,7 @@ from dualign.models import (
     load_tokenizer,
     resolve_device,
     sequence_logprobs,
+    stop_ids,
     tokenize_pairs,
 )
 from dualign.progress import Progress
@@ -172,17 +173,6 @@ def _generate_batch(model, tokenizer, texts: list[str], max_new_tokens: int, tem
         texts_out.append(tokenizer.decode(row[:cut], skip_special_tokens=True))
         truncated.append(cut is None)
     return texts_out, truncated
-
-
-def stop_ids(generation_config, tokenizer) -> list[int]:
-    """The tokenizer's eos plus any extra stop ids of the model's generation config (chat models)."""
-    ids = getattr(generation_config, "eos_token_id", None)
-    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.insert(0, tokenizer.eos_token_id)
-    if not ids:
-        raise InputError("the tokenizer has no eos token, so responses could not stop")
-    return ids
 
 
 @torch.inference_mode()

@@ -34,6 +34,7 @@ import pandas as pd
 import torch
 
 from dualign.errors import ConfigError, InputError
+from dualign.models import stop_ids
 from dualign.templates import format_prompt
 
 
@@ -130,8 +131,6 @@ class VLLMSampler:
         check_vllm()
         from transformers import GenerationConfig
         from vllm import LLM
-
-        from dualign.sample import stop_ids
 
         kwargs, self.adapter = engine_args(cfg.model, cfg.revision, cfg.dtype, cfg.seed, cfg.tensor_parallel_size,
                                            cfg.gpu_memory_utilization, cfg.trust_remote_code, processes)
