@@ -20,7 +20,7 @@ from dualign.score import ScoreConfig, score
 PROMPTS = ["How do I cook rice?", "Tell me a joke.", "hi", "Write a poem about rain."]
 
 
-def _launch(launcher: list[str], script: str, tmp_path) -> None:
+def _launch(launcher: list[str], script: str, tmp_path) -> subprocess.CompletedProcess:
     """``script`` in each launched process (one launch: the processes start once for every stage)."""
     path = tmp_path / "launched.py"
     path.write_text(script)
@@ -28,6 +28,7 @@ def _launch(launcher: list[str], script: str, tmp_path) -> None:
     res = subprocess.run([sys.executable, "-m", *launcher, str(path)], capture_output=True, text=True, env=env,
                          timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
+    return res
 
 
 def _cli_script(*commands: list[str]) -> str:
@@ -68,9 +69,10 @@ def test_two_processes_sample_and_score_exactly_the_tables_of_one(tmp_path, tiny
     score(ScoreConfig(scorers=scorers, batch_size=3, device="cpu"), one)
 
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in sample_args.items()]
-    _launch(TORCHRUN, _cli_script(["sample", *flags, "--run-dir", str(two)],
+    res = _launch(TORCHRUN, _cli_script(["sample", *flags, "--run-dir", str(two)],
                                   ["score", "--run-dir", str(two), "--batch-size", "3", "--device", "cpu",
                                    *[a for s in scorers for a in ("--scorer", s)]]), tmp_path)
+    assert res.stdout.splitlines() == [str(two / "samples.parquet"), str(two / "scores.parquet")]  # said once
     for table in ("samples", "scores"):
         pd.testing.assert_frame_equal(pd.read_parquet(two / f"{table}.parquet"), pd.read_parquet(one / f"{table}.parquet"),
                                       check_exact=True)
