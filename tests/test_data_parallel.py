@@ -110,7 +110,15 @@ def _weights(run_dir):
     return load_file(str(run_dir / "policy" / "model.safetensors"))
 
 
-# the shipped DDP config, with the process count a CPU test affords
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# the shipped DDP config, with the process count a CPU test affords (and a free port, not 29500)
 ACCELERATE = ["accelerate.commands.launch", "--config_file",
               str(Path(__file__).parents[1] / "configs" / "accelerate" / "ddp.yaml"), "--num_processes", "2"]
 
@@ -126,7 +134,7 @@ def test_two_process_ddp_training_equals_one_process_at_the_same_global_batch(tm
     runs = {name: _train_run_dir(tmp_path / name) for name in ("ddp", "ddp-checkpointing")}
     train(TrainConfig(model=tiny_gpt2, run_dir=str(one), per_device_batch_size=8, **base))
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in base.items()]
-    _launch(ACCELERATE, _cli_script(
+    _launch([*ACCELERATE, "--main_process_port", str(_free_port())], _cli_script(
         *[["train", "--model", tiny_gpt2, "--run-dir", str(d), "--per-device-batch-size", "4", *flags,
            *(["--gradient-checkpointing"] if name.endswith("checkpointing") else [])] for name, d in runs.items()]),
         tmp_path)
