@@ -117,3 +117,18 @@ def test_load_in_4bit_is_refused_on_the_cpu_before_anything_is_written(tmp_path,
     with pytest.raises(ConfigError, match="load_in_4bit.*need a CUDA GPU"):
         train(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def test_shards_with_log_probs_of_other_numerics_are_not_resumed(tmp_path, tiny_gpt2, monkeypatch):
+    """A run directory moved from the CPU to a GPU mid-way would mix float32 and bf16-autocast
+    log π_ref under one record: refused."""
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sample_mod, "generate_responses", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _sample(tmp_path, tiny_gpt2)
+    gpu = {"dtype": "float32", "autocast": "bfloat16", "quantization": None}
+    monkeypatch.setattr(sample_mod, "trainer_numerics", lambda device: gpu)
+    with pytest.raises(InputError, match=r"different config \(ref_logprob_numerics differ\)"):
+        _sample(tmp_path, tiny_gpt2)

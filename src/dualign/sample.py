@@ -212,7 +212,7 @@ def sample(cfg: SampleConfig, run_dir: str | Path | None = None) -> Path:
     # the engine is loaded before the first write: a model that cannot be loaded leaves nothing behind
     generate = _sampler(cfg, tokenizer, device, inline, dp.size) if any(not p.exists() for p in responses.values()) else None
     if dp.main:
-        _check_shard_config(shard_dir, cfg)
+        _check_shard_config(shard_dir, cfg, numerics)
         unmark(run_dir, "sample")
     dp.barrier()
     _generate_shards(cfg, prompts, responses, generate, dp)
@@ -291,12 +291,14 @@ def _free() -> None:
         torch.cuda.empty_cache()
 
 
-def _check_shard_config(shard_dir: Path, cfg: SampleConfig) -> None:
-    """Resume only shards made with the same config; anything else would mix two runs."""
-    # device and dtype only change the numerics, and a run directory may be moved
+def _check_shard_config(shard_dir: Path, cfg: SampleConfig, numerics: dict) -> None:
+    """Resume only shards made with the same config and log π_ref numerics (the stage records one
+    for all); anything else would mix two runs."""
+    # device and dtype only change the sampler's numerics, and a run directory may be moved
     wanted = {k: v for k, v in config_to_dict(cfg).items()
               if k not in ("device", "dtype", "run_dir", "trust_remote_code", "tensor_parallel_size",
                            "gpu_memory_utilization")}
+    wanted["ref_logprob_numerics"] = numerics
     key = shard_dir / "config.json"
     if key.exists():
         found = read_json(key)
