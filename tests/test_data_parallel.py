@@ -169,3 +169,12 @@ def test_fsdp_asked_for_on_the_cpu_is_refused_not_silently_run_as_ddp(tmp_path, 
     with pytest.raises(ConfigError, match=r"accelerate launch asked for FSDP, but accelerate runs NO here"):
         train(TrainConfig(model=tiny_gpt2, run_dir=str(run_dir), template="plain", device="cpu", max_steps=1))
     assert not (run_dir / "train.meta.json").exists()
+
+
+def test_dualign_run_under_a_launcher_is_refused_in_one_line(monkeypatch):
+    from dualign.errors import ConfigError
+    from dualign.pipeline import run_pipeline
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=r"^dualign run is one process; under torchrun / accelerate launch"):
+        run_pipeline(None)
