@@ -11,7 +11,8 @@ but the launcher's flags (``--nnodes``/``--node_rank`` or accelerate's ``--num_m
 Only the main process writes the run directory's lock, records and ``<stage>.done`` markers; the
 other processes write only their own shard files, each atomically.
 
-accelerate is imported only when there are several processes.
+accelerate is imported only when there are several processes, torch and pandas only where used
+(the dual stage checks :func:`one_process` without paying for them).
 """
 
 from __future__ import annotations
@@ -19,12 +20,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
-import torch
 
-from dualign.io import read_table
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class Ranks:
         leaves 0 where another computed a value hands that value on exactly: x + 0 = x."""
         if self.size == 1:
             return values
+        import torch
         import torch.distributed as dist
         from accelerate import PartialState
 
@@ -64,6 +66,8 @@ class Ranks:
 
     def device(self, device: str | None) -> str | None:
         """``auto`` becomes this process's own GPU when several processes share a machine with GPUs."""
+        import torch
+
         if device in (None, "auto") and self.size > 1 and torch.cuda.is_available():
             return f"cuda:{self.local_rank}"
         return device
@@ -74,11 +78,22 @@ def launched_ranks() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def one_process(what: str) -> None:
+    """Refuse, in one line, to run ``what`` (a stage that is not data-parallel) under a launcher:
+    every process would run it whole and write the same files."""
+    if launched_ranks() > 1:
+        from dualign.errors import ConfigError
+
+        raise ConfigError(f"{what} is one process; under torchrun / accelerate launch only sample, score and "
+                          "train run (README: At scale)")
+
+
 def ranks() -> Ranks:
     """This process's :class:`Ranks`; with several processes the process group is started (once)."""
     size = launched_ranks()
     if size <= 1:
         return Ranks()
+    import torch
     from accelerate import PartialState
 
     state = PartialState(cpu=not torch.cuda.is_available())
@@ -92,6 +107,10 @@ def gather_shards(n: int, shard_dir: Path, dp: Ranks) -> pd.DataFrame | None:
     concatenation of ``<shard_dir>/0.parquet`` … ``<n-1>.parquet`` in order; None in the others.
     A shard's content depends on its index alone, never on which process made it, so any number
     of processes gives the same table."""
+    import pandas as pd
+
+    from dualign.io import read_table
+
     dp.barrier()
     if not dp.main:
         return None

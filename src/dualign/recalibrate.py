@@ -41,6 +41,7 @@ import numpy as np
 import pandas as pd
 
 from dualign.data.prompts import load_prompts
+from dualign.distributed import one_process
 from dualign.dual import formulas as F
 from dualign.dual import solve_dual_long
 from dualign.errors import InfeasibleConstraintError, InputError
@@ -260,6 +261,7 @@ def _train_round(cfg: RecalibrateConfig, train_cfg: TrainConfig, objective: Obje
 def recalibrate(cfg: RecalibrateConfig, train_cfg: TrainConfig) -> dict[str, Any]:
     """Measure the trained policy on the calibration prompts; while a constraint misses, correct λ
     and fine-tune again (at most ``cfg.rounds`` times); write recalibrate.json (see module docstring)."""
+    one_process("the recalibrate stage")
     run_dir = Path(cfg.run_dir)
     root = run_dir / "recalibrate"
     scores_path = run_dir / "scores.parquet"
