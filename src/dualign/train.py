@@ -87,9 +87,9 @@ class TrainConfig:
     pairs_per_prompt: int | None = field(default=None, metadata={
         "help": "pairs drawn per prompt from scores (default: all K(K-1)/2)"})
     ref_logprobs: Literal["auto", "reuse", "compute"] = field(default="auto", metadata={
-        "help": "log π_ref source: auto (reuse the columns when sample.meta.json's ref_logprob record names this "
-                "model, revision, template and train's numerics, else compute), reuse (refused when that record "
-                "differs), compute"})
+        "help": "log π_ref source: auto (reuse the scores' column when sample.meta.json's ref_logprob record names "
+                "this model, revision, template and train's numerics, else compute), reuse (refused when that "
+                "record differs), compute"})
     template: str = field(default="auto", metadata={"help": "prompt template (as for sample)"})
     revision: str | None = field(default=None, metadata={"help": "model revision"})
     reference: str | None = field(default=None, metadata={
@@ -184,7 +184,8 @@ def train(cfg: TrainConfig, stop_at_step: int | None = None) -> dict[str, Any]:
     tokenizer = load_tokenizer(cfg.model, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     model = load_causal_lm(cfg.model, revision=cfg.revision, dtype="float32", device=accelerator.device,
                            trust_remote_code=cfg.trust_remote_code, load_in_4bit=cfg.load_in_4bit)
-    trusted = _recorded_logprobs_usable(cfg, trainer_numerics(accelerator.device, cfg.load_in_4bit), main)
+    trusted = _recorded_logprobs_usable(cfg, trainer_numerics(accelerator.device, cfg.load_in_4bit),
+                                        "preferences" not in hashes, main)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         unmark(run_dir, "train")
@@ -476,18 +477,23 @@ def _sharded(accelerator) -> bool:
     return accelerator.distributed_type.name in ("FSDP", "DEEPSPEED")
 
 
-def _recorded_logprobs_usable(cfg: TrainConfig, numerics: dict[str, Any], announce: bool = True) -> bool:
+def _recorded_logprobs_usable(cfg: TrainConfig, numerics: dict[str, Any], from_samples: bool,
+                              announce: bool = True) -> bool:
     """Whether the pairs' ``ref_logprob`` columns are log π_ref as this run would compute them.
 
-    ``<run_dir>/sample.meta.json`` records how the sample stage computed them (:mod:`dualign.refprobs`);
-    they are used when that record names this π_ref (``reference``, else ``model``), revision,
-    template and ``numerics`` (:func:`dualign.refprobs.trainer_numerics`). With ``ref_logprobs:
-    auto`` a differing or missing record means computing them here (one line says why); with
-    ``reuse`` a differing record is refused, and columns without any sample record (a pairs table
-    made elsewhere) are trusted as asked.
+    Pairs built from the scores table (``from_samples``: by train, or by a method or recalibration
+    round as a pairs table) carry the sample stage's column, and
+    ``<run_dir>/sample.meta.json`` records how it was computed (:mod:`dualign.refprobs`): it is used
+    when that record names this π_ref (``reference``, else ``model``), revision, template and
+    ``numerics`` (:func:`dualign.refprobs.trainer_numerics`). With ``ref_logprobs: auto`` a
+    differing or missing record means computing them here (one line says why); with ``reuse`` a
+    differing record is refused. A preference file's columns have no record: ``auto`` computes
+    them, ``reuse`` trusts them as asked.
     """
     if cfg.ref_logprobs == "compute":
         return False
+    if not from_samples:
+        return cfg.ref_logprobs == "reuse"
     path = Path(cfg.run_dir) / "sample.meta.json"
     recorded = read_json(path).get("ref_logprob") if path.exists() else None
     why = mismatch(recorded, ref_record(cfg.reference or cfg.model, cfg.revision, cfg.template, numerics))
