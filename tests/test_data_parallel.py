@@ -61,7 +61,8 @@ def test_two_processes_sample_and_score_exactly_the_tables_of_one(tmp_path, tiny
     prompts = tmp_path / "p.jsonl"
     pd.DataFrame({"prompt": PROMPTS}).to_json(prompts, orient="records", lines=True)
     sample_args = {"model": tiny_gpt2, "prompts": str(prompts), "num_samples": 2, "max_new_tokens": 6,
-                   "shard_size": 1, "batch_size": 4, "seed": 2, "device": "cpu"}
+                   "shard_size": 1, "batch_size": 4, "seed": 2, "device": "cpu",
+                   "dtype": "float64"}  # not train's numerics: each process runs the second log π_ref pass
     scorers = [f"reward=hf:{scorer_dirs['reward']},higher_is_better",
                f"cost=beaver:{scorer_dirs['cost']},lower_is_better"]
     one, two = tmp_path / "one", tmp_path / "two"
