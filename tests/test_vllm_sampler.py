@@ -94,7 +94,8 @@ def test_request_seeds_depend_on_the_shard_seed_and_the_prompts_place_alone():
 
 def test_sampling_kwargs_draw_k_samples_from_pi_ref_and_stop_only_at_the_stop_ids():
     assert sampling_kwargs(8, 256, 1.0, 1.0, 7, [2, 32000]) == {
-        "n": 8, "max_tokens": 256, "temperature": 1.0, "top_p": 1.0, "seed": 7, "stop_token_ids": [2, 32000]}
+        "n": 8, "max_tokens": 256, "temperature": 1.0, "top_p": 1.0, "seed": 7, "stop_token_ids": [2, 32000],
+        "detokenize": False}
 
 
 def test_engine_args_serve_a_lora_adapter_as_its_base_model(tmp_path, tiny_llama):

@@ -91,9 +91,10 @@ def outputs_to_table(prompts: list[str], prompt_ids: list, completions: list[lis
 def sampling_kwargs(num_samples: int, max_new_tokens: int, temperature: float, top_p: float, seed: int,
                     stop_ids: list[int]) -> dict[str, Any]:
     """``SamplingParams`` of one prompt: K samples from π_ref itself (no top-k; nucleus only when
-    ``top_p < 1``), stopping at the model's stop ids and nowhere else."""
+    ``top_p < 1``), stopping at the model's stop ids and nowhere else; token ids only (the text is
+    decoded here, as the HF backend decodes it)."""
     return {"n": num_samples, "max_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
-            "seed": seed, "stop_token_ids": list(stop_ids)}
+            "seed": seed, "stop_token_ids": list(stop_ids), "detokenize": False}
 
 
 def engine_args(model: str, revision: str | None, dtype: str, seed: int, tensor_parallel_size: int,
