@@ -9,7 +9,9 @@ with a float32 copy of π_ref under the trainer's autocast, on the decoded text 
 ``train`` tokenizes it (:func:`dualign.models.tokenize_pairs`), and records how
 (:func:`record`: model, revision, template, weight dtype, autocast, quantization) in
 ``sample.meta.json`` under ``ref_logprob``. ``train`` reuses the column only when that record
-equals its own (:func:`mismatch`), and otherwise computes log π_ref itself.
+equals its own (:func:`mismatch`); otherwise it computes log π_ref itself (``ref_logprobs:
+auto``) or refuses (``reuse``). Token ids are not carried over from the engine: the text is
+tokenized again, as ``train`` does, so that both sides see the same tokens.
 """
 
 from __future__ import annotations
