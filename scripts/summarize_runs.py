@@ -1,6 +1,7 @@
 """Summarise the evaluation reports of several runs (e.g. one per seed) as one table.
 
     python scripts/summarize_runs.py runs/seed0 runs/seed1 runs/seed2
+    python scripts/summarize_runs.py --markdown runs/seed0 runs/seed1 runs/seed2   # the README's rows
 """
 
 from __future__ import annotations
@@ -31,7 +32,56 @@ def row(run: Path) -> dict:
     return out
 
 
+def verdict(c) -> str:
+    """The report's verdict in words (README legend): met confidently ⊂ met; otherwise not rejected or not met."""
+    if c.met_confidently:
+        return "met confidently"
+    if c.met:
+        return "met"
+    return "NOT met, not rejected" if c.not_rejected else "NOT met"
+
+
+def _num(x: float, sign: str = "") -> str:
+    return f"{x:{sign}.2f}".replace("-", "−")
+
+
+def _ci(lo_hi) -> str:
+    return f"({_num(lo_hi[0])} to {_num(lo_hi[1])})" if lo_hi else ""
+
+
+def markdown_row(run: Path) -> str:
+    """One README row: λ*, the constraint's predicted and achieved change with its paired CI and
+    verdict, the reward's and the KL's predicted and achieved values with CIs, the gold judge, and
+    the extra fine-tunes of a recalibrated run."""
+    r = read_report(run / "eval" / "report.json")
+    c, pr = r.constraints[0], r.predicted_reward
+    judge = []
+    for group, key in (("harmful=True", "judge_harmful"), ("harmful=False", "judge_helpful")):
+        if r.judge and group in r.judge["policy"]:
+            judge.append(f"{getattr(r.judge['reference'][group], key).mean:.2f} → "
+                         f"{getattr(r.judge['policy'][group], key).mean:.2f}")
+        else:
+            judge.append("")
+    extra = r.recalibration.get("extra_fine_tunes", "") if r.recalibration else ""
+    cells = [run.name, _num(next(iter(r.lambdas.values()))), _num(c.predicted_change, "+"),
+             f"{_num(c.achieved_change, '+')} {_ci(c.achieved_change_ci95)}", verdict(c),
+             f"{_num(pr.predicted_change, '+')} {_ci(pr.predicted_change_ci95)}",
+             f"{_num(pr.achieved_change, '+')} {_ci(pr.achieved_change_ci95)}",
+             _num(r.kl.predicted), f"{_num(r.kl.achieved)} {_ci(r.kl.ci95)}", *judge, str(extra)]
+    return "| " + " | ".join(cells) + " |"
+
+
+MARKDOWN_HEADER = ("| run | λ\\* | Δcost predicted | Δcost achieved (95% CI) | verdict | Δreward predicted (95% CI) "
+                   "| Δreward achieved (95% CI) | KL predicted | KL achieved (95% CI) | harmful compliance π_ref → aligned "
+                   "| benign helpfulness π_ref → aligned | extra fine-tunes |\n" + "|---" * 12 + "|")
+
+
 def main(paths: list[str]) -> None:
+    if paths and paths[0] == "--markdown":
+        print(MARKDOWN_HEADER)
+        for p in paths[1:]:
+            print(markdown_row(Path(p)))
+        return
     rows = [row(Path(p)) for p in paths]
     keys = list(rows[0])
     width = max(len(k) for k in keys)

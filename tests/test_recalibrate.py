@@ -122,6 +122,8 @@ def test_later_corrections_take_the_secant_else_the_dual_step():
               {"lambdas": [1.0], "achieved_g": [0.2], "required_g": [0.3], "predicted_g": [0.5]}]
     lam, rule = next_lambdas(rising, objective, scores)
     assert rule == "secant" and lam[0] == pytest.approx(1.5)
+    lam, rule = next_lambdas(rising, objective, scores, margin=0.1)   # aims at 0.3 + 0.1: the stopping point
+    assert rule == "secant" and lam[0] == pytest.approx(2.0)
     falling = [rising[0], {**rising[1], "achieved_g": [0.05]}]
     lam, rule = next_lambdas(falling, objective, scores)
     assert rule == "dual step" and lam[0] > 1.0            # still short: more λ

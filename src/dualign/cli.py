@@ -7,6 +7,9 @@ exit code 2. Third-party logs and progress bars are off unless ``--verbose`` (:m
 The stage modules are imported inside the subcommand that runs them: they pull numpy, pandas and
 torch (seconds), which ``dualign --help`` and every ``dualign COMMAND --help`` should not pay for.
 The flags come from the stage configs as read from their source (:mod:`dualign.config_source`).
+
+About 570 lines, one pair of short functions per command: a reader looking for a command finds its
+flags, help and action side by side; the work itself lives in the stage modules.
 """
 
 from __future__ import annotations

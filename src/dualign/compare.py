@@ -27,6 +27,9 @@ Compute accounting: the methods that learn from π_ref's samples are charged the
 score stages (and MoCAN the dual stage), the preference baselines the shared log π_ref of the
 pairs: their ``wall_s``, ``sampled_tokens``, ``tokens_*`` and ``flops*`` include them;
 ``train_wall_s`` is the training alone. FLOPs: :mod:`dualign.flops`.
+
+About 420 lines: the orchestration of every method over seeds, budgets and the shared stages; the
+tables and plots are :mod:`dualign.compare_report` and :mod:`dualign.compare_plots`.
 """
 
 from __future__ import annotations

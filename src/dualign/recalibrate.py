@@ -4,9 +4,11 @@ constraint, measure what it achieved, correct λ, and fine-tune again.
 One-shot dualization predicts, for every λ, the change Δp_j(λ) that π_λ makes over π_ref in each
 constraint's column; the fine-tune towards π_λ* achieves some Δa_j. The stage samples the trained
 policy and π_ref on held-out *calibration* prompts (not the evaluation prompts), scores both and
-takes the paired change of every constraint. Where the point estimate misses (by more than
-``margin`` short of it), the next λ comes from the measured (λ, Δa) pairs (all in g units, g = sign
-· column, so more λ means more g):
+takes the paired change of every constraint. A round meets a constraint when its point estimate
+lies ``margin`` or more beyond the threshold; where one does not, the next λ comes from the measured
+(λ, Δa) pairs (all in g units, g = sign · column, so more λ means more g), aimed at the threshold
+plus the margin (the same point the stopping rule asks for, so that a correction that lands where
+it aims stops):
 
 - first correction (one measured point): assume the fine-tune achieves a fixed share of what the
   dual predicts, Δa_j(λ) ≈ ρ_j·Δp_j(λ) with ρ_j = Δa_j(λ_0)/Δp_j(λ_0), and solve the dual for the
@@ -218,10 +220,13 @@ def _predicted_change(objective: Objective, scores: pd.DataFrame, lambdas: np.nd
                      for c, n in zip(objective.constraints, objective.names, strict=True)])
 
 
-def next_lambdas(history: list[dict[str, Any]], objective: Objective, scores: pd.DataFrame) -> tuple[np.ndarray, str]:
-    """The next λ from the measured rounds (see the module docstring) and the rule that gave it."""
+def next_lambdas(history: list[dict[str, Any]], objective: Objective, scores: pd.DataFrame,
+                 margin: np.ndarray | float = 0.0) -> tuple[np.ndarray, str]:
+    """The next λ from the measured rounds (see the module docstring) and the rule that gave it,
+    aimed at t_j + margin_j in g units."""
     last = history[-1]
-    lam, achieved, required = (np.array(last[k]) for k in ("lambdas", "achieved_g", "required_g"))
+    lam, achieved, required = (np.array(last[k], float) for k in ("lambdas", "achieved_g", "required_g"))
+    required = required + np.asarray(margin, float)
     seg, r, g, w = _scores_arrays(scores, objective)
     ids = scores["prompt_id"].to_numpy()
     if len(history) >= 2:
@@ -304,7 +309,7 @@ def recalibrate(cfg: RecalibrateConfig, train_cfg: TrainConfig) -> dict[str, Any
         history.append(read_json(done))
         if history[-1]["met"] or t == cfg.rounds:
             break
-        lambdas, rule = next_lambdas(history, objective, scores)
+        lambdas, rule = next_lambdas(history, objective, scores, _margin_g(cfg, objective))
     final = root / f"round{len(history) - 1}"
     write_dual(method_dual(objective, scores, np.array(history[-1]["lambdas"]), 1.0, "recalibrate"),
                root / "dual.json")

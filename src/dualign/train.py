@@ -11,7 +11,7 @@ full fine-tune or LoRA, bf16 autocast on a GPU. A checkpoint ``<run_dir>/train.s
 from it and ends with the same weights as an uninterrupted run (the data order is a function of
 seed and epoch).
 
-About 450 lines: the config (one field per flag), the pair sources and the loop stay together so
+About 560 lines: the config (one field per flag), the pair sources and the loop stay together so
 that one file shows everything a step depends on; tokenized batches and the checkpoint live in
 :mod:`dualign.batches` and :mod:`dualign.checkpoint`.
 
