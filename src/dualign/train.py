@@ -3,15 +3,17 @@
 ``train(cfg)`` reads a pairs table (built from ``scores.parquet`` + ``dual.json``, from a
 preference file, or given ready-made; the builders live with their methods in
 :mod:`dualign.methods`), takes log π_ref of every response once before the loop (from the
-``ref_logprob`` columns when they can be trusted, else with the model itself before its first
-update, so no second model stays in memory), then minimises the mean pair loss with AdamW and a
-linear warmup/decay schedule. It runs plainly or under ``accelerate launch`` / ``torchrun`` (DDP),
-full fine-tune or LoRA, bf16 autocast on a GPU. A checkpoint ``<run_dir>/train.state/state.safetensors``
+``ref_logprob`` columns when the sample stage's record says they are this run's numerics,
+:mod:`dualign.refprobs`, else with the model itself before its first update, so no second model
+stays in memory), then minimises the mean pair loss with AdamW and a linear warmup/decay
+schedule. It runs plainly or under ``accelerate launch`` / ``torchrun`` (DDP tested on the CPU;
+FSDP and DeepSpeed on GPUs only), full fine-tune, LoRA or QLoRA (``load_in_4bit``), with optional
+gradient checkpointing, bf16 autocast on a GPU. A checkpoint ``<run_dir>/train.state/state.safetensors``
 (:mod:`dualign.checkpoint`) is written every ``save_steps``; a killed run started again resumes
 from it and ends with the same weights as an uninterrupted run (the data order is a function of
 seed and epoch).
 
-About 560 lines: the config (one field per flag), the pair sources and the loop stay together so
+About 620 lines: the config (one field per flag), the pair sources and the loop stay together so
 that one file shows everything a step depends on; tokenized batches and the checkpoint live in
 :mod:`dualign.batches` and :mod:`dualign.checkpoint`.
 
