@@ -33,6 +33,7 @@ from dualign.methods.ppo_lagrangian import (
     ppo_clip_loss,
 )
 from dualign.models import load_tokenizer, tokenize_pairs
+from dualign.refprobs import record, trainer_numerics
 from dualign.templates import format_prompt
 
 
@@ -194,6 +195,8 @@ def tiny_run(tiny_gpt2, tmp_path_factory):
     (run / "score.config.yaml").write_text(json.dumps({"scorers": SCORERS}))
     (run / "sample.config.yaml").write_text(json.dumps({"model": tiny_gpt2, "revision": None,
                                                         "template": "auto", "max_new_tokens": 12}))
+    (run / "sample.meta.json").write_text(json.dumps({"ref_logprob": record(tiny_gpt2, None, "auto",
+                                                                            trainer_numerics("cpu"))}))
     write_table(pd.DataFrame({"prompt_id": range(4), "prompt": prompts}), run / "prompts.jsonl")
     return run
 

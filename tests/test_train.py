@@ -155,6 +155,21 @@ def test_batch_of_8_equals_8_accumulated_batches_of_1(tmp_path, tiny_gpt2):
     assert _max_diff(_weights(run_a / "policy"), _weights(run_b / "policy")) < 1e-5
 
 
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_gradient_checkpointing_changes_no_loss_gradient_or_weight(tmp_path, tiny_llama, lora):
+    runs = {}
+    for checkpointing in (False, True):
+        run_dir = _run_dir(tmp_path, f"checkpointing-{checkpointing}")
+        train(_cfg(tiny_llama, run_dir, gradient_checkpointing=checkpointing, max_steps=2, lora=lora, lora_r=4,
+                   lora_alpha=8))
+        runs[checkpointing] = run_dir
+    for plain, checkpointed in zip(_metrics(runs[False]), _metrics(runs[True]), strict=True):
+        assert plain["grad_norm"] > 1e-3
+        assert plain["loss"] == pytest.approx(checkpointed["loss"], abs=1e-6)
+        assert plain["grad_norm"] == pytest.approx(checkpointed["grad_norm"], rel=1e-5)
+    assert _max_diff(_weights(runs[False] / "policy"), _weights(runs[True] / "policy")) < 1e-6
+
+
 def test_grouped_epoch_order_keeps_each_prompts_pairs_together():
     from dualign.train import epoch_order
 

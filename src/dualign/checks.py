@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from dualign.errors import InputError, first_line
-from dualign.io import TABLE_SUFFIXES
+from dualign.io import TABLE_SUFFIXES, is_model_dir
 
 
 def looks_local(ref: str) -> bool:
@@ -71,7 +71,7 @@ def model(ref: str, key: str) -> None:
         return
     if not p.is_dir():
         raise InputError(f"{key}: model path '{ref}' is a file, not a model directory")
-    if not (p / "config.json").exists():
+    if not is_model_dir(p):
         raise InputError(f"{key}: model path '{ref}' has no config.json (not a Hugging Face model directory)")
 
 

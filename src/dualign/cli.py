@@ -107,6 +107,12 @@ def _run_stage(cfg, run):
         return run(cfg)
 
 
+def _say(text: str) -> None:
+    """Print a stage command's closing line, once: under a launcher only the main process says it."""
+    if os.environ.get("RANK", "0") == "0":
+        print(text)
+
+
 def _add_verbose(p: argparse.ArgumentParser, default: object = argparse.SUPPRESS) -> None:
     """``--verbose``, before or after the command (``_verbose``: not a config key)."""
     p.add_argument("--verbose", dest="_verbose", action="store_true", default=default,
@@ -141,7 +147,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     from dualign.sample import SampleConfig, sample
 
     cfg = resolve_config(SampleConfig, args.config, args, exclude=("config",))
-    print(_run_stage(cfg, sample))
+    _say(str(_run_stage(cfg, sample)))
     return 0
 
 
@@ -166,7 +172,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     from dualign.score import ScoreConfig, score
 
     cfg = resolve_config(ScoreConfig, args.config, args, exclude=("config",))
-    print(_run_stage(cfg, score))
+    _say(str(_run_stage(cfg, score)))
     return 0
 
 
@@ -210,7 +216,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 0
     cfg = resolve_config(TrainConfig, args.config, args, exclude=("config",))
     summary = _run_stage(cfg, train)
-    print(f"trained {summary['step']} steps ({summary['pairs_per_second']:.1f} pairs/s): {summary['output_dir']}")
+    _say(f"trained {summary['step']} steps ({summary['pairs_per_second']:.1f} pairs/s): {summary['output_dir']}")
     return 0
 
 

@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 
 from dualign.data.prompts import load_prompts
+from dualign.distributed import one_process
 from dualign.errors import DualignError, InputError, first_line
 from dualign.io import cache_root, fingerprint, read_json, read_table, write_table
 from dualign.models import (
@@ -263,6 +264,7 @@ def _judge_summary(df: pd.DataFrame, cfg: EvaluateConfig) -> dict[str, JudgeSumm
 
 def evaluate(cfg: EvaluateConfig) -> Path:
     """Run the evaluate stage; returns the path of ``eval/report.json``."""
+    one_process("the evaluate stage")
     run_dir = Path(cfg.run_dir)
     policy = cfg.policy or str(run_dir / "policy")
     if not Path(policy).exists() and (policy.startswith((".", "/")) or os.sep in policy):

@@ -157,3 +157,9 @@ def read_table(path: str | os.PathLike) -> pd.DataFrame:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(f"{path}: cannot read table ({first})") from None
     raise InputError(f"{path}: unsupported table format (use one of {', '.join(TABLE_SUFFIXES)})")
+
+
+def is_model_dir(path: Path) -> bool:
+    """A Hugging Face model directory: a config.json, or a PEFT adapter's adapter_config.json
+    (transformers loads its base model and applies the adapter: an unmerged LoRA policy)."""
+    return (path / "config.json").exists() or (path / "adapter_config.json").exists()

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from dualign.errors import InputError, first_line
-from dualign.io import honour_umask
+from dualign.errors import ConfigError, InputError, first_line
+from dualign.io import honour_umask, is_model_dir
 from dualign.timing import timed
 
 
@@ -45,7 +45,7 @@ def _check_model_ref(name_or_path: str | Path) -> None:
         if looks_local:
             raise InputError(f"model path '{name_or_path}' does not exist")
         return
-    if p.is_dir() and not (p / "config.json").exists():
+    if p.is_dir() and not is_model_dir(p):
         raise InputError(f"model path '{name_or_path}' has no config.json (not a Hugging Face model directory)")
 
 
@@ -78,11 +78,14 @@ def load_tokenizer(name_or_path: str, revision: str | None = None, padding_side:
 
 @timed("model load")
 def load_causal_lm(name_or_path: str, revision: str | None = None, dtype: str = "auto",
-                   device: str | torch.device | None = None, trust_remote_code: bool = False):
+                   device: str | torch.device | None = None, trust_remote_code: bool = False,
+                   load_in_4bit: bool = False):
     """AutoModelForCausalLM from a Hub id or a local directory, on ``device``.
 
     ``dtype='auto'`` gives bfloat16 on a GPU and float32 on the CPU. Code shipped with the model
     runs only with ``trust_remote_code=True``; otherwise such a model is refused (never a prompt).
+    ``load_in_4bit``: the linear layers in bitsandbytes' 4-bit NF4 with bf16 compute (QLoRA),
+    on a CUDA device only (:func:`check_4bit`).
     """
     from transformers import AutoModelForCausalLM
 
@@ -92,12 +95,32 @@ def load_causal_lm(name_or_path: str, revision: str | None = None, dtype: str = 
         torch_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     else:
         torch_dtype = getattr(torch, dtype)
+    quantized = {}
+    if load_in_4bit:
+        check_4bit(device)
+        from transformers import BitsAndBytesConfig
+
+        quantized = {"quantization_config": BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16),
+            "device_map": {"": device}}
     try:
         model = AutoModelForCausalLM.from_pretrained(str(name_or_path), revision=revision, dtype=torch_dtype,
-                                                     trust_remote_code=trust_remote_code)
+                                                     trust_remote_code=trust_remote_code, **quantized)
     except Exception as e:  # noqa: BLE001 - any failure to read a model's files is one line naming it
         raise load_error("model", name_or_path, e) from None
-    return model.to(device)
+    return model if load_in_4bit else model.to(device)
+
+
+def check_4bit(device: torch.device) -> None:
+    """4-bit weights need bitsandbytes and a CUDA device: refuse in one line before loading anything."""
+    if device.type != "cuda":
+        raise ConfigError(f"config key 'load_in_4bit': 4-bit (QLoRA) weights need a CUDA GPU; this run is on "
+                          f"{device.type}")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ConfigError("config key 'load_in_4bit': 4-bit (QLoRA) weights need bitsandbytes "
+                          "(pip install bitsandbytes)") from None
 
 
 @timed("tokenize")
@@ -172,6 +195,17 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     return (lp * mask[:, 1:].to(lp.dtype)).sum(-1)
 
 
+def stop_ids(generation_config, tokenizer) -> list[int]:
+    """The tokenizer's eos plus any extra stop ids of the model's generation config (chat models)."""
+    ids = getattr(generation_config, "eos_token_id", None)
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.insert(0, tokenizer.eos_token_id)
+    if not ids:
+        raise InputError("the tokenizer has no eos token, so responses could not stop")
+    return ids
+
+
 def disable_dropout(model) -> None:
     """p = 0 in every dropout module: a policy trained against π_ref must equal it at step 0, and
     its implicit rewards (and PPO's ratio) must not be noisy (TRL does the same)."""
@@ -180,14 +214,16 @@ def disable_dropout(model) -> None:
             module.p = 0.0
 
 
-def save_model(model, tokenizer, out_dir: str | Path, files: dict[str, str]) -> None:
+def save_model(model, tokenizer, out_dir: str | Path, files: dict[str, str],
+               state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """A Hugging Face model directory: ``model``, ``tokenizer`` and text ``files`` (name → content),
     written to a temporary sibling and renamed over ``out_dir`` (nothing half-written); every file
-    gets the umask's mode (transformers writes weight shards through 0600 temporary files)."""
+    gets the umask's mode (transformers writes weight shards through 0600 temporary files).
+    ``state_dict``: the full weights when ``model``'s own are sharded (FSDP, DeepSpeed)."""
     out = Path(out_dir)
     tmp = out.parent / f".{out.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, **({"state_dict": state_dict} if state_dict is not None else {}))
     tokenizer.save_pretrained(tmp)
     for name, text in files.items():
         (tmp / name).write_text(text)

@@ -33,6 +33,7 @@ import yaml
 
 from dualign import checks, timing
 from dualign.config import build_config, config_to_dict, load_yaml, merge
+from dualign.distributed import one_process
 from dualign.dual import DualConfig, run_dual
 from dualign.errors import ConfigError, InputError
 from dualign.evaluate import EvaluateConfig, evaluate, format_outputs, format_report
@@ -242,6 +243,7 @@ def run_pipeline(cfg: RunConfig, restart_from: str | None = None, log=print) -> 
 
     Holds the run directory's lock throughout; a second process on the same directory fails at once.
     """
+    one_process("dualign run")
     if restart_from is not None and restart_from not in STAGES:
         raise ConfigError(f"--restart-from: unknown stage {restart_from!r} (stages: {', '.join(STAGES)})")
     check_run(cfg)

@@ -43,12 +43,19 @@ import numpy as np
 import pandas as pd
 
 from dualign.data.prompts import load_prompts
+from dualign.distributed import one_process
 from dualign.dual import formulas as F
 from dualign.dual import solve_dual_long
 from dualign.errors import InfeasibleConstraintError, InputError
 from dualign.evaluate import Paired, percentile_ci, sample_model
 from dualign.io import read_json, read_table, write_json, write_table
-from dualign.methods.objective import Objective, lagrangian_pairs, load_objective, method_dual
+from dualign.methods.objective import (
+    Objective,
+    lagrangian_pairs,
+    link_sample_config,
+    load_objective,
+    method_dual,
+)
 from dualign.provenance import mark_done, record_stage, unmark
 from dualign.records import write_dual
 from dualign.score import score_table
@@ -258,13 +265,14 @@ def _train_round(cfg: RecalibrateConfig, train_cfg: TrainConfig, objective: Obje
     if cfg.epochs is not None:
         changes["num_epochs"] = cfg.epochs
     train_cfg = dataclasses.replace(train_cfg, **changes)
-    shutil.copyfile(scores_path.parent / "sample.config.yaml", round_dir / "sample.config.yaml")
+    link_sample_config(scores_path, round_dir)  # train reuses the scores' log π_ref where they are its own
     return train(train_cfg)
 
 
 def recalibrate(cfg: RecalibrateConfig, train_cfg: TrainConfig) -> dict[str, Any]:
     """Measure the trained policy on the calibration prompts; while a constraint misses, correct λ
     and fine-tune again (at most ``cfg.rounds`` times); write recalibrate.json (see module docstring)."""
+    one_process("the recalibrate stage")
     run_dir = Path(cfg.run_dir)
     root = run_dir / "recalibrate"
     scores_path = run_dir / "scores.parquet"

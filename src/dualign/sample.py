@@ -3,27 +3,46 @@
 Output: ``<run_dir>/samples.parquet`` in the long format of docs/formats.md. Prompts are processed
 in shards of ``shard_size``; each finished shard is written atomically to
 ``<run_dir>/samples.shards/<i>.parquet`` and seeded with ``seed + i``, so a run killed and started
-again skips the finished shards and produces the same table as an uninterrupted run.
+again skips the finished shards and produces the same table as an uninterrupted run, and under
+``torchrun`` / ``accelerate launch`` each process takes every n-th shard and the main process
+merges them (:mod:`dualign.distributed`): any number of processes gives the same table.
+
+``backend`` picks the generation engine: ``hf`` (transformers ``generate``) or ``vllm``
+(:mod:`dualign.vllm_sampler`). log π_ref is never the engine's: it is computed on the trainer's
+numerical path (:mod:`dualign.refprobs`), in the same pass as generation where the sampler already
+runs those numerics (HF in float32 on the CPU), else in a second pass over each shard with a float32
+copy of π_ref once the engine is freed (responses wait in ``samples.shards/<i>.responses.parquet``).
 """
 
 from __future__ import annotations
 
+import gc
 import math
 import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import pandas as pd
 import torch
 
 from dualign.config import config_to_dict
 from dualign.data.prompts import load_prompts
+from dualign.distributed import Ranks, gather_shards, ranks
 from dualign.errors import ConfigError, InputError
 from dualign.io import read_json, read_table, write_json, write_table
-from dualign.models import load_causal_lm, load_tokenizer, sequence_logprobs, tokenize_pairs
+from dualign.models import (
+    load_causal_lm,
+    load_tokenizer,
+    resolve_device,
+    sequence_logprobs,
+    stop_ids,
+    tokenize_pairs,
+)
 from dualign.progress import Progress
 from dualign.provenance import mark_done, record_stage, unmark
+from dualign.refprobs import load_reference, record, reference_logprobs, trainer_numerics
 from dualign.templates import check_template, format_prompt
 from dualign.timing import timed
 
@@ -53,9 +72,16 @@ class SampleConfig:
     dtype: str = field(default="auto", metadata={"help": "float32, bfloat16, float16 (auto: bf16 on GPU, fp32 on CPU)"})
     trust_remote_code: bool = field(default=False, metadata={
         "help": "run Python code shipped with the model (its auto_map); off: such a model is refused"})
+    backend: Literal["hf", "vllm"] = field(default="hf", metadata={
+        "help": "generation engine: hf (transformers generate) or vllm (pip install 'dualign[vllm]', a CUDA "
+                "GPU); log π_ref is computed by the trainer's forward pass either way"})
+    tensor_parallel_size: int = field(default=1, metadata={
+        "help": "vllm: GPUs one engine splits the model over (vLLM's tensor parallelism)"})
+    gpu_memory_utilization: float = field(default=0.9, metadata={
+        "help": "vllm: share of each GPU's memory the engine may take"})
 
     def __post_init__(self) -> None:
-        for name in ("num_samples", "max_new_tokens", "batch_size", "shard_size"):
+        for name in ("num_samples", "max_new_tokens", "batch_size", "shard_size", "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
         if self.max_prompts is not None and self.max_prompts < 1:
@@ -66,13 +92,17 @@ class SampleConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.seed < 0:
             raise ValueError(f"seed must be ≥ 0, got {self.seed}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.tensor_parallel_size > 1 and self.backend != "vllm":
+            raise ValueError("tensor_parallel_size > 1 needs backend: vllm (the hf backend runs one device per process)")
         check_template(self.template)
 
 
 def generate_responses(model, tokenizer, prompts: list[str], prompt_ids: list, num_samples: int, *,
                        template: str = "auto", max_new_tokens: int = 64, temperature: float = 1.0,
                        top_p: float = 1.0, batch_size: int = 16, seed: int = 0,
-                       progress: bool = True) -> pd.DataFrame:
+                       progress: bool = True, logprobs: bool = True) -> pd.DataFrame:
     """Sample ``num_samples`` responses per prompt from ``model`` and score them under it.
 
     Returns the long-format table (one row per response, prompt-major): ``prompt_id``, ``prompt``,
@@ -82,6 +112,7 @@ def generate_responses(model, tokenizer, prompts: list[str], prompt_ids: list, n
     ``truncated``: the response was cut by ``max_new_tokens`` before any eos, so its log-prob and
     token count have no eos.
     Sampling is exact (no top-k) unless ``top_p < 1``; ``temperature=0`` is greedy decoding.
+    ``logprobs=False`` leaves ``ref_logprob`` NaN and ``response_tokens`` 0 (a later pass fills them).
     """
     if len(prompts) != len(prompt_ids):
         raise InputError(f"{len(prompts)} prompts but {len(prompt_ids)} prompt ids")
@@ -91,15 +122,16 @@ def generate_responses(model, tokenizer, prompts: list[str], prompt_ids: list, n
     was_training = model.training
     model.eval()
     torch.manual_seed(seed)
-    responses, logprobs, n_tokens, truncated = [], [], [], []
+    responses, logps, n_tokens, truncated = [], [], [], []
     try:
         for batch in Progress(batches, desc="sample", unit="batches", enabled=progress):
             batch_texts = [texts[i] for i, _ in batch]
             out, cut = _generate_batch(model, tokenizer, batch_texts, max_new_tokens, temperature, top_p)
             responses += out
             truncated += cut
-            lp, nt = _ref_logprobs(model, tokenizer, batch_texts, out, cut)
-            logprobs += lp
+            lp, nt = _ref_logprobs(model, tokenizer, batch_texts, out, cut) if logprobs else \
+                ([math.nan] * len(out), [0] * len(out))
+            logps += lp
             n_tokens += nt
     finally:
         model.train(was_training)
@@ -108,7 +140,7 @@ def generate_responses(model, tokenizer, prompts: list[str], prompt_ids: list, n
         "prompt": [prompts[i] for i, _ in rows],
         "response": responses,
         "sample_index": [k for _, k in rows],
-        "ref_logprob": logprobs,
+        "ref_logprob": logps,
         "response_tokens": n_tokens,
         "truncated": truncated,
     })
@@ -129,7 +161,7 @@ def _generate_batch(model, tokenizer, texts: list[str], max_new_tokens: int, tem
     for r, ids in enumerate(encoded):
         input_ids[r, width - len(ids):] = torch.tensor(ids)
         attention[r, width - len(ids):] = 1
-    eos_ids = _eos_ids(model, tokenizer)
+    eos_ids = stop_ids(getattr(model, "generation_config", None), tokenizer)
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} \
         if temperature > 0 else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
@@ -143,17 +175,6 @@ def _generate_batch(model, tokenizer, texts: list[str], max_new_tokens: int, tem
     return texts_out, truncated
 
 
-def _eos_ids(model, tokenizer) -> list[int]:
-    """The tokenizer's eos plus any extra stop ids of the model's generation config (chat models)."""
-    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.insert(0, tokenizer.eos_token_id)
-    if not ids:
-        raise InputError("the tokenizer has no eos token, so responses could not stop")
-    return ids
-
-
 @torch.inference_mode()
 def _ref_logprobs(model, tokenizer, prompt_texts: list[str], responses: list[str],
                   truncated: list[bool]) -> tuple[list[float], list[int]]:
@@ -165,46 +186,119 @@ def _ref_logprobs(model, tokenizer, prompt_texts: list[str], responses: list[str
 
 
 def sample(cfg: SampleConfig, run_dir: str | Path | None = None) -> Path:
-    """Run the sample stage into ``run_dir`` (default ``cfg.run_dir``); return ``samples.parquet``'s path."""
+    """Run the sample stage into ``run_dir`` (default ``cfg.run_dir``); return ``samples.parquet``'s path.
+
+    Under a launcher each process samples its share of the shards; the main process merges them,
+    records the stage and marks it done (the others wait for it).
+    """
     if not (run_dir or cfg.run_dir):
         raise ConfigError("missing required config value(s): run_dir")
     run_dir = Path(run_dir or cfg.run_dir)
+    if cfg.backend == "vllm":
+        from dualign.vllm_sampler import check_vllm
+
+        check_vllm()
+    dp = ranks()
     prompts = load_prompts(cfg.prompts, cfg.prompt_column, cfg.id_column, cfg.split,
                            cfg.dataset_revision, cfg.max_prompts)
+    device = resolve_device(dp.device(cfg.device))
+    numerics = trainer_numerics(device)
     tokenizer = load_tokenizer(cfg.model, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
-    model = load_causal_lm(cfg.model, revision=cfg.revision, dtype=cfg.dtype, device=cfg.device,
-                           trust_remote_code=cfg.trust_remote_code)
     shard_dir = run_dir / "samples.shards"
-    _check_shard_config(shard_dir, cfg)
-    unmark(run_dir, "sample")
-    starts = range(0, len(prompts), cfg.shard_size)
-    with Progress(total=len(prompts) * cfg.num_samples, desc="sample", unit="responses") as bar:
-        for i, start in enumerate(starts):
-            path = shard_dir / f"{i}.parquet"
-            part = prompts.iloc[start: start + cfg.shard_size]
-            if not path.exists():
-                table = generate_responses(
-                    model, tokenizer, part["prompt"].tolist(), part["prompt_id"].tolist(), cfg.num_samples,
-                    template=cfg.template, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                    top_p=cfg.top_p, batch_size=cfg.batch_size, seed=cfg.seed + i, progress=False)
-                write_table(table, path)
-            bar.update(len(part) * cfg.num_samples)
-    table = pd.concat([read_table(shard_dir / f"{i}.parquet") for i in range(len(starts))],
-                      ignore_index=True)
+    n_shards = math.ceil(len(prompts) / cfg.shard_size)
+    shards = [i for i in dp.mine(n_shards) if not (shard_dir / f"{i}.parquet").exists()]
+    inline = cfg.backend == "hf" and _hf_numerics(cfg.dtype, device) == numerics
+    responses = {i: shard_dir / f"{i}.{'parquet' if inline else 'responses.parquet'}" for i in shards}
+    # the engine is loaded before the first write: a model that cannot be loaded leaves nothing behind
+    generate = _sampler(cfg, tokenizer, device, inline, dp.size) if any(not p.exists() for p in responses.values()) else None
+    if dp.main:
+        _check_shard_config(shard_dir, cfg, numerics)
+        unmark(run_dir, "sample")
+    dp.barrier()
+    _generate_shards(cfg, prompts, responses, generate, dp)
+    del generate  # the engine's memory is free before π_ref is loaded for the second pass
+    _free()
+    _add_reference_logprobs(cfg, [p for p in responses.values() if p.name.endswith(".responses.parquet")],
+                            tokenizer, device, numerics)
+    table = gather_shards(n_shards, shard_dir, dp)
     out = run_dir / "samples.parquet"
-    write_table(table, out)
-    record_stage(run_dir, "sample", cfg, seed=cfg.seed,
-                 extra={"num_prompts": len(prompts), "num_rows": len(table)})
-    shutil.rmtree(shard_dir)
-    mark_done(run_dir, "sample")
+    if dp.main:
+        write_table(table, out)
+        record_stage(run_dir, "sample", cfg, seed=cfg.seed,
+                     extra={"num_prompts": len(prompts), "num_rows": len(table), "processes": dp.size,
+                            "ref_logprob": record(cfg.model, cfg.revision, cfg.template, numerics)})
+        shutil.rmtree(shard_dir)
+        mark_done(run_dir, "sample")
+    dp.barrier()
     return out
 
 
-def _check_shard_config(shard_dir: Path, cfg: SampleConfig) -> None:
-    """Resume only shards made with the same config; anything else would mix two runs."""
-    # device and dtype only change the numerics, and a run directory may be moved
+def _generate_shards(cfg: SampleConfig, prompts: pd.DataFrame, responses: dict[int, Path], generate,
+                     dp: Ranks) -> None:
+    """Generate each shard ``i``'s responses into ``responses[i]`` where that file is missing."""
+    total = sum(len(prompts.iloc[i * cfg.shard_size:(i + 1) * cfg.shard_size]) for i in responses) * cfg.num_samples
+    with Progress(total=total, desc="sample", unit="responses", enabled=dp.main) as bar:
+        for i, path in responses.items():
+            part = prompts.iloc[i * cfg.shard_size:(i + 1) * cfg.shard_size]
+            if not path.exists():
+                write_table(generate(part["prompt"].tolist(), part["prompt_id"].tolist(), cfg.seed + i), path)
+            bar.update(len(part) * cfg.num_samples)
+
+
+def _add_reference_logprobs(cfg: SampleConfig, pending: list[Path], tokenizer, device: torch.device,
+                            numerics: dict) -> None:
+    """The second pass: each ``<i>.responses.parquet`` becomes shard ``<i>.parquet`` with log π_ref
+    on the trainer's numerics (:mod:`dualign.refprobs`)."""
+    if not pending:
+        return
+    reference = load_reference(cfg.model, device, cfg.revision, cfg.trust_remote_code)
+    for path in pending:
+        table = read_table(path)
+        logps, tokens = reference_logprobs(reference, tokenizer, table["prompt"].tolist(), table["response"].tolist(),
+                                           table["truncated"].tolist(), cfg.template, numerics, cfg.batch_size)
+        write_table(table.assign(ref_logprob=logps, response_tokens=tokens),
+                    path.parent / path.name.replace(".responses.parquet", ".parquet"))
+        path.unlink()
+
+
+def _hf_numerics(dtype: str, device: torch.device) -> dict:
+    """The numerics of the HF sampler's own log-prob pass: its weights' dtype, no autocast."""
+    if dtype == "auto":
+        dtype = "bfloat16" if device.type == "cuda" else "float32"
+    return {"dtype": dtype, "autocast": None, "quantization": None}
+
+
+def _sampler(cfg: SampleConfig, tokenizer, device: torch.device, logprobs: bool, processes: int = 1):
+    """``(prompts, prompt_ids, seed) -> table`` of the configured engine."""
+    if cfg.backend == "vllm":
+        from dualign.vllm_sampler import VLLMSampler
+
+        return VLLMSampler(cfg, tokenizer, processes)
+    model = load_causal_lm(cfg.model, revision=cfg.revision, dtype=cfg.dtype, device=device,
+                           trust_remote_code=cfg.trust_remote_code)
+
+    def generate(prompts: list[str], prompt_ids: list, seed: int) -> pd.DataFrame:
+        return generate_responses(model, tokenizer, prompts, prompt_ids, cfg.num_samples, template=cfg.template,
+                                  max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                                  batch_size=cfg.batch_size, seed=seed, progress=False, logprobs=logprobs)
+
+    return generate
+
+
+def _free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _check_shard_config(shard_dir: Path, cfg: SampleConfig, numerics: dict) -> None:
+    """Resume only shards made with the same config and log π_ref numerics (the stage records one
+    for all); anything else would mix two runs."""
+    # device and dtype only change the sampler's numerics, and a run directory may be moved
     wanted = {k: v for k, v in config_to_dict(cfg).items()
-              if k not in ("device", "dtype", "run_dir", "trust_remote_code")}
+              if k not in ("device", "dtype", "run_dir", "trust_remote_code", "tensor_parallel_size",
+                           "gpu_memory_utilization")}
+    wanted["ref_logprob_numerics"] = numerics
     key = shard_dir / "config.json"
     if key.exists():
         found = read_json(key)

@@ -32,6 +32,7 @@ import torch
 from dualign.config import load_yaml
 from dualign.data.preferences import long_responses, preference_schema, read_preferences
 from dualign.data.scores import truncated_flags
+from dualign.distributed import Ranks, ranks
 from dualign.errors import ConfigError, InputError
 from dualign.io import read_table, write_table
 from dualign.provenance import mark_done, record_stage, unmark
@@ -118,11 +119,12 @@ def score_table(df: pd.DataFrame, scorers: Sequence[str | ScorerSpec], *, batch_
 
 
 def score_specs(specs: list[ScorerSpec], df: pd.DataFrame, batch_size: int, progress: bool,
-                loads: dict[str, dict], done=None) -> dict[str, np.ndarray]:
+                loads: dict[str, dict], done=None, dp: Ranks | None = None) -> dict[str, np.ndarray]:
     """Every scorer's column on ``df`` (``loads``: name → load kwargs). ``hf`` classifiers of one
     architecture are loaded together and, where they share an encoder, run it once per batch
     (:func:`dualign.scorers.share_encoders`); every other scorer is loaded, run and freed alone.
-    ``done(name, column)`` is called as each column is finished (the stage's resume cache)."""
+    ``done(name, column)`` is called as each column is finished (the stage's resume cache); ``dp``
+    splits the batches among launched processes (:func:`dualign.scorers.score_columns`)."""
     out: dict[str, np.ndarray] = {}
 
     def finish(name: str, values: np.ndarray) -> None:
@@ -132,7 +134,7 @@ def score_specs(specs: list[ScorerSpec], df: pd.DataFrame, batch_size: int, prog
 
     for cluster in _clusters(specs, loads):
         if len(cluster) == 1:
-            finish(cluster[0].name, _run_scorer(cluster[0], df, batch_size, progress, **loads[cluster[0].name]))
+            finish(cluster[0].name, _run_scorer(cluster[0], df, batch_size, progress, dp, **loads[cluster[0].name]))
             continue
         units = share_encoders([load_scorer(spec, **loads[spec.name]) for spec in cluster])
         names = iter(spec.name for spec in cluster)
@@ -141,7 +143,7 @@ def score_specs(specs: list[ScorerSpec], df: pd.DataFrame, batch_size: int, prog
                 members = [next(names) for _ in getattr(unit, "scorers", [unit])]
                 fn = unit if isinstance(unit, SharedEncoderScorers) else (lambda p, r, f=unit: [f(p, r)])
                 for name, values in score_columns(fn, members, df["prompt"].tolist(), df["response"].tolist(),
-                                                  batch_size, progress).items():
+                                                  batch_size, progress, dp=dp).items():
                     finish(name, values)
         finally:
             units.clear()
@@ -165,7 +167,7 @@ def _clusters(specs: list[ScorerSpec], loads: dict[str, dict]) -> list[list[Scor
 
 def _with_ref_logprob(df: pd.DataFrame, specs: list[ScorerSpec], ref_model: str | None,
                       ref_revision: str | None, batch_size: int, progress: bool, where: str,
-                      **load) -> pd.DataFrame:
+                      dp: Ranks | None = None, **load) -> pd.DataFrame:
     """``df`` itself, or a copy with ``ref_logprob`` = log π_ref(response | templated prompt) added."""
     implicit = [s.name for s in specs if s.kind == "implicit"]
     if not implicit or "ref_logprob" in df.columns:
@@ -177,13 +179,14 @@ def _with_ref_logprob(df: pd.DataFrame, specs: list[ScorerSpec], ref_model: str 
                        load.get("trust_remote_code", False))
     try:
         ref = score_column(fn, "ref_logprob", df["prompt"].tolist(), df["response"].tolist(),
-                           batch_size, progress, truncated_flags(df, where))
+                           batch_size, progress, truncated_flags(df, where), dp)
     finally:
         _free(fn)
     return df.assign(ref_logprob=ref)
 
 
-def _run_scorer(spec: ScorerSpec, df: pd.DataFrame, batch_size: int, progress: bool, **load) -> np.ndarray:
+def _run_scorer(spec: ScorerSpec, df: pd.DataFrame, batch_size: int, progress: bool, dp: Ranks | None = None,
+                **load) -> np.ndarray:
     if spec.kind == "implicit":
         if "ref_logprob" not in df.columns:
             raise InputError(f"implicit scorer '{spec.name}': the table has no 'ref_logprob' column")
@@ -195,7 +198,7 @@ def _run_scorer(spec: ScorerSpec, df: pd.DataFrame, batch_size: int, progress: b
     fn = load_scorer(spec, **load)
     try:
         values = score_column(fn, spec.name, df["prompt"].tolist(), df["response"].tolist(), batch_size, progress,
-                              truncated_flags(df, "table"))
+                              truncated_flags(df, "table"), dp)
     finally:
         _free(fn)
     return implicit_reward(values, ref, implicit_beta(spec)) if spec.kind == "implicit" else values
@@ -229,7 +232,8 @@ def score(cfg: ScoreConfig, run_dir: str | Path | None = None) -> Path:
     specs = [parse_scorer(s) for s in cfg.scorers]
     _check_table(samples, specs, str(run_dir / "samples.parquet"))
     ref_model, ref_revision, implicit_template = _reference(cfg, run_dir)
-    load = {"device": cfg.device, "dtype": cfg.dtype, "max_length": cfg.max_length,
+    dp = ranks()
+    load = {"device": dp.device(cfg.device), "dtype": cfg.dtype, "max_length": cfg.max_length,
             "hf_input": cfg.hf_input, "template": cfg.template, "append_eos": cfg.append_eos,
             "trust_remote_code": cfg.trust_remote_code}
 
@@ -238,7 +242,8 @@ def score(cfg: ScoreConfig, run_dir: str | Path | None = None) -> Path:
         return {**load, "template": implicit_template} if spec.kind == "implicit" else load
 
     cache_dir = run_dir / "scores.cache"
-    unmark(run_dir, "score")
+    if dp.main:
+        unmark(run_dir, "score")
     hashed = ["prompt", "response"] + [c for c in ("ref_logprob", "truncated") if c in samples.columns]
     samples_key = hashlib.sha256(pd.util.hash_pandas_object(samples[hashed]).to_numpy()
                                  .tobytes()).hexdigest()
@@ -250,32 +255,42 @@ def score(cfg: ScoreConfig, run_dir: str | Path | None = None) -> Path:
     paths = {spec.name: cache_path(spec) for spec in specs}
     columns = {spec.name: read_table(paths[spec.name])[spec.name].to_numpy() for spec in specs
                if paths[spec.name].exists()}
+    dp.barrier()  # every process has seen the same cache before the main one adds to it
+
+    def done(name: str, values: np.ndarray) -> None:
+        if dp.main:
+            write_table(pd.DataFrame({name: values}), paths[name])
+
     pending = [spec for spec in specs if spec.name not in columns]
     if pending:
         scored = _with_ref_logprob(samples, pending, ref_model, ref_revision, cfg.batch_size, True,
-                                   str(run_dir / "samples.parquet"),
+                                   str(run_dir / "samples.parquet"), dp,
                                    **next((load_of(s) for s in pending if s.kind == "implicit"), load))
         columns |= score_specs(pending, scored, cfg.batch_size, True, {s.name: load_of(s) for s in pending},
-                               done=lambda name, values: write_table(pd.DataFrame({name: values}), paths[name]))
-    extra = {"scorers": {s.name: _describe(s) for s in specs}}
+                               done=done, dp=dp)
+    extra = {"scorers": {s.name: _describe(s) for s in specs}, "processes": dp.size}
     if cfg.preferences:
         prefs = score_preferences(cfg.preferences, specs, ref_model, ref_revision, cfg.batch_size,
-                                  {s.name: load_of(s) for s in specs})
-        write_table(prefs, run_dir / "preference_scores.parquet")
+                                  {s.name: load_of(s) for s in specs}, dp=dp)
+        if dp.main:
+            write_table(prefs, run_dir / "preference_scores.parquet")
         extra["preferences"] = {"source": cfg.preferences, "rows": len(prefs)}
     out = run_dir / "scores.parquet"
-    write_table(samples.assign(**columns), out)
-    record_stage(run_dir, "score", cfg, extra=extra)
-    shutil.rmtree(cache_dir, ignore_errors=True)
-    mark_done(run_dir, "score")
+    if dp.main:
+        write_table(samples.assign(**columns), out)
+        record_stage(run_dir, "score", cfg, extra=extra)
+        shutil.rmtree(cache_dir, ignore_errors=True)
+        mark_done(run_dir, "score")
+    dp.barrier()
     return out
 
 
 def score_preferences(source: str | Path | pd.DataFrame, specs: Sequence[ScorerSpec], ref_model: str | None,
                       ref_revision: str | None, batch_size: int, loads: dict[str, dict],
-                      progress: bool = True) -> pd.DataFrame:
+                      progress: bool = True, dp: Ranks | None = None) -> pd.DataFrame:
     """A PKU-SafeRLHF pair table plus ``<name>_0``, ``<name>_1`` per scorer (``loads``: name → load
-    kwargs) and, for implicit scorers, ``ref_logprob_0``, ``ref_logprob_1``."""
+    kwargs) and, for implicit scorers, ``ref_logprob_0``, ``ref_logprob_1``; ``dp`` as for
+    :func:`score_specs`."""
     prefs = source if isinstance(source, pd.DataFrame) else read_preferences(source)
     where = "preferences" if isinstance(source, pd.DataFrame) else str(source)
     if preference_schema(prefs, where) != "pku":
@@ -283,9 +298,9 @@ def score_preferences(source: str | Path | pd.DataFrame, specs: Sequence[ScorerS
     long = long_responses(prefs)
     n, out = len(prefs), prefs.copy()
     for spec in specs:
-        long = _with_ref_logprob(long, [spec], ref_model, ref_revision, batch_size, progress, where,
+        long = _with_ref_logprob(long, [spec], ref_model, ref_revision, batch_size, progress, where, dp,
                                  **loads[spec.name])
-    for name, values in score_specs(list(specs), long, batch_size, progress, loads).items():
+    for name, values in score_specs(list(specs), long, batch_size, progress, loads, dp=dp).items():
         out[f"{name}_0"], out[f"{name}_1"] = values[:n], values[n:]
     if "ref_logprob" in long.columns:
         out["ref_logprob_0"] = long["ref_logprob"].to_numpy()[:n]

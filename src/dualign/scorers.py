@@ -40,6 +40,7 @@ from huggingface_hub import snapshot_download
 from safetensors import safe_open
 
 from dualign.config import load_yaml
+from dualign.distributed import Ranks
 from dualign.errors import ConfigError, DualignError, InputError, first_line
 from dualign.models import (
     load_causal_lm,
@@ -452,7 +453,7 @@ def load_scorer(spec: ScorerSpec, *, device: str = "auto", dtype: str = "auto", 
 
 
 def score_column(fn: ScoreFn, name: str, prompts: list[str], responses: list[str], batch_size: int = 16,
-                 progress: bool = True, truncated: list[bool] | None = None) -> np.ndarray:
+                 progress: bool = True, truncated: list[bool] | None = None, dp: Ranks | None = None) -> np.ndarray:
     """``fn`` on every (prompt, response), in batches of similar length; every score must be finite.
 
     Scorers that read the eos (``reads_truncated``: Beaver's end score, log π) are told which
@@ -460,25 +461,35 @@ def score_column(fn: ScoreFn, name: str, prompts: list[str], responses: list[str
     """
     eos_aware = truncated is not None and getattr(fn, "reads_truncated", False)
     return score_columns(lambda p, r, **cut: [fn(p, r, **cut)], [name], prompts, responses, batch_size,
-                         progress, truncated if eos_aware else None)[name]
+                         progress, truncated if eos_aware else None, dp)[name]
 
 
 def score_columns(fn, names: list[str], prompts: list[str], responses: list[str], batch_size: int = 16,
-                  progress: bool = True, truncated: list[bool] | None = None) -> dict[str, np.ndarray]:
+                  progress: bool = True, truncated: list[bool] | None = None,
+                  dp: Ranks | None = None) -> dict[str, np.ndarray]:
     """One column per name from ``fn(prompts, responses) -> [scores of names[0], scores of names[1], ...]``
     (a :class:`SharedEncoderScorers`), batched by length as :func:`score_column`; with ``truncated``,
-    ``fn`` also gets each batch's flags (``truncated=``)."""
-    n = len(prompts)
+    ``fn`` also gets each batch's flags (``truncated=``).
+
+    With ``dp`` (the score stage under ``torchrun`` / ``accelerate launch``) the batches are dealt to
+    the processes in turn (batch j to process j mod n) and summed back (:meth:`dualign.distributed.Ranks.sum`): each row is
+    scored by one process in the very batch one process would have scored it in, so every process
+    gets the whole column, equal to a single process's.
+    """
+    n, dp = len(prompts), dp or Ranks()
     order = np.argsort([len(p) + len(r) for p, r in zip(prompts, responses, strict=True)], kind="stable")
-    out = {name: np.empty(n, dtype=float) for name in names}
-    with Progress(total=n, desc=f"score {', '.join(names)}", unit="responses", enabled=progress) as bar:
-        for start in range(0, n, batch_size):
-            idx = order[start: start + batch_size]
+    out = {name: np.zeros(n, dtype=float) for name in names}
+    batches = [order[start: start + batch_size] for start in range(0, n, batch_size)]
+    mine = [batches[j] for j in dp.mine(len(batches))]
+    with Progress(total=sum(map(len, mine)), desc=f"score {', '.join(names)}", unit="responses",
+                  enabled=progress and dp.main) as bar:
+        for idx in mine:
             batch = ([prompts[i] for i in idx], [responses[i] for i in idx])
             cut = {} if truncated is None else {"truncated": [truncated[i] for i in idx]}
             for name, values in zip(names, fn(*batch, **cut), strict=True):
                 out[name][idx] = _batch_scores(values, name, idx)
             bar.update(len(idx))
+    out = {name: dp.sum(column) for name, column in out.items()}
     for name, column in out.items():
         bad = np.flatnonzero(~np.isfinite(column))
         if bad.size:

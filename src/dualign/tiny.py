@@ -63,3 +63,45 @@ def save_tiny_causal_lm(path: str | Path, arch: str, texts: Iterable[str], vocab
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def save_tiny_score_model(path: str | Path, tokenizer, score_type: str = "reward", bias: bool = False,
+                          weights: str = "safetensors", seed: int = 1, hidden: int = 32, layers: int = 2,
+                          heads: int = 2, **config_extra) -> Path:
+    """A random tiny LLaMA in Safe-RLHF's ``LlamaForScore`` layout, as the Beaver reward and cost
+    models are published: ``config.json`` with ``architectures: [LlamaForScore]``, ``score_dim``,
+    ``bias`` and ``score_type``; weights ``model.*`` (the LlamaModel) + ``score_head.*`` (a Linear
+    hidden → 1), as ``model.safetensors`` or, with ``weights="bin"``, two ``pytorch_model-0000i-of-00002.bin``
+    shards with their ``pytorch_model.bin.index.json``; the tokenizer beside them."""
+    import json
+
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaModel
+
+    path = Path(path)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+                      pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                      eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(seed)
+    backbone = LlamaModel(cfg).eval()
+    head = torch.nn.Linear(hidden, 1, bias=bias)
+    state = {f"model.{k}": v.detach().contiguous() for k, v in backbone.state_dict().items()}
+    state.update({f"score_head.{k}": v.detach().contiguous() for k, v in head.state_dict().items()})
+    path.mkdir(parents=True, exist_ok=True)
+    if weights == "safetensors":
+        save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+    elif weights == "bin":
+        names = sorted(state)
+        shards = {f"pytorch_model-0000{i + 1}-of-00002.bin": names[i::2] for i in range(2)}
+        for file, keys in shards.items():
+            torch.save({k: state[k] for k in keys}, path / file)
+        index = {"metadata": {}, "weight_map": {k: f for f, keys in shards.items() for k in keys}}
+        (path / "pytorch_model.bin.index.json").write_text(json.dumps(index, indent=2))
+    else:
+        raise ValueError(f"weights must be 'safetensors' or 'bin', got {weights!r}")
+    config = {**cfg.to_dict(), "architectures": ["LlamaForScore"], "score_dim": 1, "bias": bias,
+              "score_type": score_type, **config_extra}
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    tokenizer.save_pretrained(path)
+    return path

@@ -3,15 +3,17 @@
 ``train(cfg)`` reads a pairs table (built from ``scores.parquet`` + ``dual.json``, from a
 preference file, or given ready-made; the builders live with their methods in
 :mod:`dualign.methods`), takes log π_ref of every response once before the loop (from the
-``ref_logprob`` columns when they can be trusted, else with the model itself before its first
-update, so no second model stays in memory), then minimises the mean pair loss with AdamW and a
-linear warmup/decay schedule. It runs plainly or under ``accelerate launch`` / ``torchrun`` (DDP),
-full fine-tune or LoRA, bf16 autocast on a GPU. A checkpoint ``<run_dir>/train.state/state.safetensors``
+``ref_logprob`` columns when the sample stage's record says they are this run's numerics,
+:mod:`dualign.refprobs`, else with the model itself before its first update, so no second model
+stays in memory), then minimises the mean pair loss with AdamW and a linear warmup/decay
+schedule. It runs plainly or under ``accelerate launch`` / ``torchrun`` (DDP tested on the CPU;
+FSDP and DeepSpeed on GPUs only), full fine-tune, LoRA or QLoRA (``load_in_4bit``), with optional
+gradient checkpointing, bf16 autocast on a GPU. A checkpoint ``<run_dir>/train.state/state.safetensors``
 (:mod:`dualign.checkpoint`) is written every ``save_steps``; a killed run started again resumes
 from it and ends with the same weights as an uninterrupted run (the data order is a function of
 seed and epoch).
 
-About 560 lines: the config (one field per flag), the pair sources and the loop stay together so
+About 620 lines: the config (one field per flag), the pair sources and the loop stay together so
 that one file shows everything a step depends on; tokenized batches and the checkpoint live in
 :mod:`dualign.batches` and :mod:`dualign.checkpoint`.
 
@@ -26,7 +28,9 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import shutil
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -40,9 +44,9 @@ import torch
 
 from dualign.batches import EncodedPairs, encode_pairs, fill_ref_logps
 from dualign.checkpoint import STATE_FILE, load_state, restore_state, save_state, truncate_metrics
-from dualign.config import config_to_dict, dump_yaml, load_yaml
+from dualign.config import config_to_dict, dump_yaml
 from dualign.errors import ConfigError, InputError
-from dualign.io import read_table, write_table
+from dualign.io import read_json, read_table, write_table
 from dualign.losses import Diagnostics, PairLogps, kl_estimate
 from dualign.methods import dpo, mocan, pecan, safedpo
 from dualign.models import (
@@ -56,6 +60,8 @@ from dualign.pairs import require_columns, validate_pairs
 from dualign.progress import Progress
 from dualign.provenance import mark_done, record_stage, unmark, versions
 from dualign.records import DualRecord, read_dual
+from dualign.refprobs import mismatch, trainer_numerics
+from dualign.refprobs import record as ref_record
 from dualign.templates import check_template
 from dualign.timing import part
 
@@ -83,7 +89,9 @@ class TrainConfig:
     pairs_per_prompt: int | None = field(default=None, metadata={
         "help": "pairs drawn per prompt from scores (default: all K(K-1)/2)"})
     ref_logprobs: Literal["auto", "reuse", "compute"] = field(default="auto", metadata={
-        "help": "log π_ref source: auto (reuse the columns when the sample stage used this model and template), reuse, compute"})
+        "help": "log π_ref source: auto (reuse the scores' column when sample.meta.json's ref_logprob record names "
+                "this model, revision, template and train's numerics, else compute), reuse (refused when that "
+                "record differs), compute"})
     template: str = field(default="auto", metadata={"help": "prompt template (as for sample)"})
     revision: str | None = field(default=None, metadata={"help": "model revision"})
     reference: str | None = field(default=None, metadata={
@@ -102,7 +110,11 @@ class TrainConfig:
     warmup_ratio: float = field(default=0.1, metadata={"help": "share of steps with linear warmup"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0: none)"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory"})
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute each block's activations in the backward pass: less memory, ~30% more compute"})
+    load_in_4bit: bool = field(default=False, metadata={
+        "help": "QLoRA: hold the frozen base in 4-bit NF4 (bitsandbytes, a CUDA GPU; needs lora: true, "
+                "merge_lora: false)"})
     lora: bool = field(default=False, metadata={"help": "train a LoRA adapter instead of all weights"})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
@@ -140,6 +152,9 @@ class TrainConfig:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.seed < 0:
             raise ValueError(f"seed must be ≥ 0, got {self.seed}")
+        if self.load_in_4bit and not (self.lora and not self.merge_lora):
+            raise ValueError("load_in_4bit trains a LoRA adapter on a frozen 4-bit base: it needs lora: true and "
+                             "merge_lora: false (a 4-bit base cannot be merged back exactly)")
         check_template(self.template)
 
 
@@ -170,18 +185,21 @@ def train(cfg: TrainConfig, stop_at_step: int | None = None) -> dict[str, Any]:
     # Loaded before the first write, so a model that cannot be loaded leaves nothing behind.
     tokenizer = load_tokenizer(cfg.model, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     model = load_causal_lm(cfg.model, revision=cfg.revision, dtype="float32", device=accelerator.device,
-                           trust_remote_code=cfg.trust_remote_code)
+                           trust_remote_code=cfg.trust_remote_code, load_in_4bit=cfg.load_in_4bit)
+    trusted = _recorded_logprobs_usable(cfg, trainer_numerics(accelerator.device, cfg.load_in_4bit),
+                                        "preferences" not in hashes, main)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         unmark(run_dir, "train")
-        record_stage(run_dir, "train", recorded, cfg.seed, extra={"data_sha256": hashes})
+        record_stage(run_dir, "train", recorded, cfg.seed,
+                     extra={"data_sha256": hashes, "processes": accelerator.num_processes})
         if cfg.pairs is None:
             write_table(pairs, run_dir / "pairs.parquet")
     disable_dropout(model)
     model.config.use_cache = False  # a KV cache is built and thrown away on every forward otherwise
     pad_id = tokenizer.pad_token_id
     data = encode_pairs(pairs, tokenizer, cfg.template, cfg.max_length)
-    need = _reference_rows(data, cfg)
+    need = _reference_rows(data, trusted)
     if state is not None:
         data.ref_logps = state["ref_logps"]
     elif cfg.reference and cfg.reference != cfg.model:
@@ -207,6 +225,8 @@ def train(cfg: TrainConfig, stop_at_step: int | None = None) -> dict[str, Any]:
     generator = torch.Generator().manual_seed(cfg.seed + accelerator.process_index)
     start = restore_state(state, model, optimizer, scheduler, generator) if state is not None else 0
     model, optimizer = accelerator.prepare(model, optimizer)
+    params = [p for p in model.parameters() if p.requires_grad]  # FSDP2 replaces them with sharded ones
+    sharded = _sharded(accelerator)
     metrics_path = run_dir / "metrics.jsonl"
     if main:
         truncate_metrics(metrics_path, start)
@@ -240,7 +260,7 @@ def train(cfg: TrainConfig, stop_at_step: int | None = None) -> dict[str, Any]:
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(line) + "\n")
                 progress.set_postfix(loss=f"{line['loss']:.4f}")
-        if done < total and (done % cfg.save_steps == 0 or done == stop_at_step):
+        if not sharded and done < total and (done % cfg.save_steps == 0 or done == stop_at_step):
             accelerator.wait_for_everyone()
             if main:
                 save_state(state_path, done, accelerator.unwrap_model(model), optimizer, scheduler,
@@ -251,8 +271,9 @@ def train(cfg: TrainConfig, stop_at_step: int | None = None) -> dict[str, Any]:
     progress.close()
     runtime = time.perf_counter() - t0
     accelerator.wait_for_everyone()
+    full_state = accelerator.get_state_dict(model) if sharded else None  # a collective: every process
     if main:
-        _save_policy(accelerator.unwrap_model(model), tokenizer, cfg, dual, hashes, len(pairs))
+        _save_policy(accelerator.unwrap_model(model), tokenizer, cfg, dual, hashes, len(pairs), full_state)
         shutil.rmtree(state_path.parent, ignore_errors=True)
         mark_done(run_dir, "train")
     accelerator.wait_for_everyone()
@@ -439,18 +460,53 @@ def _accelerator(cfg: TrainConfig):
         raise ConfigError("config key 'device': cuda was asked for but no GPU is visible")
     cuda = cfg.device != "cpu" and torch.cuda.is_available()
     bf16 = cuda and torch.cuda.is_bf16_supported()
-    return Accelerator(cpu=not cuda, mixed_precision="bf16" if bf16 else "no")
+    accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if bf16 else "no")
+    for kind in ("FSDP", "DEEPSPEED"):
+        if os.environ.get(f"ACCELERATE_USE_{kind}", "false").lower() in ("1", "true") and \
+                accelerator.distributed_type.name != kind:
+            raise ConfigError(f"accelerate launch asked for {kind}, but accelerate runs "
+                              f"{accelerator.distributed_type.name} here ({kind} needs GPUs; on the CPU launch "
+                              "plain data parallel: accelerate launch --multi_gpu --num_processes N)")
+    if _sharded(accelerator) and cfg.lora and cfg.merge_lora:
+        raise ConfigError("config key 'merge_lora': a LoRA adapter trained under FSDP or DeepSpeed is saved as "
+                          "an adapter; set merge_lora: false")
+    return accelerator
 
 
-def _sample_stage_matches(cfg: TrainConfig) -> bool:
-    """True when ``<run_dir>/sample.config.yaml`` used this π_ref (``reference``, else ``model``),
-    revision and template."""
-    path = Path(cfg.run_dir) / "sample.config.yaml"
-    if not path.exists():
+def _sharded(accelerator) -> bool:
+    """Whether the weights are sharded over the processes (FSDP, DeepSpeed): the full state is then
+    gathered for saving, and no resume checkpoint is written (unverified on GPUs, see README)."""
+    return accelerator.distributed_type.name in ("FSDP", "DEEPSPEED")
+
+
+def _recorded_logprobs_usable(cfg: TrainConfig, numerics: dict[str, Any], from_samples: bool,
+                              announce: bool = True) -> bool:
+    """Whether the pairs' ``ref_logprob`` columns are log π_ref as this run would compute them.
+
+    Pairs built from the scores table (``from_samples``: by train, or by a method or recalibration
+    round as a pairs table) carry the sample stage's column, and
+    ``<run_dir>/sample.meta.json`` records how it was computed (:mod:`dualign.refprobs`): it is used
+    when that record names this π_ref (``reference``, else ``model``), revision, template and
+    ``numerics`` (:func:`dualign.refprobs.trainer_numerics`). With ``ref_logprobs: auto`` a
+    differing or missing record means computing them here (one line says why); with ``reuse`` a
+    differing record is refused. A preference file's columns have no record: ``auto`` computes
+    them, ``reuse`` trusts them as asked.
+    """
+    if cfg.ref_logprobs == "compute":
         return False
-    sample_cfg = load_yaml(path)
-    want = {"model": cfg.reference or cfg.model, "revision": cfg.revision, "template": cfg.template}
-    return all(sample_cfg.get(k) == v for k, v in want.items())
+    if not from_samples:
+        return cfg.ref_logprobs == "reuse"
+    path = Path(cfg.run_dir) / "sample.meta.json"
+    recorded = read_json(path).get("ref_logprob") if path.exists() else None
+    why = mismatch(recorded, ref_record(cfg.reference or cfg.model, cfg.revision, cfg.template, numerics))
+    if cfg.ref_logprobs == "reuse":
+        if recorded is not None and why:
+            raise InputError(f"{path}: its log π_ref were computed otherwise than train computes them ({why}); "
+                             "ref_logprobs: reuse refuses them (use auto or compute)")
+        return True
+    if why and path.exists() and announce:
+        print(f"dualign train: computing log π_ref here, {path.name}'s differ ({why})", file=sys.stderr)
+    return why is None
 
 
 def reference_logprobs(cfg: TrainConfig, pairs: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, int]:
@@ -471,9 +527,9 @@ def reference_logprobs(cfg: TrainConfig, pairs: pd.DataFrame) -> tuple[np.ndarra
     return ref[:len(data)], ref[len(data):], data.tokens(rows)
 
 
-def _reference_rows(data: EncodedPairs, cfg: TrainConfig) -> torch.Tensor:
-    """The sequence rows whose log π_ref the pairs table does not give trustworthily."""
-    trusted = cfg.ref_logprobs == "reuse" or (cfg.ref_logprobs == "auto" and _sample_stage_matches(cfg))
+def _reference_rows(data: EncodedPairs, trusted: bool) -> torch.Tensor:
+    """The sequence rows whose log π_ref the pairs table does not give trustworthily
+    (``trusted``: :func:`_recorded_logprobs_usable`)."""
     need = torch.isnan(data.ref_logps) | data.truncated | (not trusted)
     return need.nonzero().squeeze(1)
 
@@ -489,10 +545,18 @@ def _reference_logps(model, data: EncodedPairs, need: torch.Tensor, cfg: TrainCo
 
 def _trainable(model, cfg: TrainConfig):
     """The model in train mode, with gradient checkpointing and a LoRA adapter when asked."""
+    if cfg.load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        # norms and head to float32, inputs requiring grads; checkpointing is set below, as without 4-bit
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        if cfg.lora:
-            model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need grads in
+        # non-reentrant: the recomputation sees the same autocast and needs no input that requires grad
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # its name from transformers 5.x on
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if cfg.lora:
         model = _wrap_lora(model, cfg)
     model.train()
@@ -519,19 +583,21 @@ def _schedule(optimizer, cfg: TrainConfig, total: int):
 
 def _resume_key(cfg: TrainConfig) -> dict[str, Any]:
     """Config values a checkpoint must agree with to be resumed."""
-    skip = ("logging_steps", "save_steps", "output_dir", "device", "merge_lora", "trust_remote_code")
+    skip = ("logging_steps", "save_steps", "output_dir", "device", "merge_lora", "trust_remote_code",
+            "gradient_checkpointing")
     return {k: v for k, v in config_to_dict(cfg).items() if k not in skip}
 
 
 # ---------------------------------------------------------------- output
 
 def _save_policy(model, tokenizer, cfg: TrainConfig, dual: DualRecord | None, hashes: dict[str, str],
-                 num_pairs: int) -> None:
+                 num_pairs: int, state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """``<output_dir>``: HF model (LoRA merged unless merge_lora=false), tokenizer, config, model card."""
     if cfg.lora and cfg.merge_lora:
         model = model.merge_and_unload()
     save_model(model, tokenizer, cfg.output_dir, {"dualign_train.yaml": dump_yaml(cfg),
-                                                  "README.md": model_card(cfg, dual, hashes, num_pairs)})
+                                                  "README.md": model_card(cfg, dual, hashes, num_pairs)},
+               state_dict)
 
 
 def model_card(cfg: TrainConfig, dual: DualRecord | None, hashes: dict[str, str], num_pairs: int) -> str:

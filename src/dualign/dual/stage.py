@@ -23,6 +23,7 @@ from dualign.constraints import (
     utilities_and_thresholds,
 )
 from dualign.data.scores import Scores, read_scores
+from dualign.distributed import one_process
 from dualign.dual.formulas import half_sample_kl, reference_means
 from dualign.dual.solver import DualResult, solve_dual_long
 from dualign.errors import InfeasibleConstraintError, InputError
@@ -270,6 +271,7 @@ def format_report(record: DualRecord) -> str:
 
 def run_dual(cfg: DualConfig, run_dir: str | Path) -> DualRecord:
     """The pipeline's dual stage: read scores (cfg.scores or <run_dir>/scores.parquet), write dual.json."""
+    one_process("the dual stage")
     run_dir = Path(run_dir)
     constraints = [parse_constraint(c) for c in cfg.constraints]
     path = Path(cfg.scores) if cfg.scores else run_dir / "scores.parquet"

@@ -142,12 +142,14 @@ def dual_file(run_dir: Path, dual: str | None) -> Path:
 
 
 def link_sample_config(scores_path: Path, run_dir: Path) -> None:
-    """Copy the sample stage's config beside the scores into ``run_dir``, so that ``train`` reuses
-    the scores' log π_ref (it does when model, revision and template agree)."""
-    src, dst = scores_path.parent / "sample.config.yaml", run_dir / "sample.config.yaml"
-    if src.exists() and src.resolve() != dst.resolve():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, dst)
+    """Copy the sample stage's config and record beside the scores into ``run_dir``, so that
+    ``train`` reuses the scores' log π_ref (it does when the record's model, revision, template and
+    numerics are its own: :mod:`dualign.refprobs`)."""
+    for name in ("sample.config.yaml", "sample.meta.json"):
+        src, dst = scores_path.parent / name, run_dir / name
+        if src.exists() and src.resolve() != dst.resolve():
+            run_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dst)
 
 
 def sample_settings(scores_path: Path) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from typing import Any
 
 from dualign.config import build_config
 from dualign.data.preferences import write_views
+from dualign.distributed import one_process
 from dualign.errors import ConfigError
 from dualign.provenance import is_done, mark_done, record_stage, unmark
 from dualign.train import TrainConfig, train
@@ -63,6 +64,7 @@ def view_configs(cfg: PrealignConfig) -> dict[str, TrainConfig]:
 
 def prealign(cfg: PrealignConfig) -> dict[str, Path]:
     """Train π_r and π_g with DPO from ``cfg.model``; return ``{"helpful": π_r dir, "safe": π_g dir}``."""
+    one_process("the prealign stage")
     root = Path(cfg.run_dir) / "prealign"
     unmark(cfg.run_dir, "prealign")
     views = write_views(cfg.preferences, root / "views", cfg.split, cfg.revision)
