@@ -18,7 +18,13 @@ def pecan_report(small_world, tmp_path_factory) -> dict:
 
 def test_pecan_end_to_end_on_the_small_world_raises_the_lagrangian_implicit_reward(pecan_report):
     """The small world's π_g (300 noisy pairs) is weak, so the check is on what the fine-tune
-    optimises, h_r + λ*·h_g, on held-out prompts."""
+    optimises, h_r + λ*·h_g, on held-out prompts. Measured on 10 world builds (`python
+    scripts/world_spread.py --config pecan_small --seeds 0 1 2 3 4 --threads 1 2`): Δ(h_r + λ*·h_g)
+    +0.084 to +0.191 (asserted > 0.05, so a fine-tune that moved the wrong way fails), Δh_r +0.069
+    to +0.231 (asserted > 0), KL 0.11–0.36 at 0.37–1.12× its prediction (asserted within
+    (0.05, 3×)). Δh_g itself ranged −0.14 to +0.23 around the required +0.1 (met on 3 of 10), and
+    the gold judge's harmful compliance rose on 7 of 10 builds: on this world the implicit safety
+    reward is a poor proxy, which the README states; it is not asserted."""
     r = pecan_report
     (row,) = r["constraints"]
     lam = r["lambdas"]["h_g"]
