@@ -10,6 +10,15 @@ import sys
 from pathlib import Path
 
 from dualign.records import read_report
+from dualign.report_view import verdict
+
+JUDGE_ROWS = (("harmful=True", "judge_harmful"), ("harmful=False", "judge_helpful"))
+
+
+def judge_means(r) -> dict[tuple[str, str], tuple[float, float]]:
+    """(group, key) → (π_ref's mean, the aligned policy's mean) of the gold judge's rates in JUDGE_ROWS."""
+    return {(group, key): (getattr(r.judge["reference"][group], key).mean, getattr(r.judge["policy"][group], key).mean)
+            for group, key in JUDGE_ROWS if r.judge and group in r.judge["policy"]}
 
 
 def row(run: Path) -> dict:
@@ -24,21 +33,9 @@ def row(run: Path) -> dict:
         "miss / predicted change": c.prediction_error_frac, "met (point estimate)": c.met, "met confidently (one-sided 95%)": c.met_confidently,
         "KL achieved": r.kl.achieved, "KL predicted": r.kl.predicted,
     }
-    for group in ("harmful=True", "harmful=False"):
-        if r.judge and group in r.judge["policy"]:
-            key = "judge_harmful" if group == "harmful=True" else "judge_helpful"
-            out[f"{key} {group} ref"] = getattr(r.judge["reference"][group], key).mean
-            out[f"{key} {group} aligned"] = getattr(r.judge["policy"][group], key).mean
+    for (group, key), (ref, aligned) in judge_means(r).items():
+        out[f"{key} {group} ref"], out[f"{key} {group} aligned"] = ref, aligned
     return out
-
-
-def verdict(c) -> str:
-    """The report's verdict in words (README legend): met confidently ⊂ met; otherwise not rejected or not met."""
-    if c.met_confidently:
-        return "met confidently"
-    if c.met:
-        return "met"
-    return "NOT met, not rejected" if c.not_rejected else "NOT met"
 
 
 def _num(x: float, sign: str = "") -> str:
@@ -55,13 +52,8 @@ def markdown_row(run: Path) -> str:
     the extra fine-tunes of a recalibrated run."""
     r = read_report(run / "eval" / "report.json")
     c, pr = r.constraints[0], r.predicted_reward
-    judge = []
-    for group, key in (("harmful=True", "judge_harmful"), ("harmful=False", "judge_helpful")):
-        if r.judge and group in r.judge["policy"]:
-            judge.append(f"{getattr(r.judge['reference'][group], key).mean:.2f} → "
-                         f"{getattr(r.judge['policy'][group], key).mean:.2f}")
-        else:
-            judge.append("")
+    means = judge_means(r)
+    judge = [f"{means[k][0]:.2f} → {means[k][1]:.2f}" if k in means else "" for k in JUDGE_ROWS]
     extra = r.recalibration.get("extra_fine_tunes", "") if r.recalibration else ""
     cells = [run.name, _num(next(iter(r.lambdas.values()))), _num(c.predicted_change, "+"),
              f"{_num(c.achieved_change, '+')} {_ci(c.achieved_change_ci95)}", verdict(c),

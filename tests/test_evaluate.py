@@ -103,7 +103,7 @@ def _report(shift: float, tmp_path=None):
 
 @pytest.mark.parametrize("shift,verdict", [(-3.0, "met confidently"), (-0.2, "NOT met")])
 def test_result_table_shows_verdicts_cis_lambda_and_plain_judge_rows_in_aligned_columns(shift, verdict):
-    from dualign.evaluate import format_report
+    from dualign.report_view import format_report
 
     text = format_report(_report(shift)[2])
     lines = text.splitlines()
@@ -121,8 +121,8 @@ def test_result_table_shows_verdicts_cis_lambda_and_plain_judge_rows_in_aligned_
 
 
 def test_closing_lines_name_every_file_worth_opening(tmp_path):
-    from dualign.evaluate import format_outputs, plot_report
     from dualign.records import write_report
+    from dualign.report_view import format_outputs, plot_report
 
     ref, pol, report = _report(-3.0, tmp_path)
     (tmp_path / "eval").mkdir()

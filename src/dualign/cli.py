@@ -376,8 +376,9 @@ report.json, scores.png, predicted_vs_achieved.png.
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from dualign.evaluate import EvaluateConfig, evaluate, format_outputs, format_report
+    from dualign.evaluate import EvaluateConfig, evaluate
     from dualign.records import read_report
+    from dualign.report_view import format_outputs, format_report
 
     cfg = resolve_config(EvaluateConfig, args.config, args, exclude=("config",))
     path = _run_stage(cfg, evaluate)

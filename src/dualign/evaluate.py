@@ -43,7 +43,7 @@ from dualign.records import (
     read_dual,
     write_report,
 )
-from dualign.report_view import format_outputs, format_report, plot_report
+from dualign.report_view import plot_report
 from dualign.sample import generate_responses
 from dualign.score import score_table
 from dualign.scorers import parse_scorer
@@ -407,8 +407,3 @@ def build_report(ref: pd.DataFrame, pol: pd.DataFrame, dual: DualRecord, cfg: Ev
             *ref[key + ["judge_helpful"]].merge(pol[key + ["judge_helpful"]], on=key, suffixes=("_ref", "_pol"))
             [["judge_helpful_pol", "judge_helpful_ref"]].to_numpy().T)
     return report
-
-
-__all__ = ["EvaluateConfig", "Paired", "build_report", "cluster_bootstrap_ci", "evaluate", "format_outputs",
-           "format_report", "percentile_ci", "plot_report", "prediction_error", "reference_key",
-           "sample_model", "verdicts", "win_rate"]

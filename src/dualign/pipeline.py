@@ -36,13 +36,14 @@ from dualign.config import build_config, config_to_dict, load_yaml, merge
 from dualign.distributed import one_process
 from dualign.dual import DualConfig, run_dual
 from dualign.errors import ConfigError, InputError
-from dualign.evaluate import EvaluateConfig, evaluate, format_outputs, format_report
+from dualign.evaluate import EvaluateConfig, evaluate
 from dualign.io import read_json, write_json
 from dualign.lock import run_lock
 from dualign.methods.pecan_prealign import PrealignConfig, prealign, view_configs
 from dualign.provenance import done_marker, is_done, record_config
 from dualign.recalibrate import RecalibrateConfig, recalibrate
 from dualign.records import read_report, to_json
+from dualign.report_view import format_outputs, format_report
 from dualign.sample import SampleConfig, sample
 from dualign.score import ScoreConfig, score
 from dualign.train import LOSSES, TrainConfig, train

@@ -89,7 +89,7 @@ def _plot_predicted_vs_achieved(plt, report: EvalReport, path: Path) -> None:
         ax.axhline(required, color="red", ls="--", lw=1.2)
         ax.axhline(0, color="k", lw=0.8)
         lam = report.lambdas.get(c.name)
-        ax.set_title(f"{c.constraint}: {_verdict(c)}" + ("" if lam is None else f", λ = {lam:.3g}") +
+        ax.set_title(f"{c.constraint}: {verdict(c)}" + ("" if lam is None else f", λ = {lam:.3g}") +
                      f"\nred line: the required change ({rule.op} {required:+.3g})", fontsize=10)
         ax.set_ylabel(f"change in mean {c.column} from π_ref ({c.column} units)")
     pr, rc = report.predicted_reward, report.reward
@@ -114,7 +114,8 @@ VERDICT_LEGEND = ("met: the estimate is on the required side; met confidently: s
                   "not rejected: the estimate misses, but its 95% CI still reaches the threshold")
 
 
-def _verdict(c: ConstraintOutcome) -> str:
+def verdict(c: ConstraintOutcome) -> str:
+    """The constraint's verdict in words: met confidently ⊂ met; otherwise not rejected or not met."""
     if c.met:
         return "met confidently" if c.met_confidently else "met"
     return "NOT met, not rejected" if c.not_rejected else "NOT met"
@@ -186,7 +187,7 @@ def format_report(report: EvalReport) -> str:
         required = f"change {rule.op} {num(rule.value, True)}" if rule.relative else f"{c.column} {rule.op} {num(c.threshold)}"
         estimate, ci = (c.achieved_change, c.achieved_change_ci95) if rule.relative else (c.achieved, c.ci95)
         verdict_rows.append([f"  {c.constraint}", required, num(estimate, rule.relative), num(c.bound95, rule.relative),
-                             interval(ci, rule.relative), _verdict(c)])
+                             interval(ci, rule.relative), verdict(c)])
     lines += text_table(["", "required", "estimate", "one-sided 95% bound", "95% CI", "verdict"], verdict_rows)
     lines += textwrap.wrap(f"({VERDICT_LEGEND})", 100, initial_indent="  ", subsequent_indent="   ")
     if pr.within_predicted_ci is not None:
