@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
 from dualign.errors import InputError
 from dualign.segments import Segments
@@ -46,6 +47,10 @@ class Samples:
 
     def base(self, beta: float) -> np.ndarray:
         """r_k/β + log w_k per sample → [n]."""
+        if self.log_weights is None and self.seg.width is not None:  # K rows per prompt: log w = −log K
+            out = self.rewards / beta
+            out -= np.log(self.seg.width)
+            return out
         if self.log_weights is None:
             return self.seg.scale(self.rewards, 1.0 / beta, shift=-np.log(self.seg.counts.astype(np.float64)))
         out = self.rewards / beta
@@ -54,9 +59,9 @@ class Samples:
 
     def reference(self) -> tuple[float, np.ndarray]:
         """(Σ_x q_x E_w[r], Σ_x q_x E_w[g]) under π_ref; naive equivalent: formulas.reference_means."""
-        if self.log_weights is None:  # uniform: Σ_x q_x·(1/K_x)·Σ_k v_k, one sum per row
-            qk = self.prompt_weights / self.seg.counts
-            return float(self.seg.sum(self.rewards) @ qk), self.seg.sum(self.centred) @ qk + self.centre
+        if self.log_weights is None:  # uniform: Σ_x q_x·(1/K_x)·Σ_k v_k, one dot product per row
+            wq = self.seg.expand(self.prompt_weights / self.seg.counts)
+            return float(self.rewards @ wq), self.centred @ wq + self.centre
         wq = self.seg.scale(np.exp(self.log_weights), self.prompt_weights)
         return float(wq @ self.rewards), self.centred @ wq + self.centre
 
@@ -101,6 +106,17 @@ def flat_samples(seg: Segments, rewards: np.ndarray, utilities: np.ndarray,
     centre = np.ones(len(rewards)) @ utilities / len(rewards)  # a mean over axis 0, as one BLAS pass
     centred = np.subtract(utilities.T, centre[:, None], out=np.empty((len(centre), len(rewards))))
     return Samples(seg, rewards, centred, centre, log_weights, np.full(seg.num, 1.0 / seg.num), labels)
+
+
+def exp_inplace(x: np.ndarray) -> np.ndarray:
+    """x ← exp(x) for a contiguous float64 array, through torch's vectorised exp (within 2 ulp of
+    np.exp, ~3× faster on AVX2 CPUs, where numpy's float64 exp is scalar): the solver's hot loop is
+    this exponential. The torch tensor is a view of ``x``; nothing is copied."""
+    if x.flags.c_contiguous and x.dtype == np.float64:
+        t = torch.from_numpy(x)
+        torch.exp(t, out=t)
+        return x
+    return np.exp(x, out=x)
 
 
 # exp() of a shifted score stays within e^±SAFE_EXPONENT: no overflow even times |g| up to 1e170.
@@ -164,7 +180,7 @@ class Tilt:
             e += self.shifted
         else:
             e[...] = self.shifted
-        np.exp(e, out=e)
+        exp_inplace(e)
         z_sum = self.s.seg.sum(e)
         log_z = np.log(z_sum) + self.c
         q = self.s.prompt_weights
