@@ -256,8 +256,7 @@ def _cmd_dual(args: argparse.Namespace) -> int:
     constraints = [parse_constraint(c) for c in cfg.constraints]
     scores = read_scores(cfg.scores, [cfg.reward] + [c.column for c in constraints])
     record = solve_constraints(scores, cfg.beta, cfg.reward, constraints, bootstrap=cfg.bootstrap,
-                               confidence=cfg.confidence,
-                               seed=cfg.seed)
+                               confidence=cfg.confidence, evaluation=cfg.evaluation(), seed=cfg.seed)
     require_converged(record, cfg.allow_unconverged)
     if args.output:
         write_dual(record, args.output)

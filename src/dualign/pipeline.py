@@ -33,6 +33,7 @@ import yaml
 
 from dualign import checks, timing
 from dualign.config import build_config, config_to_dict, load_yaml, merge
+from dualign.data.prompts import load_prompts
 from dualign.distributed import one_process
 from dualign.dual import DualConfig, run_dual
 from dualign.errors import ConfigError, InputError
@@ -268,7 +269,7 @@ def run_pipeline(cfg: RunConfig, restart_from: str | None = None, log=print) -> 
 def _run_stages(cfg: RunConfig, run_dir: Path, log) -> float:
     """Each stage not marked complete, in order (its config recorded first); the seconds spent."""
     funcs = {"sample": sample, "prealign": prealign, "score": score,
-             "dual": lambda c: run_dual(c, run_dir), "train": train,
+             "dual": lambda c: run_dual(_covering_evaluation(c, cfg.evaluate), run_dir), "train": train,
              "recalibrate": lambda c: recalibrate(c, cfg.train), "evaluate": evaluate}
     stages = [s for s in STAGES if getattr(cfg, s) is not None]
     total = 0.0
@@ -293,6 +294,16 @@ def _run_stages(cfg: RunConfig, run_dir: Path, log) -> float:
         split = ", ".join(f"{k} {v:.0f} s" for k, v in sorted(parts.items(), key=lambda kv: -kv[1]) if v >= 0.5)
         log(f"[{i + 1}/{len(stages)}] {stage}: {spent:.0f} s" + (f" ({split})" if split else ""))
     return total
+
+
+def _covering_evaluation(dual: DualConfig, evaluation: EvaluateConfig | None) -> DualConfig:
+    """A confidence plan in a run covers the run's own evaluation: its held-out prompts (counted)
+    and responses per prompt, unless the dual section names an evaluation itself."""
+    if dual.confidence is None or dual.evaluation_prompts is not None or evaluation is None:
+        return dual
+    prompts = load_prompts(evaluation.prompts, prompt_column=evaluation.prompt_column, split=evaluation.split,
+                           max_prompts=evaluation.max_prompts)
+    return dataclasses.replace(dual, evaluation_prompts=len(prompts), evaluation_samples=evaluation.num_samples)
 
 
 def record_timing(run_dir: Path, stage: str, seconds: float, parts: dict[str, float]) -> None:

@@ -43,13 +43,16 @@ class DualCI:
 @dataclass
 class ConfidencePlan:
     """``dual --confidence``: λ chosen so that each constraint holds at its one-sided ``level``
-    bound under prompt resampling; ``margin`` (column units, by constraint name) is how far past
+    bound under prompt resampling (and, with ``evaluation``, the noise of an evaluation of that
+    size, added in quadrature); ``margin`` (column units, by constraint name) is how far past
     its threshold the point prediction was pushed, ``plain`` the solution without the margin."""
 
     level: float
     margin: dict[str, float]
     plain_lambdas: dict[str, float]
     plain_predicted: dict[str, float]  # reward column, constraint names, "kl"
+    dual_margin: dict[str, float] | None = None  # the part for the dual's own prompt sampling
+    evaluation: dict | None = None  # {"prompts", "samples", "margin": {name: part}}: the evaluation covered
 
 
 @dataclass

@@ -59,6 +59,8 @@ class DualResult:
     confidence: float | None = None  # planned with a margin (see solve_dual's ``confidence``)
     confidence_margin: np.ndarray | None = None  # [m] added to b (g units) so the bound holds
     plain: DualResult | None = None  # the solution without the margin, to show what it costs
+    confidence_parts: tuple | None = None  # (s_dual [m], s_eval [m] or None): the margin's two parts
+    confidence_evaluation: tuple[int, int] | None = None  # (prompts, responses per prompt) planned for
 
 
 # ---------------------------------------------------------------------------------------------
@@ -369,21 +371,67 @@ def slack_spread(samples: Samples, lambdas: np.ndarray, thresholds: np.ndarray, 
     return np.maximum(slack(samples, thresholds) - np.quantile(np.array(draws), 1 - level, axis=0), 0.0)
 
 
+def evaluation_se(samples: Samples, lambdas: np.ndarray, beta: float, relative: np.ndarray,
+                  prompts: int, per_prompt: int) -> np.ndarray:
+    """The standard error of an evaluation's estimate of each E[g_j] at π_λ, predicted from the
+    samples: the evaluation draws ``prompts`` new prompts × ``per_prompt`` responses of π_λ and, for a
+    relative threshold (``relative[j]``), as many of π_ref on the same prompts, and compares their
+    difference of means with the margin (paired by prompt) → [m]. With μ_λ(x) = E_{p_λ}[g | x],
+    σ²_λ(x) = Var_{p_λ}(g | x) and the same under w (π_ref), q_x the prompt weights:
+
+        relative: SE² = Var_q(μ_λ(x) − μ_ref(x)) / n_e + E_q[σ²_λ(x) + σ²_ref(x)] / (n_e·k_e)
+        absolute: SE² = Var_q(μ_λ(x)) / n_e + E_q[σ²_λ(x)] / (n_e·k_e)
+
+    μ(x) estimated from the K samples of each prompt carries their noise too, so the between-prompt
+    term is somewhat over-estimated (the margin errs wide)."""
+    tilt = Tilt(samples, np.zeros(samples.m), beta)
+    pt = tilt.evaluate(np.asarray(lambdas, dtype=np.float64))
+    seg, g, q = samples.seg, samples.centred, samples.prompt_weights
+    p = seg.scale(pt.e, 1.0 / pt.z_sum)  # p_λ(k | x)
+    w = (seg.expand(1.0 / seg.counts) if samples.log_weights is None else np.exp(samples.log_weights))
+
+    def moments(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # μ(x), σ²(x) → [m, N] each
+        mean = seg.sum(weights * g)
+        return mean, np.maximum(seg.sum(weights * g * g) - mean**2, 0.0)
+
+    mu_l, var_l = moments(p)
+    mu_r, var_r = moments(w)
+    diff = np.where(np.asarray(relative, bool)[:, None], mu_l - mu_r, mu_l)
+    within = np.where(np.asarray(relative, bool)[:, None], var_l + var_r, var_l)
+    between = q @ ((diff - (diff @ q)[:, None]) ** 2).T
+    return np.sqrt(between / prompts + (within @ q) / (prompts * per_prompt))
+
+
 def _with_confidence(samples: Samples, plain: DualResult, margins: np.ndarray, level: float,
-                     resamples: int, seed: int, tol: float, max_iter: int, rounds: int = 6) -> DualResult:
-    """λ for which every constraint holds at its one-sided ``level`` bound under prompt resampling:
-    the fixed point of b'_j = b_j + s_j(λ(b')) (:func:`slack_spread` against the given b), solved
-    again until s stops moving (a few rounds)."""
+                     resamples: int, seed: int, tol: float, max_iter: int,
+                     evaluation: tuple[int, int] | None = None, rounds: int = 6) -> DualResult:
+    """λ for which every constraint holds at its one-sided ``level`` bound: the fixed point of
+    b'_j = b_j + s_j(λ(b')), solved again until s stops moving (a few rounds).
+
+    s_j is the dual's own spread under prompt resampling (:func:`slack_spread`, s_dual); with an
+    ``evaluation`` (n_e prompts, k_e responses per prompt) it is sqrt(s_dual² + (z·SE_eval)²),
+    z = Φ⁻¹(level), SE_eval from :func:`evaluation_se`: then the evaluation's point estimate clears
+    b_j with probability ≈ ``level`` if the fine-tune lands on π_λ."""
+    from scipy.stats import norm
+
     b = plain.thresholds
+    relative = ~np.isnan(margins)
     result, spread = plain, np.zeros_like(b)
+    eval_part = np.zeros_like(b)
     for _ in range(rounds):
-        new = slack_spread(samples, result.lambdas, b, margins, plain.beta, level, resamples, seed)
+        dual_part = slack_spread(samples, result.lambdas, b, margins, plain.beta, level, resamples, seed)
+        if evaluation is not None:
+            eval_part = norm.ppf(level) * evaluation_se(samples, result.lambdas, plain.beta, relative,
+                                                        *evaluation)
+        new = np.sqrt(dual_part**2 + eval_part**2)
         done = np.all(np.abs(new - spread) <= 1e-3 * samples.scale(b))
         spread = new
         result = _result(samples, b + spread, plain.beta, plain.names, result.lambdas, tol, max_iter)
         if done:
             break
     result.confidence, result.confidence_margin, result.plain = level, spread, plain
+    result.confidence_parts = (dual_part, eval_part if evaluation is not None else None)
+    result.confidence_evaluation = evaluation
     return result
 
 
@@ -421,7 +469,8 @@ def _check_inputs(rewards: np.ndarray, utilities: np.ndarray, sample_weights, th
 def solve_dual(rewards, utilities, thresholds, beta: float, sample_weights=None, *,
                bootstrap: int = 0, seed: int = 0, tol: float = 1e-9, max_iter: int = 100,
                names: Sequence[str] | None = None, lambdas0=None, ci_level: float = 0.95,
-               relative: Sequence[bool] | None = None, confidence: float | None = None) -> DualResult:
+               relative: Sequence[bool] | None = None, confidence: float | None = None,
+               evaluation: tuple[int, int] | None = None) -> DualResult:
     """λ* = argmin_{λ≥0} D(λ) for rewards [N, K], utilities [N, K, m] (or [N, K]), thresholds b.
 
     The constraints read mean_x E_π[g_j] ≥ b_j. ``sample_weights`` [N, K] ≥ 0 are normalised per
@@ -430,7 +479,10 @@ def solve_dual(rewards, utilities, thresholds, beta: float, sample_weights=None,
     these samples plus a margin, so the bootstrap re-estimates that mean on each resample.
     ``confidence`` (e.g. 0.95): plan with a margin, the λ for which each constraint holds at its
     one-sided ``confidence`` bound under prompt resampling (``result.plain`` is the solution
-    without it). Raises InfeasibleConstraintError when no finite λ* exists.
+    without it); with ``evaluation`` = (prompts, responses per prompt) the margin also covers the
+    noise of an evaluation of that size, so that its point estimate clears b_j with probability
+    ≈ ``confidence`` if the fine-tune lands on π_λ. Raises InfeasibleConstraintError when no finite
+    λ* exists.
     """
     rewards = np.asarray(rewards, dtype=np.float64)
     if rewards.ndim != 2 or rewards.shape[0] == 0 or rewards.shape[1] == 0:
@@ -444,13 +496,14 @@ def solve_dual(rewards, utilities, thresholds, beta: float, sample_weights=None,
     flat_w = None if weights is None else weights.ravel()
     samples = flat_samples(seg, rewards.ravel(), utilities.reshape(-1, len(b)), flat_w, np.arange(n_prompts))
     return _finish(samples, b, float(beta), names, lambdas0, tol, max_iter, bootstrap, seed, ci_level,
-                   relative, confidence)
+                   relative, confidence, evaluation)
 
 
 def solve_dual_long(prompt_ids, rewards, utilities, thresholds, beta: float, sample_weights=None, *,
                     bootstrap: int = 0, seed: int = 0, tol: float = 1e-9, max_iter: int = 100,
                     names: Sequence[str] | None = None, lambdas0=None, ci_level: float = 0.95,
-                    relative: Sequence[bool] | None = None, confidence: float | None = None) -> DualResult:
+                    relative: Sequence[bool] | None = None, confidence: float | None = None,
+                    evaluation: tuple[int, int] | None = None) -> DualResult:
     """:func:`solve_dual` on long-format rows: prompt_ids [n], rewards [n], utilities [n, m] or [n].
 
     Prompts may have different numbers of samples; rows of a prompt need not be adjacent. Grouping
@@ -469,22 +522,25 @@ def solve_dual_long(prompt_ids, rewards, utilities, thresholds, beta: float, sam
     weights = None if weights is None else seg.group(weights)
     samples = flat_samples(seg, seg.group(rewards), seg.group(utilities), weights, seg.labels)
     return _finish(samples, b, float(beta), names, lambdas0, tol, max_iter, bootstrap, seed, ci_level,
-                   relative, confidence)
+                   relative, confidence, evaluation)
 
 
 def _finish(samples, b, beta, names, lambdas0, tol, max_iter, bootstrap, seed, ci_level,
-            relative=None, confidence=None) -> DualResult:
+            relative=None, confidence=None, evaluation=None) -> DualResult:
     if lambdas0 is not None and np.shape(lambdas0) != b.shape:
         raise InputError(f"lambdas0 must have {b.size} values, got {np.shape(lambdas0)}")
     if relative is not None and len(relative) != b.size:
         raise InputError(f"relative must have {b.size} values, got {len(relative)}")
     if confidence is not None and not 0.5 <= confidence < 1:
         raise InputError(f"confidence must lie in [0.5, 1), got {confidence!r}")
+    if evaluation is not None and (len(evaluation) != 2 or min(evaluation) < 1):
+        raise InputError(f"evaluation must be (prompts ≥ 1, responses per prompt ≥ 1), got {evaluation!r}")
     result = _result(samples, b, beta, names, lambdas0, tol, max_iter)
     ref = result.reference_utilities
     margins = np.where(np.asarray(relative if relative is not None else [False] * b.size, bool), b - ref, np.nan)
     if confidence is not None:
-        result = _with_confidence(samples, result, margins, confidence, max(int(bootstrap), 200), seed, tol, max_iter)
+        result = _with_confidence(samples, result, margins, confidence, max(int(bootstrap), 200), seed, tol,
+                                  max_iter, None if evaluation is None else tuple(int(v) for v in evaluation))
         margins = margins + result.confidence_margin
     if bootstrap:
         _bootstrap(samples, result, int(bootstrap), seed, tol, max_iter, ci_level, margins)

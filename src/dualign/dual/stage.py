@@ -50,6 +50,12 @@ class DualConfig:
         "help": "plan with a margin: choose λ so that every constraint holds at this one-sided "
                 "confidence bound (e.g. 0.95) of its predicted value under prompt resampling, "
                 "not only at the point prediction; dual.json records the margin and what it costs"})
+    evaluation_prompts: int | None = field(default=None, metadata={
+        "help": "with --confidence: the held-out prompts of the evaluation the plan must survive; its "
+                "noise joins the margin (in a run: the evaluate section's prompts; unset: the dual's own "
+                "spread only)"})
+    evaluation_samples: int = field(default=1, metadata={
+        "help": "with --evaluation-prompts: responses per prompt and policy in that evaluation"})
     allow_unconverged: bool = field(default=False, metadata={
         "help": "keep a λ* the solver did not converge to (recorded in dual.json, so train accepts it); "
                 "off: an unconverged solve is an error"})
@@ -67,6 +73,14 @@ class DualConfig:
             parse_constraint(text)
         if self.confidence is not None and not 0.5 <= self.confidence < 1:
             raise ValueError(f"confidence must lie in [0.5, 1), got {self.confidence}")
+        if self.evaluation_prompts is not None and self.evaluation_prompts < 1:
+            raise ValueError(f"evaluation_prompts must be ≥ 1, got {self.evaluation_prompts}")
+        if self.evaluation_samples < 1:
+            raise ValueError(f"evaluation_samples must be ≥ 1, got {self.evaluation_samples}")
+
+    def evaluation(self) -> tuple[int, int] | None:
+        """(prompts, responses per prompt) of the evaluation a confidence plan covers, or None."""
+        return None if self.evaluation_prompts is None else (self.evaluation_prompts, self.evaluation_samples)
 
 
 def _column_infeasible(err: InfeasibleConstraintError,
@@ -143,7 +157,8 @@ def require_converged(record: DualRecord, allow: bool) -> DualRecord:
 
 def solve_constraints(scores: Scores, beta: float, reward: str, constraints: Sequence[Constraint], *,
                       bootstrap: int = 0, seed: int = 0, lambdas0=None,
-                      confidence: float | None = None) -> DualRecord:
+                      confidence: float | None = None,
+                      evaluation: tuple[int, int] | None = None) -> DualRecord:
     """Solve the dual for parsed constraints on a scores table; return the dual.json record.
 
     Columns whose arithmetic would overflow are refused by name, and so is a result that is not
@@ -163,7 +178,7 @@ def solve_constraints(scores: Scores, beta: float, reward: str, constraints: Seq
         res = solve_dual_long(scores.prompt_index, scores.columns[reward], g, b, beta,
                               scores.sample_weights, names=names, bootstrap=bootstrap, seed=seed,
                               lambdas0=lambdas0, relative=[c.relative for c in constraints],
-                              confidence=confidence)
+                              confidence=confidence, evaluation=evaluation)
     except InfeasibleConstraintError as e:
         raise _column_infeasible(e, constraints) from None
     record = _record(res, reward, constraints, ref)
@@ -205,9 +220,15 @@ def _record(res: DualResult, reward: str, constraints: Sequence[Constraint],
     margin = res.confidence_margin if res.confidence_margin is not None else np.zeros(len(names))
     plan = None
     if res.plain is not None:
+        dual_part, eval_part = res.confidence_parts
         plan = ConfidencePlan(res.confidence, {n: float(s) for n, s in zip(names, margin, strict=True)},
                               dict(zip(names, res.plain.lambdas.tolist(), strict=True)),
-                              _in_columns(res.plain, reward, constraints))
+                              _in_columns(res.plain, reward, constraints),
+                              dual_margin={n: float(s) for n, s in zip(names, dual_part, strict=True)},
+                              evaluation=None if eval_part is None else {
+                                  "prompts": res.confidence_evaluation[0],
+                                  "samples": res.confidence_evaluation[1],
+                                  "margin": {n: float(s) for n, s in zip(names, eval_part, strict=True)}})
     return DualRecord(
         beta=res.beta, reward=reward, constraints=[c.text for c in constraints],
         lambdas=dict(zip(names, res.lambdas.tolist(), strict=True)),
@@ -259,8 +280,18 @@ def format_report(record: DualRecord) -> str:
     plan = record.confidence
     if plan:
         names = ", ".join(f"{n} by {plan.margin[n]:.3g}" for n in record.names)
-        notes.append(f"Planned with a {round(100 * plan.level)}% margin: π_λ* clears each threshold ({names}) so that "
-                     f"the one-sided {round(100 * plan.level)}% bound under prompt resampling meets it. Against the "
+        pct = round(100 * plan.level)
+        if plan.evaluation:
+            ev = plan.evaluation
+            parts = "; ".join(f"{n}: {plan.dual_margin[n]:.3g} for the dual's prompt sampling, "
+                              f"{ev['margin'][n]:.3g} for the evaluation's noise" for n in record.names)
+            why = (f"an evaluation of {ev['prompts']} held-out prompts × {ev['samples']} responses finds the "
+                   f"point estimate past the threshold with probability ≈ {pct}% if the fine-tune lands on "
+                   f"π_λ* (the two parts added in quadrature: {parts})")
+        else:
+            why = f"the one-sided {pct}% bound under prompt resampling meets it"
+        notes.append(f"Planned with a {pct}% margin: π_λ* clears each threshold ({names}) so that "
+                     f"{why}. Against the "
                      f"plain solution (λ* {', '.join(f'{v:.4g}' for v in plan.plain_lambdas.values())}) the margin "
                      f"costs {plan.plain_predicted[reward] - record.predicted[reward]:.3g} {reward} and adds "
                      f"{record.predicted['kl'] - plan.plain_predicted['kl']:.3g} KL.")
@@ -277,8 +308,7 @@ def run_dual(cfg: DualConfig, run_dir: str | Path) -> DualRecord:
     path = Path(cfg.scores) if cfg.scores else run_dir / "scores.parquet"
     scores = read_scores(path, [cfg.reward] + [c.column for c in constraints])
     record = solve_constraints(scores, cfg.beta, cfg.reward, constraints, bootstrap=cfg.bootstrap,
-                               confidence=cfg.confidence,
-                               seed=cfg.seed)
+                               confidence=cfg.confidence, evaluation=cfg.evaluation(), seed=cfg.seed)
     require_converged(record, cfg.allow_unconverged)
     unmark(run_dir, "dual")
     write_dual(record, run_dir / "dual.json")
