@@ -304,6 +304,35 @@ COMMANDS.append(("plan", "before training: sweep a constraint's threshold (and �
                  "reward, λ* and KL of each; CSV, JSON and PNG", _add_plan, _cmd_plan))
 
 
+def _add_compute(p: argparse.ArgumentParser) -> None:
+    p.epilog = """\
+examples:
+  dualign compute --policy-params 7e9 --prompts 1000 --samples 128 --rl-iterations 1000
+  dualign compute --policy meta-llama/Llama-2-7b-hf --response-tokens 512 --throughputs my_gpu.json --json
+
+Prints, for MoCAN and for a primal-dual RL baseline (PPO-/GRPO-Lagrangian, critic-free) at the
+stated budget, the FLOPs and GPU-hours of each stage and the peak memory of weights and optimizer
+state. GPU-hours use an H100 at an assumed utilisation per stage unless --throughputs gives the
+FLOP/s you measured (e.g. scripts/gpu_check.sh's tokens/s × 2 × parameters)."""
+    add_config_arguments(p, config_class("dualign.compute_plan", "ComputePlanConfig"))
+    p.add_argument("--config", help="YAML file of ComputePlanConfig keys (flags override it)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _cmd_compute(args: argparse.Namespace) -> int:
+    from dualign.compute_plan import ComputePlanConfig, format_compute, plan_compute
+
+    cfg = resolve_config(ComputePlanConfig, args.config, args, exclude=("config", "json"))
+    plan = plan_compute(cfg)
+    print(json.dumps(plan) if args.json else format_compute(plan, cfg))
+    return 0
+
+
+COMMANDS.append(("compute", "before starting: the FLOPs, GPU-hours and memory of each stage of a MoCAN run "
+                 "and of a primal-dual RL baseline, from model sizes, lengths and sample counts",
+                 _add_compute, _cmd_compute))
+
+
 def _add_data(p: argparse.ArgumentParser) -> None:
     p.epilog = """\
 examples:
