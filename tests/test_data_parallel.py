@@ -190,3 +190,68 @@ def test_stages_that_are_not_data_parallel_refuse_a_launcher(monkeypatch):
     for stage, call in (("dual", lambda: run_dual(None, "x")), ("evaluate", lambda: evaluate(None))):
         with pytest.raises(ConfigError, match=f"^the {stage} stage is one process"):
             call()
+
+
+def test_two_processes_evaluate_exactly_as_one_with_shards(tmp_path, tiny_gpt2, scorer_dirs):
+    """evaluate with shard_size under torchrun: each process samples every other shard and scores
+    every other batch; the tables and report.json equal one process's to the last bit."""
+    from dualign.evaluate import EvaluateConfig, evaluate
+
+    prompts = tmp_path / "p.jsonl"
+    pd.DataFrame({"prompt": PROMPTS + ["Name a colour.", "Count to three."]}).to_json(prompts, orient="records",
+                                                                                    lines=True)
+    args = {"reference": tiny_gpt2, "policy": tiny_gpt2, "prompts": str(prompts), "num_samples": 2,
+            "max_new_tokens": 6, "batch_size": 3, "shard_size": 2, "seed": 3, "device": "cpu", "bootstrap": 50,
+            "reference_cache": False, "judge": "dualign.world.judge:judge"}
+    scorers = [f"reward=hf:{scorer_dirs['reward']},higher_is_better",
+               f"cost=beaver:{scorer_dirs['cost']},lower_is_better"]
+    one, two = _train_run_dir(tmp_path / "one"), _train_run_dir(tmp_path / "two")
+    evaluate(EvaluateConfig(run_dir=str(one), scorers=scorers, **args))
+
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in args.items() if k != "reference_cache"]
+    _launch(TORCHRUN, _cli_script(["evaluate", *flags, "--no-reference-cache", "--run-dir", str(two),
+                                   *[a for s in scorers for a in ("--scorer", s)]]), tmp_path)
+    for name in ("reference", "policy"):
+        pd.testing.assert_frame_equal(pd.read_parquet(two / "eval" / f"samples_{name}.parquet"),
+                                      pd.read_parquet(one / "eval" / f"samples_{name}.parquet"), check_exact=True)
+        assert not (two / "eval" / f"shards_{name}").exists()
+    assert (json.loads((two / "eval" / "report.json").read_text())
+            == json.loads((one / "eval" / "report.json").read_text()))
+    assert (two / "evaluate.done").exists() and not (two / ".lock").exists()
+    # without shard_size the stage is one random stream, one process: refused under the launcher
+    three = _train_run_dir(tmp_path / "three")
+    script = tmp_path / "unsharded.py"
+    script.write_text(_cli_script(["evaluate", *[f for f in flags if not f.startswith("--shard-size")],
+                                   "--no-reference-cache", "--run-dir", str(three),
+                                   *[a for s in scorers for a in ("--scorer", s)]]))
+    res = subprocess.run([sys.executable, "-m", *TORCHRUN, str(script)], capture_output=True, text=True,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert res.returncode != 0 and "evaluate stage without shard_size is one process" in res.stderr
+    assert not (three / "eval").exists()
+
+
+def test_two_machines_form_samples_exactly_the_table_of_one(tmp_path, tiny_gpt2):
+    """The several-machines command in its CPU form: two torchrun launches, node_rank 0 and 1, one
+    process each, meeting at a c10d rendezvous (here both on localhost, as two machines would on a
+    shared filesystem); the merged table equals one process's."""
+    prompts = tmp_path / "p.jsonl"
+    pd.DataFrame({"prompt": PROMPTS}).to_json(prompts, orient="records", lines=True)
+    args = {"model": tiny_gpt2, "prompts": str(prompts), "num_samples": 2, "max_new_tokens": 6, "shard_size": 1,
+            "batch_size": 4, "seed": 5, "device": "cpu"}
+    one, two = tmp_path / "one", tmp_path / "two"
+    sample(SampleConfig(**args), one)
+    script = tmp_path / "nodes.py"
+    script.write_text(_cli_script(["sample", *[f"--{k.replace('_', '-')}={v}" for k, v in args.items()],
+                                   "--run-dir", str(two)]))
+    port = _free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                               "--node_rank", str(rank), "--rdzv_backend", "c10d",
+                               "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "two-nodes", str(script)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for rank in (0, 1)]
+    for node in nodes:
+        _, err = node.communicate(timeout=300)
+        assert node.returncode == 0, err[-3000:]
+    pd.testing.assert_frame_equal(pd.read_parquet(two / "samples.parquet"), pd.read_parquet(one / "samples.parquet"),
+                                  check_exact=True)
+    assert json.loads((two / "sample.meta.json").read_text())["processes"] == 2

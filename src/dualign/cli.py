@@ -313,7 +313,7 @@ examples:
 Prints, for MoCAN and for a primal-dual RL baseline (PPO-/GRPO-Lagrangian, critic-free) at the
 stated budget, the FLOPs and GPU-hours of each stage and the peak memory of weights and optimizer
 state. GPU-hours use an H100 at an assumed utilisation per stage unless --throughputs gives the
-FLOP/s you measured (e.g. scripts/gpu_check.sh's tokens/s × 2 × parameters)."""
+FLOP/s you measured (e.g. bench/gpu.sh's tokens/s × 2 × parameters)."""
     add_config_arguments(p, config_class("dualign.compute_plan", "ComputePlanConfig"))
     p.add_argument("--config", help="YAML file of ComputePlanConfig keys (flags override it)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -410,8 +410,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     cfg = resolve_config(EvaluateConfig, args.config, args, exclude=("config",))
     path = _run_stage(cfg, evaluate)
-    print(format_report(read_report(path)))
-    print(format_outputs(cfg.run_dir, cfg.policy))
+    if os.environ.get("RANK", "0") == "0":  # under a launcher the main process reports, once
+        print(format_report(read_report(path)))
+        print(format_outputs(cfg.run_dir, cfg.policy))
     return 0
 
 

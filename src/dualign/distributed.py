@@ -84,8 +84,8 @@ def one_process(what: str) -> None:
     if launched_ranks() > 1:
         from dualign.errors import ConfigError
 
-        raise ConfigError(f"{what} is one process; under torchrun / accelerate launch only sample, score and "
-                          "train run (README: At scale)")
+        raise ConfigError(f"{what} is one process; under torchrun / accelerate launch only sample, score, "
+                          "evaluate (with shard_size) and train run (README: At scale)")
 
 
 def ranks() -> Ranks:

@@ -12,7 +12,9 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import math
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +23,7 @@ import pandas as pd
 import torch
 
 from dualign.data.prompts import load_prompts
-from dualign.distributed import one_process
+from dualign.distributed import Ranks, one_process, ranks
 from dualign.errors import DualignError, InputError, first_line
 from dualign.io import cache_root, fingerprint, read_json, read_table, write_table
 from dualign.models import (
@@ -75,11 +77,17 @@ class EvaluateConfig:
         "help": "reuse π_ref's held-out samples, scores and verdicts from $DUALIGN_CACHE/eval-reference when "
                 "every setting that determines them (models, prompts, sampling, scorers, judge, seed) is unchanged"})
     seed: int = field(default=0, metadata={"help": "sampling and bootstrap seed"})
+    shard_size: int | None = field(default=None, metadata={
+        "help": "prompts per shard, shard i sampled with its own seed (seed + i); set it to run evaluate under "
+                "torchrun / accelerate launch, each process taking every n-th shard (any number of processes "
+                "gives the same tables); unset: one random stream over all prompts, one process"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, or auto"})
     trust_remote_code: bool = field(default=False, metadata={
         "help": "run Python code shipped with π_ref, the policy or a scorer model (auto_map); off: refused"})
 
     def __post_init__(self) -> None:
+        if self.shard_size is not None and self.shard_size < 1:
+            raise ValueError(f"shard_size must be ≥ 1, got {self.shard_size}")
         for name in ("num_samples", "max_new_tokens", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
@@ -222,6 +230,13 @@ def sample_model(model_path: str, prompts: pd.DataFrame, cfg: EvaluateConfig, se
     trust = getattr(cfg, "trust_remote_code", False)
     tok = load_tokenizer(model_path, trust_remote_code=trust)
     model = load_causal_lm(model_path, device=cfg.device, trust_remote_code=trust).eval()
+    df = _generate(model, tok, prompts, cfg, seed, ref_model, ref_tokenizer)
+    del model
+    return df
+
+
+def _generate(model, tok, prompts: pd.DataFrame, cfg, seed: int, ref_model, ref_tokenizer) -> pd.DataFrame:
+    """:func:`sample_model`'s generation with a loaded model."""
     df = generate_responses(model, tok, prompts["prompt"].tolist(), prompts["prompt_id"].tolist(),
                             cfg.num_samples, template=cfg.template, max_new_tokens=cfg.max_new_tokens,
                             temperature=cfg.temperature, top_p=cfg.top_p, batch_size=cfg.batch_size,
@@ -231,8 +246,26 @@ def sample_model(model_path: str, prompts: pd.DataFrame, cfg: EvaluateConfig, se
         df["ref_logprob"] = df["logprob"]
     else:
         df["ref_logprob"] = _logprobs(ref_model, ref_tokenizer, df, cfg)
-    del model
     return df
+
+
+def _sample_shards(path: str, prompts: pd.DataFrame, cfg: EvaluateConfig, seed: int, ref_model, ref_tokenizer,
+                   shard_dir: Path, dp: Ranks) -> pd.DataFrame:
+    """Every shard of ``cfg.shard_size`` prompts sampled with seed + its index, this process taking
+    every n-th one (a finished shard file is kept, so a killed run resumes); every process returns
+    the whole table, in prompt order, once all shards exist."""
+    n_shards = math.ceil(len(prompts) / cfg.shard_size)
+    mine = [i for i in dp.mine(n_shards) if not (shard_dir / f"{i}.parquet").exists()]
+    if mine:
+        tok = load_tokenizer(path, trust_remote_code=cfg.trust_remote_code)
+        model = load_causal_lm(path, device=dp.device(cfg.device), trust_remote_code=cfg.trust_remote_code).eval()
+        for i in mine:
+            part = prompts.iloc[i * cfg.shard_size:(i + 1) * cfg.shard_size]
+            write_table(_generate(model, tok, part, cfg, seed + i, ref_model, ref_tokenizer),
+                        shard_dir / f"{i}.parquet")
+        del model
+    dp.barrier()
+    return pd.concat([pd.read_parquet(shard_dir / f"{i}.parquet") for i in range(n_shards)], ignore_index=True)
 
 
 def _logprobs(model, tokenizer, df: pd.DataFrame, cfg: EvaluateConfig) -> np.ndarray:
@@ -263,8 +296,14 @@ def _judge_summary(df: pd.DataFrame, cfg: EvaluateConfig) -> dict[str, JudgeSumm
 
 
 def evaluate(cfg: EvaluateConfig) -> Path:
-    """Run the evaluate stage; returns the path of ``eval/report.json``."""
-    one_process("the evaluate stage")
+    """Run the evaluate stage; returns the path of ``eval/report.json``.
+
+    With ``shard_size`` it runs data-parallel under a launcher: each process samples its shards of
+    the prompts, every process scores its share of the batches one process would form (summed back,
+    :func:`dualign.scorers.score_columns`), and the main process judges, reports and writes."""
+    if cfg.shard_size is None:
+        one_process("the evaluate stage without shard_size")
+    dp = ranks()
     run_dir = Path(cfg.run_dir)
     policy = cfg.policy or str(run_dir / "policy")
     if not Path(policy).exists() and (policy.startswith((".", "/")) or os.sep in policy):
@@ -278,31 +317,44 @@ def evaluate(cfg: EvaluateConfig) -> Path:
                            max_prompts=cfg.max_prompts)
     extra = _prompt_metadata(cfg)
     ref_tok = load_tokenizer(cfg.reference, trust_remote_code=cfg.trust_remote_code)
-    ref_model = load_causal_lm(cfg.reference, device=cfg.device, trust_remote_code=cfg.trust_remote_code).eval()
+    ref_model = load_causal_lm(cfg.reference, device=dp.device(cfg.device),
+                               trust_remote_code=cfg.trust_remote_code).eval()
 
     out_dir = run_dir / "eval"
-    unmark(run_dir, "evaluate")
+    if dp.main:
+        unmark(run_dir, "evaluate")
     tables = {}
     shared = cache_root() / "eval-reference" / f"{reference_key(cfg)}.parquet" if cfg.reference_cache else None
     for name, path, seed in (("reference", cfg.reference, cfg.seed), ("policy", policy, cfg.seed + 1)):
         cache = out_dir / f"samples_{name}.parquet"
-        if name == "reference" and shared is not None and shared.exists() and not cache.exists():
+        if dp.main and name == "reference" and shared is not None and shared.exists() and not cache.exists():
             write_table(read_table(shared), cache)
+        dp.barrier()
         if cache.exists():
             tables[name] = pd.read_parquet(cache)
             continue
-        df = sample_model(path, prompts, cfg, seed, None if name == "reference" else ref_model, ref_tok)
-        df = score_table(df, cfg.scorers, batch_size=cfg.batch_size, device=cfg.device,
-                         trust_remote_code=cfg.trust_remote_code)
+        other = None if name == "reference" else ref_model
+        if cfg.shard_size is None:
+            df = sample_model(path, prompts, cfg, seed, other, ref_tok)
+        else:
+            df = _sample_shards(path, prompts, cfg, seed, other, ref_tok, out_dir / f"shards_{name}", dp)
+        df = score_table(df, cfg.scorers, batch_size=cfg.batch_size, device=dp.device(cfg.device),
+                         trust_remote_code=cfg.trust_remote_code, dp=dp)
+        if not dp.main:
+            continue
         if cfg.judge:
             verdict = _judge(cfg.judge, df)
             df["judge_helpful"], df["judge_harmful"] = verdict["helpful"], verdict["harmful"]
         if extra is not None:
             df = df.assign(prompt_id=df["prompt_id"].astype(str)).merge(extra, on="prompt_id", how="left")
         write_table(df, cache)
+        shutil.rmtree(out_dir / f"shards_{name}", ignore_errors=True)
         if name == "reference" and shared is not None:
             write_table(df, shared)
         tables[name] = df
+    dp.barrier()
+    if not dp.main:
+        return out_dir / "report.json"
 
     report = build_report(tables["reference"], tables["policy"], dual, cfg)
     if (run_dir / "recalibrate.json").exists():
@@ -324,7 +376,8 @@ def reference_key(cfg: EvaluateConfig) -> str:
              "versions": versions(),
              **{k: getattr(cfg, k) for k in ("prompt_column", "split", "max_prompts", "num_samples", "max_new_tokens",
                                              "temperature", "top_p", "batch_size", "template", "judge",
-                                             "group_column", "seed")}}
+                                             "group_column", "seed")},
+             **({"shard_size": cfg.shard_size} if cfg.shard_size is not None else {})}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -102,18 +102,19 @@ def score_table(df: pd.DataFrame, scorers: Sequence[str | ScorerSpec], *, batch_
                 device: str = "auto", dtype: str = "auto", max_length: int = 1024, hf_input: str = "pair",
                 template: str = "auto", append_eos: bool = True, progress: bool = True,
                 ref_model: str | None = None, ref_revision: str | None = None,
-                trust_remote_code: bool = False) -> pd.DataFrame:
+                trust_remote_code: bool = False, dp: Ranks | None = None) -> pd.DataFrame:
     """A copy of ``df`` (with ``prompt`` and ``response`` columns) plus one column per scorer.
 
     Implicit scorers read log π_ref from ``df['ref_logprob']``; when it is absent it is computed
-    with ``ref_model`` (and added to the copy).
+    with ``ref_model`` (and added to the copy). ``dp``: launched processes share the batches and
+    every one returns the whole table (:func:`score_specs`).
     """
     specs = [s if isinstance(s, ScorerSpec) else parse_scorer(s) for s in scorers]
     _check_table(df, specs, "table")
     load = {"device": device, "dtype": dtype, "max_length": max_length, "hf_input": hf_input,
             "template": template, "append_eos": append_eos, "trust_remote_code": trust_remote_code}
     out = _with_ref_logprob(df, specs, ref_model, ref_revision, batch_size, progress, "table", **load)
-    for name, values in score_specs(specs, out, batch_size, progress, {s.name: load for s in specs}).items():
+    for name, values in score_specs(specs, out, batch_size, progress, {s.name: load for s in specs}, dp=dp).items():
         out[name] = values
     return out
 

@@ -1,13 +1,13 @@
-"""The checks of scripts/gpu_check.sh, one subcommand each; each prints its figures as ``name: value`` lines.
+"""The checks of bench/gpu.sh, one subcommand each; each prints its figures as ``name: value`` lines.
 
 NOT RUN YET: it was written on a machine without a GPU, vLLM or bitsandbytes (the CPU mode,
 ``--cpu``, runs the parts a CPU can: model build, HF sampling, refprobs equality, train with and
 without gradient checkpointing). Random-initialised models only; nothing is downloaded.
 
-    python scripts/gpu_check.py build DIR [--hidden 1024 --layers 24]   # a random LLaMA (~0.3B at these sizes)
-    python scripts/gpu_check.py sampling DIR                              # vLLM vs HF tokens/s, log π_ref agreement
-    python scripts/gpu_check.py train DIR                                 # pairs/s, peak memory: full, LoRA, checkpointing, QLoRA
-    python scripts/gpu_check.py compare RUN_A RUN_B                       # max |Δ weight| of two runs' policies
+    python bench/gpu_check.py build DIR [--hidden 1024 --layers 24]   # a random LLaMA (~0.3B at these sizes)
+    python bench/gpu_check.py sampling DIR                              # vLLM vs HF tokens/s, log π_ref agreement
+    python bench/gpu_check.py train DIR                                 # pairs/s, peak memory: full, LoRA, checkpointing, QLoRA
+    python bench/gpu_check.py compare RUN_A RUN_B                       # max |Δ weight| of two runs' policies
 """
 
 from __future__ import annotations

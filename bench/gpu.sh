@@ -4,8 +4,8 @@
 # still to be measured. Budget: under 10 minutes on one H100/H200-class GPU.
 #
 #   pip install -e '.[vllm]' bitsandbytes        # into a CUDA environment (vLLM brings its own torch)
-#   bash scripts/gpu_check.sh [WORK_DIR]          # prints `name: value` lines; also WORK_DIR/gpu_check.log
-#   bash scripts/gpu_check.sh --cpu [WORK_DIR]    # the reduced CPU form: tiny model, HF only, no 4-bit
+#   bash bench/gpu.sh [WORK_DIR]          # prints `name: value` lines; also WORK_DIR/gpu_check.log
+#   bash bench/gpu.sh --cpu [WORK_DIR]    # the reduced CPU form: tiny model, HF only, no 4-bit (in the suite)
 #
 # What it checks:
 #   1. vLLM vs HF generate tokens/s on one random-initialised LLaMA (~0.3B: hidden 1024, 24 layers),
@@ -30,9 +30,9 @@ echo "work dir: $WORK  device: $DEVICE"
 python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 python -c "import vllm; print('vllm', vllm.__version__)" || echo "vllm: not installed (its checks fail)"
 
-python scripts/gpu_check.py build "$WORK" "${SIZE[@]}" "${RUN[@]}"
-python scripts/gpu_check.py sampling "$WORK" --device "$DEVICE" "${RUN[@]}"
-python scripts/gpu_check.py train "$WORK" --device "$DEVICE" "${RUN[@]}"
+python bench/gpu_check.py build "$WORK" "${SIZE[@]}" "${RUN[@]}"
+python bench/gpu_check.py sampling "$WORK" --device "$DEVICE" "${RUN[@]}"
+python bench/gpu_check.py train "$WORK" --device "$DEVICE" "${RUN[@]}"
 
 GPUS=$([[ $DEVICE == cuda ]] && nvidia-smi -L | wc -l || echo 0)
 if (( GPUS >= 2 )); then
@@ -45,10 +45,11 @@ if (( GPUS >= 2 )); then
   for cfg in ddp fsdp2; do
     accelerate launch --config_file "configs/accelerate/$cfg.yaml" --num_processes 2 -m dualign train \
       "${FLAGS[@]}" --run-dir "$WORK/dp_$cfg" --per-device-batch-size 8 \
-      && python scripts/gpu_check.py compare "$WORK/dp_one" "$WORK/dp_$cfg" || echo "accelerate/$cfg: FAILED"
+      && python bench/gpu_check.py compare "$WORK/dp_one" "$WORK/dp_$cfg" || echo "accelerate/$cfg: FAILED"
   done
 else
   echo "ddp/fsdp2: skipped, $GPUS GPU(s) (2 needed: one process per GPU)"
 fi
-python -m pytest -q -o addopts="" -p no:xdist tests/test_paper_recipe.py tests/test_refprobs.py
+# (the suite's run of this script sets GPU_CHECK_NO_TESTS: it runs those tests itself)
+[[ -n "${GPU_CHECK_NO_TESTS:-}" ]] || python -m pytest -q -o addopts="" -p no:xdist tests/test_paper_recipe.py tests/test_refprobs.py
 echo "gpu check: done ($WORK/gpu_check.log)"
