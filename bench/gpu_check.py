@@ -13,6 +13,7 @@ without gradient checkpointing). Random-initialised models only; nothing is down
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 import time
@@ -48,6 +49,17 @@ def _sample_cfg(args, backend: str, dtype: str):
                         template="beaver", backend=backend, dtype=dtype, shard_size=10**6, device=args.device)
 
 
+def _params(work: str) -> int:
+    """The built model's parameter count (from its safetensors, no model built)."""
+    from safetensors import safe_open
+
+    total = 0
+    for path in (Path(work) / "model").glob("*.safetensors"):
+        with safe_open(str(path), "pt") as f:
+            total += sum(int(np.prod(f.get_slice(key).get_shape())) for key in f.keys())
+    return total
+
+
 def sampling(args) -> None:
     """Generation tokens/s of each backend on the same prompts (log π_ref pass excluded), then the
     sample stage's log π_ref against train's own forward pass and against the engine's numerics."""
@@ -60,7 +72,12 @@ def sampling(args) -> None:
     tok = load_tokenizer(model_dir)
     prompts = pd.read_json(Path(args.dir) / "prompts.jsonl", lines=True)["prompt"].tolist()
     ids = list(range(len(prompts)))
-    backends = ["hf"] + ([] if args.device == "cpu" else ["vllm"])
+    backends = ["hf"]
+    if args.device != "cpu":
+        if importlib.util.find_spec("vllm") is None:
+            print("sampling/vllm: not installed (pip install 'dualign[vllm]'); vLLM figures skipped")
+        else:
+            backends.append("vllm")
     for backend in backends:
         cfg = _sample_cfg(args, backend, "auto")
         if backend == "hf":
@@ -86,7 +103,8 @@ def sampling(args) -> None:
         seconds = time.perf_counter() - start
         tokens = sum(len(tok(r, add_special_tokens=False)["input_ids"]) + (not cut)
                      for r, cut in zip(table["response"], table["truncated"], strict=True))
-        print(f"sampling/{backend}/tokens_per_s: {tokens / seconds:.0f} ({tokens} tokens, {seconds:.1f} s)")
+        print(f"sampling/{backend}/tokens_per_s: {tokens / seconds:.0f} ({tokens} tokens, {seconds:.1f} s; "
+              f"{2 * _params(args.dir) * tokens / seconds / 1e12:.3g} TFLOP/s as 2·N·T over new tokens)")
         del run
         if backend == "hf":
             del model
@@ -159,7 +177,9 @@ def train_check(args) -> None:
             print(f"train/{name}: FAILED {type(e).__name__}: {str(e).splitlines()[0]}")
             continue
         peak = torch.cuda.max_memory_allocated() / 2**30 if args.device != "cpu" else float("nan")
-        print(f"train/{name}: {out['pairs_per_second']:.1f} pairs/s, peak {peak:.2f} GiB")
+        tokens_per_s = out["tokens"]["training"] / out["train_runtime"]
+        print(f"train/{name}: {out['pairs_per_second']:.1f} pairs/s, peak {peak:.2f} GiB, {tokens_per_s:.0f} tokens/s, "
+              f"{6 * _params(args.dir) * tokens_per_s / 1e12:.3g} TFLOP/s (6·N·T)")
 
 
 def compare(args) -> None:
