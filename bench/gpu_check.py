@@ -163,6 +163,8 @@ def train_check(args) -> None:
     if args.device != "cpu":
         variants["qlora+checkpointing"] = {"lora": True, "lora_r": 8, "merge_lora": False, "load_in_4bit": True,
                                            "gradient_checkpointing": True}
+    if args.device != "cpu":  # CUDA context, kernels and allocator warmed up before the first timed variant
+        variants = {"warm-up": {}, **variants}
     for name, extra in variants.items():
         run_dir = run_root / name.replace("+", "_")
         write_table(scores, run_dir / "scores.parquet")
@@ -175,6 +177,8 @@ def train_check(args) -> None:
                                     pairs_per_prompt=4, device=args.device, **extra))
         except Exception as e:  # noqa: BLE001 - one variant failing (e.g. no bitsandbytes) is a figure too
             print(f"train/{name}: FAILED {type(e).__name__}: {str(e).splitlines()[0]}")
+            continue
+        if name == "warm-up":
             continue
         peak = torch.cuda.max_memory_allocated() / 2**30 if args.device != "cpu" else float("nan")
         tokens_per_s = out["tokens"]["training"] / out["train_runtime"]

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from dualign.config import load_yaml, merge
 from dualign.pipeline import resolve_run_config, run_pipeline
@@ -77,8 +78,9 @@ def test_paper_mocan_recipe_runs_every_stage_on_stand_ins(tmp_path, stand_ins):
     for stage in ("sample", "score", "dual", "train", "evaluate"):
         assert (run / f"{stage}.done").exists(), stage
     record = json.loads((run / "sample.meta.json").read_text())["ref_logprob"]
+    gpu_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()  # train's numerics there
     assert record == {"model": stand_ins["model"], "revision": None, "template": "beaver", "dtype": "float32",
-                      "autocast": None, "quantization": None}
+                      "autocast": "bfloat16" if gpu_bf16 else None, "quantization": None}
     scores = pd.read_parquet(run / "scores.parquet")
     assert len(scores) == 16 and scores[["reward", "cost"]].std().min() > 0
     dual = json.loads((run / "dual.json").read_text())

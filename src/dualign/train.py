@@ -45,6 +45,7 @@ import torch
 from dualign.batches import EncodedPairs, encode_pairs, fill_ref_logps
 from dualign.checkpoint import STATE_FILE, load_state, restore_state, save_state, truncate_metrics
 from dualign.config import config_to_dict, dump_yaml
+from dualign.distributed import launched_ranks
 from dualign.errors import ConfigError, InputError
 from dualign.io import read_json, read_table, write_table
 from dualign.losses import Diagnostics, PairLogps, kl_estimate
@@ -460,6 +461,12 @@ def _accelerator(cfg: TrainConfig):
         raise ConfigError("config key 'device': cuda was asked for but no GPU is visible")
     cuda = cfg.device != "cpu" and torch.cuda.is_available()
     bf16 = cuda and torch.cuda.is_bf16_supported()
+    if launched_ranks() == 1:
+        # accelerate keeps one process-wide state; alone in the process, a training on the CPU after one
+        # on the GPU (a notebook, a test session, compare) would otherwise be refused by it
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
     accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if bf16 else "no")
     for kind in ("FSDP", "DEEPSPEED"):
         if os.environ.get(f"ACCELERATE_USE_{kind}", "false").lower() in ("1", "true") and \
