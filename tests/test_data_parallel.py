@@ -206,6 +206,11 @@ def test_two_processes_evaluate_exactly_as_one_with_shards(tmp_path, tiny_gpt2, 
     scorers = [f"reward=hf:{scorer_dirs['reward']},higher_is_better",
                f"cost=beaver:{scorer_dirs['cost']},lower_is_better"]
     one, two = _train_run_dir(tmp_path / "one"), _train_run_dir(tmp_path / "two")
+    # an interrupted run with other settings left a shard behind: it is not reused
+    stale = one / "eval" / "shards_reference"
+    stale.mkdir(parents=True)
+    (stale / "config.json").write_text(json.dumps({"seed": 99}))
+    pd.DataFrame({"prompt_id": ["x"], "response": ["stale"]}).to_parquet(stale / "0.parquet")
     evaluate(EvaluateConfig(run_dir=str(one), scorers=scorers, **args))
 
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in args.items() if k != "reference_cache"]

@@ -25,7 +25,7 @@ import torch
 from dualign.data.prompts import load_prompts
 from dualign.distributed import Ranks, one_process, ranks
 from dualign.errors import DualignError, InputError, first_line
-from dualign.io import cache_root, fingerprint, read_json, read_table, write_table
+from dualign.io import cache_root, fingerprint, read_json, read_table, write_json, write_table
 from dualign.models import (
     load_causal_lm,
     load_tokenizer,
@@ -255,6 +255,14 @@ def _sample_shards(path: str, prompts: pd.DataFrame, cfg: EvaluateConfig, seed: 
     every n-th one (a finished shard file is kept, so a killed run resumes); every process returns
     the whole table, in prompt order, once all shards exist."""
     n_shards = math.ceil(len(prompts) / cfg.shard_size)
+    key = {"model": fingerprint(path), "seed": seed, "prompts": prompts["prompt_id"].astype(str).tolist(),
+           **{k: getattr(cfg, k) for k in ("shard_size", "num_samples", "max_new_tokens", "template", "batch_size",
+                                           "device")}}
+    if dp.main and (shard_dir / "config.json").exists() and read_json(shard_dir / "config.json") != key:
+        shutil.rmtree(shard_dir)  # shards of an interrupted run with other settings: not this run's
+    if dp.main and not (shard_dir / "config.json").exists():
+        write_json(key, shard_dir / "config.json")
+    dp.barrier()
     mine = [i for i in dp.mine(n_shards) if not (shard_dir / f"{i}.parquet").exists()]
     if mine:
         tok = load_tokenizer(path, trust_remote_code=cfg.trust_remote_code)
