@@ -177,18 +177,22 @@ def test_dualign_run_under_a_launcher_is_refused_in_one_line(monkeypatch):
     from dualign.pipeline import run_pipeline
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ConfigError, match=r"^dualign run is one process; under torchrun / accelerate launch only sample, score and train run"):
+    with pytest.raises(ConfigError, match=r"^dualign run is one process; under torchrun / accelerate launch only "
+                                          r"sample, score, evaluate \(with shard_size\) and train run"):
         run_pipeline(None)
 
 
 def test_stages_that_are_not_data_parallel_refuse_a_launcher(monkeypatch):
+    from types import SimpleNamespace
+
     from dualign.dual.stage import run_dual
     from dualign.errors import ConfigError
     from dualign.evaluate import evaluate
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    for stage, call in (("dual", lambda: run_dual(None, "x")), ("evaluate", lambda: evaluate(None))):
-        with pytest.raises(ConfigError, match=f"^the {stage} stage is one process"):
+    for stage, call in (("dual stage", lambda: run_dual(None, "x")),
+                        ("evaluate stage without shard_size", lambda: evaluate(SimpleNamespace(shard_size=None)))):
+        with pytest.raises(ConfigError, match=f"^the {stage} is one process"):
             call()
 
 
