@@ -215,3 +215,22 @@ def test_two_constraints_on_one_column_go_through_dual_train_evaluate_and_compar
     assert table.loc["fixed-lambda-0.5", "lambda_cost<=ref-0.5"] == table.loc["fixed-lambda-0.5", "lambda_cost<=40"] == 0.5
     assert table.loc["mocan", "cost<=40_met"] == 1.0
     assert [c["name"] for c in out["constraints"]] == constraints
+
+
+def test_shared_stages_made_outside_compare_are_charged_their_recorded_time(tmp_path):
+    """A comparison started on sample and score stages that a demo made (outputs present, no
+    compute.json) charges each the wall-clock its <stage>.meta.json recorded, not NaN."""
+    from dualign.compare import run_shared
+    from dualign.io import write_json, write_table
+
+    shared = tmp_path / "shared"
+    table = pd.DataFrame({"prompt_id": ["a"], "prompt": ["p"], "response": ["r"], "reward": [0.0], "cost": [0.0]})
+    for name in ("samples", "scores"):
+        write_table(table, shared / f"{name}.parquet")
+    (shared / "dual.json").write_text("{}")
+    write_json({"stage": "sample", "timing_s": {"total": 77.5}}, shared / "sample.meta.json")
+    write_json({"stage": "score", "timing_s": {"total": 99.25, "score forward": 98.0}}, shared / "score.meta.json")
+    cost = run_shared(None, shared, log=lambda line: None)
+    assert cost["sample"]["wall_s"] == 77.5 and cost["score"]["wall_s"] == 99.25
+    assert "dual" not in cost  # no record of its own: left uncharged, as before
+    assert read_json(shared / "compute.json")["score"]["from"] == "score.meta.json"

@@ -217,6 +217,11 @@ def run_shared(run, shared: Path, log=print, cmp: CompareConfig | None = None) -
     for stage, output in SHARED_STAGES:
         if (shared / output).exists():
             log(f"shared {stage}: done, skipped")
+            meta = shared / f"{stage}.meta.json"
+            if stage not in cost and meta.exists():  # made outside compare: the stage's own record of its time
+                timing = read_json(meta).get("timing_s") or {}
+                if "total" in timing:
+                    cost[stage] = {"wall_s": float(timing["total"]), "from": f"{stage}.meta.json"}
             continue
         log(f"shared {stage} ...")
         with measure() as used:

@@ -163,7 +163,9 @@ def format_table(out: dict[str, Any]) -> str:
                         f"{share(r, c['name'] + '_met_confidently'):>6}{share(r, c['name'] + '_not_rejected'):>6}"
                         for c in cons)
         flops = r.get("flops")
-        line += f"{cell(r, 'kl'):>14}{(f'{lam[0]:.3g}' if lam else '-'):>8}{r['wall_s']:>9.1f}"
+        wall = r.get("wall_s")
+        wall = f"{wall:.1f}" if wall is not None and np.isfinite(wall) else "-"
+        line += f"{cell(r, 'kl'):>14}{(f'{lam[0]:.3g}' if lam else '-'):>8}{wall:>9}"
         line += f"{r['gradient_steps']:>7.0f}{(f'{flops:.2e}' if flops is not None else '-'):>10}"
         lines.append(line)
     if out["first_met"]:
