@@ -7,7 +7,7 @@ and R response tokens costs 2·N·(P + R) FLOPs forward and 6·N·(P + R) forwar
 MoCAN (N_d dual prompts × K samples, E epochs, evaluation on N_e prompts × k_e responses):
 
     generation  N_d·K·(P + R)          through π_ref        (sample)
-    scoring     N_d·K·(P + R)          through each scorer  (score)
+    scored      N_d·K·(P + R)          through each scorer  (score)
     reference   N_d·K·(P + R)          through π_ref        (log π_ref, once)
     training    E·N_d·K·(P + R)        forward + backward   (grouped batches: each response once an epoch)
     evaluation  N_e·k_e·(P + R)        generation + each scorer (the policy; π_ref's is cached)
@@ -16,7 +16,7 @@ Primal-dual RL (PPO- or GRPO-Lagrangian, critic-free as ``dualign compare`` runs
 of B prompts × S rollouts, U update epochs:
 
     generation  T·B·S·(P + R)          every iteration samples the current policy
-    scoring     T·B·S·(P + R)          through each scorer
+    scored      T·B·S·(P + R)          through each scorer
     reference   T·B·S·(P + R)          log π_ref of the rollouts (the KL penalty)
     training    T·B·S·(P + R)·(U·6 + 2)/6 in forward + backward units (log π_old, then U updates)
 
@@ -37,13 +37,14 @@ from dualign.flops import (
     BYTES_FROZEN,
     BYTES_TRAINED,
     H100_BF16_FLOPS,
+    STAGES,
     UTILISATION,
+    forward_flops,
     model_forward_params,
 )
+from dualign.flops import stage_flops as pipeline_stage_flops
 from dualign.io import read_json
 from dualign.text_table import text_table
-
-STAGES = ("generation", "scoring", "reference", "training")
 
 
 @dataclass
@@ -93,7 +94,7 @@ def mocan_tokens(cfg: ComputePlanConfig) -> dict[str, float]:
     policy's generated sequences, scored by every scorer."""
     seq = cfg.prompt_tokens + cfg.response_tokens
     n = cfg.prompts * cfg.samples * seq
-    return {"generation": n, "scoring": n, "reference": n, "training": cfg.epochs * n,
+    return {"generation": n, "scored": n, "reference": n, "training": cfg.epochs * n,
             "evaluation": cfg.eval_prompts * cfg.eval_samples * seq}
 
 
@@ -102,19 +103,17 @@ def rl_tokens(cfg: ComputePlanConfig) -> dict[str, float]:
     sequences (U per rollout) and ``forward`` the log π_old pass (one per rollout)."""
     seq = cfg.prompt_tokens + cfg.response_tokens
     n = cfg.rl_iterations * cfg.rl_prompts * cfg.rl_samples * seq
-    return {"generation": n, "scoring": n, "reference": n, "training": cfg.rl_epochs * n, "forward": n,
+    return {"generation": n, "scored": n, "reference": n, "training": cfg.rl_epochs * n, "forward": n,
             "evaluation": cfg.eval_prompts * cfg.eval_samples * seq}
 
 
 def stage_flops(tokens: dict[str, float], policy: float, scorer: float, scorers: int) -> dict[str, float]:
-    """FLOPs per stage: generation, reference, forward 2·N·T; scoring 2·N_s·T per scorer; training 6·N·T;
-    evaluation generation by the policy plus every scorer, 2·(N + scorers·N_s)·T."""
-    out = {"generation": 2 * policy * tokens["generation"],
-           "scoring": 2 * scorer * scorers * tokens["scoring"],
-           "reference": 2 * policy * tokens["reference"],
-           "training": 6 * policy * tokens["training"] + 2 * policy * tokens.get("forward", 0.0),
-           "evaluation": 2 * (policy + scorers * scorer) * tokens["evaluation"]}
-    out["total"] = sum(out.values())
+    """FLOPs per stage as the pipeline counts them (:func:`dualign.flops.stage_flops`: generation,
+    reference, forward 2·N·T; scoring 2·N_s·T per scorer; training 6·N·T), plus the evaluation:
+    generation by the policy and every scorer, 2·(N + scorers·N_s)·T."""
+    out = pipeline_stage_flops(tokens, policy, [scorer] * scorers)
+    out["evaluation"] = forward_flops(policy + scorers * scorer, tokens["evaluation"])
+    out["total"] += out["evaluation"]
     return out
 
 

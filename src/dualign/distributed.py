@@ -102,16 +102,16 @@ def ranks() -> Ranks:
     return Ranks(state.process_index, state.num_processes, state.local_process_index)
 
 
-def gather_shards(n: int, shard_dir: Path, dp: Ranks) -> pd.DataFrame | None:
+def gather_shards(n: int, shard_dir: Path, dp: Ranks, everywhere: bool = False) -> pd.DataFrame | None:
     """Once every process has written its shards (:meth:`Ranks.mine`), the main process's
-    concatenation of ``<shard_dir>/0.parquet`` … ``<n-1>.parquet`` in order; None in the others.
-    A shard's content depends on its index alone, never on which process made it, so any number
-    of processes gives the same table."""
+    concatenation of ``<shard_dir>/0.parquet`` … ``<n-1>.parquet`` in order; None in the others
+    (``everywhere``: every process reads it). A shard's content depends on its index alone, never on
+    which process made it, so any number of processes gives the same table."""
     import pandas as pd
 
     from dualign.io import read_table
 
     dp.barrier()
-    if not dp.main:
+    if not (dp.main or everywhere):
         return None
     return pd.concat([read_table(shard_dir / f"{i}.parquet") for i in range(n)], ignore_index=True)

@@ -4,7 +4,7 @@ both, and report achieved vs predicted.
 Outputs in ``<run_dir>/eval/``: ``samples_policy.parquet``, ``samples_reference.parquet``,
 ``report.json``, ``scores.png`` (score distributions before/after) and
 ``predicted_vs_achieved.png`` (predicted against achieved changes, with CIs). The table a run
-ends with and the plots are drawn by :mod:`dualign.report_view` (re-exported here).
+ends with and the plots are drawn by :mod:`dualign.report_view`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 
 from dualign.data.prompts import load_prompts
-from dualign.distributed import Ranks, one_process, ranks
+from dualign.distributed import Ranks, gather_shards, one_process, ranks
 from dualign.errors import DualignError, InputError, first_line
 from dualign.io import cache_root, fingerprint, read_json, read_table, write_json, write_table
 from dualign.models import (
@@ -272,8 +272,7 @@ def _sample_shards(path: str, prompts: pd.DataFrame, cfg: EvaluateConfig, seed: 
             write_table(_generate(model, tok, part, cfg, seed + i, ref_model, ref_tokenizer),
                         shard_dir / f"{i}.parquet")
         del model
-    dp.barrier()
-    return pd.concat([pd.read_parquet(shard_dir / f"{i}.parquet") for i in range(n_shards)], ignore_index=True)
+    return gather_shards(n_shards, shard_dir, dp, everywhere=True)
 
 
 def _logprobs(model, tokenizer, df: pd.DataFrame, cfg: EvaluateConfig) -> np.ndarray:

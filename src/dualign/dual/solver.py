@@ -396,8 +396,9 @@ def evaluation_se(samples: Samples, lambdas: np.ndarray, beta: float, relative: 
 
     mu_l, var_l = moments(p)
     mu_r, var_r = moments(w)
-    diff = np.where(np.asarray(relative, bool)[:, None], mu_l - mu_r, mu_l)
-    within = np.where(np.asarray(relative, bool)[:, None], var_l + var_r, var_l)
+    paired = np.asarray(relative, bool)[:, None]
+    diff = np.where(paired, mu_l - mu_r, mu_l)
+    within = np.where(paired, var_l + var_r, var_l)
     between = q @ ((diff - (diff @ q)[:, None]) ** 2).T
     return np.sqrt(between / prompts + (within @ q) / (prompts * per_prompt))
 
@@ -416,21 +417,20 @@ def _with_confidence(samples: Samples, plain: DualResult, margins: np.ndarray, l
 
     b = plain.thresholds
     relative = ~np.isnan(margins)
-    result, spread = plain, np.zeros_like(b)
-    eval_part = np.zeros_like(b)
+    result, spread, eval_part = plain, np.zeros_like(b), None
     for _ in range(rounds):
         dual_part = slack_spread(samples, result.lambdas, b, margins, plain.beta, level, resamples, seed)
         if evaluation is not None:
             eval_part = norm.ppf(level) * evaluation_se(samples, result.lambdas, plain.beta, relative,
                                                         *evaluation)
-        new = np.sqrt(dual_part**2 + eval_part**2)
+        new = dual_part if eval_part is None else np.hypot(dual_part, eval_part)
         done = np.all(np.abs(new - spread) <= 1e-3 * samples.scale(b))
         spread = new
         result = _result(samples, b + spread, plain.beta, plain.names, result.lambdas, tol, max_iter)
         if done:
             break
     result.confidence, result.confidence_margin, result.plain = level, spread, plain
-    result.confidence_parts = (dual_part, eval_part if evaluation is not None else None)
+    result.confidence_parts = (dual_part, eval_part)
     result.confidence_evaluation = evaluation
     return result
 
