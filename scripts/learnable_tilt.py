@@ -28,6 +28,7 @@ from shortfall import behaviour_level, changes  # noqa: E402
 
 from dualign.models import load_causal_lm, load_tokenizer  # noqa: E402
 from dualign.records import read_dual  # noqa: E402
+from dualign.segments import Segments  # noqa: E402
 from dualign.templates import format_prompt  # noqa: E402
 
 
@@ -54,13 +55,11 @@ def features(scores: pd.DataFrame, model_path: str, template: str, batch: int = 
     return np.concatenate(out)
 
 
-def within(codes: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(x minus its prompt mean, the prompt mean per row)."""
-    counts = np.bincount(codes).astype(float)
-    sums = np.zeros((counts.size, *x.shape[1:]))
-    np.add.at(sums, codes, x)
-    means = sums / (counts[:, None] if x.ndim > 1 else counts)
-    return x - means[codes], means[codes]
+def within(seg: Segments, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(x minus its prompt mean, the prompt mean per row), rows [n] or [n, d] in the input's order."""
+    grouped = seg.group(x).T  # the prompt axis last, as Segments reduces
+    means = seg.ungroup(seg.expand(seg.sum(grouped) / seg.counts).T)
+    return x - means, means
 
 
 def cross_fitted(h: np.ndarray, y: np.ndarray, fold: np.ndarray, alpha: float) -> np.ndarray:
@@ -94,12 +93,12 @@ def main() -> None:
         h = features(scores, sample_cfg["model"], sample_cfg.get("template", "plain"))
         np.save(cache, h)
         print(f"features {h.shape} in {time.perf_counter() - start:.0f} s")
-    codes, _ = pd.factorize(scores["prompt_id"].to_numpy())
-    h_within, _ = within(codes, h)
-    fold = np.random.default_rng(0).integers(0, 5, size=codes.max() + 1)[codes]
+    seg = Segments.of(scores["prompt_id"].to_numpy())
+    h_within, _ = within(seg, h)
+    fold = np.random.default_rng(0).integers(0, 5, size=seg.num)[seg.codes()]
     fitted = scores.copy()
     for c in columns:
-        y_within, y_mean = within(codes, scores[c].to_numpy(float))
+        y_within, y_mean = within(seg, scores[c].to_numpy(float))
         pred = cross_fitted(h_within, y_within, fold, args.alpha)
         r2 = 1 - np.mean((y_within - pred) ** 2) / np.mean(y_within ** 2)
         print(f"{c}: cross-fitted within-prompt R² {r2:.3f}")
