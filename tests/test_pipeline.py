@@ -309,3 +309,23 @@ def test_evaluate_reuses_reference_samples_across_runs_only_while_nothing_that_d
     assert len(calls) == 2                                        # a sampling setting changed: π_ref sampled again
     meta = json.loads((tmp_path / "third" / "train.meta.json").read_text())
     assert meta["timing_s"]["total"] > 0 and meta["timing_s"]["forward (log-probs)"] > 0
+
+
+def test_a_run_planned_with_confidence_on_the_reachable_tilt_resumes_without_redoing_a_stage(tmp_path, tiny_gpt2):
+    """The dual section is recorded as the run runs it (the evaluation a confidence plan covers, the
+    model and template the reachable tilt takes its features from), so a finished run resumes."""
+    values = _config(tmp_path, tiny_gpt2)
+    values["dual"] = {**values["dual"], "confidence": 0.9, "tilt": "reachable"}
+    run_pipeline(resolve_run_config(values), log=lambda _: None)
+    run = Path(values["run_dir"])
+    recorded = yaml.safe_load((run / "dual.config.yaml").read_text())
+    assert (recorded["evaluation_prompts"], recorded["evaluation_samples"]) == (len(PROMPTS), 2)
+    assert (recorded["model"], recorded["template"]) == (tiny_gpt2, "plain")
+    dual = json.loads((run / "dual.json").read_text())
+    assert set(dual["reachable"]["r2"]) == {"reward", "cost"} and dual["confidence"]["level"] == 0.9
+    assert (run / "reachable_features.safetensors").exists()
+    stamps = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    logs: list[str] = []
+    run_pipeline(resolve_run_config(values), log=logs.append)
+    assert sum("done, skipped" in line for line in logs) == 5
+    assert stamps == {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}

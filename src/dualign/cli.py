@@ -245,19 +245,14 @@ predicted mean under π_λ*, and the predicted change with its CI; then the rewa
 
 def _cmd_dual(args: argparse.Namespace) -> int:
     from dualign import checks
-    from dualign.constraints import parse_constraint
-    from dualign.data.scores import read_scores
-    from dualign.dual import DualConfig, format_report, require_converged, solve_constraints
+    from dualign.dual import DualConfig, format_report
+    from dualign.dual.stage import solve_config
     from dualign.records import to_json, write_dual
 
     cfg = resolve_config(DualConfig, args.config, args, exclude=("config", "json", "output"))
     if args.output:
         checks.new_file(args.output, "--output")
-    constraints = [parse_constraint(c) for c in cfg.constraints]
-    scores = read_scores(cfg.scores, [cfg.reward] + [c.column for c in constraints])
-    record = solve_constraints(scores, cfg.beta, cfg.reward, constraints, bootstrap=cfg.bootstrap,
-                               confidence=cfg.confidence, evaluation=cfg.evaluation(), seed=cfg.seed)
-    require_converged(record, cfg.allow_unconverged)
+    record = solve_config(cfg)
     if args.output:
         write_dual(record, args.output)
     print(json.dumps(to_json(record)) if args.json else format_report(record))
@@ -458,6 +453,7 @@ examples:
   dualign demo --method pecan        PeCAN: the same world from its preference pairs alone
   dualign demo --recalibrate         then measure on calibration prompts, correct λ, fine-tune again
   dualign demo --confidence 0.95     plan λ so that the constraint holds at its 95% bound
+  dualign demo --tilt reachable      plan λ on what π_ref's features can target (one fine-tune)
 
 The first run builds the world (π_ref, reward and cost models; minutes) into $DUALIGN_CACHE/worlds
 and reuses it afterwards. The run ends with a table of π_ref against the aligned policy on held-out
@@ -475,6 +471,10 @@ eval/predicted_vs_achieved.png and the aligned model in policy/."""
                         "prompts and correct λ while the constraint misses (at most 2 extra fine-tunes)")
     p.add_argument("--confidence", type=float,
                    help="plan λ so that the constraint holds at this one-sided confidence bound (e.g. 0.95)")
+    p.add_argument("--tilt", choices=("samples", "reachable"), default=None,
+                   help="the dual's tilt: samples (π_ref's samples reweighted by their scores, the paper's) "
+                        "or reachable (the scores first replaced by what π_ref's features predict of them: "
+                        "plans only on what a fine-tune can target)")
     p.add_argument("--restart-from", choices=source_constant("dualign.pipeline", "STAGES"),
                    help="delete this stage's outputs and later ones first")
 
@@ -502,6 +502,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if args.confidence is not None:
         values["dual"] = {**values["dual"], "confidence": args.confidence}
         default_dir += f"-confidence{args.confidence:g}"
+    if args.tilt is not None:
+        values["dual"] = {**values["dual"], "tilt": args.tilt}
+        default_dir += f"-{args.tilt}" if args.tilt != "samples" else ""
     values.update(run_dir=args.run_dir or default_dir, seed=args.seed)
     run_pipeline(resolve_run_config(values), restart_from=args.restart_from)
     return 0

@@ -269,12 +269,12 @@ def run_pipeline(cfg: RunConfig, restart_from: str | None = None, log=print) -> 
 def _run_stages(cfg: RunConfig, run_dir: Path, log) -> float:
     """Each stage not marked complete, in order (its config recorded first); the seconds spent."""
     funcs = {"sample": sample, "prealign": prealign, "score": score,
-             "dual": lambda c: run_dual(_covering_evaluation(c, cfg.evaluate), run_dir), "train": train,
+             "dual": lambda c: run_dual(c, run_dir), "train": train,
              "recalibrate": lambda c: recalibrate(c, cfg.train), "evaluate": evaluate}
     stages = [s for s in STAGES if getattr(cfg, s) is not None]
     total = 0.0
     for i, stage in enumerate(stages):
-        stage_cfg = getattr(cfg, stage)
+        stage_cfg = _dual_in_run(cfg) if stage == "dual" else getattr(cfg, stage)
         changed = _stage_config_changed(run_dir, stage, stage_cfg)
         if changed:
             raise InputError(f"{run_dir}: stage '{stage}' was run with a different config ({changed}); "
@@ -294,6 +294,18 @@ def _run_stages(cfg: RunConfig, run_dir: Path, log) -> float:
         split = ", ".join(f"{k} {v:.0f} s" for k, v in sorted(parts.items(), key=lambda kv: -kv[1]) if v >= 0.5)
         log(f"[{i + 1}/{len(stages)}] {stage}: {spent:.0f} s" + (f" ({split})" if split else ""))
     return total
+
+
+def _dual_in_run(cfg: RunConfig) -> DualConfig:
+    """The dual section as the run runs and records it: a confidence plan covers the run's
+    evaluation (:func:`_covering_evaluation`), and the reachable tilt takes π_ref's features from
+    the model and template the samples were drawn with, unless the section names its own."""
+    dual = _covering_evaluation(cfg.dual, cfg.evaluate)
+    if dual.tilt != "reachable" or dual.model is not None:
+        return dual
+    s = cfg.sample
+    return dataclasses.replace(dual, model=s.model, revision=s.revision, template=s.template,
+                               trust_remote_code=s.trust_remote_code)
 
 
 def _covering_evaluation(dual: DualConfig, evaluation: EvaluateConfig | None) -> DualConfig:

@@ -56,6 +56,19 @@ class ConfidencePlan:
 
 
 @dataclass
+class ReachableTilt:
+    """``dual --tilt reachable``: the dual was solved on each score's prediction from π_ref's own
+    features of the response (:mod:`dualign.dual.reachable`). ``r2`` and ``residual_sd`` per score
+    column: the cross-fitted within-prompt R² and the s.d. of what the features leave out;
+    ``samples_predicted`` what the plain K-sample tilt of the original scores predicts at the same
+    λ (reward column, constraint names, "kl"): the change the fine-tune is trained towards."""
+
+    r2: dict[str, float]
+    residual_sd: dict[str, float]
+    samples_predicted: dict[str, float]
+
+
+@dataclass
 class HalfSampleKL:
     """The KL of π_λ* estimated on the first K/2 samples of each prompt and on all K."""
 
@@ -91,6 +104,7 @@ class DualRecord:
     ci: DualCI | None = None
     kl_half_samples: HalfSampleKL | None = None
     confidence: ConfidencePlan | None = None
+    reachable: ReachableTilt | None = None
     allow_unconverged: bool | None = None  # true: the dual stage was told to keep an unconverged λ*
     method: str | None = None
     reward_weight: float | None = None

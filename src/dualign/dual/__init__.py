@@ -7,7 +7,8 @@ layers a reader can take one at a time:
   an LP), the warm start and the prompt bootstrap; :mod:`~dualign.dual.tilt` evaluates the
   formulas fast on the solver's flat problem.
 - :mod:`~dualign.dual.stage`: constraint strings on a scores table → ``dual.json`` (the pipeline's
-  dual stage, ``dualign dual``).
+  dual stage, ``dualign dual``); with ``tilt: reachable`` the scores are first replaced by their
+  prediction from π_ref's own features (:mod:`~dualign.dual.reachable`, beyond the paper).
 """
 
 from dualign.dual.formulas import (

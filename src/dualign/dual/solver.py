@@ -372,7 +372,7 @@ def slack_spread(samples: Samples, lambdas: np.ndarray, thresholds: np.ndarray, 
 
 
 def evaluation_se(samples: Samples, lambdas: np.ndarray, beta: float, relative: np.ndarray,
-                  prompts: int, per_prompt: int) -> np.ndarray:
+                  prompts: int, per_prompt: int, residual_variance: np.ndarray | None = None) -> np.ndarray:
     """The standard error of an evaluation's estimate of each E[g_j] at π_λ, predicted from the
     samples: the evaluation draws ``prompts`` new prompts × ``per_prompt`` responses of π_λ and, for a
     relative threshold (``relative[j]``), as many of π_ref on the same prompts, and compares their
@@ -383,7 +383,9 @@ def evaluation_se(samples: Samples, lambdas: np.ndarray, beta: float, relative: 
         absolute: SE² = Var_q(μ_λ(x)) / n_e + E_q[σ²_λ(x)] / (n_e·k_e)
 
     μ(x) estimated from the K samples of each prompt carries their noise too, so the between-prompt
-    term is somewhat over-estimated (the margin errs wide)."""
+    term is somewhat over-estimated (the margin errs wide). ``residual_variance`` [m] (ε², the
+    variance of what the samples' g leaves out, e.g. the residual of the reachable tilt) is noise
+    every fresh response carries: it adds ε² to σ²_λ(x), and to σ²_ref(x) for a relative threshold."""
     tilt = Tilt(samples, np.zeros(samples.m), beta)
     pt = tilt.evaluate(np.asarray(lambdas, dtype=np.float64))
     seg, g, q = samples.seg, samples.centred, samples.prompt_weights
@@ -399,13 +401,16 @@ def evaluation_se(samples: Samples, lambdas: np.ndarray, beta: float, relative: 
     paired = np.asarray(relative, bool)[:, None]
     diff = np.where(paired, mu_l - mu_r, mu_l)
     within = np.where(paired, var_l + var_r, var_l)
+    if residual_variance is not None:
+        within = within + np.where(paired[:, 0], 2.0, 1.0)[:, None] * np.asarray(residual_variance)[:, None]
     between = q @ ((diff - (diff @ q)[:, None]) ** 2).T
     return np.sqrt(between / prompts + (within @ q) / (prompts * per_prompt))
 
 
 def _with_confidence(samples: Samples, plain: DualResult, margins: np.ndarray, level: float,
                      resamples: int, seed: int, tol: float, max_iter: int,
-                     evaluation: tuple[int, int] | None = None, rounds: int = 6) -> DualResult:
+                     evaluation: tuple[int, int] | None = None, rounds: int = 6,
+                     residual_variance: np.ndarray | None = None) -> DualResult:
     """λ for which every constraint holds at its one-sided ``level`` bound: the fixed point of
     b'_j = b_j + s_j(λ(b')), solved again until s stops moving (a few rounds).
 
@@ -422,7 +427,7 @@ def _with_confidence(samples: Samples, plain: DualResult, margins: np.ndarray, l
         dual_part = slack_spread(samples, result.lambdas, b, margins, plain.beta, level, resamples, seed)
         if evaluation is not None:
             eval_part = norm.ppf(level) * evaluation_se(samples, result.lambdas, plain.beta, relative,
-                                                        *evaluation)
+                                                        *evaluation, residual_variance=residual_variance)
         new = dual_part if eval_part is None else np.hypot(dual_part, eval_part)
         done = np.all(np.abs(new - spread) <= 1e-3 * samples.scale(b))
         spread = new
@@ -470,7 +475,7 @@ def solve_dual(rewards, utilities, thresholds, beta: float, sample_weights=None,
                bootstrap: int = 0, seed: int = 0, tol: float = 1e-9, max_iter: int = 100,
                names: Sequence[str] | None = None, lambdas0=None, ci_level: float = 0.95,
                relative: Sequence[bool] | None = None, confidence: float | None = None,
-               evaluation: tuple[int, int] | None = None) -> DualResult:
+               evaluation: tuple[int, int] | None = None, residual_variance=None) -> DualResult:
     """λ* = argmin_{λ≥0} D(λ) for rewards [N, K], utilities [N, K, m] (or [N, K]), thresholds b.
 
     The constraints read mean_x E_π[g_j] ≥ b_j. ``sample_weights`` [N, K] ≥ 0 are normalised per
@@ -481,8 +486,9 @@ def solve_dual(rewards, utilities, thresholds, beta: float, sample_weights=None,
     one-sided ``confidence`` bound under prompt resampling (``result.plain`` is the solution
     without it); with ``evaluation`` = (prompts, responses per prompt) the margin also covers the
     noise of an evaluation of that size, so that its point estimate clears b_j with probability
-    ≈ ``confidence`` if the fine-tune lands on π_λ. Raises InfeasibleConstraintError when no finite
-    λ* exists.
+    ≈ ``confidence`` if the fine-tune lands on π_λ; ``residual_variance`` [m] adds noise the
+    utilities leave out to that evaluation (:func:`evaluation_se`). Raises InfeasibleConstraintError
+    when no finite λ* exists.
     """
     rewards = np.asarray(rewards, dtype=np.float64)
     if rewards.ndim != 2 or rewards.shape[0] == 0 or rewards.shape[1] == 0:
@@ -496,14 +502,14 @@ def solve_dual(rewards, utilities, thresholds, beta: float, sample_weights=None,
     flat_w = None if weights is None else weights.ravel()
     samples = flat_samples(seg, rewards.ravel(), utilities.reshape(-1, len(b)), flat_w, np.arange(n_prompts))
     return _finish(samples, b, float(beta), names, lambdas0, tol, max_iter, bootstrap, seed, ci_level,
-                   relative, confidence, evaluation)
+                   relative, confidence, evaluation, residual_variance)
 
 
 def solve_dual_long(prompt_ids, rewards, utilities, thresholds, beta: float, sample_weights=None, *,
                     bootstrap: int = 0, seed: int = 0, tol: float = 1e-9, max_iter: int = 100,
                     names: Sequence[str] | None = None, lambdas0=None, ci_level: float = 0.95,
                     relative: Sequence[bool] | None = None, confidence: float | None = None,
-                    evaluation: tuple[int, int] | None = None) -> DualResult:
+                    evaluation: tuple[int, int] | None = None, residual_variance=None) -> DualResult:
     """:func:`solve_dual` on long-format rows: prompt_ids [n], rewards [n], utilities [n, m] or [n].
 
     Prompts may have different numbers of samples; rows of a prompt need not be adjacent. Grouping
@@ -522,11 +528,11 @@ def solve_dual_long(prompt_ids, rewards, utilities, thresholds, beta: float, sam
     weights = None if weights is None else seg.group(weights)
     samples = flat_samples(seg, seg.group(rewards), seg.group(utilities), weights, seg.labels)
     return _finish(samples, b, float(beta), names, lambdas0, tol, max_iter, bootstrap, seed, ci_level,
-                   relative, confidence, evaluation)
+                   relative, confidence, evaluation, residual_variance)
 
 
 def _finish(samples, b, beta, names, lambdas0, tol, max_iter, bootstrap, seed, ci_level,
-            relative=None, confidence=None, evaluation=None) -> DualResult:
+            relative=None, confidence=None, evaluation=None, residual_variance=None) -> DualResult:
     if lambdas0 is not None and np.shape(lambdas0) != b.shape:
         raise InputError(f"lambdas0 must have {b.size} values, got {np.shape(lambdas0)}")
     if relative is not None and len(relative) != b.size:
@@ -540,7 +546,9 @@ def _finish(samples, b, beta, names, lambdas0, tol, max_iter, bootstrap, seed, c
     margins = np.where(np.asarray(relative if relative is not None else [False] * b.size, bool), b - ref, np.nan)
     if confidence is not None:
         result = _with_confidence(samples, result, margins, confidence, max(int(bootstrap), 200), seed, tol,
-                                  max_iter, None if evaluation is None else tuple(int(v) for v in evaluation))
+                                  max_iter, None if evaluation is None else tuple(int(v) for v in evaluation),
+                                  residual_variance=None if residual_variance is None
+                                  else np.asarray(residual_variance, dtype=np.float64))
         margins = margins + result.confidence_margin
     if bootstrap:
         _bootstrap(samples, result, int(bootstrap), seed, tol, max_iter, ci_level, margins)

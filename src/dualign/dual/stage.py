@@ -8,11 +8,13 @@ back in the columns' own units. ``run_dual`` is the pipeline's stage; ``format_r
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -24,12 +26,21 @@ from dualign.constraints import (
 )
 from dualign.data.scores import Scores, read_scores
 from dualign.distributed import one_process
-from dualign.dual.formulas import half_sample_kl, reference_means
+from dualign.dual.formulas import half_sample_kl, reference_means, tilted_means
+from dualign.dual.reachable import FEATURES, ReachableFit, reachable_columns, reference_features
 from dualign.dual.solver import DualResult, solve_dual_long
 from dualign.errors import InfeasibleConstraintError, InputError
 from dualign.io import read_json
 from dualign.provenance import mark_done, record_stage, unmark
-from dualign.records import ConfidencePlan, DualCI, DualRecord, HalfSampleKL, write_dual
+from dualign.records import (
+    ConfidencePlan,
+    DualCI,
+    DualRecord,
+    HalfSampleKL,
+    ReachableTilt,
+    write_dual,
+)
+from dualign.segments import Segments
 from dualign.text_table import interval, num, text_table
 
 
@@ -56,6 +67,21 @@ class DualConfig:
                 "spread only)"})
     evaluation_samples: int = field(default=1, metadata={
         "help": "with --evaluation-prompts: responses per prompt and policy in that evaluation"})
+    tilt: Literal["samples", "reachable"] = field(default="samples", metadata={
+        "help": "samples: tilt π_ref's samples by their scores (the paper's dual); reachable: first "
+                "replace each score by what π_ref's own features of the response predict of it "
+                "(cross-fitted ridge), so the dual plans only on what a fine-tune can target: a larger "
+                "λ*, and predictions nearer what training delivers (docs/method.md)"})
+    model: str | None = field(default=None, metadata={
+        "help": "with tilt: reachable, π_ref (HF id or path) whose features are used; in a run: the run's model"})
+    revision: str | None = field(default=None, metadata={"help": "with --model: its revision"})
+    template: str = field(default="auto", metadata={
+        "help": "with --model: the prompt template the samples were drawn with; in a run: the sample section's"})
+    trust_remote_code: bool = field(default=False, metadata={
+        "help": "with --model: allow code shipped with the model to run (off: such a model is refused)"})
+    device: str = field(default="auto", metadata={"help": "with --model: cuda, cpu, cuda:1, ... (auto: cuda if available)"})
+    ridge_alpha: float = field(default=1e-3, metadata={
+        "help": "with tilt: reachable, the ridge penalty α, as a multiple of the mean diagonal of HᵀH"})
     allow_unconverged: bool = field(default=False, metadata={
         "help": "keep a λ* the solver did not converge to (recorded in dual.json, so train accepts it); "
                 "off: an unconverged solve is an error"})
@@ -77,6 +103,8 @@ class DualConfig:
             raise ValueError(f"evaluation_prompts must be ≥ 1, got {self.evaluation_prompts}")
         if self.evaluation_samples < 1:
             raise ValueError(f"evaluation_samples must be ≥ 1, got {self.evaluation_samples}")
+        if not (math.isfinite(self.ridge_alpha) and self.ridge_alpha > 0):
+            raise ValueError(f"ridge_alpha must be a positive finite number, got {self.ridge_alpha}")
 
     def evaluation(self) -> tuple[int, int] | None:
         """(prompts, responses per prompt) of the evaluation a confidence plan covers, or None."""
@@ -158,17 +186,30 @@ def require_converged(record: DualRecord, allow: bool) -> DualRecord:
 def solve_constraints(scores: Scores, beta: float, reward: str, constraints: Sequence[Constraint], *,
                       bootstrap: int = 0, seed: int = 0, lambdas0=None,
                       confidence: float | None = None,
-                      evaluation: tuple[int, int] | None = None) -> DualRecord:
+                      evaluation: tuple[int, int] | None = None,
+                      features: np.ndarray | None = None, ridge_alpha: float = 1e-3) -> DualRecord:
     """Solve the dual for parsed constraints on a scores table; return the dual.json record.
 
-    Columns whose arithmetic would overflow are refused by name, and so is a result that is not
-    finite; whether it converged is the caller's to judge (:func:`require_converged`).
+    With ``features`` [n, d] (π_ref's features of each row, in the table's file order) the dual is
+    solved on the reachable tilt (:mod:`dualign.dual.reachable`): every score column replaced by
+    its cross-fitted prediction from the features; the record keeps each column's R² and what the
+    plain K-sample tilt predicts at the chosen λ. Columns whose arithmetic would overflow are
+    refused by name, and so is a result that is not finite; whether it converged is the caller's
+    to judge (:func:`require_converged`).
     """
     if not constraints:
         raise InputError("at least one --constraint is needed")
     _refuse_absolute_implicit(constraints, scores.source)
     columns = list(dict.fromkeys([reward] + [c.column for c in constraints]))
     _check_magnitudes(scores, columns, beta)
+    original, fit = scores, None
+    if features is not None:
+        if len(features) != scores.num_samples:
+            raise InputError(f"{scores.source}: {len(features)} feature rows for {scores.num_samples} samples")
+        fit = reachable_columns(Segments.of(scores.prompt_index), {c: scores.columns[c] for c in columns},
+                                np.asarray(features, dtype=np.float64)[scores.rows - 1], alpha=ridge_alpha,
+                                seed=seed)
+        scores = dataclasses.replace(scores, columns={**scores.columns, **fit.columns})
     refs = reference_means(scores.prompt_index, np.stack([scores.columns[c] for c in columns], axis=1),
                            scores.sample_weights)
     ref = dict(zip(columns, refs.tolist(), strict=True))
@@ -178,7 +219,9 @@ def solve_constraints(scores: Scores, beta: float, reward: str, constraints: Seq
         res = solve_dual_long(scores.prompt_index, scores.columns[reward], g, b, beta,
                               scores.sample_weights, names=names, bootstrap=bootstrap, seed=seed,
                               lambdas0=lambdas0, relative=[c.relative for c in constraints],
-                              confidence=confidence, evaluation=evaluation)
+                              confidence=confidence, evaluation=evaluation,
+                              residual_variance=None if fit is None else
+                              [fit.residual_variance[c.column] for c in constraints])
     except InfeasibleConstraintError as e:
         raise _column_infeasible(e, constraints) from None
     record = _record(res, reward, constraints, ref)
@@ -187,7 +230,23 @@ def solve_constraints(scores: Scores, beta: float, reward: str, constraints: Seq
                             scores.sample_weights)
     if halves is not None:
         record.kl_half_samples = HalfSampleKL(*halves)
+    if fit is not None:
+        record.reachable = _reachable_record(original, fit, res, reward, constraints)
     return record
+
+
+def _reachable_record(scores: Scores, fit: ReachableFit, res: DualResult, reward: str,
+                      constraints: Sequence[Constraint]) -> ReachableTilt:
+    """The reachable fit (R², residual s.d. per column) and the K-sample tilt's predictions at λ."""
+    g, _ = utilities_and_thresholds(constraints, scores.columns, {c.column: 0.0 for c in constraints})
+    logits = (scores.columns[reward] + g @ res.lambdas) / res.beta
+    names = constraint_names(constraints)
+    values = np.stack([scores.columns[reward], *(scores.columns[c.column] for c in constraints)], axis=1)
+    means, kl = tilted_means(scores.prompt_index, logits, values, scores.sample_weights)
+    predicted = {reward: float(means[0]), **{n: float(v) for n, v in zip(names, means[1:], strict=True)},
+                 "kl": float(kl)}
+    return ReachableTilt(r2=dict(fit.r2), residual_sd={c: math.sqrt(v) for c, v in fit.residual_variance.items()},
+                         samples_predicted=predicted)
 
 
 def _in_columns(res: DualResult, reward: str, constraints: Sequence[Constraint]) -> dict[str, float]:
@@ -277,6 +336,17 @@ def format_report(record: DualRecord) -> str:
         notes.append(f"KL estimated from half of each prompt's samples: {halves.half:.3g}; from all of them: "
                      f"{halves.all:.3g}. An estimate that still grows with the number of samples means π_λ*'s "
                      "true KL is larger than predicted: sample more responses per prompt.")
+    reach = record.reachable
+    if reach:
+        fits = ", ".join(f"{c} {r2:.2f}" for c, r2 in reach.r2.items())
+        asked = ", ".join(f"{n} {reach.samples_predicted[n] - record.reference[n]:+.4g}"
+                          for n in [reward, *record.names])
+        notes.append(f"Planned on the reachable tilt: every score replaced by what π_ref's own features of the "
+                     f"response predict of it (cross-fitted within-prompt R²: {fits}), so λ* buys only "
+                     f"changes a fine-tune can target. The fine-tune trains on the original scores at this λ*, "
+                     f"whose K-sample tilt predicts changes of {asked} and KL "
+                     f"{reach.samples_predicted['kl']:.3g}. On the built-in world the achieved constraint change "
+                     f"fell between the two, the reward near the reachable one, the KL above both (README).")
     plan = record.confidence
     if plan:
         names = ", ".join(f"{n} by {plan.margin[n]:.3g}" for n in record.names)
@@ -300,16 +370,29 @@ def format_report(record: DualRecord) -> str:
     return "\n".join(lines)
 
 
+def solve_config(cfg: DualConfig, cache: Path | None = None) -> DualRecord:
+    """The dual of a DualConfig on its scores table (``cfg.scores``), converged or refused."""
+    if cfg.tilt == "reachable" and cfg.model is None:
+        raise InputError("tilt: reachable needs π_ref's features: give --model (in a run, the run's model is used)")
+    constraints = [parse_constraint(c) for c in cfg.constraints]
+    scores = read_scores(cfg.scores, [cfg.reward] + [c.column for c in constraints])
+    features = None
+    if cfg.tilt == "reachable":
+        features = reference_features(cfg.model, cfg.scores, cache, revision=cfg.revision, template=cfg.template,
+                                      trust_remote_code=cfg.trust_remote_code, device=cfg.device)
+    record = solve_constraints(scores, cfg.beta, cfg.reward, constraints, bootstrap=cfg.bootstrap,
+                               confidence=cfg.confidence, evaluation=cfg.evaluation(), seed=cfg.seed,
+                               features=features, ridge_alpha=cfg.ridge_alpha)
+    return require_converged(record, cfg.allow_unconverged)
+
+
 def run_dual(cfg: DualConfig, run_dir: str | Path) -> DualRecord:
-    """The pipeline's dual stage: read scores (cfg.scores or <run_dir>/scores.parquet), write dual.json."""
+    """The pipeline's dual stage: read scores (cfg.scores or <run_dir>/scores.parquet), write dual.json
+    (and, with tilt: reachable, π_ref's features of the samples to reachable_features.safetensors)."""
     one_process("the dual stage")
     run_dir = Path(run_dir)
-    constraints = [parse_constraint(c) for c in cfg.constraints]
     path = Path(cfg.scores) if cfg.scores else run_dir / "scores.parquet"
-    scores = read_scores(path, [cfg.reward] + [c.column for c in constraints])
-    record = solve_constraints(scores, cfg.beta, cfg.reward, constraints, bootstrap=cfg.bootstrap,
-                               confidence=cfg.confidence, evaluation=cfg.evaluation(), seed=cfg.seed)
-    require_converged(record, cfg.allow_unconverged)
+    record = solve_config(dataclasses.replace(cfg, scores=str(path)), run_dir / FEATURES)
     unmark(run_dir, "dual")
     write_dual(record, run_dir / "dual.json")
     record_stage(run_dir, "dual", cfg, seed=cfg.seed)

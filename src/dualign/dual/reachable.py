@@ -1,0 +1,157 @@
+"""The reachable tilt: plan on the part of each score that a fine-tune of π_ref can target.
+
+The dual's K-sample tilt reweights π_ref's own samples by their scores, so within one prompt it
+also favours the samples that score high for reasons no policy can reproduce on fresh samples
+(the scorers' response-level noise, wording the policy cannot aim at). A fine-tune then delivers
+less than the tilt predicts (README, "Why the learned reward falls"). ``dual: {tilt: reachable}``
+replaces each score column by what π_ref's own representation of the response predicts of it,
+before solving:
+
+    s̃(x, y) = s̄(x) + ĥ(x, y)ᵀŵ,   ĥ = h(x, y) − h̄(x),   ŵ = ridge fit of s − s̄ on ĥ
+
+with h(x, y) π_ref's final hidden state averaged over the response's tokens and taken at its last
+token (:func:`response_features`), bars the means over the prompt's samples, and ŵ cross-fitted:
+each fold of prompts is predicted by a fit on the others (:func:`cross_fitted_ridge`), so a score's
+own noise cannot leak into its fitted value. The dual is then solved on s̃ as usual; the fine-tune
+still trains on the original scores at that λ. The residual s − s̃ is noise that fresh samples
+carry too, so its variance joins the evaluation's standard error of a confidence plan.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dualign.errors import InputError
+from dualign.io import atomic_path, read_table
+from dualign.models import tokenize_pairs
+from dualign.progress import Progress
+from dualign.segments import Segments
+from dualign.templates import format_prompt
+
+
+def within_prompt(seg: Segments, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(x − x̄(prompt), x̄(prompt) per row) for grouped rows x [n] or [n, d]: x̄ the prompt's mean."""
+    x = np.asarray(x, dtype=np.float64)
+    flat = x.reshape(len(x), -1)
+    means = seg.expand(seg.sum(flat.T) / seg.counts).T
+    means = means.reshape(x.shape)
+    return x - means, means
+
+
+def prompt_folds(seg: Segments, folds: int, seed: int) -> np.ndarray:
+    """Each grouped row's fold in 0..folds−1, drawn per prompt (all samples of a prompt together)."""
+    return seg.expand(np.random.default_rng(seed).integers(0, folds, size=seg.num))
+
+
+def cross_fitted_ridge(h: np.ndarray, y: np.ndarray, fold: np.ndarray, alpha: float) -> np.ndarray:
+    """ŷ with each fold f predicted by ŵ_f = (HᵀH + α·tr(HᵀH)/d·I)⁻¹Hᵀy fitted on the other folds
+    (H, y their rows; d = H's columns) → [n]. A fold whose complement is empty is predicted as 0."""
+    pred = np.zeros(len(y))
+    for f in np.unique(fold):
+        train, test = fold != f, fold == f
+        if not train.any():
+            continue
+        gram = h[train].T @ h[train]
+        penalty = alpha * np.trace(gram) / h.shape[1]
+        w = np.linalg.solve(gram + penalty * np.eye(h.shape[1]), h[train].T @ y[train])
+        pred[test] = h[test] @ w
+    return pred
+
+
+@dataclass
+class ReachableFit:
+    """Fitted columns s̃ (grouped rows), each column's cross-fitted within-prompt R² and the variance
+    of its residual s − s̃ (pooled over rows)."""
+
+    columns: dict[str, np.ndarray]
+    r2: dict[str, float]
+    residual_variance: dict[str, float]
+
+
+def reachable_columns(seg: Segments, columns: dict[str, np.ndarray], features: np.ndarray, *,
+                      alpha: float = 1e-3, folds: int = 5, seed: int = 0) -> ReachableFit:
+    """s̃ = s̄(x) + cross-fitted ridge of (s − s̄) on (h − h̄) for each column [n] (grouped rows);
+    R² = 1 − Σ(s − s̃)² / Σ(s − s̄)²."""
+    if features.ndim != 2 or len(features) != seg.size:
+        raise ValueError(f"features must be [{seg.size}, d], got {features.shape}")
+    h_within, _ = within_prompt(seg, features)
+    fold = prompt_folds(seg, folds, seed)
+    fitted, r2, resid = {}, {}, {}
+    for name, s in columns.items():
+        s_within, s_mean = within_prompt(seg, s)
+        pred = cross_fitted_ridge(h_within, s_within, fold, alpha)
+        fitted[name] = s_mean + pred
+        total = float(np.sum(s_within**2))
+        err = float(np.sum((s_within - pred) ** 2))
+        r2[name] = 1.0 - err / total if total > 0 else 1.0
+        resid[name] = err / len(s)
+    return ReachableFit(fitted, r2, resid)
+
+
+@torch.inference_mode()
+def response_features(model, tokenizer, prompts: list[str], responses: list[str], template: str,
+                      batch_size: int = 64, progress: bool = False) -> np.ndarray:
+    """π_ref's final hidden state of each response → [n, 2d] float32: its mean over the response's
+    tokens beside its value at the response's last token (no eos appended: the text itself)."""
+    device = next(model.parameters()).device
+    texts = [format_prompt(p, template, tokenizer) for p in prompts]
+    order = np.argsort([len(t) + len(r) for t, r in zip(texts, responses, strict=True)], kind="stable")
+    out: np.ndarray | None = None
+    for start in Progress(range(0, len(order), batch_size), desc="π_ref features", unit="batches",
+                          enabled=progress):
+        idx = order[start:start + batch_size]
+        batch = tokenize_pairs(tokenizer, [texts[i] for i in idx], [responses[i] for i in idx],
+                               truncated=[True] * len(idx))
+        hidden = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                       output_hidden_states=True).hidden_states[-1].float()
+        mask = batch["response_mask"].to(device).float()
+        pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1).clamp(min=1)[:, None]
+        last = hidden[torch.arange(len(idx), device=device), batch["attention_mask"].to(device).sum(1) - 1]
+        block = torch.cat([pooled, last], 1).cpu().numpy().astype(np.float32)
+        if out is None:
+            out = np.empty((len(texts), block.shape[1]), dtype=np.float32)
+        out[idx] = block
+    return out if out is not None else np.empty((0, 0), dtype=np.float32)
+
+
+FEATURES = "reachable_features.safetensors"
+
+
+def reference_features(model: str | None, scores_path: str | Path, cache: Path | None = None, *,
+                       revision: str | None = None, template: str = "auto", trust_remote_code: bool = False,
+                       device: str = "auto") -> np.ndarray:
+    """π_ref's features (:func:`response_features`) of every row of the
+    scores table, in its file order → [n, 2d]. ``cache`` (a safetensors file) is reused when it was
+    made from the same model, revision, template and texts, and written otherwise."""
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    from dualign.models import load_tokenizer, resolve_device
+    from dualign.refprobs import load_reference
+
+    if model is None:
+        raise InputError("π_ref's features need a model: give --model")
+    table = read_table(scores_path)
+    missing = [c for c in ("prompt", "response") if c not in table.columns]
+    if missing:
+        raise InputError(f"{scores_path}: π_ref's features need the texts, but column {missing[0]!r} is missing")
+    prompts, responses = table["prompt"].astype(str).tolist(), table["response"].astype(str).tolist()
+    digest = hashlib.sha256("\0".join(prompts + responses).encode()).hexdigest()
+    key = {"model": str(model), "revision": str(revision), "template": template, "texts": digest}
+    if cache is not None and cache.exists():
+        with safe_open(str(cache), framework="np") as f:
+            if (f.metadata() or {}) == key:
+                return f.get_tensor("features")
+    device = resolve_device(device)
+    tokenizer = load_tokenizer(model, revision=revision, trust_remote_code=trust_remote_code)
+    reference = load_reference(model, device, revision, trust_remote_code)
+    features = response_features(reference, tokenizer, prompts, responses, template, progress=True)
+    if cache is not None:
+        with atomic_path(cache) as tmp:
+            save_file({"features": features}, str(tmp), metadata=key)
+    return features
