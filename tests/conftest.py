@@ -20,8 +20,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, os.cpu_count() or 1)))
 _LOCK = os.path.join(os.environ["DUALIGN_CACHE"], "small-world.lock")
 # The small world's build (about 100 s of one core) holds this lock; the tests that need it wait on
-# it. Started in the background as soon as the first worker has collected a test that needs it, it
-# overlaps the tests that do not, instead of leaving the other worker idle while one builds.
+# it. Started in the background as soon as the first worker has collected a test that needs it, and
+# with those tests ordered last, it overlaps the tests that do not, instead of leaving one worker
+# idle while the other builds.
 _BUILD = f"""
 import fcntl, torch
 from dualign.world import build_world, world_config
@@ -31,6 +32,14 @@ with open({_LOCK!r}, "w") as lock:
     build_world(world_config("small"), progress=False)
 """
 _background: list[subprocess.Popen] = []
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The modules that need the small world run last (xdist hands out modules in this order), so
+    both workers run the others while it builds in the background."""
+    needs = {item.module.__name__ for item in items if "small_world" in getattr(item, "fixturenames", ())
+             and getattr(item, "module", None) is not None}
+    items.sort(key=lambda item: getattr(item, "module", None) is not None and item.module.__name__ in needs)
 
 
 def pytest_collection_finish(session):
