@@ -47,7 +47,7 @@ def compare_yaml(tiny_gpt2, tmp_path):
                      "max_new_tokens": 8, "device": "cpu"},
         "recalibrate": {"prompts": str(prompts), "num_samples": 2, "max_new_tokens": 8, "rounds": 1,
                         "margin": 100.0, "bootstrap": 20, "device": "cpu"},   # the margin makes it fine-tune again
-        "compare": {"methods": ["mocan", "mocan-recalibrated", "dual-ascent", "grpo-lagrangian", "dpo-helpful",
+        "compare": {"methods": ["mocan", "mocan-recalibrated", "mocan-reachable", "dual-ascent", "grpo-lagrangian", "dpo-helpful",
                                 "safedpo"], "seeds": [0],
                     "fixed_lambdas": [0.5], "preferences": str(preferences),
                     "dual_ascent": {"rounds": 2, "estimate_prompts": 2, "max_new_tokens": 8},
@@ -68,7 +68,7 @@ def test_compare_writes_table_and_plots_from_the_reports_and_resumes(compare_yam
     out = run_compare(*load_compare_config(compare_yaml), log=lambda *a: None)
     root = tmp_path / "cmp"
     table = read_table(root / "compare.csv")
-    labels = ["mocan", "mocan-recalibrated", "dual-ascent", "grpo-lagrangian", "dpo-helpful", "safedpo"]
+    labels = ["mocan", "mocan-recalibrated", "mocan-reachable", "dual-ascent", "grpo-lagrangian", "dpo-helpful", "safedpo"]
     assert table["label"].tolist() == labels
     for name in ("pareto", "constraints", "compute", "lambda", "compute_to_target"):
         assert (root / "plots" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -79,6 +79,7 @@ def test_compare_writes_table_and_plots_from_the_reports_and_resumes(compare_yam
     samples = read_table(root / "shared" / "scores.parquet")
     assert shared["sampled_tokens"] == samples["response_tokens"].sum() > 0
     charged = {"mocan": ("sample", "score", "dual"), "mocan-recalibrated": ("sample", "score", "dual"),
+               "mocan-reachable": ("sample", "score", "dual_reachable"),
                "dual-ascent": ("sample", "score"), "grpo-lagrangian": (),
                "dpo-helpful": ("preferences",), "safedpo": ("preferences",)}
     for label in rows.index:
@@ -102,6 +103,12 @@ def test_compare_writes_table_and_plots_from_the_reports_and_resumes(compare_yam
     offset = parse_constraint(dual["constraints"][0]).value
     assert table["cost_threshold"].tolist() == pytest.approx([c["reference_eval"] + offset] * len(table))
     assert rows.loc["mocan", "lambda_cost"] == pytest.approx(dual["lambdas"]["cost"])
+    # the reachable tilt: its own dual on the same scores, and its feature pass charged as π_ref tokens
+    reachable = read_json(root / "shared" / "dual_reachable.json")
+    assert reachable["reachable"] is not None and dual.get("reachable") is None
+    assert rows.loc["mocan-reachable", "lambda_cost"] == pytest.approx(reachable["lambdas"]["cost"])
+    assert read_json(root / "runs" / "mocan-reachable" / "seed0" / "dual.json") == reachable
+    assert shared["tokens"]["dual_reachable"] == {"reference": shared["tokens"]["sample"]["reference"]}
     # MoCAN with recalibration: the one-shot fine-tune, then one more at a corrected λ, evaluated at that λ
     recal = read_json(root / "runs" / "mocan-recalibrated" / "seed0" / "compute.json")
     oneshot = read_json(root / "runs" / "mocan-recalibrated" / "seed0" / "oneshot.compute.json")
@@ -138,7 +145,7 @@ def test_compare_writes_table_and_plots_from_the_reports_and_resumes(compare_yam
     res = subprocess.run([sys.executable, "-m", "dualign", "compare", str(compare_yaml)], capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 0, res.stderr
-    assert res.stdout.count("done, skipped") == 4 + 6       # the shared stages and every method
+    assert res.stdout.count("done, skipped") == 5 + 7       # the shared stages and every method
     assert "grpo-lagrangian" in res.stdout and "π_ref" in res.stdout and "compute to target" in res.stdout
     assert stamps == {p: p.stat().st_mtime_ns for p in root.glob("runs/*/seed0/compute.json")}
 

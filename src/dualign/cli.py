@@ -592,7 +592,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS.append(("compare", "MoCAN against the baselines (ppo-/grpo-lagrangian, dual-ascent, fixed-lambda, "
+COMMANDS.append(("compare", "MoCAN (one shot, recalibrated, on the reachable tilt) against the baselines (ppo-/grpo-lagrangian, dual-ascent, fixed-lambda, "
                  "reward-/cost-only-mocan, dpo-helpful, dpo-safe, safedpo) on the same data and seeds: table, "
                  "plots, compute-to-target curves", _add_compare, _cmd_compare))
 

@@ -9,6 +9,8 @@ s, on the same held-out prompts, with π_ref's evaluation samples drawn once per
 evaluation's size (so its CI width) is the ``evaluate`` section's ``max_prompts`` × ``num_samples``.
 ``mocan-recalibrated`` runs MoCAN's one-shot fine-tune and then the recalibrate stage (the run
 config's ``recalibrate`` section) on it, a second point beside MoCAN on the compute axis.
+``mocan-reachable`` is MoCAN's one fine-tune at the λ* of the reachable tilt
+(:mod:`dualign.dual.reachable`), solved once on the shared samples into ``shared/dual_reachable.json``.
 An iterative method with ``checkpoints`` in its section is also evaluated at each of those budgets
 (``runs/<label>/seed<s>/budgets/<n>``). ``sweep`` runs extra settings of a method on
 ``sweep_seeds`` (labels ``method[key=value,...]``). Whatever has its ``eval/report.json`` is
@@ -57,6 +59,8 @@ from dualign.compare_report import (
 from dualign.config import build_config, merge
 from dualign.data.preferences import read_preferences
 from dualign.dual import run_dual
+from dualign.dual.reachable import FEATURES
+from dualign.dual.stage import solve_config
 from dualign.errors import ConfigError
 from dualign.evaluate import evaluate
 from dualign.flops import (
@@ -76,19 +80,22 @@ from dualign.methods.preference_dpo import PreferenceDPOConfig
 from dualign.models import load_tokenizer
 from dualign.pipeline import load_run_values, resolve_run_config
 from dualign.recalibrate import recalibrate
-from dualign.records import EvalReport, read_dual, read_report, to_json
+from dualign.records import EvalReport, read_dual, read_report, to_json, write_dual
 from dualign.sample import sample
 from dualign.score import score
 from dualign.train import reference_logprobs
 from dualign.world import build_world, world_config
 
-METHODS = ("mocan", "mocan-recalibrated", "fixed-lambda", "reward-only-mocan", "cost-only-mocan", "dpo-helpful",
+METHODS = ("mocan", "mocan-recalibrated", "mocan-reachable", "fixed-lambda", "reward-only-mocan", "cost-only-mocan", "dpo-helpful",
            "dpo-safe", "safedpo", "dual-ascent", "ppo-lagrangian", "grpo-lagrangian")
 ONLINE = ("ppo-lagrangian", "grpo-lagrangian")
 PREFERENCE = ("dpo-helpful", "dpo-safe", "safedpo")
 SECTIONS = {"dual-ascent": "dual_ascent", "ppo-lagrangian": "ppo_lagrangian", "grpo-lagrangian": "grpo_lagrangian",
             **{m: "preference_dpo" for m in PREFERENCE}}
 SHARED_STAGES = (("sample", "samples.parquet"), ("score", "scores.parquet"), ("dual", "dual.json"))
+REACHABLE_DUAL = "dual_reachable.json"
+
+
 @dataclass
 class CompareConfig:
     methods: list[str] = field(default_factory=lambda: [m for m in METHODS if m != "mocan-recalibrated"], metadata={
@@ -232,6 +239,17 @@ def run_shared(run, shared: Path, log=print, cmp: CompareConfig | None = None) -
         samples = read_table(shared / "scores.parquet")
         cost["sampled_tokens"] = int(samples["response_tokens"].sum()) if "response_tokens" in samples else 0
         cost["tokens"], cost["flops"] = _shared_counts(run, samples)
+    if cmp is not None and any(r.method == "mocan-reachable" for r in _runs(cmp)):
+        if (shared / REACHABLE_DUAL).exists() and "dual_reachable" in cost:
+            log("shared dual on the reachable tilt: done, skipped")
+        else:
+            log("shared dual on the reachable tilt ...")
+            with measure() as used:
+                tokens = _reachable_dual(run, shared)
+            cost["dual_reachable"] = {**used, "tokens": {"reference": tokens}}
+            cost["tokens"]["dual_reachable"] = cost["dual_reachable"]["tokens"]
+            cost["flops"]["dual_reachable"] = stage_flops(cost["dual_reachable"]["tokens"],
+                                                          model_forward_params(run.sample.model) or 0, [])
     if cmp is not None and any(r.method in PREFERENCE for r in _runs(cmp)):
         if (shared / "preferences.parquet").exists() and "preferences" in cost:
             log("shared log π_ref of the preference pairs: done, skipped")
@@ -257,6 +275,20 @@ def _shared_counts(run, samples: pd.DataFrame) -> tuple[dict, dict]:
     n_policy = model_forward_params(run.sample.model) or 0
     n_scorers = [scorer_forward_params(s) for s in run.score.scorers]
     return tokens, {stage: stage_flops(t, n_policy, n_scorers) for stage, t in tokens.items()}
+
+
+def _reachable_dual(run, shared: Path) -> int:
+    """The run's dual section on the reachable tilt (π_ref's features from the model and template the
+    shared samples were drawn with), solved on the shared scores into ``shared/dual_reachable.json``;
+    returns the tokens run through π_ref for the features."""
+    s = run.sample
+    cfg = dataclasses.replace(run.dual, tilt="reachable", model=run.dual.model or s.model,
+                              revision=run.dual.revision if run.dual.model else s.revision,
+                              template=run.dual.template if run.dual.model else s.template,
+                              trust_remote_code=s.trust_remote_code, scores=str(shared / "scores.parquet"))
+    write_dual(solve_config(cfg, shared / FEATURES), shared / REACHABLE_DUAL)
+    return sequence_tokens(read_table(shared / "scores.parquet"), load_tokenizer(cfg.model, revision=cfg.revision),
+                           cfg.template)
 
 
 def _preference_reference(run, cmp: CompareConfig, out: Path) -> int:
@@ -295,8 +327,8 @@ def method_config(run, cmp: CompareConfig, r: Run, sub: Path, shared: Path, seed
         return build_config(cls, {**base, **section, **r.overrides}, prefix=f"compare.{SECTIONS[r.method]}.")
     if r.method in PREFERENCE:
         return _preference_config(run, cmp, r.method, sub, shared, seed, r.overrides)
-    if r.method == "mocan":
-        shutil.copyfile(shared / "dual.json", sub / "dual.json")
+    if r.method in ("mocan", "mocan-reachable"):
+        shutil.copyfile(shared / ("dual.json" if r.method == "mocan" else REACHABLE_DUAL), sub / "dual.json")
         link_sample_config(shared / "scores.parquet", sub)
         return dataclasses.replace(run.train, **common, dual=str(sub / "dual.json"))
     train = {**dataclasses.asdict(run.train), **common, "dual": str(shared / "dual.json")}

@@ -22,6 +22,7 @@ from dualign.records import ConstraintOutcome, EvalReport
 ITERATIVE = ("dual-ascent", "ppo-lagrangian", "grpo-lagrangian")
 # The shared stages each method is charged for (it learns from their outputs).
 CHARGED = {"mocan": ("sample", "score", "dual"), "mocan-recalibrated": ("sample", "score", "dual"),
+           "mocan-reachable": ("sample", "score", "dual_reachable"),
            **{m: ("sample", "score") for m in ("fixed-lambda", "reward-only-mocan", "cost-only-mocan", "dual-ascent")},
            **{m: ("preferences",) for m in ("dpo-helpful", "dpo-safe", "safedpo")},
            **{m: () for m in ("ppo-lagrangian", "grpo-lagrangian")}}
