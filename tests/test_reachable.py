@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from dualign.cli import main
 from dualign.constraints import parse_constraint
 from dualign.data.scores import read_scores
 from dualign.dual import DualConfig, run_dual, solve_constraints
@@ -136,7 +137,7 @@ def test_residual_variance_adds_its_noise_to_the_evaluation_se():
     np.testing.assert_allclose(more**2 - base**2, [2 * 0.7 / 64, 0.7 / 64], rtol=1e-10)
 
 
-def test_run_dual_computes_pi_refs_features_once_and_records_the_reachable_fit(tiny_gpt2, tmp_path):
+def test_run_dual_computes_pi_refs_features_once_and_records_the_reachable_fit(tiny_gpt2, tmp_path, capsys):
     df = _table(60, 4, seed=5)
     bad = np.random.default_rng(6).random(len(df)) < 0.5   # the cost follows the words of the response
     df["response"] = np.where(bad, "no, never, no", "sure, here it is")
@@ -160,3 +161,21 @@ def test_run_dual_computes_pi_refs_features_once_and_records_the_reachable_fit(t
     assert cache.stat().st_mtime_ns != written
     with pytest.raises(Exception, match="model"):
         run_dual(DualConfig(constraints=["cost<=ref-0.2"], tilt="reachable"), tmp_path / "other")
+
+    # `dualign plan --tilt reachable`: the same solve at each threshold, on the run's cached features
+    run_dual(cfg, tmp_path)
+    out = tmp_path / "plan"
+    args = ["plan", str(tmp_path / "scores.parquet"), "--constraint", "cost<=ref-{0.1:0.3:3}", "--beta", "1.0",
+            "--out", str(out), "--tilt", "reachable", "--model", tiny_gpt2, "--template", "plain", "--device", "cpu",
+            "--ridge-alpha", "1.0"]
+    assert main(args[:8] + ["--tilt", "reachable"]) == 2
+    assert "--model" in capsys.readouterr().err and not out.exists()
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["tilt"] == "reachable" and plan["reachable_r2"] == pytest.approx(saved["reachable"]["r2"])
+    middle = next(p for p in plan["points"] if p["offset"] == pytest.approx(-0.2))
+    assert middle["lambda"] == pytest.approx(saved["lambdas"]["cost"], rel=1e-6)
+    assert middle["predicted_reward"] == pytest.approx(saved["predicted"]["reward"], rel=1e-6)
+    assert not (out / "reachable_features.safetensors").exists()   # the run's cache was read, not copied
+    assert "from the reachable tilt" in printed and "R²" in printed

@@ -278,18 +278,42 @@ against the predicted constraint value (the trade-off), and λ* and the KL again
     p.add_argument("--beta", default="0.1", help="KL coefficient β (default 0.1)")
     p.add_argument("--beta-grid", help="comma-separated βs, one curve each (overrides --beta)")
     p.add_argument("--reward", default="reward", help="reward column")
+    p.add_argument("--tilt", choices=("samples", "reachable"), default="samples",
+                   help="samples: π_ref's samples reweighted by their scores (the paper's); reachable: the scores "
+                        "π_ref's features predict (as `dualign dual --tilt reachable`; needs --model)")
+    p.add_argument("--model", help="with --tilt reachable: π_ref (HF id or path) the samples were drawn from")
+    p.add_argument("--revision", help="with --model: its revision")
+    p.add_argument("--template", default="auto", help="with --model: the prompt template the samples were drawn with")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="with --model: allow code shipped with the model to run (off: such a model is refused)")
+    p.add_argument("--device", default="auto", help="with --model: cuda, cpu, ... (auto: cuda if available)")
+    p.add_argument("--ridge-alpha", type=float, default=1e-3,
+                   help="with --tilt reachable: the ridge penalty α, a multiple of the mean diagonal of HᵀH")
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
+    import math
+
     from dualign import checks
+    from dualign.errors import InputError
     from dualign.io import read_json
     from dualign.plan import OUTPUTS, format_plan, parse_beta_grid, run_plan
 
     betas = parse_beta_grid(args.beta_grid if args.beta_grid else args.beta)
+    if args.tilt == "reachable" and not args.model:
+        raise InputError("--tilt reachable needs π_ref's features: give --model (the model the samples were drawn from)")
+    if not (math.isfinite(args.ridge_alpha) and args.ridge_alpha > 0):
+        raise InputError(f"--ridge-alpha must be a positive finite number, got {args.ridge_alpha}")
     checks.writable_dir(args.out, "--out")
     for name in OUTPUTS:
         checks.new_file(f"{args.out}/{name}", "--out")
-    table = run_plan(args.scores, args.reward, args.constraints, betas, args.out)
+    features = None
+    if args.tilt == "reachable":
+        from dualign.dual.reachable import FEATURES, reference_features
+        features = reference_features(args.model, args.scores, Path(args.out) / FEATURES, revision=args.revision,
+                                      template=args.template, trust_remote_code=args.trust_remote_code,
+                                      device=args.device, reuse=Path(args.scores).parent / FEATURES)
+    table = run_plan(args.scores, args.reward, args.constraints, betas, args.out, features, args.ridge_alpha)
     print(format_plan(table, read_json(Path(args.out) / "plan.json")))
     print("Files to open: " + ", ".join(str(Path(args.out) / name) for name in ("plan.png", "plan.csv", "plan.json")))
     return 0

@@ -38,8 +38,11 @@ def parse_beta_grid(text: str) -> list[float]:
 
 
 def sweep(scores_path: str | Path, reward: str, constraints: Sequence[str],
-          betas: Sequence[float]) -> tuple[pd.DataFrame, dict]:
-    """Solve the dual at every (β, threshold) of the sweep; infeasible points are rows too."""
+          betas: Sequence[float], features: np.ndarray | None = None,
+          ridge_alpha: float = 1e-3) -> tuple[pd.DataFrame, dict]:
+    """Solve the dual at every (β, threshold) of the sweep; infeasible points are rows too.
+    ``features`` (π_ref's, one row per sample in the table's order): every point on the reachable
+    tilt (:mod:`dualign.dual.reachable`), as ``dualign dual --tilt reachable`` solves it."""
     sweeping = [c for c in constraints if is_sweep(c)]
     if len(sweeping) != 1:
         raise InputError("plan needs exactly one constraint with a sweep, e.g. "
@@ -50,7 +53,7 @@ def sweep(scores_path: str | Path, reward: str, constraints: Sequence[str],
         if not (isinstance(beta, int | float) and math.isfinite(beta) and beta > 0):
             raise InputError(f"beta must be positive and finite, got {beta!r}")
     scores = read_scores(scores_path, [reward] + [points[0].column] + [c.column for c in fixed.values()])
-    rows, limit, reference = [], None, None
+    rows, limit, reference, r2 = [], None, None, None
     for beta in betas:
         lambdas0 = None
         for point in points:
@@ -58,7 +61,8 @@ def sweep(scores_path: str | Path, reward: str, constraints: Sequence[str],
             names = constraint_names(current)
             row = {"beta": beta, "constraint": point.text, "offset" if point.relative else "value": point.value}
             try:
-                rep = solve_constraints(scores, beta, reward, current, lambdas0=lambdas0)
+                rep = solve_constraints(scores, beta, reward, current, lambdas0=lambdas0, features=features,
+                                        ridge_alpha=ridge_alpha)
             except InfeasibleConstraintError as e:
                 j = current.index(point)
                 row.update(feasible=False, threshold=point.sign * float(e.thresholds[j]))
@@ -74,10 +78,15 @@ def sweep(scores_path: str | Path, reward: str, constraints: Sequence[str],
             row.update({f"predicted_{k}": v for k, v in _by_column(rep, rep.predicted).items()})
             rows.append(row)
             reference = _by_column(rep, rep.reference)
+            if rep.reachable is not None:
+                r2 = _by_column(rep, rep.reachable.r2)
     table = pd.DataFrame(rows)
     meta = {"reward": reward, "constraints": list(constraints), "swept": sweeping[0],
             "column": points[0].column, "op": points[0].op, "betas": list(betas),
-            "reachable_limit": limit, "reference": reference}
+            "reachable_limit": limit, "reference": reference,
+            "tilt": "samples" if features is None else "reachable"}
+    if features is not None:
+        meta["reachable_r2"] = r2
     return table, meta
 
 
@@ -133,9 +142,12 @@ def plot(table: pd.DataFrame, meta: dict, path: str | Path) -> None:
             handles.setdefault(label, h)
     fig.legend(handles.values(), handles.keys(), loc="lower center", bbox_to_anchor=(0.5, 0.06),
                ncol=min(len(handles), 7), frameon=False)
-    fig.suptitle(f"dualign plan, predicted before any training from π_ref's samples: {meta['swept']}")
+    reachable = meta.get("tilt") == "reachable"
+    what = "the reachable tilt (π_ref's features)" if reachable else "π_ref's samples"
+    fig.suptitle(f"dualign plan, predicted before any training from {what}: {meta['swept']}")
+    scored = "the scores π_ref's features predict" if reachable else "π_ref's samples"
     fig.text(0.5, 0.015, "Each point solves the dual at one threshold (and β). Red band: a threshold no reweighting "
-             f"of π_ref's samples can meet; red dashed line: the best mean {column} any reweighting reaches.",
+             f"of {scored} can meet; red dashed line: the best mean {column} any reweighting reaches.",
              ha="center", fontsize=9, color="0.3")
     fig.tight_layout(rect=(0, 0.14, 1, 1))
     with atomic_path(path) as tmp:
@@ -159,7 +171,11 @@ def format_plan(table: pd.DataFrame, meta: dict) -> str:
                      num(row["predicted_kl"], digits=4)])
     header = ["β", f"threshold ({column} {meta['op']})", "λ*", f"{reward} (predicted)", f"{column} (predicted)",
               "KL (predicted)"]
-    lines = [f"Predicted for π_λ* from π_ref's samples, before any training ({meta['swept']}):", ""]
+    source = "the reachable tilt" if meta.get("tilt") == "reachable" else "π_ref's samples"
+    lines = [f"Predicted for π_λ* from {source}, before any training ({meta['swept']}):", ""]
+    if meta.get("reachable_r2"):
+        lines.insert(1, "Share of each score's within-prompt spread π_ref's features predict (R²): "
+                     + ", ".join(f"{k} {v:.2f}" for k, v in meta["reachable_r2"].items()) + ".")
     ref = meta.get("reference")
     if ref:
         lines.insert(1, f"π_ref: {reward} {num(ref[reward], digits=4)}, {column} {num(ref[column], digits=4)}.")
@@ -167,9 +183,10 @@ def format_plan(table: pd.DataFrame, meta: dict) -> str:
 
 
 def run_plan(scores_path: str | Path, reward: str, constraints: Sequence[str],
-             betas: Sequence[float], out_dir: str | Path) -> pd.DataFrame:
+             betas: Sequence[float], out_dir: str | Path, features: np.ndarray | None = None,
+             ridge_alpha: float = 1e-3) -> pd.DataFrame:
     """Sweep, then write <out>/plan.csv, plan.json, plan.png (nothing is written on bad input)."""
-    table, meta = sweep(scores_path, reward, constraints, betas)
+    table, meta = sweep(scores_path, reward, constraints, betas, features, ridge_alpha)
     out_dir = Path(out_dir)
     write_table(table, out_dir / OUTPUTS[0])
     records = table.astype(object).where(table.notna(), None).to_dict(orient="records")

@@ -124,10 +124,11 @@ FEATURES = "reachable_features.safetensors"
 
 def reference_features(model: str | None, scores_path: str | Path, cache: Path | None = None, *,
                        revision: str | None = None, template: str = "auto", trust_remote_code: bool = False,
-                       device: str = "auto") -> np.ndarray:
+                       device: str = "auto", reuse: Path | None = None) -> np.ndarray:
     """π_ref's features (:func:`response_features`) of every row of the
     scores table, in its file order → [n, 2d]. ``cache`` (a safetensors file) is reused when it was
-    made from the same model, revision, template and texts, and written otherwise."""
+    made from the same model, revision, template and texts, and written otherwise; ``reuse``, a
+    cache that is only read (e.g. a run's, from ``dualign plan``), is tried first."""
     from safetensors import safe_open
     from safetensors.numpy import save_file
 
@@ -143,10 +144,11 @@ def reference_features(model: str | None, scores_path: str | Path, cache: Path |
     prompts, responses = table["prompt"].astype(str).tolist(), table["response"].astype(str).tolist()
     digest = hashlib.sha256("\0".join(prompts + responses).encode()).hexdigest()
     key = {"model": str(model), "revision": str(revision), "template": template, "texts": digest}
-    if cache is not None and cache.exists():
-        with safe_open(str(cache), framework="np") as f:
-            if (f.metadata() or {}) == key:
-                return f.get_tensor("features")
+    for path in (reuse, cache):
+        if path is not None and path.exists():
+            with safe_open(str(path), framework="np") as f:
+                if (f.metadata() or {}) == key:
+                    return f.get_tensor("features")
     device = resolve_device(device)
     tokenizer = load_tokenizer(model, revision=revision, trust_remote_code=trust_remote_code)
     reference = load_reference(model, device, revision, trust_remote_code)
