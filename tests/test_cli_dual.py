@@ -121,3 +121,20 @@ def test_run_dual_stage_writes_dual_json_in_the_run_dir(scores, tmp_path):
     assert json.loads((tmp_path / "dual.json").read_text()) == to_json(report)
     assert (tmp_path / "dual.config.yaml").exists() and (tmp_path / "dual.meta.json").exists()
     assert report.beta == 0.15 and report.lambdas["cost"] > 0
+
+
+def test_dual_cli_loads_no_torch_below_the_size_where_its_exp_pays(scores, tmp_path):
+    """`dualign dual` on a small table answers without importing torch (about 2 s of a call); from
+    TORCH_EXP_MIN values on, the solver's exp goes through torch, within 2 ulp of numpy's."""
+    code = ("import sys; from dualign.cli import main; "
+            f"code = main(['dual', {str(scores)!r}, '--constraint', 'cost<=ref-0.3', '--beta', '0.2']); "
+            "print(code, 'torch' in sys.modules, 'transformers' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == "0 False False"
+    from dualign.dual.tilt import TORCH_EXP_MIN, exp_inplace
+    x = np.random.default_rng(0).uniform(-50, 50, TORCH_EXP_MIN)
+    np.testing.assert_allclose(exp_inplace(x.copy()), np.exp(x), rtol=5e-16, atol=0)
+    small = x[:100].copy()
+    assert np.array_equal(exp_inplace(small), np.exp(x[:100]))
+

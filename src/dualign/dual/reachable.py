@@ -24,11 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from dualign.errors import InputError
 from dualign.io import atomic_path, read_table
-from dualign.models import tokenize_pairs
 from dualign.progress import Progress
 from dualign.segments import Segments
 from dualign.templates import format_prompt
@@ -93,11 +91,14 @@ def reachable_columns(seg: Segments, columns: dict[str, np.ndarray], features: n
     return ReachableFit(fitted, r2, resid)
 
 
-@torch.inference_mode()
 def response_features(model, tokenizer, prompts: list[str], responses: list[str], template: str,
                       batch_size: int = 64, progress: bool = False) -> np.ndarray:
     """π_ref's final hidden state of each response → [n, 2d] float32: its mean over the response's
     tokens beside its value at the response's last token (no eos appended: the text itself)."""
+    import torch
+
+    from dualign.models import tokenize_pairs
+
     device = next(model.parameters()).device
     texts = [format_prompt(p, template, tokenizer) for p in prompts]
     order = np.argsort([len(t) + len(r) for t, r in zip(texts, responses, strict=True)], kind="stable")
@@ -107,12 +108,14 @@ def response_features(model, tokenizer, prompts: list[str], responses: list[str]
         idx = order[start:start + batch_size]
         batch = tokenize_pairs(tokenizer, [texts[i] for i in idx], [responses[i] for i in idx],
                                truncated=[True] * len(idx))
-        hidden = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                       output_hidden_states=True).hidden_states[-1].float()
-        mask = batch["response_mask"].to(device).float()
-        pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1).clamp(min=1)[:, None]
-        last = hidden[torch.arange(len(idx), device=device), batch["attention_mask"].to(device).sum(1) - 1]
-        block = torch.cat([pooled, last], 1).cpu().numpy().astype(np.float32)
+        with torch.inference_mode():
+            hidden = model(input_ids=batch["input_ids"].to(device),
+                           attention_mask=batch["attention_mask"].to(device),
+                           output_hidden_states=True).hidden_states[-1].float()
+            mask = batch["response_mask"].to(device).float()
+            pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1).clamp(min=1)[:, None]
+            last = hidden[torch.arange(len(idx), device=device), batch["attention_mask"].to(device).sum(1) - 1]
+            block = torch.cat([pooled, last], 1).cpu().numpy().astype(np.float32)
         if out is None:
             out = np.empty((len(texts), block.shape[1]), dtype=np.float32)
         out[idx] = block
