@@ -1,6 +1,7 @@
 """The README's comparison table over seeds, from a `dualign compare` directory.
 
     python scripts/compare_table.py runs/cmp
+    python scripts/compare_table.py --objective runs/sweep_ppo   # adds Δreward − β·KL at the dual's β
 
 One row per label of ``compare_runs.csv``: the mean over seeds of each run's held-out changes against
 π_ref on the same prompts (from ``runs/<label>/seed<s>/eval/report.json``) with their range, how many
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dualign.records import read_report
+from dualign.records import read_dual, read_report
 
 
 def changes(report_path: Path) -> dict[str, float]:
@@ -39,10 +40,11 @@ def spread(values: pd.Series, signed: bool = True, digits: int = 2) -> str:
     return text.replace("-", "−")
 
 
-def main(root: Path) -> None:
+def main(root: Path, objective: bool = False) -> None:
     runs = pd.read_csv(root / "compare_runs.csv")
     projection = pd.read_csv(root / "projection_7b.csv").set_index("label")
     budgets = pd.read_csv(root / "compare_budgets.csv") if (root / "compare_budgets.csv").exists() else None
+    beta = read_dual(root / "shared" / "dual.json").beta   # a run with its own β is judged at the problem's
     rows = []
     for label, group in runs.groupby("label", sort=False):
         per_seed = pd.DataFrame([changes(root / "runs" / label / f"seed{s}" / "eval" / "report.json")
@@ -62,8 +64,10 @@ def main(root: Path) -> None:
             f"{group['gradient_steps'].mean():,.0f}", f"{group['sampled_tokens'].mean() / 1e3:,.0f}k",
             f"{group['flops'].mean():.1e}", f"{projection.loc[label, 'h100_hours']:.3f}" if label in projection.index else "",
         ])
+        if objective:   # the problem's KL-regularised objective, in reward units, at the shared dual's β
+            rows[-1].insert(5, spread(per_seed["d_reward"] - beta * per_seed["kl"]))
     header = ["label", "Δcost, mean (range over seeds)", "met by point estimate", "Δreward", "KL",
-              "gold: harmful / helpful", "grad steps", "sampled tokens", "FLOPs", "7B projection, H100-h"]
+              *(["Δreward − β·KL"] if objective else []), "gold: harmful / helpful", "grad steps", "sampled tokens", "FLOPs", "7B projection, H100-h"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for r in rows:
@@ -73,6 +77,7 @@ def main(root: Path) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
+    args = [a for a in sys.argv[1:] if a != "--objective"]
+    if len(args) != 1:
         sys.exit(__doc__)
-    main(Path(sys.argv[1]))
+    main(Path(args[0]), objective="--objective" in sys.argv[1:])
