@@ -241,3 +241,24 @@ def test_shared_stages_made_outside_compare_are_charged_their_recorded_time(tmp_
     assert cost["sample"]["wall_s"] == 77.5 and cost["score"]["wall_s"] == 99.25
     assert "dual" not in cost  # no record of its own: left uncharged, as before
     assert read_json(shared / "compute.json")["score"]["from"] == "score.meta.json"
+
+
+@pytest.mark.parametrize("name", ["compare_world", "compare_world_sweep", "compare_world_sweep_safedpo"])
+def test_packaged_compare_configs_build_every_method_and_sweep_setting(name):
+    """The shipped comparison and its sweeps: every section and sweep setting builds its config (a
+    misspelled key fails here, not an hour into a comparison), and the sweeps run what they say."""
+    from dualign.compare import CompareConfig, _check_sections, _runs
+    from dualign.config import build_config
+    from dualign.pipeline import PACKAGED, load_run_values
+
+    values = load_run_values(PACKAGED["default"].parent / f"{name}.yaml")
+    cmp = build_config(CompareConfig, values.pop("compare"), prefix="compare.")
+    _check_sections(cmp)
+    labels = {r.label: r.seeds for r in _runs(cmp)}
+    if name == "compare_world":
+        assert "mocan-reachable" in labels and all(seeds == [0, 1, 2] for seeds in labels.values())
+    elif name == "compare_world_sweep":
+        assert len(labels) == 10 and cmp.ppo_lagrangian["checkpoints"] == [] and labels["ppo-lagrangian[lambda_lr=0.1]"] == [0]
+    else:
+        assert labels == {f"safedpo[safety_margin={d}]": [0, 1, 2] for d in (0.0, 2.0, 10.0)}
+
