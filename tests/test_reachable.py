@@ -170,6 +170,9 @@ def test_run_dual_computes_pi_refs_features_once_and_records_the_reachable_fit(t
             "--ridge-alpha", "1.0"]
     assert main(args[:8] + ["--tilt", "reachable"]) == 2
     assert "--model" in capsys.readouterr().err and not out.exists()
+    no_sweep = [*args[:3], "cost<=ref-0.2", *args[4:]]   # refused before π_ref's forward pass
+    assert main(no_sweep) == 2
+    assert "exactly one constraint with a sweep" in capsys.readouterr().err and not out.exists()
     assert main(args) == 0
     printed = capsys.readouterr().out
     plan = json.loads((out / "plan.json").read_text())

@@ -300,19 +300,19 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from dualign.plan import OUTPUTS, format_plan, parse_beta_grid, run_plan
 
     betas = parse_beta_grid(args.beta_grid if args.beta_grid else args.beta)
-    if args.tilt == "reachable" and not args.model:
-        raise InputError("--tilt reachable needs π_ref's features: give --model (the model the samples were drawn from)")
     if not (math.isfinite(args.ridge_alpha) and args.ridge_alpha > 0):
         raise InputError(f"--ridge-alpha must be a positive finite number, got {args.ridge_alpha}")
     checks.writable_dir(args.out, "--out")
     for name in OUTPUTS:
         checks.new_file(f"{args.out}/{name}", "--out")
     features = None
-    if args.tilt == "reachable":
+    if args.tilt == "reachable":   # computed by the sweep once its inputs have passed their checks
+        from functools import partial
+
         from dualign.dual.reachable import FEATURES, reference_features
-        features = reference_features(args.model, args.scores, Path(args.out) / FEATURES, revision=args.revision,
-                                      template=args.template, trust_remote_code=args.trust_remote_code,
-                                      device=args.device, reuse=Path(args.scores).parent / FEATURES)
+        features = partial(reference_features, args.model, args.scores, Path(args.out) / FEATURES,
+                           revision=args.revision, template=args.template, trust_remote_code=args.trust_remote_code,
+                           device=args.device, reuse=Path(args.scores).parent / FEATURES)
     table = run_plan(args.scores, args.reward, args.constraints, betas, args.out, features, args.ridge_alpha)
     print(format_plan(table, read_json(Path(args.out) / "plan.json")))
     print("Files to open: " + ", ".join(str(Path(args.out) / name) for name in ("plan.png", "plan.csv", "plan.json")))

@@ -78,7 +78,7 @@ from dualign.methods.objective import link_sample_config, sequence_tokens
 from dualign.methods.ppo_lagrangian import PPOLagrangianConfig
 from dualign.methods.preference_dpo import PreferenceDPOConfig
 from dualign.models import load_tokenizer
-from dualign.pipeline import load_run_values, resolve_run_config
+from dualign.pipeline import features_from_samples, load_run_values, resolve_run_config
 from dualign.recalibrate import recalibrate
 from dualign.records import EvalReport, read_dual, read_report, to_json, write_dual
 from dualign.sample import sample
@@ -279,13 +279,10 @@ def _shared_counts(run, samples: pd.DataFrame) -> tuple[dict, dict]:
 
 def _reachable_dual(run, shared: Path) -> int:
     """The run's dual section on the reachable tilt (π_ref's features from the model and template the
-    shared samples were drawn with), solved on the shared scores into ``shared/dual_reachable.json``;
-    returns the tokens run through π_ref for the features."""
-    s = run.sample
-    cfg = dataclasses.replace(run.dual, tilt="reachable", model=run.dual.model or s.model,
-                              revision=run.dual.revision if run.dual.model else s.revision,
-                              template=run.dual.template if run.dual.model else s.template,
-                              trust_remote_code=s.trust_remote_code, scores=str(shared / "scores.parquet"))
+    shared samples were drawn with, as in a run), solved on the shared scores into
+    ``shared/dual_reachable.json``; returns the tokens run through π_ref for the features."""
+    dual = dataclasses.replace(run.dual, tilt="reachable", scores=str(shared / "scores.parquet"))
+    cfg = features_from_samples(dual, run.sample)
     write_dual(solve_config(cfg, shared / FEATURES), shared / REACHABLE_DUAL)
     return sequence_tokens(read_table(shared / "scores.parquet"), load_tokenizer(cfg.model, revision=cfg.revision),
                            cfg.template)

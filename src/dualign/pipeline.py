@@ -300,12 +300,16 @@ def _dual_in_run(cfg: RunConfig) -> DualConfig:
     """The dual section as the run runs and records it: a confidence plan covers the run's
     evaluation (:func:`_covering_evaluation`), and the reachable tilt takes π_ref's features from
     the model and template the samples were drawn with, unless the section names its own."""
-    dual = _covering_evaluation(cfg.dual, cfg.evaluate)
+    return features_from_samples(_covering_evaluation(cfg.dual, cfg.evaluate), cfg.sample)
+
+
+def features_from_samples(dual: DualConfig, sample: SampleConfig) -> DualConfig:
+    """A reachable-tilt dual section takes π_ref's features from the model, revision and template
+    the samples were drawn with, unless it names its own model; any other section is returned as is."""
     if dual.tilt != "reachable" or dual.model is not None:
         return dual
-    s = cfg.sample
-    return dataclasses.replace(dual, model=s.model, revision=s.revision, template=s.template,
-                               trust_remote_code=s.trust_remote_code)
+    return dataclasses.replace(dual, model=sample.model, revision=sample.revision, template=sample.template,
+                               trust_remote_code=sample.trust_remote_code)
 
 
 def _covering_evaluation(dual: DualConfig, evaluation: EvaluateConfig | None) -> DualConfig:

@@ -6,7 +6,7 @@ matplotlib is imported by :func:`plot` only (its import costs about a second).""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -38,11 +38,13 @@ def parse_beta_grid(text: str) -> list[float]:
 
 
 def sweep(scores_path: str | Path, reward: str, constraints: Sequence[str],
-          betas: Sequence[float], features: np.ndarray | None = None,
+          betas: Sequence[float], features: Callable[[], np.ndarray] | None = None,
           ridge_alpha: float = 1e-3) -> tuple[pd.DataFrame, dict]:
     """Solve the dual at every (β, threshold) of the sweep; infeasible points are rows too.
-    ``features`` (π_ref's, one row per sample in the table's order): every point on the reachable
-    tilt (:mod:`dualign.dual.reachable`), as ``dualign dual --tilt reachable`` solves it."""
+    ``features`` returns π_ref's features (one row per sample in the table's order): every point
+    is then solved on the reachable tilt (:mod:`dualign.dual.reachable`), as ``dualign dual --tilt
+    reachable`` solves it. It is called once the sweep, the βs and the scores have passed their
+    checks, so a bad input costs no forward pass."""
     sweeping = [c for c in constraints if is_sweep(c)]
     if len(sweeping) != 1:
         raise InputError("plan needs exactly one constraint with a sweep, e.g. "
@@ -53,6 +55,7 @@ def sweep(scores_path: str | Path, reward: str, constraints: Sequence[str],
         if not (isinstance(beta, int | float) and math.isfinite(beta) and beta > 0):
             raise InputError(f"beta must be positive and finite, got {beta!r}")
     scores = read_scores(scores_path, [reward] + [points[0].column] + [c.column for c in fixed.values()])
+    h = features() if features is not None else None
     rows, limit, reference, r2 = [], None, None, None
     for beta in betas:
         lambdas0 = None
@@ -61,7 +64,7 @@ def sweep(scores_path: str | Path, reward: str, constraints: Sequence[str],
             names = constraint_names(current)
             row = {"beta": beta, "constraint": point.text, "offset" if point.relative else "value": point.value}
             try:
-                rep = solve_constraints(scores, beta, reward, current, lambdas0=lambdas0, features=features,
+                rep = solve_constraints(scores, beta, reward, current, lambdas0=lambdas0, features=h,
                                         ridge_alpha=ridge_alpha)
             except InfeasibleConstraintError as e:
                 j = current.index(point)
@@ -183,7 +186,7 @@ def format_plan(table: pd.DataFrame, meta: dict) -> str:
 
 
 def run_plan(scores_path: str | Path, reward: str, constraints: Sequence[str],
-             betas: Sequence[float], out_dir: str | Path, features: np.ndarray | None = None,
+             betas: Sequence[float], out_dir: str | Path, features: Callable[[], np.ndarray] | None = None,
              ridge_alpha: float = 1e-3) -> pd.DataFrame:
     """Sweep, then write <out>/plan.csv, plan.json, plan.png (nothing is written on bad input)."""
     table, meta = sweep(scores_path, reward, constraints, betas, features, ridge_alpha)
