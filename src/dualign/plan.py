@@ -15,6 +15,7 @@ import pandas as pd
 from dualign.constraints import constraint_names, is_sweep, parse_constraint, parse_sweep
 from dualign.data.scores import read_scores
 from dualign.dual import solve_constraints
+from dualign.dual.stage import reachable_fit
 from dualign.errors import InfeasibleConstraintError, InputError
 from dualign.io import atomic_path, write_json, write_table
 from dualign.records import DualRecord
@@ -43,8 +44,8 @@ def sweep(scores_path: str | Path, reward: str, constraints: Sequence[str],
     """Solve the dual at every (β, threshold) of the sweep; infeasible points are rows too.
     ``features`` returns π_ref's features (one row per sample in the table's order): every point
     is then solved on the reachable tilt (:mod:`dualign.dual.reachable`), as ``dualign dual --tilt
-    reachable`` solves it. It is called once the sweep, the βs and the scores have passed their
-    checks, so a bad input costs no forward pass."""
+    reachable`` solves it (the fit made once for all points). It is called once the sweep, the βs
+    and the scores have passed their checks, so a bad input costs no forward pass."""
     sweeping = [c for c in constraints if is_sweep(c)]
     if len(sweeping) != 1:
         raise InputError("plan needs exactly one constraint with a sweep, e.g. "
@@ -55,7 +56,8 @@ def sweep(scores_path: str | Path, reward: str, constraints: Sequence[str],
         if not (isinstance(beta, int | float) and math.isfinite(beta) and beta > 0):
             raise InputError(f"beta must be positive and finite, got {beta!r}")
     scores = read_scores(scores_path, [reward] + [points[0].column] + [c.column for c in fixed.values()])
-    h = features() if features is not None else None
+    columns = list(dict.fromkeys([reward, points[0].column, *(c.column for c in fixed.values())]))
+    fit = reachable_fit(scores, columns, features(), ridge_alpha) if features is not None else None
     rows, limit, reference, r2 = [], None, None, None
     for beta in betas:
         lambdas0 = None
@@ -64,8 +66,7 @@ def sweep(scores_path: str | Path, reward: str, constraints: Sequence[str],
             names = constraint_names(current)
             row = {"beta": beta, "constraint": point.text, "offset" if point.relative else "value": point.value}
             try:
-                rep = solve_constraints(scores, beta, reward, current, lambdas0=lambdas0, features=h,
-                                        ridge_alpha=ridge_alpha)
+                rep = solve_constraints(scores, beta, reward, current, lambdas0=lambdas0, fit=fit)
             except InfeasibleConstraintError as e:
                 j = current.index(point)
                 row.update(feasible=False, threshold=point.sign * float(e.thresholds[j]))

@@ -187,12 +187,14 @@ def solve_constraints(scores: Scores, beta: float, reward: str, constraints: Seq
                       bootstrap: int = 0, seed: int = 0, lambdas0=None,
                       confidence: float | None = None,
                       evaluation: tuple[int, int] | None = None,
-                      features: np.ndarray | None = None, ridge_alpha: float = 1e-3) -> DualRecord:
+                      features: np.ndarray | None = None, ridge_alpha: float = 1e-3,
+                      fit: ReachableFit | None = None) -> DualRecord:
     """Solve the dual for parsed constraints on a scores table; return the dual.json record.
 
     With ``features`` [n, d] (π_ref's features of each row, in the table's file order) the dual is
     solved on the reachable tilt (:mod:`dualign.dual.reachable`): every score column replaced by
-    its cross-fitted prediction from the features; the record keeps each column's R² and what the
+    its cross-fitted prediction from the features (:func:`reachable_fit`; or ``fit``, that fit made
+    once for several solves on the same table); the record keeps each column's R² and what the
     plain K-sample tilt predicts at the chosen λ. Columns whose arithmetic would overflow are
     refused by name, and so is a result that is not finite; whether it converged is the caller's
     to judge (:func:`require_converged`).
@@ -202,14 +204,11 @@ def solve_constraints(scores: Scores, beta: float, reward: str, constraints: Seq
     _refuse_absolute_implicit(constraints, scores.source)
     columns = list(dict.fromkeys([reward] + [c.column for c in constraints]))
     _check_magnitudes(scores, columns, beta)
-    original, fit = scores, None
-    if features is not None:
-        if len(features) != scores.num_samples:
-            raise InputError(f"{scores.source}: {len(features)} feature rows for {scores.num_samples} samples")
-        fit = reachable_columns(Segments.of(scores.prompt_index), {c: scores.columns[c] for c in columns},
-                                np.asarray(features, dtype=np.float64)[scores.rows - 1], alpha=ridge_alpha,
-                                seed=seed)
-        scores = dataclasses.replace(scores, columns={**scores.columns, **fit.columns})
+    original = scores
+    if fit is None and features is not None:
+        fit = reachable_fit(scores, columns, features, ridge_alpha, seed)
+    if fit is not None:
+        scores = dataclasses.replace(scores, columns={**scores.columns, **{c: fit.columns[c] for c in columns}})
     refs = reference_means(scores.prompt_index, np.stack([scores.columns[c] for c in columns], axis=1),
                            scores.sample_weights)
     ref = dict(zip(columns, refs.tolist(), strict=True))
@@ -233,6 +232,16 @@ def solve_constraints(scores: Scores, beta: float, reward: str, constraints: Seq
     if fit is not None:
         record.reachable = _reachable_record(original, fit, res, reward, constraints)
     return record
+
+
+def reachable_fit(scores: Scores, columns: Sequence[str], features: np.ndarray, ridge_alpha: float = 1e-3,
+                  seed: int = 0) -> ReachableFit:
+    """The reachable tilt's cross-fitted columns (:func:`~dualign.dual.reachable.reachable_columns`)
+    of a scores table, from π_ref's ``features`` [n, d] of its rows in the table's file order."""
+    if len(features) != scores.num_samples:
+        raise InputError(f"{scores.source}: {len(features)} feature rows for {scores.num_samples} samples")
+    return reachable_columns(Segments.of(scores.prompt_index), {c: scores.columns[c] for c in columns},
+                             np.asarray(features, dtype=np.float64)[scores.rows - 1], alpha=ridge_alpha, seed=seed)
 
 
 def _reachable_record(scores: Scores, fit: ReachableFit, res: DualResult, reward: str,
