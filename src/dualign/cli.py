@@ -31,7 +31,7 @@ from dualign.config import (
     resolve_config,
 )
 from dualign.config_source import config_class, config_classes, source_constant
-from dualign.errors import DualignError
+from dualign.errors import ConfigError, DualignError
 from dualign.quiet import quiet_third_party
 
 DESCRIPTION = """\
@@ -472,12 +472,15 @@ COMMANDS.append(("run", "every stage (sample, score, dual, train, evaluate) from
 def _add_demo(p: argparse.ArgumentParser) -> None:
     p.epilog = """\
 examples:
+  dualign demo                       MoCAN under cost <= ref-4 with β = 10, planned on the reachable
+                                     tilt, 640 dual prompts (about 3 minutes with the world cached)
+  dualign demo --size full           all 1024 dual prompts and the paper's K-sample tilt (the README's
+                                     research tables)
   dualign demo --size small          a smoke run: the small world, every stage, a few minutes
-  dualign demo                       MoCAN under cost <= ref-4 with β = 10 (the README's table)
   dualign demo --method pecan        PeCAN: the same world from its preference pairs alone
   dualign demo --recalibrate         then measure on calibration prompts, correct λ, fine-tune again
   dualign demo --confidence 0.95     plan λ so that the constraint holds at its 95% bound
-  dualign demo --tilt reachable      plan λ on what π_ref's features can target (one fine-tune)
+  dualign demo --tilt samples        plan λ on π_ref's samples reweighted by their scores (the paper's)
 
 The first run builds the world (π_ref, reward and cost models; minutes) into $DUALIGN_CACHE/worlds
 and reuses it afterwards. The run ends with a table of π_ref against the aligned policy on held-out
@@ -485,9 +488,11 @@ prompts, the constraint's verdict, and the files worth opening: eval/report.json
 eval/predicted_vs_achieved.png and the aligned model in policy/."""
     p.add_argument("--run-dir", help="run directory (default runs/demo, or runs/demo-<method>-<size>)")
     p.add_argument("--seed", type=int, default=0, help="seed of sampling and training (the world keeps its own)")
-    p.add_argument("--size", choices=("default", "small"), default="default",
-                   help="world size: default (the demo) or small (a smaller world and fewer prompts: "
-                        "a smoke run that checks everything works, not a result)")
+    p.add_argument("--size", choices=("default", "full", "small"), default="default",
+                   help="default (the demo: 640 of the default world's 1024 dual prompts, the reachable "
+                        "tilt), full (MoCAN only: all 1024 prompts and the paper's K-sample tilt) or small "
+                        "(a smaller world and fewer prompts: a smoke run that checks everything works, "
+                        "not a result)")
     p.add_argument("--method", choices=("mocan", "pecan"), default="mocan",
                    help="mocan (reward and cost models) or pecan (preference pairs only)")
     p.add_argument("--recalibrate", action="store_true",
@@ -496,9 +501,10 @@ eval/predicted_vs_achieved.png and the aligned model in policy/."""
     p.add_argument("--confidence", type=float,
                    help="plan λ so that the constraint holds at this one-sided confidence bound (e.g. 0.95)")
     p.add_argument("--tilt", choices=("samples", "reachable"), default=None,
-                   help="the dual's tilt: samples (π_ref's samples reweighted by their scores, the paper's) "
-                        "or reachable (the scores first replaced by what π_ref's features predict of them: "
-                        "plans only on what a fine-tune can target)")
+                   help="the dual's tilt: samples (π_ref's samples reweighted by their scores, the paper's; "
+                        "the default of every size but MoCAN's default) or reachable (the scores first "
+                        "replaced by what π_ref's features predict of them: plans only on what a fine-tune "
+                        "can target; the default demo's)")
     p.add_argument("--restart-from", choices=source_constant("dualign.pipeline", "STAGES"),
                    help="delete this stage's outputs and later ones first")
 
@@ -506,6 +512,7 @@ eval/predicted_vs_achieved.png and the aligned model in policy/."""
 def _cmd_demo(args: argparse.Namespace) -> int:
     from dualign.pipeline import (
         DEFAULT_CONFIG,
+        FULL_CONFIG,
         PECAN_CONFIG,
         PECAN_SMALL_CONFIG,
         RECALIBRATE_CONFIG,
@@ -515,8 +522,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         run_pipeline,
     )
 
-    configs = {("mocan", "default"): DEFAULT_CONFIG, ("mocan", "small"): SMALL_CONFIG,
+    configs = {("mocan", "default"): DEFAULT_CONFIG, ("mocan", "full"): FULL_CONFIG, ("mocan", "small"): SMALL_CONFIG,
                ("pecan", "default"): PECAN_CONFIG, ("pecan", "small"): PECAN_SMALL_CONFIG}
+    if (args.method, args.size) not in configs:
+        raise ConfigError("--size full is MoCAN's full-size demo; PeCAN's default already uses all 1024 "
+                          "dual prompts: drop --size full")
     values = load_run_values(configs[args.method, args.size])
     default_dir = "runs/demo" if (args.method, args.size) == ("mocan", "default") else \
         f"runs/demo-{args.method}-{args.size}"
@@ -526,9 +536,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if args.confidence is not None:
         values["dual"] = {**values["dual"], "confidence": args.confidence}
         default_dir += f"-confidence{args.confidence:g}"
-    if args.tilt is not None:
+    if args.tilt is not None and args.tilt != values["dual"].get("tilt", "samples"):
         values["dual"] = {**values["dual"], "tilt": args.tilt}
-        default_dir += f"-{args.tilt}" if args.tilt != "samples" else ""
+        default_dir += f"-{args.tilt}"
     values.update(run_dir=args.run_dir or default_dir, seed=args.seed)
     run_pipeline(resolve_run_config(values), restart_from=args.restart_from)
     return 0

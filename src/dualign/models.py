@@ -166,7 +166,8 @@ def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tenso
     return picked - torch.logsumexp(logits, dim=-1)
 
 
-def _accepts_logits_to_keep(model) -> bool:
+def accepts_logits_to_keep(model) -> bool:
+    """Whether the model's forward takes ``logits_to_keep`` (run the output layer on the last k positions only)."""
     try:
         return "logits_to_keep" in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
@@ -178,14 +179,46 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
                       response_mask: torch.Tensor) -> torch.Tensor:
     """log π(y|x) = Σ_{t in response} log π(y_t | x, y_<t), one value per row [B] (float32).
 
-    The output layer runs only from the first position that predicts a response token (the model's
-    ``logits_to_keep``, where it has one): prompt positions carry no log-prob, and with a small
-    model the vocabulary projection is most of the work.
+    Right-padded rows of mixed lengths run in groups of similar length (:func:`length_groups`),
+    each trimmed to its longest row: in a batch of short and long responses padding is otherwise a
+    third of the work. The output layer runs only from the first position that predicts a response
+    token (the model's ``logits_to_keep``, where it has one): prompt positions carry no log-prob,
+    and with a small model the vocabulary projection is most of the work. The result equals one
+    padded forward over the whole batch up to float rounding (tests/test_models.py).
     """
+    lengths = attention_mask.sum(1)
+    width = int(lengths.max()) if len(lengths) else input_ids.shape[1]
+    if not bool((attention_mask[:, :width].cumsum(1) == torch.minimum(
+            torch.arange(1, width + 1, device=lengths.device), lengths[:, None])).all()):
+        return _padded_logprobs(model, input_ids, attention_mask, response_mask)  # not right-padded
+    groups = length_groups(lengths.cpu())
+    if len(groups) == 1:
+        return _padded_logprobs(model, input_ids[:, :width], attention_mask[:, :width], response_mask[:, :width])
+    parts = []
+    for rows in groups:
+        w = int(lengths[rows].max())
+        rows = rows.to(input_ids.device)
+        parts.append(_padded_logprobs(model, input_ids[rows, :w], attention_mask[rows, :w], response_mask[rows, :w]))
+    order = torch.cat(groups).to(input_ids.device)
+    return torch.cat(parts)[torch.argsort(order)]
+
+
+def length_groups(lengths: torch.Tensor, min_rows: int = 16, max_groups: int = 4) -> list[torch.Tensor]:
+    """Row indices sorted by length and cut into k = min(max_groups, ⌊B / min_rows⌋) (at least 1)
+    groups of near-equal count: each group keeps at least ``min_rows`` rows, so its matrix products
+    stay large enough to run at full speed, while its padding shrinks to its own length spread."""
+    k = max(1, min(max_groups, len(lengths) // min_rows))
+    if k == 1:
+        return [torch.arange(len(lengths))]
+    return list(torch.tensor_split(torch.argsort(lengths, stable=True), k))
+
+
+def _padded_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     response_mask: torch.Tensor) -> torch.Tensor:
     width = input_ids.shape[1]
     first = int(response_mask.float().argmax(dim=1).min()) if response_mask.any() else width - 1
     keep = width - max(first - 1, 0)
-    if keep < width and _accepts_logits_to_keep(model):
+    if keep < width and accepts_logits_to_keep(model):
         logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
         ids, mask = input_ids[:, width - keep:], response_mask[:, width - keep:]
     else:

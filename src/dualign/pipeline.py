@@ -60,11 +60,12 @@ PRODUCTS = {"sample": ("samples.parquet", "samples.shards"), "prealign": ("preal
             "dual": ("dual.json",), "train": ("policy", "train.state", "pairs.parquet", "metrics.jsonl"),
             "recalibrate": ("recalibrate", "recalibrate.json"), "evaluate": ("eval",)}
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
+FULL_CONFIG = Path(__file__).parent / "configs" / "full.yaml"
 SMALL_CONFIG = Path(__file__).parent / "configs" / "small.yaml"
 PECAN_CONFIG = Path(__file__).parent / "configs" / "pecan.yaml"
 PECAN_SMALL_CONFIG = Path(__file__).parent / "configs" / "pecan_small.yaml"
 RECALIBRATE_CONFIG = Path(__file__).parent / "configs" / "recalibrate.yaml"
-PACKAGED = {"default": DEFAULT_CONFIG, "small": SMALL_CONFIG, "pecan": PECAN_CONFIG, "pecan_small": PECAN_SMALL_CONFIG,
+PACKAGED = {"default": DEFAULT_CONFIG, "full": FULL_CONFIG, "small": SMALL_CONFIG, "pecan": PECAN_CONFIG, "pecan_small": PECAN_SMALL_CONFIG,
             "recalibrate": RECALIBRATE_CONFIG}
 
 
@@ -103,7 +104,7 @@ _FROM_SECTIONS = {"recalibrate": {"scorers": ("evaluate", "scorers"), "template"
 
 
 def load_run_values(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """A run YAML; ``base: NAME`` (a packaged config: default, small, pecan, pecan_small) or ``base: FILE``
+    """A run YAML; ``base: NAME`` (a packaged config: default, full, small, pecan, pecan_small) or ``base: FILE``
     (a path inside this file's directory) is loaded first and this file's keys are merged over it."""
     path = Path(path)
     values = load_yaml(path)

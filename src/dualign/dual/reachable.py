@@ -97,9 +97,11 @@ def response_features(model, tokenizer, prompts: list[str], responses: list[str]
     tokens beside its value at the response's last token (no eos appended: the text itself)."""
     import torch
 
-    from dualign.models import tokenize_pairs
+    from dualign.models import accepts_logits_to_keep, tokenize_pairs
 
     device = next(model.parameters()).device
+    # the output layer is not needed: one position's logits where the model can skip the others
+    keep_one = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
     texts = [format_prompt(p, template, tokenizer) for p in prompts]
     order = np.argsort([len(t) + len(r) for t, r in zip(texts, responses, strict=True)], kind="stable")
     out: np.ndarray | None = None
@@ -111,7 +113,7 @@ def response_features(model, tokenizer, prompts: list[str], responses: list[str]
         with torch.inference_mode():
             hidden = model(input_ids=batch["input_ids"].to(device),
                            attention_mask=batch["attention_mask"].to(device),
-                           output_hidden_states=True).hidden_states[-1].float()
+                           output_hidden_states=True, **keep_one).hidden_states[-1].float()
             mask = batch["response_mask"].to(device).float()
             pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1).clamp(min=1)[:, None]
             last = hidden[torch.arange(len(idx), device=device), batch["attention_mask"].to(device).sum(1) - 1]
