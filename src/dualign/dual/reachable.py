@@ -98,6 +98,7 @@ def response_features(model, tokenizer, prompts: list[str], responses: list[str]
     import torch
 
     from dualign.models import accepts_logits_to_keep, tokenize_pairs
+    from dualign.timing import part
 
     device = next(model.parameters()).device
     # the output layer is not needed: one position's logits where the model can skip the others
@@ -110,7 +111,7 @@ def response_features(model, tokenizer, prompts: list[str], responses: list[str]
         idx = order[start:start + batch_size]
         batch = tokenize_pairs(tokenizer, [texts[i] for i in idx], [responses[i] for i in idx],
                                truncated=[True] * len(idx))
-        with torch.inference_mode():
+        with torch.inference_mode(), part("forward (features)"):
             hidden = model(input_ids=batch["input_ids"].to(device),
                            attention_mask=batch["attention_mask"].to(device),
                            output_hidden_states=True, **keep_one).hidden_states[-1].float()
