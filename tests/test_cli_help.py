@@ -62,7 +62,7 @@ def test_the_top_level_help_says_what_dualign_is_and_where_to_start(capsys):
 
 def test_demo_help_names_its_variants(capsys):
     text = _help(["demo"], capsys)
-    for variant in ("--method pecan", "--recalibrate", "--confidence", "--size small"):
+    for variant in ("--method pecan", "--recalibrate", "--confidence", "--size small", "--size full", "--tilt samples"):
         assert variant in text
 
 
@@ -74,3 +74,34 @@ def test_train_help_lists_every_method_the_code_knows(capsys):
     assert listed == {*LOSSES, *CONFIGS}
     text = _help(["train"], capsys)
     assert all(f"  {m} " in text for m in listed)
+
+
+def test_demo_sizes_the_default_on_640_prompts_and_the_reachable_tilt_and_full_on_all_1024():
+    """The default demo is the full-size one with only the prompt count and the tilt changed, and
+    the configs behind the README's research tables (full, recalibrate, compare_world) keep the
+    paper's tilt on all 1024 dual prompts."""
+    from dualign.pipeline import PACKAGED, load_run_values
+
+    default, full = cli.demo_values("mocan", "default"), cli.demo_values("mocan", "full")
+    assert (default["run_dir"], full["run_dir"]) == ("runs/demo", "runs/demo-mocan-full")
+    assert default["sample"] == {**full["sample"], "max_prompts": 640}
+    assert default["dual"] == {**full["dual"], "tilt": "reachable"}
+    strip = {"run_dir", "sample", "dual"}
+    assert {k: v for k, v in default.items() if k not in strip} == {k: v for k, v in full.items() if k not in strip}
+    for name in ("full", "recalibrate"):
+        values = load_run_values(PACKAGED[name])
+        assert "max_prompts" not in values["sample"] and "tilt" not in values["dual"], name
+    compare = load_run_values(PACKAGED["default"].parent / "compare_world.yaml")
+    assert "max_prompts" not in compare["sample"] and "tilt" not in compare["dual"]
+    # a flag that changes the run names it in the default run directory, one that does not, does not
+    assert cli.demo_values("mocan", "default", tilt="reachable")["run_dir"] == "runs/demo"
+    samples = cli.demo_values("mocan", "default", tilt="samples", seed=3)
+    assert (samples["run_dir"], samples["dual"]["tilt"], samples["seed"]) == ("runs/demo-samples", "samples", 3)
+    assert cli.demo_values("mocan", "full", tilt="reachable", recalibrate=True)["run_dir"] == \
+        "runs/demo-mocan-full-recalibrate-reachable"
+
+
+def test_demo_refuses_a_full_size_pecan_run_before_writing_anything(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["demo", "--method", "pecan", "--size", "full"]) == 2
+    assert "--size full is MoCAN's" in capsys.readouterr().err and not any(tmp_path.iterdir())

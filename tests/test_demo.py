@@ -57,7 +57,7 @@ def test_packaged_configs_resolve_to_the_world_paths(small_world):
     cfg = resolve_run_config(load_yaml(SMALL_CONFIG))
     assert cfg.model == str(Path(small_world) / "ref_model")
     assert cfg.train.model == cfg.sample.model == cfg.evaluate.reference == cfg.model
-    assert load_yaml(DEFAULT_CONFIG)["world"]["size"] == "default"
+    assert load_run_values(DEFAULT_CONFIG)["world"]["size"] == "default"
 
 
 def test_the_dual_binds_and_predicts_exactly_the_requested_change(run):

@@ -115,9 +115,32 @@ def test_result_table_shows_verdicts_cis_lambda_and_plain_judge_rows_in_aligned_
     assert "  harmful compliance on harmful prompts" in text and "  helpfulness on benign prompts" in text
     verdict_line = next(line for line in lines if line.startswith("  cost<=ref-1"))
     assert verdict_line.rstrip().endswith(verdict) and "change <= -1" in verdict_line
-    assert "λ* = cost 0.7, β = 2" in text and "KL(aligned ‖ π_ref), nats" in text
+    assert "λ* = cost 0.7, β = 2: the policy was trained towards" in text and "KL(aligned ‖ π_ref), nats" in text
     if verdict == "NOT met":
         assert "met" not in verdict_line.replace("NOT met", "")
+
+
+def test_a_report_planned_on_the_reachable_tilt_says_so_beside_lambda():
+    """dual.json's ``reachable`` record makes the report's tilt "reachable", and the printout's λ
+    line names it; a report without it (samples, or written before the key) keeps the plain line."""
+    from dualign.evaluate import EvaluateConfig, build_report
+    from dualign.records import DualRecord, ReachableTilt
+    from dualign.report_view import format_report
+
+    ref, pol, plain = _report(-3.0)
+    assert plain.tilt == "samples"
+    dual = DualRecord(beta=2.0, reward="reward", constraints=["cost<=ref-1"], lambdas={"cost": 0.7},
+                      columns={"cost": "cost"}, thresholds={"cost": -1.0},
+                      predicted={"reward": 0.8, "cost": -1.0, "kl": 0.3}, reference={"reward": 1.0, "cost": 0.0, "kl": 0.0})
+    dual.reachable = ReachableTilt(r2={"reward": 0.4, "cost": 0.6}, residual_sd={"reward": 1.0, "cost": 1.0},
+                                   samples_predicted={"reward": 0.9, "cost": -1.4, "kl": 0.4})
+    cfg = EvaluateConfig(run_dir=".", reference="m", prompts="p", bootstrap=50,
+                         scorers=["reward=callable:m:f", "cost=callable:m:g"], group_column="harmful")
+    report = build_report(ref, pol, dual, cfg)
+    assert report.tilt == "reachable"
+    text = " ".join(format_report(report).split())
+    assert ("λ* = cost 0.7, β = 2, planned on the reachable tilt (each score first replaced by what π_ref's "
+            "features predict of it): the policy was trained towards") in text
 
 
 def test_closing_lines_name_every_file_worth_opening(tmp_path):

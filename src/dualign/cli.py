@@ -447,7 +447,7 @@ examples:
   dualign run my_run.yaml --run-dir runs/lr1e-5 --train.learning-rate 1e-5 --sample.num-samples 16
 
 A run config (docs/formats.md) has shared keys (run_dir, model, seed) and one section per stage;
-`base: default` (or small, pecan) starts from a packaged config. Each stage's output is written
+`base: default` (or full, small, pecan) starts from a packaged config. Each stage's output is written
 whole or not at all, so a killed run started again resumes where it stopped. At the end it
 prints the result table and the files worth opening."""
     p.add_argument("config", help="run YAML: shared keys + one section per stage (see configs/); "
@@ -510,6 +510,20 @@ eval/predicted_vs_achieved.png and the aligned model in policy/."""
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from dualign.pipeline import resolve_run_config, run_pipeline
+
+    values = demo_values(args.method, args.size, recalibrate=args.recalibrate, confidence=args.confidence,
+                         tilt=args.tilt, run_dir=args.run_dir, seed=args.seed)
+    run_pipeline(resolve_run_config(values), restart_from=args.restart_from)
+    return 0
+
+
+def demo_values(method: str, size: str, *, recalibrate: bool = False, confidence: float | None = None,
+                tilt: str | None = None, run_dir: str | None = None, seed: int = 0) -> dict:
+    """The run values of ``dualign demo``: the packaged config of (method, size) with the flags'
+    sections added, and a default run directory naming every flag that changed the run
+    (runs/demo for the default demo)."""
+    from dualign.dual.stage import DualConfig
     from dualign.pipeline import (
         DEFAULT_CONFIG,
         FULL_CONFIG,
@@ -518,30 +532,26 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         RECALIBRATE_CONFIG,
         SMALL_CONFIG,
         load_run_values,
-        resolve_run_config,
-        run_pipeline,
     )
 
     configs = {("mocan", "default"): DEFAULT_CONFIG, ("mocan", "full"): FULL_CONFIG, ("mocan", "small"): SMALL_CONFIG,
                ("pecan", "default"): PECAN_CONFIG, ("pecan", "small"): PECAN_SMALL_CONFIG}
-    if (args.method, args.size) not in configs:
+    if (method, size) not in configs:
         raise ConfigError("--size full is MoCAN's full-size demo; PeCAN's default already uses all 1024 "
                           "dual prompts: drop --size full")
-    values = load_run_values(configs[args.method, args.size])
-    default_dir = "runs/demo" if (args.method, args.size) == ("mocan", "default") else \
-        f"runs/demo-{args.method}-{args.size}"
-    if args.recalibrate:
+    values = load_run_values(configs[method, size])
+    default_dir = "runs/demo" if (method, size) == ("mocan", "default") else f"runs/demo-{method}-{size}"
+    if recalibrate:
         values["recalibrate"] = load_run_values(RECALIBRATE_CONFIG)["recalibrate"]
         default_dir += "-recalibrate"
-    if args.confidence is not None:
-        values["dual"] = {**values["dual"], "confidence": args.confidence}
-        default_dir += f"-confidence{args.confidence:g}"
-    if args.tilt is not None and args.tilt != values["dual"].get("tilt", "samples"):
-        values["dual"] = {**values["dual"], "tilt": args.tilt}
-        default_dir += f"-{args.tilt}"
-    values.update(run_dir=args.run_dir or default_dir, seed=args.seed)
-    run_pipeline(resolve_run_config(values), restart_from=args.restart_from)
-    return 0
+    if confidence is not None:
+        values["dual"] = {**values["dual"], "confidence": confidence}
+        default_dir += f"-confidence{confidence:g}"
+    if tilt is not None and tilt != values["dual"].get("tilt", DualConfig.__dataclass_fields__["tilt"].default):
+        values["dual"] = {**values["dual"], "tilt": tilt}
+        default_dir += f"-{tilt}"
+    values.update(run_dir=run_dir or default_dir, seed=seed)
+    return values
 
 
 COMMANDS.append(("demo", "start here: MoCAN (or PeCAN) end to end on the built-in synthetic safety world, "

@@ -460,7 +460,7 @@ def build_report(ref: pd.DataFrame, pol: pd.DataFrame, dual: DualRecord, cfg: Ev
         predicted_reward=RewardPrediction(
             pred_r, ref_r, ref_sum[reward].mean + pred_r - ref_r, pred_r - ref_r, r_pred_ci, r_change,
             percentile_ci(r_draws), None if r_pred_ci is None else bool(r_pred_ci[0] <= r_change <= r_pred_ci[1])),
-        reward=reward)
+        reward=reward, tilt="reachable" if dual.reachable is not None else "samples")
     if "judge_harmful" in pol:
         report.judge = {"reference": _judge_summary(ref, cfg), "policy": _judge_summary(pol, cfg)}
         report.win_rate["judge_helpful"] = win_rate(

@@ -236,6 +236,7 @@ class EvalReport:
     reward: str
     judge: dict[str, dict[str, JudgeSummary]] | None = None
     recalibration: dict[str, Any] | None = None  # recalibrate.json's rounds and compute, when it ran
+    tilt: str = "samples"  # the dual's tilt (dual.json's ``reachable`` set: "reachable")
 
 
 def read_report(path: str | Path) -> EvalReport:

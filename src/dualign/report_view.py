@@ -171,8 +171,10 @@ def format_report(report: EvalReport) -> str:
     lines += text_table(["", "π_ref", "aligned", "change", "95% CI", "predicted", "95% CI"], rows)
     lambdas = ", ".join(f"{name} {num(v)}" for name, v in report.lambdas.items())
     star = "" if report.recalibration else "*"
-    lines += ["", f"λ{star} = {lambdas}, β = {num(report.beta)}: the policy was trained towards "
-                  f"π_ref·exp((r + λ{star}ᵀg)/β)."]
+    planned = (", planned on the reachable tilt (each score first replaced by what π_ref's features "
+               "predict of it)") if report.tilt == "reachable" else ""
+    lines += [""] + textwrap.wrap(f"λ{star} = {lambdas}, β = {num(report.beta)}{planned}: the policy was trained "
+                                  f"towards π_ref·exp((r + λ{star}ᵀg)/β).", 100)
     if report.recalibration:
         rounds = report.recalibration["rounds"]
         path = " → ".join(", ".join(num(v) for v in r["lambdas"].values()) for r in rounds)
