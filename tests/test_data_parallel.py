@@ -84,8 +84,9 @@ def test_two_processes_sample_and_score_exactly_the_tables_of_one(tmp_path, tiny
     assert not (two / ".lock").exists()
 
 
-def _train_run_dir(run_dir):
-    """A scores table (4 prompts × 4 responses) and a dual.json for mocan."""
+def _train_run_dir(run_dir, copies: int = 1):
+    """A scores table (4 prompts × 4 responses, the prompts repeated ``copies`` times with a
+    numbered suffix) and a dual.json for mocan."""
     import numpy as np
 
     from dualign.io import write_table
@@ -95,7 +96,8 @@ def _train_run_dir(run_dir):
     responses = ["Rinse the rice, then simmer it.", "I can't help with that.", "Rain taps softly on the roof.",
                  "Why did the chicken cross the road?"]
     scores = pd.DataFrame([{"prompt_id": f"p{i}", "prompt": p, "response": responses[(i + k) % 4], "sample_index": k}
-                           for i, p in enumerate(PROMPTS) for k in range(4)])
+                           for i, p in enumerate(p if c == 0 else f"{p} ({c})" for c in range(copies) for p in PROMPTS)
+                           for k in range(4)])
     scores["reward"], scores["cost"] = rng.normal(size=len(scores)), rng.normal(size=len(scores))
     write_table(scores, run_dir / "scores.parquet")
     write_dual(DualRecord(beta=0.1, reward="reward", constraints=["cost<=ref-0.5"], lambdas={"cost": 0.5},
@@ -126,17 +128,21 @@ ACCELERATE = ["accelerate.commands.launch", "--config_file",
 
 def test_two_process_ddp_training_equals_one_process_at_the_same_global_batch(tmp_path, tiny_gpt2):
     """One launch trains twice, plainly and with gradient checkpointing; both end where one process
-    with the whole batch per step ends."""
+    with the whole batch per step ends. 16 prompts × 4 responses, 24 pairs per process and step:
+    each forward has at least 32 distinct sequences, so it runs in length groups (several forwards
+    before one backward, under DDP too)."""
+    from dualign.models import length_groups
     from dualign.train import TrainConfig, train
 
     base = {"template": "plain", "max_length": 64, "learning_rate": 1e-3, "warmup_ratio": 0.0, "max_steps": 3,
             "logging_steps": 1, "device": "cpu", "seed": 1}
-    one = _train_run_dir(tmp_path / "one")
-    runs = {name: _train_run_dir(tmp_path / name) for name in ("ddp", "ddp-checkpointing")}
-    train(TrainConfig(model=tiny_gpt2, run_dir=str(one), per_device_batch_size=8, **base))
+    one = _train_run_dir(tmp_path / "one", copies=4)
+    runs = {name: _train_run_dir(tmp_path / name, copies=4) for name in ("ddp", "ddp-checkpointing")}
+    train(TrainConfig(model=tiny_gpt2, run_dir=str(one), per_device_batch_size=48, **base))
+    assert len(length_groups(torch.zeros(32))) == 2  # what the DDP micro-batches' ≥ 32 rows run in
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in base.items()]
     _launch([*ACCELERATE, "--main_process_port", str(_free_port())], _cli_script(
-        *[["train", "--model", tiny_gpt2, "--run-dir", str(d), "--per-device-batch-size", "4", *flags,
+        *[["train", "--model", tiny_gpt2, "--run-dir", str(d), "--per-device-batch-size", "24", *flags,
            *(["--gradient-checkpointing"] if name.endswith("checkpointing") else [])] for name, d in runs.items()]),
         tmp_path)
     a = _weights(one)
