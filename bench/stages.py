@@ -7,7 +7,10 @@ On a built world (cached; built first if missing) and N of its dual prompts × K
 - score: responses/s of ``score_table`` with the world's reward and cost models against one bare
   encoder forward (MiniLM, length-sorted batches) over the same texts;
 - train: pairs/s of ``train`` (the world config's settings, one epoch) against a bare
-  forward + backward of the same batches' distinct responses.
+  forward + backward of the same batches' distinct responses;
+- evaluate: responses/s of ``evaluate`` on N of the world's evaluation prompts (the policy just
+  trained and π_ref both sampled: no π_ref cache) against bare ``generate`` of both models at the
+  sample row's best batch size plus one bare encoder pass over their responses.
 
     .venv/bin/python bench/stages.py                       # small world, 128 prompts
     .venv/bin/python bench/stages.py --world default --prompts 256
@@ -33,6 +36,7 @@ from dualign.batches import encode_pairs
 from dualign.constraints import parse_constraint
 from dualign.data.scores import validate_scores
 from dualign.dual.stage import solve_constraints
+from dualign.evaluate import evaluate
 from dualign.io import write_table
 from dualign.models import load_causal_lm, load_tokenizer, sequence_logprobs
 from dualign.pipeline import PACKAGED, load_run_values, resolve_run_config
@@ -68,29 +72,29 @@ def bench_sample(cfg, prompts: list[str], k: int, batch_sizes: list[int]) -> tup
             best = (bs, bare_s)
     rows = [("sample", f"{tokens / stage_s:.0f} tokens/s (batch {s.batch_size})",
              f"{tokens / best[1]:.0f} tokens/s (bare generate, batch {best[0]})", stage_s / best[1])]
-    return df, rows
+    return df, rows, best[0]
 
 
 def bench_score(cfg, df: pd.DataFrame) -> tuple[pd.DataFrame, list]:
     scored, stage_s = timed(lambda: score_table(df, cfg.score.scorers, batch_size=cfg.score.batch_size,
                                                 device="cpu", progress=False))
-    tok, encoder = load_encoder()
-    prompts, responses = df["prompt"].tolist(), df["response"].tolist()
-    order = np.argsort([len(p) + len(r) for p, r in zip(prompts, responses, strict=True)], kind="stable")
-    bs = cfg.score.batch_size
-
-    @torch.inference_mode()
-    def bare():
-        for i in range(0, len(order), bs):
-            idx = order[i:i + bs]
-            enc = tok([prompts[j] for j in idx], [responses[j] for j in idx], padding=True, truncation=True,
-                      max_length=cfg.score.max_length, return_tensors="pt")
-            encoder(**enc)
-
-    _, bare_s = timed(bare)
+    _, bare_s = timed(lambda: bare_encoder_pass(df["prompt"].tolist(), df["response"].tolist(),
+                                                cfg.score.batch_size, cfg.score.max_length))
     n = len(df)
     return scored, [("score", f"{n / stage_s:.0f} responses/s ({len(cfg.score.scorers)} scorers)",
                      f"{n / bare_s:.0f} responses/s (one bare encoder pass)", stage_s / bare_s)]
+
+
+@torch.inference_mode()
+def bare_encoder_pass(prompts: list[str], responses: list[str], batch_size: int, max_length: int) -> None:
+    """The world scorers' MiniLM over (prompt, response) pairs in length-sorted batches: scoring's floor."""
+    tok, encoder = load_encoder()
+    order = np.argsort([len(p) + len(r) for p, r in zip(prompts, responses, strict=True)], kind="stable")
+    for i in range(0, len(order), batch_size):
+        idx = order[i:i + batch_size]
+        enc = tok([prompts[j] for j in idx], [responses[j] for j in idx], padding=True, truncation=True,
+                  max_length=max_length, return_tensors="pt")
+        encoder(**enc)
 
 
 def bench_train(cfg, scored: pd.DataFrame, work: Path) -> list:
@@ -126,6 +130,31 @@ def bench_train(cfg, scored: pd.DataFrame, work: Path) -> list:
              f"{n / bare_s:.0f} pairs/s (bare forward + backward + step)", stage_s / bare_s)]
 
 
+def bench_evaluate(cfg, work: Path, n_prompts: int, batch_size: int) -> list:
+    ecfg = dataclasses.replace(cfg.evaluate, run_dir=str(work), policy=str(work / "policy"), max_prompts=n_prompts,
+                               reference_cache=False, device="cpu")
+    _, stage_s = timed(lambda: evaluate(ecfg))
+    sides = [pd.read_parquet(work / "eval" / f"samples_{side}.parquet") for side in ("policy", "reference")]
+    prompts = sides[0].drop_duplicates("prompt_id")["prompt"].tolist()
+    tok = load_tokenizer(cfg.model)
+    texts = [format_prompt(p, ecfg.template, tok) for p in prompts for _ in range(ecfg.num_samples)]
+    models = [load_causal_lm(str(work / "policy"), device="cpu").eval(), load_causal_lm(cfg.model, device="cpu").eval()]
+
+    def bare():
+        torch.manual_seed(0)
+        for model in models:
+            for i in range(0, len(texts), batch_size):
+                _generate_batch(model, tok, texts[i:i + batch_size], ecfg.max_new_tokens, 1.0, 1.0)
+        both = pd.concat(sides)
+        bare_encoder_pass(both["prompt"].tolist(), both["response"].tolist(), ecfg.batch_size, cfg.score.max_length)
+
+    _, bare_s = timed(bare)
+    n = sum(len(side) for side in sides)
+    return [("evaluate", f"{n / stage_s:.0f} responses/s (policy and π_ref: sample, score, judge, log-probs, report)",
+             f"{n / bare_s:.0f} responses/s (bare generate, batch {batch_size}, + one encoder pass)",
+             stage_s / bare_s)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--world", choices=("small", "default"), default="small")
@@ -143,17 +172,18 @@ def main() -> None:
     cfg = resolve_run_config(values)
     prompts = pd.read_json(Path(cfg.model).parent / "prompts_dual.jsonl", lines=True)["prompt"].tolist()[:args.prompts]
     try:
-        df, rows = bench_sample(cfg, prompts, args.samples, args.batch_sizes)
+        df, rows, best_batch = bench_sample(cfg, prompts, args.samples, args.batch_sizes)
         df["prompt_id"] = np.repeat(np.arange(len(prompts)), args.samples)
         scored, more = bench_score(cfg, df)
         rows += more
         rows += bench_train(cfg, scored, work)
+        rows += bench_evaluate(cfg, work, args.prompts, best_batch)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"{args.world} world, {len(prompts)} prompts x K={args.samples}, {torch.get_num_threads()} threads")
-    print(f"{'stage':<7}{'stage throughput':<78}{'floor':<48}{'stage/floor':>11}")
+    print(f"{'stage':<9}{'stage throughput':<84}{'floor':<64}{'stage/floor':>11}")
     for name, stage, floor, ratio in rows:
-        print(f"{name:<7}{stage:<78}{floor:<48}{ratio:>11.2f}")
+        print(f"{name:<9}{stage:<84}{floor:<64}{ratio:>11.2f}")
 
 
 if __name__ == "__main__":
