@@ -188,9 +188,9 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     """
     lengths = attention_mask.sum(1)
     width = int(lengths.max()) if len(lengths) else input_ids.shape[1]
-    if not bool((attention_mask[:, :width].cumsum(1) == torch.minimum(
-            torch.arange(1, width + 1, device=lengths.device), lengths[:, None])).all()):
-        return _padded_logprobs(model, input_ids, attention_mask, response_mask)  # not right-padded
+    right_padded = torch.arange(width, device=lengths.device) < lengths[:, None]  # each row's ones, then zeros
+    if not torch.equal(attention_mask[:, :width].bool(), right_padded):
+        return _padded_logprobs(model, input_ids, attention_mask, response_mask)
     groups = length_groups(lengths.cpu())
     if len(groups) == 1:
         return _padded_logprobs(model, input_ids[:, :width], attention_mask[:, :width], response_mask[:, :width])
