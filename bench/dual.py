@@ -29,10 +29,10 @@ import numpy as np  # noqa: E402
 from scipy.optimize import minimize  # noqa: E402
 
 from dualign import dual  # noqa: E402
+from dualign._infra.segments import Segments  # noqa: E402
 from dualign.data.example import example_arrays  # noqa: E402
 from dualign.dual.solver import kkt_residual, projected_gradient_descent  # noqa: E402
 from dualign.dual.tilt import Tilt, flat_samples  # noqa: E402
-from dualign.segments import Segments  # noqa: E402
 
 TOL = 1e-9
 

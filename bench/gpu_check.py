@@ -30,7 +30,7 @@ TEXTS = [f"BEGINNING OF CONVERSATION: USER: {p} ASSISTANT: Here is a short, care
 
 
 def build(args) -> None:
-    from dualign.tiny import save_tiny_causal_lm
+    from dualign.modeling.tiny import save_tiny_causal_lm
 
     path = save_tiny_causal_lm(Path(args.dir) / "model", "llama", TEXTS, vocab_size=args.vocab, hidden=args.hidden,
                                layers=args.layers, heads=args.heads, max_positions=1024)
@@ -63,9 +63,14 @@ def _params(work: str) -> int:
 def sampling(args) -> None:
     """Generation tokens/s of each backend on the same prompts (log π_ref pass excluded), then the
     sample stage's log π_ref against train's own forward pass and against the engine's numerics."""
-    from dualign.models import load_causal_lm, load_tokenizer, sequence_logprobs, tokenize_pairs
+    from dualign.modeling.models import (
+        load_causal_lm,
+        load_tokenizer,
+        sequence_logprobs,
+        tokenize_pairs,
+    )
+    from dualign.modeling.templates import format_prompt
     from dualign.sample import generate_responses, sample
-    from dualign.templates import format_prompt
     from dualign.train import TrainConfig, reference_logprobs
 
     model_dir = str(Path(args.dir) / "model")
@@ -87,7 +92,7 @@ def sampling(args) -> None:
                                           max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                                           seed=0, progress=False, logprobs=False)
         else:
-            from dualign.vllm_sampler import VLLMSampler
+            from dualign.modeling.vllm_sampler import VLLMSampler
 
             engine = VLLMSampler(cfg, tok)
 
@@ -145,8 +150,8 @@ def sampling(args) -> None:
 def train_check(args) -> None:
     """pairs/s and peak GPU memory of a few MoCAN steps: full, LoRA, each with and without gradient
     checkpointing, and QLoRA (4-bit) where bitsandbytes is installed."""
-    from dualign.io import write_table
-    from dualign.records import DualRecord, write_dual
+    from dualign._infra.io import write_table
+    from dualign.data.records import DualRecord, write_dual
     from dualign.train import TrainConfig, train
 
     rng = np.random.default_rng(0)

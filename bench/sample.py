@@ -16,9 +16,9 @@ import time
 
 import torch
 
-from dualign.models import resolve_device
+from dualign.modeling.models import resolve_device
+from dualign.modeling.tiny import tiny_causal_lm, train_bpe_tokenizer
 from dualign.sample import generate_responses
-from dualign.tiny import tiny_causal_lm, train_bpe_tokenizer
 
 TEXTS = [
     "User: How do I cook rice?\nAssistant: Rinse the rice, then simmer it for fifteen minutes.",

@@ -24,16 +24,16 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from dualign.models import (
+from dualign.modeling.generation import _generate_batch
+from dualign.modeling.models import (
     _padded_logprobs,
     load_causal_lm,
     load_tokenizer,
     sequence_logprobs,
     tokenize_pairs,
 )
+from dualign.modeling.templates import format_prompt
 from dualign.pipeline import PACKAGED, load_run_values, resolve_run_config
-from dualign.sample import _generate_batch
-from dualign.templates import format_prompt
 
 
 def timed(fn) -> tuple:

@@ -32,20 +32,20 @@ import numpy as np
 import pandas as pd
 import torch
 
-from dualign.batches import encode_pairs
-from dualign.constraints import parse_constraint
-from dualign.data.scores import validate_scores
+from dualign._infra.io import write_table
+from dualign.data.constraints import parse_constraint
+from dualign.data.records import write_dual
+from dualign.data.score_table import validate_scores
 from dualign.dual.stage import solve_constraints
 from dualign.evaluate import evaluate
-from dualign.io import write_table
-from dualign.models import load_causal_lm, load_tokenizer, sequence_logprobs
+from dualign.modeling.batches import encode_pairs
+from dualign.modeling.generation import _generate_batch, generate_responses
+from dualign.modeling.models import load_causal_lm, load_tokenizer, sequence_logprobs
+from dualign.modeling.templates import format_prompt
 from dualign.pipeline import PACKAGED, load_run_values, resolve_run_config
-from dualign.records import write_dual
-from dualign.sample import _generate_batch, generate_responses
 from dualign.score import score_table
-from dualign.templates import format_prompt
 from dualign.train import train
-from dualign.world.scorers import load_encoder
+from dualign.world.reward_models import load_encoder
 
 
 def timed(fn):

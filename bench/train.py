@@ -38,7 +38,7 @@ def build(workdir: Path, num_pairs: int) -> None:
     import torch
     from transformers import AutoModelForCausalLM, GPT2Config
 
-    from dualign.tiny import train_bpe_tokenizer
+    from dualign.modeling.tiny import train_bpe_tokenizer
 
     rng = np.random.default_rng(0)
     prompts = [_text(rng, 8, 20) + "?" for _ in range(num_pairs)]

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dualign.records import read_dual, read_report
+from dualign.data.records import read_dual, read_report
 
 
 def changes(report_path: Path) -> dict[str, float]:

@@ -2,7 +2,7 @@
 
     python scripts/fit_diagnostics.py runs/seed0
 
-See :mod:`dualign.fit`: the reward, every constraint column and the KL on the run's training
+See :mod:`dualign.compare.in_sample_fit`: the reward, every constraint column and the KL on the run's training
 samples, reweighted as π_ref, as the trained policy and as π_λ* (the dual's target) would.
 """
 
@@ -12,7 +12,7 @@ import sys
 
 import pandas as pd
 
-from dualign.fit import in_sample_fit
+from dualign.compare.in_sample_fit import in_sample_fit
 
 
 def main(run: str) -> None:

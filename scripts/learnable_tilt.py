@@ -24,9 +24,9 @@ import yaml
 sys.path.insert(0, str(Path(__file__).parent))
 from shortfall import behaviour_level, changes  # noqa: E402
 
+from dualign._infra.segments import Segments  # noqa: E402
+from dualign.data.records import read_dual  # noqa: E402
 from dualign.dual.reachable import FEATURES, reachable_columns, reference_features  # noqa: E402
-from dualign.records import read_dual  # noqa: E402
-from dualign.segments import Segments  # noqa: E402
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ refusal, redirect, off-topic); replacing every score by the mean score of its (p
 keeps only what a policy *can* change — how often it complies, refuses, redirects — and the tilt at
 the same λ then predicts the reachable part. The table compares, for reward, each constraint column
 and KL: the dual's prediction, that behaviour-level prediction, the policy's in-sample fit (its
-importance weights on the training samples, :mod:`dualign.fit`) and the held-out achieved change.
+importance weights on the training samples, :mod:`dualign.compare.in_sample_fit`) and the held-out achieved change.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from dualign.compare.in_sample_fit import in_sample_fit
+from dualign.data.records import read_dual, read_report
 from dualign.dual import tilted_means
-from dualign.fit import in_sample_fit
 from dualign.methods.mocan import lagrangian_reward
-from dualign.records import read_dual, read_report
 from dualign.world.judge import judge
 
 

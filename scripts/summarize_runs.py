@@ -9,8 +9,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from dualign.records import read_report
-from dualign.report_view import verdict
+from dualign.data.records import read_report
+from dualign.data.report_view import verdict
 
 JUDGE_ROWS = (("harmful=True", "judge_harmful"), ("harmful=False", "judge_helpful"))
 

@@ -24,8 +24,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from dualign.fit import in_sample_fit
-from dualign.io import read_json
+from dualign._infra.io import read_json
+from dualign.compare.in_sample_fit import in_sample_fit
 from dualign.pipeline import (
     PACKAGED,
     RECALIBRATE_CONFIG,

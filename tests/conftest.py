@@ -28,7 +28,7 @@ TINY_TEXTS = [
 
 @pytest.fixture(scope="session")
 def tiny_gpt2(tmp_path_factory) -> str:
-    from dualign.tiny import save_tiny_causal_lm
+    from dualign.modeling.tiny import save_tiny_causal_lm
 
     return str(save_tiny_causal_lm(tmp_path_factory.mktemp("tiny_gpt2"), "gpt2", TINY_TEXTS,
                                    vocab_size=400, hidden=32, layers=2, heads=2))
@@ -36,7 +36,7 @@ def tiny_gpt2(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> str:
-    from dualign.tiny import save_tiny_causal_lm
+    from dualign.modeling.tiny import save_tiny_causal_lm
 
     return str(save_tiny_causal_lm(tmp_path_factory.mktemp("tiny_llama"), "llama", TINY_TEXTS,
                                    vocab_size=400, hidden=32, layers=2, heads=2))

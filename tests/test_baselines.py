@@ -10,20 +10,18 @@ import pandas as pd
 import pytest
 import torch
 
-from dualign.errors import ConfigError
-from dualign.flops import model_forward_params
-from dualign.io import read_json, read_table, write_json, write_table
-from dualign.methods.dispatch import run_method
-from dualign.methods.dual_ascent import DualAscentConfig, dual_ascent_step
-from dualign.methods.fixed_lambda import FixedLambdaConfig
-from dualign.methods.grpo_lagrangian import (
+from dualign._infra.errors import ConfigError
+from dualign._infra.io import read_json, read_table, write_json, write_table
+from dualign.baselines.dispatch import run_method
+from dualign.baselines.dual_ascent import DualAscentConfig, dual_ascent_step
+from dualign.baselines.fixed_lambda import FixedLambdaConfig
+from dualign.baselines.grpo_lagrangian import (
     GRPO_RULES,
     GRPOLagrangianConfig,
     projected_lambda_step,
     sequence_clip_loss,
 )
-from dualign.methods.objective import lagrangian_pairs, load_objective
-from dualign.methods.ppo_lagrangian import (
+from dualign.baselines.ppo_lagrangian import (
     PPO_RULES,
     PPOLagrangianConfig,
     combined_advantage,
@@ -32,9 +30,11 @@ from dualign.methods.ppo_lagrangian import (
     lagrange_multiplier_step,
     ppo_clip_loss,
 )
-from dualign.models import load_tokenizer, tokenize_pairs
-from dualign.refprobs import record, trainer_numerics
-from dualign.templates import format_prompt
+from dualign.methods.objective import lagrangian_pairs, load_objective
+from dualign.modeling.flops import model_forward_params
+from dualign.modeling.models import load_tokenizer, tokenize_pairs
+from dualign.modeling.refprobs import record, trainer_numerics
+from dualign.modeling.templates import format_prompt
 
 
 def reward_fn(prompts, responses):
@@ -183,9 +183,9 @@ def test_lagrangian_pairs_margins_are_reward_plus_lambda_times_utility():
 @pytest.fixture(scope="module")
 def tiny_run(tiny_gpt2, tmp_path_factory):
     """A run directory with scores.parquet of the tiny model (as the sample + score stages write it)."""
-    from dualign.models import load_causal_lm, load_tokenizer
+    from dualign.modeling.models import load_causal_lm, load_tokenizer
+    from dualign.modeling.scoring import score_table
     from dualign.sample import generate_responses
-    from dualign.score import score_table
 
     run = tmp_path_factory.mktemp("run")
     prompts = ["How do I cook rice?", "Write a poem about rain.", "Tell me a joke.", "How can I pick a lock?"]
@@ -306,7 +306,7 @@ def test_cost_only_mocan_trains_on_cost_only_margins_and_records_its_training_fl
 
 
 def test_dpo_helpful_and_dpo_safe_train_on_the_better_and_the_safer_response(tiny_gpt2, tmp_path):
-    from dualign.methods.preference_dpo import PreferenceDPOConfig
+    from dualign.baselines.preference_dpo import PreferenceDPOConfig
 
     prefs = tmp_path / "pku.jsonl"
     pd.DataFrame({"prompt": ["How do I cook rice?", "How can I pick a lock?"],

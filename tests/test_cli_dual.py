@@ -13,8 +13,8 @@ import pytest
 
 from dualign import cli
 from dualign.data.example import example_scores
+from dualign.data.records import to_json
 from dualign.dual import DualConfig, run_dual, solve_dual_long
-from dualign.records import to_json
 
 
 @pytest.fixture(scope="module")

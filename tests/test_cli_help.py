@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from dualign import cli, config_source
+from dualign import cli
+from dualign._infra import config_source
 
 COMMANDS = [name for name, *_ in cli.COMMANDS]
 
@@ -67,7 +68,7 @@ def test_demo_help_names_its_variants(capsys):
 
 
 def test_train_help_lists_every_method_the_code_knows(capsys):
-    from dualign.methods.dispatch import CONFIGS
+    from dualign.baselines.dispatch import CONFIGS
     from dualign.train import LOSSES
 
     listed = {line.split()[0] for line in cli.TRAIN_METHODS.splitlines()}

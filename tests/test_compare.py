@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from dualign.constraints import parse_constraint
-from dualign.errors import ConfigError
-from dualign.io import read_json, read_table
+from dualign._infra.errors import ConfigError
+from dualign._infra.io import read_json, read_table
+from dualign.data.constraints import parse_constraint
 
 
 def reward_fn(prompts, responses):
@@ -63,7 +63,7 @@ def compare_yaml(tiny_gpt2, tmp_path):
 
 
 def test_compare_writes_table_and_plots_from_the_reports_and_resumes(compare_yaml, tmp_path):
-    from dualign.compare import load_compare_config, run_compare
+    from dualign.compare.comparison import load_compare_config, run_compare
 
     out = run_compare(*load_compare_config(compare_yaml), log=lambda *a: None)
     root = tmp_path / "cmp"
@@ -151,7 +151,7 @@ def test_compare_writes_table_and_plots_from_the_reports_and_resumes(compare_yam
 
 
 def test_compare_config_refuses_unknown_methods_and_keys(compare_yaml):
-    from dualign.compare import load_compare_config
+    from dualign.compare.comparison import load_compare_config
 
     with pytest.raises(ConfigError, match="unknown method 'sft'"):
         load_compare_config(compare_yaml, {"compare": {"methods": ["sft"]}})
@@ -170,7 +170,7 @@ def test_compare_config_refuses_unknown_methods_and_keys(compare_yaml):
 
 
 def test_sweep_labels_each_setting_and_runs_it_on_the_sweep_seeds(compare_yaml):
-    from dualign.compare import _runs, load_compare_config
+    from dualign.compare.comparison import _runs, load_compare_config
 
     _, cmp = load_compare_config(compare_yaml, {"compare": {
         "methods": ["mocan"], "seeds": [0, 1, 2],
@@ -182,7 +182,7 @@ def test_sweep_labels_each_setting_and_runs_it_on_the_sweep_seeds(compare_yaml):
 
 
 def test_first_met_is_the_smallest_budget_whose_seed_mean_meets_every_constraint():
-    from dualign.compare_report import first_met
+    from dualign.compare.tables import first_met
 
     cons = [{"name": "cost", "constraint": "cost<=ref-1", "column": "cost", "threshold": 2.0}]
     curves = pd.DataFrame({"label": ["a"] * 3 + ["b"] * 2, "method": ["ppo-lagrangian"] * 5,
@@ -197,7 +197,7 @@ def test_first_met_is_the_smallest_budget_whose_seed_mean_meets_every_constraint
 
 def test_two_constraints_on_one_column_go_through_dual_train_evaluate_and_compare(compare_yaml, tmp_path):
     """`cost<=ref-0.5` and `cost<=40` (names: the constraints' texts) from the dual stage to the table."""
-    from dualign.compare import load_compare_config, run_compare
+    from dualign.compare.comparison import load_compare_config, run_compare
 
     constraints = ["cost<=ref-0.5", "cost<=40"]
     overrides = {"run_dir": str(tmp_path / "two"), "dual": {"constraints": constraints},
@@ -227,8 +227,8 @@ def test_two_constraints_on_one_column_go_through_dual_train_evaluate_and_compar
 def test_shared_stages_made_outside_compare_are_charged_their_recorded_time(tmp_path):
     """A comparison started on sample and score stages that a demo made (outputs present, no
     compute.json) charges each the wall-clock its <stage>.meta.json recorded, not NaN."""
-    from dualign.compare import run_shared
-    from dualign.io import write_json, write_table
+    from dualign._infra.io import write_json, write_table
+    from dualign.compare.comparison import run_shared
 
     shared = tmp_path / "shared"
     table = pd.DataFrame({"prompt_id": ["a"], "prompt": ["p"], "response": ["r"], "reward": [0.0], "cost": [0.0]})
@@ -247,8 +247,8 @@ def test_shared_stages_made_outside_compare_are_charged_their_recorded_time(tmp_
 def test_packaged_compare_configs_build_every_method_and_sweep_setting(name):
     """The shipped comparison and its sweeps: every section and sweep setting builds its config (a
     misspelled key fails here, not an hour into a comparison), and the sweeps run what they say."""
-    from dualign.compare import CompareConfig, _check_sections, _runs
-    from dualign.config import build_config
+    from dualign._infra.config import build_config
+    from dualign.compare.comparison import CompareConfig, _check_sections, _runs
     from dualign.pipeline import PACKAGED, load_run_values
 
     values = load_run_values(PACKAGED["default"].parent / f"{name}.yaml")

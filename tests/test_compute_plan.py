@@ -6,10 +6,10 @@ import json
 
 import pytest
 
+from dualign._infra.errors import InputError
 from dualign.cli import main
-from dualign.compute_plan import ComputePlanConfig, plan_compute
-from dualign.errors import InputError
-from dualign.flops import H100_BF16_FLOPS, UTILISATION
+from dualign.compare.compute_cost import ComputePlanConfig, plan_compute
+from dualign.modeling.flops import H100_BF16_FLOPS, UTILISATION
 
 SMALL = dict(policy_params=1e6, scorer_params=2e6, scorers=2, prompt_tokens=10, response_tokens=30,
              prompts=4, samples=3, epochs=2, eval_prompts=5, eval_samples=2,

@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dualign.constraints import (
+from dualign._infra.errors import InputError
+from dualign.data.constraints import (
     constraint_names,
     parse_constraint,
     parse_sweep,
     utilities_and_thresholds,
 )
-from dualign.errors import InputError
 
 
 @pytest.mark.parametrize("text,column,op,value,relative", [

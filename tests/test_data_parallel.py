@@ -45,7 +45,7 @@ def scorer_dirs(tmp_path_factory, tiny_gpt2):
     """A tiny GPT-2 sequence classifier (an hf reward) and a Beaver-layout cost model in .bin shards."""
     from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification
 
-    from dualign.tiny import save_tiny_score_model
+    from dualign.modeling.tiny import save_tiny_score_model
 
     root = tmp_path_factory.mktemp("scorers")
     tok = AutoTokenizer.from_pretrained(tiny_gpt2)
@@ -89,8 +89,8 @@ def _train_run_dir(run_dir, copies: int = 1):
     numbered suffix) and a dual.json for mocan."""
     import numpy as np
 
-    from dualign.io import write_table
-    from dualign.records import DualRecord, write_dual
+    from dualign._infra.io import write_table
+    from dualign.data.records import DualRecord, write_dual
 
     rng = np.random.default_rng(0)
     responses = ["Rinse the rice, then simmer it.", "I can't help with that.", "Rain taps softly on the roof.",
@@ -131,7 +131,7 @@ def test_two_process_ddp_training_equals_one_process_at_the_same_global_batch(tm
     with the whole batch per step ends. 16 prompts × 4 responses, 24 pairs per process and step:
     each forward has at least 32 distinct sequences, so it runs in length groups (several forwards
     before one backward, under DDP too)."""
-    from dualign.models import length_groups
+    from dualign.modeling.models import length_groups
     from dualign.train import TrainConfig, train
 
     base = {"template": "plain", "max_length": 64, "learning_rate": 1e-3, "warmup_ratio": 0.0, "max_steps": 3,
@@ -167,7 +167,7 @@ def _weights_of(model_dir):
 def test_fsdp_asked_for_on_the_cpu_is_refused_not_silently_run_as_ddp(tmp_path, tiny_gpt2, monkeypatch):
     """accelerate (1.x) shards only on accelerators: on the CPU its FSDP flags would leave a plain
     process (or DDP), so train says so instead of training unsharded."""
-    from dualign.errors import ConfigError
+    from dualign._infra.errors import ConfigError
     from dualign.train import TrainConfig, train
 
     run_dir = _train_run_dir(tmp_path / "run")
@@ -179,7 +179,7 @@ def test_fsdp_asked_for_on_the_cpu_is_refused_not_silently_run_as_ddp(tmp_path, 
 
 
 def test_dualign_run_under_a_launcher_is_refused_in_one_line(monkeypatch):
-    from dualign.errors import ConfigError
+    from dualign._infra.errors import ConfigError
     from dualign.pipeline import run_pipeline
 
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -191,8 +191,8 @@ def test_dualign_run_under_a_launcher_is_refused_in_one_line(monkeypatch):
 def test_stages_that_are_not_data_parallel_refuse_a_launcher(monkeypatch):
     from types import SimpleNamespace
 
+    from dualign._infra.errors import ConfigError
     from dualign.dual.stage import run_dual
-    from dualign.errors import ConfigError
     from dualign.evaluate import evaluate
 
     monkeypatch.setenv("WORLD_SIZE", "2")

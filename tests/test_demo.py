@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dualign.config import load_yaml
-from dualign.fit import in_sample_fit
+from dualign._infra.config import load_yaml
+from dualign.compare.in_sample_fit import in_sample_fit
 from dualign.pipeline import (
     DEFAULT_CONFIG,
     RECALIBRATE_CONFIG,

@@ -8,12 +8,12 @@ import pytest
 
 import dualign
 from dualign import dual
+from dualign._infra.errors import InfeasibleConstraintError, InputError
+from dualign._infra.segments import Segments
 from dualign.data.example import example_arrays
 from dualign.dual import formulas as F
 from dualign.dual.solver import joint_margin, projected_gradient_descent
 from dualign.dual.tilt import Tilt, flat_samples
-from dualign.errors import InfeasibleConstraintError, InputError
-from dualign.segments import Segments
 
 
 def _world(n=6, k=5, m=2, seed=0):

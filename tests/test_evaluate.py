@@ -80,8 +80,8 @@ def test_verdicts_are_point_estimate_one_sided_bound_and_ci_reach(point, draws, 
 def _report(shift: float, tmp_path=None):
     """A report on synthetic tables: reward, cost (constraint cost<=ref-1) and a gold judge on
     harmful and benign prompts; the policy's cost moves by ``shift``."""
+    from dualign.data.records import DualCI, DualRecord
     from dualign.evaluate import EvaluateConfig, build_report
-    from dualign.records import DualCI, DualRecord
 
     ref, pol = _tables(shift=shift)
     for df, d in ((ref, 0.0), (pol, 0.5)):
@@ -103,7 +103,7 @@ def _report(shift: float, tmp_path=None):
 
 @pytest.mark.parametrize("shift,verdict", [(-3.0, "met confidently"), (-0.2, "NOT met")])
 def test_result_table_shows_verdicts_cis_lambda_and_plain_judge_rows_in_aligned_columns(shift, verdict):
-    from dualign.report_view import format_report
+    from dualign.data.report_view import format_report
 
     text = format_report(_report(shift)[2])
     lines = text.splitlines()
@@ -123,9 +123,9 @@ def test_result_table_shows_verdicts_cis_lambda_and_plain_judge_rows_in_aligned_
 def test_a_report_planned_on_the_reachable_tilt_says_so_beside_lambda():
     """dual.json's ``reachable`` record makes the report's tilt "reachable", and the printout's λ
     line names it; a report without it (samples, or written before the key) keeps the plain line."""
+    from dualign.data.records import DualRecord, ReachableTilt
+    from dualign.data.report_view import format_report
     from dualign.evaluate import EvaluateConfig, build_report
-    from dualign.records import DualRecord, ReachableTilt
-    from dualign.report_view import format_report
 
     ref, pol, plain = _report(-3.0)
     assert plain.tilt == "samples"
@@ -144,8 +144,8 @@ def test_a_report_planned_on_the_reachable_tilt_says_so_beside_lambda():
 
 
 def test_closing_lines_name_every_file_worth_opening(tmp_path):
-    from dualign.records import write_report
-    from dualign.report_view import format_outputs, plot_report
+    from dualign.data.records import write_report
+    from dualign.data.report_view import format_outputs, plot_report
 
     ref, pol, report = _report(-3.0, tmp_path)
     (tmp_path / "eval").mkdir()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dualign.flops import (
+from dualign.modeling.flops import (
     forward_params,
     gpu_hours,
     model_forward_params,
@@ -17,7 +17,7 @@ from dualign.flops import (
 
 
 def test_forward_params_of_tiny_gpt2_and_llama_match_their_architectures(tiny_gpt2, tiny_llama):
-    from dualign.models import load_causal_lm
+    from dualign.modeling.models import load_causal_lm
 
     g = json.loads((Path(tiny_gpt2) / "config.json").read_text())
     d, layers, vocab = g["n_embd"], g["n_layer"], g["vocab_size"]

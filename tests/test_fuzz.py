@@ -624,9 +624,9 @@ def test_bad_scorer_model_directory(ws, capsys, name):
 
 
 def test_crafted_training_state_is_refused_and_runs_nothing(ws, capsys, tmp_path):
-    from dualign.io import write_table
+    from dualign._infra.io import write_table
+    from dualign.data.records import DualRecord
     from dualign.methods.mocan import pairs_from_scores
-    from dualign.records import DualRecord
 
     run = ws / "train_run"
     dual = DualRecord(beta=1.0, reward="reward", constraints=["cost<=ref"], lambdas={"cost": 0.5},
@@ -640,7 +640,7 @@ def test_crafted_training_state_is_refused_and_runs_nothing(ws, capsys, tmp_path
 
 
 def test_unconverged_dual_json_is_refused_by_train(ws, capsys):
-    from dualign.records import DualRecord, write_dual
+    from dualign.data.records import DualRecord, write_dual
 
     run = ws / "unconverged"
     write_dual(DualRecord(beta=1.0, reward="reward", constraints=["cost<=ref"], lambdas={"cost": 3.0},

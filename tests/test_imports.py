@@ -93,3 +93,66 @@ def test_every_module_imports(module):
 def test_every_module_opens_with_a_docstring_saying_what_it_holds(module):
     doc = ast.get_docstring(ast.parse(MODULES[module].read_text()))
     assert doc and len(doc.split()) >= 5, module
+
+
+# The floors, lowest first: a module may import its own floor and those below, never one above.
+# The stages sit at the package root (the dual stage in dual/stage.py); everything they share is
+# below them, whatever runs them above.
+FLOORS = [
+    ("infrastructure", {"dualign._infra"}),
+    ("data formats and models", {"dualign.data", "dualign.modeling"}),
+    ("the dual's math and the built-in world", {"dualign.dual", "dualign.world"}),
+    ("losses and pairs", {"dualign.methods"}),
+    ("the stages", {"dualign.sample", "dualign.score", "dualign.dual.stage", "dualign.dual.__init__", "dualign.train",
+                    "dualign.evaluate", "dualign.recalibrate", "dualign.plan", "dualign.prealign"}),
+    ("the baselines", {"dualign.baselines"}),
+    ("the comparison and the pipeline", {"dualign.compare", "dualign.pipeline"}),
+    ("the command line and the public API", {"dualign.cli", "dualign.__main__", "dualign.__init__"}),
+]
+
+
+def floor_of(module: str) -> int:
+    """The floor of a module: the most specific FLOORS entry naming it or a package above it
+    (a package's ``__init__`` by ``NAME.__init__``)."""
+    path = MODULES[module].relative_to(PACKAGE.parent).with_suffix("").parts
+    name = ".".join(path)
+    best = None
+    for i, (_, members) in enumerate(FLOORS):
+        for m in members:
+            if (name == m or name.startswith(m + ".")) and (best is None or len(m) > len(best[1])):
+                best = (i, m)
+    assert best is not None, f"{module} is on no floor: add it to FLOORS"
+    return best[0]
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    return [f"{m} ({FLOORS[floor_of(m)][0]}) imports {d} ({FLOORS[floor_of(d)][0]})"
+            for m, deps in sorted(graph.items()) for d in sorted(deps) if floor_of(d) > floor_of(m)]
+
+
+def test_every_module_is_on_a_floor():
+    for module in MODULES:
+        floor_of(module)
+
+
+def test_imports_flow_down_the_floors_never_up():
+    assert upward_imports(_graph()) == []
+
+
+def test_an_upward_import_is_caught():
+    graph = {m: set() for m in MODULES}
+    graph["dualign.methods.mocan"] = {"dualign.train"}  # the losses importing the loop
+    graph["dualign._infra.io"] = {"dualign.modeling.models"}
+    assert upward_imports(graph) == [
+        "dualign._infra.io (infrastructure) imports dualign.modeling.models (data formats and models)",
+        "dualign.methods.mocan (losses and pairs) imports dualign.train (the stages)"]
+
+
+def test_the_package_root_holds_only_the_stages_the_pipeline_and_the_cli():
+    root = {p.stem for p in PACKAGE.glob("*.py")}
+    assert root == {"__init__", "__main__", "cli", "pipeline", "sample", "score", "train", "evaluate",
+                    "recalibrate", "plan", "prealign"}
+
+
+def test_the_evaluate_stage_imports_no_other_stage():
+    assert not _graph()["dualign.evaluate"] & {"dualign.sample", "dualign.score", "dualign.train"}

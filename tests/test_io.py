@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from dualign.io import atomic_path, temp_dir_beside, write_json, write_table
+from dualign._infra.io import atomic_path, temp_dir_beside, write_json, write_table
 
 
 @pytest.fixture(params=[0o022, 0o027, 0o002])
@@ -44,7 +44,7 @@ def test_a_temporary_directory_to_be_renamed_gets_the_mode_mkdir_would(tmp_path,
 def test_a_saved_model_directory_and_its_files_honour_the_umask(tmp_path, tiny_gpt2):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dualign.models import save_model
+    from dualign.modeling.models import save_model
 
     model, tok = AutoModelForCausalLM.from_pretrained(tiny_gpt2), AutoTokenizer.from_pretrained(tiny_gpt2)
     old = os.umask(0o027)

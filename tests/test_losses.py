@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dualign.losses import dpo_loss, kl_estimate, mocan_loss, safedpo_loss
+from dualign.methods.losses import dpo_loss, kl_estimate, mocan_loss, safedpo_loss
 
 T = torch.tensor
 

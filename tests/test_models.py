@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from dualign.models import (
+from dualign.modeling.models import (
     _padded_logprobs,
     length_groups,
     load_causal_lm,

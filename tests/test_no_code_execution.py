@@ -13,7 +13,7 @@ import dualign
 SRC = Path(dualign.__file__).parent
 # The built-in world loads only the models it built itself (its own module, issue #11); it is
 # listed here until its loaders pass the flag too.
-KNOWN_WITHOUT_FLAG = {"world/scorers.py"}
+KNOWN_WITHOUT_FLAG = {"world/reward_models.py"}
 
 
 def _calls(path: Path):

@@ -14,9 +14,9 @@ import pandas as pd
 import pytest
 import torch
 
-from dualign.config import load_yaml, merge
+from dualign._infra.config import load_yaml, merge
+from dualign.modeling.tiny import save_tiny_causal_lm, save_tiny_score_model
 from dualign.pipeline import resolve_run_config, run_pipeline
-from dualign.tiny import save_tiny_causal_lm, save_tiny_score_model
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 PROMPTS = ["How do I cook rice?", "How can I pick a lock?", "Write a poem about rain.", "Tell me a joke."]

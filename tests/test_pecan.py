@@ -13,14 +13,14 @@ import pandas as pd
 import pytest
 import torch
 
-from dualign.constraints import parse_constraint
-from dualign.data.scores import validate_scores
+from dualign._infra.errors import ConfigError, InputError
+from dualign._infra.io import write_json, write_table
+from dualign.data.constraints import parse_constraint
+from dualign.data.records import DualRecord
+from dualign.data.score_table import validate_scores
 from dualign.dual import DualConfig, run_dual, solve_constraints
-from dualign.errors import ConfigError, InputError
-from dualign.io import write_json, write_table
-from dualign.records import DualRecord
+from dualign.modeling.scorers import parse_scorer
 from dualign.score import ScoreConfig, score, score_table
-from dualign.scorers import parse_scorer
 
 PROMPTS = ["How do I cook rice?", "How can I pick a lock?", "Write a poem about rain."]
 RESPONSES = ["Rinse the rice, then simmer it.", "I can't help with that.", "Rain taps softly."]
@@ -207,7 +207,7 @@ PREFS = [  # (prompt, response_0, response_1, better, safer, safe_0, safe_1)
 
 def test_pecan_end_to_end_on_tiny_models(tiny_gpt2, tmp_path):
     """sample → DPO π_r, π_g on the two views → implicit scores → dual → pecan, on tiny models."""
-    from dualign.methods.pecan_prealign import PrealignConfig, implicit_scorers, prealign
+    from dualign.prealign import PrealignConfig, implicit_scorers, prealign
     from dualign.sample import SampleConfig, sample
     from dualign.train import TrainConfig, train
 

@@ -18,7 +18,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from dualign.errors import ConfigError, InputError
+from dualign._infra.errors import ConfigError, InputError
 from dualign.pipeline import resolve_run_config, run_pipeline
 
 HERE = Path(__file__).resolve()
@@ -238,9 +238,9 @@ def test_a_second_run_on_the_same_directory_fails_at_once_naming_the_first(tmp_p
 
 
 def test_the_lock_is_released_when_its_holder_is_killed(tmp_path):
-    from dualign.lock import run_lock
+    from dualign._infra.lock import run_lock
 
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from dualign.lock import run_lock\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from dualign._infra.lock import run_lock\n"
                                f"with run_lock({str(tmp_path)!r}):\n    print('held', flush=True); time.sleep(60)"],
                               stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
@@ -272,7 +272,7 @@ def test_references_are_substituted_only_where_the_whole_value_is_one(tmp_path, 
 
 @pytest.mark.parametrize("name", ["paper_mocan.yaml", "paper_pecan.yaml"])
 def test_paper_configs_resolve_without_unknown_keys(name):
-    from dualign.config import load_yaml
+    from dualign._infra.config import load_yaml
 
     cfg = resolve_run_config(load_yaml(HERE.parent.parent / "configs" / name))
     assert cfg.dual.beta == 0.1 and cfg.sample.template == "beaver"

@@ -9,6 +9,7 @@ import sys
 import pandas as pd
 import pytest
 
+from dualign._infra.errors import InputError
 from dualign.data.preferences import (
     check_preferences,
     fix_preferences,
@@ -17,7 +18,6 @@ from dualign.data.preferences import (
     preference_views,
     read_preferences,
 )
-from dualign.errors import InputError
 
 NO_HARM = {"Violence": False, "Privacy Violation": False}
 HARM = {"Violence": True, "Privacy Violation": False}

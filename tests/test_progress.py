@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 import re
 
-from dualign.progress import Progress
+from dualign._infra.progress import Progress
 
 
 class Clock:
@@ -19,7 +19,7 @@ class Clock:
 
 def test_lines_off_a_terminal_report_count_rate_and_time_left(monkeypatch):
     clock = Clock()
-    monkeypatch.setattr("dualign.progress.time.monotonic", clock)
+    monkeypatch.setattr("dualign._infra.progress.time.monotonic", clock)
     monkeypatch.delenv("DUALIGN_PROGRESS", raising=False)
     monkeypatch.setenv("DUALIGN_PROGRESS_INTERVAL", "10")
     out = io.StringIO()  # not a TTY
@@ -38,7 +38,7 @@ def test_lines_off_a_terminal_report_count_rate_and_time_left(monkeypatch):
 
 def test_iterable_form_counts_items_and_off_mode_prints_nothing(monkeypatch):
     clock = Clock()
-    monkeypatch.setattr("dualign.progress.time.monotonic", clock)
+    monkeypatch.setattr("dualign._infra.progress.time.monotonic", clock)
     monkeypatch.setenv("DUALIGN_PROGRESS_INTERVAL", "0")
     out = io.StringIO()
     seen = []

@@ -12,9 +12,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from dualign._infra.errors import InfeasibleConstraintError
+from dualign._infra.segments import Segments
 from dualign.cli import main
-from dualign.constraints import parse_constraint
-from dualign.data.scores import read_scores
+from dualign.data.constraints import parse_constraint
+from dualign.data.score_table import read_scores
 from dualign.dual import DualConfig, run_dual, solve_constraints
 from dualign.dual.reachable import (
     cross_fitted_ridge,
@@ -23,8 +25,6 @@ from dualign.dual.reachable import (
     within_prompt,
 )
 from dualign.dual.solver import evaluation_se, flat_samples
-from dualign.errors import InfeasibleConstraintError
-from dualign.segments import Segments
 
 
 def test_within_prompt_subtracts_each_prompts_mean():

@@ -89,7 +89,7 @@ def test_recalibrate_stage_corrects_lambda_until_met_replaces_the_policy_and_res
 def _objective_and_scores(n=40, k=6, seed=0):
     import pandas as pd
 
-    from dualign.constraints import parse_constraint
+    from dualign.data.constraints import parse_constraint
     from dualign.methods.objective import Objective
 
     rng = np.random.default_rng(seed)

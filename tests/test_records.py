@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from dualign.errors import InputError
-from dualign.records import (
+from dualign._infra.errors import InputError
+from dualign.data.records import (
     ConstraintOutcome,
     DualRecord,
     Estimate,

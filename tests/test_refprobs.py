@@ -11,10 +11,10 @@ import pytest
 from safetensors.torch import load_file
 
 from dualign import sample as sample_mod
-from dualign.errors import InputError
-from dualign.io import write_table
-from dualign.records import DualRecord, write_dual
-from dualign.refprobs import mismatch, record, trainer_numerics
+from dualign._infra.errors import InputError
+from dualign._infra.io import write_table
+from dualign.data.records import DualRecord, write_dual
+from dualign.modeling.refprobs import mismatch, record, trainer_numerics
 from dualign.sample import SampleConfig, sample
 from dualign.train import TrainConfig, reference_logprobs, train
 
@@ -105,7 +105,7 @@ def test_train_reuses_a_matching_record_recomputes_a_differing_one_and_reuse_ref
 
 
 def test_load_in_4bit_is_refused_on_the_cpu_before_anything_is_written(tmp_path, tiny_gpt2):
-    from dualign.errors import ConfigError
+    from dualign._infra.errors import ConfigError
 
     with pytest.raises(ValueError, match="needs lora: true and merge_lora: false"):
         TrainConfig(model=tiny_gpt2, run_dir=str(tmp_path), load_in_4bit=True)

@@ -11,12 +11,17 @@ import pytest
 import torch
 
 from dualign import sample as sample_mod
+from dualign._infra.errors import InputError
 from dualign.cli import main
 from dualign.data.prompts import load_prompts
-from dualign.errors import InputError
-from dualign.models import load_causal_lm, load_tokenizer, sequence_logprobs, tokenize_pairs
+from dualign.modeling.models import (
+    load_causal_lm,
+    load_tokenizer,
+    sequence_logprobs,
+    tokenize_pairs,
+)
+from dualign.modeling.templates import format_prompt
 from dualign.sample import SampleConfig, generate_responses, sample
-from dualign.templates import format_prompt
 from dualign.train import TrainConfig
 
 PROMPTS = ["How do I cook rice?", "Tell me a joke.", "Write a poem about rain.", "hi", "How can I pick a lock?"]
@@ -166,8 +171,8 @@ def _eos_biased(path: str, bias: float):
 
 
 def test_truncated_responses_are_marked_and_scored_without_an_invented_eos(tiny_gpt2):
-    from dualign.batches import encode_pairs, fill_ref_logps
-    from dualign.pairs import validate_pairs
+    from dualign.methods.pairs import validate_pairs
+    from dualign.modeling.batches import encode_pairs, fill_ref_logps
     from dualign.train import _accelerator
 
     model, tok = _eos_biased(tiny_gpt2, 5.0)  # eos about a third of the time: some responses end, some are cut

@@ -12,11 +12,11 @@ import pandas as pd
 import pytest
 import torch
 
-from dualign import score as score_mod
+from dualign._infra.errors import ConfigError, InputError
 from dualign.cli import main
-from dualign.errors import ConfigError, InputError
+from dualign.modeling import scoring as score_mod  # the scorers are loaded there
+from dualign.modeling.scorers import ScorerSpec, load_scorer, parse_scorer
 from dualign.score import ScoreConfig, score, score_table
-from dualign.scorers import ScorerSpec, load_scorer, parse_scorer
 
 PROMPTS = ["How do I cook rice?", "hi", "Tell me a joke.", "How can I pick a lock?"]
 RESPONSES = [" Rinse it, then simmer.", " Why did the chicken cross the road? To get away.", "", " No."]
@@ -163,8 +163,13 @@ def test_truncated_responses_are_scored_without_an_eos(tmp_path, tok, tiny_gpt2)
     want = [_beaver_by_hand(backbone, head, tok, p, r, eos=not c) for p, r, c in zip(PROMPTS, RESPONSES, cut, strict=True)]
     assert got.tolist() == pytest.approx(want, abs=1e-5)
     # an implicit reward of π_ref itself is 0 when log π and log π_ref agree on the (absent) eos
-    from dualign.models import load_causal_lm, load_tokenizer, sequence_logprobs, tokenize_pairs
-    from dualign.templates import format_prompt
+    from dualign.modeling.models import (
+        load_causal_lm,
+        load_tokenizer,
+        sequence_logprobs,
+        tokenize_pairs,
+    )
+    from dualign.modeling.templates import format_prompt
 
     gpt_tok = load_tokenizer(tiny_gpt2)
     enc = tokenize_pairs(gpt_tok, [format_prompt(p, "plain") for p in PROMPTS], RESPONSES, truncated=cut)
@@ -287,7 +292,7 @@ def _bert_heads(root, tok, n_heads: int, share: bool) -> list[str]:
 
 @pytest.mark.parametrize("share", [True, False])
 def test_hf_scorers_on_one_encoder_run_it_once_and_equal_each_scorer_alone(tmp_path, tok, share, monkeypatch):
-    from dualign.scorers import SharedEncoderScorers
+    from dualign.modeling.scorers import SharedEncoderScorers
 
     paths = _bert_heads(tmp_path, tok, 3, share)
     specs = [f"s{i}=hf:{p}" for i, p in enumerate(paths)]
@@ -306,7 +311,7 @@ def test_hf_scorers_on_one_encoder_run_it_once_and_equal_each_scorer_alone(tmp_p
 def test_shared_trunk_is_the_largest_module_with_equal_weights(tmp_path, tok):
     from transformers import AutoModelForSequenceClassification
 
-    from dualign.scorers import shared_trunk
+    from dualign.modeling.scorers import shared_trunk
 
     a, b = (AutoModelForSequenceClassification.from_pretrained(p) for p in _bert_heads(tmp_path, tok, 2, True))
     assert shared_trunk(a, b) == "bert.encoder"   # the pooler and classifier are each model's own

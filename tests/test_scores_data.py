@@ -6,10 +6,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from dualign._infra.errors import InputError
 from dualign.data.example import example_scores
-from dualign.data.scores import read_scores, validate_scores
+from dualign.data.score_table import read_scores, validate_scores
 from dualign.dual import reference_means, solve_dual_long
-from dualign.errors import InputError
 
 
 @pytest.mark.parametrize("suffix", [".parquet", ".jsonl", ".csv"])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.special import logsumexp
 
-from dualign.segments import Segments
+from dualign._infra.segments import Segments
 
 
 def _rows_by_prompt(ids):

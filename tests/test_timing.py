@@ -3,7 +3,7 @@ outside one; the pipeline records them in <stage>.meta.json (tests/test_pipeline
 
 from __future__ import annotations
 
-from dualign import timing
+from dualign._infra import timing
 
 
 def test_parts_accumulate_into_every_active_collection(monkeypatch):

@@ -15,11 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dualign.errors import InputError
-from dualign.io import write_table
+from dualign._infra.errors import InputError
+from dualign._infra.io import write_table
+from dualign.data.records import DualRecord, write_dual
 from dualign.methods.dpo import pairs_from_preferences
 from dualign.methods.mocan import pairs_from_scores
-from dualign.records import DualRecord, write_dual
 from dualign.train import TrainConfig, train
 
 PROMPTS = ["How do I cook rice?", "How can I pick a lock?", "Write a poem about rain.", "Tell me a joke."]
@@ -101,7 +101,7 @@ def test_pairs_from_preferences_hard_and_scored():
 
 
 def test_dpo_method_orients_each_pair_by_the_sign_of_its_margin():
-    from dualign.losses import dpo_loss
+    from dualign.methods.losses import dpo_loss
     from dualign.train import LOSSES
 
     pa, pb, ra, rb = torch.tensor([-1.0, -2.0]), torch.tensor([-3.0, -0.5]), torch.zeros(2), torch.zeros(2)
@@ -222,7 +222,12 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, tiny_gpt2):
 
 
 def test_training_moves_logratios_towards_target_margins(tmp_path, tiny_model):
-    from dualign.models import load_causal_lm, load_tokenizer, sequence_logprobs, tokenize_pairs
+    from dualign.modeling.models import (
+        load_causal_lm,
+        load_tokenizer,
+        sequence_logprobs,
+        tokenize_pairs,
+    )
 
     run_dir = _run_dir(tmp_path)
     scores = _scores()
@@ -253,7 +258,12 @@ def test_training_moves_logratios_towards_target_margins(tmp_path, tiny_model):
 
 
 def test_reused_reference_logprobs_give_the_same_run_as_computed_ones(tmp_path, tiny_llama):
-    from dualign.models import load_causal_lm, load_tokenizer, sequence_logprobs, tokenize_pairs
+    from dualign.modeling.models import (
+        load_causal_lm,
+        load_tokenizer,
+        sequence_logprobs,
+        tokenize_pairs,
+    )
 
     scores = _scores()
     tok = load_tokenizer(tiny_llama)

@@ -11,17 +11,17 @@ import sys
 import pandas as pd
 import pytest
 
-from dualign import vllm_sampler
-from dualign.errors import ConfigError
-from dualign.models import load_causal_lm, load_tokenizer
-from dualign.sample import SampleConfig, generate_responses, sample
-from dualign.vllm_sampler import (
+from dualign._infra.errors import ConfigError
+from dualign.modeling import vllm_sampler
+from dualign.modeling.models import load_causal_lm, load_tokenizer
+from dualign.modeling.vllm_sampler import (
     engine_args,
     outputs_to_table,
     prompt_token_ids,
     request_seeds,
     sampling_kwargs,
 )
+from dualign.sample import SampleConfig, generate_responses, sample
 
 PROMPTS = ["How do I cook rice?", "Tell me a joke.", "hi"]
 

@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 import torch
 
-from dualign.errors import InputError
-from dualign.io import current_umask
+from dualign._infra.errors import InputError
+from dualign._infra.io import current_umask
 from dualign.world import (
     build_world,
     default_world_dir,
@@ -152,7 +152,7 @@ def test_world_directory_and_its_files_have_the_umask_s_mode(world):
 
 
 def test_ref_model_complies_with_harmful_requests_yet_refuses_sometimes(world):
-    from dualign.models import load_causal_lm, load_tokenizer
+    from dualign.modeling.models import load_causal_lm, load_tokenizer
     from dualign.world.lm import sample_responses
 
     prompts = pd.read_json(world / "prompts_eval.jsonl", lines=True)

@@ -4,7 +4,10 @@
 ``import dualign`` and the CLI's start stay cheap (numpy and scipy load only when needed).
 """
 
-from dualign.errors import InfeasibleConstraintError
+from dualign._infra import moved
+from dualign._infra.errors import InfeasibleConstraintError
+
+moved.install()
 
 __version__ = "0.1.0"
 

@@ -2,11 +2,11 @@
 
 Each subcommand is one ``_add_<name>`` (flags, help text and an example) + one ``_cmd_<name>``
 (action) pair, listed in ``COMMANDS``. Any :class:`DualignError` becomes one line on stderr and
-exit code 2. Third-party logs and progress bars are off unless ``--verbose`` (:mod:`dualign.quiet`).
+exit code 2. Third-party logs and progress bars are off unless ``--verbose`` (:mod:`dualign._infra.quiet`).
 
 The stage modules are imported inside the subcommand that runs them: they pull numpy, pandas and
 torch (seconds), which ``dualign --help`` and every ``dualign COMMAND --help`` should not pay for.
-The flags come from the stage configs as read from their source (:mod:`dualign.config_source`).
+The flags come from the stage configs as read from their source (:mod:`dualign._infra.config_source`).
 
 About 570 lines, one pair of short functions per command: a reader looking for a command finds its
 flags, help and action side by side; the work itself lives in the stage modules.
@@ -23,16 +23,16 @@ import textwrap
 from pathlib import Path
 
 from dualign import __version__
-from dualign.config import (
+from dualign._infra.config import (
     add_config_arguments,
     load_yaml,
     merge,
     overrides_from_args,
     resolve_config,
 )
-from dualign.config_source import config_class, config_classes, source_constant
-from dualign.errors import ConfigError, DualignError
-from dualign.quiet import quiet_third_party
+from dualign._infra.config_source import config_class, config_classes, source_constant
+from dualign._infra.errors import ConfigError, DualignError
+from dualign._infra.quiet import quiet_third_party
 
 DESCRIPTION = """\
 dualign aligns a language model to be helpful under safety constraints, in one shot (MoCAN and
@@ -97,8 +97,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 def _run_stage(cfg, run):
     """A stage command: check its inputs and outputs, then run it holding its run directory's lock
     (under accelerate/torchrun the main process holds it for all)."""
-    from dualign import checks
-    from dualign.lock import run_lock
+    from dualign._infra.lock import run_lock
+    from dualign.modeling import checks
 
     checks.stage_inputs(cfg, cfg.run_dir)
     if cfg.run_dir is None or os.environ.get("RANK", "0") != "0":
@@ -185,7 +185,7 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", help="YAML file of the keys below (flags override it)")
     train_config = config_class("dualign.train", "TrainConfig")
     add_config_arguments(p, train_config)
-    baselines = config_classes("dualign.methods.dispatch", "CONFIGS")
+    baselines = config_classes("dualign.baselines.dispatch", "CONFIGS")
     seen = {f.name for f in dataclasses.fields(train_config)}
     group = p.add_argument_group(f"the baselines' own flags (--method {', '.join(baselines)})")
     for cls in dict.fromkeys(baselines.values()):
@@ -203,7 +203,7 @@ examples:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from dualign.methods.dispatch import CONFIGS, check_method, run_method
+    from dualign.baselines.dispatch import CONFIGS, check_method, run_method
     from dualign.train import TrainConfig, train
 
     method = getattr(args, "method", None) or (load_yaml(args.config).get("method") if args.config else None)
@@ -244,10 +244,10 @@ predicted mean under π_λ*, and the predicted change with its CI; then the rewa
 
 
 def _cmd_dual(args: argparse.Namespace) -> int:
-    from dualign import checks
+    from dualign.data.records import to_json, write_dual
     from dualign.dual import DualConfig, format_report
     from dualign.dual.stage import solve_config
-    from dualign.records import to_json, write_dual
+    from dualign.modeling import checks
 
     cfg = resolve_config(DualConfig, args.config, args, exclude=("config", "json", "output"))
     if args.output:
@@ -294,9 +294,9 @@ against the predicted constraint value (the trade-off), and λ* and the KL again
 def _cmd_plan(args: argparse.Namespace) -> int:
     import math
 
-    from dualign import checks
-    from dualign.errors import InputError
-    from dualign.io import read_json
+    from dualign._infra.errors import InputError
+    from dualign._infra.io import read_json
+    from dualign.modeling import checks
     from dualign.plan import OUTPUTS, format_plan, parse_beta_grid, run_plan
 
     betas = parse_beta_grid(args.beta_grid if args.beta_grid else args.beta)
@@ -333,13 +333,13 @@ Prints, for MoCAN and for a primal-dual RL baseline (PPO-/GRPO-Lagrangian, criti
 stated budget, the FLOPs and GPU-hours of each stage and the peak memory of weights and optimizer
 state. GPU-hours use an H100 at an assumed utilisation per stage unless --throughputs gives the
 FLOP/s you measured (e.g. bench/gpu.sh's tokens/s × 2 × parameters)."""
-    add_config_arguments(p, config_class("dualign.compute_plan", "ComputePlanConfig"))
+    add_config_arguments(p, config_class("dualign.compare.compute_cost", "ComputePlanConfig"))
     p.add_argument("--config", help="YAML file of ComputePlanConfig keys (flags override it)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def _cmd_compute(args: argparse.Namespace) -> int:
-    from dualign.compute_plan import ComputePlanConfig, format_compute, plan_compute
+    from dualign.compare.compute_cost import ComputePlanConfig, format_compute, plan_compute
 
     cfg = resolve_config(ComputePlanConfig, args.config, args, exclude=("config", "json"))
     plan = plan_compute(cfg)
@@ -375,9 +375,9 @@ examples:
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
-    from dualign import checks
+    from dualign._infra.io import write_table
     from dualign.data import preferences as prefs
-    from dualign.io import write_table
+    from dualign.modeling import checks
 
     if args._data_command == "views":
         checks.writable_dir(args.out, "--out")
@@ -423,9 +423,9 @@ report.json, scores.png, predicted_vs_achieved.png.
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from dualign.data.records import read_report
+    from dualign.data.report_view import format_outputs, format_report
     from dualign.evaluate import EvaluateConfig, evaluate
-    from dualign.records import read_report
-    from dualign.report_view import format_outputs, format_report
 
     cfg = resolve_config(EvaluateConfig, args.config, args, exclude=("config",))
     path = _run_stage(cfg, evaluate)
@@ -626,7 +626,7 @@ example:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from dualign.compare import load_compare_config, run_compare
+    from dualign.compare.comparison import load_compare_config, run_compare
 
     compare = {k: v for k, v in (("seeds", args.seeds), ("methods", args.methods)) if v}
     overrides = {"run_dir": args.run_dir} if args.run_dir else {}

@@ -4,7 +4,7 @@ both, and report achieved vs predicted.
 Outputs in ``<run_dir>/eval/``: ``samples_policy.parquet``, ``samples_reference.parquet``,
 ``report.json``, ``scores.png`` (score distributions before/after) and
 ``predicted_vs_achieved.png`` (predicted against achieved changes, with CIs). The table a run
-ends with and the plots are drawn by :mod:`dualign.report_view`.
+ends with and the plots are drawn by :mod:`dualign.data.report_view`.
 """
 
 from __future__ import annotations
@@ -22,19 +22,20 @@ import numpy as np
 import pandas as pd
 import torch
 
-from dualign.data.prompts import load_prompts
-from dualign.distributed import Ranks, gather_shards, one_process, ranks
-from dualign.errors import DualignError, InputError, first_line
-from dualign.io import cache_root, fingerprint, read_json, read_table, write_json, write_table
-from dualign.models import (
-    load_causal_lm,
-    load_tokenizer,
-    resolve_device,
-    sequence_logprobs,
-    tokenize_pairs,
+from dualign._infra.distributed import Ranks, gather_shards, one_process, ranks
+from dualign._infra.errors import DualignError, InputError, first_line
+from dualign._infra.io import (
+    cache_root,
+    fingerprint,
+    read_json,
+    read_table,
+    write_json,
+    write_table,
 )
-from dualign.provenance import mark_done, record_stage, unmark, versions
-from dualign.records import (
+from dualign._infra.provenance import mark_done, record_stage, unmark, versions
+from dualign._infra.segments import Segments
+from dualign.data.prompts import load_prompts
+from dualign.data.records import (
     ConstraintOutcome,
     DualRecord,
     Estimate,
@@ -45,12 +46,18 @@ from dualign.records import (
     read_dual,
     write_report,
 )
-from dualign.report_view import plot_report
-from dualign.sample import generate_responses
-from dualign.score import score_table
-from dualign.scorers import parse_scorer
-from dualign.segments import Segments
-from dualign.templates import check_template, format_prompt
+from dualign.data.report_view import plot_report
+from dualign.modeling.generation import generate_responses
+from dualign.modeling.models import (
+    load_causal_lm,
+    load_tokenizer,
+    resolve_device,
+    sequence_logprobs,
+    tokenize_pairs,
+)
+from dualign.modeling.scorers import parse_scorer
+from dualign.modeling.scoring import score_table
+from dualign.modeling.templates import check_template, format_prompt
 
 
 @dataclass
@@ -307,7 +314,7 @@ def evaluate(cfg: EvaluateConfig) -> Path:
 
     With ``shard_size`` it runs data-parallel under a launcher: each process samples its shards of
     the prompts, every process scores its share of the batches one process would form (summed back,
-    :func:`dualign.scorers.score_columns`), and the main process judges, reports and writes."""
+    :func:`dualign.modeling.scorers.score_columns`), and the main process judges, reports and writes."""
     if cfg.shard_size is None:
         one_process("the evaluate stage without shard_size")
     dp = ranks()
@@ -376,7 +383,7 @@ def evaluate(cfg: EvaluateConfig) -> Path:
 def reference_key(cfg: EvaluateConfig) -> str:
     """The cache key of π_ref's evaluation table: everything that determines its rows — the model's
     and every scorer's files, the prompts, the sampling settings and seed, the judge, the device type
-    and the library versions (``dualign.io.fingerprint``)."""
+    and the library versions (``dualign._infra.io.fingerprint``)."""
     parts = {"reference": fingerprint(cfg.reference), "prompts": fingerprint(cfg.prompts),
              "scorers": [[spec, fingerprint(parse_scorer(spec).target)] for spec in cfg.scorers],
              "device": resolve_device(cfg.device).type,

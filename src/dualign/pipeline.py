@@ -6,7 +6,7 @@ output paths. A stage marked complete (``<stage>.done``, its last write) is skip
 run, resuming from its own shards/checkpoints, so a kill at any point costs at most the unfinished
 stage. A stage's config is recorded when it starts, and re-running a run directory with a changed
 config is refused rather than silently mixing results. One process at a time writes a run
-directory (:mod:`dualign.lock`).
+directory (:mod:`dualign._infra.lock`).
 
 The run config has one section per stage (``sample``, ``score``, ``dual``, ``train``,
 ``evaluate``), each mirroring that stage's dataclass, plus shared keys: ``run_dir``, ``model``
@@ -31,20 +31,21 @@ from typing import Any
 
 import yaml
 
-from dualign import checks, timing
-from dualign.config import build_config, config_to_dict, load_yaml, merge
+from dualign._infra import timing
+from dualign._infra.config import build_config, config_to_dict, load_yaml, merge
+from dualign._infra.distributed import one_process
+from dualign._infra.errors import ConfigError, InputError
+from dualign._infra.io import read_json, write_json
+from dualign._infra.lock import run_lock
+from dualign._infra.provenance import done_marker, is_done, record_config
 from dualign.data.prompts import load_prompts
-from dualign.distributed import one_process
+from dualign.data.records import read_report, to_json
+from dualign.data.report_view import format_outputs, format_report
 from dualign.dual import DualConfig, run_dual
-from dualign.errors import ConfigError, InputError
 from dualign.evaluate import EvaluateConfig, evaluate
-from dualign.io import read_json, write_json
-from dualign.lock import run_lock
-from dualign.methods.pecan_prealign import PrealignConfig, prealign, view_configs
-from dualign.provenance import done_marker, is_done, record_config
+from dualign.modeling import checks
+from dualign.prealign import PrealignConfig, prealign, view_configs
 from dualign.recalibrate import RecalibrateConfig, recalibrate
-from dualign.records import read_report, to_json
-from dualign.report_view import format_outputs, format_report
 from dualign.sample import SampleConfig, sample
 from dualign.score import ScoreConfig, score
 from dualign.train import LOSSES, TrainConfig, train
@@ -173,7 +174,7 @@ def resolve_run_config(values: dict[str, Any]) -> RunConfig:
 
 
 def check_run(cfg: RunConfig) -> None:
-    """Everything about a run config that can be checked before its first stage (:mod:`dualign.checks`);
+    """Everything about a run config that can be checked before its first stage (:mod:`dualign.modeling.checks`);
     ``world:`` references wait for the world."""
     if cfg.train.method not in LOSSES:
         raise ConfigError(f"config key 'train.method': {cfg.train.method!r} is not one of {', '.join(LOSSES)} "
@@ -324,7 +325,7 @@ def _covering_evaluation(dual: DualConfig, evaluation: EvaluateConfig | None) ->
 
 
 def record_timing(run_dir: Path, stage: str, seconds: float, parts: dict[str, float]) -> None:
-    """Add ``timing_s`` (the stage's wall seconds and where they went, :mod:`dualign.timing`) to
+    """Add ``timing_s`` (the stage's wall seconds and where they went, :mod:`dualign._infra.timing`) to
     ``<stage>.meta.json``."""
     path = run_dir / f"{stage}.meta.json"
     if path.exists():

@@ -12,14 +12,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dualign.constraints import constraint_names, is_sweep, parse_constraint, parse_sweep
-from dualign.data.scores import read_scores
+from dualign._infra.errors import InfeasibleConstraintError, InputError
+from dualign._infra.io import atomic_path, write_json, write_table
+from dualign._infra.text_table import num, text_table
+from dualign.data.constraints import constraint_names, is_sweep, parse_constraint, parse_sweep
+from dualign.data.records import DualRecord
+from dualign.data.score_table import read_scores
 from dualign.dual import solve_constraints
 from dualign.dual.stage import reachable_fit
-from dualign.errors import InfeasibleConstraintError, InputError
-from dualign.io import atomic_path, write_json, write_table
-from dualign.records import DualRecord
-from dualign.text_table import num, text_table
 
 OUTPUTS = ("plan.csv", "plan.json", "plan.png")
 

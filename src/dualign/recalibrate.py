@@ -42,13 +42,16 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
+from dualign._infra.distributed import one_process
+from dualign._infra.errors import InfeasibleConstraintError, InputError
+from dualign._infra.io import read_json, read_table, write_json, write_table
+from dualign._infra.provenance import mark_done, record_stage, unmark
+from dualign._infra.segments import Segments
 from dualign.data.prompts import load_prompts
-from dualign.distributed import one_process
+from dualign.data.records import write_dual
 from dualign.dual import formulas as F
 from dualign.dual import solve_dual_long
-from dualign.errors import InfeasibleConstraintError, InputError
 from dualign.evaluate import Paired, percentile_ci, sample_model
-from dualign.io import read_json, read_table, write_json, write_table
 from dualign.methods.objective import (
     Objective,
     lagrangian_pairs,
@@ -56,10 +59,7 @@ from dualign.methods.objective import (
     load_objective,
     method_dual,
 )
-from dualign.provenance import mark_done, record_stage, unmark
-from dualign.records import write_dual
-from dualign.score import score_table
-from dualign.segments import Segments
+from dualign.modeling.scoring import score_table
 from dualign.train import TrainConfig, train
 
 # ---------------------------------------------------------------------------------------------

@@ -5,11 +5,11 @@ in shards of ``shard_size``; each finished shard is written atomically to
 ``<run_dir>/samples.shards/<i>.parquet`` and seeded with ``seed + i``, so a run killed and started
 again skips the finished shards and produces the same table as an uninterrupted run, and under
 ``torchrun`` / ``accelerate launch`` each process takes every n-th shard and the main process
-merges them (:mod:`dualign.distributed`): any number of processes gives the same table.
+merges them (:mod:`dualign._infra.distributed`): any number of processes gives the same table.
 
 ``backend`` picks the generation engine: ``hf`` (transformers ``generate``) or ``vllm``
-(:mod:`dualign.vllm_sampler`). log π_ref is never the engine's: it is computed on the trainer's
-numerical path (:mod:`dualign.refprobs`), in the same pass as generation where the sampler already
+(:mod:`dualign.modeling.vllm_sampler`). log π_ref is never the engine's: it is computed on the trainer's
+numerical path (:mod:`dualign.modeling.refprobs`), in the same pass as generation where the sampler already
 runs those numerics (HF in float32 on the CPU), else in a second pass over each shard with a float32
 copy of π_ref once the engine is freed (responses wait in ``samples.shards/<i>.responses.parquet``).
 """
@@ -27,24 +27,23 @@ from typing import Literal
 import pandas as pd
 import torch
 
-from dualign.config import config_to_dict
+from dualign._infra.config import config_to_dict
+from dualign._infra.distributed import Ranks, gather_shards, ranks
+from dualign._infra.errors import ConfigError, InputError
+from dualign._infra.io import read_json, read_table, write_json, write_table
+from dualign._infra.progress import Progress
+from dualign._infra.provenance import mark_done, record_stage, unmark
 from dualign.data.prompts import load_prompts
-from dualign.distributed import Ranks, gather_shards, ranks
-from dualign.errors import ConfigError, InputError
-from dualign.io import read_json, read_table, write_json, write_table
-from dualign.models import (
+from dualign.modeling.generation import generate_responses
+from dualign.modeling.models import (
     load_causal_lm,
     load_tokenizer,
     resolve_device,
-    sequence_logprobs,
-    stop_ids,
-    tokenize_pairs,
 )
-from dualign.progress import Progress
-from dualign.provenance import mark_done, record_stage, unmark
-from dualign.refprobs import load_reference, record, reference_logprobs, trainer_numerics
-from dualign.templates import check_template, format_prompt
-from dualign.timing import timed
+from dualign.modeling.refprobs import load_reference, record, reference_logprobs, trainer_numerics
+from dualign.modeling.templates import check_template
+
+__all__ = ["SampleConfig", "generate_responses", "sample"]
 
 
 @dataclass
@@ -99,92 +98,6 @@ class SampleConfig:
         check_template(self.template)
 
 
-def generate_responses(model, tokenizer, prompts: list[str], prompt_ids: list, num_samples: int, *,
-                       template: str = "auto", max_new_tokens: int = 64, temperature: float = 1.0,
-                       top_p: float = 1.0, batch_size: int = 16, seed: int = 0,
-                       progress: bool = True, logprobs: bool = True) -> pd.DataFrame:
-    """Sample ``num_samples`` responses per prompt from ``model`` and score them under it.
-
-    Returns the long-format table (one row per response, prompt-major): ``prompt_id``, ``prompt``,
-    ``response`` (decoded without special tokens, cut at eos), ``sample_index``, ``ref_logprob`` =
-    log π(response | templated prompt) computed by ``tokenize_pairs`` + ``sequence_logprobs`` on the
-    decoded text (as ``train`` computes it), ``response_tokens`` (response tokens + eos) and
-    ``truncated``: the response was cut by ``max_new_tokens`` before any eos, so its log-prob and
-    token count have no eos.
-    Sampling is exact (no top-k) unless ``top_p < 1``; ``temperature=0`` is greedy decoding.
-    ``logprobs=False`` leaves ``ref_logprob`` NaN and ``response_tokens`` 0 (a later pass fills them).
-    """
-    if len(prompts) != len(prompt_ids):
-        raise InputError(f"{len(prompts)} prompts but {len(prompt_ids)} prompt ids")
-    texts = [format_prompt(p, template, tokenizer) for p in prompts]
-    rows = [(i, k) for i in range(len(prompts)) for k in range(num_samples)]
-    batches = [rows[s: s + batch_size] for s in range(0, len(rows), batch_size)]
-    was_training = model.training
-    model.eval()
-    torch.manual_seed(seed)
-    responses, logps, n_tokens, truncated = [], [], [], []
-    try:
-        for batch in Progress(batches, desc="sample", unit="batches", enabled=progress):
-            batch_texts = [texts[i] for i, _ in batch]
-            out, cut = _generate_batch(model, tokenizer, batch_texts, max_new_tokens, temperature, top_p)
-            responses += out
-            truncated += cut
-            lp, nt = _ref_logprobs(model, tokenizer, batch_texts, out, cut) if logprobs else \
-                ([math.nan] * len(out), [0] * len(out))
-            logps += lp
-            n_tokens += nt
-    finally:
-        model.train(was_training)
-    return pd.DataFrame({
-        "prompt_id": [prompt_ids[i] for i, _ in rows],
-        "prompt": [prompts[i] for i, _ in rows],
-        "response": responses,
-        "sample_index": [k for _, k in rows],
-        "ref_logprob": logps,
-        "response_tokens": n_tokens,
-        "truncated": truncated,
-    })
-
-
-@timed("generate")
-@torch.inference_mode()
-def _generate_batch(model, tokenizer, texts: list[str], max_new_tokens: int, temperature: float,
-                    top_p: float) -> tuple[list[str], list[bool]]:
-    """Left-padded batched generation; each response is cut at its first eos and decoded. Also
-    whether each was truncated: it ran to ``max_new_tokens`` without an eos."""
-    device = next(model.parameters()).device
-    encoded = [tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
-    width = max(len(ids) for ids in encoded)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
-    attention = torch.zeros((len(encoded), width), dtype=torch.long)
-    for r, ids in enumerate(encoded):
-        input_ids[r, width - len(ids):] = torch.tensor(ids)
-        attention[r, width - len(ids):] = 1
-    eos_ids = stop_ids(getattr(model, "generation_config", None), tokenizer)
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} \
-        if temperature > 0 else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-    out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                         max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos_ids,
-                         **sampling)
-    texts_out, truncated = [], []
-    for row in out[:, width:].tolist():
-        cut = next((j for j, t in enumerate(row) if t in eos_ids), None)
-        texts_out.append(tokenizer.decode(row[:cut], skip_special_tokens=True))
-        truncated.append(cut is None)
-    return texts_out, truncated
-
-
-@torch.inference_mode()
-def _ref_logprobs(model, tokenizer, prompt_texts: list[str], responses: list[str],
-                  truncated: list[bool]) -> tuple[list[float], list[int]]:
-    device = next(model.parameters()).device
-    batch = tokenize_pairs(tokenizer, prompt_texts, responses, truncated=truncated)
-    lp = sequence_logprobs(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                           batch["response_mask"].to(device))
-    return lp.cpu().tolist(), batch["response_mask"].sum(-1).tolist()
-
-
 def sample(cfg: SampleConfig, run_dir: str | Path | None = None) -> Path:
     """Run the sample stage into ``run_dir`` (default ``cfg.run_dir``); return ``samples.parquet``'s path.
 
@@ -195,7 +108,7 @@ def sample(cfg: SampleConfig, run_dir: str | Path | None = None) -> Path:
         raise ConfigError("missing required config value(s): run_dir")
     run_dir = Path(run_dir or cfg.run_dir)
     if cfg.backend == "vllm":
-        from dualign.vllm_sampler import check_vllm
+        from dualign.modeling.vllm_sampler import check_vllm
 
         check_vllm()
     dp = ranks()
@@ -248,7 +161,7 @@ def _generate_shards(cfg: SampleConfig, prompts: pd.DataFrame, responses: dict[i
 def _add_reference_logprobs(cfg: SampleConfig, pending: list[Path], tokenizer, device: torch.device,
                             numerics: dict) -> None:
     """The second pass: each ``<i>.responses.parquet`` becomes shard ``<i>.parquet`` with log π_ref
-    on the trainer's numerics (:mod:`dualign.refprobs`)."""
+    on the trainer's numerics (:mod:`dualign.modeling.refprobs`)."""
     if not pending:
         return
     reference = load_reference(cfg.model, device, cfg.revision, cfg.trust_remote_code)
@@ -271,7 +184,7 @@ def _hf_numerics(dtype: str, device: torch.device) -> dict:
 def _sampler(cfg: SampleConfig, tokenizer, device: torch.device, logprobs: bool, processes: int = 1):
     """``(prompts, prompt_ids, seed) -> table`` of the configured engine."""
     if cfg.backend == "vllm":
-        from dualign.vllm_sampler import VLLMSampler
+        from dualign.modeling.vllm_sampler import VLLMSampler
 
         return VLLMSampler(cfg, tokenizer, processes)
     model = load_causal_lm(cfg.model, revision=cfg.revision, dtype=cfg.dtype, device=device,

@@ -4,18 +4,18 @@
 preference file, or given ready-made; the builders live with their methods in
 :mod:`dualign.methods`), takes log π_ref of every response once before the loop (from the
 ``ref_logprob`` columns when the sample stage's record says they are this run's numerics,
-:mod:`dualign.refprobs`, else with the model itself before its first update, so no second model
+:mod:`dualign.modeling.refprobs`, else with the model itself before its first update, so no second model
 stays in memory), then minimises the mean pair loss with AdamW and a linear warmup/decay
 schedule. It runs plainly or under ``accelerate launch`` / ``torchrun`` (DDP tested on the CPU;
 FSDP and DeepSpeed on GPUs only), full fine-tune, LoRA or QLoRA (``load_in_4bit``), with optional
 gradient checkpointing, bf16 autocast on a GPU. A checkpoint ``<run_dir>/train.state/state.safetensors``
-(:mod:`dualign.checkpoint`) is written every ``save_steps``; a killed run started again resumes
+(:mod:`dualign.modeling.checkpoint`) is written every ``save_steps``; a killed run started again resumes
 from it and ends with the same weights as an uninterrupted run (the data order is a function of
 seed and epoch).
 
 About 620 lines: the config (one field per flag), the pair sources and the loop stay together so
 that one file shows everything a step depends on; tokenized batches and the checkpoint live in
-:mod:`dualign.batches` and :mod:`dualign.checkpoint`.
+:mod:`dualign.modeling.batches` and :mod:`dualign.modeling.checkpoint`.
 
 accelerate, transformers' scheduler and peft are imported where they are used: importing them
 costs seconds that ``dualign train --help`` and the other stages should not pay.
@@ -42,29 +42,35 @@ import numpy as np
 import pandas as pd
 import torch
 
-from dualign.batches import EncodedPairs, encode_pairs, fill_ref_logps
-from dualign.checkpoint import STATE_FILE, load_state, restore_state, save_state, truncate_metrics
-from dualign.config import config_to_dict, dump_yaml
-from dualign.distributed import launched_ranks
-from dualign.errors import ConfigError, InputError
-from dualign.io import read_json, read_table, write_table
-from dualign.losses import Diagnostics, PairLogps, kl_estimate
+from dualign._infra.config import config_to_dict, dump_yaml
+from dualign._infra.distributed import launched_ranks
+from dualign._infra.errors import ConfigError, InputError
+from dualign._infra.io import read_json, read_table, write_table
+from dualign._infra.progress import Progress
+from dualign._infra.provenance import mark_done, record_stage, unmark, versions
+from dualign._infra.timing import part
+from dualign.data.records import DualRecord, read_dual
 from dualign.methods import dpo, mocan, pecan, safedpo
-from dualign.models import (
+from dualign.methods.losses import Diagnostics, PairLogps, kl_estimate
+from dualign.methods.pairs import require_columns, validate_pairs
+from dualign.modeling.batches import EncodedPairs, encode_pairs, fill_ref_logps
+from dualign.modeling.checkpoint import (
+    STATE_FILE,
+    load_state,
+    restore_state,
+    save_state,
+    truncate_metrics,
+)
+from dualign.modeling.models import (
     disable_dropout,
     load_causal_lm,
     load_tokenizer,
     save_model,
     sequence_logprobs,
 )
-from dualign.pairs import require_columns, validate_pairs
-from dualign.progress import Progress
-from dualign.provenance import mark_done, record_stage, unmark, versions
-from dualign.records import DualRecord, read_dual
-from dualign.refprobs import mismatch, trainer_numerics
-from dualign.refprobs import record as ref_record
-from dualign.templates import check_template
-from dualign.timing import part
+from dualign.modeling.refprobs import mismatch, trainer_numerics
+from dualign.modeling.refprobs import record as ref_record
+from dualign.modeling.templates import check_template
 
 
 @dataclass
@@ -492,9 +498,9 @@ def _recorded_logprobs_usable(cfg: TrainConfig, numerics: dict[str, Any], from_s
 
     Pairs built from the scores table (``from_samples``: by train, or by a method or recalibration
     round as a pairs table) carry the sample stage's column, and
-    ``<run_dir>/sample.meta.json`` records how it was computed (:mod:`dualign.refprobs`): it is used
+    ``<run_dir>/sample.meta.json`` records how it was computed (:mod:`dualign.modeling.refprobs`): it is used
     when that record names this π_ref (``reference``, else ``model``), revision, template and
-    ``numerics`` (:func:`dualign.refprobs.trainer_numerics`). With ``ref_logprobs: auto`` a
+    ``numerics`` (:func:`dualign.modeling.refprobs.trainer_numerics`). With ``ref_logprobs: auto`` a
     differing or missing record means computing them here (one line says why); with ``reuse`` a
     differing record is refused. A preference file's columns have no record: ``auto`` computes
     them, ``reuse`` trusts them as asked.
@@ -629,3 +635,9 @@ def model_card(cfg: TrainConfig, dual: DualRecord | None, hashes: dict[str, str]
         "", "The resolved training config is in `dualign_train.yaml`.", "",
     ]
     return "\n".join(lines)
+
+
+def train_config(cfg: TrainConfig, **changes: Any) -> TrainConfig:
+    """The plain TrainConfig part of any config that holds its fields (a baseline's), with ``changes``."""
+    values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{**values, **changes})

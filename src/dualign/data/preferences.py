@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from dualign._infra.errors import InputError
+from dualign._infra.io import write_table
+from dualign._infra.segments import Segments
 from dualign.data.sources import read_source
-from dualign.errors import InputError
-from dualign.io import write_table
-from dualign.segments import Segments
 
 PKU_COLUMNS = ("prompt", "response_0", "response_1", "better_response_id", "safer_response_id",
                "is_response_0_safe", "is_response_1_safe")

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from dualign._infra.errors import InputError
 from dualign.data.sources import read_source
-from dualign.errors import InputError
 
 
 def load_prompts(source: str | Path, prompt_column: str = "prompt", id_column: str | None = None,

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from dualign.errors import InputError, first_line
-from dualign.io import TABLE_SUFFIXES, read_table
+from dualign._infra.errors import InputError, first_line
+from dualign._infra.io import TABLE_SUFFIXES, read_table
 
 
 def read_source(source: str | Path, split: str = "train", revision: str | None = None,

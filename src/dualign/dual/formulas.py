@@ -1,6 +1,6 @@
 """The dual's formulas, each a few lines over per-prompt segments (arXiv 2405.19544, Section 4).
 
-Samples y_k ~ π_ref are long-format rows grouped prompt after prompt (:class:`~dualign.segments.
+Samples y_k ~ π_ref are long-format rows grouped prompt after prompt (:class:`~dualign._infra.segments.
 Segments`): ``rewards`` [n] r_k, ``utilities`` [n, m] (or [n] when m = 1) g_k, optional
 ``sample_weights`` [n] w_k ≥ 0 normalised within each prompt (uniform 1/K_x by default). For
 λ ≥ 0 the Lagrangian's maximiser π_λ ∝ π_ref·exp((r + λᵀg)/β) is, on the samples, the tilt
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dualign.segments import Segments
+from dualign._infra.segments import Segments
 
 
 def _utilities_2d(utilities) -> np.ndarray:

@@ -25,11 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-from dualign.errors import InputError
-from dualign.io import atomic_path, read_table
-from dualign.progress import Progress
-from dualign.segments import Segments
-from dualign.templates import format_prompt
+from dualign._infra.errors import InputError
+from dualign._infra.io import atomic_path, read_table
+from dualign._infra.progress import Progress
+from dualign._infra.segments import Segments
+from dualign.modeling.templates import format_prompt
 
 
 def within_prompt(seg: Segments, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -97,8 +97,8 @@ def response_features(model, tokenizer, prompts: list[str], responses: list[str]
     tokens beside its value at the response's last token (no eos appended: the text itself)."""
     import torch
 
-    from dualign.models import accepts_logits_to_keep, tokenize_pairs
-    from dualign.timing import part
+    from dualign._infra.timing import part
+    from dualign.modeling.models import accepts_logits_to_keep, tokenize_pairs
 
     device = next(model.parameters()).device
     # the output layer is not needed: one position's logits where the model can skip the others
@@ -138,8 +138,8 @@ def reference_features(model: str | None, scores_path: str | Path, cache: Path |
     from safetensors import safe_open
     from safetensors.numpy import save_file
 
-    from dualign.models import load_tokenizer, resolve_device
-    from dualign.refprobs import load_reference
+    from dualign.modeling.models import load_tokenizer, resolve_device
+    from dualign.modeling.refprobs import load_reference
 
     if model is None:
         raise InputError("π_ref's features need a model: give --model")

@@ -8,7 +8,7 @@ Primal, per prompt x with K samples y_k ~ π_ref and weights w_k (normalised per
 Its sampled dual D(λ) = β·mean_x log Σ_k w_k exp((r_k + λᵀg_k)/β) − λᵀb is convex, with
 ∇D = mean_x E_{p_λ}[g] − b and ∇²D = mean_x Cov_{p_λ}(g)/β (:mod:`dualign.dual.formulas`). The
 solver evaluates them on the flat problem of :mod:`dualign.dual.tilt`. When no finite λ* exists
-it raises :class:`~dualign.errors.InfeasibleConstraintError` naming the constraint and the limit.
+it raises :class:`~dualign._infra.errors.InfeasibleConstraintError` naming the constraint and the limit.
 
 scipy's linalg, optimize and sparse are imported where they are used (the bounded Newton step
 for m > 1, the joint-feasibility LP): they cost half a second that every module importing
@@ -27,10 +27,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dualign._infra.errors import InfeasibleConstraintError, InputError
+from dualign._infra.progress import Progress
+from dualign._infra.segments import Segments
 from dualign.dual.tilt import SAFE_EXPONENT, Point, Samples, Tilt, flat_samples
-from dualign.errors import InfeasibleConstraintError, InputError
-from dualign.progress import Progress
-from dualign.segments import Segments
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """The dual stage: constraint strings on a scores table → λ*, predictions and CIs → dual.json.
 
-Constraints are ``COLUMN<=VALUE`` / ``COLUMN>=VALUE`` (:mod:`dualign.constraints`); each becomes a
+Constraints are ``COLUMN<=VALUE`` / ``COLUMN>=VALUE`` (:mod:`dualign.data.constraints`); each becomes a
 utility g_j = sign_j·column_j with threshold b_j, solved by :mod:`dualign.dual.solver` and reported
 back in the columns' own units. ``run_dual`` is the pipeline's stage; ``format_report`` the table
 ``dualign dual`` prints.
@@ -18,21 +18,19 @@ from typing import Literal
 
 import numpy as np
 
-from dualign.constraints import (
+from dualign._infra.distributed import one_process
+from dualign._infra.errors import InfeasibleConstraintError, InputError
+from dualign._infra.io import read_json
+from dualign._infra.provenance import mark_done, record_stage, unmark
+from dualign._infra.segments import Segments
+from dualign._infra.text_table import interval, num, text_table
+from dualign.data.constraints import (
     Constraint,
     constraint_names,
     parse_constraint,
     utilities_and_thresholds,
 )
-from dualign.data.scores import Scores, read_scores
-from dualign.distributed import one_process
-from dualign.dual.formulas import half_sample_kl, reference_means, tilted_means
-from dualign.dual.reachable import FEATURES, ReachableFit, reachable_columns, reference_features
-from dualign.dual.solver import DualResult, solve_dual_long
-from dualign.errors import InfeasibleConstraintError, InputError
-from dualign.io import read_json
-from dualign.provenance import mark_done, record_stage, unmark
-from dualign.records import (
+from dualign.data.records import (
     ConfidencePlan,
     DualCI,
     DualRecord,
@@ -40,8 +38,10 @@ from dualign.records import (
     ReachableTilt,
     write_dual,
 )
-from dualign.segments import Segments
-from dualign.text_table import interval, num, text_table
+from dualign.data.score_table import Scores, read_scores
+from dualign.dual.formulas import half_sample_kl, reference_means, tilted_means
+from dualign.dual.reachable import FEATURES, ReachableFit, reachable_columns, reference_features
+from dualign.dual.solver import DualResult, solve_dual_long
 
 
 @dataclass

@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from dualign.errors import InputError
-from dualign.segments import Segments
+from dualign._infra.errors import InputError
+from dualign._infra.segments import Segments
 
 
 @dataclass

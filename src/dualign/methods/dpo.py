@@ -4,7 +4,7 @@
 hard labels (target_margin = +inf); ``prompt, response_0, response_1`` with score columns gives
 r_λ margins (MoCAN on a preference set, PeCAN on implicit rewards). :func:`pair_loss` trains DPO
 towards each pair's preferred side, −log σ(β·[(log π − log π_ref)(w) − (log π − log π_ref)(l)]).
-PeCAN's pre-alignment (:mod:`dualign.methods.pecan_prealign`) trains π_r and π_g this way.
+PeCAN's pre-alignment (:mod:`dualign.prealign`) trains π_r and π_g this way.
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from dualign.errors import InputError
-from dualign.losses import Diagnostics, PairLogps, dpo_loss
+from dualign._infra.errors import InputError
+from dualign.data.records import DualRecord
+from dualign.methods.losses import Diagnostics, PairLogps, dpo_loss
 from dualign.methods.mocan import lagrangian_reward
-from dualign.pairs import require_columns, validate_pairs
-from dualign.records import DualRecord
+from dualign.methods.pairs import require_columns, validate_pairs
 
 
 def pairs_from_preferences(prefs: pd.DataFrame, dual: DualRecord | None = None,

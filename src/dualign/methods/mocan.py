@@ -5,7 +5,7 @@
 3. :func:`pairs_from_scores` pairs the samples of each prompt: target_margin = r_λ(a) − r_λ(b),
    and each response's own target log-ratio t = r_λ − β·log Ẑ(x) (:func:`target_logratios`).
 4. :func:`pair_loss` fits h = β·[(log π − log π_ref)(a) − (log π − log π_ref)(b)] to the margin
-   (:func:`dualign.losses.mocan_loss`: soft, bernoulli, regression or absolute labels); the one
+   (:func:`dualign.methods.losses.mocan_loss`: soft, bernoulli, regression or absolute labels); the one
    loop (:func:`dualign.train.train`, ``method: mocan``) minimises its mean. At the optimum
    π ∝ π_ref·exp(r_λ*/β), the policy whose reward, constraint values and KL the dual predicted.
 """
@@ -18,12 +18,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from dualign.data.scores import WEIGHT_COLUMN, truncated_flags, validate_scores
-from dualign.errors import InputError
-from dualign.losses import Diagnostics, PairLogps, mocan_loss
-from dualign.pairs import require_columns, validate_pairs
-from dualign.records import DualRecord
-from dualign.segments import Segments
+from dualign._infra.errors import InputError
+from dualign._infra.segments import Segments
+from dualign.data.records import DualRecord
+from dualign.data.score_table import WEIGHT_COLUMN, truncated_flags, validate_scores
+from dualign.methods.losses import Diagnostics, PairLogps, mocan_loss
+from dualign.methods.pairs import require_columns, validate_pairs
 
 
 def lagrangian_reward(table: pd.DataFrame, dual: DualRecord, suffix: str = "",
@@ -123,6 +123,6 @@ def pairs_from_scores(scores: pd.DataFrame, dual: DualRecord, pairs_per_prompt: 
 
 def pair_loss(logps: PairLogps, batch: dict[str, torch.Tensor], beta: float, label: str,
               generator: torch.Generator | None) -> tuple[torch.Tensor, Diagnostics]:
-    """The loop's MoCAN entry: :func:`dualign.losses.mocan_loss` on the batch's target margins."""
+    """The loop's MoCAN entry: :func:`dualign.methods.losses.mocan_loss` on the batch's target margins."""
     return mocan_loss(*logps, batch["target_margin"], beta, label, generator,
                       batch.get("target_a"), batch.get("target_b"))

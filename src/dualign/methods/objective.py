@@ -11,7 +11,6 @@ read from dual.json (reward, constraints, thresholds, β) unless a method is giv
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,14 +20,13 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from dualign.constraints import Constraint, constraint_names, parse_constraint
-from dualign.dual import reference_means, tilted_means
-from dualign.errors import ConfigError, InputError
-from dualign.io import read_json
+from dualign._infra.errors import ConfigError, InputError
+from dualign._infra.io import read_json
+from dualign.data.constraints import Constraint, constraint_names, parse_constraint
+from dualign.data.records import DualRecord, read_dual, write_dual
+from dualign.dual.formulas import reference_means, tilted_means
 from dualign.methods.mocan import pairs_from_scores
-from dualign.records import DualRecord, read_dual, write_dual
-from dualign.templates import format_prompt
-from dualign.train import TrainConfig
+from dualign.modeling.templates import format_prompt
 
 
 @dataclass
@@ -144,7 +142,7 @@ def dual_file(run_dir: Path, dual: str | None) -> Path:
 def link_sample_config(scores_path: Path, run_dir: Path) -> None:
     """Copy the sample stage's config and record beside the scores into ``run_dir``, so that
     ``train`` reuses the scores' log π_ref (it does when the record's model, revision, template and
-    numerics are its own: :mod:`dualign.refprobs`)."""
+    numerics are its own: :mod:`dualign.modeling.refprobs`)."""
     for name in ("sample.config.yaml", "sample.meta.json"):
         src, dst = scores_path.parent / name, run_dir / name
         if src.exists() and src.resolve() != dst.resolve():
@@ -175,9 +173,3 @@ def sequence_tokens(table: pd.DataFrame, tokenizer, template: str) -> int:
     lengths = {p: len(tokenizer(format_prompt(p, template, tokenizer), add_special_tokens=True)["input_ids"])
                for p in table["prompt"].unique()}
     return int(table["prompt"].map(lengths).sum() + table["response_tokens"].sum())
-
-
-def train_config(cfg: TrainConfig, **changes: Any) -> TrainConfig:
-    """The plain TrainConfig part of a baseline config, with ``changes``."""
-    values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{**values, **changes})

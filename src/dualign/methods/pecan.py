@@ -1,13 +1,13 @@
 """PeCAN, preference-based constrained alignment (arXiv 2405.19544), from preference pairs alone.
 
-1. Pre-alignment (:mod:`dualign.methods.pecan_prealign`): DPO on the helpfulness view gives π_r,
+1. Pre-alignment (:mod:`dualign.prealign`): DPO on the helpfulness view gives π_r,
    on the safety view π_g (kept in its own module: it runs the one loop, which imports this one).
 2. The score stage adds implicit rewards h_r = β_r·log(π_r/π_ref), h_g = β_g·log(π_g/π_ref)
    (``implicit:`` scorers, :mod:`dualign.score`) to π_ref's samples and to the preference pairs.
 3. The dual stage solves λ* for a relative constraint on h_g (``h_g>=ref+X``).
 4. :func:`pecan_pairs` scores the preference pairs with r̂_λ = h_r + λ*·h_g (or, with
    ``pairs_from: scores``, MoCAN's pairs of π_ref's samples); :func:`pair_loss` is the MoCAN loss
-   on those margins (:func:`dualign.losses.pecan_loss`), minimised by the one loop
+   on those margins (:func:`dualign.methods.losses.pecan_loss`), minimised by the one loop
    (``method: pecan``). At the optimum π ∝ π_ref·exp((r̂ + λ*·ĝ)/β).
 """
 
@@ -16,10 +16,10 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
-from dualign.errors import InputError
-from dualign.losses import Diagnostics, PairLogps, pecan_loss
+from dualign._infra.errors import InputError
+from dualign.data.records import DualRecord
 from dualign.methods.dpo import pairs_from_preferences
-from dualign.records import DualRecord
+from dualign.methods.losses import Diagnostics, PairLogps, pecan_loss
 
 
 def pecan_pairs(prefs: pd.DataFrame, dual: DualRecord | None, source: str = "preferences") -> pd.DataFrame:
@@ -35,6 +35,6 @@ def pecan_pairs(prefs: pd.DataFrame, dual: DualRecord | None, source: str = "pre
 
 def pair_loss(logps: PairLogps, batch: dict[str, torch.Tensor], beta: float, label: str,
               generator: torch.Generator | None) -> tuple[torch.Tensor, Diagnostics]:
-    """The loop's PeCAN entry: :func:`dualign.losses.pecan_loss` on the batch's target margins."""
+    """The loop's PeCAN entry: :func:`dualign.methods.losses.pecan_loss` on the batch's target margins."""
     return pecan_loss(*logps, batch["target_margin"], beta, label, generator,
                       batch.get("target_a"), batch.get("target_b"))

@@ -21,11 +21,11 @@ from typing import Any
 import pandas as pd
 import torch
 
-from dualign.errors import InputError
-from dualign.io import cache_root, honour_umask, temp_dir_beside, write_json, write_table
-from dualign.provenance import versions
+from dualign._infra.errors import InputError
+from dualign._infra.io import cache_root, honour_umask, temp_dir_beside, write_json, write_table
+from dualign._infra.provenance import versions
 from dualign.world import corpus as C
-from dualign.world import scorers as S
+from dualign.world import reward_models as S
 from dualign.world.config import WORLD_VERSION, WorldConfig, config_hash
 from dualign.world.judge import judge
 from dualign.world.lm import sample_responses, train_ref_model

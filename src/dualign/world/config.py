@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from typing import Any
 
-from dualign.config import build_config
-from dualign.errors import InputError
+from dualign._infra.config import build_config
+from dualign._infra.errors import InputError
 
 # Bump when the world's text, judge or build procedure changes: it is part of the cache key.
 WORLD_VERSION = 2

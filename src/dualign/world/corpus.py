@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 
-from dualign.errors import ConfigError
+from dualign._infra.errors import ConfigError
 from dualign.world import text as W
 from dualign.world.config import WorldConfig
 from dualign.world.judge import judge

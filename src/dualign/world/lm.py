@@ -8,10 +8,10 @@ import random
 
 import torch
 
-from dualign.models import disable_dropout, tokenize_pairs
-from dualign.progress import Progress
-from dualign.templates import format_prompt
-from dualign.tiny import tiny_causal_lm, train_bpe_tokenizer
+from dualign._infra.progress import Progress
+from dualign.modeling.models import disable_dropout, tokenize_pairs
+from dualign.modeling.templates import format_prompt
+from dualign.modeling.tiny import tiny_causal_lm, train_bpe_tokenizer
 from dualign.world.config import WorldConfig
 
 TEMPLATE = "plain"

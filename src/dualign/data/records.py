@@ -1,0 +1,334 @@
+"""The stage files other stages read back, as typed records: ``dual.json`` (the dual stage's λ*
+and predictions, or a baseline's λ) and ``eval/report.json`` (the evaluate stage's before/after).
+
+They are written and read here only (layouts in docs/formats.md). One keying rule: a value that
+belongs to a constraint is keyed by the constraint's name, its column or, when two constraints
+share a column, its text (:func:`dualign.data.constraints.constraint_names`), never by the column
+alone. Reading validates every key and type: a missing key or a wrong type is one
+:class:`~dualign._infra.errors.InputError` naming the file and the key (``dual.json: key 'lambdas.cost'
+...``). Keys a reader does not know are ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dualign._infra.errors import InputError
+from dualign._infra.io import read_json, write_json
+from dualign.data.constraints import Constraint, constraint_names, parse_constraint
+
+# ------------------------------------------------------------------------------------ dual.json
+
+
+@dataclass
+class DualCI:
+    """Bootstrap percentile intervals over prompts ([lo, hi]); empty when every resample failed."""
+
+    level: float
+    bootstrap: int
+    failed: int
+    lambdas: dict[str, list[float]]  # by constraint name
+    predicted: dict[str, list[float]]  # reward column, constraint names, "kl"
+    # the change π_λ makes over π_ref on the same resample (reward column, constraint names): a
+    # relative threshold's reference level is re-estimated on every resample
+    predicted_change: dict[str, list[float]] = field(default_factory=dict)
+
+
+@dataclass
+class ConfidencePlan:
+    """``dual --confidence``: λ chosen so that each constraint holds at its one-sided ``level``
+    bound under prompt resampling (and, with ``evaluation``, the noise of an evaluation of that
+    size, added in quadrature); ``margin`` (column units, by constraint name) is how far past
+    its threshold the point prediction was pushed, ``plain`` the solution without the margin."""
+
+    level: float
+    margin: dict[str, float]
+    plain_lambdas: dict[str, float]
+    plain_predicted: dict[str, float]  # reward column, constraint names, "kl"
+    dual_margin: dict[str, float] | None = None  # the part for the dual's own prompt sampling
+    evaluation: dict | None = None  # {"prompts", "samples", "margin": {name: part}}: the evaluation covered
+
+
+@dataclass
+class ReachableTilt:
+    """``dual --tilt reachable``: the dual was solved on each score's prediction from π_ref's own
+    features of the response (:mod:`dualign.dual.reachable`). ``r2`` and ``residual_sd`` per score
+    column: the cross-fitted within-prompt R² and the s.d. of what the features leave out;
+    ``samples_predicted`` what the plain K-sample tilt of the original scores predicts at the same
+    λ (reward column, constraint names, "kl"): the change the fine-tune is trained towards."""
+
+    r2: dict[str, float]
+    residual_sd: dict[str, float]
+    samples_predicted: dict[str, float]
+
+
+@dataclass
+class HalfSampleKL:
+    """The KL of π_λ* estimated on the first K/2 samples of each prompt and on all K."""
+
+    half: float
+    all: float
+
+
+@dataclass
+class DualRecord:
+    """dual.json: λ for each constraint and what π_λ is predicted to reach on π_ref's samples.
+
+    ``predicted`` and ``reference`` hold the reward column, each constraint's name (the mean of
+    its column, in the column's units) and ``kl``; ``thresholds`` each constraint's threshold in
+    its column's units. The baselines write ``method``, ``reward_weight`` and (iterative ones)
+    ``lambda_trajectory`` as well; the dual stage the solver's diagnostics.
+    """
+
+    beta: float
+    reward: str
+    constraints: list[str]
+    lambdas: dict[str, float]
+    columns: dict[str, str] = field(default_factory=dict)  # constraint name -> column
+    thresholds: dict[str, float] = field(default_factory=dict)
+    predicted: dict[str, float] = field(default_factory=dict)
+    reference: dict[str, float] = field(default_factory=dict)
+    feasible: bool | None = None
+    converged: bool | None = None
+    iterations: int | None = None
+    dual_value: float | None = None
+    kkt_residual: float | None = None
+    num_prompts: int | None = None
+    num_samples: int | None = None
+    ci: DualCI | None = None
+    kl_half_samples: HalfSampleKL | None = None
+    confidence: ConfidencePlan | None = None
+    reachable: ReachableTilt | None = None
+    allow_unconverged: bool | None = None  # true: the dual stage was told to keep an unconverged λ*
+    method: str | None = None
+    reward_weight: float | None = None
+    lambda_trajectory: list[list[float]] | None = None
+
+    @property
+    def parsed(self) -> list[Constraint]:
+        return [parse_constraint(c) for c in self.constraints]
+
+    @property
+    def names(self) -> list[str]:
+        """Each constraint's key in every per-constraint mapping, in order."""
+        return constraint_names(self.parsed)
+
+
+def read_dual(path: str | Path, require: tuple[str, ...] = ("lambdas",)) -> DualRecord:
+    """dual.json, validated: the constraints parse, and each per-constraint mapping in ``require``
+    (``lambdas``, ``thresholds``, ``predicted``, ``reference``) has every constraint's name (and
+    ``predicted`` / ``reference`` the reward and ``kl``); λ must be finite."""
+    record = _read(DualRecord, path)
+    try:
+        names = record.names
+    except InputError as e:
+        raise InputError(f"{path}: key 'constraints': {e}") from None
+    for group in require:
+        keys = names + ([record.reward, "kl"] if group in ("predicted", "reference") else [])
+        for key in keys:
+            value = getattr(record, group).get(key)
+            if value is None or (group == "lambdas" and not math.isfinite(value)):
+                raise InputError(f"{path}: key '{group}.{key}' is missing"
+                                 + (" or not a finite number" if group == "lambdas" else ""))
+    return record
+
+
+def write_dual(record: DualRecord, path: str | Path) -> None:
+    write_json(to_json(record), path)
+
+
+# ------------------------------------------------------------------------------ eval/report.json
+
+
+@dataclass
+class Estimate:
+    """A mean over held-out responses and its 95% prompt-bootstrap interval [lo, hi]."""
+
+    mean: float
+    ci95: list[float]
+
+
+@dataclass
+class KLOutcome:
+    achieved: float  # mean_x log π(y|x)/π_ref(y|x) on the policy's samples
+    ci95: list[float]
+    predicted: float | None  # the dual's prediction (dual.json predicted.kl)
+    predicted_ci95: list[float] | None = None  # the dual's bootstrap CI of it
+    within_predicted_ci: bool | None = None  # achieved inside predicted_ci95
+
+
+@dataclass
+class ConstraintOutcome:
+    """One constraint on held-out prompts: achieved against its threshold and against the dual's
+    predicted change. Changes are the policy's mean minus π_ref's on the same prompts, with a
+    paired prompt bootstrap (a relative threshold's reference level re-estimated on each resample).
+
+    Verdicts: ``met`` — the point estimate is on the right side of the threshold; ``met_confidently``
+    — the one-sided 95% bound is; ``not_rejected`` — the two-sided 95% CI reaches it.
+    """
+
+    name: str
+    constraint: str
+    column: str
+    threshold: float  # on the held-out prompts (a relative one from π_ref's held-out mean)
+    threshold_dual: float  # on the dual's samples
+    reference_eval: float
+    achieved: float
+    ci95: list[float]  # of the policy's mean
+    predicted: float  # dual.json: predicted on the dual's samples
+    reference_dual: float
+    predicted_eval: float  # π_ref's held-out mean + the predicted change
+    predicted_change: float
+    achieved_change: float
+    achieved_change_ci95: list[float] | None  # paired bootstrap (None: a report from before it)
+    prediction_error_frac: float
+    met: bool
+    met_confidently: bool | None
+    not_rejected: bool | None
+    bound95: float | None  # the one-sided 95% bound met_confidently is judged on (value or change)
+    predicted_change_ci95: list[float] | None = None  # the dual's bootstrap CI
+
+
+@dataclass
+class RewardPrediction:
+    predicted: float
+    reference_dual: float
+    predicted_eval: float
+    predicted_change: float | None = None
+    predicted_change_ci95: list[float] | None = None  # the dual's bootstrap CI
+    achieved_change: float | None = None
+    achieved_change_ci95: list[float] | None = None  # paired bootstrap on held-out prompts
+    within_predicted_ci: bool | None = None  # achieved_change inside predicted_change_ci95
+
+
+@dataclass
+class JudgeSummary:
+    judge_helpful: Estimate
+    judge_harmful: Estimate
+    n: int
+
+
+@dataclass
+class EvalReport:
+    """eval/report.json: π_ref and the policy on held-out prompts, against the dual's prediction.
+
+    ``reference`` and ``policy`` summarise every score column (the reward first); ``constraints``
+    lists the constraints in dual.json's order; ``judge`` (with a gold judge) maps side → group →
+    summary.
+    """
+
+    n_prompts: int
+    n_responses: dict[str, int]
+    beta: float
+    lambdas: dict[str, float]
+    reference: dict[str, Estimate]
+    policy: dict[str, Estimate]
+    kl: KLOutcome
+    win_rate: dict[str, float]
+    constraints: list[ConstraintOutcome]
+    predicted_reward: RewardPrediction
+    reward: str
+    judge: dict[str, dict[str, JudgeSummary]] | None = None
+    recalibration: dict[str, Any] | None = None  # recalibrate.json's rounds and compute, when it ran
+    tilt: str = "samples"  # the dual's tilt (dual.json's ``reachable`` set: "reachable")
+
+
+def read_report(path: str | Path) -> EvalReport:
+    """eval/report.json, validated (reports written before ``reward`` and the constraints'
+    ``name`` were recorded get them from the policy's first column and the constraints' texts)."""
+    data = read_json(path)
+    if isinstance(data, dict) and isinstance(data.get("policy"), dict) and isinstance(data.get("constraints"), list):
+        data = dict(data)
+        data.setdefault("reward", next(iter(data["policy"]), None))
+        rows = [r for r in data["constraints"] if isinstance(r, dict)]
+        if all(isinstance(r.get("constraint"), str) for r in rows) and any("name" not in r for r in rows):
+            try:
+                names = constraint_names([parse_constraint(r["constraint"]) for r in rows])
+            except InputError as e:
+                raise InputError(f"{path}: key 'constraints': {e}") from None
+            data["constraints"] = [{"name": n, **r} for n, r in zip(names, rows, strict=True)]
+        data["constraints"] = [_old_verdicts(r) if isinstance(r, dict) else r for r in data["constraints"]]
+    return _convert(EvalReport, data, "", str(path))
+
+
+def _old_verdicts(row: dict) -> dict:
+    """A constraint row of a report written before the paired verdicts: ``satisfied_point`` is
+    ``met``, ``satisfied_within_ci`` is ``not_rejected``; what was not recorded stays unknown."""
+    if "met" in row or "satisfied_point" not in row:
+        return row
+    out = {k: v for k, v in row.items() if k not in ("satisfied_point", "satisfied_within_ci")}
+    return {**out, "met": row["satisfied_point"], "met_confidently": None,
+            "not_rejected": row.get("satisfied_within_ci"), "bound95": None, "achieved_change_ci95": None}
+
+
+def write_report(report: EvalReport, path: str | Path) -> None:
+    write_json(to_json(report), path)
+
+
+# ------------------------------------------------------------------------------------ conversion
+
+
+def to_json(record: Any) -> Any:
+    """A record as JSON-ready dicts and lists; optional fields that are None are left out."""
+    if dataclasses.is_dataclass(record):
+        return {f.name: to_json(getattr(record, f.name)) for f in dataclasses.fields(record)
+                if not (getattr(record, f.name) is None and f.default is None)}
+    if isinstance(record, dict):
+        return {k: to_json(v) for k, v in record.items()}
+    if isinstance(record, list | tuple):
+        return [to_json(v) for v in record]
+    return record
+
+
+def _read(cls: type, path: str | Path) -> Any:
+    return _convert(cls, read_json(path), "", str(path))
+
+
+def _convert(tp: Any, value: Any, key: str, source: str) -> Any:
+    """``value`` (parsed JSON) checked against the type hint ``tp``; dataclasses built field by field."""
+    def wrong(what: str) -> InputError:
+        where = f"key '{key}'" if key else "the file"
+        return InputError(f"{source}: {where} must be {what}, got {type(value).__name__} {value!r:.60}")
+
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (types.UnionType, typing.Union):  # X | None
+        if value is None:
+            return None
+        return _convert(next(a for a in args if a is not type(None)), value, key, source)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise wrong("an object")
+        hints = typing.get_type_hints(tp)
+        out = {}
+        for f in dataclasses.fields(tp):
+            sub = f"{key}.{f.name}" if key else f.name
+            if f.name in value:
+                out[f.name] = _convert(hints[f.name], value[f.name], sub, source)
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise InputError(f"{source}: missing key '{sub}'")
+        return tp(**out)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise wrong("an object")
+        return {k: _convert(args[1], v, f"{key}.{k}", source) for k, v in value.items()}
+    if origin is list:
+        if not isinstance(value, list):
+            raise wrong("a list")
+        return [_convert(args[0], v, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise wrong("a number")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise wrong("an integer")
+        return value
+    if tp in (str, bool) and not isinstance(value, tp):
+        raise wrong("a string" if tp is str else "true or false")
+    return value
