@@ -1,0 +1,105 @@
+"""The README is a short tour whose links, commands and examples hold: it has at most 200 lines,
+every relative link (file and anchor) resolves, `.ci/run` runs its test command verbatim, its
+YAML is a valid run config and its Python example solves the dual it describes."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def _blocks(language: str) -> list[str]:
+    return [body for lang, body in FENCE.findall(README) if lang == language]
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def _anchors(markdown: str) -> set[str]:
+    prose = FENCE.sub("", markdown)
+    return {_slug(h) for h in re.findall(r"^#{1,6} +(.+)$", prose, re.M)}
+
+
+def _relative_links() -> list[str]:
+    prose = FENCE.sub("", README)
+    return [t for t in LINK.findall(prose) if not re.match(r"[a-z]+:", t)]
+
+
+def test_readme_has_at_most_200_lines():
+    assert len(README.splitlines()) <= 200
+
+
+def test_slug_matches_githubs_rule():
+    assert _slug("At scale: accelerate, FSDP/DeepSpeed, vLLM, QLoRA") == "at-scale-accelerate-fsdpdeepspeed-vllm-qlora"
+    assert _slug("Run config (`dualign run CONFIG.yaml`)") == "run-config-dualign-run-configyaml"
+
+
+def test_every_readme_link_resolves():
+    links = _relative_links()
+    assert len(links) >= 15
+    for link in links:
+        path, _, anchor = link.partition("#")
+        target = ROOT / path if path else ROOT / "README.md"
+        assert target.exists(), f"README links to missing {path}"
+        if anchor:
+            assert target.suffix == ".md", link
+            assert anchor in _anchors(target.read_text()), f"README links to missing anchor {link}"
+
+
+def test_a_broken_link_would_be_caught():
+    """The checks above see a missing anchor: the README's own headings do not include one."""
+    assert "reading-the-demos-output" in _anchors(README)
+    assert "no-such-section" not in _anchors(README)
+
+
+def test_ci_runs_the_readmes_test_command_verbatim():
+    commands = [line for block in _blocks("bash") for line in block.splitlines()]
+    test_command = next(c for c in commands if "pytest" in c)
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert test_command in ci
+
+
+def test_readme_yaml_is_a_valid_run_config(tmp_path, monkeypatch):
+    """The YAML example resolves into a run config with every stage checked, given the files and
+    the scorer module it names (Hub ids are left to the loaders)."""
+    from dualign.pipeline import load_run_values, resolve_run_config
+
+    (config_text,) = _blocks("yaml")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("prompts.jsonl", "heldout.jsonl"):
+        (tmp_path / name).write_text('{"prompt": "How do I bake bread?"}\n')
+    (tmp_path / "my_scorers.py").write_text(
+        "def toxicity(prompts, responses):\n    return [0.0 for _ in responses]\n")
+    (tmp_path / "my_run.yaml").write_text(config_text)
+    cfg = resolve_run_config(load_run_values("my_run.yaml"))
+    assert cfg.dual.constraints == ["cost<=ref-0.5"]
+    assert cfg.evaluate.scorers == cfg.score.scorers
+    assert cfg.train.method == "mocan" and cfg.train.lora
+
+
+def test_readme_python_example_meets_its_constraint():
+    """The dual example runs as printed: λ* > 0 and the predicted mean utility (−cost) sits on the
+    threshold (the constraint is active) with a CI from the bootstrap."""
+    example = next(b for b in _blocks("python") if "solve_dual" in b)
+    rng_state = np.random.get_state()
+    np.random.seed(0)
+    try:
+        namespace: dict = {}
+        exec(compile(example, "README.md", "exec"), namespace)
+    finally:
+        np.random.set_state(rng_state)
+    res, costs = namespace["res"], namespace["costs"]
+    assert res.lambdas[0] > 0
+    assert res.predicted_utilities[0] == pytest.approx(-(costs.mean() - 0.3), abs=1e-6)
+    assert res.ci
