@@ -1,6 +1,6 @@
 """Where the sample stage's time goes, on a built world's π_ref and N of its dual prompts × K.
 
-Prints, each measured in this run (a table of seconds and the ratios the README's Speed section
+Prints, each measured in this run (a table of seconds and the ratios docs/benchmarks.md
 quotes):
 
 - bare ``generate`` (the stage's own ``_generate_batch``) at several batch sizes;

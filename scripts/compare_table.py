@@ -1,4 +1,4 @@
-"""The README's comparison table over seeds, from a `dualign compare` directory.
+"""The comparison table of docs/results/baselines.md over seeds, from a `dualign compare` directory.
 
     python scripts/compare_table.py runs/cmp
     python scripts/compare_table.py --objective runs/sweep_ppo   # adds Δreward − β·KL at the dual's β

@@ -11,7 +11,7 @@ Each of ``--workers`` Ray tasks (one per GPU with ``--gpus-per-worker 1``) runs 
 worker 0 picks its node's address and a free port, the others connect to it. ``dualign`` cannot tell
 Ray from torchrun, so the stages' guarantees hold (any number of processes writes the same table;
 only the main process writes records and markers). The run directory must be on a filesystem every
-node sees. Without ``--address`` it starts a local Ray (``ray.init()``), as the README's example
+node sees. Without ``--address`` it starts a local Ray (``ray.init()``), as the example in docs/guides/at-scale.md
 ran; with ``--address auto`` it joins the running cluster.
 """
 

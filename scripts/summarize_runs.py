@@ -1,7 +1,7 @@
 """Summarise the evaluation reports of several runs (e.g. one per seed) as one table.
 
     python scripts/summarize_runs.py runs/seed0 runs/seed1 runs/seed2
-    python scripts/summarize_runs.py --markdown runs/seed0 runs/seed1 runs/seed2   # the README's rows
+    python scripts/summarize_runs.py --markdown runs/seed0 runs/seed1 runs/seed2   # the rows of docs/results/demo.md
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def _ci(lo_hi) -> str:
 
 
 def markdown_row(run: Path) -> str:
-    """One README row: λ*, the constraint's predicted and achieved change with its paired CI and
+    """One results-table row: λ*, the constraint's predicted and achieved change with its paired CI and
     verdict, the reward's and the KL's predicted and achieved values with CIs, the gold judge, and
     the extra fine-tunes of a recalibrated run."""
     r = read_report(run / "eval" / "report.json")

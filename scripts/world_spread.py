@@ -4,7 +4,7 @@ Float kernels differ between CPU types, so a world built on another machine is a
 π_ref, reward and cost models differ by rounding, amplified by training). A different build seed
 and thread count stand in for a different machine: this script builds the world of a packaged
 config once per (seed, threads), runs the config end to end on each build (stages on one thread,
-as the tests run them) and prints one row per build, so that test bounds and README figures can
+as the tests run them) and prints one row per build, so that test bounds and documented figures can
 be set from the spread.
 
     python scripts/world_spread.py --config small --seeds 0 1 2 3 4 --threads 1 2 --out runs/spread

@@ -79,7 +79,7 @@ def test_train_help_lists_every_method_the_code_knows(capsys):
 
 def test_demo_sizes_the_default_on_640_prompts_and_the_reachable_tilt_and_full_on_all_1024():
     """The default demo is the full-size one with only the prompt count and the tilt changed, and
-    the configs behind the README's research tables (full, recalibrate, compare_world) keep the
+    the configs behind the research tables (docs/results/) (full, recalibrate, compare_world) keep the
     paper's tilt on all 1024 dual prompts."""
     from dualign.pipeline import PACKAGED, load_run_values
 

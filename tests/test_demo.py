@@ -6,7 +6,7 @@ and the recalibrate stage then meets the constraint by its point estimate.
 Float kernels differ between CPUs, so another machine builds another small world. Every bound
 below holds on every build measured with `python scripts/world_spread.py --config small
 --recalibrate --seeds 0 1 2 3 4 --threads 1 2` (10 builds; a different seed standing in for a
-different machine), with the margin stated beside it; the measured spread is in the README.
+different machine), with the margin stated beside it; the measured spread is in docs/results/worlds.md.
 """
 
 from __future__ import annotations

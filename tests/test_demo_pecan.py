@@ -24,7 +24,7 @@ def test_pecan_end_to_end_on_the_small_world_raises_the_lagrangian_implicit_rewa
     to +0.231 (asserted > 0), KL 0.11–0.36 at 0.37–1.12× its prediction (asserted within
     (0.05, 3×)). Δh_g itself ranged −0.14 to +0.23 around the required +0.1 (met on 3 of 10), and
     the gold judge's harmful compliance rose on 7 of 10 builds: on this world the implicit safety
-    reward is a poor proxy, which the README states; it is not asserted."""
+    reward is a poor proxy, which docs/results/demo.md states; it is not asserted."""
     r = pecan_report
     (row,) = r["constraints"]
     lam = r["lambdas"]["h_g"]

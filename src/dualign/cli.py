@@ -474,8 +474,8 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
 examples:
   dualign demo                       MoCAN under cost <= ref-4 with β = 10, planned on the reachable
                                      tilt, 640 dual prompts (about 3 minutes with the world cached)
-  dualign demo --size full           all 1024 dual prompts and the paper's K-sample tilt (the README's
-                                     research tables)
+  dualign demo --size full           all 1024 dual prompts and the paper's K-sample tilt (the research
+                                     tables, docs/results/demo.md)
   dualign demo --size small          a smoke run: the small world, every stage, a few minutes
   dualign demo --method pecan        PeCAN: the same world from its preference pairs alone
   dualign demo --recalibrate         then measure on calibration prompts, correct λ, fine-tune again

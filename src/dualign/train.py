@@ -488,7 +488,7 @@ def _accelerator(cfg: TrainConfig):
 
 def _sharded(accelerator) -> bool:
     """Whether the weights are sharded over the processes (FSDP, DeepSpeed): the full state is then
-    gathered for saving, and no resume checkpoint is written (unverified on GPUs, see README)."""
+    gathered for saving, and no resume checkpoint is written (unverified on GPUs, see docs/guides/at-scale.md)."""
     return accelerator.distributed_type.name in ("FSDP", "DEEPSPEED")
 
 

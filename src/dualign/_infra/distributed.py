@@ -85,7 +85,7 @@ def one_process(what: str) -> None:
         from dualign._infra.errors import ConfigError
 
         raise ConfigError(f"{what} is one process; under torchrun / accelerate launch only sample, score, "
-                          "evaluate (with shard_size) and train run (README: At scale)")
+                          "evaluate (with shard_size) and train run (docs/guides/at-scale.md)")
 
 
 def ranks() -> Ranks:

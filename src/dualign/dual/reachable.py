@@ -3,7 +3,7 @@
 The dual's K-sample tilt reweights π_ref's own samples by their scores, so within one prompt it
 also favours the samples that score high for reasons no policy can reproduce on fresh samples
 (the scorers' response-level noise, wording the policy cannot aim at). A fine-tune then delivers
-less than the tilt predicts (README, "Why the learned reward falls"). ``dual: {tilt: reachable}``
+less than the tilt predicts (docs/results/demo.md, "Why the learned reward falls"). ``dual: {tilt: reachable}``
 replaces each score column by what π_ref's own representation of the response predicts of it,
 before solving:
 

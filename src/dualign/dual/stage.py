@@ -355,7 +355,7 @@ def format_report(record: DualRecord) -> str:
                      f"changes a fine-tune can target. The fine-tune trains on the original scores at this λ*, "
                      f"whose K-sample tilt predicts changes of {asked} and KL "
                      f"{reach.samples_predicted['kl']:.3g}. On the built-in world the achieved constraint change "
-                     f"fell between the two, the reward near the reachable one, the KL above both (README).")
+                     f"fell between the two, the reward near the reachable one, the KL above both (docs/guides/reachable-tilt.md).")
     plan = record.confidence
     if plan:
         names = ", ".join(f"{n} by {plan.margin[n]:.3g}" for n in record.names)
