@@ -1,19 +1,20 @@
 """Installing dualign into an environment that already holds another torch keeps that torch.
 
 A real second torch is gigabytes, so the environment gets a stub distribution named ``torch``
-(metadata only, another version). pip then resolves dualign's requirements in that environment
-with ``--dry-run --report``: its resolver checks torch against dualign's own requirement and
-against every installed dependency's (accelerate's, peft's, ...). The other dependencies are the
-suite's own, seen through a ``.pth`` file. ``--no-index`` keeps it offline; the only index is a
-local folder holding another stub torch, so that pip *can* replace the installed one, and the
-report says whether it would (the control: a torch below the floor is replaced).
+(metadata only, another version). pip then resolves ``dualign`` in that environment with
+``--dry-run --report``, from a metadata-only dualign wheel whose ``Requires-Dist`` lines are
+pyproject.toml's dependencies, as a built wheel's are. Its resolver checks torch against
+dualign's requirement and against every installed dependency's (accelerate's, peft's, ...); the
+other dependencies are the suite's own, seen through a ``.pth`` file. ``--no-index`` keeps it
+offline; the only index is a local folder holding the dualign wheel and another stub torch, so
+that pip *can* replace the installed torch, and the report says whether it would (the control: a
+torch below the floor is replaced).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import sysconfig
@@ -24,21 +25,24 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+DUALIGN = PROJECT["version"] + "+stub"
 
 
-def _stub_torch_wheel(directory: Path, version: str) -> Path:
-    """A wheel that installs only ``torch-VERSION.dist-info``: no code, a few hundred bytes."""
-    dist_info = f"torch-{version}.dist-info"
+def _wheel(directory: Path, name: str, version: str, requires: list[str] = ()) -> Path:
+    """A metadata-only wheel (no code): what pip reads of a distribution to resolve it."""
+    dist_info = f"{name}-{version}.dist-info"
+    metadata = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
+    metadata += "".join(f"Requires-Dist: {r}\n" for r in requires)
     files = {
-        f"{dist_info}/METADATA": f"Metadata-Version: 2.1\nName: torch\nVersion: {version}\n",
+        f"{dist_info}/METADATA": metadata,
         f"{dist_info}/WHEEL": "Wheel-Version: 1.0\nGenerator: dualign-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
     }
-    record = "".join(f"{name},,\n" for name in files) + f"{dist_info}/RECORD,,\n"
-    wheel = directory / f"torch-{version}-py3-none-any.whl"
+    record = "".join(f"{path},,\n" for path in files) + f"{dist_info}/RECORD,,\n"
+    wheel = directory / f"{name}-{version}-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as zf:
-        for name, text in files.items():
-            zf.writestr(name, text)
+        for path, text in files.items():
+            zf.writestr(path, text)
         zf.writestr(f"{dist_info}/RECORD", record)
     return wheel
 
@@ -55,7 +59,7 @@ def _venv_with_torch(tmp_path: Path, version: str) -> Path:
         check=True, capture_output=True, text=True,
     ).stdout.strip()
     Path(site, "suite-packages.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    wheel = _stub_torch_wheel(tmp_path, version)
+    wheel = _wheel(tmp_path, "torch", version)
     _pip(python, "install", "--no-index", "--no-deps", "--quiet", str(wheel), check=True)
     return python
 
@@ -66,17 +70,6 @@ def _pip(python: Path, *args: str, check: bool = False) -> subprocess.CompletedP
                PYTHONPATH="")
     return subprocess.run([str(python), "-m", "pip", *args], check=check, capture_output=True,
                           text=True, env=env)
-
-
-def _project_copy(tmp_path: Path) -> Path:
-    """dualign's packaging metadata (pyproject.toml, the README it names) with an empty package:
-    what pip reads to resolve, without building metadata into the working tree."""
-    project = tmp_path / "dualign-src"
-    (project / "src" / "dualign").mkdir(parents=True)
-    (project / "src" / "dualign" / "__init__.py").write_text("")
-    shutil.copy(ROOT / "pyproject.toml", project)
-    shutil.copy(ROOT / "README.md", project)
-    return project
 
 
 def _torch_version(python: Path) -> str:
@@ -93,11 +86,12 @@ def _would_install(tmp_path: Path, torch_version: str) -> dict[str, str]:
     assert _torch_version(python) == torch_version
     wheelhouse = tmp_path / "wheelhouse"
     wheelhouse.mkdir()
-    _stub_torch_wheel(wheelhouse, "2.13.0")
+    _wheel(wheelhouse, "torch", "2.13.0")
+    # a local version of its own, so that an installed dualign (the suite's) does not satisfy it
+    _wheel(wheelhouse, "dualign", DUALIGN, PROJECT["dependencies"])
     report = tmp_path / "report.json"
     _pip(python, "install", "--dry-run", "--no-index", "--find-links", str(wheelhouse),
-         "--no-build-isolation", "--report", str(report), "--quiet", str(_project_copy(tmp_path)),
-         check=True)
+         "--report", str(report), "--quiet", f"dualign=={DUALIGN}", check=True)
     return {item["metadata"]["name"].lower(): item["metadata"]["version"]
             for item in json.loads(report.read_text())["install"]}
 
@@ -106,10 +100,10 @@ def _would_install(tmp_path: Path, torch_version: str) -> dict[str, str]:
 def test_pip_keeps_an_installed_torch_of_another_version(tmp_path, torch_version):
     """The floor the docs state (2.6, transformers' and accelerate's) and a CUDA build's local
     version: pip would install dualign alone and keep that torch."""
-    assert _would_install(tmp_path, torch_version) == {"dualign": VERSION}
+    assert _would_install(tmp_path, torch_version) == {"dualign": DUALIGN}
 
 
 def test_a_torch_below_the_floor_is_replaced(tmp_path):
     """The control: a torch the requirements exclude is replaced by the one on offer, so the
     check above can fail."""
-    assert _would_install(tmp_path, "2.5.1") == {"dualign": VERSION, "torch": "2.13.0"}
+    assert _would_install(tmp_path, "2.5.1") == {"dualign": DUALIGN, "torch": "2.13.0"}
