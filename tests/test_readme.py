@@ -1,6 +1,6 @@
 """The README is a short tour whose links, commands and examples hold: it has at most 200 lines,
 every relative link (file and anchor) resolves, `.ci/run` runs its test command verbatim, its
-YAML is a valid run config and its Python example solves the dual it describes."""
+YAML (and the guides') is a valid run config and its Python example solves the dual it describes."""
 
 from __future__ import annotations
 
@@ -69,20 +69,38 @@ def test_ci_runs_the_readmes_test_command_verbatim():
     assert test_command in ci
 
 
-def test_readme_yaml_is_a_valid_run_config(tmp_path, monkeypatch):
-    """The YAML example resolves into a run config with every stage checked, given the files and
-    the scorer module it names (Hub ids are left to the loaders)."""
+GUIDE_CONFIGS = [(path.name, body) for path in sorted((ROOT / "docs" / "guides").glob("*.md"))
+                 for lang, body in FENCE.findall(path.read_text()) if lang == "yaml"]
+
+
+def _resolve_example(config_text: str, tmp_path: Path, monkeypatch):
+    """A documented run config resolved with every stage checked, given the files and the scorer
+    module the examples name (Hub ids are left to the loaders)."""
     from dualign.pipeline import load_run_values, resolve_run_config
 
-    (config_text,) = _blocks("yaml")
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     for name in ("prompts.jsonl", "heldout.jsonl"):
         (tmp_path / name).write_text('{"prompt": "How do I bake bread?"}\n')
+    (tmp_path / "clean.jsonl").write_text(
+        '{"prompt": "p", "response_0": "a", "response_1": "b", "better_response_id": 0, '
+        '"safer_response_id": 1, "is_response_0_safe": false, "is_response_1_safe": true}\n')
     (tmp_path / "my_scorers.py").write_text(
         "def toxicity(prompts, responses):\n    return [0.0 for _ in responses]\n")
     (tmp_path / "my_run.yaml").write_text(config_text)
-    cfg = resolve_run_config(load_run_values("my_run.yaml"))
+    return resolve_run_config(load_run_values("my_run.yaml"))
+
+
+@pytest.mark.parametrize("config_text", [body for _, body in GUIDE_CONFIGS],
+                         ids=[f"{name}-{i}" for i, (name, _) in enumerate(GUIDE_CONFIGS)])
+def test_guide_yaml_examples_are_valid_run_configs(config_text, tmp_path, monkeypatch):
+    cfg = _resolve_example(config_text, tmp_path, monkeypatch)
+    assert cfg.train.method in ("mocan", "pecan")
+
+
+def test_readme_yaml_is_a_valid_run_config(tmp_path, monkeypatch):
+    (config_text,) = _blocks("yaml")
+    cfg = _resolve_example(config_text, tmp_path, monkeypatch)
     assert cfg.dual.constraints == ["cost<=ref-0.5"]
     assert cfg.evaluate.scorers == cfg.score.scorers
     assert cfg.train.method == "mocan" and cfg.train.lora
