@@ -35,6 +35,7 @@ from dualign.modeling.flops import model_forward_params
 from dualign.modeling.models import load_tokenizer, tokenize_pairs
 from dualign.modeling.refprobs import record, trainer_numerics
 from dualign.modeling.templates import format_prompt
+from dualign.train import TrainConfig
 
 
 def reward_fn(prompts, responses):
@@ -250,10 +251,10 @@ def test_grpo_lagrangian_raises_lambda_by_eta_times_its_own_violation_and_saves_
 
 
 def _dual_ascent(tiny_gpt2, run, out, constraint, **kw):
-    cfg = DualAscentConfig(model=tiny_gpt2, run_dir=str(out), scores=str(run / "scores.parquet"),
-                           constraints=[constraint], beta=0.1, rounds=2, lambda_lr=0.5, lambda_init=1.0,
-                           max_steps=2, per_device_batch_size=4, estimate_prompts=2, estimate_samples=2,
-                           max_new_tokens=8, device="cpu", logging_steps=1, **kw)
+    loop = TrainConfig(model=tiny_gpt2, run_dir=str(out), scores=str(run / "scores.parquet"), beta=0.1,
+                       max_steps=2, per_device_batch_size=4, device="cpu", logging_steps=1)
+    cfg = DualAscentConfig(train=loop, constraints=[constraint], rounds=2, lambda_lr=0.5, lambda_init=1.0,
+                           estimate_prompts=2, estimate_samples=2, max_new_tokens=8, **kw)
     return run_method(cfg)
 
 
@@ -282,9 +283,9 @@ def test_dual_ascent_lambda_rises_under_violation_and_is_projected_to_zero_when_
 
 def test_cost_only_mocan_trains_on_cost_only_margins_and_records_its_training_flops(tiny_gpt2, tiny_run,
                                                                                     tmp_path):
-    cfg = FixedLambdaConfig(model=tiny_gpt2, run_dir=str(tmp_path), method="cost-only-mocan",
-                            scores=str(tiny_run / "scores.parquet"), constraints=["cost<=ref-1"], beta=0.1,
-                            max_steps=1, per_device_batch_size=12, device="cpu")
+    loop = TrainConfig(model=tiny_gpt2, run_dir=str(tmp_path), scores=str(tiny_run / "scores.parquet"), beta=0.1,
+                       max_steps=1, per_device_batch_size=12, device="cpu")
+    cfg = FixedLambdaConfig(train=loop, method="cost-only-mocan", constraints=["cost<=ref-1"])
     out = run_method(cfg)
     scores = read_table(tiny_run / "scores.parquet")
     pairs = read_table(tmp_path / "pairs.parquet")
@@ -315,8 +316,9 @@ def test_dpo_helpful_and_dpo_safe_train_on_the_better_and_the_safer_response(tin
                   "is_response_0_safe": [True, False], "is_response_1_safe": [True, True]}
                  ).to_json(prefs, orient="records", lines=True)
     for method, chosen in (("dpo-helpful", ["Simmer it.", "Use a pick."]), ("dpo-safe", ["Boil it.", "Ask a locksmith."])):
-        out = run_method(PreferenceDPOConfig(model=tiny_gpt2, run_dir=str(tmp_path / method), method=method,
-                                             preferences=str(prefs), max_steps=1, device="cpu"))
+        loop = TrainConfig(model=tiny_gpt2, run_dir=str(tmp_path / method), preferences=str(prefs), max_steps=1,
+                           device="cpu")
+        out = run_method(PreferenceDPOConfig(train=loop, method=method))
         pairs = read_table(tmp_path / method / "pairs.parquet")
         assert pairs["response_a"].tolist() == chosen and np.isinf(pairs["target_margin"]).all()
         assert read_json(tmp_path / method / "train.meta.json")["config"]["beta"] == 0.1    # the paper's DPO β
@@ -325,7 +327,7 @@ def test_dpo_helpful_and_dpo_safe_train_on_the_better_and_the_safer_response(tin
 
 
 def test_old_scorer_margin_names_are_refused_with_their_new_name(tiny_gpt2, tiny_run, tmp_path):
-    cfg = FixedLambdaConfig(model=tiny_gpt2, run_dir=str(tmp_path), method="safe-dpo", device="cpu")
+    cfg = FixedLambdaConfig(train=TrainConfig(model=tiny_gpt2, run_dir=str(tmp_path), device="cpu"), method="safe-dpo")
     with pytest.raises(ConfigError, match="'safe-dpo' was renamed 'cost-only-mocan'"):
         run_method(cfg)
 
@@ -334,9 +336,32 @@ def test_fixed_lambda_leaves_another_methods_dual_json_alone(tiny_gpt2, tiny_run
     theirs = {"method": None, "beta": 0.1, "reward": "reward", "constraints": ["cost<=1"],
               "lambdas": {"cost": 3.0}, "thresholds": {"cost": 1.0}, "reference": {}}
     write_json(theirs, tmp_path / "dual.json")
-    cfg = FixedLambdaConfig(model=tiny_gpt2, run_dir=str(tmp_path), scores=str(tiny_run / "scores.parquet"),
-                            lambdas=[0.5], max_steps=1, per_device_batch_size=4, device="cpu")
+    loop = TrainConfig(model=tiny_gpt2, run_dir=str(tmp_path), scores=str(tiny_run / "scores.parquet"), max_steps=1,
+                       per_device_batch_size=4, device="cpu")
+    cfg = FixedLambdaConfig(train=loop, lambdas=[0.5])
     run_method(cfg)
     assert read_json(tmp_path / "dual.json") == theirs
     mine = read_json(tmp_path / "fixed-lambda.dual.json")
     assert mine["lambdas"] == {"cost": 0.5} and mine["thresholds"] == {"cost": 1.0}
+
+
+def test_a_baseline_config_holds_the_loop_settings_and_reads_them_from_the_same_flat_keys():
+    from dualign._infra.config import build_config, config_to_dict
+    from dualign.baselines.dispatch import CONFIGS
+    from dualign.baselines.preference_dpo import PreferenceDPOConfig
+
+    assert not any(issubclass(cls, TrainConfig) for cls in CONFIGS.values())
+    flat = {"model": "m", "run_dir": "r", "method": "dual-ascent", "rounds": 2, "beta": 0.5, "seed": 3}
+    cfg = build_config(DualAscentConfig, flat)
+    assert (cfg.method, cfg.rounds) == ("dual-ascent", 2)           # the baseline's own fields
+    assert (cfg.train.model, cfg.train.run_dir, cfg.train.beta, cfg.train.seed) == ("m", "r", 0.5, 3)
+    assert cfg.train.method == "mocan"                              # a shared name is the baseline's
+    recorded = config_to_dict(cfg)                                  # recorded flat, as it was given
+    assert "train" not in recorded and recorded["method"] == "dual-ascent" and recorded["beta"] == 0.5
+    assert build_config(DualAscentConfig, recorded) == cfg
+    with pytest.raises(ConfigError, match="unknown config key 'compare.preference_dpo.rounds'.*safety_margin"):
+        build_config(PreferenceDPOConfig, {**flat, "method": "dpo-safe"}, prefix="compare.preference_dpo.")
+    with pytest.raises(ConfigError, match="missing required config value.*: model, run_dir"):
+        build_config(FixedLambdaConfig, {"lambdas": [1.0]})
+    with pytest.raises(ConfigError, match="per_device_batch_size must be ≥ 1"):
+        build_config(FixedLambdaConfig, {"model": "m", "run_dir": "r", "per_device_batch_size": 0})

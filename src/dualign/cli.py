@@ -100,10 +100,11 @@ def _run_stage(cfg, run):
     from dualign._infra.lock import run_lock
     from dualign.modeling import checks
 
-    checks.stage_inputs(cfg, cfg.run_dir)
-    if cfg.run_dir is None or os.environ.get("RANK", "0") != "0":
+    run_dir = getattr(cfg, "train", cfg).run_dir  # a baseline's is that of the loop settings it holds
+    checks.stage_inputs(cfg, run_dir)
+    if run_dir is None or os.environ.get("RANK", "0") != "0":
         return run(cfg)  # without a run directory the stage says so itself
-    with run_lock(cfg.run_dir):
+    with run_lock(run_dir):
         return run(cfg)
 
 
@@ -189,7 +190,7 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     seen = {f.name for f in dataclasses.fields(train_config)}
     group = p.add_argument_group(f"the baselines' own flags (--method {', '.join(baselines)})")
     for cls in dict.fromkeys(baselines.values()):
-        add_config_arguments(group, cls, skip=tuple(f.name for f in dataclasses.fields(cls) if f.name in seen))
+        add_config_arguments(group, cls, skip=tuple(seen))
         seen |= {f.name for f in dataclasses.fields(cls)}
     p.epilog = f"""\
 methods (--method):

@@ -635,9 +635,3 @@ def model_card(cfg: TrainConfig, dual: DualRecord | None, hashes: dict[str, str]
         "", "The resolved training config is in `dualign_train.yaml`.", "",
     ]
     return "\n".join(lines)
-
-
-def train_config(cfg: TrainConfig, **changes: Any) -> TrainConfig:
-    """The plain TrainConfig part of any config that holds its fields (a baseline's), with ``changes``."""
-    values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{**values, **changes})

@@ -2,13 +2,17 @@
 
 A field ``num_samples`` of a stage config is the YAML key ``num_samples`` and the flag
 ``--num-samples``; a nested dataclass field ``train`` of the run config gives the YAML section
-``train:`` and flags ``--train.num-samples``. Flags override the file. Unknown keys and missing
+``train:`` and flags ``--train.num-samples``. A nested field marked ``metadata={"flat": True}``
+is held, not inherited: a baseline's config holds the trainer's :class:`~dualign.train.TrainConfig`
+as ``train``, and its keys and flags sit beside the baseline's own, unprefixed (the baseline's own
+field wins a shared name such as ``method``). Flags override the file. Unknown keys and missing
 required values raise :class:`ConfigError` (one line; the CLI exits with code 2).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import types
 import typing
@@ -86,17 +90,31 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+def flat_section(cls: type) -> dataclasses.Field | None:
+    """The field of ``cls`` whose config's keys sit at ``cls``'s own level (``metadata={"flat": True}``)."""
+    return next((f for f in dataclasses.fields(cls) if f.metadata.get("flat")), None)
+
+
 def build_config(cls: type[T], values: dict[str, Any] | None, prefix: str = "") -> T:
-    """Build dataclass ``cls`` from a (nested) dict; unknown keys and missing required ones fail."""
+    """Build dataclass ``cls`` from a (nested) dict; unknown keys and missing required ones fail.
+
+    The keys of a flat section (:func:`flat_section`) are those not among ``cls``'s own fields."""
     values = dict(values or {})
     hints = _field_types(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
+    flat = flat_section(cls)
+    known = set(fields)
+    if flat is not None:
+        del fields[flat.name]
+        known = set(fields) | {f.name for f in dataclasses.fields(hints[flat.name])}
+    unknown = sorted(set(values) - known)
     if unknown:
-        known = ", ".join(sorted(fields))
-        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}' (known keys: {known})")
+        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}' (known keys: {', '.join(sorted(known))})")
     kwargs: dict[str, Any] = {}
     missing = []
+    if flat is not None:
+        kwargs[flat.name] = build_config(hints[flat.name], {k: v for k, v in values.items() if k not in fields},
+                                         prefix)
     for name, f in fields.items():
         if name in values:
             kwargs[name] = _coerce(values[name], hints[name], f"{prefix}{name}")
@@ -144,6 +162,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, prefix: str
         if f.name in skip:
             continue
         tp, _ = _unwrap_optional(hints[f.name])
+        if f.metadata.get("flat"):  # its flags beside the config's own, which win a shared name
+            add_config_arguments(parser, tp, prefix, skip=(*skip, *(g.name for g in dataclasses.fields(cls))))
+            continue
         flag = "--" + prefix + f.name.replace("_", "-")
         dest = prefix + f.name
         help_ = f.metadata.get("help", "").replace("%", "%%")  # argparse %-formats help
@@ -200,7 +221,17 @@ def resolve_config(cls: type[T], yaml_path: str | Path | None, args: argparse.Na
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    """The config as its YAML keys: nested sections as mappings, a flat section's keys after the
+    config's own (which win a shared name), so that the dict builds the same config again."""
+    own: dict[str, Any] = {}
+    flat: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.metadata.get("flat"):
+            flat = config_to_dict(value)
+        else:
+            own[f.name] = config_to_dict(value) if dataclasses.is_dataclass(value) else copy.deepcopy(value)
+    return {**own, **{k: v for k, v in flat.items() if k not in own}}
 
 
 def dump_yaml(cfg: Any) -> str:

@@ -52,6 +52,7 @@ def run_method(cfg: Any) -> dict[str, Any]:
     write ``<run_dir>/compute.json``: wall_s, gradient_steps, sampled_tokens (online only), peak
     memory (MiB), final λ and, for the iterative methods, the λ trajectory."""
     check_method(cfg.method)
+    where = run_settings(cfg)
     with measure() as used:
         if cfg.method in TRAINERS:
             summary = TRAINERS[cfg.method](cfg)
@@ -62,13 +63,19 @@ def run_method(cfg: Any) -> dict[str, Any]:
             summary = {"gradient_steps": out["step"], "sampled_tokens": 0, "lambdas": lambdas,
                        "output_dir": out["output_dir"], "tokens": out["tokens"]}
     compute = {"method": cfg.method, **summary, **used}
-    flops = _flops_of(cfg.model, summary.get("scorers") or [])
+    flops = _flops_of(where.model, summary.get("scorers") or [])
     compute["flops"] = flops(compute.get("tokens"))
-    write_json(compute, Path(cfg.run_dir) / "compute.json")
-    for budget in sorted((Path(cfg.run_dir) / "budgets").glob("*/compute.json")):
+    write_json(compute, Path(where.run_dir) / "compute.json")
+    for budget in sorted((Path(where.run_dir) / "budgets").glob("*/compute.json")):
         record = read_json(budget)
         write_json({**record, "flops": flops(record.get("tokens"))}, budget)
     return compute
+
+
+def run_settings(cfg: Any) -> Any:
+    """The part of a method's config that names its model and run directory: the loop's settings a
+    baseline holds (``cfg.train``), else the config itself (the loop's own, PPO-/GRPO-Lagrangian's)."""
+    return getattr(cfg, "train", cfg)
 
 
 def check_method(method: str) -> None:

@@ -13,6 +13,7 @@ trained, the estimates of rounds 0..n−2 (the ones its λ came from).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -46,11 +47,13 @@ from dualign.modeling.generation import generate_responses
 from dualign.modeling.models import load_causal_lm, load_tokenizer
 from dualign.modeling.scorers import parse_scorer
 from dualign.modeling.scoring import score_table
-from dualign.train import TrainConfig, train, train_config
+from dualign.train import TrainConfig, train
 
 
 @dataclass
-class DualAscentConfig(TrainConfig):
+class DualAscentConfig:
+    train: TrainConfig = field(metadata={
+        "flat": True, "help": "the one loop's settings, their keys and flags beside this config's own"})
     method: str = field(default="dual-ascent", metadata={"help": "dual-ascent"})
     rounds: int = field(default=3, metadata={"help": "dual-ascent: rounds (train at λ_t, estimate, update)"})
     lambda_lr: float = field(default=1.0, metadata={
@@ -85,17 +88,17 @@ def _estimate(policy_dir: str, prompts: pd.DataFrame, objective: Objective, scor
     """(mean_x mean_k g [m], column means, sampled tokens, token counts per stage) of the policy on
     ``prompts`` (generation, its own log-prob pass, each scorer once)."""
     tok = load_tokenizer(policy_dir)
-    model = load_causal_lm(policy_dir, device=cfg.device)
+    model = load_causal_lm(policy_dir, device=cfg.train.device)
     df = generate_responses(model, tok, prompts["prompt"].tolist(), prompts["prompt_id"].tolist(),
-                            cfg.estimate_samples, template=cfg.template, max_new_tokens=max_new_tokens,
+                            cfg.estimate_samples, template=cfg.train.template, max_new_tokens=max_new_tokens,
                             temperature=cfg.temperature, batch_size=cfg.sample_batch_size, seed=seed)
     del model
     needed = [s for s in scorers if parse_scorer(s).name in objective.columns]
-    df = score_table(df, needed, batch_size=cfg.sample_batch_size, device=cfg.device)
+    df = score_table(df, needed, batch_size=cfg.sample_batch_size, device=cfg.train.device)
     means = dict(zip(objective.columns, np.atleast_1d(reference_means(
         df["prompt_id"].to_numpy(), df[objective.columns].to_numpy(float))).tolist(), strict=True))
     g = np.array([c.sign * means[c.column] for c in objective.constraints])
-    n = sequence_tokens(df, tok, cfg.template)
+    n = sequence_tokens(df, tok, cfg.train.template)
     tokens = {"generation": n, "forward": n, "scored": n}
     return g, {k: float(v) for k, v in means.items()}, int(df["response_tokens"].sum()), tokens
 
@@ -105,16 +108,16 @@ def _round(t: int, rd: Path, lambdas: np.ndarray, objective: Objective, scores: 
            cfg: DualAscentConfig) -> None:
     """Round t: MoCAN at λ_t into ``rd``, E_{π_t}[g] on sampled responses, the next λ → estimate.json."""
     write_dual(method_dual(objective, scores, lambdas, 1.0, cfg.method), rd / "dual.json")
-    write_table(lagrangian_pairs(scores, objective, lambdas, 1.0, cfg.pairs_per_prompt, cfg.seed,
+    write_table(lagrangian_pairs(scores, objective, lambdas, 1.0, cfg.train.pairs_per_prompt, cfg.train.seed,
                                  str(scores_path)), rd / "pairs.parquet")
     link_sample_config(scores_path, rd)
     t0 = time.perf_counter()
-    summary = train(train_config(cfg, method="mocan", run_dir=str(rd), pairs=str(rd / "pairs.parquet"),
-                                 dual=str(rd / "dual.json"), beta=objective.beta, preferences=None,
-                                 output_dir=str(rd / "policy")))
+    summary = train(dataclasses.replace(cfg.train, method="mocan", run_dir=str(rd), pairs=str(rd / "pairs.parquet"),
+                                        dual=str(rd / "dual.json"), beta=objective.beta, preferences=None,
+                                        output_dir=str(rd / "policy")))
     t1 = time.perf_counter()
     g, means, n_tok, est_tokens = _estimate(str(rd / "policy"), prompts, objective, scorers, cfg, max_new_tokens,
-                                            cfg.seed + 7919 * (t + 1))
+                                            cfg.train.seed + 7919 * (t + 1))
     nxt = dual_ascent_step(lambdas, g, objective.thresholds, cfg.lambda_lr)
     write_json({"round": t, "lambdas": lambdas.tolist(), "achieved": means, "utilities": g.tolist(),
                 "next_lambdas": nxt.tolist(), "gradient_steps": summary["step"], "sampled_tokens": n_tok,
@@ -131,18 +134,19 @@ def train_dual_ascent(cfg: DualAscentConfig) -> dict[str, Any]:
     bad = [c for c in cfg.checkpoints or [] if not 1 <= c <= cfg.rounds]
     if bad:
         raise ConfigError(f"config key 'checkpoints': {bad[0]} is not a round count in 1..{cfg.rounds}")
-    run_dir = Path(cfg.run_dir)
-    scores_path = scores_file(run_dir, cfg.scores)
+    settings = cfg.train
+    run_dir = Path(settings.run_dir)
+    scores_path = scores_file(run_dir, settings.scores)
     scores = read_table(scores_path)
-    objective = load_objective(dual_file(run_dir, cfg.dual), scores, cfg.constraints, cfg.reward, cfg.beta)
+    objective = load_objective(dual_file(run_dir, settings.dual), scores, cfg.constraints, cfg.reward, settings.beta)
     scorers = scorer_specs(cfg.scorers, scores_path)
     max_new_tokens = cfg.max_new_tokens or sample_settings(scores_path).get("max_new_tokens") or 64
     prompts = scores[["prompt_id", "prompt"]].drop_duplicates("prompt_id")
     if cfg.estimate_prompts:
-        prompts = prompts.sample(min(cfg.estimate_prompts, len(prompts)), random_state=cfg.seed)
+        prompts = prompts.sample(min(cfg.estimate_prompts, len(prompts)), random_state=settings.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
-    record_stage(run_dir, cfg.method, cfg, cfg.seed)
-    output_dir = Path(cfg.output_dir or run_dir / "policy")
+    record_stage(run_dir, cfg.method, cfg, settings.seed)
+    output_dir = Path(settings.output_dir or run_dir / "policy")
     lambdas = np.full(len(objective.constraints), float(cfg.lambda_init))
     trajectory, steps, tokens, policy = [lambdas.tolist()], 0, 0, None
     metrics = run_dir / "metrics.jsonl"

@@ -13,6 +13,7 @@ trains through the one loop with ``method: mocan``.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,11 +33,13 @@ from dualign.methods.objective import (
     scores_file,
     write_method_dual,
 )
-from dualign.train import TrainConfig, train, train_config
+from dualign.train import TrainConfig, train
 
 
 @dataclass
-class FixedLambdaConfig(TrainConfig):
+class FixedLambdaConfig:
+    train: TrainConfig = field(metadata={
+        "flat": True, "help": "the one loop's settings, their keys and flags beside this config's own"})
     method: str = field(default="fixed-lambda", metadata={
         "help": "fixed-lambda (λ by hand), reward-only-mocan (λ = 0) or cost-only-mocan (constraints only)"})
     lambdas: list[float] | None = field(default=None, metadata={
@@ -65,20 +68,21 @@ def method_weights(method: str, objective: Objective,
 
 def train_fixed_lambda(cfg: FixedLambdaConfig) -> dict[str, Any]:
     """MoCAN on pairs with target margin Δ(w_r·r + λᵀg) for the method's (w_r, λ)."""
-    run_dir = Path(cfg.run_dir)
-    scores_path = scores_file(run_dir, cfg.scores)
+    settings = cfg.train
+    run_dir = Path(settings.run_dir)
+    scores_path = scores_file(run_dir, settings.scores)
     scores = read_table(scores_path)
-    objective = load_objective(dual_file(run_dir, cfg.dual), scores, cfg.constraints, cfg.reward, cfg.beta)
+    objective = load_objective(dual_file(run_dir, settings.dual), scores, cfg.constraints, cfg.reward, settings.beta)
     reward_weight, lambdas = method_weights(cfg.method, objective, cfg.lambdas)
     run_dir.mkdir(parents=True, exist_ok=True)
-    record_stage(run_dir, cfg.method, cfg, cfg.seed)
+    record_stage(run_dir, cfg.method, cfg, settings.seed)
     dual_path = write_method_dual(run_dir, method_dual(objective, scores, lambdas, reward_weight, cfg.method))
-    pairs = lagrangian_pairs(scores, objective, lambdas, reward_weight, cfg.pairs_per_prompt, cfg.seed,
+    pairs = lagrangian_pairs(scores, objective, lambdas, reward_weight, settings.pairs_per_prompt, settings.seed,
                              str(scores_path))
     write_table(pairs, run_dir / "pairs.parquet")
     link_sample_config(scores_path, run_dir)
-    summary = train(train_config(cfg, method="mocan", pairs=str(run_dir / "pairs.parquet"),
-                                  dual=str(dual_path), beta=objective.beta, preferences=None))
+    summary = train(dataclasses.replace(settings, method="mocan", pairs=str(run_dir / "pairs.parquet"),
+                                        dual=str(dual_path), beta=objective.beta, preferences=None))
     return {"gradient_steps": summary["step"], "sampled_tokens": 0,
             "lambdas": dict(zip(objective.names, lambdas.tolist(), strict=True)),
             "output_dir": summary["output_dir"], "tokens": summary["tokens"]}

@@ -41,14 +41,16 @@ from dualign.methods.objective import (
     write_method_dual,
 )
 from dualign.methods.safedpo import safedpo_pairs
-from dualign.train import TrainConfig, train, train_config
+from dualign.train import TrainConfig, train
 
 VIEWS = {"dpo-helpful": "helpful", "dpo-safe": "safe"}
 DPO_BETA = 0.1  # the paper's DPO β (and SafeDPO's)
 
 
 @dataclass
-class PreferenceDPOConfig(TrainConfig):
+class PreferenceDPOConfig:
+    train: TrainConfig = field(metadata={
+        "flat": True, "help": "the one loop's settings, their keys and flags beside this config's own"})
     method: str = field(default="dpo-helpful", metadata={
         "help": "dpo-helpful, dpo-safe or safedpo: from a PKU-style preference file (--preferences)"})
     safety_margin: float = field(default=10.0, metadata={
@@ -57,28 +59,29 @@ class PreferenceDPOConfig(TrainConfig):
 
 
 def train_preference_dpo(cfg: PreferenceDPOConfig) -> dict[str, Any]:
-    """DPO (or SafeDPO) on the method's pairs from ``cfg.preferences``; writes pairs.parquet, the
+    """DPO (or SafeDPO) on the method's pairs from ``cfg.train.preferences``; writes pairs.parquet, the
     method's dual.json (when the objective is known) and the policy."""
-    if not cfg.preferences:
+    settings = cfg.train
+    if not settings.preferences:
         raise ConfigError("missing required config value(s): preferences (a PKU-style preference file)")
     if cfg.method not in (*VIEWS, "safedpo"):
         raise ConfigError(f"config key 'method': {cfg.method!r} is not one of {', '.join([*VIEWS, 'safedpo'])}")
-    run_dir = Path(cfg.run_dir)
-    source = str(cfg.preferences)
-    table = read_preferences(cfg.preferences)
+    run_dir = Path(settings.run_dir)
+    source = str(settings.preferences)
+    table = read_preferences(settings.preferences)
     extra: dict[str, Any] = {}
     if cfg.method == "safedpo":
         pairs, extra["transform"] = safedpo_pairs(table, cfg.safety_margin, source)
     else:
         pairs = pairs_from_preferences(preference_views(table, source)[VIEWS[cfg.method]], source=source)
-    beta = cfg.beta if cfg.beta is not None else DPO_BETA
+    beta = settings.beta if settings.beta is not None else DPO_BETA
     run_dir.mkdir(parents=True, exist_ok=True)
-    record_stage(run_dir, cfg.method, cfg, cfg.seed)
+    record_stage(run_dir, cfg.method, cfg, settings.seed)
     write_table(pairs, run_dir / "pairs.parquet")
     dual_path = _method_dual(cfg, run_dir, beta)
-    summary = train(train_config(cfg, method="safedpo" if cfg.method == "safedpo" else "dpo", beta=beta,
-                                 pairs=str(run_dir / "pairs.parquet"), preferences=None,
-                                 dual=str(dual_path) if dual_path else None))
+    summary = train(dataclasses.replace(settings, method="safedpo" if cfg.method == "safedpo" else "dpo",
+                                        beta=beta, pairs=str(run_dir / "pairs.parquet"), preferences=None,
+                                        dual=str(dual_path) if dual_path else None))
     if extra:
         write_json(extra, run_dir / "transform.json")
     return {"gradient_steps": summary["step"], "sampled_tokens": 0, "lambdas": {},
@@ -88,7 +91,7 @@ def train_preference_dpo(cfg: PreferenceDPOConfig) -> dict[str, Any]:
 def _method_dual(cfg: PreferenceDPOConfig, run_dir: Path, beta: float) -> Path | None:
     """The method's dual.json for evaluation (λ = 0, "predicted" = π_ref's values), or None when
     the run directory has no objective (dual.json) or no scores table to take π_ref's values from."""
-    dual_path, scores_path = dual_file(run_dir, cfg.dual), scores_file(run_dir, cfg.scores)
+    dual_path, scores_path = dual_file(run_dir, cfg.train.dual), scores_file(run_dir, cfg.train.scores)
     if not (dual_path.exists() and scores_path.exists()):
         return None
     scores = read_table(scores_path)

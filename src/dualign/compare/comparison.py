@@ -296,7 +296,7 @@ def _preference_reference(run, cmp: CompareConfig, out: Path) -> int:
     pairs = pd.DataFrame({"prompt_id": np.arange(len(table)), "prompt": table["prompt"].to_numpy(),
                           "response_a": table["response_0"].to_numpy(), "response_b": table["response_1"].to_numpy(),
                           "target_margin": np.inf})
-    ref_0, ref_1, tokens = reference_logprobs(cfg, pairs)
+    ref_0, ref_1, tokens = reference_logprobs(cfg.train, pairs)
     write_table(table.assign(ref_logprob_0=ref_0, ref_logprob_1=ref_1), out)
     return tokens
 

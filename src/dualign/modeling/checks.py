@@ -9,6 +9,7 @@ the loaders, and ``world:NAME`` references to the world build (which checks that
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 from pathlib import Path
@@ -113,9 +114,14 @@ def scorer(spec: str, key: str, run_dir: str | Path | None) -> None:
 
 
 def stage_inputs(cfg: Any, run_dir: str | Path | None, prefix: str = "") -> None:
-    """Every input and output path of a stage's config ``cfg`` that can be checked before it runs."""
+    """Every input and output path of a stage's config ``cfg`` that can be checked before it runs
+    (a flat section's too: a baseline's loop settings)."""
     def key(field: str) -> str:
         return f"config key '{prefix}{field}'"
+
+    for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(cfg) else ():
+        if f.metadata.get("flat"):
+            stage_inputs(getattr(cfg, f.name), run_dir, prefix)
 
     def maybe(field: str, check) -> None:
         value = getattr(cfg, field, None)
