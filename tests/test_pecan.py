@@ -176,8 +176,8 @@ def test_pecan_population_optimum_is_reference_tilted_by_combined_implicit_rewar
     def closure():
         opt.zero_grad()
         logp = torch.log_softmax(theta, 0)
-        losses, _ = LOSSES["pecan"]((logp[i], logp[j], log_ref[i], log_ref[j]),
-                                    {"target_margin": margin}, beta, "soft", torch.Generator())
+        loss_fn, _ = LOSSES["pecan"]
+        losses, _ = loss_fn(logp[i], logp[j], log_ref[i], log_ref[j], margin, beta, "soft", torch.Generator())
         loss = (weight * losses).sum() / weight.sum()
         loss.backward()
         return loss

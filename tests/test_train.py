@@ -105,12 +105,27 @@ def test_dpo_method_orients_each_pair_by_the_sign_of_its_margin():
     from dualign.train import LOSSES
 
     pa, pb, ra, rb = torch.tensor([-1.0, -2.0]), torch.tensor([-3.0, -0.5]), torch.zeros(2), torch.zeros(2)
-    losses, diag = LOSSES["dpo"]((pa, pb, ra, rb), {"target_margin": torch.tensor([math.inf, -0.1])}, 0.2,
-                                 "soft", None)
+    loss_fn, takes = LOSSES["dpo"]
+    assert takes == ("target_margin", "beta")
+    losses, diag = loss_fn(pa, pb, ra, rb, torch.tensor([math.inf, -0.1]), 0.2)
     forward, _ = dpo_loss(pa, pb, ra, rb, 0.2)
     backward, _ = dpo_loss(pb, pa, rb, ra, 0.2)
     assert losses.tolist() == pytest.approx([forward[0].item(), backward[1].item()])
     assert diag["logps/chosen"].tolist() == [-1.0, -0.5]
+
+
+def test_each_method_s_loss_takes_exactly_the_log_probs_and_what_the_loop_gives_it():
+    """No loss accepts an argument it ignores: its parameters are the four sequence log-probs and,
+    one for one, the inputs ``LOSSES`` names for it (safedpo's Δ is the ``safety_margin`` column)."""
+    import inspect
+
+    from dualign.train import LOSSES
+
+    logps = ["policy_logps_a", "policy_logps_b", "ref_logps_a", "ref_logps_b"]
+    for method, (loss_fn, takes) in LOSSES.items():
+        params = list(inspect.signature(loss_fn).parameters)
+        assert params[:4] == logps, method
+        assert [{"delta": "safety_margin"}.get(p, p) for p in params[4:]] == list(takes), method
 
 
 def test_sample_weights_give_pair_weights_and_a_weighted_partition_function():

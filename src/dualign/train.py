@@ -1,4 +1,5 @@
-"""The one training loop. Methods differ only by the loss function picked from ``LOSSES``.
+"""The one training loop. Methods differ only by the loss function picked from ``LOSSES``, each
+given only what it uses.
 
 ``train(cfg)`` reads a pairs table (built from ``scores.parquet`` + ``dual.json``, from a
 preference file, or given ready-made; the builders live with their methods in
@@ -50,8 +51,8 @@ from dualign._infra.progress import Progress
 from dualign._infra.provenance import mark_done, record_stage, unmark, versions
 from dualign._infra.timing import part
 from dualign.data.records import DualRecord, read_dual
-from dualign.methods import dpo, mocan, pecan, safedpo
-from dualign.methods.losses import Diagnostics, PairLogps, kl_estimate
+from dualign.methods import dpo, mocan, pecan
+from dualign.methods.losses import Diagnostics, kl_estimate, mocan_loss, pecan_loss, safedpo_loss
 from dualign.methods.pairs import require_columns, validate_pairs
 from dualign.modeling.batches import EncodedPairs, encode_pairs, fill_ref_logps
 from dualign.modeling.checkpoint import (
@@ -165,11 +166,17 @@ class TrainConfig:
         check_template(self.template)
 
 
-# (log-probs, pair columns as tensors, β, label, generator) -> (per-pair losses [B], diagnostics)
-LossFn = Callable[[PairLogps, dict[str, torch.Tensor], float, str, torch.Generator], tuple[torch.Tensor, Diagnostics]]
+# A method's loss and, in order, what it takes after the sequence log-probs (policy a, policy b,
+# reference a, reference b): pair columns of the batch by name (None where the table has none, as
+# target_a/target_b of preference pairs), the config's ``beta`` and ``label``, the loop's ``generator``.
+Loss = tuple[Callable[..., tuple[torch.Tensor, Diagnostics]], tuple[str, ...]]
 
-LOSSES: dict[str, LossFn] = {"dpo": dpo.pair_loss, "mocan": mocan.pair_loss, "pecan": pecan.pair_loss,
-                             "safedpo": safedpo.pair_loss}
+LOSSES: dict[str, Loss] = {
+    "mocan": (mocan_loss, ("target_margin", "beta", "label", "generator", "target_a", "target_b")),
+    "pecan": (pecan_loss, ("target_margin", "beta", "label", "generator", "target_a", "target_b")),
+    "dpo": (dpo.oriented_dpo_loss, ("target_margin", "beta")),
+    "safedpo": (safedpo_loss, ("beta", "unsafe_a", "unsafe_b", "safety_margin")),
+}
 
 
 # ---------------------------------------------------------------- the loop
@@ -238,7 +245,7 @@ def train(cfg: TrainConfig, stop_at_step: int | None = None) -> dict[str, Any]:
     if main:
         truncate_metrics(metrics_path, start)
 
-    loss_fn = LOSSES[cfg.method]
+    loss = LOSSES[cfg.method]
     lambdas = {f"dual/lambda_{k}": v for k, v in (dual.lambdas if dual else {}).items()}
     window: dict[str, list] = {}
     progress = Progress(total=total, initial=start, desc=f"train {cfg.method}", unit="steps", enabled=main)
@@ -250,7 +257,7 @@ def train(cfg: TrainConfig, stop_at_step: int | None = None) -> dict[str, Any]:
             order, order_epoch = epoch_order(cfg.seed, epoch, len(data), groups), epoch
         rows = order[batch_index * global_batch:(batch_index + 1) * global_batch]
         trained += len(rows)
-        step_metrics = _optimizer_step(model, optimizer, data, rows, loss_fn, cfg, generator, pad_id,
+        step_metrics = _optimizer_step(model, optimizer, data, rows, loss, cfg, generator, pad_id,
                                        accelerator, params)
         scheduler.step()
         for k, v in step_metrics.items():
@@ -318,21 +325,24 @@ def _schedule_tokens(data: EncodedPairs, cfg: TrainConfig, total: int, steps_per
     return count
 
 
-def pair_loss(model, data: EncodedPairs, rows: list[int], loss_fn: LossFn, cfg: TrainConfig,
+def pair_loss(model, data: EncodedPairs, rows: list[int], loss: Loss, cfg: TrainConfig,
               generator: torch.Generator, pad_id: int, accelerator) -> tuple[torch.Tensor, Diagnostics]:
     """Per-pair losses of ``rows``: one forward pass over their distinct responses (a and b together;
-    a response shared by several pairs, as in all-pairs MoCAN batches, is run once)."""
+    a response shared by several pairs, as in all-pairs MoCAN batches, is run once), then the
+    method's ``loss`` (an entry of ``LOSSES``) on what it takes."""
     seq_rows, unique, where = data.distinct(rows)
     batch = {k: v.to(accelerator.device) for k, v in data.collate(unique.tolist(), pad_id).items()}
     with accelerator.autocast():
         logps = sequence_logprobs(model, **batch).float()[where.to(accelerator.device)]
     ref = data.ref_logps[seq_rows].to(accelerator.device)
     lp = (logps[: len(rows)], logps[len(rows):], ref[: len(rows)], ref[len(rows):])
-    columns = {k: v[rows].to(accelerator.device) for k, v in data.columns.items()}
-    return loss_fn(lp, columns, cfg.beta, cfg.label, generator)
+    inputs = {**{k: v[rows].to(accelerator.device) for k, v in data.columns.items()},
+              "beta": cfg.beta, "label": cfg.label, "generator": generator}
+    loss_fn, takes = loss
+    return loss_fn(*lp, *(inputs.get(name) for name in takes))
 
 
-def _optimizer_step(model, optimizer, data: EncodedPairs, rows: np.ndarray, loss_fn: LossFn,
+def _optimizer_step(model, optimizer, data: EncodedPairs, rows: np.ndarray, loss: Loss,
                     cfg: TrainConfig, generator: torch.Generator, pad_id: int, accelerator,
                     params: list[torch.nn.Parameter]) -> dict[str, list | float]:
     """Accumulate gradients over this process's share of ``rows``, clip, step; return its metrics.
@@ -354,7 +364,7 @@ def _optimizer_step(model, optimizer, data: EncodedPairs, rows: np.ndarray, loss
         sync = i == len(micro) - 1
         ctx = accelerator.no_sync(model) if not sync else contextlib.nullcontext()
         with ctx:
-            losses, diag = pair_loss(model, data, mb, loss_fn, cfg, generator, pad_id, accelerator)
+            losses, diag = pair_loss(model, data, mb, loss, cfg, generator, pad_id, accelerator)
             w = torch.ones_like(losses) if pair_weights is None else pair_weights[mb].to(losses)
             with part("backward"):
                 accelerator.backward((losses * w).sum() * scale)

@@ -2,8 +2,8 @@
 
 :func:`pairs_from_preferences` reads a preference file: TRL's ``prompt, chosen, rejected`` gives
 hard labels (target_margin = +inf); ``prompt, response_0, response_1`` with score columns gives
-r_λ margins (MoCAN on a preference set, PeCAN on implicit rewards). :func:`pair_loss` trains DPO
-towards each pair's preferred side, −log σ(β·[(log π − log π_ref)(w) − (log π − log π_ref)(l)]).
+r_λ margins (MoCAN on a preference set, PeCAN on implicit rewards). :func:`oriented_dpo_loss`
+trains DPO towards each pair's preferred side, −log σ(β·[(log π − log π_ref)(w) − (log π − log π_ref)(l)]).
 PeCAN's pre-alignment (:mod:`dualign.prealign`) trains π_r and π_g this way.
 """
 
@@ -15,7 +15,7 @@ import torch
 
 from dualign._infra.errors import InputError
 from dualign.data.records import DualRecord
-from dualign.methods.losses import Diagnostics, PairLogps, dpo_loss
+from dualign.methods.losses import Diagnostics, dpo_loss
 from dualign.methods.mocan import lagrangian_reward
 from dualign.methods.pairs import require_columns, validate_pairs
 
@@ -59,11 +59,12 @@ def pairs_from_preferences(prefs: pd.DataFrame, dual: DualRecord | None = None,
     return validate_pairs(pairs, source)
 
 
-def pair_loss(logps: PairLogps, batch: dict[str, torch.Tensor], beta: float, label: str,
-              generator: torch.Generator | None) -> tuple[torch.Tensor, Diagnostics]:
-    """The loop's DPO entry, oriented by ``target_margin`` (a preferred where it is ≥ 0, else b);
-    ``label`` and ``generator`` are unused (DPO's labels are hard)."""
-    keep = batch["target_margin"] >= 0
-    pa, pb, ra, rb = logps
+def oriented_dpo_loss(policy_logps_a: torch.Tensor, policy_logps_b: torch.Tensor, ref_logps_a: torch.Tensor,
+                      ref_logps_b: torch.Tensor, target_margin: torch.Tensor,
+                      beta: float) -> tuple[torch.Tensor, Diagnostics]:
+    """:func:`dualign.methods.losses.dpo_loss` with ``a`` preferred where ``target_margin`` ≥ 0, else ``b``
+    (the loop's ``method: dpo``)."""
+    keep = target_margin >= 0
+    pa, pb, ra, rb = policy_logps_a, policy_logps_b, ref_logps_a, ref_logps_b
     return dpo_loss(torch.where(keep, pa, pb), torch.where(keep, pb, pa),
                     torch.where(keep, ra, rb), torch.where(keep, rb, ra), beta)

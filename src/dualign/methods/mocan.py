@@ -4,9 +4,9 @@
 2. :func:`lagrangian_reward` scores every sample with r_λ = r + Σ_j λ_j·g_j (g_j = sign_j·column_j).
 3. :func:`pairs_from_scores` pairs the samples of each prompt: target_margin = r_λ(a) − r_λ(b),
    and each response's own target log-ratio t = r_λ − β·log Ẑ(x) (:func:`target_logratios`).
-4. :func:`pair_loss` fits h = β·[(log π − log π_ref)(a) − (log π − log π_ref)(b)] to the margin
-   (:func:`dualign.methods.losses.mocan_loss`: soft, bernoulli, regression or absolute labels); the one
-   loop (:func:`dualign.train.train`, ``method: mocan``) minimises its mean. At the optimum
+4. :func:`dualign.methods.losses.mocan_loss` fits h = β·[(log π − log π_ref)(a) − (log π − log π_ref)(b)]
+   to the margin (soft, bernoulli, regression or absolute labels); the one loop
+   (:func:`dualign.train.train`, ``method: mocan``) minimises its mean. At the optimum
    π ∝ π_ref·exp(r_λ*/β), the policy whose reward, constraint values and KL the dual predicted.
 """
 
@@ -16,13 +16,11 @@ from itertools import combinations
 
 import numpy as np
 import pandas as pd
-import torch
 
 from dualign._infra.errors import InputError
 from dualign._infra.segments import Segments
 from dualign.data.records import DualRecord
 from dualign.data.score_table import WEIGHT_COLUMN, truncated_flags, validate_scores
-from dualign.methods.losses import Diagnostics, PairLogps, mocan_loss
 from dualign.methods.pairs import require_columns, validate_pairs
 
 
@@ -119,10 +117,3 @@ def pairs_from_scores(scores: pd.DataFrame, dual: DualRecord, pairs_per_prompt: 
     if cut is not None:
         pairs["truncated_a"], pairs["truncated_b"] = np.array(cut)[i], np.array(cut)[j]
     return validate_pairs(pairs, source)
-
-
-def pair_loss(logps: PairLogps, batch: dict[str, torch.Tensor], beta: float, label: str,
-              generator: torch.Generator | None) -> tuple[torch.Tensor, Diagnostics]:
-    """The loop's MoCAN entry: :func:`dualign.methods.losses.mocan_loss` on the batch's target margins."""
-    return mocan_loss(*logps, batch["target_margin"], beta, label, generator,
-                      batch.get("target_a"), batch.get("target_b"))

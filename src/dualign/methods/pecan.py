@@ -6,20 +6,18 @@
    (``implicit:`` scorers, :mod:`dualign.score`) to π_ref's samples and to the preference pairs.
 3. The dual stage solves λ* for a relative constraint on h_g (``h_g>=ref+X``).
 4. :func:`pecan_pairs` scores the preference pairs with r̂_λ = h_r + λ*·h_g (or, with
-   ``pairs_from: scores``, MoCAN's pairs of π_ref's samples); :func:`pair_loss` is the MoCAN loss
-   on those margins (:func:`dualign.methods.losses.pecan_loss`), minimised by the one loop
-   (``method: pecan``). At the optimum π ∝ π_ref·exp((r̂ + λ*·ĝ)/β).
+   ``pairs_from: scores``, MoCAN's pairs of π_ref's samples); the MoCAN loss on those margins
+   (:func:`dualign.methods.losses.pecan_loss`) is minimised by the one loop (``method: pecan``).
+   At the optimum π ∝ π_ref·exp((r̂ + λ*·ĝ)/β).
 """
 
 from __future__ import annotations
 
 import pandas as pd
-import torch
 
 from dualign._infra.errors import InputError
 from dualign.data.records import DualRecord
 from dualign.methods.dpo import pairs_from_preferences
-from dualign.methods.losses import Diagnostics, PairLogps, pecan_loss
 
 
 def pecan_pairs(prefs: pd.DataFrame, dual: DualRecord | None, source: str = "preferences") -> pd.DataFrame:
@@ -31,10 +29,3 @@ def pecan_pairs(prefs: pd.DataFrame, dual: DualRecord | None, source: str = "pre
     if dual is None:
         raise InputError(f"{source}: pecan needs dual.json (λ* on the implicit rewards)")
     return pairs_from_preferences(prefs, dual, source)
-
-
-def pair_loss(logps: PairLogps, batch: dict[str, torch.Tensor], beta: float, label: str,
-              generator: torch.Generator | None) -> tuple[torch.Tensor, Diagnostics]:
-    """The loop's PeCAN entry: :func:`dualign.methods.losses.pecan_loss` on the batch's target margins."""
-    return pecan_loss(*logps, batch["target_margin"], beta, label, generator,
-                      batch.get("target_a"), batch.get("target_b"))

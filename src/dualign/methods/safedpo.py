@@ -9,9 +9,9 @@ no mass on unsafe responses. The paper shows that DPO on a transformed data set 
    (y_w = ``response_<better_response_id>``), with h = 1 for an unsafe response
    (``is_response_<i>_safe`` false). Keep the pair when y_w is safe; swap it when y_w is unsafe and
    y_l safe; drop it when both are unsafe. After T the winner is always safe.
-2. :func:`pair_loss` trains it with :func:`dualign.methods.losses.safedpo_loss`,
-   −log σ(β·h_θ − (h_l − h_w)·Δ), in the one loop (``method: safedpo`` on a ready pairs table
-   with ``unsafe_a``, ``unsafe_b`` and ``safety_margin`` columns).
+2. :func:`dualign.methods.losses.safedpo_loss` trains it, −log σ(β·h_θ − (h_l − h_w)·Δ), in the
+   one loop (``method: safedpo`` on a ready pairs table with ``unsafe_a``, ``unsafe_b`` and
+   ``safety_margin`` columns).
 
 :mod:`dualign.baselines.preference_dpo` builds that table from a PKU-style file and runs it
 (``dualign train --method safedpo --preferences FILE``). ``safer_response_id`` is not used.
@@ -21,11 +21,9 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-import torch
 
 from dualign.data.preferences import preference_views, response_safety
 from dualign.methods.dpo import pairs_from_preferences
-from dualign.methods.losses import Diagnostics, PairLogps, safedpo_loss
 
 
 def safedpo_transform(table: pd.DataFrame, source: str = "preferences") -> tuple[pd.DataFrame, dict[str, int]]:
@@ -62,9 +60,3 @@ def safedpo_pairs(table: pd.DataFrame, delta: float, source: str = "preferences"
     pairs["unsafe_b"] = transformed["rejected_unsafe"].to_numpy()
     pairs["safety_margin"] = float(delta)
     return pairs, counts
-
-
-def pair_loss(logps: PairLogps, batch: dict[str, torch.Tensor], beta: float, label: str,
-              generator: torch.Generator | None) -> tuple[torch.Tensor, Diagnostics]:
-    """The loop's SafeDPO entry (``label`` and ``generator`` unused: the labels are hard)."""
-    return safedpo_loss(*logps, beta, batch["unsafe_a"], batch["unsafe_b"], batch["safety_margin"])
