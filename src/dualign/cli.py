@@ -8,7 +8,7 @@ The stage modules are imported inside the subcommand that runs them: they pull n
 torch (seconds), which ``dualign --help`` and every ``dualign COMMAND --help`` should not pay for.
 The flags come from the stage configs as read from their source (:mod:`dualign._infra.config_source`).
 
-About 570 lines, one pair of short functions per command: a reader looking for a command finds its
+One pair of short functions per command: a reader looking for a command finds its
 flags, help and action side by side; the work itself lives in the stage modules.
 """
 

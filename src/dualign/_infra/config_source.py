@@ -1,9 +1,12 @@
 """A stage's config dataclass read from its module's source, for the command line's flags.
 
 ``dualign sample --help`` needs :class:`~dualign.sample.SampleConfig`'s fields (name, type, help
-text), not what ``dualign/sample.py`` imports to run the stage: torch, pandas and the Hub client
-cost 2-5 s, and the parser of every stage command would pay them before doing anything. So the
-parser reads the config's field declarations with :mod:`ast` instead of importing the module:
+text), not what ``dualign/sample.py`` imports to run the stage. Each stage's config stays beside
+the code that runs it (as TRL keeps a trainer's config beside the trainer), and those modules
+import torch, pandas and the Hub client at the top: importing one to read its config makes a
+help or a mistyped flag wait for torch, many times the parser's own work (``bench/cli_help.py``
+times every command's help). So the parser reads the config's field declarations with :mod:`ast`
+instead of importing the module:
 
     num_samples: int = field(default=4, metadata={"help": "K: responses per prompt"})
 

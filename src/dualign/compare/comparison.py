@@ -30,7 +30,7 @@ score stages (and MoCAN the dual stage), the preference baselines the shared log
 pairs: their ``wall_s``, ``sampled_tokens``, ``tokens_*`` and ``flops*`` include them;
 ``train_wall_s`` is the training alone. FLOPs: :mod:`dualign.modeling.flops`.
 
-About 420 lines: the orchestration of every method over seeds, budgets and the shared stages; the
+This module is the orchestration of every method over seeds, budgets and the shared stages; the
 tables and plots are :mod:`dualign.compare.tables` and :mod:`dualign.compare.plots`.
 """
 

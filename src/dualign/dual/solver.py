@@ -14,7 +14,7 @@ scipy's linalg, optimize and sparse are imported where they are used (the bounde
 for m > 1, the joint-feasibility LP): they cost half a second that every module importing
 :mod:`dualign.dual` (and ``dualign train --help``) would pay otherwise.
 
-About 490 lines: Newton, the feasibility certificate, the warm start and the bootstrap all act on
+Newton, the feasibility certificate, the warm start and the bootstrap all act on
 the same flat problem (:mod:`dualign.dual.tilt`) and share its caches; the formulas they evaluate
 are in :mod:`dualign.dual.formulas`.
 """

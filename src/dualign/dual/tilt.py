@@ -107,14 +107,14 @@ def flat_samples(seg: Segments, rewards: np.ndarray, utilities: np.ndarray,
     return Samples(seg, rewards, centred, centre, log_weights, np.full(seg.num, 1.0 / seg.num), labels)
 
 
-# From this many values on, exp goes through torch (imported then): below it numpy's exp costs
-# under 0.6 ms a call, and importing torch (about 2 s) would dominate a `dualign dual` call.
+# From this many values on, exp goes through torch (imported then): below it numpy's exp is cheap
+# next to importing torch, which would dominate a `dualign dual` call (bench/dual.py times the solver).
 TORCH_EXP_MIN = 1 << 16
 
 
 def exp_inplace(x: np.ndarray) -> np.ndarray:
     """x ← exp(x) for a contiguous float64 array. From ``TORCH_EXP_MIN`` values on, through torch's
-    vectorised exp (within 2 ulp of np.exp, ~3× faster on AVX2 CPUs, where numpy's float64 exp is
+    vectorised exp (within 2 ulp of np.exp, and faster on AVX2 CPUs, where numpy's float64 exp is
     scalar): the solver's hot loop is this exponential. The torch tensor is a view of ``x``; nothing
     is copied. The choice depends on the size alone, so every process solves a problem alike."""
     if x.size >= TORCH_EXP_MIN and x.flags.c_contiguous and x.dtype == np.float64:

@@ -19,7 +19,7 @@ functions ``(prompts, responses) -> scores``.
 transformers and safetensors are imported inside the loaders: loading a scorer costs seconds
 that parsing a spec should not.
 
-About 490 lines: the four scorer kinds, each a parser entry and a loader with its input format, and
+The four scorer kinds, each a parser entry and a loader with its input format, and
 the shared-encoder path that scores several heads in one pass; one file keeps the spec grammar
 beside everything it can name.
 """
