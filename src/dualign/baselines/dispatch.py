@@ -5,7 +5,7 @@ tokens and FLOPs of each stage, :mod:`dualign.modeling.flops`; the same FLOPs in
 ``budgets/<n>/compute.json`` an iterative method wrote).
 
 MoCAN, PeCAN and DPO are the one loop (:func:`dualign.train.train`, chosen by ``method`` from
-``LOSSES``); the baselines have their own files in :mod:`dualign.methods`.
+``LOSSES``); the baselines have their own files in :mod:`dualign.baselines`.
 """
 
 from __future__ import annotations

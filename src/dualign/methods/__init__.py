@@ -5,7 +5,7 @@ each method's loss (:mod:`~dualign.methods.losses`, pure tensor functions) and i
 - :mod:`~dualign.methods.pecan`: PeCAN, from preference pairs alone (its DPO pre-alignment is the
   :mod:`~dualign.prealign` stage).
 - :mod:`~dualign.methods.dpo`: DPO on hard preference labels; :mod:`~dualign.methods.safedpo`:
-  SafeDPO's transform and loss entry.
+  SafeDPO's transform and its pairs table.
 - :mod:`~dualign.methods.pairs`: the pairs table every method trains on.
 
 Nothing in this package imports the loop: whole runs that drive it live in :mod:`dualign.baselines`.
