@@ -44,3 +44,23 @@ def test_the_old_compare_module_names_resolve_through_the_package():
 def test_every_moved_target_exists():
     for new in MOVED.values():
         importlib.import_module(new)
+
+
+@pytest.mark.parametrize("method", ["mocan", "pecan", "dpo", "safedpo"])
+def test_a_method_s_old_pair_loss_entry_still_computes_the_loop_s_loss(method):
+    import torch
+
+    from dualign.train import LOSSES
+
+    module = importlib.import_module(f"dualign.methods.{method}")
+    with pytest.warns(DeprecationWarning, match="pair_loss is deprecated"):
+        old = module.pair_loss
+    g = torch.Generator().manual_seed(0)
+    logps = tuple(torch.tensor([-3.0, -5.0, -2.5]) + i for i in range(4))
+    batch = {"target_margin": torch.tensor([1.0, -2.0, 0.5]), "unsafe_a": torch.tensor([0.0, 1.0, 0.0]),
+             "unsafe_b": torch.tensor([1.0, 0.0, 0.0]), "safety_margin": 2.0}
+    loss_fn, takes = LOSSES[method]
+    inputs = {**batch, "beta": 0.3, "label": "soft", "generator": g}
+    want, _ = loss_fn(*logps, *(inputs.get(n) for n in takes))
+    got, _ = old(logps, batch, 0.3, "soft", torch.Generator().manual_seed(0))
+    torch.testing.assert_close(got, want)

@@ -83,3 +83,23 @@ def install() -> None:
     """Put the hook on ``sys.meta_path`` once."""
     if not any(isinstance(f, _MovedModule) for f in sys.meta_path):
         sys.meta_path.append(_MovedModule())
+
+
+def old_loss_entry(module: str, loss, takes: tuple[str, ...]):
+    """A module ``__getattr__`` that keeps a method module's old ``pair_loss(logps, batch, beta,
+    label, generator)`` entry for one release, with a :class:`DeprecationWarning`: it calls ``loss``
+    on the four log-probs and the inputs in ``takes`` (the loop now calls each loss through
+    ``dualign.train.LOSSES`` with only what it uses)."""
+
+    def pair_loss(logps, batch, beta, label, generator):
+        inputs = {**batch, "beta": beta, "label": label, "generator": generator}
+        return loss(*logps, *(inputs.get(name) for name in takes))
+
+    def __getattr__(name: str):
+        if name != "pair_loss":
+            raise AttributeError(f"module {module!r} has no attribute {name!r}")
+        warnings.warn(f"{module}.pair_loss is deprecated: the loop calls each loss through "
+                      "dualign.train.LOSSES", DeprecationWarning, stacklevel=2)
+        return pair_loss
+
+    return __getattr__

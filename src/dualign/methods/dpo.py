@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from dualign._infra import moved
 from dualign._infra.errors import InputError
 from dualign.data.records import DualRecord
 from dualign.methods.losses import Diagnostics, dpo_loss
@@ -68,3 +69,6 @@ def oriented_dpo_loss(policy_logps_a: torch.Tensor, policy_logps_b: torch.Tensor
     pa, pb, ra, rb = policy_logps_a, policy_logps_b, ref_logps_a, ref_logps_b
     return dpo_loss(torch.where(keep, pa, pb), torch.where(keep, pb, pa),
                     torch.where(keep, ra, rb), torch.where(keep, rb, ra), beta)
+
+
+__getattr__ = moved.old_loss_entry(__name__, oriented_dpo_loss, ("target_margin", "beta"))

@@ -17,10 +17,12 @@ from itertools import combinations
 import numpy as np
 import pandas as pd
 
+from dualign._infra import moved
 from dualign._infra.errors import InputError
 from dualign._infra.segments import Segments
 from dualign.data.records import DualRecord
 from dualign.data.score_table import WEIGHT_COLUMN, truncated_flags, validate_scores
+from dualign.methods.losses import mocan_loss
 from dualign.methods.pairs import require_columns, validate_pairs
 
 
@@ -117,3 +119,6 @@ def pairs_from_scores(scores: pd.DataFrame, dual: DualRecord, pairs_per_prompt: 
     if cut is not None:
         pairs["truncated_a"], pairs["truncated_b"] = np.array(cut)[i], np.array(cut)[j]
     return validate_pairs(pairs, source)
+
+
+__getattr__ = moved.old_loss_entry(__name__, mocan_loss, ("target_margin", "beta", "label", "generator", "target_a", "target_b"))

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import pandas as pd
 
+from dualign._infra import moved
 from dualign._infra.errors import InputError
 from dualign.data.records import DualRecord
 from dualign.methods.dpo import pairs_from_preferences
+from dualign.methods.losses import pecan_loss
 
 
 def pecan_pairs(prefs: pd.DataFrame, dual: DualRecord | None, source: str = "preferences") -> pd.DataFrame:
@@ -29,3 +31,6 @@ def pecan_pairs(prefs: pd.DataFrame, dual: DualRecord | None, source: str = "pre
     if dual is None:
         raise InputError(f"{source}: pecan needs dual.json (λ* on the implicit rewards)")
     return pairs_from_preferences(prefs, dual, source)
+
+
+__getattr__ = moved.old_loss_entry(__name__, pecan_loss, ("target_margin", "beta", "label", "generator", "target_a", "target_b"))

@@ -22,8 +22,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from dualign._infra import moved
 from dualign.data.preferences import preference_views, response_safety
 from dualign.methods.dpo import pairs_from_preferences
+from dualign.methods.losses import safedpo_loss
 
 
 def safedpo_transform(table: pd.DataFrame, source: str = "preferences") -> tuple[pd.DataFrame, dict[str, int]]:
@@ -60,3 +62,6 @@ def safedpo_pairs(table: pd.DataFrame, delta: float, source: str = "preferences"
     pairs["unsafe_b"] = transformed["rejected_unsafe"].to_numpy()
     pairs["safety_margin"] = float(delta)
     return pairs, counts
+
+
+__getattr__ = moved.old_loss_entry(__name__, safedpo_loss, ("beta", "unsafe_a", "unsafe_b", "safety_margin"))
