@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 import dualign
 from dualign.cli import main
@@ -167,3 +168,24 @@ def test_a_bad_argument_is_one_dualign_error_naming_it(name, scores, tmp_path, m
         with pytest.raises(dualign.DualignError, match=match.replace("(", r"\(")):
             make(scores)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_classifier_object_scores_as_its_spec_string_does(tiny_gpt2, tmp_path):
+    from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification
+
+    tok = AutoTokenizer.from_pretrained(tiny_gpt2)
+    torch.manual_seed(0)
+    GPT2ForSequenceClassification(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, num_labels=1,
+                                             pad_token_id=tok.pad_token_id)).save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    rm = GPT2ForSequenceClassification.from_pretrained(tmp_path / "rm")
+    plan = dualign.make_plan(example_scores(6, 4, seed=3), "cost<=ref-0.3", beta=0.5)
+
+    def report(reward):
+        return dualign.evaluate_policy(tiny_gpt2, tiny_gpt2, PROMPTS[:2], {"reward": reward, "cost": cost_vowels},
+                                       plan, num_samples=2, max_new_tokens=5, bootstrap=20, device="cpu")
+
+    by_object, by_spec = report(rm), report(f"hf:{tmp_path / 'rm'}")
+    assert by_object.reference["reward"] == by_spec.reference["reward"]
+    assert by_object.policy["reward"] == by_spec.policy["reward"]
+    assert by_object.reference["reward"].ci95[0] < by_object.reference["reward"].ci95[1]  # the scores vary

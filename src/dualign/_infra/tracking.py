@@ -56,9 +56,9 @@ class Tracker:
         if "wandb" in chosen:
             import wandb
 
-            (log_dir / "wandb").mkdir(parents=True, exist_ok=True)
+            log_dir.mkdir(parents=True, exist_ok=True)
             self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "dualign"), name=name,
-                                    dir=str(log_dir / "wandb"), config=dict(config), reinit="create_new")
+                                    dir=str(log_dir), config=dict(config), reinit="create_new")
 
     def log(self, metrics: Mapping[str, Any], step: int) -> None:
         """Every number of ``metrics`` but ``step`` itself, at ``step``."""
