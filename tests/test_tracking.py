@@ -112,3 +112,17 @@ def test_grpo_lagrangian_reports_its_lambda_to_tensorboard(tiny_gpt2, tmp_path):
     scalars = tensorboard_scalars(tmp_path / "run" / "tensorboard")
     assert scalars["dual/lambda_cost"] == [(x["step"], pytest.approx(x["dual/lambda_cost"])) for x in lines]
     assert len(lines) == 2 and lines[1]["dual/lambda_cost"] > lines[0]["dual/lambda_cost"]  # cost ≥ 0 > −1: violated
+
+
+def test_report_to_is_a_yaml_key_and_a_repeatable_flag_of_train():
+    from dualign import cli
+    from dualign._infra.config import build_config, overrides_from_args
+    from dualign.train import TrainConfig
+
+    yaml_cfg = build_config(TrainConfig, {"model": "m", "run_dir": "r", "report_to": "tensorboard"})
+    assert yaml_cfg.report_to == ["tensorboard"]
+    args = cli.build_parser("train").parse_args(["train", "--model", "m", "--run-dir", "r", "--report-to",
+                                                 "tensorboard", "--report-to", "wandb"])
+    flags = build_config(TrainConfig, overrides_from_args(args, exclude=("config",)))
+    assert flags.report_to == ["tensorboard", "wandb"]
+    assert TrainConfig(model="m", run_dir="r").report_to == ["none"]

@@ -15,8 +15,10 @@ import json
 import math
 import os
 import shutil
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -480,7 +482,8 @@ def build_report(ref: pd.DataFrame, pol: pd.DataFrame, dual: DualRecord, cfg: Ev
 
 # ---------------------------------------------------------------------------------- in memory
 
-def evaluate_policy(policy, reference, prompts, scorers, plan: DualRecord, *, tokenizer=None,
+def evaluate_policy(policy: Any, reference: Any, prompts: Any, scorers: Mapping[str, Any] | Sequence[str],
+                    plan: DualRecord, *, tokenizer: Any = None,
                     num_samples: int = 1, max_new_tokens: int = 64, batch_size: int = 32, template: str = "auto",
                     bootstrap: int = 1000, seed: int = 0, device: str = "auto") -> EvalReport:
     """The policy against π_ref on held-out prompts, with objects in: the :class:`EvalReport` that
@@ -521,7 +524,7 @@ def evaluate_policy(policy, reference, prompts, scorers, plan: DualRecord, *, to
     return build_report(tables["reference"], tables["policy"], plan, cfg)
 
 
-def _scorer_objects(scorers) -> dict:
+def _scorer_objects(scorers: Mapping[str, Any] | Sequence[str]) -> dict[str, Any]:
     """``scorers`` as {column: callable | model | "KIND:PATH"}."""
     if isinstance(scorers, list | tuple):
         out = {}
@@ -531,7 +534,7 @@ def _scorer_objects(scorers) -> dict:
             parsed = parse_scorer(spec)
             out[parsed.name] = spec.split("=", 1)[1].strip()
         return out
-    if not isinstance(scorers, dict) or not scorers:
+    if not isinstance(scorers, Mapping) or not scorers:
         raise InputError(f"scorers: expected a mapping from score column to a scorer, got {type(scorers).__name__}")
     for name, scorer in scorers.items():
         if not (isinstance(scorer, str) or callable(scorer)):
@@ -540,7 +543,7 @@ def _scorer_objects(scorers) -> dict:
     return dict(scorers)
 
 
-def _model_object(model, tokenizer, cfg: EvaluateConfig, name: str):
+def _model_object(model: Any, tokenizer: Any, cfg: EvaluateConfig, name: str) -> tuple[Any, Any]:
     """(model in eval mode, its tokenizer) of a ``PreTrainedModel`` or an id / path."""
     if isinstance(model, str | Path):
         tok = tokenizer or load_tokenizer(str(model), trust_remote_code=cfg.trust_remote_code)
@@ -550,7 +553,7 @@ def _model_object(model, tokenizer, cfg: EvaluateConfig, name: str):
     return model.eval(), tokenizer or load_tokenizer(model.config._name_or_path)
 
 
-def _score_objects(df: pd.DataFrame, scorers: dict, cfg: EvaluateConfig) -> pd.DataFrame:
+def _score_objects(df: pd.DataFrame, scorers: dict[str, Any], cfg: EvaluateConfig) -> pd.DataFrame:
     """``df`` plus one column per scorer: spec strings through :func:`score_table`, as the stage
     scores; callables and classifier models called on the prompts and responses."""
     from dualign.modeling.scorers import HFClassifierScorer, score_column

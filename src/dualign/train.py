@@ -13,8 +13,9 @@ gradient checkpointing, bf16 autocast on a GPU. A checkpoint ``<run_dir>/train.s
 from it and ends with the same weights as an uninterrupted run (the data order is a function of
 seed and epoch).
 
-About 620 lines: the config (one field per flag), the pair sources and the loop stay together so
-that one file shows everything a step depends on; tokenized batches and the checkpoint live in
+The config (one field per flag), the pair sources and the loop stay together so that one file
+shows everything a step depends on; :class:`MoCANTrainer` (with :class:`MoCANConfig`) runs the same
+loop on objects in memory, as TRL's trainers (docs/python_api.md); tokenized batches and the checkpoint live in
 :mod:`dualign.modeling.batches` and :mod:`dualign.modeling.checkpoint`.
 
 accelerate, transformers' scheduler and peft are imported where they are used: importing them
