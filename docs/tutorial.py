@@ -92,14 +92,16 @@ path.name
 # ## 2. Train
 #
 # `MoCANTrainer` follows TRL's conventions: a config dataclass beside the trainer, the model, the
-# training data and the tokenizer as objects. The model is trained in place; `output_dir` holds
-# metrics.jsonl, the TensorBoard events (`report_to`) and the saved policy.
+# training data and the tokenizer as objects. The model is trained in place. The run's files
+# (metrics.jsonl, the TensorBoard events of `report_to`, the saved policy) go to the config's
+# `output_dir`; left unset, as here, to a temporary directory that `trainer.output_dir` names.
 
 # %%
-args = dualign.MoCANConfig(output_dir=tempfile.mkdtemp(), max_steps=4, per_device_batch_size=8,
-                           learning_rate=1e-3, logging_steps=1, report_to="tensorboard", device="cpu")
+args = dualign.MoCANConfig(max_steps=4, per_device_batch_size=8, learning_rate=1e-3, logging_steps=1,
+                           report_to="tensorboard", device="cpu")
 trainer = dualign.MoCANTrainer(model=model, args=args, train_dataset=scores, plan=plan, processing_class=tokenizer)
 result = trainer.train()
+assert result.model is model and (trainer.output_dir / "policy" / "config.json").exists()
 pd.DataFrame(result.metrics)[["step", "loss", "rewards/margins", "kl", "dual/lambda_cost"]]
 
 # %% [markdown]
