@@ -189,3 +189,14 @@ def test_a_classifier_object_scores_as_its_spec_string_does(tiny_gpt2, tmp_path)
     assert by_object.reference["reward"] == by_spec.reference["reward"]
     assert by_object.policy["reward"] == by_spec.policy["reward"]
     assert by_object.reference["reward"].ci95[0] < by_object.reference["reward"].ci95[1]  # the scores vary
+
+
+def test_a_datasets_dataset_plans_as_its_dataframe_does(scores):
+    import datasets
+
+    from_frame = dualign.make_plan(scores, ["cost<=ref-0.3", "helpful>=ref"], beta=0.5, bootstrap=20)
+    from_dataset = dualign.make_plan(datasets.Dataset.from_pandas(scores), ["cost<=ref-0.3", "helpful>=ref"],
+                                     beta=0.5, bootstrap=20)
+    assert from_dataset.lambdas == pytest.approx(from_frame.lambdas, rel=1e-12)
+    for name in ("cost", "helpful"):
+        assert from_dataset.ci.lambdas[name] == pytest.approx(from_frame.ci.lambdas[name], rel=1e-12)
