@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import struct
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -37,29 +38,41 @@ def tensorboard_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
-def wandb_history(log_dir: Path) -> list[dict]:
-    """The history records of the offline run under ``log_dir``: its ``.wandb`` file is a LevelDB-style
-    log (a 7-byte header, 32 KiB blocks of chunks: crc32 4 bytes, length 2, type 1) of protobuf Records."""
+def wandb_records(path: Path) -> list:
+    """The protobuf Records of an offline run's ``.wandb`` file: a LevelDB-style log (a 7-byte header,
+    32 KiB blocks of chunks: crc32 4 bytes, length 2, type 1)."""
     from wandb.proto import wandb_internal_pb2
 
-    (path,) = log_dir.glob("wandb/offline-run-*/run-*.wandb")
     raw, pos, chunk, out = path.read_bytes(), 7, b"", []
     while pos + 7 <= len(raw):
         if 32768 - pos % 32768 < 7:  # a block's tail too short for a chunk header is padding
             pos += 32768 - pos % 32768
             continue
         _, length, kind = struct.unpack("<IHB", raw[pos:pos + 7])
+        if pos + 7 + length > len(raw):  # a chunk still being written
+            break
         chunk, pos = chunk + raw[pos + 7:pos + 7 + length], pos + 7 + length
         if kind in (1, 4):  # FULL or LAST: a whole record
             record = wandb_internal_pb2.Record()
             record.ParseFromString(chunk)
-            if record.WhichOneof("record_type") == "history":
-                out.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                            for item in record.history.item})
+            out.append(record)
             chunk = b""
         elif kind == 0 and length == 0:
             break
     return out
+
+
+def wandb_history(log_dir: Path, timeout: float = 60.0) -> list[dict]:
+    """The history records of the offline run under ``log_dir``, once its ``exit`` record is written:
+    W&B's service process writes the file and may still be at it when ``finish()`` returns."""
+    (path,) = log_dir.glob("wandb/offline-run-*/run-*.wandb")
+    deadline = time.monotonic() + timeout
+    records = wandb_records(path)
+    while not any(r.WhichOneof("record_type") == "exit" for r in records) and time.monotonic() < deadline:
+        time.sleep(0.2)
+        records = wandb_records(path)
+    return [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
+            for r in records if r.WhichOneof("record_type") == "history"]
 
 
 def test_tensorboard_events_hold_each_line_at_its_step(tmp_path):
