@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -590,6 +591,33 @@ def test_unwritable_output_directory(ws, capsys):
                              "--run-dir", locked / "run"], "not writable")
     finally:
         locked.chmod(0o700)
+
+
+# /proc refuses a new directory (ENOENT), /sys too (EPERM), whoever asks, root included
+PSEUDO_FS = [d for d in ("/proc", "/sys") if os.path.isdir(d)]
+
+
+@pytest.mark.skipif(not PSEUDO_FS, reason="no /proc or /sys here")
+@pytest.mark.parametrize("root", PSEUDO_FS)
+def test_output_directory_on_a_pseudo_filesystem_is_one_line(ws, capsys, root):
+    where = Path(root) / "dualign-fuzz"
+    cases = [
+        (["dual", ws / "scores.csv", "--constraint", "cost<=ref-0.1", "--output", where / "dual.json"], "--output"),
+        (["plan", ws / "scores.csv", "--constraint", "cost<=ref-{0.1:1:3}", "--out", where / "plan"], "--out"),
+        (["sample", "--model", ws / "model", "--prompts", ws / "prompts.jsonl", "--run-dir", where / "run"],
+         "run_dir"),
+    ]
+    for argv, match in cases:
+        line = refused(capsys, ws, argv, match)
+        assert f"'{root}'" in line, line
+    assert not where.exists()
+
+
+@pytest.mark.parametrize("text", ["cost<=-1.7e308", "cost>=1.7e308", "helpful>=ref+1.7e308"])
+def test_infeasible_threshold_at_the_float_range_edge_warns_nothing(ws, capsys, text):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a numpy RuntimeWarning fails the command instead of printing
+        refused(capsys, ws, ["dual", ws / "scores.csv", "--constraint", text, "--bootstrap", "20"], "infeasible")
 
 
 def test_bad_preference_files(ws, capsys):

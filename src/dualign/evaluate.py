@@ -15,13 +15,16 @@ import json
 import math
 import os
 import shutil
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 
+from dualign._infra.config import build_config
 from dualign._infra.distributed import Ranks, gather_shards, one_process, ranks
 from dualign._infra.errors import DualignError, InputError, first_line
 from dualign._infra.io import (
@@ -47,6 +50,7 @@ from dualign.data.records import (
     write_report,
 )
 from dualign.data.report_view import plot_report
+from dualign.data.score_table import as_frame
 from dualign.modeling.generation import generate_responses
 from dualign.modeling.models import (
     load_causal_lm,
@@ -474,3 +478,93 @@ def build_report(ref: pd.DataFrame, pol: pd.DataFrame, dual: DualRecord, cfg: Ev
             *ref[key + ["judge_helpful"]].merge(pol[key + ["judge_helpful"]], on=key, suffixes=("_ref", "_pol"))
             [["judge_helpful_pol", "judge_helpful_ref"]].to_numpy().T)
     return report
+
+
+# ---------------------------------------------------------------------------------- in memory
+
+def evaluate_policy(policy: Any, reference: Any, prompts: Any, scorers: Mapping[str, Any] | Sequence[str],
+                    plan: DualRecord, *, tokenizer: Any = None,
+                    num_samples: int = 1, max_new_tokens: int = 64, batch_size: int = 32, template: str = "auto",
+                    bootstrap: int = 1000, seed: int = 0, device: str = "auto") -> EvalReport:
+    """The policy against π_ref on held-out prompts, with objects in: the :class:`EvalReport` that
+    ``dualign evaluate`` writes to eval/report.json, sampled and reported by the same functions.
+
+    ``policy`` and ``reference``: ``PreTrainedModel`` objects or HF ids / paths; ``tokenizer``
+    (default: each model's own); ``prompts``: a list of strings, a DataFrame or ``datasets.Dataset``
+    with a ``prompt`` column (and optionally ``prompt_id``), or a prompt file; ``scorers``: a mapping
+    from score column to a callable ``(prompts, responses) -> scores``, a one-label sequence
+    classifier (``PreTrainedModel``) or a scorer spec ``KIND:PATH`` (as after ``NAME=`` in
+    ``dualign score``), or a list of full specs ``NAME=KIND:PATH``; they must give the plan's reward
+    and constraint columns. ``plan``: the :func:`dualign.make_plan` result the policy was trained
+    on. The keyword arguments are :class:`EvaluateConfig`'s fields; a bad one is a ConfigError
+    naming it. Nothing is written.
+    """
+    if not isinstance(plan, DualRecord):
+        raise InputError(f"plan: expected the Plan of dualign.make_plan or Plan.load, got {type(plan).__name__}")
+    named = _scorer_objects(scorers)
+    specs = [f"{name}={s}" for name, s in named.items() if isinstance(s, str)]
+    cfg = build_config(EvaluateConfig, {
+        "run_dir": "", "reference": "", "prompts": "", "scorers": specs, "num_samples": num_samples,
+        "max_new_tokens": max_new_tokens, "batch_size": batch_size, "template": template,
+        "bootstrap": bootstrap, "seed": seed, "device": device})
+    missing = [c for c in dict.fromkeys([plan.reward, *(c.column for c in plan.parsed)]) if c not in named]
+    if missing:
+        raise InputError(f"scorers: the plan needs the score column(s) {', '.join(missing)}; scorers give "
+                         f"{', '.join(named) or 'none'}")
+    table = pd.DataFrame({"prompt": prompts}) if isinstance(prompts, list) else \
+        prompts if isinstance(prompts, str | Path) else as_frame(prompts, "prompts")
+    prompt_table = load_prompts(table)
+    ref_model, ref_tok = _model_object(reference, tokenizer, cfg, "reference")
+    pol_model, pol_tok = _model_object(policy, tokenizer, cfg, "policy")
+    tables = {}
+    for name, model, tok, seed_, other in (("reference", ref_model, ref_tok, cfg.seed, None),
+                                           ("policy", pol_model, pol_tok, cfg.seed + 1, ref_model)):
+        df = _generate(model, tok, prompt_table, cfg, seed_, other, ref_tok)
+        tables[name] = _score_objects(df, named, cfg)
+    return build_report(tables["reference"], tables["policy"], plan, cfg)
+
+
+def _scorer_objects(scorers: Mapping[str, Any] | Sequence[str]) -> dict[str, Any]:
+    """``scorers`` as {column: callable | model | "KIND:PATH"}."""
+    if isinstance(scorers, list | tuple):
+        out = {}
+        for spec in scorers:
+            if not isinstance(spec, str):
+                raise InputError(f"scorers: a list holds specs NAME=KIND:PATH, got {type(spec).__name__}")
+            parsed = parse_scorer(spec)
+            out[parsed.name] = spec.split("=", 1)[1].strip()
+        return out
+    if not isinstance(scorers, Mapping) or not scorers:
+        raise InputError(f"scorers: expected a mapping from score column to a scorer, got {type(scorers).__name__}")
+    for name, scorer in scorers.items():
+        if not (isinstance(scorer, str) or callable(scorer)):
+            raise InputError(f"scorers[{name!r}]: expected a callable, a sequence classifier or a spec KIND:PATH, "
+                             f"got {type(scorer).__name__}")
+    return dict(scorers)
+
+
+def _model_object(model: Any, tokenizer: Any, cfg: EvaluateConfig, name: str) -> tuple[Any, Any]:
+    """(model in eval mode, its tokenizer) of a ``PreTrainedModel`` or an id / path."""
+    if isinstance(model, str | Path):
+        tok = tokenizer or load_tokenizer(str(model), trust_remote_code=cfg.trust_remote_code)
+        return load_causal_lm(str(model), device=cfg.device, trust_remote_code=cfg.trust_remote_code).eval(), tok
+    if not isinstance(model, torch.nn.Module):
+        raise InputError(f"{name}: expected a PreTrainedModel or a model id / path, got {type(model).__name__}")
+    return model.eval(), tokenizer or load_tokenizer(model.config._name_or_path)
+
+
+def _score_objects(df: pd.DataFrame, scorers: dict[str, Any], cfg: EvaluateConfig) -> pd.DataFrame:
+    """``df`` plus one column per scorer: spec strings through :func:`score_table`, as the stage
+    scores; callables and classifier models called on the prompts and responses."""
+    from dualign.modeling.scorers import HFClassifierScorer, score_column
+
+    specs = [f"{name}={s}" for name, s in scorers.items() if isinstance(s, str)]
+    out = score_table(df, specs, batch_size=cfg.batch_size, device=cfg.device, progress=False) if specs else df.copy()
+    for name, scorer in scorers.items():
+        if isinstance(scorer, str):
+            continue
+        if isinstance(scorer, torch.nn.Module):
+            scorer = HFClassifierScorer.from_model(scorer, load_tokenizer(scorer.config._name_or_path))
+        out[name] = score_column(scorer, name, out["prompt"].tolist(), out["response"].tolist(), cfg.batch_size,
+                                 progress=False)
+    return out

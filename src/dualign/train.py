@@ -14,8 +14,9 @@ gradient checkpointing, bf16 autocast on a GPU. A checkpoint ``<run_dir>/train.s
 from it and ends with the same weights as an uninterrupted run (the data order is a function of
 seed and epoch).
 
-The config (one field per flag), the pair sources and the loop stay together so
-that one file shows everything a step depends on; tokenized batches and the checkpoint live in
+The config (one field per flag), the pair sources and the loop stay together so that one file
+shows everything a step depends on; :class:`MoCANTrainer` (with :class:`MoCANConfig`) runs the same
+loop on objects in memory, as TRL's trainers (docs/python_api.md); tokenized batches and the checkpoint live in
 :mod:`dualign.modeling.batches` and :mod:`dualign.modeling.checkpoint`.
 
 accelerate, transformers' scheduler and peft are imported where they are used: importing them
@@ -50,6 +51,7 @@ from dualign._infra.io import read_json, read_table, write_table
 from dualign._infra.progress import Progress
 from dualign._infra.provenance import mark_done, record_stage, unmark, versions
 from dualign._infra.timing import part
+from dualign._infra.tracking import Tracker, check_report_to
 from dualign.data.records import DualRecord, read_dual
 from dualign.methods import dpo, mocan, pecan
 from dualign.methods.losses import Diagnostics, kl_estimate, mocan_loss, pecan_loss, safedpo_loss
@@ -132,6 +134,9 @@ class TrainConfig:
     merge_lora: bool = field(default=True, metadata={"help": "save the merged model (else the adapter)"})
     seed: int = field(default=0, metadata={"help": "seed: pair draw, data order, Bernoulli labels"})
     logging_steps: int = field(default=10, metadata={"help": "steps between metrics.jsonl lines"})
+    report_to: list[Literal["none", "tensorboard", "wandb"]] = field(default_factory=lambda: ["none"], metadata={
+        "help": "where metrics.jsonl's lines also go: none, tensorboard (<run_dir>/tensorboard), wandb "
+                "(<run_dir>/wandb; WANDB_MODE=offline: no network), or several"})
     save_steps: int = field(default=500, metadata={"help": "steps between checkpoints in <run_dir>/train.state"})
     output_dir: str | None = field(default=None, metadata={"help": "where the policy goes (default <run_dir>/policy)"})
     device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={"help": "auto: cuda if available"})
@@ -140,30 +145,31 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.beta is not None and not (math.isfinite(self.beta) and self.beta > 0):
-            raise ValueError(f"beta must be a positive finite number, got {self.beta}")
+            raise ConfigError(f"beta must be a positive finite number, got {self.beta}")
         for name in ("per_device_batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps",
                      "lora_r", "lora_alpha"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be ≥ 1, got {getattr(self, name)}")
         if self.pairs_per_prompt is not None and self.pairs_per_prompt < 1:
-            raise ValueError(f"pairs_per_prompt must be ≥ 1, got {self.pairs_per_prompt}")
+            raise ConfigError(f"pairs_per_prompt must be ≥ 1, got {self.pairs_per_prompt}")
         if self.max_length < 2:
-            raise ValueError(f"max_length must be ≥ 2 (a prompt token and a response token), got {self.max_length}")
+            raise ConfigError(f"max_length must be ≥ 2 (a prompt token and a response token), got {self.max_length}")
         for name in ("learning_rate", "weight_decay", "max_grad_norm"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
-                raise ValueError(f"{name} must be a finite number ≥ 0, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be a finite number ≥ 0, got {getattr(self, name)}")
         if not (math.isfinite(self.num_epochs) and self.num_epochs > 0):
-            raise ValueError(f"num_epochs must be a positive finite number, got {self.num_epochs}")
+            raise ConfigError(f"num_epochs must be a positive finite number, got {self.num_epochs}")
         if not 0 <= self.warmup_ratio <= 1:
-            raise ValueError(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
+            raise ConfigError(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
         if not 0 <= self.lora_dropout < 1:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.seed < 0:
-            raise ValueError(f"seed must be ≥ 0, got {self.seed}")
+            raise ConfigError(f"seed must be ≥ 0, got {self.seed}")
         if self.load_in_4bit and not (self.lora and not self.merge_lora):
-            raise ValueError("load_in_4bit trains a LoRA adapter on a frozen 4-bit base: it needs lora: true and "
+            raise ConfigError("load_in_4bit trains a LoRA adapter on a frozen 4-bit base: it needs lora: true and "
                              "merge_lora: false (a 4-bit base cannot be merged back exactly)")
         check_template(self.template)
+        check_report_to(self.report_to)
 
 
 # A method's loss and, in order, what it takes after the sequence log-probs (policy a, policy b,
@@ -188,6 +194,18 @@ def train(cfg: TrainConfig, stop_at_step: int | None = None) -> dict[str, Any]:
     call resumes), without saving the policy.
     """
     pairs, dual, hashes = load_pairs(cfg)
+    return train_on_pairs(cfg, pairs, dual, hashes, stop_at_step=stop_at_step)[0]
+
+
+def train_on_pairs(cfg: TrainConfig, pairs: pd.DataFrame, dual: DualRecord | None, hashes: dict[str, str], *,
+                   model=None, tokenizer=None, reference=None,
+                   stop_at_step: int | None = None) -> tuple[dict[str, Any], Any]:
+    """:func:`train`'s loop on pairs already built: (the summary, the trained model).
+
+    ``model``, ``tokenizer`` and ``reference`` (π_ref when the policy does not start from it):
+    objects already loaded, used in place of loading ``cfg.model`` / ``cfg.reference``; the model
+    is trained in place.
+    """
     recorded, cfg = cfg, _resolve(cfg, dual)
     accelerator = _accelerator(cfg)
     main = accelerator.is_main_process
@@ -197,9 +215,13 @@ def train(cfg: TrainConfig, stop_at_step: int | None = None) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     # The policy starts as π_ref: log π_ref of every response is taken from it before its first update.
     # Loaded before the first write, so a model that cannot be loaded leaves nothing behind.
-    tokenizer = load_tokenizer(cfg.model, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
-    model = load_causal_lm(cfg.model, revision=cfg.revision, dtype="float32", device=accelerator.device,
-                           trust_remote_code=cfg.trust_remote_code, load_in_4bit=cfg.load_in_4bit)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(cfg.model, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    if model is None:
+        model = load_causal_lm(cfg.model, revision=cfg.revision, dtype="float32", device=accelerator.device,
+                               trust_remote_code=cfg.trust_remote_code, load_in_4bit=cfg.load_in_4bit)
+    else:
+        model = model.to(accelerator.device)
     trusted = _recorded_logprobs_usable(cfg, trainer_numerics(accelerator.device, cfg.load_in_4bit),
                                         "preferences" not in hashes, main)
     if main:
@@ -216,6 +238,9 @@ def train(cfg: TrainConfig, stop_at_step: int | None = None) -> dict[str, Any]:
     need = _reference_rows(data, trusted)
     if state is not None:
         data.ref_logps = state["ref_logps"]
+    elif reference is not None:
+        disable_dropout(reference)
+        _reference_logps(reference.to(accelerator.device), data, need, cfg, pad_id, accelerator)
     elif cfg.reference and cfg.reference != cfg.model:
         reference = load_causal_lm(cfg.reference, dtype="float32", device=accelerator.device,
                                    trust_remote_code=cfg.trust_remote_code)
@@ -244,6 +269,7 @@ def train(cfg: TrainConfig, stop_at_step: int | None = None) -> dict[str, Any]:
     metrics_path = run_dir / "metrics.jsonl"
     if main:
         truncate_metrics(metrics_path, start)
+    tracker = Tracker(cfg.report_to, run_dir, config_to_dict(recorded), f"train {cfg.method}", enabled=main)
 
     loss = LOSSES[cfg.method]
     lambdas = {f"dual/lambda_{k}": v for k, v in (dual.lambdas if dual else {}).items()}
@@ -273,6 +299,7 @@ def train(cfg: TrainConfig, stop_at_step: int | None = None) -> dict[str, Any]:
             if main:
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(line) + "\n")
+                tracker.log(line, done)
                 progress.set_postfix(loss=f"{line['loss']:.4f}")
         if not sharded and done < total and (done % cfg.save_steps == 0 or done == stop_at_step):
             accelerator.wait_for_everyone()
@@ -281,18 +308,21 @@ def train(cfg: TrainConfig, stop_at_step: int | None = None) -> dict[str, Any]:
                            generator, data.ref_logps, _resume_key(cfg))
         if done == stop_at_step and done < total:
             progress.close()
-            return {"step": done, "total_steps": total, "stopped": True}
+            tracker.close()
+            return {"step": done, "total_steps": total, "stopped": True}, accelerator.unwrap_model(model)
     progress.close()
+    tracker.close()
     runtime = time.perf_counter() - t0
     accelerator.wait_for_everyone()
     full_state = accelerator.get_state_dict(model) if sharded else None  # a collective: every process
+    model = accelerator.unwrap_model(model)
     if main:
-        _save_policy(accelerator.unwrap_model(model), tokenizer, cfg, dual, hashes, len(pairs), full_state)
+        model = _save_policy(model, tokenizer, cfg, dual, hashes, len(pairs), full_state)
         shutil.rmtree(state_path.parent, ignore_errors=True)
         mark_done(run_dir, "train")
     accelerator.wait_for_everyone()
     return {"step": total, "total_steps": total, "stopped": False, "output_dir": cfg.output_dir,
-            "train_runtime": runtime, "pairs_per_second": trained / runtime, "tokens": tokens}
+            "train_runtime": runtime, "pairs_per_second": trained / runtime, "tokens": tokens}, model
 
 
 def epoch_order(seed: int, epoch: int, n: int, groups: np.ndarray | None = None) -> np.ndarray:
@@ -606,7 +636,7 @@ def _schedule(optimizer, cfg: TrainConfig, total: int):
 
 def _resume_key(cfg: TrainConfig) -> dict[str, Any]:
     """Config values a checkpoint must agree with to be resumed."""
-    skip = ("logging_steps", "save_steps", "output_dir", "device", "merge_lora", "trust_remote_code",
+    skip = ("logging_steps", "report_to", "save_steps", "output_dir", "device", "merge_lora", "trust_remote_code",
             "gradient_checkpointing")
     return {k: v for k, v in config_to_dict(cfg).items() if k not in skip}
 
@@ -614,13 +644,15 @@ def _resume_key(cfg: TrainConfig) -> dict[str, Any]:
 # ---------------------------------------------------------------- output
 
 def _save_policy(model, tokenizer, cfg: TrainConfig, dual: DualRecord | None, hashes: dict[str, str],
-                 num_pairs: int, state_dict: dict[str, torch.Tensor] | None = None) -> None:
-    """``<output_dir>``: HF model (LoRA merged unless merge_lora=false), tokenizer, config, model card."""
+                 num_pairs: int, state_dict: dict[str, torch.Tensor] | None = None):
+    """``<output_dir>``: HF model (LoRA merged unless merge_lora=false), tokenizer, config, model card;
+    returns the model saved."""
     if cfg.lora and cfg.merge_lora:
         model = model.merge_and_unload()
     save_model(model, tokenizer, cfg.output_dir, {"dualign_train.yaml": dump_yaml(cfg),
                                                   "README.md": model_card(cfg, dual, hashes, num_pairs)},
                state_dict)
+    return model
 
 
 def model_card(cfg: TrainConfig, dual: DualRecord | None, hashes: dict[str, str], num_pairs: int) -> str:
@@ -645,3 +677,88 @@ def model_card(cfg: TrainConfig, dual: DualRecord | None, hashes: dict[str, str]
         "", "The resolved training config is in `dualign_train.yaml`.", "",
     ]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- in memory, as TRL's trainers
+
+@dataclass
+class MoCANConfig(TrainConfig):
+    """:class:`TrainConfig` for :class:`MoCANTrainer`, as TRL's configs: the trainer is given the model
+    and the data, so ``model`` and ``run_dir`` are not set here; ``output_dir`` holds the run's files
+    (metrics.jsonl, the checkpoint, tensorboard/wandb logs, the saved policy in ``<output_dir>/policy``),
+    and when it is unset the trainer makes a temporary directory (``tempfile.mkdtemp``, kept: the
+    policy is saved there; ``trainer.output_dir`` names it)."""
+
+    model: str = field(default="", metadata={"help": "set by the trainer from its model"})
+    run_dir: str = field(default="", metadata={"help": "set by the trainer: output_dir"})
+
+
+@dataclass
+class TrainOutput:
+    """What :meth:`MoCANTrainer.train` returns: the trained model, the metrics.jsonl lines, the summary."""
+
+    model: Any
+    metrics: list[dict[str, float]]
+    summary: dict[str, Any]
+
+
+class MoCANTrainer:
+    """MoCAN on scored samples of π_ref at a plan's λ*, with objects in and out.
+
+    ``model``: a ``PreTrainedModel`` (trained in place) or an HF id / path; ``ref_model``: π_ref
+    when the policy does not start from it (default: ``model`` before its first update);
+    ``train_dataset``: a DataFrame or ``datasets.Dataset`` of scored samples (``prompt_id``,
+    ``prompt``, ``response`` and the plan's score columns; the scores table of docs/formats.md);
+    ``plan``: :func:`dualign.make_plan`'s result (or ``Plan.load``); ``processing_class``: the
+    tokenizer (default: the model's own). ``train()`` runs :func:`train_on_pairs`, the loop
+    ``dualign train`` runs. Bad arguments raise one :class:`InputError` naming the argument, before
+    anything is written.
+    """
+
+    def __init__(self, model: Any, ref_model: Any = None, args: MoCANConfig | None = None,
+                 train_dataset: Any = None, plan: DualRecord | None = None, processing_class: Any = None):
+        from dualign.data.score_table import as_frame
+
+        args = MoCANConfig() if args is None else args
+        if not isinstance(args, TrainConfig):
+            raise ConfigError(f"args: expected a MoCANConfig, got {type(args).__name__}")
+        if args.method != "mocan":
+            raise ConfigError(f"args.method: MoCANTrainer trains mocan, got {args.method!r} (use `dualign train`)")
+        for name, value in (("model", model), ("ref_model", ref_model)):
+            if not (value is None and name == "ref_model") and not isinstance(value, str | Path) \
+                    and not isinstance(value, torch.nn.Module):
+                raise InputError(f"{name}: expected a PreTrainedModel or a model id / path, got {type(value).__name__}")
+        if not isinstance(plan, DualRecord):
+            raise InputError(f"plan: expected the Plan of dualign.make_plan or Plan.load, got {type(plan).__name__}")
+        if plan.converged is False and not plan.allow_unconverged:
+            raise InputError("plan: λ* did not converge, so π_λ* is not the policy the dual predicts")
+        if train_dataset is None:
+            raise InputError("train_dataset: the scored samples of π_ref are needed")
+        scores = as_frame(train_dataset, "train_dataset")
+        self.args, self.plan, self.ref_model = args, plan, ref_model
+        self.pairs = mocan.pairs_from_scores(scores, plan, args.pairs_per_prompt, args.seed, "train_dataset")
+        self.hashes = {"train_dataset": hashlib.sha256(
+            pd.util.hash_pandas_object(scores.astype(str), index=False).to_numpy().tobytes()).hexdigest()}
+        self.model = model
+        self.processing_class = processing_class
+        self.output_dir: Path | None = None
+
+    def train(self) -> TrainOutput:
+        """Train; the trained model is also ``self.model``."""
+        import tempfile
+
+        model, ref = self.model, self.ref_model
+        name = str(model) if isinstance(model, str | Path) else getattr(model.config, "_name_or_path", "") or "model"
+        self.output_dir = Path(self.args.output_dir or tempfile.mkdtemp(prefix="dualign-train-"))
+        values = {f.name: getattr(self.args, f.name) for f in dataclasses.fields(TrainConfig)}
+        cfg = TrainConfig(**{**values, "model": name, "run_dir": str(self.output_dir), "scores": None, "dual": None,
+                             "output_dir": str(self.output_dir / "policy"),
+                             "reference": str(ref) if isinstance(ref, str | Path) else None})
+        summary, trained = train_on_pairs(
+            cfg, self.pairs, self.plan, self.hashes, model=None if isinstance(model, str | Path) else model,
+            tokenizer=self.processing_class if self.processing_class is not None else
+            load_tokenizer(name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code),
+            reference=None if ref is None or isinstance(ref, str | Path) else ref)
+        self.model = trained
+        lines = (self.output_dir / "metrics.jsonl").read_text().splitlines()
+        return TrainOutput(trained, [json.loads(line) for line in lines], summary)

@@ -24,9 +24,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from dualign._infra.config import config_to_dict
 from dualign._infra.errors import ConfigError
 from dualign._infra.io import read_json, read_table, write_json, write_table
 from dualign._infra.provenance import record_stage
+from dualign._infra.tracking import Tracker
 from dualign.data.records import write_dual
 from dualign.dual import reference_means
 from dualign.methods.objective import (
@@ -114,7 +116,7 @@ def _round(t: int, rd: Path, lambdas: np.ndarray, objective: Objective, scores: 
     t0 = time.perf_counter()
     summary = train(dataclasses.replace(cfg.train, method="mocan", run_dir=str(rd), pairs=str(rd / "pairs.parquet"),
                                         dual=str(rd / "dual.json"), beta=objective.beta, preferences=None,
-                                        output_dir=str(rd / "policy")))
+                                        output_dir=str(rd / "policy"), report_to=["none"]))
     t1 = time.perf_counter()
     g, means, n_tok, est_tokens = _estimate(str(rd / "policy"), prompts, objective, scorers, cfg, max_new_tokens,
                                             cfg.train.seed + 7919 * (t + 1))
@@ -151,6 +153,7 @@ def train_dual_ascent(cfg: DualAscentConfig) -> dict[str, Any]:
     trajectory, steps, tokens, policy = [lambdas.tolist()], 0, 0, None
     metrics = run_dir / "metrics.jsonl"
     metrics.unlink(missing_ok=True)
+    tracker = Tracker(cfg.report_to, run_dir, config_to_dict(cfg), cfg.method)
     kept = set(cfg.checkpoints or [])
     estimates: list[dict] = []
     for t in range(cfg.rounds):
@@ -175,6 +178,8 @@ def train_dual_ascent(cfg: DualAscentConfig) -> dict[str, Any]:
                 **{f"achieved/{k}": v for k, v in est["achieved"].items()}}
         with open(metrics, "a") as f:
             f.write(json.dumps(line) + "\n")
+        tracker.log(line, t + 1)
+    tracker.close()
     if output_dir.exists():
         shutil.rmtree(output_dir)
     shutil.copytree(policy, output_dir)

@@ -37,11 +37,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from dualign._infra.config import dump_yaml
+from dualign._infra.config import config_to_dict, dump_yaml
 from dualign._infra.errors import ConfigError
 from dualign._infra.io import read_table, write_json
 from dualign._infra.progress import Progress
 from dualign._infra.provenance import record_stage
+from dualign._infra.tracking import Tracker, check_report_to
 from dualign.data.prompts import load_prompts
 from dualign.data.records import write_dual
 from dualign.methods.objective import (
@@ -107,6 +108,9 @@ class PPOLagrangianConfig:
     sample_batch_size: int = field(default=32, metadata={"help": "online sampling/scoring batch size"})
     seed: int = field(default=0, metadata={"help": "seed: prompt order, sampling"})
     logging_steps: int = field(default=1, metadata={"help": "iterations between metrics.jsonl lines"})
+    report_to: list[Literal["none", "tensorboard", "wandb"]] = field(default_factory=lambda: ["none"], metadata={
+        "help": "where metrics.jsonl's lines also go: none, tensorboard (<run_dir>/tensorboard), wandb "
+                "(<run_dir>/wandb; WANDB_MODE=offline: no network), or several"})
     checkpoints: list[int] | None = field(default=None, metadata={
         "help": "iterations after which the policy and its cost so far are saved (<run_dir>/budgets/<n>)"})
     output_dir: str | None = field(default=None, metadata={"help": "where the policy goes (default <run_dir>/policy)"})
@@ -265,6 +269,7 @@ def train_primal_dual(cfg: PPOLagrangianConfig, rules: UpdateRules) -> dict[str,
     tokens = {"generation": 0, "scored": 0, "reference": 0, "forward": 0, "training": 0}
     metrics = run_dir / "metrics.jsonl"
     metrics.unlink(missing_ok=True)
+    tracker = Tracker(cfg.report_to, run_dir, config_to_dict(cfg), cfg.method)
     batches = _prompt_batches(prompts, cfg.prompts_per_iteration, cfg.seed)
     for it in Progress(range(cfg.iterations), desc=cfg.method, unit="iterations"):
         rollout = _rollout(policy, reference, tokenizer, scorers, next(batches), objective, cfg, it,
@@ -294,6 +299,7 @@ def train_primal_dual(cfg: PPOLagrangianConfig, rules: UpdateRules) -> dict[str,
                     **{f"dual/lambda_{n}": v for n, v in zip(objective.names, trajectory[-1], strict=True)}}
             with open(metrics, "a") as f:
                 f.write(json.dumps(line) + "\n")
+            tracker.log(line, it + 1)
         if it + 1 in (cfg.checkpoints or []) and it + 1 < cfg.iterations:
             budget = run_dir / "budgets" / str(it + 1)
             _save_policy(policy, tokenizer, budget / "policy", cfg)
@@ -304,6 +310,7 @@ def train_primal_dual(cfg: PPOLagrangianConfig, rules: UpdateRules) -> dict[str,
                         "gradient_steps": steps, "sampled_tokens": sampled, "tokens": tokens,
                         "lambdas": dict(zip(objective.names, lambdas.tolist(), strict=True))},
                        budget / "compute.json")
+    tracker.close()
     _save_policy(policy, tokenizer, output_dir, cfg)
     return iterative_summary(run_dir, cfg.method, objective, scores, lambdas, trajectory,
                              {"gradient_steps": steps, "sampled_tokens": sampled, "output_dir": str(output_dir),
@@ -320,6 +327,7 @@ def _save_policy(policy, tokenizer, out: Path, cfg: PPOLagrangianConfig) -> None
 
 
 def _check(cfg: PPOLagrangianConfig) -> None:
+    check_report_to(cfg.report_to)
     for key in ("iterations", "prompts_per_iteration", "num_samples", "ppo_epochs", "minibatch_size",
                 "cost_window", "sample_batch_size"):
         if getattr(cfg, key) < 1:

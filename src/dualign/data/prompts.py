@@ -14,17 +14,19 @@ from dualign._infra.errors import InputError
 from dualign.data.sources import read_source
 
 
-def load_prompts(source: str | Path, prompt_column: str = "prompt", id_column: str | None = None,
+def load_prompts(source: str | Path | pd.DataFrame, prompt_column: str = "prompt", id_column: str | None = None,
                  split: str = "train", revision: str | None = None,
                  max_prompts: int | None = None) -> pd.DataFrame:
-    """Read prompts into a DataFrame with columns ``prompt_id`` and ``prompt``.
+    """Read prompts (a file, a dataset, or a DataFrame already in memory) into a DataFrame with
+    columns ``prompt_id`` and ``prompt``.
 
     ``id_column=None`` uses a ``prompt_id`` column when the source has one, else the row number
     (0-based, counted before ``max_prompts`` so ids are stable). Every row is validated; then the
     first ``max_prompts`` rows are kept.
     """
-    table = read_source(source, split, revision, what="prompt")
-    name = str(source)
+    in_memory = isinstance(source, pd.DataFrame)
+    table = source if in_memory else read_source(source, split, revision, what="prompt")
+    name = "prompts" if in_memory else str(source)
     if len(table) == 0:
         raise InputError(f"{name}: no prompts (the prompt file is empty)")
     _require_column(table, prompt_column, name, "prompt")

@@ -119,6 +119,23 @@ class DualRecord:
         """Each constraint's key in every per-constraint mapping, in order."""
         return constraint_names(self.parsed)
 
+    def save(self, path: str | Path) -> Path:
+        """Write this record as ``dual.json``: to ``path``, or into it when it is a directory or
+        has no ``.json`` suffix (as a run directory); returns the file written."""
+        target = _dual_path(path)
+        write_dual(self, target)
+        return target
+
+    @classmethod
+    def load(cls, path: str | Path) -> DualRecord:
+        """A ``dual.json`` (or the one in a directory), validated as :func:`read_dual` does."""
+        return read_dual(_dual_path(path))
+
+
+def _dual_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path / "dual.json" if path.is_dir() or path.suffix != ".json" else path
+
 
 def read_dual(path: str | Path, require: tuple[str, ...] = ("lambdas",)) -> DualRecord:
     """dual.json, validated: the constraints parse, and each per-constraint mapping in ``require``

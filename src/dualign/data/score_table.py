@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -43,6 +44,16 @@ class Scores:
     @property
     def num_samples(self) -> int:
         return len(self.prompt_index)
+
+
+def as_frame(table: Any, name: str) -> pd.DataFrame:
+    """A pandas DataFrame or a ``datasets.Dataset`` (its ``to_pandas()``) as a DataFrame; anything
+    else is an :class:`InputError` naming the argument ``name``."""
+    if isinstance(table, pd.DataFrame):
+        return table
+    if type(table).__name__ == "Dataset" and callable(getattr(table, "to_pandas", None)):
+        return table.to_pandas()
+    raise InputError(f"{name}: expected a pandas DataFrame or a datasets.Dataset, got {type(table).__name__}")
 
 
 def read_scores(path: str | Path, columns: Sequence[str]) -> Scores:

@@ -249,6 +249,10 @@ def _solve(samples: Samples, thresholds: np.ndarray, beta: float, names: Sequenc
     so large that the tilt has nearly collapsed, every constraint is, and for m > 1 the joint LP
     decides. ``check_joint=False`` (warm starts, bootstrap) skips the LP.
     """
+    # a threshold past every sample's value is refused before Newton, whose steps toward an unbounded
+    # λ overflow when b is near the float range's edge
+    if np.any(thresholds - samples.centre > samples.centred.max(axis=1)):
+        _check_each(samples, thresholds, names)
     if lambdas0 is None:
         lambdas0 = _warm_start(samples, thresholds, beta, names, tol, max_iter)
     tilt = Tilt(samples, thresholds, beta)

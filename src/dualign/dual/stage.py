@@ -14,10 +14,12 @@ import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
+import pandas as pd
 
+from dualign._infra.config import build_config
 from dualign._infra.distributed import one_process
 from dualign._infra.errors import InfeasibleConstraintError, InputError
 from dualign._infra.io import read_json
@@ -38,7 +40,7 @@ from dualign.data.records import (
     ReachableTilt,
     write_dual,
 )
-from dualign.data.score_table import Scores, read_scores
+from dualign.data.score_table import Scores, as_frame, read_scores, validate_scores
 from dualign.dual.formulas import half_sample_kl, reference_means, tilted_means
 from dualign.dual.reachable import FEATURES, ReachableFit, reachable_columns, reference_features
 from dualign.dual.solver import DualResult, solve_dual_long
@@ -379,12 +381,35 @@ def format_report(record: DualRecord) -> str:
     return "\n".join(lines)
 
 
-def solve_config(cfg: DualConfig, cache: Path | None = None) -> DualRecord:
-    """The dual of a DualConfig on its scores table (``cfg.scores``), converged or refused."""
-    if cfg.tilt == "reachable" and cfg.model is None:
-        raise InputError("tilt: reachable needs π_ref's features: give --model (in a run, the run's model is used)")
+def make_plan(scores: Any, constraints: str | Sequence[str], *, beta: float = 0.1, reward: str = "reward",
+              bootstrap: int = 0, seed: int = 0, confidence: float | None = None,
+              evaluation_prompts: int | None = None, evaluation_samples: int = 1,
+              allow_unconverged: bool = False) -> DualRecord:
+    """λ* and π_λ*'s predictions for ``constraints`` on scored samples of π_ref held in memory.
+
+    ``scores``: a DataFrame or ``datasets.Dataset`` in the scores table's layout (``prompt_id``, the
+    reward and constraint columns, optionally ``sample_weight``; docs/formats.md). ``constraints``
+    are written in the columns' own units, ``"cost<=ref-4"`` or ``"helpful>=0.2"``, a cost lower
+    being better. The result is what ``dualign dual`` writes to dual.json on the same table
+    (:meth:`DualRecord.save`); the keyword arguments are :class:`DualConfig`'s fields, and a bad
+    one is a :class:`~dualign._infra.errors.ConfigError` naming it.
+    """
+    cfg = build_config(DualConfig, {
+        "constraints": constraints, "beta": beta, "reward": reward, "bootstrap": bootstrap, "seed": seed,
+        "confidence": confidence, "evaluation_prompts": evaluation_prompts,
+        "evaluation_samples": evaluation_samples, "allow_unconverged": allow_unconverged})
+    return solve_config(cfg, table=as_frame(scores, "scores"))
+
+
+def solve_config(cfg: DualConfig, cache: Path | None = None, table: pd.DataFrame | None = None) -> DualRecord:
+    """The dual of a DualConfig on its scores table (``table`` in memory, else the file ``cfg.scores``),
+    converged or refused."""
+    if cfg.tilt == "reachable" and (cfg.model is None or table is not None):
+        raise InputError("tilt: reachable needs π_ref's features of a scores file: give --model (in a run, the "
+                         "run's model is used)")
     constraints = [parse_constraint(c) for c in cfg.constraints]
-    scores = read_scores(cfg.scores, [cfg.reward] + [c.column for c in constraints])
+    columns = [cfg.reward] + [c.column for c in constraints]
+    scores = read_scores(cfg.scores, columns) if table is None else validate_scores(table, columns, "scores")
     features = None
     if cfg.tilt == "reachable":
         features = reference_features(cfg.model, cfg.scores, cache, revision=cfg.revision, template=cfg.template,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,13 @@ def writable_dir(path: str | Path, key: str) -> None:
         raise InputError(f"{key}: '{path}' cannot be made: '{existing}' is a file")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise InputError(f"{key}: '{path}' is not writable (no write permission on '{existing}')")
+    # permission bits do not tell a pseudo or read-only file system (/proc, /sys): try, and take it back
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".dualign-probe.", dir=existing))
+    except OSError as e:
+        why = e.strerror or type(e).__name__
+        raise InputError(f"{key}: cannot write in '{path}' ({why})" if existing == p else
+                         f"{key}: '{path}' cannot be made in '{existing}' ({why})") from None
 
 
 def new_file(path: str | Path, key: str) -> None:

@@ -152,6 +152,19 @@ class HFClassifierScorer:
         self.model = model.to(self.device).eval()
         self.max_length, self.hf_input, self.template = max_length, hf_input, template
 
+    @classmethod
+    def from_model(cls, model, tokenizer, max_length: int = 1024, hf_input: str = "pair",
+                   template: str = "auto") -> HFClassifierScorer:
+        """The scorer of a one-label sequence classifier already loaded (the Python API's scorers)."""
+        if getattr(model.config, "num_labels", None) != 1:
+            raise InputError(f"scorer model has {getattr(model.config, 'num_labels', None)} labels; "
+                             "a score model needs num_labels=1")
+        scorer = cls.__new__(cls)
+        scorer.model, scorer.tokenizer = model.eval(), tokenizer
+        scorer.device = next(model.parameters()).device
+        scorer.max_length, scorer.hf_input, scorer.template = max_length, hf_input, template
+        return scorer
+
     @timed("score forward")
     @torch.inference_mode()
     def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
