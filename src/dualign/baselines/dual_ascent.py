@@ -153,7 +153,7 @@ def train_dual_ascent(cfg: DualAscentConfig) -> dict[str, Any]:
     trajectory, steps, tokens, policy = [lambdas.tolist()], 0, 0, None
     metrics = run_dir / "metrics.jsonl"
     metrics.unlink(missing_ok=True)
-    tracker = Tracker(cfg.report_to, run_dir, config_to_dict(cfg), cfg.method)
+    tracker = Tracker(cfg.train.report_to, run_dir, config_to_dict(cfg), cfg.method)
     kept = set(cfg.checkpoints or [])
     estimates: list[dict] = []
     for t in range(cfg.rounds):
