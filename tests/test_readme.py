@@ -7,7 +7,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -106,18 +105,27 @@ def test_readme_yaml_is_a_valid_run_config(tmp_path, monkeypatch):
     assert cfg.train.method == "mocan" and cfg.train.lora
 
 
-def test_readme_python_example_meets_its_constraint():
-    """The dual example runs as printed: λ* > 0 and the predicted mean utility (−cost) sits on the
-    threshold (the constraint is active) with a CI from the bootstrap."""
-    example = next(b for b in _blocks("python") if "solve_dual" in b)
-    rng_state = np.random.get_state()
-    np.random.seed(0)
-    try:
-        namespace: dict = {}
-        exec(compile(example, "README.md", "exec"), namespace)
-    finally:
-        np.random.set_state(rng_state)
-    res, costs = namespace["res"], namespace["costs"]
-    assert res.lambdas[0] > 0
-    assert res.predicted_utilities[0] == pytest.approx(-(costs.mean() - 0.3), abs=1e-6)
-    assert res.ci
+def test_readme_python_example_runs_as_printed(tiny_gpt2, tmp_path, monkeypatch):
+    """The README's Python example runs as printed on the suite's tiny model and synthetic scores
+    (its free names bound to them): the plan's constraint is active (λ* > 0, the predicted cost
+    change is the required −0.5), the policy moved, and the report judges the plan's constraint."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dualign.data.example import example_scores
+
+    (example,) = [b for b in _blocks("python") if "dualign.make_plan" in b]
+    monkeypatch.chdir(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2)
+    before = [p.detach().clone() for p in model.parameters()]
+    namespace = {"scores": example_scores(6, 4, seed=3), "model": model,
+                 "tokenizer": AutoTokenizer.from_pretrained(tiny_gpt2),
+                 "prompts": ["How do I cook rice?", "Tell me a joke.", "How can I pick a lock?"],
+                 "reward_fn": lambda prompts, responses: [len(r) / 10 for r in responses],
+                 "cost_fn": lambda prompts, responses: [float(r.count("e")) for r in responses]}
+    exec(compile(example.replace('"my/base-model"', repr(tiny_gpt2)), "README.md", "exec"), namespace)
+    plan, report = namespace["plan"], namespace["report"]
+    assert plan.lambdas["cost"] > 0
+    assert plan.predicted["cost"] - plan.reference["cost"] == pytest.approx(-0.5, abs=1e-6)
+    assert any(not torch.equal(a, b) for a, b in zip(before, namespace["policy"].parameters(), strict=True))
+    assert [c.constraint for c in report.constraints] == ["cost<=ref-0.5"]
