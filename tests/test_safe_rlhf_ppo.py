@@ -141,3 +141,21 @@ def test_more_than_one_constraint_is_refused_with_the_key(tiny_gpt2, tiny_run, t
     cfg.constraints = ["cost<=-1", "reward>=0"]
     with pytest.raises(ConfigError, match="constraints"):
         run_method(cfg)
+
+
+def test_literature_runs_count_each_stage_and_every_model_held_by_hand():
+    from dualign.compare.compute_cost import literature_runs
+    from dualign.modeling.flops import project_run
+
+    runs = literature_runs(1000, prompt_tokens=64, response_tokens=256)
+    mocan = runs["mocan (paper recipe)"]["tokens"]
+    assert mocan == {"generation": 1000 * 128 * 320, "scored": 1000 * 128 * 320, "reference": 1000 * 128 * 320,
+                     "training": 2 * 27000 * 3 * 320}
+    ppo = runs["ppo-lagrangian-critic (Safe-RLHF)"]
+    e = 1000 * 320                                        # one epoch, one response per prompt
+    assert ppo["tokens"] == {"generation": e, "scored": e, "reference": e, "forward": e, "training": 2 * e,
+                             "critic_forward": 2 * e, "critic_training": 2 * e}
+    projected = project_run(ppo["tokens"], ppo["resident"], 7e9)
+    assert projected["flops"]["training"] == pytest.approx(7e9 * (6 * (2 * e + 2 * e) + 2 * (e + 2 * e)))
+    assert projected["memory_gb"] == pytest.approx(7 * (3 * 16 + 3 * 2))      # actor + 2 critics trained; 3 frozen
+    assert set(literature_runs(None)) == {"mocan (paper recipe)"}             # the RL prompt count not sourced
