@@ -15,7 +15,8 @@ checkpoint meeting each point; the same at 7B (the measured token counts re-cost
     python scripts/threshold_sweep.py --config compare_world --offsets -2 -3 -4 -5 -6 --out runs/sweep
     python scripts/threshold_sweep.py --smoke --out /tmp/sweep-smoke     # a tiny check, seconds per run
 
-Outputs in ``--out``: sweep_points.csv (method × threshold), sweep.csv (one row per method: the
+A threshold the dual finds infeasible on the shared samples is skipped (listed in sweep.json), so
+no method is charged for it. Outputs in ``--out``: sweep_points.csv (method × threshold), sweep.csv (one row per method: the
 five points together), sweep.json, sweep.png, and each point's comparison under ``points/``.
 """
 
@@ -29,6 +30,7 @@ import numpy as np
 import pandas as pd
 from headline_common import ONLINE, all_met, config_path, load, smoke_config
 
+from dualign._infra.errors import InfeasibleConstraintError
 from dualign._infra.io import read_json, write_json, write_table
 from dualign._infra.text_table import text_table
 from dualign.compare.comparison import run_compare
@@ -162,11 +164,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--smoke", action="store_true", help="a tiny model and scorers: checks the script")
     args = ap.parse_args(argv)
     config = smoke_config(args.out / "smoke") if args.smoke else config_path(args.config)
-    offsets = [-0.5, -1.0] if args.smoke else args.offsets
+    offsets = [-0.25, -0.5] if args.smoke else args.offsets
     base, _ = load(config, args.out / "points", {})
     if len(base.dual.constraints) != 1:
         raise SystemExit(f"{config}: the sweep moves one constraint's threshold; the dual has {base.dual.constraints}")
-    rows, first_shared = [], None
+    rows, first_shared, costed, infeasible = [], None, None, []
     for offset in offsets:
         text = point_constraint(base.dual.constraints[0], offset)
         run, cmp = load(config, args.out / "points" / f"{offset:+g}", {"methods": args.methods, "seeds": args.seeds},
@@ -176,15 +178,24 @@ def main(argv: list[str] | None = None) -> None:
         if first_shared is not None:
             share_samples(first_shared, shared)
         print(f"threshold {text} ...")
-        out = run_compare(run, cmp, log=print)
-        first_shared = first_shared or shared
+        try:
+            out = run_compare(run, cmp, log=print)
+        except InfeasibleConstraintError as e:  # no method has a dual.json to train on there
+            print(f"threshold {text}: skipped, {e}")
+            infeasible.append(text)
+            continue
+        finally:
+            first_shared = first_shared or shared
         rows += point_rows(out, offset, args.params)
+        costed = costed or shared
+    if costed is None:
+        raise SystemExit(f"every threshold is infeasible: {', '.join(infeasible)}")
     points = pd.DataFrame(rows)
-    summary = totals(points, read_json(first_shared / "compute.json"), args.params)
+    summary = totals(points, read_json(costed / "compute.json"), args.params)
     literature = literature_table(len(offsets), args.rl_train_prompts, args.params)
     write_table(points, args.out / "sweep_points.csv")
     write_table(summary, args.out / "sweep.csv")
-    write_json({"config": str(config), "offsets": offsets, "seeds": args.seeds,
+    write_json({"config": str(config), "offsets": offsets, "seeds": args.seeds, "infeasible": infeasible,
                 "summary": summary.replace({np.nan: None}).to_dict("records"),
                 "points": points.replace({np.nan: None}).to_dict("records"), "literature_7b": literature},
                args.out / "sweep.json")

@@ -24,6 +24,10 @@ Seconds come from FLOPs over an achieved throughput per stage: by default a stat
 H100's dense bf16 peak (:data:`dualign.modeling.flops.UTILISATION`; an assumption, printed as one), or the
 FLOP/s a GPU check measured (``--throughputs``). Memory counts weights and optimizer state of the
 models held at once (:func:`dualign.modeling.flops.resident_memory_gb`), not activations or KV cache.
+
+:func:`literature_runs` gives the token counts of the published recipes, each figure with its
+source (:data:`SAFE_RLHF_PPO_LAG`: Safe-RLHF's critic-ful PPO-Lagrangian, two critics included;
+:data:`MOCAN_RECIPE`: the paper's MoCAN), for a 7B projection at the iteration counts those runs use.
 """
 
 from __future__ import annotations
