@@ -4,7 +4,8 @@ a Lagrange multiplier on the episode cost (method ``ppo-lagrangian-critic``). Th
 variant is :mod:`dualign.baselines.ppo_lagrangian`, whose sampling and scoring this loop reuses
 (:func:`~dualign.baselines.ppo_lagrangian.prepare`, its rollout).
 
-Each line below follows PKU-Alignment/safe-rlhf:
+Each line below follows PKU-Alignment/safe-rlhf (read from a vendored copy of its package and
+scripts, tcexeexe/SHTEC_RM_model at 5bb76e4; the upstream repository could not be fetched here):
 
 - per-token rewards (``safe_rlhf/algorithms/ppo_lag/trainer.py``,
   ``PPOLagTrainer.add_kl_divergence_regularization``): r_t = −kl_coeff·(log π_old − log π_ref) at
