@@ -138,6 +138,7 @@ def plot(points: pd.DataFrame, summary: pd.DataFrame, path: Path) -> None:
         right.plot(offsets, g[name], marker="o", label=label)
     right.plot(offsets, points.groupby("offset")[f"{name}_threshold"].mean().loc[offsets], "k--", label="threshold")
     left.set_yscale("log")
+    left.set_xticks(range(1, len(offsets) + 1))
     left.set_xlabel("thresholds delivered (ref−2, ref−3, … in order)")
     left.set_ylabel("compute (FLOPs, this world)")
     left.set_title("× = that point missed (point estimate)")
