@@ -40,7 +40,7 @@ def config_path(name: str) -> Path:
     return path if path.suffix in (".yaml", ".yml") else CONFIG_DIR / f"{name}.yaml"
 
 
-def smoke_config(out: Path, constraint: str = "cost<=ref-0.5") -> Path:
+def smoke_config(out: Path, constraint: str = "cost<=ref-0.25") -> Path:
     """A tiny comparison (a tiny GPT-2 trained here, callable scorers, four prompts): every method
     in seconds. Checks the script end to end; its figures mean nothing."""
     from dualign.modeling.tiny import save_tiny_causal_lm
