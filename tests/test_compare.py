@@ -47,12 +47,14 @@ def compare_yaml(tiny_gpt2, tmp_path):
                      "max_new_tokens": 8, "device": "cpu"},
         "recalibrate": {"prompts": str(prompts), "num_samples": 2, "max_new_tokens": 8, "rounds": 1,
                         "margin": 100.0, "bootstrap": 20, "device": "cpu"},   # the margin makes it fine-tune again
-        "compare": {"methods": ["mocan", "mocan-recalibrated", "mocan-reachable", "dual-ascent", "grpo-lagrangian", "dpo-helpful",
-                                "safedpo"], "seeds": [0],
+        "compare": {"methods": ["mocan", "mocan-recalibrated", "mocan-reachable", "dual-ascent", "ppo-lagrangian-critic",
+                                "grpo-lagrangian", "dpo-helpful", "safedpo"], "seeds": [0],
                     "fixed_lambdas": [0.5], "preferences": str(preferences),
                     "dual_ascent": {"rounds": 2, "estimate_prompts": 2, "max_new_tokens": 8},
                     "ppo_lagrangian": {"iterations": 2, "prompts_per_iteration": 2, "num_samples": 2,
                                        "max_new_tokens": 8, "minibatch_size": 4},
+                    "ppo_lagrangian_critic": {"iterations": 2, "prompts_per_iteration": 2, "num_samples": 2,
+                                              "max_new_tokens": 8, "minibatch_size": 2, "checkpoints": [1]},
                     "grpo_lagrangian": {"iterations": 2, "prompts_per_iteration": 2, "num_samples": 2,
                                         "max_new_tokens": 8, "checkpoints": [1]},
                     "preference_dpo": {"max_steps": 1, "per_device_batch_size": 4}},
@@ -68,7 +70,8 @@ def test_compare_writes_table_and_plots_from_the_reports_and_resumes(compare_yam
     out = run_compare(*load_compare_config(compare_yaml), log=lambda *a: None)
     root = tmp_path / "cmp"
     table = read_table(root / "compare.csv")
-    labels = ["mocan", "mocan-recalibrated", "mocan-reachable", "dual-ascent", "grpo-lagrangian", "dpo-helpful", "safedpo"]
+    labels = ["mocan", "mocan-recalibrated", "mocan-reachable", "dual-ascent", "ppo-lagrangian-critic", "grpo-lagrangian",
+              "dpo-helpful", "safedpo"]
     assert table["label"].tolist() == labels
     for name in ("pareto", "constraints", "compute", "lambda", "compute_to_target"):
         assert (root / "plots" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -80,7 +83,7 @@ def test_compare_writes_table_and_plots_from_the_reports_and_resumes(compare_yam
     assert shared["sampled_tokens"] == samples["response_tokens"].sum() > 0
     charged = {"mocan": ("sample", "score", "dual"), "mocan-recalibrated": ("sample", "score", "dual"),
                "mocan-reachable": ("sample", "score", "dual_reachable"),
-               "dual-ascent": ("sample", "score"), "grpo-lagrangian": (),
+               "dual-ascent": ("sample", "score"), "ppo-lagrangian-critic": (), "grpo-lagrangian": (),
                "dpo-helpful": ("preferences",), "safedpo": ("preferences",)}
     for label in rows.index:
         report = read_json(root / "runs" / label / "seed0" / "eval" / "report.json")
@@ -119,6 +122,7 @@ def test_compare_writes_table_and_plots_from_the_reports_and_resumes(compare_yam
     assert rows.loc["mocan-recalibrated", "flops"] > rows.loc["mocan", "flops"]
     assert rows.loc["dual-ascent", "gradient_steps"] == 4       # 2 rounds × 2 steps
     assert rows.loc["grpo-lagrangian", "gradient_steps"] == 2   # 2 iterations × 1 pass of one minibatch
+    assert rows.loc["ppo-lagrangian-critic", "gradient_steps"] == 4   # 2 iterations × 4 episodes / minibatches of 2
     assert rows.loc["dpo-helpful", "gradient_steps"] == 1 and rows.loc["safedpo", "sampled_tokens"] == 0
     # the preference baselines trained on the shared log π_ref (no reference pass of their own)
     assert read_json(root / "runs" / "dpo-helpful" / "seed0" / "compute.json")["tokens"]["reference"] == 0
@@ -127,14 +131,21 @@ def test_compare_writes_table_and_plots_from_the_reports_and_resumes(compare_yam
     # the iterative methods' budgets: each checkpoint evaluated, the final policy the last budget
     budgets = read_table(root / "compare_budgets.csv")
     assert sorted(zip(budgets["label"], budgets["budget"], strict=True)) == [
-        ("dual-ascent", 2), ("grpo-lagrangian", 1), ("grpo-lagrangian", 2)]
+        ("dual-ascent", 2), ("grpo-lagrangian", 1), ("grpo-lagrangian", 2), ("ppo-lagrangian-critic", 1),
+        ("ppo-lagrangian-critic", 2)]
     first = budgets[(budgets["label"] == "grpo-lagrangian") & (budgets["budget"] == 1)].iloc[0]
     report = read_json(root / "runs" / "grpo-lagrangian" / "seed0" / "budgets" / "1" / "eval" / "report.json")
     assert first["cost"] == pytest.approx(report["constraints"][0]["achieved"])
     assert first["flops"] < rows.loc["grpo-lagrangian", "flops"]
-    assert set(out["first_met"]) == {"dual-ascent", "grpo-lagrangian"}
+    assert set(out["first_met"]) == {"dual-ascent", "ppo-lagrangian-critic", "grpo-lagrangian"}
     projection = read_table(root / "projection_7b.csv").set_index("label")
     assert projection.loc["grpo-lagrangian", "memory_gb"] > projection.loc["mocan", "memory_gb"]
+    # the critics: two more trained 7B models held, and their passes charged in training
+    assert projection.loc["ppo-lagrangian-critic", "memory_gb"] == pytest.approx(
+        projection.loc["grpo-lagrangian", "memory_gb"] + 2 * 16 * 7)
+    critic = read_json(root / "runs" / "ppo-lagrangian-critic" / "seed0" / "compute.json")
+    assert critic["tokens"]["critic_training"] == 2 * critic["tokens"]["training"] > 0
+    assert rows.loc["ppo-lagrangian-critic", "tokens_critic_forward"] == critic["tokens"]["critic_forward"]
     assert projection.loc["dpo-helpful", "flops_generation"] == 0 < projection.loc["mocan", "flops_generation"]
     # every method saw π_ref's evaluation samples of the same seed
     ref = [read_table(root / "runs" / x / "seed0" / "eval" / "samples_reference.parquet")["response"].tolist()
@@ -145,7 +156,7 @@ def test_compare_writes_table_and_plots_from_the_reports_and_resumes(compare_yam
     res = subprocess.run([sys.executable, "-m", "dualign", "compare", str(compare_yaml)], capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 0, res.stderr
-    assert res.stdout.count("done, skipped") == 5 + 7       # the shared stages and every method
+    assert res.stdout.count("done, skipped") == 5 + 8       # the shared stages and every method
     assert "grpo-lagrangian" in res.stdout and "π_ref" in res.stdout and "compute to target" in res.stdout
     assert stamps == {p: p.stat().st_mtime_ns for p in root.glob("runs/*/seed0/compute.json")}
 

@@ -67,6 +67,7 @@ TRAIN_METHODS = """\
   dpo-safe         baseline: DPO on the safety preference pairs (the paper's DPO_s)
   dual-ascent      baseline: fine-tune, measure the constraint, move λ, repeat (--rounds)
   ppo-lagrangian   baseline: online PPO on the Lagrangian, λ updated as it trains
+  ppo-lagrangian-critic  baseline: Safe-RLHF's PPO-Lagrangian, reward and cost critics with GAE
   grpo-lagrangian  baseline: online critic-free group policy gradient, λ updated on its rollouts"""
 
 # The order of the command list in `dualign --help`: the newcomer's path first.

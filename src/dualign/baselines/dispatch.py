@@ -27,19 +27,20 @@ from dualign.baselines.fixed_lambda import FixedLambdaConfig, train_fixed_lambda
 from dualign.baselines.grpo_lagrangian import GRPOLagrangianConfig, train_grpo_lagrangian
 from dualign.baselines.ppo_lagrangian import PPOLagrangianConfig, train_ppo_lagrangian
 from dualign.baselines.preference_dpo import PreferenceDPOConfig, train_preference_dpo
+from dualign.baselines.safe_rlhf_ppo import SafeRLHFPPOConfig, train_safe_rlhf_ppo
 from dualign.data.records import read_dual
 from dualign.methods.objective import dual_file
 from dualign.modeling.flops import model_forward_params, scorer_forward_params, stage_flops
 from dualign.train import LOSSES, train
 
 CONFIGS: dict[str, type] = {
-    "ppo-lagrangian": PPOLagrangianConfig, "grpo-lagrangian": GRPOLagrangianConfig,
-    "dual-ascent": DualAscentConfig, "fixed-lambda": FixedLambdaConfig, "reward-only-mocan": FixedLambdaConfig,
+    "ppo-lagrangian": PPOLagrangianConfig, "ppo-lagrangian-critic": SafeRLHFPPOConfig,
+    "grpo-lagrangian": GRPOLagrangianConfig, "dual-ascent": DualAscentConfig, "fixed-lambda": FixedLambdaConfig, "reward-only-mocan": FixedLambdaConfig,
     "cost-only-mocan": FixedLambdaConfig, "dpo-helpful": PreferenceDPOConfig, "dpo-safe": PreferenceDPOConfig,
     "safedpo": PreferenceDPOConfig}
 TRAINERS = {
-    "ppo-lagrangian": train_ppo_lagrangian, "grpo-lagrangian": train_grpo_lagrangian,
-    "dual-ascent": train_dual_ascent, "fixed-lambda": train_fixed_lambda, "reward-only-mocan": train_fixed_lambda,
+    "ppo-lagrangian": train_ppo_lagrangian, "ppo-lagrangian-critic": train_safe_rlhf_ppo,
+    "grpo-lagrangian": train_grpo_lagrangian, "dual-ascent": train_dual_ascent, "fixed-lambda": train_fixed_lambda, "reward-only-mocan": train_fixed_lambda,
     "cost-only-mocan": train_fixed_lambda, "dpo-helpful": train_preference_dpo, "dpo-safe": train_preference_dpo,
     "safedpo": train_preference_dpo}
 # The scorer-margin baselines' old names, refused with the new one (an alias would sit next to the
@@ -63,7 +64,7 @@ def run_method(cfg: Any) -> dict[str, Any]:
             summary = {"gradient_steps": out["step"], "sampled_tokens": 0, "lambdas": lambdas,
                        "output_dir": out["output_dir"], "tokens": out["tokens"]}
     compute = {"method": cfg.method, **summary, **used}
-    flops = _flops_of(where.model, summary.get("scorers") or [])
+    flops = _flops_of(where.model, summary.get("scorers") or [], summary.get("critic_params") or 0)
     compute["flops"] = flops(compute.get("tokens"))
     write_json(compute, Path(where.run_dir) / "compute.json")
     for budget in sorted((Path(where.run_dir) / "budgets").glob("*/compute.json")):
@@ -87,14 +88,14 @@ def check_method(method: str) -> None:
         raise ConfigError(f"config key 'method': {method!r} is not one of {', '.join([*LOSSES, *TRAINERS])}")
 
 
-def _flops_of(model: str, scorers: list[str]):
-    """tokens → FLOPs per stage (:func:`dualign.modeling.flops.stage_flops`) with the policy's and the online
-    scorers' parameter counts; None where the policy is not a local model directory."""
+def _flops_of(model: str, scorers: list[str], critic_params: float = 0):
+    """tokens → FLOPs per stage (:func:`dualign.modeling.flops.stage_flops`) with the policy's, the online
+    scorers' and each critic's parameter counts; None where the policy is not a local model directory."""
     n_policy = model_forward_params(model)
     n_scorers = [scorer_forward_params(s) for s in scorers]
 
     def flops(tokens: dict | None) -> dict | None:
-        return stage_flops(tokens, n_policy, n_scorers) if tokens is not None and n_policy else None
+        return stage_flops(tokens, n_policy, n_scorers, critic_params) if tokens is not None and n_policy else None
     return flops
 
 

@@ -221,6 +221,7 @@ class Rollout:
     mask: torch.Tensor  # [B, T−1] response tokens
     old: torch.Tensor  # [B, T−1] log π_old per token
     old_seq: torch.Tensor  # [B] log π_old(y|x)
+    ref: torch.Tensor  # [B, T−1] log π_ref per token
     ref_seq: torch.Tensor  # [B] log π_ref(y|x)
     values: dict[str, torch.Tensor]  # score column -> [B]
     utilities: torch.Tensor  # [B, m] g_j = sign_j·column_j
@@ -238,28 +239,8 @@ def train_primal_dual(cfg: PPOLagrangianConfig, rules: UpdateRules) -> dict[str,
     metrics.jsonl and dual.json; the policy at each of ``checkpoints`` in ``budgets/``."""
     _check(cfg)
     start_time = time.perf_counter()
-    run_dir = Path(cfg.run_dir)
-    scores_path = scores_file(run_dir, cfg.scores)
-    scores = read_table(scores_path) if scores_path.exists() else None
-    objective = load_objective(dual_file(run_dir, cfg.dual), scores, cfg.constraints, cfg.reward, cfg.beta)
-    specs = {parse_scorer(s).name: s for s in scorer_specs(cfg.scorers, scores_path)}
-    missing = [c for c in objective.columns if c not in specs]
-    if missing:
-        raise ConfigError(f"config key 'scorers': no scorer named '{missing[0]}'")
-    prompts = _training_prompts(cfg, scores_path)
-    max_new_tokens = cfg.max_new_tokens or sample_settings(scores_path).get("max_new_tokens") or 64
-    run_dir.mkdir(parents=True, exist_ok=True)
-    record_stage(run_dir, cfg.method, cfg, cfg.seed)
-    output_dir = Path(cfg.output_dir or run_dir / "policy")
-
-    device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    tokenizer = load_tokenizer(cfg.model, revision=cfg.revision)
-    policy = load_causal_lm(cfg.model, revision=cfg.revision, dtype="float32", device=device)
-    disable_dropout(policy)  # dropout would make the PPO ratio ≠ 1 on the first pass
-    policy.config.use_cache = True
-    reference = copy.deepcopy(policy).eval().requires_grad_(False)
-    scorers = {c: load_scorer(parse_scorer(specs[c]), device=str(device)) for c in objective.columns}
+    run = prepare(cfg)
+    objective, device, policy = run.objective, run.device, run.policy
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, fused=device.type == "cuda")
 
     lambdas = np.full(len(objective.thresholds), max(cfg.lambda_init, 1e-8))
@@ -267,13 +248,13 @@ def train_primal_dual(cfg: PPOLagrangianConfig, rules: UpdateRules) -> dict[str,
     trajectory = [lambdas.tolist()]
     steps, sampled = 0, 0
     tokens = {"generation": 0, "scored": 0, "reference": 0, "forward": 0, "training": 0}
-    metrics = run_dir / "metrics.jsonl"
+    metrics = run.run_dir / "metrics.jsonl"
     metrics.unlink(missing_ok=True)
-    tracker = Tracker(cfg.report_to, run_dir, config_to_dict(cfg), cfg.method)
-    batches = _prompt_batches(prompts, cfg.prompts_per_iteration, cfg.seed)
+    tracker = Tracker(cfg.report_to, run.run_dir, config_to_dict(cfg), cfg.method)
+    batches = _prompt_batches(run.prompts, cfg.prompts_per_iteration, cfg.seed)
     for it in Progress(range(cfg.iterations), desc=cfg.method, unit="iterations"):
-        rollout = _rollout(policy, reference, tokenizer, scorers, next(batches), objective, cfg, it,
-                           max_new_tokens, device)
+        rollout = _rollout(policy, run.reference, run.tokenizer, run.scorers, next(batches), objective, cfg, it,
+                           run.max_new_tokens, device)
         sampled += rollout.tokens
         window.append(rollout.utilities.mean(0).cpu().numpy())
         lambdas = rules.lambda_step(lambdas, np.mean(window, axis=0), objective.thresholds, it, cfg)
@@ -301,21 +282,71 @@ def train_primal_dual(cfg: PPOLagrangianConfig, rules: UpdateRules) -> dict[str,
                 f.write(json.dumps(line) + "\n")
             tracker.log(line, it + 1)
         if it + 1 in (cfg.checkpoints or []) and it + 1 < cfg.iterations:
-            budget = run_dir / "budgets" / str(it + 1)
-            _save_policy(policy, tokenizer, budget / "policy", cfg)
-            if scores is not None:
-                write_dual(method_dual(objective, scores, lambdas, 1.0, cfg.method), budget / "dual.json")
-            write_json({"method": cfg.method, "iterations": it + 1, "policy": str(budget / "policy"),
-                        "wall_s": time.perf_counter() - start_time,
-                        "gradient_steps": steps, "sampled_tokens": sampled, "tokens": tokens,
-                        "lambdas": dict(zip(objective.names, lambdas.tolist(), strict=True))},
-                       budget / "compute.json")
+            save_budget(run, cfg, it + 1, lambdas, {"wall_s": time.perf_counter() - start_time,
+                                                    "gradient_steps": steps, "sampled_tokens": sampled,
+                                                    "tokens": tokens})
     tracker.close()
-    _save_policy(policy, tokenizer, output_dir, cfg)
-    return iterative_summary(run_dir, cfg.method, objective, scores, lambdas, trajectory,
-                             {"gradient_steps": steps, "sampled_tokens": sampled, "output_dir": str(output_dir),
+    _save_policy(policy, run.tokenizer, run.output_dir, cfg)
+    return iterative_summary(run.run_dir, cfg.method, objective, run.scores, lambdas, trajectory,
+                             {"gradient_steps": steps, "sampled_tokens": sampled, "output_dir": str(run.output_dir),
                               "iterations": cfg.iterations, "tokens": tokens,
-                              "scorers": [specs[c] for c in objective.columns]})
+                              "scorers": [run.specs[c] for c in objective.columns]})
+
+
+@dataclass
+class OnlineRun:
+    """What an online primal-dual run starts from: its objective, prompts, scorers and models."""
+    run_dir: Path
+    output_dir: Path
+    scores: pd.DataFrame | None
+    objective: Objective
+    specs: dict[str, str]  # score column -> scorer spec
+    prompts: pd.DataFrame
+    max_new_tokens: int
+    device: torch.device
+    tokenizer: Any
+    policy: Any
+    reference: Any
+    scorers: dict[str, Any]
+
+
+def prepare(cfg: Any) -> OnlineRun:
+    """Read the objective and the training prompts, record the stage, load π (trained), π_ref (a
+    frozen copy) and the scorers; shared by every online method."""
+    run_dir = Path(cfg.run_dir)
+    scores_path = scores_file(run_dir, cfg.scores)
+    scores = read_table(scores_path) if scores_path.exists() else None
+    objective = load_objective(dual_file(run_dir, cfg.dual), scores, cfg.constraints, cfg.reward, cfg.beta)
+    specs = {parse_scorer(s).name: s for s in scorer_specs(cfg.scorers, scores_path)}
+    missing = [c for c in objective.columns if c not in specs]
+    if missing:
+        raise ConfigError(f"config key 'scorers': no scorer named '{missing[0]}'")
+    prompts = _training_prompts(cfg, scores_path)
+    max_new_tokens = cfg.max_new_tokens or sample_settings(scores_path).get("max_new_tokens") or 64
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record_stage(run_dir, cfg.method, cfg, cfg.seed)
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    tokenizer = load_tokenizer(cfg.model, revision=cfg.revision)
+    policy = load_causal_lm(cfg.model, revision=cfg.revision, dtype="float32", device=device)
+    disable_dropout(policy)  # dropout would make the PPO ratio ≠ 1 on the first pass
+    policy.config.use_cache = True
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    scorers = {c: load_scorer(parse_scorer(specs[c]), device=str(device)) for c in objective.columns}
+    return OnlineRun(run_dir, Path(cfg.output_dir or run_dir / "policy"), scores, objective, specs, prompts,
+                     max_new_tokens, device, tokenizer, policy, reference, scorers)
+
+
+def save_budget(run: OnlineRun, cfg: Any, iterations: int, lambdas: np.ndarray, cost: dict[str, Any]) -> None:
+    """The policy after ``iterations`` and what it cost so far (``cost``: wall_s, gradient_steps,
+    sampled_tokens, tokens, ...) in ``<run_dir>/budgets/<iterations>/``, with its dual.json."""
+    budget = run.run_dir / "budgets" / str(iterations)
+    _save_policy(run.policy, run.tokenizer, budget / "policy", cfg)
+    if run.scores is not None:
+        write_dual(method_dual(run.objective, run.scores, lambdas, 1.0, cfg.method), budget / "dual.json")
+    write_json({"method": cfg.method, "iterations": iterations, "policy": str(budget / "policy"), **cost,
+                "lambdas": dict(zip(run.objective.names, lambdas.tolist(), strict=True))},
+               budget / "compute.json")
 
 
 def _save_policy(policy, tokenizer, out: Path, cfg: PPOLagrangianConfig) -> None:
@@ -380,7 +411,7 @@ def _rollout(policy, reference, tokenizer, scorers: dict, prompts: pd.DataFrame,
                                            cfg.sample_batch_size, False), dtype=torch.float32, device=device)
               for c in objective.columns}
     g = torch.stack([c.sign * values[c.column] for c in objective.constraints], dim=1)
-    return Rollout(enc, mask, old, (old * mask).sum(-1), (ref * mask).sum(-1), values, g,
+    return Rollout(enc, mask, old, (old * mask).sum(-1), ref, (ref * mask).sum(-1), values, g,
                    int(df["response_tokens"].sum()), int(enc["attention_mask"].sum()))
 
 

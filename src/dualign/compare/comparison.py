@@ -55,6 +55,7 @@ from dualign.baselines.fixed_lambda import FixedLambdaConfig
 from dualign.baselines.grpo_lagrangian import GRPOLagrangianConfig
 from dualign.baselines.ppo_lagrangian import PPOLagrangianConfig
 from dualign.baselines.preference_dpo import PreferenceDPOConfig
+from dualign.baselines.safe_rlhf_ppo import SafeRLHFPPOConfig
 from dualign.compare.plots import plot_compare
 from dualign.compare.tables import (
     ITERATIVE,
@@ -87,10 +88,11 @@ from dualign.train import reference_logprobs
 from dualign.world import build_world, world_config
 
 METHODS = ("mocan", "mocan-recalibrated", "mocan-reachable", "fixed-lambda", "reward-only-mocan", "cost-only-mocan", "dpo-helpful",
-           "dpo-safe", "safedpo", "dual-ascent", "ppo-lagrangian", "grpo-lagrangian")
-ONLINE = ("ppo-lagrangian", "grpo-lagrangian")
+           "dpo-safe", "safedpo", "dual-ascent", "ppo-lagrangian", "ppo-lagrangian-critic", "grpo-lagrangian")
+ONLINE = ("ppo-lagrangian", "ppo-lagrangian-critic", "grpo-lagrangian")
 PREFERENCE = ("dpo-helpful", "dpo-safe", "safedpo")
-SECTIONS = {"dual-ascent": "dual_ascent", "ppo-lagrangian": "ppo_lagrangian", "grpo-lagrangian": "grpo_lagrangian",
+SECTIONS = {"dual-ascent": "dual_ascent", "ppo-lagrangian": "ppo_lagrangian",
+            "ppo-lagrangian-critic": "ppo_lagrangian_critic", "grpo-lagrangian": "grpo_lagrangian",
             **{m: "preference_dpo" for m in PREFERENCE}}
 SHARED_STAGES = (("sample", "samples.parquet"), ("score", "scores.parquet"), ("dual", "dual.json"))
 REACHABLE_DUAL = "dual_reachable.json"
@@ -107,6 +109,9 @@ class CompareConfig:
         "help": "DualAscentConfig keys on top of the train section (rounds, lambda_lr, checkpoints, ...)"})
     ppo_lagrangian: dict[str, Any] = field(default_factory=dict, metadata={
         "help": "PPOLagrangianConfig keys (iterations, num_samples, lambda_lr, checkpoints, ...)"})
+    ppo_lagrangian_critic: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "SafeRLHFPPOConfig keys of Safe-RLHF's critic-ful PPO-Lagrangian (iterations, critic_learning_rate, "
+                "gae_lambda, lambda_lr, checkpoints, ...)"})
     grpo_lagrangian: dict[str, Any] = field(default_factory=dict, metadata={
         "help": "GRPOLagrangianConfig keys (iterations, num_samples, lambda_lr, lambda_max, checkpoints, ...)"})
     preference_dpo: dict[str, Any] = field(default_factory=dict, metadata={
@@ -164,7 +169,8 @@ def load_compare_config(path: str | Path, overrides: dict[str, Any] | None = Non
 def _check_sections(cmp: CompareConfig) -> None:
     """Every method section and sweep setting builds its config, so a misspelled key fails before any work."""
     classes = {"dual_ascent": DualAscentConfig, "ppo_lagrangian": PPOLagrangianConfig,
-               "grpo_lagrangian": GRPOLagrangianConfig, "preference_dpo": PreferenceDPOConfig}
+               "ppo_lagrangian_critic": SafeRLHFPPOConfig, "grpo_lagrangian": GRPOLagrangianConfig,
+               "preference_dpo": PreferenceDPOConfig}
     for section, cls in classes.items():
         build_config(cls, {"model": "-", "run_dir": "-", **getattr(cmp, section)}, prefix=f"compare.{section}.")
     for method, settings in cmp.sweep.items():
@@ -317,7 +323,8 @@ def method_config(run, cmp: CompareConfig, r: Run, sub: Path, shared: Path, seed
     """The training config of one method run: its section (and sweep settings) on its base."""
     common = {"run_dir": str(sub), "scores": str(shared / "scores.parquet"), "seed": seed, "output_dir": None}
     if r.method in ONLINE:
-        cls = PPOLagrangianConfig if r.method == "ppo-lagrangian" else GRPOLagrangianConfig
+        cls = {"ppo-lagrangian": PPOLagrangianConfig, "ppo-lagrangian-critic": SafeRLHFPPOConfig,
+               "grpo-lagrangian": GRPOLagrangianConfig}[r.method]
         base = {"model": run.train.model, "template": run.train.template, "revision": run.train.revision,
                 "device": run.train.device, "beta": run.train.beta, "dual": str(shared / "dual.json"), **common}
         section = getattr(cmp, SECTIONS[r.method])

@@ -24,6 +24,10 @@ Seconds come from FLOPs over an achieved throughput per stage: by default a stat
 H100's dense bf16 peak (:data:`dualign.modeling.flops.UTILISATION`; an assumption, printed as one), or the
 FLOP/s a GPU check measured (``--throughputs``). Memory counts weights and optimizer state of the
 models held at once (:func:`dualign.modeling.flops.resident_memory_gb`), not activations or KV cache.
+
+:func:`literature_runs` gives the token counts of the published recipes, each figure with its
+source (:data:`SAFE_RLHF_PPO_LAG`: Safe-RLHF's critic-ful PPO-Lagrangian, two critics included;
+:data:`MOCAN_RECIPE`: the paper's MoCAN), for a 7B projection at the iteration counts those runs use.
 """
 
 from __future__ import annotations
@@ -194,3 +198,71 @@ def format_compute(plan: dict, cfg: ComputePlanConfig) -> str:
               f"GPU-hours: primal-dual RL / MoCAN = {rl['gpu_hours']['total'] / mocan['gpu_hours']['total']:.2g}×.",
               f"Throughputs {plan['throughput_source']}."]
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ the 7B projection's iteration counts
+
+@dataclass(frozen=True)
+class Sourced:
+    """A figure from the literature and where it comes from."""
+    value: float
+    source: str
+
+
+SAFE_RLHF = "PKU-Alignment/safe-rlhf scripts/ppo-lag.sh"
+# Safe-RLHF's PPO-Lagrangian as its script runs it. The number of training prompts (PKU-SafeRLHF's
+# train split) is not given here: this repository could not source it; pass it to
+# :func:`literature_runs`.
+SAFE_RLHF_PPO_LAG = {
+    "epochs": Sourced(1, f"{SAFE_RLHF}: --epochs 1 (passes over the training prompts)"),
+    "responses_per_prompt": Sourced(1, f"{SAFE_RLHF}: --num_return_sequences 1"),
+    "update_iters": Sourced(1, f"{SAFE_RLHF}: --update_iters 1 (PPO passes over each rollout)"),
+    "prompts_per_device_step": Sourced(16, f"{SAFE_RLHF}: --per_device_prompt_batch_size 16, "
+                                           "--per_device_train_batch_size 16, --gradient_accumulation_steps 1"),
+    "ptx_steps_per_rl_step": Sourced(1, f"{SAFE_RLHF}: --ptx_datasets alpaca, --ptx_coeff 16; "
+                                        "safe_rlhf/trainers/rl_trainer.py RLTrainer.train: one ptx_step per rl_step"),
+    "critics": Sourced(2, "safe_rlhf/algorithms/ppo_lag/trainer.py PPOLagTrainer: a reward and a cost critic, "
+                          "initialised from the reward and cost models (ppo-lag.sh: the critics' paths default to them)"),
+    "max_length": Sourced(512, f"{SAFE_RLHF}: --max_length 512 (prompt + response, a cap)"),
+}
+PAPER_MOCAN = "configs/paper_mocan.yaml (from the official code, shuoli90/CAN)"
+# MoCAN as the paper's official code runs it.
+MOCAN_RECIPE = {
+    "prompts": Sourced(1000, f"{PAPER_MOCAN}: the dual from 1,000 prompts (model_based_dual_trainer.ipynb)"),
+    "samples": Sourced(128, f"{PAPER_MOCAN}: 128 responses per prompt"),
+    "beta": Sourced(0.1, f"{PAPER_MOCAN}: β = 0.1 for MoCAN"),
+    "epochs": Sourced(3, f"{PAPER_MOCAN}: 3 epochs (cdpo/dpo.py)"),
+    "pairs": Sourced(27000, f"{PAPER_MOCAN}: 27 pairs per prompt, about the ~27k PKU-SafeRLHF-30K train pairs the "
+                            "official code trained on (a dualign choice; the paper's pair count is not stated there)"),
+    "max_length": Sourced(512, f"{PAPER_MOCAN}: max_length 512 (a cap)"),
+}
+
+
+def literature_runs(rl_train_prompts: int | None, prompt_tokens: float = 64,
+                    response_tokens: float = 256) -> dict[str, dict]:
+    """Tokens through each stage and the models held, (trained, frozen), of MoCAN's paper recipe and
+    of Safe-RLHF's PPO-Lagrangian at its script's iteration counts, for sequences of P + R tokens:
+
+    MoCAN:  generation, scored, reference  N·K·(P + R);  training 2·pairs·E·(P + R) (both responses of a pair)
+    PPO-Lag (E_p = prompts × epochs × responses episodes, U update passes):
+            generation, scored, reference, forward (log π_old)  E_p·(P + R);
+            training  E_p·(P + R)·U  +  E_p·(P + R)·ptx  (the PTX batch taken as long as a rollout's);
+            critic_forward  2·E_p·(P + R);  critic_training  2·E_p·(P + R)·U.
+
+    ``rl_train_prompts`` None: the PPO-Lagrangian row is left out (its iteration count not sourced).
+    """
+    seq = prompt_tokens + response_tokens
+    m = {k: v.value for k, v in MOCAN_RECIPE.items()}
+    n = m["prompts"] * m["samples"] * seq
+    out = {"mocan (paper recipe)": {"tokens": {"generation": n, "scored": n, "reference": n,
+                                               "training": 2 * m["pairs"] * m["epochs"] * seq},
+                                    "resident": (1, 0)}}
+    if rl_train_prompts is not None:
+        s = {k: v.value for k, v in SAFE_RLHF_PPO_LAG.items()}
+        e = rl_train_prompts * s["epochs"] * s["responses_per_prompt"] * seq
+        out["ppo-lagrangian-critic (Safe-RLHF)"] = {
+            "tokens": {"generation": e, "scored": e, "reference": e, "forward": e,
+                       "training": e * s["update_iters"] + e * s["ptx_steps_per_rl_step"],
+                       "critic_forward": s["critics"] * e, "critic_training": s["critics"] * e * s["update_iters"]},
+            "resident": (1 + int(s["critics"]), 3)}
+    return out

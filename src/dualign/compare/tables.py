@@ -19,18 +19,19 @@ from dualign.data.constraints import parse_constraint
 from dualign.data.records import ConstraintOutcome, EvalReport
 from dualign.modeling.flops import add_counts, project_run
 
-ITERATIVE = ("dual-ascent", "ppo-lagrangian", "grpo-lagrangian")
+ITERATIVE = ("dual-ascent", "ppo-lagrangian", "ppo-lagrangian-critic", "grpo-lagrangian")
 # The shared stages each method is charged for (it learns from their outputs).
 CHARGED = {"mocan": ("sample", "score", "dual"), "mocan-recalibrated": ("sample", "score", "dual"),
            "mocan-reachable": ("sample", "score", "dual_reachable"),
            **{m: ("sample", "score") for m in ("fixed-lambda", "reward-only-mocan", "cost-only-mocan", "dual-ascent")},
            **{m: ("preferences",) for m in ("dpo-helpful", "dpo-safe", "safedpo")},
-           **{m: () for m in ("ppo-lagrangian", "grpo-lagrangian")}}
+           **{m: () for m in ("ppo-lagrangian", "ppo-lagrangian-critic", "grpo-lagrangian")}}
 # Models held at once at 7B, (trained, frozen): the pair methods train the policy alone (log π_ref
 # comes with the samples or is taken before the first update); the online methods hold the policy,
-# π_ref and the reward and cost models while they generate (critic-free: Safe-RLHF's PPO-Lagrangian
-# also trains a reward and a cost critic, (3, 3)).
-RESIDENT = {**{m: (1, 0) for m in CHARGED}, "ppo-lagrangian": (1, 3), "grpo-lagrangian": (1, 3)}
+# π_ref and the reward and cost models while they generate; Safe-RLHF's PPO-Lagrangian also trains a
+# reward and a cost critic.
+RESIDENT = {**{m: (1, 0) for m in CHARGED}, "ppo-lagrangian": (1, 3), "ppo-lagrangian-critic": (3, 3),
+            "grpo-lagrangian": (1, 3)}
 
 
 

@@ -96,15 +96,20 @@ def scorer_forward_params(spec: str) -> int | None:
     return model_forward_params(parsed.target, kind) if kind else None
 
 
-def stage_flops(tokens: dict[str, float], policy_params: float, scorer_params: list[float | None]) -> dict[str, float]:
+def stage_flops(tokens: dict[str, float], policy_params: float, scorer_params: list[float | None],
+                critic_params: float = 0.0) -> dict[str, float]:
     """FLOPs per stage from token counts: ``tokens`` has ``generation``, ``reference``, ``forward``,
-    ``training`` (tokens through the policy) and ``scored`` (tokens each scorer processes, counted
-    once); returns {generation, scoring, reference, training, total} (``forward`` goes into training)."""
-    n, scorers = float(policy_params), sum(float(s) for s in scorer_params if s)
+    ``training`` (tokens through the policy), ``scored`` (tokens each scorer processes, counted
+    once) and, for a critic-ful method, ``critic_forward`` and ``critic_training`` (tokens through
+    the critics, each critic counted, of ``critic_params`` each); returns {generation, scoring,
+    reference, training, total} (``forward`` and the critics' passes go into training)."""
+    n, scorers, critic = float(policy_params), sum(float(s) for s in scorer_params if s), float(critic_params)
     out = {"generation": forward_flops(n, tokens.get("generation", 0)),
            "scoring": forward_flops(scorers, tokens.get("scored", 0)),
            "reference": forward_flops(n, tokens.get("reference", 0)),
-           "training": training_flops(n, tokens.get("training", 0)) + forward_flops(n, tokens.get("forward", 0))}
+           "training": training_flops(n, tokens.get("training", 0)) + forward_flops(n, tokens.get("forward", 0))
+           + training_flops(critic, tokens.get("critic_training", 0))
+           + forward_flops(critic, tokens.get("critic_forward", 0))}
     out["total"] = sum(out.values())
     return out
 
@@ -119,13 +124,16 @@ def add_counts(*counts: dict[str, float] | None) -> dict[str, float]:
 
 
 def project_flops(tokens: dict[str, float], params: float = 7e9, scorers: int = 2) -> dict[str, float]:
-    """The same token counts run by a policy and ``scorers`` reward/cost models of N = ``params`` each:
-    C_stage = TOKEN_COST[stage]·N·T_stage, scoring C = 2·N·T_scored per scorer."""
+    """The same token counts run by a policy, ``scorers`` reward/cost models and any critics of N =
+    ``params`` each: C_stage = TOKEN_COST[stage]·N·T_stage, scoring C = 2·N·T_scored per scorer,
+    the critics' passes (``critic_forward``, ``critic_training``, every critic counted) in training."""
     out = {"generation": TOKEN_COST["generation"] * params * tokens.get("generation", 0.0),
            "scoring": TOKEN_COST["scoring"] * params * scorers * tokens.get("scored", 0.0),
            "reference": TOKEN_COST["reference"] * params * tokens.get("reference", 0.0),
-           "training": params * (TOKEN_COST["training"] * tokens.get("training", 0.0)
-                                 + TOKEN_COST["forward"] * tokens.get("forward", 0.0))}
+           "training": params * (TOKEN_COST["training"] * (tokens.get("training", 0.0)
+                                                           + tokens.get("critic_training", 0.0))
+                                 + TOKEN_COST["forward"] * (tokens.get("forward", 0.0)
+                                                            + tokens.get("critic_forward", 0.0)))}
     out["total"] = sum(out.values())
     return out
 

@@ -1,0 +1,216 @@
+"""Efficiency in the regime one shot is built for: five thresholds of one constraint (ref−2 …
+ref−6 by default). MoCAN samples and scores once and shares them (and its dual solver) across the
+points, one dual and one fine-tune per point; each online method (Safe-RLHF's critic-ful
+PPO-Lagrangian, the critic-free PPO-Lagrangian, GRPO-Lagrangian) runs once per threshold. Each
+point is a ``dualign compare`` run (so the script resumes); the first point's sample and score
+stages are copied into every other point's ``shared/``.
+
+Reported per method: each point's verdict (met: the seed-mean point estimate on the held-out
+prompts), FLOPs and wall-clock on this machine; the compute to deliver all five points (MoCAN's
+shared stages counted once), at the final policies and, for the online methods, at the first
+checkpoint meeting each point; the same at 7B (the measured token counts re-costed,
+:func:`dualign.compare.tables.projection_table`) and at the literature's iteration counts
+(:func:`dualign.compare.compute_cost.literature_runs`).
+
+    python scripts/threshold_sweep.py --config compare_world --offsets -2 -3 -4 -5 -6 --out runs/sweep
+    python scripts/threshold_sweep.py --smoke --out /tmp/sweep-smoke     # a tiny check, seconds per run
+
+A threshold the dual finds infeasible on the shared samples is skipped (listed in sweep.json), so
+no method is charged for it. Outputs in ``--out``: sweep_points.csv (method × threshold), sweep.csv (one row per method: the
+five points together), sweep.json, sweep.png, and each point's comparison under ``points/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from headline_common import ONLINE, all_met, config_path, load, smoke_config
+
+from dualign._infra.errors import InfeasibleConstraintError
+from dualign._infra.io import read_json, write_json, write_table
+from dualign._infra.text_table import text_table
+from dualign.compare.comparison import run_compare
+from dualign.compare.compute_cost import literature_runs
+from dualign.data.constraints import parse_constraint
+from dualign.modeling.flops import add_counts, project_flops, project_run
+
+METHODS = ["mocan", *ONLINE]
+SHARED_ONCE = ("sample", "score")
+
+
+def point_constraint(constraint: str, offset: float) -> str:
+    """The constraint at threshold π_ref's mean + ``offset``: ``cost<=ref-4`` at −2 → ``cost<=ref-2``."""
+    c = parse_constraint(constraint)
+    return f"{c.column}{c.op}ref{offset:+g}"
+
+
+def share_samples(first: Path, shared: Path) -> None:
+    """Copy the first point's sample and score stages (and π_ref's evaluation samples) into another
+    point's ``shared/``, with their recorded cost; its dual is solved anew."""
+    shared.mkdir(parents=True, exist_ok=True)
+    for path in first.iterdir():
+        if path.name.startswith("dual") or path.name == "compute.json" or (shared / path.name).exists():
+            continue
+        (shutil.copytree if path.is_dir() else shutil.copyfile)(path, shared / path.name)
+    cost = read_json(first / "compute.json")
+    write_json({k: v for k, v in cost.items() if k in (*SHARED_ONCE, "sampled_tokens")}, shared / "compute.json")
+
+
+def point_rows(out: dict, offset: float, params: float) -> list[dict]:
+    """One row per label of one point: verdict, FLOPs and wall-clock (final and at first met), at 7B."""
+    cons = out["constraints"]
+    projection = {r["label"]: r for r in out["projection"]}
+    rows = []
+    for r in out["summary"]:
+        hit = out["first_met"].get(r["label"])
+        row = {"label": r["label"], "method": r["method"], "offset": offset, "met": all_met(r, cons),
+               **{c["name"]: r[c["name"]] for c in cons}, **{f"{c['name']}_threshold": r[f"{c['name']}_threshold"]
+                                                            for c in cons},
+               "reward": r["reward"], "kl": r["kl"], "flops": r["flops"], "wall_s": r["wall_s"],
+               "flops_first_met": hit["flops"] if hit else np.nan, "wall_s_first_met": hit["wall_s"] if hit else np.nan,
+               "flops_7b": projection[r["label"]]["flops"],
+               "flops_7b_first_met": projection[r["label"]].get("flops_at_first_met", np.nan)}
+        rows.append(row)
+    return rows
+
+
+def totals(points: pd.DataFrame, shared: dict, params: float) -> pd.DataFrame:
+    """Compute to deliver every point, per method: the sum over points, less MoCAN's shared sample
+    and score stages counted once per point beyond the first."""
+    once_flops = sum(shared["flops"][s]["total"] for s in SHARED_ONCE)
+    once_wall = sum(shared[s]["wall_s"] for s in SHARED_ONCE)
+    once_7b = project_flops(add_counts(*[shared["tokens"][s] for s in SHARED_ONCE]), params)["total"]
+    rows = []
+    for label, g in points.groupby("label", sort=False):
+        extra = len(g) - 1 if g["method"].iloc[0] == "mocan" else 0
+        rows.append({"label": label, "method": g["method"].iloc[0], "points": len(g), "points_met": int(g["met"].sum()),
+                     "delivered": bool(g["met"].all()),
+                     "flops": g["flops"].sum() - extra * once_flops, "wall_s": g["wall_s"].sum() - extra * once_wall,
+                     "flops_first_met": g["flops_first_met"].sum() if g["flops_first_met"].notna().all() else np.nan,
+                     "wall_s_first_met": g["wall_s_first_met"].sum() if g["wall_s_first_met"].notna().all() else np.nan,
+                     "flops_7b": g["flops_7b"].sum() - extra * once_7b,
+                     "flops_7b_first_met": (g["flops_7b_first_met"].sum() if g["flops_7b_first_met"].notna().all()
+                                            else np.nan)})
+    return pd.DataFrame(rows)
+
+
+def literature_table(points: int, rl_train_prompts: int | None, params: float) -> list[dict]:
+    """The literature's recipes at 7B for ``points`` thresholds: MoCAN's sample and score once and a
+    fine-tune per point; Safe-RLHF's PPO-Lagrangian a whole run per point."""
+    rows = []
+    for name, run in literature_runs(rl_train_prompts).items():
+        one = project_run(run["tokens"], run["resident"], params)
+        if name.startswith("mocan"):
+            shared = project_flops({k: v for k, v in run["tokens"].items() if k != "training"}, params)["total"]
+            total = shared + points * (one["flops"]["total"] - shared)
+        else:
+            total = points * one["flops"]["total"]
+        rows.append({"recipe": name, "flops_one_point": one["flops"]["total"], "flops_all_points": total,
+                     "memory_gb": one["memory_gb"]})
+    return rows
+
+
+def plot(points: pd.DataFrame, summary: pd.DataFrame, path: Path) -> None:
+    """Left: FLOPs to deliver the first k thresholds (k = 1..n); right: each point's achieved value
+    against its threshold."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    offsets = sorted(points["offset"].unique(), reverse=True)
+    for label, g in points.groupby("label", sort=False):
+        g = g.set_index("offset").loc[offsets]
+        flops = g["flops"].to_numpy(float)
+        cumulative = np.cumsum(flops)
+        if g["method"].iloc[0] == "mocan" and len(flops) > 1:  # the shared stages, in every point's row, paid once
+            once = (flops.sum() - summary.set_index("label").loc[label, "flops"]) / (len(flops) - 1)
+            cumulative = cumulative - np.arange(len(flops)) * once
+        left.plot(range(1, len(flops) + 1), cumulative, marker="o", label=label)
+        met = g["met"].to_numpy(bool)
+        left.scatter(np.arange(1, len(flops) + 1)[~met], cumulative[~met], marker="x", color="black", zorder=3)
+        name = [c for c in g.columns if c.endswith("_threshold")][0][: -len("_threshold")]
+        right.plot(offsets, g[name], marker="o", label=label)
+    right.plot(offsets, points.groupby("offset")[f"{name}_threshold"].mean().loc[offsets], "k--", label="threshold")
+    left.set_yscale("log")
+    left.set_xticks(range(1, len(offsets) + 1))
+    left.set_xlabel("thresholds delivered (ref−2, ref−3, … in order)")
+    left.set_ylabel("compute (FLOPs, this world)")
+    left.set_title("× = that point missed (point estimate)")
+    right.set_xlabel(f"threshold offset from π_ref's mean ({name} units)")
+    right.set_ylabel(f"achieved {name} (held-out mean)")
+    for ax in (left, right):
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default="compare_world", help="packaged compare config or a YAML path")
+    ap.add_argument("--offsets", type=float, nargs="+", default=[-2, -3, -4, -5, -6],
+                    help="thresholds as offsets from π_ref's mean, in the constraint's units")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--methods", nargs="+", default=METHODS)
+    ap.add_argument("--params", type=float, default=7e9, help="model size of the projection")
+    ap.add_argument("--rl-train-prompts", type=int, default=None,
+                    help="Safe-RLHF's training prompts (one epoch); not sourced here: without it, its row is left out")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--smoke", action="store_true", help="a tiny model and scorers: checks the script")
+    args = ap.parse_args(argv)
+    config = smoke_config(args.out / "smoke") if args.smoke else config_path(args.config)
+    offsets = [-0.25, -0.5] if args.smoke else args.offsets
+    base, _ = load(config, args.out / "points", {})
+    if len(base.dual.constraints) != 1:
+        raise SystemExit(f"{config}: the sweep moves one constraint's threshold; the dual has {base.dual.constraints}")
+    rows, first_shared, costed, infeasible = [], None, None, []
+    for offset in offsets:
+        text = point_constraint(base.dual.constraints[0], offset)
+        run, cmp = load(config, args.out / "points" / f"{offset:+g}", {"methods": args.methods, "seeds": args.seeds},
+                        {"dual": {"constraints": [text]}})
+        cmp.sweep = {}
+        shared = Path(run.run_dir) / "shared"
+        if first_shared is not None:
+            share_samples(first_shared, shared)
+        print(f"threshold {text} ...")
+        try:
+            out = run_compare(run, cmp, log=print)
+        except InfeasibleConstraintError as e:  # no method has a dual.json to train on there
+            print(f"threshold {text}: skipped, {e}")
+            infeasible.append(text)
+            continue
+        finally:
+            first_shared = first_shared or shared
+        rows += point_rows(out, offset, args.params)
+        costed = costed or shared
+    if costed is None:
+        raise SystemExit(f"every threshold is infeasible: {', '.join(infeasible)}")
+    points = pd.DataFrame(rows)
+    summary = totals(points, read_json(costed / "compute.json"), args.params)
+    literature = literature_table(len(offsets), args.rl_train_prompts, args.params)
+    write_table(points, args.out / "sweep_points.csv")
+    write_table(summary, args.out / "sweep.csv")
+    write_json({"config": str(config), "offsets": offsets, "seeds": args.seeds, "infeasible": infeasible,
+                "summary": summary.replace({np.nan: None}).to_dict("records"),
+                "points": points.replace({np.nan: None}).to_dict("records"), "literature_7b": literature},
+               args.out / "sweep.json")
+    plot(points, summary, args.out / "sweep.png")
+    g = lambda v: "" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.3g}"  # noqa: E731
+    print("\n".join(text_table(["method", "met", "FLOPs", "wall s", "FLOPs at first met", f"FLOPs at {args.params:.0e}"],
+                               [[r["label"], f"{r['points_met']}/{r['points']}", g(r["flops"]), g(r["wall_s"]),
+                                 g(r["flops_first_met"]), g(r["flops_7b"])] for r in summary.to_dict("records")])))
+    print("\nAt the literature's iteration counts:")
+    print("\n".join(text_table(["recipe", "FLOPs, one point", f"FLOPs, {len(offsets)} points", "memory GB"],
+                               [[r["recipe"], g(r["flops_one_point"]), g(r["flops_all_points"]), g(r["memory_gb"])]
+                                for r in literature])))
+    print(f"\nwritten: {args.out}/sweep.csv, sweep_points.csv, sweep.json, sweep.png")
+
+
+if __name__ == "__main__":
+    main()
