@@ -212,6 +212,38 @@ def test_a_stage_killed_at_any_write_is_redone_to_the_same_bytes(tmp_path, finis
         run_pipeline(resolve_run_config(changed), log=lambda s: None)
 
 
+def test_a_plot_that_fails_costs_one_line_not_the_run_and_a_resume_redraws_it_without_sampling(
+        tmp_path, finished_run, monkeypatch, capsys):
+    import dualign.data.report_view as view
+    import dualign.evaluate as ev
+
+    values, want = finished_run
+    run = tmp_path / "run"
+    shutil.copytree(values["run_dir"], run)
+    (run / "evaluate.done").unlink()
+    (run / "eval" / "predicted_vs_achieved.png").unlink()
+    calls = []
+    monkeypatch.setattr(ev, "sample_model", lambda *a, **k: calls.append(a) or pytest.fail("resampled"))
+    original = view._plot_predicted_vs_achieved
+
+    def broken(*a, **k):
+        raise ValueError("'yerr' must not contain negative values")
+
+    monkeypatch.setattr(view, "_plot_predicted_vs_achieved", broken)
+    config = {**values, "run_dir": str(run)}
+    report = run_pipeline(resolve_run_config(config), log=lambda s: None)   # finishes: the numbers are written
+    err = [line for line in capsys.readouterr().err.splitlines() if "could not draw" in line]
+    assert err == [f"evaluate: could not draw {run / 'eval' / 'predicted_vs_achieved.png'} (ValueError: 'yerr' "
+                   "must not contain negative values); report.json is written. Run `dualign evaluate` (or "
+                   "`dualign run`) again to redraw it from the cached samples."]
+    assert report["constraints"][0]["achieved"] == json.loads(want["eval/report.json"])["constraints"][0]["achieved"]
+    assert not (run / "evaluate.done").exists() and not (run / "eval" / "predicted_vs_achieved.png").exists()
+    monkeypatch.setattr(view, "_plot_predicted_vs_achieved", original)
+    run_pipeline(resolve_run_config(config), log=lambda s: None)               # the resume redraws
+    assert (run / "evaluate.done").exists() and calls == []
+    assert (run / "eval" / "predicted_vs_achieved.png").read_bytes() == want["eval/predicted_vs_achieved.png"]
+
+
 # ---------------------------------------------------------------------- one writer per directory
 
 def test_a_second_run_on_the_same_directory_fails_at_once_naming_the_first(tmp_path, tiny_gpt2):
