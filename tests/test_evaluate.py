@@ -229,3 +229,39 @@ def test_a_change_fixed_by_construction_has_no_ci_and_says_so_in_both_tables(tmp
         assert line.rstrip().endswith(FIXED), line
         assert "equals the required change by construction" in " ".join(text.split())
     assert plot_report(ref, pol, report, tmp_path, dpi=30) == {}
+
+
+def test_build_report_fields_equal_their_hand_computation():
+    """Two held-out prompts × 2 responses. π_ref's cost 1, 3 | 5, 7 (mean 4), the policy's 0, 2 | 2, 4
+    (mean 2, change −2); reward 1, 1 | 2, 2 → 2, 2 | 3, 3 (1.5 → 2.5); log π − log π_ref 0.1, 0.3 |
+    0.2, 0.4 (KL 0.25). dual.json: cost 3.0 → 1.2 (change −1.8), reward 1.2 → 2.0 (+0.8), β 0.37,
+    λ 0.7 (no default), threshold on its samples 1.5."""
+    import pandas as pd
+
+    from dualign.data.records import DualCI, DualRecord
+    from dualign.evaluate import EvaluateConfig, build_report
+
+    key = {"prompt_id": ["a", "a", "b", "b"], "sample_index": [0, 1, 0, 1]}
+    ref = pd.DataFrame({**key, "cost": [1.0, 3.0, 5.0, 7.0], "reward": [1.0, 1.0, 2.0, 2.0]})
+    pol = pd.DataFrame({**key, "cost": [0.0, 2.0, 2.0, 4.0], "reward": [2.0, 2.0, 3.0, 3.0],
+                        "logprob": [0.0] * 4, "ref_logprob": [-0.1, -0.3, -0.2, -0.4]})
+    dual = DualRecord(beta=0.37, reward="reward", constraints=["cost<=ref-1.5"], lambdas={"cost": 0.7},
+                      columns={"cost": "cost"}, thresholds={"cost": 1.5},
+                      predicted={"reward": 2.0, "cost": 1.2, "kl": 0.2}, reference={"reward": 1.2, "cost": 3.0, "kl": 0.0},
+                      ci=DualCI(0.95, 20, 0, {"cost": [0.5, 0.9]}, {"kl": [0.1, 0.3]},
+                                {"reward": [0.5, 1.1], "cost": [-2.0, -1.6]}))
+    cfg = EvaluateConfig(run_dir=".", reference="m", prompts="p", bootstrap=50,
+                         scorers=["reward=callable:m:f", "cost=callable:m:g"])
+    report = build_report(ref, pol, dual, cfg)
+    (row,) = report.constraints
+    assert (row.reference_eval, row.achieved, row.achieved_change) == pytest.approx((4.0, 2.0, -2.0))
+    assert row.threshold == pytest.approx(2.5) and row.threshold_dual == 1.5          # 4 − 1.5 held out
+    assert (row.predicted, row.reference_dual, row.predicted_change) == pytest.approx((1.2, 3.0, -1.8))
+    assert row.predicted_eval == pytest.approx(2.2)                                   # 4 + 1.2 − 3.0
+    assert row.prediction_error_frac == pytest.approx(0.2 / 1.8)
+    assert row.met and row.predicted_change_ci95 == [-2.0, -1.6]
+    pr = report.predicted_reward
+    assert (pr.predicted_eval, pr.predicted_change, pr.achieved_change) == pytest.approx((2.3, 0.8, 1.0))
+    assert (report.kl.achieved, report.kl.predicted) == pytest.approx((0.25, 0.2)) and report.kl.predicted_ci95 == [0.1, 0.3]
+    assert report.kl.within_predicted_ci is True and report.beta == 0.37 and report.lambdas == {"cost": 0.7}
+    assert report.win_rate == {"reward": 1.0} and report.n_prompts == 2
