@@ -64,13 +64,19 @@ def test_run_writes_every_stage_and_a_consistent_report(tmp_path, tiny_model):
                  "eval/report.json", "eval/scores.png", "eval/predicted_vs_achieved.png", "metrics.jsonl"):
         assert (run / name).exists(), name
     dual = json.loads((run / "dual.json").read_text())
-    assert dual["lambdas"]["cost"] > 0  # length-rewarding raises the vowel cost: the constraint binds
     assert report["n_responses"] == {"policy": 2 * len(PROMPTS), "reference": 2 * len(PROMPTS)}
     (row,) = report["constraints"]
     assert row["predicted"] == pytest.approx(dual["predicted"]["cost"])
-    assert row["ci95"][0] <= row["achieved"] <= row["ci95"][1]
     assert row["threshold"] == pytest.approx(row["reference_eval"])  # 'cost<=ref' on held-out prompts
-    assert 0.0 <= report["win_rate"]["reward"] <= 1.0
+    assert row["predicted_change"] == pytest.approx(0.0, abs=1e-8)  # 'cost<=ref' binds: no change, exactly
+    # Measured with this config on seeds 0–2 × both architectures (tiny models, 12 responses a
+    # side): λ* 0.46–1.26 (length-rewarding raises the vowel cost: the constraint binds), achieved
+    # Δcost −0.13 to 0.00 (its 95% CI about ±0.45), KL −0.09 to 0.68 (an estimate from 12
+    # responses), win rate 0.33–0.58. Asserted with margins of at least 0.2 on each side.
+    assert 0.2 <= dual["lambdas"]["cost"] <= 2.5, dual["lambdas"]
+    assert -0.8 <= row["achieved_change"] <= 0.5, row
+    assert -0.3 <= report["kl"]["achieved"] <= 1.5, report["kl"]
+    assert 0.1 <= report["win_rate"]["reward"] <= 0.85, report["win_rate"]
 
     stamps = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
     logs.clear()
