@@ -315,3 +315,17 @@ def test_a_cell_is_a_number_an_interval_or_blank(value, ci, sign):
     assert (num(value, sign) == "") == blank
     text = interval(ci, sign)
     assert text == "" or (text.startswith("[") and text.endswith("]"))
+
+
+@FAST
+@given(n_seeds=st.integers(1, 3), point=VALUES, lo=VALUES, hi=VALUES, std=VALUES)
+def test_the_comparisons_error_bars_are_finite_and_never_negative(n_seeds, point, lo, hi, std):
+    """compare's error bars (std over seeds, or a single evaluation's CI around its point) are
+    finite and ≥ 0 whatever an old report held, so matplotlib's errorbar never refuses them."""
+    from dualign.compare.plots import _err
+
+    point = 0.0 if point is None else point
+    with np.errstate(invalid="ignore", over="ignore"):
+        bars = _err({"n_seeds": n_seeds, "x": point, "x_lo": 0.0 if lo is None else lo,
+                     "x_hi": 0.0 if hi is None else hi, "x_std": std}, "x")
+    assert len(bars) == 2 and all(math.isfinite(v) and v >= 0 for v in bars)
