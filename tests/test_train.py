@@ -207,7 +207,10 @@ def test_grouped_batches_run_each_response_once_and_equal_single_pair_accumulati
     assert seen == [2] * 18
     for ma, mb in zip(_metrics(run_a), _metrics(run_b), strict=True):
         assert ma["loss"] == pytest.approx(mb["loss"], abs=1e-5)
-    assert _max_diff(_weights(run_a / "policy"), _weights(run_b / "policy")) < 1e-5
+    # Adam moves a weight by at most about lr = 1e-3 a step; float32 summation order (one batch of 6
+    # against 6 accumulated) shows in weights whose gradient is near zero, where Adam normalises it.
+    # 1e-4 is a tenth of one step's move: a dropped or doubled micro-batch moves weights by whole steps
+    assert _max_diff(_weights(run_a / "policy"), _weights(run_b / "policy")) < 1e-4
 
 
 def test_resumed_run_equals_uninterrupted_run(tmp_path, tiny_gpt2):
