@@ -31,7 +31,7 @@ def _flat(rewards, utilities):
 
 def _cvxpy_primal(rewards, utilities, thresholds, beta, weights=None):
     """max Σ_x Σ_k p_xk r_xk/N − β Σ_x KL(p_x‖w_x)/N s.t. Σ_x Σ_k p_xk g_jxk/N ≥ b_j; p_x ∈ simplex."""
-    cp = pytest.importorskip("cvxpy")
+    import cvxpy as cp  # in the dev extra: a missing cvxpy fails these tests, never skips them
     n, k, m = utilities.shape
     w = np.full((n, k), 1.0 / k) if weights is None else weights / weights.sum(1, keepdims=True)
     p = cp.Variable((n, k), nonneg=True)
@@ -342,11 +342,15 @@ def test_bootstrap_re_estimates_a_relative_threshold_on_each_resample_like_a_han
     np.testing.assert_allclose(fast.ci["predicted_reward_change"], [lo[2], hi[2]], rtol=1e-6)
     # the constraint binds: its predicted change is the margin on every resample
     np.testing.assert_allclose(fast.ci["predicted_utility_changes"][0], [margin, margin], atol=1e-6)
+    assert fast.change_fixed.tolist() == [True]  # so it is flagged, its interval no uncertainty
+    lo, hi = fast.ci["predicted_utility_changes"][0]
+    assert lo <= fast.predicted_utilities[0] - fast.reference_utilities[0] <= hi  # the point inside, always
     # a fixed threshold (today's mistake) gives a λ* interval several times too wide here
     fixed = dualign.solve_dual(rewards, g, b, 1.0, bootstrap=60, seed=7)
     width = np.diff(fast.ci["lambdas"][0])[0]
     assert np.diff(fixed.ci["lambdas"][0])[0] > 2.5 * width
     assert np.diff(fixed.ci["predicted_utilities"][0])[0] > 0 and width > 0
+    assert fixed.change_fixed.tolist() == [False]  # an absolute threshold's change varies
 
 
 def test_confidence_plan_makes_the_one_sided_bound_meet_the_threshold_at_a_cost():

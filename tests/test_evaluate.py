@@ -157,3 +157,111 @@ def test_closing_lines_name_every_file_worth_opening(tmp_path):
         assert str(tmp_path / name) in text
     for name in ("scores.png", "predicted_vs_achieved.png"):
         assert (tmp_path / "eval" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---------- the finish line: a zero-width interval and a point a rounding error outside it ----------
+
+
+@pytest.mark.parametrize("constraint,reference,predicted,ci", [
+    # the two cases of issue #29: the README's default world built with seed 23, and its PeCAN demo
+    ("cost<=ref-4", 0.0, -3.9999999745, [-3.999999999999999, -3.999999982571537]),
+    ("cost>=ref+0.3", 0.0, 0.2999999999999999, [0.2999999951878204, 0.2999999999999998]),
+])
+def test_a_prediction_a_rounding_error_outside_its_zero_width_ci_is_reported_and_drawn(
+        tmp_path, constraint, reference, predicted, ci):
+    """A dual.json written before the fix: its predicted change lies a rounding error outside its
+    CI. The report widens the CI to contain the point, and both plots are drawn."""
+    from dualign.data.records import DualCI, DualRecord, read_report, write_report
+    from dualign.data.report_view import format_report, plot_report
+    from dualign.evaluate import EvaluateConfig, build_report
+
+    assert not ci[0] <= predicted - reference <= ci[1]  # the case as the issue found it
+    ref, pol = _tables(shift=predicted)
+    ref["reward"], pol["reward"] = 1.0, 1.5
+    pol["logprob"], pol["ref_logprob"] = 0.0, -0.3
+    dual = DualRecord(beta=0.7, reward="reward", constraints=[constraint], lambdas={"cost": 1.3},
+                      columns={"cost": "cost"}, thresholds={"cost": reference + predicted},
+                      predicted={"reward": 1.4, "cost": reference + predicted, "kl": 0.2},
+                      reference={"reward": 1.0, "cost": reference, "kl": 0.0},
+                      ci=DualCI(0.95, 50, 0, {"cost": [1.0, 1.6]}, {"kl": [0.1, 0.3]},
+                                {"reward": [0.3, 0.5], "cost": ci}))
+    cfg = EvaluateConfig(run_dir=str(tmp_path), reference="m", prompts="p", bootstrap=100,
+                         scorers=["reward=callable:m:f", "cost=callable:m:g"])
+    report = build_report(ref, pol, dual, cfg)
+    (row,) = report.constraints
+    lo, hi = row.predicted_change_ci95
+    assert lo <= row.predicted_change <= hi
+    assert (lo, hi) == (min(ci[0], predicted), max(ci[1], predicted))  # widened by the rounding error only
+    assert plot_report(ref, pol, report, tmp_path, dpi=30) == {}
+    for name in ("scores.png", "predicted_vs_achieved.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    write_report(report, tmp_path / "report.json")
+    assert read_report(tmp_path / "report.json").constraints[0].predicted_change_ci95 == [lo, hi]
+    assert constraint in format_report(report)
+
+
+def test_a_change_fixed_by_construction_has_no_ci_and_says_so_in_both_tables(tmp_path):
+    """dual.json's ci.fixed names a binding relative constraint: dual's table and evaluate's table
+    print 'fixed (binding)' in its CI cell, the report carries no CI, the plot draws it without one."""
+    from dualign._infra.text_table import FIXED
+    from dualign.data.records import DualCI, DualRecord
+    from dualign.data.report_view import format_report, plot_report
+    from dualign.dual.stage import format_report as format_dual
+    from dualign.evaluate import EvaluateConfig, build_report
+
+    ref, pol = _tables(shift=-1.0)
+    ref["reward"], pol["reward"] = 1.0, 1.5
+    pol["logprob"], pol["ref_logprob"] = 0.0, -0.3
+    dual = DualRecord(beta=0.7, reward="reward", constraints=["cost<=ref-1"], lambdas={"cost": 1.3},
+                      columns={"cost": "cost"}, thresholds={"cost": -1.0},
+                      predicted={"reward": 1.4, "cost": -1.0, "kl": 0.2}, reference={"reward": 1.0, "cost": 0.0, "kl": 0.0},
+                      converged=True, iterations=4, kkt_residual=1e-10, num_prompts=30, num_samples=90,
+                      ci=DualCI(0.95, 50, 0, {"cost": [1.0, 1.6]}, {"kl": [0.1, 0.3], "reward": [1.3, 1.5],
+                                                                    "cost": [-1.2, -0.8]},
+                                {"reward": [0.3, 0.5]}, fixed=["cost"]))
+    cfg = EvaluateConfig(run_dir=str(tmp_path), reference="m", prompts="p", bootstrap=100,
+                         scorers=["reward=callable:m:f", "cost=callable:m:g"])
+    report = build_report(ref, pol, dual, cfg)
+    (row,) = report.constraints
+    assert row.predicted_change_fixed and row.predicted_change_ci95 is None
+    for text in (format_dual(dual), format_report(report)):
+        line = next(line for line in text.splitlines() if line.startswith("cost"))
+        assert line.rstrip().endswith(FIXED), line
+        assert "equals the required change by construction" in " ".join(text.split())
+    assert plot_report(ref, pol, report, tmp_path, dpi=30) == {}
+
+
+def test_build_report_fields_equal_their_hand_computation():
+    """Two held-out prompts × 2 responses. π_ref's cost 1, 3 | 5, 7 (mean 4), the policy's 0, 2 | 2, 4
+    (mean 2, change −2); reward 1, 1 | 2, 2 → 2, 2 | 3, 3 (1.5 → 2.5); log π − log π_ref 0.1, 0.3 |
+    0.2, 0.4 (KL 0.25). dual.json: cost 3.0 → 1.2 (change −1.8), reward 1.2 → 2.0 (+0.8), β 0.37,
+    λ 0.7 (no default), threshold on its samples 1.5."""
+    import pandas as pd
+
+    from dualign.data.records import DualCI, DualRecord
+    from dualign.evaluate import EvaluateConfig, build_report
+
+    key = {"prompt_id": ["a", "a", "b", "b"], "sample_index": [0, 1, 0, 1]}
+    ref = pd.DataFrame({**key, "cost": [1.0, 3.0, 5.0, 7.0], "reward": [1.0, 1.0, 2.0, 2.0]})
+    pol = pd.DataFrame({**key, "cost": [0.0, 2.0, 2.0, 4.0], "reward": [2.0, 2.0, 3.0, 3.0],
+                        "logprob": [0.0] * 4, "ref_logprob": [-0.1, -0.3, -0.2, -0.4]})
+    dual = DualRecord(beta=0.37, reward="reward", constraints=["cost<=ref-1.5"], lambdas={"cost": 0.7},
+                      columns={"cost": "cost"}, thresholds={"cost": 1.5},
+                      predicted={"reward": 2.0, "cost": 1.2, "kl": 0.2}, reference={"reward": 1.2, "cost": 3.0, "kl": 0.0},
+                      ci=DualCI(0.95, 20, 0, {"cost": [0.5, 0.9]}, {"kl": [0.1, 0.3]},
+                                {"reward": [0.5, 1.1], "cost": [-2.0, -1.6]}))
+    cfg = EvaluateConfig(run_dir=".", reference="m", prompts="p", bootstrap=50,
+                         scorers=["reward=callable:m:f", "cost=callable:m:g"])
+    report = build_report(ref, pol, dual, cfg)
+    (row,) = report.constraints
+    assert (row.reference_eval, row.achieved, row.achieved_change) == pytest.approx((4.0, 2.0, -2.0))
+    assert row.threshold == pytest.approx(2.5) and row.threshold_dual == 1.5          # 4 − 1.5 held out
+    assert (row.predicted, row.reference_dual, row.predicted_change) == pytest.approx((1.2, 3.0, -1.8))
+    assert row.predicted_eval == pytest.approx(2.2)                                   # 4 + 1.2 − 3.0
+    assert row.prediction_error_frac == pytest.approx(0.2 / 1.8)
+    assert row.met and row.predicted_change_ci95 == [-2.0, -1.6]
+    pr = report.predicted_reward
+    assert (pr.predicted_eval, pr.predicted_change, pr.achieved_change) == pytest.approx((2.3, 0.8, 1.0))
+    assert (report.kl.achieved, report.kl.predicted) == pytest.approx((0.25, 0.2)) and report.kl.predicted_ci95 == [0.1, 0.3]
+    assert report.kl.within_predicted_ci is True and report.beta == 0.37 and report.lambdas == {"cost": 0.7}
+    assert report.win_rate == {"reward": 1.0} and report.n_prompts == 2

@@ -579,16 +579,34 @@ def test_output_paths_that_are_directories_files_or_taken(ws, capsys):
         refused(capsys, ws, argv, match)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+# root may write anywhere: as root (how CI runs) the refusal is checked in a subprocess without
+# the capabilities that let root ignore file permissions (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH)
+UNPRIVILEGED = ["setpriv", "--bounding-set=-dac_override,-dac_read_search",
+                "--inh-caps=-dac_override,-dac_read_search"]
+
+
+def refused_unprivileged(capsys, root: Path, argv: list, match: str) -> None:
+    """``refused``, run without root's power over file permissions when this process has it."""
+    if os.geteuid() != 0:
+        refused(capsys, root, argv, match)
+        return
+    before = _tree(root)
+    res = subprocess.run([*UNPRIVILEGED, sys.executable, "-m", "dualign", *map(str, argv)], capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    lines = res.stderr.splitlines()
+    assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("dualign: error: "), (argv, res.stderr)
+    assert match in lines[0] and res.stdout == "" and _tree(root) == before
+
+
 def test_unwritable_output_directory(ws, capsys):
     locked = ws / "locked"
     locked.mkdir(exist_ok=True)
     locked.chmod(0o500)
     try:
-        refused(capsys, ws, ["plan", ws / "scores.csv", "--constraint", "cost<=ref-{0.1:1:3}", "--out",
-                             locked / "plan"], "not writable")
-        refused(capsys, ws, ["sample", "--model", ws / "model", "--prompts", ws / "prompts.jsonl",
-                             "--run-dir", locked / "run"], "not writable")
+        refused_unprivileged(capsys, ws, ["plan", ws / "scores.csv", "--constraint", "cost<=ref-{0.1:1:3}", "--out",
+                                          locked / "plan"], "not writable")
+        refused_unprivileged(capsys, ws, ["sample", "--model", ws / "model", "--prompts", ws / "prompts.jsonl",
+                                          "--run-dir", locked / "run"], "not writable")
     finally:
         locked.chmod(0o700)
 

@@ -64,13 +64,19 @@ def test_run_writes_every_stage_and_a_consistent_report(tmp_path, tiny_model):
                  "eval/report.json", "eval/scores.png", "eval/predicted_vs_achieved.png", "metrics.jsonl"):
         assert (run / name).exists(), name
     dual = json.loads((run / "dual.json").read_text())
-    assert dual["lambdas"]["cost"] > 0  # length-rewarding raises the vowel cost: the constraint binds
     assert report["n_responses"] == {"policy": 2 * len(PROMPTS), "reference": 2 * len(PROMPTS)}
     (row,) = report["constraints"]
     assert row["predicted"] == pytest.approx(dual["predicted"]["cost"])
-    assert row["ci95"][0] <= row["achieved"] <= row["ci95"][1]
     assert row["threshold"] == pytest.approx(row["reference_eval"])  # 'cost<=ref' on held-out prompts
-    assert 0.0 <= report["win_rate"]["reward"] <= 1.0
+    assert row["predicted_change"] == pytest.approx(0.0, abs=1e-8)  # 'cost<=ref' binds: no change, exactly
+    # Measured with this config on seeds 0–2 × both architectures (tiny models, 12 responses a
+    # side): λ* 0.46–1.26 (length-rewarding raises the vowel cost: the constraint binds), achieved
+    # Δcost −0.13 to 0.00 (its 95% CI about ±0.45), KL −0.09 to 0.68 (an estimate from 12
+    # responses), win rate 0.33–0.58. Asserted with margins of at least 0.2 on each side.
+    assert 0.2 <= dual["lambdas"]["cost"] <= 2.5, dual["lambdas"]
+    assert -0.8 <= row["achieved_change"] <= 0.5, row
+    assert -0.3 <= report["kl"]["achieved"] <= 1.5, report["kl"]
+    assert 0.1 <= report["win_rate"]["reward"] <= 0.85, report["win_rate"]
 
     stamps = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
     logs.clear()
@@ -210,6 +216,38 @@ def test_a_stage_killed_at_any_write_is_redone_to_the_same_bytes(tmp_path, finis
     changed = {**values, "run_dir": str(run), stage: {**values[stage], **section}}
     with pytest.raises(InputError, match=f"stage '{stage}' was run with a different config"):
         run_pipeline(resolve_run_config(changed), log=lambda s: None)
+
+
+def test_a_plot_that_fails_costs_one_line_not_the_run_and_a_resume_redraws_it_without_sampling(
+        tmp_path, finished_run, monkeypatch, capsys):
+    import dualign.data.report_view as view
+    import dualign.evaluate as ev
+
+    values, want = finished_run
+    run = tmp_path / "run"
+    shutil.copytree(values["run_dir"], run)
+    (run / "evaluate.done").unlink()
+    (run / "eval" / "predicted_vs_achieved.png").unlink()
+    calls = []
+    monkeypatch.setattr(ev, "sample_model", lambda *a, **k: calls.append(a) or pytest.fail("resampled"))
+    original = view._plot_predicted_vs_achieved
+
+    def broken(*a, **k):
+        raise ValueError("'yerr' must not contain negative values")
+
+    monkeypatch.setattr(view, "_plot_predicted_vs_achieved", broken)
+    config = {**values, "run_dir": str(run)}
+    report = run_pipeline(resolve_run_config(config), log=lambda s: None)   # finishes: the numbers are written
+    err = [line for line in capsys.readouterr().err.splitlines() if "could not draw" in line]
+    assert err == [f"evaluate: could not draw {run / 'eval' / 'predicted_vs_achieved.png'} (ValueError: 'yerr' "
+                   "must not contain negative values); report.json is written. Run `dualign evaluate` (or "
+                   "`dualign run`) again to redraw it from the cached samples."]
+    assert report["constraints"][0]["achieved"] == json.loads(want["eval/report.json"])["constraints"][0]["achieved"]
+    assert not (run / "evaluate.done").exists() and not (run / "eval" / "predicted_vs_achieved.png").exists()
+    monkeypatch.setattr(view, "_plot_predicted_vs_achieved", original)
+    run_pipeline(resolve_run_config(config), log=lambda s: None)               # the resume redraws
+    assert (run / "evaluate.done").exists() and calls == []
+    assert (run / "eval" / "predicted_vs_achieved.png").read_bytes() == want["eval/predicted_vs_achieved.png"]
 
 
 # ---------------------------------------------------------------------- one writer per directory

@@ -25,7 +25,9 @@ from dualign.train import TrainConfig, train
 PROMPTS = ["How do I cook rice?", "How can I pick a lock?", "Write a poem about rain.", "Tell me a joke."]
 RESPONSES = ["Rinse the rice, then simmer it.", "I can't help with that.", "Rain taps softly on the roof.",
              "Why did the chicken cross the road?"]
-DUAL = DualRecord(beta=0.1, reward="reward", constraints=["cost<=ref-0.5"], lambdas={"cost": 0.5},
+# β and λ differ from every default and fallback (train's β fallback is 0.1), so a trainer that
+# ignored dual.json's values, or scaled them, would show it
+DUAL = DualRecord(beta=0.37, reward="reward", constraints=["cost<=ref-0.5"], lambdas={"cost": 0.7},
                   columns={"cost": "cost"}, feasible=True, converged=True, iterations=3, dual_value=1.0,
                   thresholds={"cost": 0.1}, predicted={"reward": 0.9, "cost": 0.1, "kl": 0.4},
                   reference={"reward": 0.2, "cost": 0.6, "kl": 0.0})
@@ -74,7 +76,7 @@ def test_pairs_from_scores_margin_is_lagrangian_reward_difference():
     scores = _scores()
     pairs = pairs_from_scores(scores, DUAL)
     assert len(pairs) == 4 * 6  # K(K−1)/2 per prompt
-    r_lambda = scores["reward"] - 0.5 * scores["cost"]  # g = −cost for cost<=…
+    r_lambda = scores["reward"] - 0.7 * scores["cost"]  # g = −cost for cost<=…, λ = 0.7 by hand
     first = scores[scores.prompt_id == "p0"]
     row = pairs.iloc[2]  # p0: (0,1), (0,2), (0,3): a = sample 0, b = sample 3
     assert row.response_a == first.response.iloc[0] and row.response_b == first.response.iloc[3]
@@ -95,7 +97,7 @@ def test_pairs_from_preferences_hard_and_scored():
     scored = pd.DataFrame({"prompt": ["x"], "response_0": ["u"], "response_1": ["v"], "reward_0": [1.0],
                            "reward_1": [0.5], "cost_0": [2.0], "cost_1": [0.0]})
     pairs = pairs_from_preferences(scored, DUAL)
-    assert pairs.target_margin.tolist() == pytest.approx([(1.0 - 0.5 * 2.0) - 0.5])
+    assert pairs.target_margin.tolist() == pytest.approx([(1.0 - 0.7 * 2.0) - 0.5])
     with pytest.raises(InputError, match="cost_1"):
         pairs_from_preferences(scored.drop(columns="cost_1"), DUAL)
 
@@ -220,7 +222,10 @@ def test_grouped_batches_run_each_response_once_and_equal_single_pair_accumulati
     assert seen == [2] * 18
     for ma, mb in zip(_metrics(run_a), _metrics(run_b), strict=True):
         assert ma["loss"] == pytest.approx(mb["loss"], abs=1e-5)
-    assert _max_diff(_weights(run_a / "policy"), _weights(run_b / "policy")) < 1e-5
+    # Adam moves a weight by at most about lr = 1e-3 a step; float32 summation order (one batch of 6
+    # against 6 accumulated) shows in weights whose gradient is near zero, where Adam normalises it.
+    # 1e-4 is a tenth of one step's move: a dropped or doubled micro-batch moves weights by whole steps
+    assert _max_diff(_weights(run_a / "policy"), _weights(run_b / "policy")) < 1e-4
 
 
 def test_resumed_run_equals_uninterrupted_run(tmp_path, tiny_gpt2):
@@ -248,6 +253,7 @@ def test_training_moves_logratios_towards_target_margins(tmp_path, tiny_model):
     scores = _scores()
     # a toy world where a response's Lagrangian reward does not depend on the prompt
     scores["reward"] = scores.response.map(dict(zip(RESPONSES, [0.4, -0.3, 0.1, -0.1], strict=True)))
+    scores["cost"] = scores.response.map(dict(zip(RESPONSES, [0.2, -0.4, 0.3, 0.0], strict=True)))
     write_table(scores, run_dir / "scores.parquet")
     cfg = _cfg(tiny_model, run_dir, num_epochs=2, learning_rate=5e-3)
     train(cfg)
@@ -264,6 +270,17 @@ def test_training_moves_logratios_towards_target_margins(tmp_path, tiny_model):
     implicit_margin = (delta[0] - delta[1]).numpy()
     corr = np.corrcoef(implicit_margin, pairs.target_margin)[0, 1]
     assert corr > 0.5, corr
+    # scale-sensitive: β·(implicit margin) against the margin computed here by hand from β = 0.37
+    # and λ = 0.7 (r_λ = reward − 0.7·cost); the fit's slope is 1 at the loss's optimum. Measured
+    # (this test's setup, seeds 0–2, both architectures): slope 0.81–1.25 where training learns;
+    # a trainer on train's fallback β 0.1 instead of dual.json's gives 3.75–3.85. Bounds [0.5, 2]:
+    # a margin of ≥ 0.3 below and ≥ 0.75 above the measured range, ≥ 1.75 below the wrong β.
+    r_lambda = {resp: r - 0.7 * c for resp, r, c in zip(RESPONSES, [0.4, -0.3, 0.1, -0.1], [0.2, -0.4, 0.3, 0.0],
+                                                        strict=True)}
+    target = (pairs.response_a.map(r_lambda) - pairs.response_b.map(r_lambda)).to_numpy()
+    h = 0.37 * implicit_margin
+    slope = float(h @ target / (target @ target))
+    assert 0.5 < slope < 2.0, slope
     metrics = _metrics(run_dir)
     assert metrics[-1]["rewards/accuracies"] > metrics[0]["rewards/accuracies"] or metrics[-1]["rewards/accuracies"] > 0.8
     for name in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
@@ -306,7 +323,7 @@ def test_lora_saves_loadable_merged_model_and_adapter_with_model_card(tmp_path, 
     diff = max((a - b).abs().max().item() for a, b in zip(merged.parameters(), ref.parameters(), strict=True))
     assert diff > 1e-6
     card = (policy / "README.md").read_text()
-    assert "beta (β): 0.1" in card and '"cost": 0.5' in card and "cost<=ref-0.5" in card and "scores: `" in card
+    assert "beta (β): 0.37" in card and '"cost": 0.7' in card and "cost<=ref-0.5" in card and "scores: `" in card
     assert (policy / "dualign_train.yaml").exists() and (policy / "tokenizer.json").exists()
 
     out = tmp_path / "adapter"

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import shutil
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,7 +125,8 @@ def cluster_bootstrap_ci(values: np.ndarray, groups: np.ndarray, n_boot: int = 1
     """Mean of ``values`` and a percentile CI from resampling whole groups (prompts) with replacement.
 
     mean = Σ_i v_i / n;  a bootstrap replicate draws G groups with replacement and takes the mean
-    of all their values (responses of one prompt are correlated, so prompts are the unit).
+    of all their values (responses of one prompt are correlated, so prompts are the unit). The
+    interval is widened to contain the mean where rounding or skew would leave it outside.
     """
     seg = Segments.of(groups)
     sums = seg.sum(seg.group(np.asarray(values, dtype=float)))
@@ -136,7 +138,7 @@ def cluster_bootstrap_ci(values: np.ndarray, groups: np.ndarray, n_boot: int = 1
     draws = rng.integers(0, len(sums), size=(n_boot, len(sums)))
     reps = sums[draws].sum(1) / counts[draws].sum(1)
     lo, hi = np.quantile(reps, [(1 - level) / 2, (1 + level) / 2])
-    return mean, float(lo), float(hi)
+    return mean, float(min(lo, mean)), float(max(hi, mean))
 
 
 def win_rate(policy_scores: np.ndarray, reference_scores: np.ndarray) -> float:
@@ -179,25 +181,36 @@ class Paired:
         return float(v.mean()), v[self.draws].mean(axis=1)
 
 
-def percentile_ci(draws: np.ndarray, level: float = 0.95) -> list[float]:
-    """The two-sided percentile interval of bootstrap draws ([nan, nan] without draws)."""
+def percentile_ci(draws: np.ndarray, level: float = 0.95, point: float | None = None) -> list[float]:
+    """The two-sided percentile interval of bootstrap draws ([nan, nan] without draws), widened to
+    contain ``point`` (the estimate the draws resample) when it is given."""
     if draws.size < 2:
         return [float("nan"), float("nan")]
-    return np.quantile(draws, [(1 - level) / 2, (1 + level) / 2]).tolist()
+    lo, hi = np.quantile(draws, [(1 - level) / 2, (1 + level) / 2]).tolist()
+    return [lo, hi] if point is None else containing([lo, hi], point)
+
+
+def containing(ci: list[float] | None, point: float | None) -> list[float] | None:
+    """``ci`` widened to contain ``point``: a point is never outside its own interval (a zero-width
+    interval of a value fixed by construction can miss it by a rounding error)."""
+    if ci is None or point is None or not np.isfinite(point) or any(np.isnan(v) for v in ci):
+        return ci
+    return [min(ci[0], point), max(ci[1], point)]
 
 
 def verdicts(point: float, draws: np.ndarray, bound: float, op: str, level: float = 0.95) -> dict:
     """Whether ``point`` (a mean or a change, with its bootstrap ``draws``) satisfies ``op bound``:
     ``met`` by the point estimate, ``met_confidently`` by the one-sided ``level`` bound (the
     ``level`` quantile for ≤, the 1 − ``level`` one for ≥), ``not_rejected`` when the two-sided
-    ``level`` CI reaches it."""
+    ``level`` CI reaches it. The bound and the CI are widened to contain ``point``, so met
+    confidently ⇒ met ⇒ not rejected; without draws the two interval verdicts are unknown (None)."""
     below = op == "<="
-    if draws.size < 2:
-        one_sided, (lo, hi) = float("nan"), (float("nan"), float("nan"))
-    else:
-        one_sided = float(np.quantile(draws, level if below else 1 - level))
-        lo, hi = percentile_ci(draws, level)
     holds = (lambda v: v <= bound) if below else (lambda v: v >= bound)
+    if draws.size < 2:
+        return {"met": bool(holds(point)), "met_confidently": None, "not_rejected": None, "bound95": None}
+    one_sided = float(np.quantile(draws, level if below else 1 - level))
+    one_sided = max(one_sided, point) if below else min(one_sided, point)
+    lo, hi = percentile_ci(draws, level, point)
     return {"met": bool(holds(point)), "met_confidently": bool(holds(one_sided)),
             "not_rejected": bool(holds(lo if below else hi)), "bound95": one_sided}
 
@@ -378,9 +391,13 @@ def evaluate(cfg: EvaluateConfig) -> Path:
     if (run_dir / "recalibrate.json").exists():
         report.recalibration = recalibration_summary(read_json(run_dir / "recalibrate.json"))
     write_report(report, out_dir / "report.json")
-    plot_report(tables["reference"], tables["policy"], report, out_dir)
+    failed = plot_report(tables["reference"], tables["policy"], report, out_dir)
     record_stage(run_dir, "evaluate", cfg, cfg.seed)
-    mark_done(run_dir, "evaluate")
+    for name, error in failed.items():
+        print(f"evaluate: could not draw {out_dir / name} ({error}); report.json is written. Run `dualign "
+              "evaluate` (or `dualign run`) again to redraw it from the cached samples.", file=sys.stderr)
+    if not failed:  # left undone, a resume redraws the plots from eval/samples_*.parquet
+        mark_done(run_dir, "evaluate")
     return out_dir / "report.json"
 
 
@@ -437,6 +454,7 @@ def build_report(ref: pd.DataFrame, pol: pd.DataFrame, dual: DualRecord, cfg: Ev
     kl_mean, kl_lo, kl_hi = cluster_bootstrap_ci((pol["logprob"] - pol["ref_logprob"]).to_numpy(),
                                                  pol["prompt_id"].to_numpy(), cfg.bootstrap, cfg.seed)
     change_ci = dual.ci.predicted_change if dual.ci is not None else {}
+    fixed = set(dual.ci.fixed) if dual.ci is not None else set()
     key = ["prompt_id", "sample_index"]
     matched = ref[key + [reward]].merge(pol[key + [reward]], on=key, suffixes=("_ref", "_pol"))
     rows = []
@@ -454,13 +472,14 @@ def build_report(ref: pd.DataFrame, pol: pd.DataFrame, dual: DualRecord, cfg: Ev
             threshold_dual=dual.thresholds[name], reference_eval=ref_eval, achieved=achieved, ci95=[lo, hi],
             predicted=predicted, reference_dual=ref_dual, predicted_eval=ref_eval + predicted - ref_dual,
             predicted_change=predicted - ref_dual, achieved_change=change,
-            achieved_change_ci95=percentile_ci(change_draws),
+            achieved_change_ci95=percentile_ci(change_draws, point=change),
             prediction_error_frac=prediction_error(change, predicted - ref_dual),
-            predicted_change_ci95=change_ci.get(name), **verdict))
+            predicted_change_ci95=containing(change_ci.get(name), predicted - ref_dual),
+            predicted_change_fixed=name in fixed, **verdict))
     pred_r, ref_r = dual.predicted[reward], dual.reference[reward]
     r_change, r_draws = paired.change(reward)
-    r_pred_ci = change_ci.get(reward)
-    kl_pred_ci = dual.ci.predicted.get("kl") if dual.ci is not None else None
+    r_pred_ci = containing(change_ci.get(reward), pred_r - ref_r)
+    kl_pred_ci = containing(dual.ci.predicted.get("kl") if dual.ci is not None else None, dual.predicted.get("kl"))
     report = EvalReport(
         n_prompts=int(pol["prompt_id"].nunique()), n_responses={"policy": len(pol), "reference": len(ref)},
         beta=dual.beta, lambdas=dual.lambdas, reference=ref_sum, policy=pol_sum,
@@ -470,7 +489,7 @@ def build_report(ref: pd.DataFrame, pol: pd.DataFrame, dual: DualRecord, cfg: Ev
         constraints=rows,
         predicted_reward=RewardPrediction(
             pred_r, ref_r, ref_sum[reward].mean + pred_r - ref_r, pred_r - ref_r, r_pred_ci, r_change,
-            percentile_ci(r_draws), None if r_pred_ci is None else bool(r_pred_ci[0] <= r_change <= r_pred_ci[1])),
+            percentile_ci(r_draws, point=r_change), None if r_pred_ci is None else bool(r_pred_ci[0] <= r_change <= r_pred_ci[1])),
         reward=reward, tilt="reachable" if dual.reachable is not None else "samples")
     if "judge_harmful" in pol:
         report.judge = {"reference": _judge_summary(ref, cfg), "policy": _judge_summary(pol, cfg)}

@@ -188,7 +188,7 @@ def _measure(cfg: RecalibrateConfig, policy: str, prompts: pd.DataFrame, objecti
     change, ci = {}, {}
     for col in columns:
         point, draws = paired.change(col)
-        change[col], ci[col] = point, percentile_ci(draws)
+        change[col], ci[col] = point, percentile_ci(draws, point=point)
     reference = {col: float(paired.reference[col].mean()) for col in columns}
     return {"change": change, "change_ci95": ci, "reference": reference, "sampled_tokens": tokens}
 

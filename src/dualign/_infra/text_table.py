@@ -6,6 +6,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+# the CI cell of a predicted change that is fixed by construction (dual.json ci.fixed)
+FIXED = "fixed (binding)"
+FIXED_NOTE = ("fixed (binding): a relative constraint that binds on every bootstrap resample; its predicted change "
+              "equals the required change by construction, so it has no CI.")
+
 
 def text_table(header: Sequence[str], rows: Sequence[Sequence[str]], indent: str = "") -> list[str]:
     """The table's lines (header first); a row shorter than the header is padded with blanks, and
@@ -24,14 +29,15 @@ def text_table(header: Sequence[str], rows: Sequence[Sequence[str]], indent: str
 
 
 def num(value: float | None, sign: bool = False, digits: int = 3) -> str:
-    """``value`` to ``digits`` significant digits (``+`` on positives with ``sign``); blank for None/NaN."""
+    """``value`` to ``digits`` significant digits (``+`` on positives with ``sign``); blank for None/NaN;
+    ±inf as ``inf``/``-inf``."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
-    return f"{value:{'+' if sign else ''}.{digits}g}"
+    return f"{float(value):{'+' if sign else ''}.{digits}g}"
 
 
 def interval(ci: Sequence[float] | None, sign: bool = False, digits: int = 3) -> str:
-    """``[lo, hi]``, blank when absent or NaN."""
-    if not ci or any(v is None or (isinstance(v, float) and math.isnan(v)) for v in ci):
+    """``[lo, hi]``, blank when absent, not two values, or NaN; a one-sided interval shows its infinite end."""
+    if ci is None or len(ci) != 2 or any(v is None or (isinstance(v, float) and math.isnan(v)) for v in ci):
         return ""
     return f"[{num(ci[0], sign, digits)}, {num(ci[1], sign, digits)}]"

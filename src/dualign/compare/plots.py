@@ -34,10 +34,13 @@ def _save(fig, path: Path) -> None:
 
 
 def _err(r: dict, key: str) -> tuple[float, float]:
-    """Error bar half-widths: the std over seeds, or the evaluation's 95% CI with one seed."""
+    """Error bar half-widths: the std over seeds, or the evaluation's 95% CI with one seed; a
+    missing, infinite or negative one (a point outside an old report's interval) is drawn as 0."""
     if r["n_seeds"] > 1:
-        return r[f"{key}_std"], r[f"{key}_std"]
-    return r[key] - r[f"{key}_lo"], r[f"{key}_hi"] - r[key]
+        low = high = r[f"{key}_std"]
+    else:
+        low, high = r[key] - r[f"{key}_lo"], r[f"{key}_hi"] - r[key]
+    return tuple(float(v) if v is not None and np.isfinite(v) and v > 0 else 0.0 for v in (low, high))
 
 
 def plot_compare(out: dict[str, Any], root: Path, log=print) -> None:

@@ -38,6 +38,9 @@ class DualCI:
     # the change π_λ makes over π_ref on the same resample (reward column, constraint names): a
     # relative threshold's reference level is re-estimated on every resample
     predicted_change: dict[str, list[float]] = field(default_factory=dict)
+    # constraint names whose predicted change is fixed by construction (a relative constraint
+    # binding on every resample: the change equals its margin); they have no predicted_change CI
+    fixed: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -210,6 +213,7 @@ class ConstraintOutcome:
     not_rejected: bool | None
     bound95: float | None  # the one-sided 95% bound met_confidently is judged on (value or change)
     predicted_change_ci95: list[float] | None = None  # the dual's bootstrap CI
+    predicted_change_fixed: bool = False  # dual.json ci.fixed: the change is the margin by construction, no CI
 
 
 @dataclass

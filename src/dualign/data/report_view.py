@@ -15,42 +15,64 @@ import numpy as np
 import pandas as pd
 
 from dualign._infra.io import atomic_path
-from dualign._infra.text_table import interval, num, text_table
+from dualign._infra.text_table import FIXED, FIXED_NOTE, interval, num, text_table
 from dualign.data.constraints import parse_constraint
 from dualign.data.records import ConstraintOutcome, EvalReport
 
 
-def plot_report(ref: pd.DataFrame, pol: pd.DataFrame, report: EvalReport, out_dir: Path) -> None:
+def plot_report(ref: pd.DataFrame, pol: pd.DataFrame, report: EvalReport, out_dir: Path,
+                dpi: int = 110) -> dict[str, str]:
     """scores.png: each score's distribution under π_ref and the aligned policy;
     predicted_vs_achieved.png: per constraint, the reward and the KL, the dual's predicted change
-    beside the achieved one (each with its 95% CI), the required change and λ*."""
+    beside the achieved one (each with its 95% CI), the required change and λ*.
+
+    Each plot is drawn whole or not at all (a temporary file, then a rename); one that fails does
+    not stop the other. Returns the failures, file name → the error in one line (empty: all drawn).
+    Values that cannot be drawn (None, NaN, ±inf) are left out of a plot rather than failing it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    _plot_scores(plt, ref, pol, report, out_dir / "scores.png")
-    _plot_predicted_vs_achieved(plt, report, out_dir / "predicted_vs_achieved.png")
+    failed = {}
+    for name, draw in (("scores.png", lambda path: _plot_scores(plt, ref, pol, report, path, dpi)),
+                       ("predicted_vs_achieved.png", lambda path: _plot_predicted_vs_achieved(plt, report, path, dpi))):
+        try:
+            draw(out_dir / name)
+        except Exception as e:  # a picture never costs the numbers: the caller reports it in one line
+            plt.close("all")
+            failed[name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return failed
 
 
 COLORS = {"reference": "0.45", "policy": "tab:orange", "predicted": "tab:blue"}
 
 
-def _save(plt, fig, path: Path) -> None:
+def _save(plt, fig, path: Path, dpi: int) -> None:
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+        fig.savefig(tmp, format="png", dpi=dpi)
     plt.close(fig)
 
 
-def _plot_scores(plt, ref: pd.DataFrame, pol: pd.DataFrame, report: EvalReport, path: Path) -> None:
+def _finite(value) -> bool:
+    return value is not None and bool(np.isfinite(value))
+
+
+def _plot_scores(plt, ref: pd.DataFrame, pol: pd.DataFrame, report: EvalReport, path: Path, dpi: int) -> None:
     cols = list(report.policy)
     rules = {c.column: c.constraint for c in report.constraints}
-    fig, axes = plt.subplots(1, len(cols), figsize=(5 * len(cols), 4.2), squeeze=False)
-    for ax, c in zip(axes[0], cols, strict=True):
-        bins = np.histogram_bin_edges(np.concatenate([ref[c], pol[c]]), bins=30)
-        for side, df, label in (("reference", ref, "π_ref"), ("policy", pol, "aligned policy")):
-            ax.hist(df[c], bins=bins, histtype="step", lw=1.8, color=COLORS[side], label=label)
-            ax.axvline(df[c].mean(), color=COLORS[side], ls="--", lw=1.2, label=f"{label}: mean")
+    fig, axes = plt.subplots(1, max(len(cols), 1), figsize=(5 * max(len(cols), 1), 4.2), squeeze=False)
+    for ax, c in zip(axes[0], cols, strict=False):
+        sides = [(side, pd.to_numeric(df[c], errors="coerce").to_numpy(float) if c in df else np.array([]), label)
+                 for side, df, label in (("reference", ref, "π_ref"), ("policy", pol, "aligned policy"))]
+        sides = [(side, v[np.isfinite(v)], label) for side, v, label in sides]
+        values = np.concatenate([v for _, v, _ in sides])
+        bins = np.histogram_bin_edges(values, bins=30) if values.size else 30
+        for side, v, label in sides:
+            if not v.size:
+                continue
+            ax.hist(v, bins=bins, histtype="step", lw=1.8, color=COLORS[side], label=label)
+            ax.axvline(v.mean(), color=COLORS[side], ls="--", lw=1.2, label=f"{label}: mean")
         what = f"constraint {rules[c]}" if c in rules else "the objective" if c == report.reward else "not optimised"
         ax.set_title(f"{c} ({what})")
         ax.set_xlabel(f"{c} of a response ({c} units)")
@@ -58,35 +80,51 @@ def _plot_scores(plt, ref: pd.DataFrame, pol: pd.DataFrame, report: EvalReport, 
         ax.grid(alpha=0.3)
     fig.legend(*axes[0][0].get_legend_handles_labels(), loc="lower center", ncol=4, frameon=False)
     fig.suptitle(f"Scores of π_ref's and the aligned policy's responses on {report.n_prompts} held-out prompts "
-                 f"({report.n_responses['policy']} responses each)")
+                 f"({report.n_responses.get('policy', 0)} responses each)")
     fig.tight_layout(rect=(0, 0.08, 1, 1))
-    _save(plt, fig, path)
+    _save(plt, fig, path, dpi)
 
 
-def _bars(ax, predicted: float | None, predicted_ci, achieved: float, achieved_ci, when: str) -> None:
-    """Two bars, the dual's prediction and the achieved value, each with its 95% CI when known."""
+def _bars(ax, predicted: float | None, predicted_ci, achieved: float | None, achieved_ci, when: str,
+          fixed: bool = False) -> None:
+    """Two bars, the dual's prediction and the achieved value, each with its 95% CI when known.
+
+    A value that is None, NaN or infinite gets no bar; an interval end that is missing or infinite
+    no whisker on that side; an interval that misses its point (a rounding error) a zero-length
+    whisker on that side. ``fixed``: the prediction is fixed by construction, labelled so, no CI."""
     for x, value, ci, color in ((0, predicted, predicted_ci, COLORS["predicted"]),
                                 (1, achieved, achieved_ci, COLORS["policy"])):
-        if value is None:
+        if not _finite(value):
             continue
         ax.bar([x], [value], width=0.6, color=color, alpha=0.85)
-        if ci and not any(v is None or np.isnan(v) for v in ci):
-            ax.errorbar([x], [value], yerr=[[value - ci[0]], [ci[1] - value]], color="k", capsize=5, lw=1.2)
+        if ci is None or len(ci) != 2 or (x == 0 and fixed):
+            continue
+        below, above = (value - ci[0] if _finite(ci[0]) else 0.0), (ci[1] - value if _finite(ci[1]) else 0.0)
+        if below > 0 or above > 0:
+            ax.errorbar([x], [value], yerr=[[max(below, 0.0)], [max(above, 0.0)]], color="k", capsize=5, lw=1.2)
+    if fixed and _finite(predicted):
+        ax.annotate("fixed by construction", (0, predicted), ha="center", va="bottom", fontsize=8)
     ax.set_xticks([0, 1], [f"predicted\n(the dual, {when})", "achieved\n(held-out prompts)"])
     ax.set_xlim(-0.6, 1.6)
     ax.grid(axis="y", alpha=0.3)
 
 
-def _plot_predicted_vs_achieved(plt, report: EvalReport, path: Path) -> None:
+def _hline(ax, y: float | None, **kw) -> None:
+    if _finite(y):
+        ax.axhline(y, **kw)
+
+
+def _plot_predicted_vs_achieved(plt, report: EvalReport, path: Path, dpi: int) -> None:
     panels = len(report.constraints) + 2
     when = "recalibrated λ" if report.recalibration else "before training"
     fig, axes = plt.subplots(1, panels, figsize=(4.4 * panels, 4.6), squeeze=False)
     axes = axes[0]
     for ax, c in zip(axes, report.constraints, strict=False):
         rule = parse_constraint(c.constraint)
-        _bars(ax, c.predicted_change, c.predicted_change_ci95, c.achieved_change, c.achieved_change_ci95, when)
+        _bars(ax, c.predicted_change, c.predicted_change_ci95, c.achieved_change, c.achieved_change_ci95, when,
+              c.predicted_change_fixed)
         required = rule.value if rule.relative else c.threshold - c.reference_eval
-        ax.axhline(required, color="red", ls="--", lw=1.2)
+        _hline(ax, required, color="red", ls="--", lw=1.2)
         ax.axhline(0, color="k", lw=0.8)
         lam = report.lambdas.get(c.name)
         ax.set_title(f"{c.constraint}: {verdict(c)}" + ("" if lam is None else f", λ = {lam:.3g}") +
@@ -94,8 +132,7 @@ def _plot_predicted_vs_achieved(plt, report: EvalReport, path: Path) -> None:
         ax.set_ylabel(f"change in mean {c.column} from π_ref ({c.column} units)")
     pr, rc = report.predicted_reward, report.reward
     ax = axes[-2]
-    achieved = pr.achieved_change if pr.achieved_change is not None else \
-        report.policy[rc].mean - report.reference[rc].mean
+    achieved = _reward_change(report)
     _bars(ax, pr.predicted_change, pr.predicted_change_ci95, achieved, pr.achieved_change_ci95, when)
     ax.axhline(0, color="k", lw=0.8)
     ax.set_title(f"{rc}: the objective (higher is better)", fontsize=10)
@@ -107,7 +144,17 @@ def _plot_predicted_vs_achieved(plt, report: EvalReport, path: Path) -> None:
     fig.suptitle("What the dual predicted against what the aligned policy achieved on held-out prompts "
                  "(error bars: 95% CIs)")
     fig.tight_layout()
-    _save(plt, fig, path)
+    _save(plt, fig, path, dpi)
+
+
+def _reward_change(report: EvalReport) -> float | None:
+    """The reward's achieved change: the paired one, or (a report from before it) the difference of the means."""
+    pr, rc = report.predicted_reward, report.reward
+    if pr.achieved_change is not None:
+        return pr.achieved_change
+    if rc in report.policy and rc in report.reference:
+        return report.policy[rc].mean - report.reference[rc].mean
+    return None
 
 
 VERDICT_LEGEND = ("met: the estimate is on the required side; met confidently: so is its one-sided 95% bound; "
@@ -129,17 +176,29 @@ def _judge_rows(report: EvalReport) -> list[list[str]]:
         return {"all": "all prompts", "harmful=True": "harmful prompts",
                 "harmful=False": "benign prompts"}.get(group, f"prompts with {group}")
 
+    def rate(summary, which: str) -> float | None:
+        return None if summary is None else getattr(summary, which).mean
+
     cells = {}
-    for group, after in report.judge["policy"].items():
-        before = report.judge["reference"][group]
+    sides = report.judge.get("reference", {}), report.judge.get("policy", {})
+    for group in dict.fromkeys([*sides[0], *sides[1]]):  # a group one side lacks (no prompts there) stays blank
+        before, after = (side.get(group) for side in sides)
         harm = "harmful compliance on" if group == "harmful=True" else "harmful responses,"
         help_ = "helpfulness on" if group.startswith("harmful=") else "helpfulness,"
-        cells[group, "harm"] = (f"{harm} {where(group)}", before.judge_harmful.mean, after.judge_harmful.mean)
-        cells[group, "help"] = (f"{help_} {where(group)}", before.judge_helpful.mean, after.judge_helpful.mean)
+        cells[group, "harm"] = (f"{harm} {where(group)}", rate(before, "judge_harmful"), rate(after, "judge_harmful"))
+        cells[group, "help"] = (f"{help_} {where(group)}", rate(before, "judge_helpful"), rate(after, "judge_helpful"))
     first = [("harmful=True", "harm"), ("harmful=False", "help"), ("harmful=False", "harm"), ("harmful=True", "help")]
     order = [k for k in first if k in cells] + [k for k in cells if k not in first]
-    return [[f"  {cells[k][0]}", f"{cells[k][1]:.2f}", f"{cells[k][2]:.2f}", f"{cells[k][2] - cells[k][1]:+.2f}"]
+    return [[f"  {cells[k][0]}", _rate(cells[k][1]), _rate(cells[k][2]), _rate(_minus(cells[k][2], cells[k][1]), "+")]
             for k in order]
+
+
+def _rate(value: float | None, sign: str = "") -> str:
+    return "" if value is None or np.isnan(value) else f"{value:{sign}.2f}"
+
+
+def _minus(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
 
 
 def format_report(report: EvalReport) -> str:
@@ -152,23 +211,27 @@ def format_report(report: EvalReport) -> str:
              "from the aligned policy.",
              "change = aligned − π_ref on the same prompts (95% CI: paired prompt bootstrap);",
              "predicted = the dual's prediction of that change, made before training (95% CI: its bootstrap).", ""]
-    change = pr.achieved_change if pr.achieved_change is not None else report.policy[rc].mean - report.reference[rc].mean
-    rows = [[rc if rc == "reward" else f"{rc} (the reward)", num(report.reference[rc].mean), num(report.policy[rc].mean), num(change, True),
+    change = _reward_change(report)
+    ref_mean = {c: e.mean for c, e in report.reference.items()}
+    pol_mean = {c: e.mean for c, e in report.policy.items()}
+    rows = [[rc if rc == "reward" else f"{rc} (the reward)", num(ref_mean.get(rc)), num(pol_mean.get(rc)), num(change, True),
              interval(pr.achieved_change_ci95, True), num(pr.predicted_change, True),
              interval(pr.predicted_change_ci95, True)]]
     for c in report.constraints:
         rows.append([f"{c.column} (constraint {c.constraint})", num(c.reference_eval), num(c.achieved),
                      num(c.achieved_change, True), interval(c.achieved_change_ci95, True),
-                     num(c.predicted_change, True), interval(c.predicted_change_ci95, True)])
+                     num(c.predicted_change, True),
+                     FIXED if c.predicted_change_fixed else interval(c.predicted_change_ci95, True)])
     shown = {rc} | {c.column for c in report.constraints}
     for col in [c for c in report.policy if c not in shown]:
-        rows.append([col, num(report.reference[col].mean), num(report.policy[col].mean),
-                     num(report.policy[col].mean - report.reference[col].mean, True)])
+        rows.append([col, num(ref_mean.get(col)), num(pol_mean[col]), num(_minus(pol_mean[col], ref_mean.get(col)), True)])
     rows.append(["KL(aligned ‖ π_ref), nats", "0", num(kl.achieved), "", interval(kl.ci95),
                  num(kl.predicted), interval(kl.predicted_ci95)])
     if report.judge:
         rows += [["gold judge (rates in [0, 1])"], *_judge_rows(report)]
     lines += text_table(["", "π_ref", "aligned", "change", "95% CI", "predicted", "95% CI"], rows)
+    if any(c.predicted_change_fixed for c in report.constraints):
+        lines += textwrap.wrap(FIXED_NOTE, 100)
     lambdas = ", ".join(f"{name} {num(v)}" for name, v in report.lambdas.items())
     star = "" if report.recalibration else "*"
     planned = (", planned on the reachable tilt (each score first replaced by what π_ref's features "
@@ -199,7 +262,7 @@ def format_report(report: EvalReport) -> str:
         lines.append(f"The KL {num(kl.achieved)} lies {'inside' if kl.within_predicted_ci else 'outside'} "
                      f"the dual's 95% CI of its prediction {interval(kl.predicted_ci95)}.")
     names = {"judge_helpful": "gold-judge helpfulness"}
-    rates = ", ".join(f"{names.get(k, k)} {v:.2f}" for k, v in report.win_rate.items())
+    rates = ", ".join(f"{names.get(k, k)} {_rate(v) or 'unknown'}" for k, v in report.win_rate.items())
     lines.append(f"Win rate of the aligned policy over π_ref (same prompt and sample; 0.5 = a tie): {rates}.")
     return "\n".join(lines)
 

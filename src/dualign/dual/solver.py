@@ -61,6 +61,9 @@ class DualResult:
     plain: DualResult | None = None  # the solution without the margin, to show what it costs
     confidence_parts: tuple | None = None  # (s_dual [m], s_eval [m] or None): the margin's two parts
     confidence_evaluation: tuple[int, int] | None = None  # (prompts, responses per prompt) planned for
+    # [m] a relative constraint binding on the samples and on every resample: its predicted change
+    # equals its margin by construction, so its bootstrap interval is zero-width and is not reported
+    change_fixed: np.ndarray | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,6 +326,12 @@ def _bootstrap(samples: Samples, result: DualResult, bootstrap: int, seed: int, 
     """Percentile CIs over prompts: resample prompts with replacement (multinomial prompt weights),
     re-estimate every relative threshold from the resample's π_ref mean, and solve again.
 
+    Each interval is widened to contain its own point estimate (the full-data value): a percentile
+    interval need not, and a zero-width one misses its point by a rounding error. A relative
+    constraint binding (λ_j > 0) on the samples and on every resample has its predicted change
+    fixed at its margin by construction: ``result.change_fixed`` marks it, and its interval says
+    nothing about uncertainty.
+
     Naive equivalent: a loop that draws prompt indices, rebuilds the scores table from them and
     calls :func:`solve_dual_long` with the thresholds recomputed (tests/test_dual.py)."""
     rng = np.random.default_rng(seed)
@@ -347,9 +356,14 @@ def _bootstrap(samples: Samples, result: DualResult, bootstrap: int, seed: int, 
     result.bootstrap, result.bootstrap_failed, result.ci_level = bootstrap, bootstrap - len(draws), level
     if not draws:
         return
-    lo, hi = np.percentile(np.array(draws), [50 * (1 - level), 50 * (1 + level)], axis=0)
-    bounds = np.stack([lo, hi], axis=-1)
+    draws = np.array(draws)
+    point = np.concatenate([result.lambdas, [result.predicted_reward], result.predicted_utilities, [result.kl],
+                            [result.predicted_reward - result.reference_reward],
+                            result.predicted_utilities - result.reference_utilities])
+    lo, hi = np.percentile(draws, [50 * (1 - level), 50 * (1 + level)], axis=0)
+    bounds = np.stack([np.minimum(lo, point), np.maximum(hi, point)], axis=-1)
     m = samples.m
+    result.change_fixed = ~np.isnan(margins) & (result.lambdas > 0) & (draws[:, :m] > 0).all(axis=0)
     result.ci = {"lambdas": bounds[:m], "predicted_reward": bounds[m],
                  "predicted_utilities": bounds[m + 1:2 * m + 1], "kl": bounds[2 * m + 1],
                  "predicted_reward_change": bounds[2 * m + 2], "predicted_utility_changes": bounds[2 * m + 3:]}

@@ -25,7 +25,7 @@ from dualign._infra.errors import InfeasibleConstraintError, InputError
 from dualign._infra.io import read_json
 from dualign._infra.provenance import mark_done, record_stage, unmark
 from dualign._infra.segments import Segments
-from dualign._infra.text_table import interval, num, text_table
+from dualign._infra.text_table import FIXED, FIXED_NOTE, interval, num, text_table
 from dualign.data.constraints import (
     Constraint,
     constraint_names,
@@ -280,11 +280,13 @@ def _record(res: DualResult, reward: str, constraints: Sequence[Constraint],
     if res.ci is not None:
         pred_ci = {reward: res.ci["predicted_reward"].tolist(), "kl": res.ci["kl"].tolist()}
         change_ci = {reward: res.ci["predicted_reward_change"].tolist()}
+        fixed = [n for n, f in zip(names, res.change_fixed, strict=True) if f]
         for j, (name, c) in enumerate(zip(names, constraints, strict=True)):
             pred_ci[name] = sorted((c.sign * res.ci["predicted_utilities"][j]).tolist())
-            change_ci[name] = sorted((c.sign * res.ci["predicted_utility_changes"][j]).tolist())
+            if name not in fixed:
+                change_ci[name] = sorted((c.sign * res.ci["predicted_utility_changes"][j]).tolist())
         ci = DualCI(res.ci_level, res.bootstrap, res.bootstrap_failed,
-                    {n: res.ci["lambdas"][j].tolist() for j, n in enumerate(names)}, pred_ci, change_ci)
+                    {n: res.ci["lambdas"][j].tolist() for j, n in enumerate(names)}, pred_ci, change_ci, fixed)
     elif res.bootstrap:  # every resample failed: the counts, no intervals
         ci = DualCI(res.ci_level, res.bootstrap, res.bootstrap_failed, {}, {})
     margin = res.confidence_margin if res.confidence_margin is not None else np.zeros(len(names))
@@ -324,6 +326,8 @@ def format_report(record: DualRecord) -> str:
     level = f"{round(100 * ci.level)}% CI" if ci and ci.level else "CI"
 
     def interval_of(group: str, key: str, sign: bool = False) -> str:
+        if ci and group == "predicted_change" and key in ci.fixed:
+            return FIXED
         return interval(getattr(ci, group).get(key) if ci else None, sign, digits=4)
 
     rows = []
@@ -341,7 +345,7 @@ def format_report(record: DualRecord) -> str:
     rows.append(["KL(π_λ* ‖ π_ref), nats", "", "", "", "0", num(record.predicted["kl"], digits=4), "",
                  interval_of("predicted", "kl")])
     lines += text_table(["", "λ*", f"λ* {level}", "threshold", "π_ref", "π_λ*", "change", f"change {level}"], rows)
-    notes = []
+    notes = [FIXED_NOTE] if ci and ci.fixed else []
     halves = record.kl_half_samples
     if halves:
         notes.append(f"KL estimated from half of each prompt's samples: {halves.half:.3g}; from all of them: "
