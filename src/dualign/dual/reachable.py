@@ -64,22 +64,32 @@ def cross_fitted_ridge(h: np.ndarray, y: np.ndarray, fold: np.ndarray, alpha: fl
 @dataclass
 class ReachableFit:
     """Fitted columns s̃ (grouped rows), each column's cross-fitted within-prompt R² and the variance
-    of its residual s − s̃ (pooled over rows)."""
+    of its residual s − s̃ (pooled over rows, on n − N degrees of freedom: N prompt means were taken
+    out); ``h_within``, ``s_within``, ``s_mean`` and ``fold`` keep what a refit on resampled prompts
+    needs (:func:`refit_columns`)."""
 
     columns: dict[str, np.ndarray]
     r2: dict[str, float]
     residual_variance: dict[str, float]
+    h_within: np.ndarray | None = None  # [n, d] ĥ
+    s_within: np.ndarray | None = None  # [n, c] s − s̄, columns in ``columns``' order
+    s_mean: np.ndarray | None = None  # [n, c] s̄
+    fold: np.ndarray | None = None  # [n] each row's fold
+    alpha: float = 1e-3
 
 
 def reachable_columns(seg: Segments, columns: dict[str, np.ndarray], features: np.ndarray, *,
                       alpha: float = 1e-3, folds: int = 5, seed: int = 0) -> ReachableFit:
     """s̃ = s̄(x) + cross-fitted ridge of (s − s̄) on (h − h̄) for each column [n] (grouped rows);
-    R² = 1 − Σ(s − s̃)² / Σ(s − s̄)²."""
+    R² = 1 − Σ(s − s̃)² / Σ(s − s̄)²; residual variance ε² = Σ(s − s̃)² / (n − N), N prompts: the
+    within-prompt centring leaves n − N degrees of freedom, so dividing by n would shrink ε² by
+    (K−1)/K at K samples per prompt."""
     if features.ndim != 2 or len(features) != seg.size:
         raise ValueError(f"features must be [{seg.size}, d], got {features.shape}")
     h_within, _ = within_prompt(seg, features)
     fold = prompt_folds(seg, folds, seed)
-    fitted, r2, resid = {}, {}, {}
+    fitted, r2, resid, within, means = {}, {}, {}, [], []
+    dof = max(seg.size - seg.num, 1)
     for name, s in columns.items():
         s_within, s_mean = within_prompt(seg, s)
         pred = cross_fitted_ridge(h_within, s_within, fold, alpha)
@@ -87,8 +97,10 @@ def reachable_columns(seg: Segments, columns: dict[str, np.ndarray], features: n
         total = float(np.sum(s_within**2))
         err = float(np.sum((s_within - pred) ** 2))
         r2[name] = 1.0 - err / total if total > 0 else 1.0
-        resid[name] = err / len(s)
-    return ReachableFit(fitted, r2, resid)
+        resid[name] = err / dof
+        within.append(s_within)
+        means.append(s_mean)
+    return ReachableFit(fitted, r2, resid, h_within, np.stack(within, 1), np.stack(means, 1), fold, alpha)
 
 
 def response_features(model, tokenizer, prompts: list[str], responses: list[str], template: str,

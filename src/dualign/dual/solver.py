@@ -382,28 +382,40 @@ def evaluation_se(samples: Samples, lambdas: np.ndarray, beta: float, relative: 
         relative: SE² = Var_q(μ_λ(x) − μ_ref(x)) / n_e + E_q[σ²_λ(x) + σ²_ref(x)] / (n_e·k_e)
         absolute: SE² = Var_q(μ_λ(x)) / n_e + E_q[σ²_λ(x)] / (n_e·k_e)
 
-    μ(x) estimated from the K samples of each prompt carries their noise too, so the between-prompt
-    term is somewhat over-estimated (the margin errs wide). ``residual_variance`` [m] (ε², the
-    variance of what the samples' g leaves out, e.g. the residual of the reachable tilt) is noise
-    every fresh response carries: it adds ε² to σ²_λ(x), and to σ²_ref(x) for a relative threshold."""
+    Each term is estimated without the bias of plugging in K samples per prompt. The plug-in
+    variance under weights v (Σ_k v_k = 1) is low by the factor 1 − Σ_k v_k², so σ²(x) is divided
+    by it ((K−1)/K under π_ref's uniform weights). The plug-in Var_q of μ̂(x) is high by the mean
+    variance of μ̂(x) itself, so that is subtracted: its delta-method estimate
+    K/(K−1)·Σ_k (p_k(g_k − μ̂_λ) − w_k(g_k − μ̂_ref))² (relative; the w term dropped when absolute).
+    A paired threshold at a mild tilt has μ̂_λ − μ̂_ref nearly noise-free, so the first bias is
+    the one left there: it made the SE narrow. ``residual_variance`` [m] (ε², the variance of what
+    the samples' g leaves out, e.g. the residual of the reachable tilt) is noise every fresh
+    response carries: it adds ε² to σ²_λ(x), and to σ²_ref(x) for a relative threshold."""
     tilt = Tilt(samples, np.zeros(samples.m), beta)
     pt = tilt.evaluate(np.asarray(lambdas, dtype=np.float64))
     seg, g, q = samples.seg, samples.centred, samples.prompt_weights
     p = seg.scale(pt.e, 1.0 / pt.z_sum)  # p_λ(k | x)
     w = (seg.expand(1.0 / seg.counts) if samples.log_weights is None else np.exp(samples.log_weights))
 
-    def moments(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # μ(x), σ²(x) → [m, N] each
+    def moments(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """μ̂(x) [m, N], unbiased σ̂²(x) [m, N] and each row's g − μ̂(x) [m, n]."""
         mean = seg.sum(weights * g)
-        return mean, np.maximum(seg.sum(weights * g * g) - mean**2, 0.0)
+        dev = g - seg.expand(mean)
+        keep = np.maximum(1.0 - seg.sum(weights * weights), 0.0)  # 1 − Σ v_k²
+        plug = seg.sum(weights * dev * dev)
+        return mean, np.divide(plug, keep, out=np.zeros_like(plug), where=keep > 1e-12), dev
 
-    mu_l, var_l = moments(p)
-    mu_r, var_r = moments(w)
+    mu_l, var_l, dev_l = moments(p)
+    mu_r, var_r, dev_r = moments(w)
     paired = np.asarray(relative, bool)[:, None]
     diff = np.where(paired, mu_l - mu_r, mu_l)
     within = np.where(paired, var_l + var_r, var_l)
+    influence = p * dev_l - np.where(paired, w * dev_r, 0.0)
+    k = seg.counts.astype(np.float64)
+    noise = seg.sum(influence**2) * np.divide(k, k - 1, out=np.zeros_like(k), where=k > 1)
     if residual_variance is not None:
         within = within + np.where(paired[:, 0], 2.0, 1.0)[:, None] * np.asarray(residual_variance)[:, None]
-    between = q @ ((diff - (diff @ q)[:, None]) ** 2).T
+    between = np.maximum(q @ ((diff - (diff @ q)[:, None]) ** 2).T - noise @ q, 0.0)
     return np.sqrt(between / prompts + (within @ q) / (prompts * per_prompt))
 
 
