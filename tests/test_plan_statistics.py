@@ -8,6 +8,13 @@ import numpy as np
 import pytest
 
 from dualign._infra.segments import Segments
+from dualign.data.constraints import parse_constraint
+from dualign.dual.reachable import (
+    cross_fitted_ridge,
+    linearized_refit,
+    reachable_columns,
+    refit_columns,
+)
 from dualign.dual.solver import evaluation_se, flat_samples
 
 
@@ -46,3 +53,67 @@ def test_evaluation_se_matches_the_exact_se_of_a_discrete_world(relative):
                                g[rows[:, None], picks].reshape(-1, 1), None, np.arange(500))
         predicted.append(evaluation_se(samples, np.array([lam]), beta, np.array([relative]), n_e, k_e)[0])
     assert np.mean(predicted) / exact == pytest.approx(1.0, abs=0.03)
+
+
+def _reachable_problem(n_prompts=150, k=6, d=30, seed=0):
+    """Scores with a learnable part in 2 of d noisy features and as much noise again."""
+    rng = np.random.default_rng(seed)
+    ids = np.repeat(np.arange(n_prompts), k)
+    h = rng.normal(size=(ids.size, d))
+    cost = np.repeat(rng.normal(size=n_prompts), k) + h[:, 0] + rng.normal(size=ids.size)
+    reward = 0.8 * h[:, 0] + 0.6 * h[:, 1] + rng.normal(size=ids.size)
+    return ids, h, {"reward": reward, "cost": cost}
+
+
+def test_refit_columns_equals_the_fit_on_the_resample_with_its_rows_repeated():
+    ids, h, cols = _reachable_problem()
+    seg = Segments.of(ids)
+    fit = reachable_columns(seg, cols, h, alpha=1e-2, seed=3)
+    counts = np.random.default_rng(1).multinomial(seg.num, np.full(seg.num, 1 / seg.num))
+    rows = np.concatenate([np.flatnonzero(ids == x) for x in range(seg.num) for _ in range(counts[x])])
+    naive_fold = fit.fold[rows]  # a prompt's copies stay in its fold
+    pred = {}
+    for j, name in enumerate(fit.columns):
+        s_within = fit.s_within[rows, j]
+        pred[name] = fit.s_mean[rows, j] + cross_fitted_ridge(fit.h_within[rows], s_within, naive_fold, 1e-2)
+    exact = refit_columns(seg, fit, counts)
+    drawn = np.repeat(counts > 0, 6)
+    for j, name in enumerate(fit.columns):
+        np.testing.assert_allclose(exact[rows, j], pred[name], rtol=1e-9, atol=1e-9)
+    # with every prompt drawn once the refit is the fit itself, exactly and to first order
+    ones = np.ones(seg.num, dtype=np.int64)
+    np.testing.assert_allclose(refit_columns(seg, fit, ones), np.stack(list(fit.columns.values()), 1), atol=1e-9)
+    np.testing.assert_allclose(linearized_refit(seg, fit)(ones), np.stack(list(fit.columns.values()), 1), atol=1e-9)
+    # the first-order refit moves s̃ as the exact one does: its shift explains ≥ 90% of the exact
+    # shift's sum of squares on the drawn rows (a one-step error, second order in the counts' change)
+    base = np.stack(list(fit.columns.values()), 1)[drawn]
+    shift, approx = exact[drawn] - base, linearized_refit(seg, fit)(counts)[drawn] - base
+    assert np.sum((approx - shift) ** 2) < 0.1 * np.sum(shift**2)
+
+
+def test_the_fit_error_widens_the_reachable_dual_ci_and_the_target_gets_its_own_ci():
+    """Refitting the ridge on each prompt resample puts the fit's own error into λ*'s CI: with 30
+    features of which 28 are noise, on 900 rows, the CI is wider than with ŵ held fixed (old
+    behaviour); the K-sample tilt of the raw scores at λ* (what the fine-tune trains towards) gets
+    its bootstrap CI, which holds its point estimate."""
+    import dataclasses
+
+    from dualign.data.score_table import Scores
+    from dualign.dual.stage import reachable_fit, solve_constraints
+
+    ids, h, cols = _reachable_problem(seed=2)
+    scores = Scores(prompt_index=ids, columns=cols, sample_weights=None, source="synthetic",
+                    rows=np.arange(1, ids.size + 1), prompt_ids=np.unique(ids).astype(str))
+    constraint = [parse_constraint("cost<=ref-0.3")]
+    fit = reachable_fit(scores, ["reward", "cost"], h, 1e-2)
+    refit = solve_constraints(scores, 1.0, "reward", constraint, bootstrap=200, fit=fit)
+    fixed = solve_constraints(scores, 1.0, "reward", constraint, bootstrap=200,
+                              fit=dataclasses.replace(fit, h_within=None))
+    width = {k: np.diff(r.ci.lambdas["cost"])[0] for k, r in (("refit", refit), ("fixed", fixed))}
+    assert width["refit"] > 1.2 * width["fixed"]
+    assert refit.reachable.fit_resampled and not fixed.reachable.fit_resampled
+    target, ci = refit.reachable.samples_predicted, refit.reachable.samples_predicted_change_ci
+    for key in ("reward", "cost"):
+        change = target[key] - refit.reference[key]
+        assert ci[key][0] < change < ci[key][1]
+    assert refit.reachable.samples_predicted_ci["kl"][0] < target["kl"] < refit.reachable.samples_predicted_ci["kl"][1]

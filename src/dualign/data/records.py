@@ -61,11 +61,18 @@ class ReachableTilt:
     features of the response (:mod:`dualign.dual.reachable`). ``r2`` and ``residual_sd`` per score
     column: the cross-fitted within-prompt R² and the s.d. of what the features leave out;
     ``samples_predicted`` what the plain K-sample tilt of the original scores predicts at the same
-    λ (reward column, constraint names, "kl"): the change the fine-tune is trained towards."""
+    λ (reward column, constraint names, "kl"): the distribution the fine-tune is trained towards,
+    since it trains on the original scores at λ; ``predicted`` (the plan, on the fitted scores) is
+    what λ was chosen on. Their bootstrap CIs are in ``samples_predicted_ci`` (values) and
+    ``samples_predicted_change_ci`` (changes over π_ref); ``fit_resampled``: the bootstrap and the
+    confidence margin refit the ridge on every prompt resample, so the fit's own error is in them."""
 
     r2: dict[str, float]
     residual_sd: dict[str, float]
     samples_predicted: dict[str, float]
+    samples_predicted_ci: dict[str, list[float]] | None = None
+    samples_predicted_change_ci: dict[str, list[float]] | None = None
+    fit_resampled: bool = False
 
 
 @dataclass

@@ -20,6 +20,7 @@ carry too, so its variance joins the evaluation's standard error of a confidence
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,6 +102,71 @@ def reachable_columns(seg: Segments, columns: dict[str, np.ndarray], features: n
         within.append(s_within)
         means.append(s_mean)
     return ReachableFit(fitted, r2, resid, h_within, np.stack(within, 1), np.stack(means, 1), fold, alpha)
+
+
+def refit_columns(seg: Segments, fit: ReachableFit, counts: np.ndarray) -> np.ndarray:
+    """s̃ of every row [n, c] (columns in ``fit.columns``' order) with ŵ refitted on the resample
+    that draws prompt x ``counts[x]`` times: each row's fold is predicted by the ridge fitted on the
+    other folds' drawn rows, each row weighted by its prompt's count (folds and centring as in the
+    fit, so a prompt drawn twice stays in one fold). Naive equivalent: :func:`reachable_columns`
+    on the table with each prompt's rows repeated ``counts[x]`` times (tests/test_plan_statistics.py)."""
+    weight = seg.expand(np.asarray(counts, dtype=np.float64))
+    h, y, fold = fit.h_within, fit.s_within, fit.fold
+    drawn = weight > 0
+    grams, moments = {}, {}
+    for f in np.unique(fold):
+        rows = drawn & (fold == f)
+        hw = h[rows] * weight[rows, None]
+        grams[f], moments[f] = hw.T @ h[rows], hw.T @ y[rows]
+    gram_all, moment_all = sum(grams.values()), sum(moments.values())
+    pred = np.zeros_like(y)
+    for f in grams:
+        gram = gram_all - grams[f]
+        trace = np.trace(gram)
+        if trace <= 0:
+            continue
+        w = np.linalg.solve(gram + fit.alpha * trace / h.shape[1] * np.eye(h.shape[1]), moment_all - moments[f])
+        pred[fold == f] = h[fold == f] @ w
+    return fit.s_mean + pred
+
+
+def linearized_refit(seg: Segments, fit: ReachableFit) -> Callable[[np.ndarray], np.ndarray]:
+    """counts [N] → s̃ of every row [n, c] with each fold's ŵ_f refitted to first order on the
+    resample that draws prompt x counts[x] times:
+
+        ŵ_f(c) = ŵ_f + (G_f + α·tr(G_f)/d·I)⁻¹ Σ_{i ∉ f} (c_i − 1)·ĥ_i·(s_i − s̄_i − ĥ_iᵀŵ_f)
+
+    (G_f = Σ_{i ∉ f} ĥ_iĥ_iᵀ, c_i the count of row i's prompt): one Newton step of the weighted
+    ridge from ŵ_f, the gram held at the sample's. It costs two passes over the rows instead of a
+    new gram per resample, and its perturbations average zero, so the bootstrap is not biased by
+    the duplicates' smaller effective sample. Naive equivalent: :func:`refit_columns`, the exact
+    weighted refit (tests/test_plan_statistics.py holds them close)."""
+    h, y, fold = fit.h_within, fit.s_within, fit.fold
+    labels = [f for f in np.unique(fold) if (fold != f).any()]
+    c = y.shape[1]
+    inverses, resid, base = [], np.zeros((len(y), len(labels) * c)), fit.s_mean.copy()
+    for i, f in enumerate(labels):
+        train, test = fold != f, fold == f
+        gram = h[train].T @ h[train]
+        inverses.append(np.linalg.inv(gram + fit.alpha * np.trace(gram) / h.shape[1] * np.eye(h.shape[1])))
+        w = inverses[-1] @ (h[train].T @ y[train])
+        resid[train, i * c:(i + 1) * c] = y[train] - h[train] @ w  # zero on fold f's own rows
+        base[test] += h[test] @ w
+    own = np.zeros(len(y), dtype=np.int64)  # each row's position among the fitted folds
+    for i, f in enumerate(labels):
+        own[fold == f] = i
+    rows = np.isin(fold, labels)
+
+    def refit(counts: np.ndarray) -> np.ndarray:
+        delta = seg.expand(np.asarray(counts, dtype=np.float64)) - 1.0
+        moments = h.T @ (delta[:, None] * resid)  # [d, folds·c]: every fold's Σ (c_i − 1)ĥ_i r_i at once
+        steps = np.concatenate([inv @ moments[:, i * c:(i + 1) * c] for i, inv in enumerate(inverses)], 1)
+        shift = (h @ steps).reshape(len(y), len(labels), c)
+        out = base.copy()
+        out[rows] += shift[np.flatnonzero(rows), own[rows]]
+        return out
+
+    return refit
 
 
 def response_features(model, tokenizer, prompts: list[str], responses: list[str], template: str,
