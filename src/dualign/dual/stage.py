@@ -77,7 +77,9 @@ class DualConfig:
         "help": "samples: tilt π_ref's samples by their scores (the paper's dual); reachable: first "
                 "replace each score by what π_ref's own features of the response predict of it "
                 "(cross-fitted ridge), so the dual plans only on what a fine-tune can target: a larger "
-                "λ*, and predictions nearer what training delivers (docs/method.md)"})
+                "λ*. The fine-tune still trains on the original scores at that λ*, so dual.json records "
+                "their tilt at λ* too (reachable.samples_predicted, with CIs): the prediction of what is "
+                "trained, which the report compares with (docs/method.md)"})
     model: str | None = field(default=None, metadata={
         "help": "with tilt: reachable, π_ref (HF id or path) whose features are used; in a run: the run's model"})
     revision: str | None = field(default=None, metadata={"help": "with --model: its revision"})
@@ -398,9 +400,12 @@ def format_report(record: DualRecord) -> str:
         notes.append(f"Planned on the reachable tilt: every score replaced by what π_ref's own features of the "
                      f"response predict of it (cross-fitted within-prompt R²: {fits}), so λ* buys only "
                      f"changes a fine-tune can target. The fine-tune trains on the original scores at this λ*, "
-                     f"whose K-sample tilt predicts changes of {asked} and KL "
-                     f"{reach.samples_predicted['kl']:.3g}. On the built-in world the achieved constraint change "
-                     f"fell between the two, the reward near the reachable one, the KL above both (README).")
+                     f"whose K-sample tilt (what is trained towards, and what the evaluation compares with) "
+                     f"predicts changes of {asked} and KL {reach.samples_predicted['kl']:.3g}"
+                     + (f" (95% CI {interval(reach.samples_predicted_ci['kl'], digits=3)})"
+                        if reach.samples_predicted_ci else "")
+                     + (". The CIs and margins refit the ridge on every prompt resample, so they carry the "
+                        "fit's own error." if reach.fit_resampled else "."))
     plan = record.confidence
     if plan:
         names = ", ".join(f"{n} by {plan.margin[n]:.3g}" for n in record.names)
