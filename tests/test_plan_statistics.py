@@ -137,3 +137,41 @@ def test_the_model_card_predicts_what_was_trained_and_names_the_plan_beside_it()
     planned = next(line for line in card.splitlines() if line.startswith("- planned"))
     assert '"kl": 0.63' in target and '"kl": [0.55, 0.7]' in target and '"kl": 0.43' not in target
     assert '"kl": 0.43' in planned
+
+
+def test_recalibration_plans_on_the_runs_reachable_tilt_and_its_dual_json_keeps_it(tmp_path):
+    """A run planned on the reachable tilt: recalibration's planning scores are the dual's fitted
+    ones (at λ* they predict exactly the dual's plan), and the dual.json of a round keeps
+    ``reachable`` with the original scores' tilt at λ (at λ*: the dual's samples_predicted), so the
+    report still says tilt: reachable (it said samples, planned on the raw scores)."""
+    from safetensors.numpy import save_file
+
+    from dualign.data.example import example_scores
+    from dualign.data.records import read_dual, write_dual
+    from dualign.data.score_table import read_scores
+    from dualign.dual.stage import solve_constraints
+    from dualign.methods.objective import load_objective, method_dual
+    from dualign.recalibrate import planning_scores, round_dual
+
+    table = example_scores(120, 6, seed=4)
+    table.to_parquet(tmp_path / "scores.parquet")
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(len(table), 12)).astype(np.float32)
+    features[:, 0] += table["cost"].to_numpy()
+    save_file({"features": features}, str(tmp_path / "reachable_features.safetensors"))
+    scores = read_scores(tmp_path / "scores.parquet", ["reward", "cost"])
+    record = solve_constraints(scores, 1.0, "reward", [parse_constraint("cost<=ref-0.4")], features=features,
+                               ridge_alpha=1e-2, seed=5)
+    write_dual(record, tmp_path / "dual.json")
+    dual = read_dual(tmp_path / "dual.json")
+    objective = load_objective(tmp_path / "dual.json")
+    lambdas = np.array([dual.lambdas["cost"]])
+    planned = planning_scores(tmp_path, table, dual)
+    at_star = method_dual(objective, planned, lambdas, 1.0, "recalibrate")
+    assert at_star.predicted["cost"] == pytest.approx(dual.predicted["cost"], abs=1e-6)
+    assert method_dual(objective, table, lambdas, 1.0, "recalibrate").predicted["cost"] != \
+        pytest.approx(dual.predicted["cost"], abs=1e-3)      # the raw scores' tilt is another prediction
+    out = round_dual(objective, table, planned, lambdas, dual.reachable)
+    assert out.reachable is not None
+    for key in ("reward", "cost", "kl"):
+        assert out.reachable.samples_predicted[key] == pytest.approx(dual.reachable.samples_predicted[key], abs=1e-6)

@@ -73,6 +73,8 @@ class ReachableTilt:
     samples_predicted_ci: dict[str, list[float]] | None = None
     samples_predicted_change_ci: dict[str, list[float]] | None = None
     fit_resampled: bool = False
+    ridge_alpha: float | None = None  # the fit's α and fold seed, so a later stage (recalibrate) refits it alike
+    fold_seed: int | None = None
 
 
 @dataclass

@@ -77,6 +77,7 @@ class ReachableFit:
     s_mean: np.ndarray | None = None  # [n, c] s̄
     fold: np.ndarray | None = None  # [n] each row's fold
     alpha: float = 1e-3
+    seed: int = 0  # the folds' seed
 
 
 def reachable_columns(seg: Segments, columns: dict[str, np.ndarray], features: np.ndarray, *,
@@ -101,7 +102,7 @@ def reachable_columns(seg: Segments, columns: dict[str, np.ndarray], features: n
         resid[name] = err / dof
         within.append(s_within)
         means.append(s_mean)
-    return ReachableFit(fitted, r2, resid, h_within, np.stack(within, 1), np.stack(means, 1), fold, alpha)
+    return ReachableFit(fitted, r2, resid, h_within, np.stack(within, 1), np.stack(means, 1), fold, alpha, seed)
 
 
 def refit_columns(seg: Segments, fit: ReachableFit, counts: np.ndarray) -> np.ndarray:

@@ -302,7 +302,8 @@ def _reachable_record(fit: ReachableFit, res: DualResult, reward: str,
         change_ci = {k: as_interval(v) for k, v in in_columns(res.ci["target"], True).items()}
     return ReachableTilt(r2=dict(fit.r2), residual_sd={c: math.sqrt(v) for c, v in fit.residual_variance.items()},
                          samples_predicted=predicted, samples_predicted_ci=ci, samples_predicted_change_ci=change_ci,
-                         fit_resampled=refitted and (res.bootstrap > 0 or res.confidence is not None))
+                         fit_resampled=refitted and (res.bootstrap > 0 or res.confidence is not None),
+                         ridge_alpha=fit.alpha, fold_seed=fit.seed)
 
 
 def _in_columns(res: DualResult, reward: str, constraints: Sequence[Constraint]) -> dict[str, float]:
