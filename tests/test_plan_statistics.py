@@ -175,3 +175,23 @@ def test_recalibration_plans_on_the_runs_reachable_tilt_and_its_dual_json_keeps_
     assert out.reachable is not None
     for key in ("reward", "cost", "kl"):
         assert out.reachable.samples_predicted[key] == pytest.approx(dual.reachable.samples_predicted[key], abs=1e-6)
+
+
+def test_fresh_prompts_are_repeatable_and_avoid_every_excluded_prompt():
+    """The fresh evaluation set of a build: the same rows from the same seed, none of the build's
+    splits nor of an excluded set among them, another set from another seed, harmful about as
+    often as the world's harmful_fraction (0.5 ± 0.1 at 256 prompts: 3 s.d.)."""
+    from dualign.world.config import world_config
+    from dualign.world.corpus import fresh_prompts, make_prompts
+
+    build = world_config("small", {"seed": 101})
+    exclude = {r["prompt"] for rows in make_prompts(build).values() for r in rows}
+    exclude |= {r["prompt"] for r in make_prompts(world_config("small"))["eval"]}
+    rows = fresh_prompts(build, 256, exclude)
+    assert rows == fresh_prompts(build, 256, exclude)
+    texts = [r["prompt"] for r in rows]
+    assert len(set(texts)) == 256 and not set(texts) & exclude
+    other = {r["prompt"] for r in fresh_prompts(world_config("small", {"seed": 102}), 256, exclude)}
+    assert len(other & set(texts)) < 128
+    assert abs(np.mean([r["harmful"] for r in rows]) - build.harmful_fraction) < 0.1
+    assert rows[0]["prompt_id"] == "fresh-00000" and {"topic", "harmful"} <= set(rows[0])
