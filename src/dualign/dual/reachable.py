@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +78,7 @@ class ReachableFit:
     fold: np.ndarray | None = None  # [n] each row's fold
     alpha: float = 1e-3
     seed: int = 0  # the folds' seed
+    linearized: Callable[[np.ndarray], np.ndarray] | None = field(default=None, repr=False)  # linearized_refit's
 
 
 def reachable_columns(seg: Segments, columns: dict[str, np.ndarray], features: np.ndarray, *,

@@ -219,7 +219,7 @@ def solve_constraints(scores: Scores, beta: float, reward: str, constraints: Seq
     if fit is not None:
         scores = dataclasses.replace(scores, columns={**scores.columns, **{c: fit.columns[c] for c in columns}})
         target = (original.columns[reward], np.stack([c.sign * original.columns[c.column] for c in constraints], 1))
-        if fit.h_within is not None:
+        if fit.h_within is not None and (bootstrap or confidence is not None):
             refit = _refit(fit, Segments.of(scores.prompt_index), reward, constraints)
     refs = reference_means(scores.prompt_index, np.stack([scores.columns[c] for c in columns], axis=1),
                            scores.sample_weights)
@@ -251,7 +251,9 @@ def _refit(fit: ReachableFit, seg: Segments, reward: str, constraints: Sequence[
     """The solver's refit (:data:`~dualign.dual.solver.Refit`): the reward and each g_j = sign_j·s̃_j
     with the ridge refitted on a prompt resample (:func:`linearized_refit`)."""
     index = {c: i for i, c in enumerate(fit.columns)}
-    fitted = linearized_refit(seg, fit)
+    if fit.linearized is None:  # made once per fit: a sweep (dualign plan) solves on one fit many times
+        fit.linearized = linearized_refit(seg, fit)
+    fitted = fit.linearized
     memo: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}
     room = (1 << 28) // max(seg.size * 8 * (len(constraints) + 1), 1)  # resamples kept: 256 MiB
 
