@@ -195,3 +195,30 @@ def test_fresh_prompts_are_repeatable_and_avoid_every_excluded_prompt():
     assert len(other & set(texts)) < 128
     assert abs(np.mean([r["harmful"] for r in rows]) - build.harmful_fraction) < 0.1
     assert rows[0]["prompt_id"] == "fresh-00000" and {"topic", "harmful"} <= set(rows[0])
+
+
+def test_build_rates_counts_each_criterion_per_variant_and_the_margins_paired_cost():
+    """scripts/build_rates.py's tally on hand-made rows: counts per variant, and the margin's cost
+    as the mean of confidence − default over the same (build, seed) pairs only."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "build_rates.py"
+    spec = importlib.util.spec_from_file_location("build_rates", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def row(build, variant, seed, met, kl, reward):
+        return {"build": build, "variant": variant, "train seed": seed, "met": met, "met confidently": False,
+                "KL within 1.25×": True, "reward prediction in CI": met, "helpfulness within 0.05": True,
+                "KL achieved": kl, "reward change achieved": reward}
+
+    rows = [row(101, "default", 0, True, 0.5, -2.0), row(101, "default", 1, False, 0.7, -1.0),
+            row(101, "confidence 0.95", 0, True, 0.9, -3.0), row(102, "confidence 0.95", 0, True, 2.0, -9.0),
+            row(101, "tilt samples", 0, False, 0.4, 0.0)]
+    table = module.rates(rows)
+    assert table["default"]["met"] == [1, 2] and table["default"]["KL within 1.25×"] == [2, 2]
+    assert table["confidence 0.95"]["met"] == [2, 2] and table["tilt samples"]["met"] == [0, 1]
+    cost = table["margin cost (confidence − default, achieved, mean)"]
+    assert cost["KL"] == pytest.approx(0.4) and cost["reward change"] == pytest.approx(-1.0)   # build 101 seed 0 only
+    assert "| default | 1 of 2 | 0 of 2 | 2 of 2 | 1 of 2 | 2 of 2 |" in module.markdown(table, [101, 102], [0, 1])
