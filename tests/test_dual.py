@@ -469,33 +469,6 @@ def test_fast_reference_values_equal_reference_means_on_ragged_prompts(weighted)
     np.testing.assert_allclose([reward, *utilities], expected, rtol=1e-12)
 
 
-@pytest.mark.parametrize("relative", [True, False])
-def test_evaluation_se_matches_a_simulated_evaluation_of_the_tilted_policy(relative):
-    """The predicted standard error of an evaluation (n_e prompts × k_e responses of π_λ, and for a
-    relative threshold as many of π_ref on the same prompts) against 4,000 simulated evaluations
-    drawn from the samples themselves: prompts with replacement, responses from p_λ(·|x) and from
-    π_ref's uniform weights. The formula is exact for that world; 4,000 draws put the simulated
-    standard deviation within ~1.1% (one s.d.) of it, so 5% is a 4.5-s.d. bound."""
-    from dualign.dual.solver import evaluation_se
-
-    rewards, g = _prompt_level_world(n=30, k=5, seed=2)
-    n, k = rewards.shape
-    lam, beta, n_e, k_e = np.array([0.7]), 1.0, 12, 3
-    samples = flat_samples(Segments.rectangular(n, k), rewards.ravel(), g.reshape(-1, 1), None, np.arange(n))
-    se = evaluation_se(samples, lam, beta, np.array([relative]), n_e, k_e)[0]
-    logits = (rewards + lam[0] * g) / beta
-    p = np.exp(logits - logits.max(axis=1, keepdims=True))
-    p /= p.sum(axis=1, keepdims=True)
-    rng = np.random.default_rng(0)
-    draws = []
-    for _ in range(4000):
-        xs = rng.integers(0, n, size=n_e)
-        pol = np.array([rng.choice(g[x], size=k_e, p=p[x]).mean() for x in xs])
-        ref = np.array([rng.choice(g[x], size=k_e).mean() for x in xs])
-        draws.append(pol.mean() - ref.mean() if relative else pol.mean())
-    assert np.std(draws) == pytest.approx(se, rel=0.05)
-
-
 def test_confidence_plan_with_an_evaluation_adds_its_noise_in_quadrature():
     """margin = sqrt(s_dual² + (Φ⁻¹(level)·SE_eval)²) at the planned λ, and the plan binds at b + margin."""
     from scipy.stats import norm

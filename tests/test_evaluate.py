@@ -143,6 +143,47 @@ def test_a_report_planned_on_the_reachable_tilt_says_so_beside_lambda():
             "features predict of it): the policy was trained towards") in text
 
 
+def test_a_reachable_report_predicts_what_is_trained_and_judges_it_by_the_achieved_ci():
+    """On the reachable tilt every ``predicted`` is the K-sample tilt of the original scores at λ*
+    (reachable.samples_predicted: what the fine-tune trains towards), the plan's values kept as
+    ``planned``; a prediction equal to the achieved change lies inside the achieved change's own
+    95% CI, one 10 CI half-widths away lies outside, whatever the prediction's own interval."""
+    from dualign._infra.text_table import num
+    from dualign.data.records import DualRecord, ReachableTilt
+    from dualign.data.report_view import format_report
+    from dualign.evaluate import EvaluateConfig, build_report
+
+    ref, pol, plain = _report(-3.0)
+    achieved = plain.constraints[0].achieved_change
+    lo, hi = plain.constraints[0].achieved_change_ci95
+    cfg = EvaluateConfig(run_dir=".", reference="m", prompts="p", bootstrap=50,
+                         scorers=["reward=callable:m:f", "cost=callable:m:g"], group_column="harmful")
+    for target_change, inside in ((achieved, True), (achieved - 10 * (hi - lo) / 2, False)):
+        dual = DualRecord(beta=2.0, reward="reward", constraints=["cost<=ref-1"], lambdas={"cost": 0.7},
+                          columns={"cost": "cost"}, thresholds={"cost": -1.0},
+                          predicted={"reward": 0.8, "cost": -1.0, "kl": 0.3},
+                          reference={"reward": 1.0, "cost": 0.0, "kl": 0.0})
+        dual.reachable = ReachableTilt(
+            r2={"reward": 0.4, "cost": 0.6}, residual_sd={"reward": 1.0, "cost": 1.0},
+            samples_predicted={"reward": 0.9, "cost": target_change, "kl": 0.4},
+            samples_predicted_change_ci={"reward": [-0.11, -0.09], "cost": [target_change - 1e-3, target_change + 1e-3]},
+            samples_predicted_ci={"reward": [0.89, 0.91], "cost": [target_change - 1e-3, target_change + 1e-3],
+                                  "kl": [0.39, 0.41]})
+        report = build_report(ref, pol, dual, cfg)
+        row = report.constraints[0]
+        assert report.prediction == "target"
+        assert row.predicted_change == pytest.approx(target_change) and row.planned_change == pytest.approx(-1.0)
+        assert report.predicted_reward.predicted_change == pytest.approx(-0.1)
+        assert report.predicted_reward.planned_change == pytest.approx(-0.2)
+        assert report.kl.predicted == 0.4 and report.kl.planned == 0.3 and report.kl.predicted_ci95 == [0.39, 0.41]
+        assert row.prediction_in_achieved_ci is inside
+        assert report.kl.prediction_in_ci == (report.kl.ci95[0] <= 0.4 <= report.kl.ci95[1])
+        text = " ".join(format_report(report).split())
+        assert "the change the fine-tune trains towards" in text
+        assert f"cost {num(target_change, True)} {'inside' if inside else 'OUTSIDE'}" in text
+        assert "The plan λ* was chosen on (the fitted scores) predicted reward -0.2, cost -1, KL 0.3" in text
+
+
 def test_closing_lines_name_every_file_worth_opening(tmp_path):
     from dualign.data.records import write_report
     from dualign.data.report_view import format_outputs, plot_report

@@ -353,14 +353,16 @@ def test_a_run_planned_with_confidence_on_the_reachable_tilt_resumes_without_red
     """The dual section is recorded as the run runs it (the evaluation a confidence plan covers, the
     model and template the reachable tilt takes its features from), so a finished run resumes."""
     values = _config(tmp_path, tiny_gpt2)
-    values["dual"] = {**values["dual"], "confidence": 0.9, "tilt": "reachable"}
+    # 0.6: at 0.9 the margin for an evaluation of these 6 prompts × 2 responses (its SE no longer
+    # shrunk by the plug-in variances, #26) asks more than any reweighting of the samples reaches
+    values["dual"] = {**values["dual"], "confidence": 0.6, "tilt": "reachable"}
     run_pipeline(resolve_run_config(values), log=lambda _: None)
     run = Path(values["run_dir"])
     recorded = yaml.safe_load((run / "dual.config.yaml").read_text())
     assert (recorded["evaluation_prompts"], recorded["evaluation_samples"]) == (len(PROMPTS), 2)
     assert (recorded["model"], recorded["template"]) == (tiny_gpt2, "plain")
     dual = json.loads((run / "dual.json").read_text())
-    assert set(dual["reachable"]["r2"]) == {"reward", "cost"} and dual["confidence"]["level"] == 0.9
+    assert set(dual["reachable"]["r2"]) == {"reward", "cost"} and dual["confidence"]["level"] == 0.6
     assert (run / "reachable_features.safetensors").exists()
     stamps = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
     logs: list[str] = []

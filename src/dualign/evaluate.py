@@ -48,6 +48,7 @@ from dualign.data.records import (
     KLOutcome,
     RewardPrediction,
     read_dual,
+    trained_target,
     write_report,
 )
 from dualign.data.report_view import plot_report
@@ -437,12 +438,18 @@ def _prompt_metadata(cfg: EvaluateConfig) -> pd.DataFrame | None:
     return meta
 
 
+def _inside(value: float, ci: list[float] | None) -> bool | None:
+    return None if ci is None or any(v is None or v != v for v in ci) else bool(ci[0] <= value <= ci[1])
+
+
 def build_report(ref: pd.DataFrame, pol: pd.DataFrame, dual: DualRecord, cfg: EvaluateConfig) -> EvalReport:
     """Before/after means with CIs, win rates, achieved vs predicted (per constraint, by name), KL.
 
     Changes against π_ref are paired by prompt (the same held-out prompts, one bootstrap draw of
     prompts for both sides), so a relative threshold's reference level is re-estimated on every
-    resample; an absolute threshold is judged on the policy's own mean.
+    resample; an absolute threshold is judged on the policy's own mean. Every ``predicted`` is of
+    what the fine-tune trains towards (:func:`trained_target`), and is compared with the achieved
+    change through the achieved change's own 95% CI (``prediction_in_achieved_ci``).
     """
     reward = dual.reward
     columns = list(dict.fromkeys([reward] + [c.column for c in dual.parsed]))
@@ -453,16 +460,21 @@ def build_report(ref: pd.DataFrame, pol: pd.DataFrame, dual: DualRecord, cfg: Ev
     paired = Paired.of(ref, pol, columns, cfg.bootstrap, cfg.seed)
     kl_mean, kl_lo, kl_hi = cluster_bootstrap_ci((pol["logprob"] - pol["ref_logprob"]).to_numpy(),
                                                  pol["prompt_id"].to_numpy(), cfg.bootstrap, cfg.seed)
-    change_ci = dual.ci.predicted_change if dual.ci is not None else {}
-    fixed = set(dual.ci.fixed) if dual.ci is not None else set()
+    target = trained_target(dual)
+    planned = target.planned or {}
+    planned_ci = target.planned_ci or {}
+    # a change fixed by construction (a binding relative constraint) is the plan's; the trained
+    # target's change (the reachable tilt's raw scores) is not fixed
+    fixed = set(dual.ci.fixed) if dual.ci is not None and target.planned is None else set()
     key = ["prompt_id", "sample_index"]
     matched = ref[key + [reward]].merge(pol[key + [reward]], on=key, suffixes=("_ref", "_pol"))
     rows = []
     for name, c in zip(dual.names, dual.parsed, strict=True):
         achieved, (lo, hi) = pol_sum[c.column].mean, pol_sum[c.column].ci95
         ref_eval = ref_sum[c.column].mean
-        predicted, ref_dual = dual.predicted[name], dual.reference[name]
+        predicted, ref_dual = target.values[name], dual.reference[name]
         change, change_draws = paired.change(c.column)
+        achieved_ci = percentile_ci(change_draws, point=change)
         if c.relative:  # judged on the change against π_ref on the same prompts
             verdict = verdicts(change, change_draws, c.value, c.op)
         else:
@@ -472,25 +484,31 @@ def build_report(ref: pd.DataFrame, pol: pd.DataFrame, dual: DualRecord, cfg: Ev
             threshold_dual=dual.thresholds[name], reference_eval=ref_eval, achieved=achieved, ci95=[lo, hi],
             predicted=predicted, reference_dual=ref_dual, predicted_eval=ref_eval + predicted - ref_dual,
             predicted_change=predicted - ref_dual, achieved_change=change,
-            achieved_change_ci95=percentile_ci(change_draws, point=change),
+            achieved_change_ci95=achieved_ci,
             prediction_error_frac=prediction_error(change, predicted - ref_dual),
-            predicted_change_ci95=containing(change_ci.get(name), predicted - ref_dual),
-            predicted_change_fixed=name in fixed, **verdict))
-    pred_r, ref_r = dual.predicted[reward], dual.reference[reward]
+            predicted_change_ci95=containing(target.change_ci.get(name), predicted - ref_dual),
+            predicted_change_fixed=name in fixed, **verdict,
+            prediction_in_achieved_ci=_inside(predicted - ref_dual, achieved_ci),
+            planned_change=planned.get(name), planned_change_ci95=planned_ci.get(name) if planned else None))
+    pred_r, ref_r = target.values[reward], dual.reference[reward]
     r_change, r_draws = paired.change(reward)
-    r_pred_ci = containing(change_ci.get(reward), pred_r - ref_r)
-    kl_pred_ci = containing(dual.ci.predicted.get("kl") if dual.ci is not None else None, dual.predicted.get("kl"))
+    r_ci = percentile_ci(r_draws, point=r_change)
+    kl_pred = target.values.get("kl")
     report = EvalReport(
         n_prompts=int(pol["prompt_id"].nunique()), n_responses={"policy": len(pol), "reference": len(ref)},
         beta=dual.beta, lambdas=dual.lambdas, reference=ref_sum, policy=pol_sum,
-        kl=KLOutcome(kl_mean, [kl_lo, kl_hi], dual.predicted.get("kl"), kl_pred_ci,
-                     None if kl_pred_ci is None else bool(kl_pred_ci[0] <= kl_mean <= kl_pred_ci[1])),
+        kl=KLOutcome(kl_mean, [kl_lo, kl_hi], kl_pred, containing(target.change_ci.get("kl"), kl_pred),
+                     None if kl_pred is None else _inside(kl_pred, [kl_lo, kl_hi]),
+                     planned.get("kl"), planned_ci.get("kl") if planned else None),
         win_rate={reward: win_rate(matched[f"{reward}_pol"], matched[f"{reward}_ref"])},
         constraints=rows,
         predicted_reward=RewardPrediction(
-            pred_r, ref_r, ref_sum[reward].mean + pred_r - ref_r, pred_r - ref_r, r_pred_ci, r_change,
-            percentile_ci(r_draws, point=r_change), None if r_pred_ci is None else bool(r_pred_ci[0] <= r_change <= r_pred_ci[1])),
-        reward=reward, tilt="reachable" if dual.reachable is not None else "samples")
+            pred_r, ref_r, ref_sum[reward].mean + pred_r - ref_r, pred_r - ref_r,
+            containing(target.change_ci.get(reward), pred_r - ref_r),
+            r_change, r_ci, _inside(pred_r - ref_r, r_ci), planned.get(reward),
+            planned_ci.get(reward) if planned else None),
+        reward=reward, tilt="reachable" if dual.reachable is not None else "samples",
+        prediction="target" if target.planned is not None else "plan")
     if "judge_harmful" in pol:
         report.judge = {"reference": _judge_summary(ref, cfg), "policy": _judge_summary(pol, cfg)}
         report.win_rate["judge_helpful"] = win_rate(

@@ -25,7 +25,9 @@ theory) or continuing from the last policy (``start: policy``). Every round's λ
 predicted changes and compute (sampled tokens, gradient steps, wall seconds) go to
 ``<run_dir>/recalibrate.json``; the final policy replaces ``<run_dir>/policy`` (the one-shot policy
 stays in ``recalibrate/round0/policy``) and ``recalibrate/dual.json`` is the dual record of its λ,
-which the evaluate stage then reads. A killed stage resumes: a round whose ``measure.json`` exists
+which the evaluate stage then reads. On the reachable tilt (the run's dual.json has ``reachable``)
+the corrections are planned on the fitted scores the dual planned on (:func:`planning_scores`), and
+every dual.json written keeps ``reachable`` with what each round trains towards. A killed stage resumes: a round whose ``measure.json`` exists
 is not redone, and training resumes from its own checkpoint.
 """
 
@@ -48,7 +50,7 @@ from dualign._infra.io import read_json, read_table, write_json, write_table
 from dualign._infra.provenance import mark_done, record_stage, unmark
 from dualign._infra.segments import Segments
 from dualign.data.prompts import load_prompts
-from dualign.data.records import write_dual
+from dualign.data.records import DualRecord, ReachableTilt, read_dual, write_dual
 from dualign.dual import formulas as F
 from dualign.dual import solve_dual_long
 from dualign.evaluate import Paired, percentile_ci, sample_model
@@ -213,6 +215,49 @@ def _scores_arrays(scores: pd.DataFrame, objective: Objective):
     return seg, r, g, weights
 
 
+def planning_scores(run_dir: Path, scores: pd.DataFrame, dual: DualRecord) -> pd.DataFrame:
+    """The scores the run's dual planned on: on the reachable tilt (dual.json's ``reachable``) each
+    planned column replaced by its fit from π_ref's features (the dual stage's cache, refitted with
+    the recorded α and folds), else ``scores`` itself. Recalibration plans its corrections on these,
+    as the dual did, and trains on the original scores, as the one-shot fine-tune did."""
+    reach = dual.reachable
+    if reach is None:
+        return scores
+    from dualign.data.score_table import read_scores
+    from dualign.dual.reachable import FEATURES
+    from dualign.dual.stage import reachable_fit
+
+    path = run_dir / FEATURES
+    if not path.exists():
+        raise InputError(f"{path}: the run planned on the reachable tilt, but π_ref's features are missing "
+                         "(run the dual stage again)")
+    from safetensors.numpy import load_file
+
+    columns = list(dict.fromkeys([dual.reward, *dual.columns.values()]))
+    table = read_scores(run_dir / "scores.parquet", columns)
+    fit = reachable_fit(table, columns, load_file(str(path))["features"],
+                        reach.ridge_alpha if reach.ridge_alpha is not None else 1e-3, reach.fold_seed or 0)
+    planned = scores.copy()
+    for column in columns:
+        values = planned[column].to_numpy(float).copy()
+        values[table.rows - 1] = fit.columns[column]
+        planned[column] = values
+    return planned
+
+
+def round_dual(objective: Objective, scores: pd.DataFrame, planned: pd.DataFrame, lambdas: np.ndarray,
+               reachable: ReachableTilt | None) -> DualRecord:
+    """A round's dual.json: the plan's predictions at λ, and on the reachable tilt the tilt of the
+    original scores at λ (what the round's fine-tune trains towards) in ``reachable``, so the
+    report keeps the run's tilt."""
+    dual = method_dual(objective, planned, lambdas, 1.0, "recalibrate")
+    if reachable is not None:
+        target = method_dual(objective, scores, lambdas, 1.0, "recalibrate").predicted
+        dual.reachable = dataclasses.replace(reachable, samples_predicted=target, samples_predicted_ci=None,
+                                             samples_predicted_change_ci=None, fit_resampled=False)
+    return dual
+
+
 def _predicted_change(objective: Objective, scores: pd.DataFrame, lambdas: np.ndarray) -> np.ndarray:
     """Δp_j(λ) on the dual's samples in g units: what the dual predicts π_λ changes."""
     dual = method_dual(objective, scores, lambdas, 1.0, "recalibrate")
@@ -250,9 +295,9 @@ def next_lambdas(history: list[dict[str, Any]], objective: Objective, scores: pd
 
 
 def _train_round(cfg: RecalibrateConfig, train_cfg: TrainConfig, objective: Objective, scores_path: Path,
-                 scores: pd.DataFrame, lambdas: np.ndarray, previous_policy: str, round_dir: Path) -> dict:
-    """One extra fine-tune at λ into ``round_dir/policy``."""
-    dual = method_dual(objective, scores, lambdas, 1.0, "recalibrate")
+                 scores: pd.DataFrame, lambdas: np.ndarray, previous_policy: str, round_dir: Path,
+                 dual: DualRecord) -> dict:
+    """One extra fine-tune at λ into ``round_dir/policy`` (``dual``: the round's dual.json)."""
     write_dual(dual, round_dir / "dual.json")
     pairs = lagrangian_pairs(scores, objective, lambdas, 1.0, train_cfg.pairs_per_prompt, train_cfg.seed,
                              str(scores_path))
@@ -279,6 +324,8 @@ def recalibrate(cfg: RecalibrateConfig, train_cfg: TrainConfig) -> dict[str, Any
     scores = read_table(scores_path)
     objective = load_objective(run_dir / "dual.json")
     dual = read_json(run_dir / "dual.json")
+    record = read_dual(run_dir / "dual.json")
+    planned = planning_scores(run_dir, scores, record)
     prompts = load_prompts(cfg.prompts, prompt_column=cfg.prompt_column, max_prompts=cfg.max_prompts)
     unmark(run_dir, "recalibrate")
     if not (root / "round0" / "policy").exists():  # the one-shot policy keeps its place in round 0
@@ -297,21 +344,22 @@ def recalibrate(cfg: RecalibrateConfig, train_cfg: TrainConfig) -> dict[str, Any
             steps = 0
             if t > 0:
                 summary = _train_round(cfg, train_cfg, objective, scores_path, scores, lambdas,
-                                       str(root / f"round{t - 1}" / "policy"), round_dir)
+                                       str(root / f"round{t - 1}" / "policy"), round_dir,
+                                       round_dual(objective, scores, planned, lambdas, record.reachable))
                 steps = summary["step"]
             measured = _measure(cfg, str(round_dir / "policy"), prompts, objective, round_dir, cfg.seed + 7919 * t)
             achieved, required = _targets(objective, measured)
             write_json({"round": t, "rule": rule, "lambdas": lambdas.tolist(),
-                        "predicted_g": _predicted_change(objective, scores, lambdas).tolist(),
+                        "predicted_g": _predicted_change(objective, planned, lambdas).tolist(),
                         "achieved_g": achieved.tolist(), "required_g": required.tolist(), **measured,
                         "met": bool(np.all(achieved - required >= _margin_g(cfg, objective))),
                         "gradient_steps": steps, "wall_s": time.perf_counter() - start}, done)
         history.append(read_json(done))
         if history[-1]["met"] or t == cfg.rounds:
             break
-        lambdas, rule = next_lambdas(history, objective, scores, _margin_g(cfg, objective))
+        lambdas, rule = next_lambdas(history, objective, planned, _margin_g(cfg, objective))
     final = root / f"round{len(history) - 1}"
-    write_dual(method_dual(objective, scores, np.array(history[-1]["lambdas"]), 1.0, "recalibrate"),
+    write_dual(round_dual(objective, scores, planned, np.array(history[-1]["lambdas"]), record.reachable),
                root / "dual.json")
     _replace_policy(final / "policy", run_dir / "policy")
     out = {"rounds": history, "final_round": len(history) - 1, "met": history[-1]["met"],

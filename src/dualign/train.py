@@ -666,7 +666,7 @@ def model_card(cfg: TrainConfig, dual: DualRecord | None, hashes: dict[str, str]
         f"- lambdas (λ*): {json.dumps(dual.lambdas)}",
         f"- constraints: {json.dumps(dual.constraints)}",
         f"- reward: {dual.reward}",
-        f"- predicted under π_λ* (dual.json): {json.dumps(dual.predicted)}",
+        *_card_predictions(dual),
         f"- reference values (dual.json): {json.dumps(dual.reference)}",
         f"- training pairs: {num_pairs}",
         f"- LoRA: {cfg.lora}" + (f" (r={cfg.lora_r}, alpha={cfg.lora_alpha}, merged={cfg.merge_lora})" if cfg.lora else ""),
@@ -677,6 +677,21 @@ def model_card(cfg: TrainConfig, dual: DualRecord | None, hashes: dict[str, str]
         "", "The resolved training config is in `dualign_train.yaml`.", "",
     ]
     return "\n".join(lines)
+
+
+def _card_predictions(dual: DualRecord) -> list[str]:
+    """The model card's predictions: of what this fine-tune trained towards (the original scores
+    tilted at λ*), with their 95% CIs, and the plan λ* was chosen on where it differs."""
+    if dual.reachable is None:
+        ci = dual.ci.predicted if dual.ci is not None else {}
+        return [f"- predicted under π_λ*, the target this fine-tune trained towards (dual.json): "
+                f"{json.dumps(dual.predicted)}" + (f"; 95% CIs {json.dumps(ci)}" if ci else "")]
+    reach = dual.reachable
+    return [f"- predicted under π_λ*, the target this fine-tune trained towards (the original scores tilted at "
+            f"λ*; dual.json reachable.samples_predicted): {json.dumps(reach.samples_predicted)}"
+            + (f"; 95% CIs {json.dumps(reach.samples_predicted_ci)}" if reach.samples_predicted_ci else ""),
+            f"- planned (the fitted scores λ* was chosen on, dual.json predicted): {json.dumps(dual.predicted)}; "
+            "it differs because training uses the whole of each score, not only the part π_ref's features predict"]
 
 
 # ---------------------------------------------------------------- in memory, as TRL's trainers

@@ -64,11 +64,20 @@ class ReachableTilt:
     features of the response (:mod:`dualign.dual.reachable`). ``r2`` and ``residual_sd`` per score
     column: the cross-fitted within-prompt R² and the s.d. of what the features leave out;
     ``samples_predicted`` what the plain K-sample tilt of the original scores predicts at the same
-    λ (reward column, constraint names, "kl"): the change the fine-tune is trained towards."""
+    λ (reward column, constraint names, "kl"): the distribution the fine-tune is trained towards,
+    since it trains on the original scores at λ; ``predicted`` (the plan, on the fitted scores) is
+    what λ was chosen on. Their bootstrap CIs are in ``samples_predicted_ci`` (values) and
+    ``samples_predicted_change_ci`` (changes over π_ref); ``fit_resampled``: the bootstrap and the
+    confidence margin refit the ridge on every prompt resample, so the fit's own error is in them."""
 
     r2: dict[str, float]
     residual_sd: dict[str, float]
     samples_predicted: dict[str, float]
+    samples_predicted_ci: dict[str, list[float]] | None = None
+    samples_predicted_change_ci: dict[str, list[float]] | None = None
+    fit_resampled: bool = False
+    ridge_alpha: float | None = None  # the fit's α and fold seed, so a later stage (recalibrate) refits it alike
+    fold_seed: int | None = None
 
 
 @dataclass
@@ -163,6 +172,41 @@ def write_dual(record: DualRecord, path: str | Path) -> None:
     write_json(to_json(record), path)
 
 
+@dataclass
+class TrainedTarget:
+    """What the fine-tune trains towards, by key (reward column, constraint names, "kl"): its
+    predicted values, their changes over π_ref's (on the dual's samples) and the changes' bootstrap
+    CIs ("kl": the value's CI); ``planned`` the plan's changes where they differ, else None."""
+
+    values: dict[str, float]
+    changes: dict[str, float]
+    change_ci: dict[str, list[float]]
+    planned: dict[str, float] | None = None
+    planned_ci: dict[str, list[float]] | None = None
+
+
+def trained_target(dual: DualRecord) -> TrainedTarget:
+    """The prediction of the distribution the fine-tune trains towards. The fine-tune trains on the
+    original scores at λ, so on the reachable tilt that is dual.json's ``reachable.samples_predicted``
+    (the K-sample tilt of the original scores at λ), not ``predicted`` (the plan, on the fitted
+    scores λ was chosen on); on the K-sample tilt the two are one."""
+    keys = [dual.reward, *dual.names]
+
+    def changes(values: dict[str, float]) -> dict[str, float]:
+        return {k: values[k] - dual.reference[k] for k in keys} | {"kl": values["kl"]}
+
+    ci = dual.ci
+    plan_ci = {**(ci.predicted_change if ci else {}), **({"kl": ci.predicted["kl"]} if ci and "kl" in ci.predicted else {})}
+    reach = dual.reachable
+    if reach is None:
+        return TrainedTarget(dict(dual.predicted), changes(dual.predicted), plan_ci)
+    target_ci = {**(reach.samples_predicted_change_ci or {}),
+                 **({"kl": reach.samples_predicted_ci["kl"]} if reach.samples_predicted_ci else {})}
+    return TrainedTarget(dict(reach.samples_predicted), changes(reach.samples_predicted), target_ci,
+                         changes(dual.predicted), plan_ci)
+
+
+
 # ------------------------------------------------------------------------------ eval/report.json
 
 
@@ -178,9 +222,11 @@ class Estimate:
 class KLOutcome:
     achieved: float  # mean_x log π(y|x)/π_ref(y|x) on the policy's samples
     ci95: list[float]
-    predicted: float | None  # the dual's prediction (dual.json predicted.kl)
+    predicted: float | None  # the KL of what the fine-tune trains towards (EvalReport.prediction)
     predicted_ci95: list[float] | None = None  # the dual's bootstrap CI of it
-    within_predicted_ci: bool | None = None  # achieved inside predicted_ci95
+    prediction_in_ci: bool | None = None  # predicted inside ci95, the achieved KL's own interval
+    planned: float | None = None  # the plan's KL, where it differs from predicted (the reachable tilt)
+    planned_ci95: list[float] | None = None
 
 
 @dataclass
@@ -214,6 +260,9 @@ class ConstraintOutcome:
     bound95: float | None  # the one-sided 95% bound met_confidently is judged on (value or change)
     predicted_change_ci95: list[float] | None = None  # the dual's bootstrap CI
     predicted_change_fixed: bool = False  # dual.json ci.fixed: the change is the margin by construction, no CI
+    prediction_in_achieved_ci: bool | None = None  # predicted_change inside achieved_change_ci95
+    planned_change: float | None = None  # the plan's change, where it differs (the reachable tilt)
+    planned_change_ci95: list[float] | None = None
 
 
 @dataclass
@@ -225,7 +274,9 @@ class RewardPrediction:
     predicted_change_ci95: list[float] | None = None  # the dual's bootstrap CI
     achieved_change: float | None = None
     achieved_change_ci95: list[float] | None = None  # paired bootstrap on held-out prompts
-    within_predicted_ci: bool | None = None  # achieved_change inside predicted_change_ci95
+    prediction_in_achieved_ci: bool | None = None  # predicted_change inside achieved_change_ci95
+    planned_change: float | None = None  # the plan's change, where it differs (the reachable tilt)
+    planned_change_ci95: list[float] | None = None
 
 
 @dataclass
@@ -258,6 +309,10 @@ class EvalReport:
     judge: dict[str, dict[str, JudgeSummary]] | None = None
     recalibration: dict[str, Any] | None = None  # recalibrate.json's rounds and compute, when it ran
     tilt: str = "samples"  # the dual's tilt (dual.json's ``reachable`` set: "reachable")
+    # what every ``predicted`` is of: "target", the tilt of the original scores at λ that the fine-tune
+    # trains towards (on the reachable tilt it differs from the plan, kept as ``planned``); "plan"
+    # where the two are one (the K-sample tilt), or in a report from before the key
+    prediction: str = "plan"
 
 
 def read_report(path: str | Path) -> EvalReport:

@@ -86,8 +86,9 @@ def _plot_scores(plt, ref: pd.DataFrame, pol: pd.DataFrame, report: EvalReport, 
 
 
 def _bars(ax, predicted: float | None, predicted_ci, achieved: float | None, achieved_ci, when: str,
-          fixed: bool = False) -> None:
-    """Two bars, the dual's prediction and the achieved value, each with its 95% CI when known.
+          fixed: bool = False, planned: float | None = None) -> None:
+    """Two bars, the dual's prediction (of what the fine-tune trains towards) and the achieved value,
+    each with its 95% CI when known; the plan's value, where it differs, a dotted line over the first.
 
     A value that is None, NaN or infinite gets no bar; an interval end that is missing or infinite
     no whisker on that side; an interval that misses its point (a rounding error) a zero-length
@@ -104,7 +105,10 @@ def _bars(ax, predicted: float | None, predicted_ci, achieved: float | None, ach
             ax.errorbar([x], [value], yerr=[[max(below, 0.0)], [max(above, 0.0)]], color="k", capsize=5, lw=1.2)
     if fixed and _finite(predicted):
         ax.annotate("fixed by construction", (0, predicted), ha="center", va="bottom", fontsize=8)
-    ax.set_xticks([0, 1], [f"predicted\n(the dual, {when})", "achieved\n(held-out prompts)"])
+    if _finite(planned):
+        ax.plot([-0.35, 0.35], [planned, planned], color="k", ls=":", lw=1.5)
+        ax.annotate("plan", (0.35, planned), fontsize=8, va="center")
+    ax.set_xticks([0, 1], [f"predicted\n(trained target, {when})", "achieved\n(held-out prompts)"])
     ax.set_xlim(-0.6, 1.6)
     ax.grid(axis="y", alpha=0.3)
 
@@ -122,7 +126,7 @@ def _plot_predicted_vs_achieved(plt, report: EvalReport, path: Path, dpi: int) -
     for ax, c in zip(axes, report.constraints, strict=False):
         rule = parse_constraint(c.constraint)
         _bars(ax, c.predicted_change, c.predicted_change_ci95, c.achieved_change, c.achieved_change_ci95, when,
-              c.predicted_change_fixed)
+              c.predicted_change_fixed, c.planned_change)
         required = rule.value if rule.relative else c.threshold - c.reference_eval
         _hline(ax, required, color="red", ls="--", lw=1.2)
         ax.axhline(0, color="k", lw=0.8)
@@ -133,12 +137,14 @@ def _plot_predicted_vs_achieved(plt, report: EvalReport, path: Path, dpi: int) -
     pr, rc = report.predicted_reward, report.reward
     ax = axes[-2]
     achieved = _reward_change(report)
-    _bars(ax, pr.predicted_change, pr.predicted_change_ci95, achieved, pr.achieved_change_ci95, when)
+    _bars(ax, pr.predicted_change, pr.predicted_change_ci95, achieved, pr.achieved_change_ci95, when,
+          planned=pr.planned_change)
     ax.axhline(0, color="k", lw=0.8)
     ax.set_title(f"{rc}: the objective (higher is better)", fontsize=10)
     ax.set_ylabel(f"change in mean {rc} from π_ref ({rc} units)")
     ax = axes[-1]
-    _bars(ax, report.kl.predicted, report.kl.predicted_ci95, report.kl.achieved, report.kl.ci95, when)
+    _bars(ax, report.kl.predicted, report.kl.predicted_ci95, report.kl.achieved, report.kl.ci95, when,
+          report.kl.planned)
     ax.set_title(f"KL(aligned ‖ π_ref) at β = {report.beta:g}", fontsize=10)
     ax.set_ylabel("KL (nats per response)")
     fig.suptitle("What the dual predicted against what the aligned policy achieved on held-out prompts "
@@ -210,7 +216,7 @@ def format_report(report: EvalReport) -> str:
     lines = [f"Held-out evaluation: {report.n_prompts} prompts, {per_prompt:.3g} responses each from π_ref and "
              "from the aligned policy.",
              "change = aligned − π_ref on the same prompts (95% CI: paired prompt bootstrap);",
-             "predicted = the dual's prediction of that change, made before training (95% CI: its bootstrap).", ""]
+             PREDICTED[report.prediction], ""]
     change = _reward_change(report)
     ref_mean = {c: e.mean for c, e in report.reference.items()}
     pol_mean = {c: e.mean for c, e in report.policy.items()}
@@ -255,16 +261,38 @@ def format_report(report: EvalReport) -> str:
                              interval(ci, rule.relative), verdict(c)])
     lines += text_table(["", "required", "estimate", "one-sided 95% bound", "95% CI", "verdict"], verdict_rows)
     lines += textwrap.wrap(f"({VERDICT_LEGEND})", 100, initial_indent="  ", subsequent_indent="   ")
-    if pr.within_predicted_ci is not None:
-        lines.append(f"The {rc} change {num(change, True)} lies {'inside' if pr.within_predicted_ci else 'outside'} "
-                     f"the dual's 95% CI of its prediction {interval(pr.predicted_change_ci95, True)}.")
-    if kl.within_predicted_ci is not None:
-        lines.append(f"The KL {num(kl.achieved)} lies {'inside' if kl.within_predicted_ci else 'outside'} "
-                     f"the dual's 95% CI of its prediction {interval(kl.predicted_ci95)}.")
+    lines += _prediction_lines(report)
     names = {"judge_helpful": "gold-judge helpfulness"}
     rates = ", ".join(f"{names.get(k, k)} {_rate(v) or 'unknown'}" for k, v in report.win_rate.items())
     lines.append(f"Win rate of the aligned policy over π_ref (same prompt and sample; 0.5 = a tie): {rates}.")
     return "\n".join(lines)
+
+
+PREDICTED = {
+    "plan": "predicted = the dual's prediction of that change, made before training (95% CI: its bootstrap).",
+    "target": "predicted = the change the fine-tune trains towards (the original scores tilted at λ*), predicted "
+              "before training (95% CI: its bootstrap)."}
+
+
+def _prediction_lines(report: EvalReport) -> list[str]:
+    """Each prediction against the achieved value's own 95% CI, and the plan where it differs."""
+    rc, pr, kl = report.reward, report.predicted_reward, report.kl
+    checks = [(rc, pr.predicted_change, pr.achieved_change_ci95, pr.prediction_in_achieved_ci, True),
+              *((c.column, c.predicted_change, c.achieved_change_ci95, c.prediction_in_achieved_ci, True)
+                for c in report.constraints),
+              ("KL", kl.predicted, kl.ci95, kl.prediction_in_ci, False)]
+    parts = [f"{what} {num(value, sign)} {'inside' if inside else 'OUTSIDE'} {interval(ci, sign)}"
+             for what, value, ci, inside, sign in checks if inside is not None]
+    lines = []
+    if parts:
+        lines += textwrap.wrap("Each prediction against the achieved value's own 95% CI: " + "; ".join(parts) + ".", 100)
+    if report.prediction == "target":
+        plan = [f"{rc} {num(pr.planned_change, True)}", *(f"{c.column} {num(c.planned_change, True)}"
+                                                         for c in report.constraints), f"KL {num(kl.planned)}"]
+        lines += textwrap.wrap(f"The plan λ* was chosen on (the fitted scores) predicted {', '.join(plan)}; it differs "
+                               "because the fine-tune trains on the whole of each score at λ*, not on the part "
+                               "π_ref's features predict. The comparisons above use what is trained.", 100)
+    return lines
 
 
 def format_outputs(run_dir: str | Path, policy: str | Path | None = None) -> str:

@@ -20,7 +20,8 @@ carry too, so its variance joins the evaluation's standard error of a confidence
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -64,22 +65,34 @@ def cross_fitted_ridge(h: np.ndarray, y: np.ndarray, fold: np.ndarray, alpha: fl
 @dataclass
 class ReachableFit:
     """Fitted columns s̃ (grouped rows), each column's cross-fitted within-prompt R² and the variance
-    of its residual s − s̃ (pooled over rows)."""
+    of its residual s − s̃ (pooled over rows, on n − N degrees of freedom: N prompt means were taken
+    out); ``h_within``, ``s_within``, ``s_mean`` and ``fold`` keep what a refit on resampled prompts
+    needs (:func:`refit_columns`)."""
 
     columns: dict[str, np.ndarray]
     r2: dict[str, float]
     residual_variance: dict[str, float]
+    h_within: np.ndarray | None = None  # [n, d] ĥ
+    s_within: np.ndarray | None = None  # [n, c] s − s̄, columns in ``columns``' order
+    s_mean: np.ndarray | None = None  # [n, c] s̄
+    fold: np.ndarray | None = None  # [n] each row's fold
+    alpha: float = 1e-3
+    seed: int = 0  # the folds' seed
+    linearized: Callable[[np.ndarray], np.ndarray] | None = field(default=None, repr=False)  # linearized_refit's
 
 
 def reachable_columns(seg: Segments, columns: dict[str, np.ndarray], features: np.ndarray, *,
                       alpha: float = 1e-3, folds: int = 5, seed: int = 0) -> ReachableFit:
     """s̃ = s̄(x) + cross-fitted ridge of (s − s̄) on (h − h̄) for each column [n] (grouped rows);
-    R² = 1 − Σ(s − s̃)² / Σ(s − s̄)²."""
+    R² = 1 − Σ(s − s̃)² / Σ(s − s̄)²; residual variance ε² = Σ(s − s̃)² / (n − N), N prompts: the
+    within-prompt centring leaves n − N degrees of freedom, so dividing by n would shrink ε² by
+    (K−1)/K at K samples per prompt."""
     if features.ndim != 2 or len(features) != seg.size:
         raise ValueError(f"features must be [{seg.size}, d], got {features.shape}")
     h_within, _ = within_prompt(seg, features)
     fold = prompt_folds(seg, folds, seed)
-    fitted, r2, resid = {}, {}, {}
+    fitted, r2, resid, within, means = {}, {}, {}, [], []
+    dof = max(seg.size - seg.num, 1)
     for name, s in columns.items():
         s_within, s_mean = within_prompt(seg, s)
         pred = cross_fitted_ridge(h_within, s_within, fold, alpha)
@@ -87,8 +100,75 @@ def reachable_columns(seg: Segments, columns: dict[str, np.ndarray], features: n
         total = float(np.sum(s_within**2))
         err = float(np.sum((s_within - pred) ** 2))
         r2[name] = 1.0 - err / total if total > 0 else 1.0
-        resid[name] = err / len(s)
-    return ReachableFit(fitted, r2, resid)
+        resid[name] = err / dof
+        within.append(s_within)
+        means.append(s_mean)
+    return ReachableFit(fitted, r2, resid, h_within, np.stack(within, 1), np.stack(means, 1), fold, alpha, seed)
+
+
+def refit_columns(seg: Segments, fit: ReachableFit, counts: np.ndarray) -> np.ndarray:
+    """s̃ of every row [n, c] (columns in ``fit.columns``' order) with ŵ refitted on the resample
+    that draws prompt x ``counts[x]`` times: each row's fold is predicted by the ridge fitted on the
+    other folds' drawn rows, each row weighted by its prompt's count (folds and centring as in the
+    fit, so a prompt drawn twice stays in one fold). Naive equivalent: :func:`reachable_columns`
+    on the table with each prompt's rows repeated ``counts[x]`` times (tests/test_plan_statistics.py)."""
+    weight = seg.expand(np.asarray(counts, dtype=np.float64))
+    h, y, fold = fit.h_within, fit.s_within, fit.fold
+    drawn = weight > 0
+    grams, moments = {}, {}
+    for f in np.unique(fold):
+        rows = drawn & (fold == f)
+        hw = h[rows] * weight[rows, None]
+        grams[f], moments[f] = hw.T @ h[rows], hw.T @ y[rows]
+    gram_all, moment_all = sum(grams.values()), sum(moments.values())
+    pred = np.zeros_like(y)
+    for f in grams:
+        gram = gram_all - grams[f]
+        trace = np.trace(gram)
+        if trace <= 0:
+            continue
+        w = np.linalg.solve(gram + fit.alpha * trace / h.shape[1] * np.eye(h.shape[1]), moment_all - moments[f])
+        pred[fold == f] = h[fold == f] @ w
+    return fit.s_mean + pred
+
+
+def linearized_refit(seg: Segments, fit: ReachableFit) -> Callable[[np.ndarray], np.ndarray]:
+    """counts [N] → s̃ of every row [n, c] with each fold's ŵ_f refitted to first order on the
+    resample that draws prompt x counts[x] times:
+
+        ŵ_f(c) = ŵ_f + (G_f + α·tr(G_f)/d·I)⁻¹ Σ_{i ∉ f} (c_i − 1)·ĥ_i·(s_i − s̄_i − ĥ_iᵀŵ_f)
+
+    (G_f = Σ_{i ∉ f} ĥ_iĥ_iᵀ, c_i the count of row i's prompt): one Newton step of the weighted
+    ridge from ŵ_f, the gram held at the sample's. It costs two passes over the rows instead of a
+    new gram per resample, and its perturbations average zero, so the bootstrap is not biased by
+    the duplicates' smaller effective sample. Naive equivalent: :func:`refit_columns`, the exact
+    weighted refit (tests/test_plan_statistics.py holds them close)."""
+    h, y, fold = fit.h_within, fit.s_within, fit.fold
+    labels = [f for f in np.unique(fold) if (fold != f).any()]
+    c = y.shape[1]
+    inverses, resid, base = [], np.zeros((len(y), len(labels) * c)), fit.s_mean.copy()
+    for i, f in enumerate(labels):
+        train, test = fold != f, fold == f
+        gram = h[train].T @ h[train]
+        inverses.append(np.linalg.inv(gram + fit.alpha * np.trace(gram) / h.shape[1] * np.eye(h.shape[1])))
+        w = inverses[-1] @ (h[train].T @ y[train])
+        resid[train, i * c:(i + 1) * c] = y[train] - h[train] @ w  # zero on fold f's own rows
+        base[test] += h[test] @ w
+    own = np.zeros(len(y), dtype=np.int64)  # each row's position among the fitted folds
+    for i, f in enumerate(labels):
+        own[fold == f] = i
+    rows = np.isin(fold, labels)
+
+    def refit(counts: np.ndarray) -> np.ndarray:
+        delta = seg.expand(np.asarray(counts, dtype=np.float64)) - 1.0
+        moments = h.T @ (delta[:, None] * resid)  # [d, folds·c]: every fold's Σ (c_i − 1)ĥ_i r_i at once
+        steps = np.concatenate([inv @ moments[:, i * c:(i + 1) * c] for i, inv in enumerate(inverses)], 1)
+        shift = (h @ steps).reshape(len(y), len(labels), c)
+        out = base.copy()
+        out[rows] += shift[np.flatnonzero(rows), own[rows]]
+        return out
+
+    return refit
 
 
 def response_features(model, tokenizer, prompts: list[str], responses: list[str], template: str,

@@ -22,7 +22,7 @@ are in :mod:`dualign.dual.formulas`.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,6 +64,9 @@ class DualResult:
     # [m] a relative constraint binding on the samples and on every resample: its predicted change
     # equals its margin by construction, so its bootstrap interval is zero-width and is not reported
     change_fixed: np.ndarray | None = None
+    # ``target``: the tilt of other values at λ* (what a fine-tune trains towards when the dual
+    # planned on fitted scores): {"reward", "utilities" [m], "kl", "reward_change", "utility_changes" [m]}
+    target: dict | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,8 +324,42 @@ def _resample_thresholds(sub: Samples, thresholds: np.ndarray, margins: np.ndarr
     return np.where(relative, sub.reference()[1] + np.nan_to_num(margins), thresholds)
 
 
+# refit(counts [N]) → (rewards [n], utilities [n, m]) on every grouped row: the values re-estimated
+# on a resample that draws prompt x counts[x] times (the reachable tilt's ridge, refitted)
+Refit = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+def _draw(samples: Samples, counts: np.ndarray, refit: Refit | None = None,
+          keep: np.ndarray | None = None) -> Samples:
+    """The resample that draws prompt x counts[x] times; with ``refit``, its values re-estimated
+    on it (``keep``: the rows flat_samples kept, those of positive weight)."""
+    prompts = np.flatnonzero(counts)
+    weights = counts[prompts].astype(np.float64)
+    if refit is None:
+        return samples.take(prompts, weights)
+    rewards, utilities = refit(counts)
+    if keep is not None:
+        rewards, utilities = rewards[keep], utilities[keep]
+    return samples.with_values(rewards, utilities).take(prompts, weights)
+
+
+def _target_outcomes(target: Samples, lambdas: np.ndarray, beta: float) -> np.ndarray:
+    """[reward, utilities (m), kl, reward change, utility changes (m)] of the tilt of ``target``'s
+    values at λ (its changes against π_ref's mean on the same samples)."""
+    tilt = Tilt(target, np.zeros(target.m), beta)
+    reward, utilities, kl_value = tilt.outcomes(tilt.evaluate(lambdas))
+    ref_reward, ref_utilities = target.reference()
+    return np.concatenate([[reward], utilities, [kl_value], [reward - ref_reward], utilities - ref_utilities])
+
+
+def _target_dict(values: np.ndarray, m: int) -> dict:
+    return {"reward": values[0], "utilities": values[1:m + 1], "kl": values[m + 1],
+            "reward_change": values[m + 2], "utility_changes": values[m + 3:]}
+
+
 def _bootstrap(samples: Samples, result: DualResult, bootstrap: int, seed: int, tol: float,
-               max_iter: int, level: float, margins: np.ndarray) -> None:
+               max_iter: int, level: float, margins: np.ndarray, refit: Refit | None = None,
+               keep: np.ndarray | None = None, target: Samples | None = None) -> None:
     """Percentile CIs over prompts: resample prompts with replacement (multinomial prompt weights),
     re-estimate every relative threshold from the resample's π_ref mean, and solve again.
 
@@ -333,14 +370,15 @@ def _bootstrap(samples: Samples, result: DualResult, bootstrap: int, seed: int, 
     nothing about uncertainty.
 
     Naive equivalent: a loop that draws prompt indices, rebuilds the scores table from them and
-    calls :func:`solve_dual_long` with the thresholds recomputed (tests/test_dual.py)."""
+    calls :func:`solve_dual_long` with the thresholds recomputed (tests/test_dual.py). With
+    ``refit`` the values themselves are re-estimated on each resample (the fit's own error enters
+    the CIs); with ``target`` the CIs also cover the tilt of its values at each resample's λ."""
     rng = np.random.default_rng(seed)
     num = samples.seg.num
     draws = []
     for _ in Progress(range(bootstrap), desc="bootstrap", unit="resamples"):
         counts = rng.multinomial(num, np.full(num, 1.0 / num))
-        prompts = np.flatnonzero(counts)
-        sub = samples.take(prompts, counts[prompts].astype(np.float64))
+        sub = _draw(samples, counts, refit, keep)
         b = _resample_thresholds(sub, result.thresholds, margins)
         try:
             sol, tilt = _solve(sub, b, result.beta, result.names, result.lambdas, tol, max_iter,
@@ -351,8 +389,11 @@ def _bootstrap(samples: Samples, result: DualResult, bootstrap: int, seed: int, 
             continue
         reward, utilities, kl_value = tilt.outcomes(sol.point)
         ref_reward, ref_utilities = sub.reference()
+        extra = [] if target is None else [_target_outcomes(
+            target.take(np.flatnonzero(counts), counts[np.flatnonzero(counts)].astype(np.float64)),
+            sol.lambdas, result.beta)]
         draws.append(np.concatenate([sol.lambdas, [reward], utilities, [kl_value],
-                                     [reward - ref_reward], utilities - ref_utilities]))
+                                     [reward - ref_reward], utilities - ref_utilities, *extra]))
     result.bootstrap, result.bootstrap_failed, result.ci_level = bootstrap, bootstrap - len(draws), level
     if not draws:
         return
@@ -366,14 +407,18 @@ def _bootstrap(samples: Samples, result: DualResult, bootstrap: int, seed: int, 
     result.change_fixed = ~np.isnan(margins) & (result.lambdas > 0) & (draws[:, :m] > 0).all(axis=0)
     result.ci = {"lambdas": bounds[:m], "predicted_reward": bounds[m],
                  "predicted_utilities": bounds[m + 1:2 * m + 1], "kl": bounds[2 * m + 1],
-                 "predicted_reward_change": bounds[2 * m + 2], "predicted_utility_changes": bounds[2 * m + 3:]}
+                 "predicted_reward_change": bounds[2 * m + 2], "predicted_utility_changes": bounds[2 * m + 3:3 * m + 3]}
+    if target is not None:
+        result.ci["target"] = _target_dict(bounds[3 * m + 3:], m)
 
 
 def slack_spread(samples: Samples, lambdas: np.ndarray, thresholds: np.ndarray, margins: np.ndarray,
-                 beta: float, level: float, resamples: int, seed: int) -> np.ndarray:
+                 beta: float, level: float, resamples: int, seed: int, refit: Refit | None = None,
+                 keep: np.ndarray | None = None) -> np.ndarray:
     """s_j = slack_j − q_{1−level}(slack*_j) at fixed λ, with slack_j = E_{p_λ}[g_j] − b_j on the
-    samples and slack*_j the same on prompt resamples (relative thresholds re-estimated): how far
-    the point prediction must clear b_j for the one-sided ``level`` bound to clear it → [m]."""
+    samples and slack*_j the same on prompt resamples (relative thresholds re-estimated; with
+    ``refit``, the values re-estimated too): how far the point prediction must clear b_j for the
+    one-sided ``level`` bound to clear it → [m]."""
     def slack(sub: Samples, b: np.ndarray) -> np.ndarray:
         tilt = Tilt(sub, b, beta)
         return tilt.outcomes(tilt.evaluate(lambdas))[1] - b
@@ -382,9 +427,7 @@ def slack_spread(samples: Samples, lambdas: np.ndarray, thresholds: np.ndarray, 
     num = samples.seg.num
     draws = []
     for _ in range(resamples):
-        counts = rng.multinomial(num, np.full(num, 1.0 / num))
-        prompts = np.flatnonzero(counts)
-        sub = samples.take(prompts, counts[prompts].astype(np.float64))
+        sub = _draw(samples, rng.multinomial(num, np.full(num, 1.0 / num)), refit, keep)
         draws.append(slack(sub, _resample_thresholds(sub, thresholds, margins)))
     return np.maximum(slack(samples, thresholds) - np.quantile(np.array(draws), 1 - level, axis=0), 0.0)
 
@@ -400,35 +443,48 @@ def evaluation_se(samples: Samples, lambdas: np.ndarray, beta: float, relative: 
         relative: SE² = Var_q(μ_λ(x) − μ_ref(x)) / n_e + E_q[σ²_λ(x) + σ²_ref(x)] / (n_e·k_e)
         absolute: SE² = Var_q(μ_λ(x)) / n_e + E_q[σ²_λ(x)] / (n_e·k_e)
 
-    μ(x) estimated from the K samples of each prompt carries their noise too, so the between-prompt
-    term is somewhat over-estimated (the margin errs wide). ``residual_variance`` [m] (ε², the
-    variance of what the samples' g leaves out, e.g. the residual of the reachable tilt) is noise
-    every fresh response carries: it adds ε² to σ²_λ(x), and to σ²_ref(x) for a relative threshold."""
+    Each term is estimated without the bias of plugging in K samples per prompt. The plug-in
+    variance under weights v (Σ_k v_k = 1) is low by the factor 1 − Σ_k v_k², so σ²(x) is divided
+    by it ((K−1)/K under π_ref's uniform weights). The plug-in Var_q of μ̂(x) is high by the mean
+    variance of μ̂(x) itself, so that is subtracted: its delta-method estimate
+    K/(K−1)·Σ_k (p_k(g_k − μ̂_λ) − w_k(g_k − μ̂_ref))² (relative; the w term dropped when absolute).
+    A paired threshold at a mild tilt has μ̂_λ − μ̂_ref nearly noise-free, so the first bias is
+    the one left there: it made the SE narrow. ``residual_variance`` [m] (ε², the variance of what
+    the samples' g leaves out, e.g. the residual of the reachable tilt) is noise every fresh
+    response carries: it adds ε² to σ²_λ(x), and to σ²_ref(x) for a relative threshold."""
     tilt = Tilt(samples, np.zeros(samples.m), beta)
     pt = tilt.evaluate(np.asarray(lambdas, dtype=np.float64))
     seg, g, q = samples.seg, samples.centred, samples.prompt_weights
     p = seg.scale(pt.e, 1.0 / pt.z_sum)  # p_λ(k | x)
     w = (seg.expand(1.0 / seg.counts) if samples.log_weights is None else np.exp(samples.log_weights))
 
-    def moments(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # μ(x), σ²(x) → [m, N] each
+    def moments(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """μ̂(x) [m, N], unbiased σ̂²(x) [m, N] and each row's g − μ̂(x) [m, n]."""
         mean = seg.sum(weights * g)
-        return mean, np.maximum(seg.sum(weights * g * g) - mean**2, 0.0)
+        dev = g - seg.expand(mean)
+        keep = np.maximum(1.0 - seg.sum(weights * weights), 0.0)  # 1 − Σ v_k²
+        plug = seg.sum(weights * dev * dev)
+        return mean, np.divide(plug, keep, out=np.zeros_like(plug), where=keep > 1e-12), dev
 
-    mu_l, var_l = moments(p)
-    mu_r, var_r = moments(w)
+    mu_l, var_l, dev_l = moments(p)
+    mu_r, var_r, dev_r = moments(w)
     paired = np.asarray(relative, bool)[:, None]
     diff = np.where(paired, mu_l - mu_r, mu_l)
     within = np.where(paired, var_l + var_r, var_l)
+    influence = p * dev_l - np.where(paired, w * dev_r, 0.0)
+    k = seg.counts.astype(np.float64)
+    noise = seg.sum(influence**2) * np.divide(k, k - 1, out=np.zeros_like(k), where=k > 1)
     if residual_variance is not None:
         within = within + np.where(paired[:, 0], 2.0, 1.0)[:, None] * np.asarray(residual_variance)[:, None]
-    between = q @ ((diff - (diff @ q)[:, None]) ** 2).T
+    between = np.maximum(q @ ((diff - (diff @ q)[:, None]) ** 2).T - noise @ q, 0.0)
     return np.sqrt(between / prompts + (within @ q) / (prompts * per_prompt))
 
 
 def _with_confidence(samples: Samples, plain: DualResult, margins: np.ndarray, level: float,
                      resamples: int, seed: int, tol: float, max_iter: int,
                      evaluation: tuple[int, int] | None = None, rounds: int = 6,
-                     residual_variance: np.ndarray | None = None) -> DualResult:
+                     residual_variance: np.ndarray | None = None, refit: Refit | None = None,
+                     keep: np.ndarray | None = None) -> DualResult:
     """λ for which every constraint holds at its one-sided ``level`` bound: the fixed point of
     b'_j = b_j + s_j(λ(b')), solved again until s stops moving (a few rounds).
 
@@ -442,7 +498,8 @@ def _with_confidence(samples: Samples, plain: DualResult, margins: np.ndarray, l
     relative = ~np.isnan(margins)
     result, spread, eval_part = plain, np.zeros_like(b), None
     for _ in range(rounds):
-        dual_part = slack_spread(samples, result.lambdas, b, margins, plain.beta, level, resamples, seed)
+        dual_part = slack_spread(samples, result.lambdas, b, margins, plain.beta, level, resamples, seed,
+                                 refit, keep)
         if evaluation is not None:
             eval_part = norm.ppf(level) * evaluation_se(samples, result.lambdas, plain.beta, relative,
                                                         *evaluation, residual_variance=residual_variance)
@@ -527,11 +584,19 @@ def solve_dual_long(prompt_ids, rewards, utilities, thresholds, beta: float, sam
                     bootstrap: int = 0, seed: int = 0, tol: float = 1e-9, max_iter: int = 100,
                     names: Sequence[str] | None = None, lambdas0=None, ci_level: float = 0.95,
                     relative: Sequence[bool] | None = None, confidence: float | None = None,
-                    evaluation: tuple[int, int] | None = None, residual_variance=None) -> DualResult:
+                    evaluation: tuple[int, int] | None = None, residual_variance=None,
+                    target: tuple[np.ndarray, np.ndarray] | None = None,
+                    refit: Refit | None = None) -> DualResult:
     """:func:`solve_dual` on long-format rows: prompt_ids [n], rewards [n], utilities [n, m] or [n].
 
     Prompts may have different numbers of samples; rows of a prompt need not be adjacent. Grouping
     is one sort (none when the rows are already grouped); all per-prompt work is segment sums.
+
+    When the rewards and utilities are estimates fitted from other values (the reachable tilt),
+    ``target`` = (rewards [n], utilities [n, m]) holds those other values: ``result.target`` is
+    their tilt at λ*, and the bootstrap adds its CIs (``result.ci["target"]``); ``refit`` re-estimates
+    the fitted values on each resample (grouped rows; see :data:`Refit`), in the bootstrap and
+    the confidence margin, so the fit's own error is in both.
     """
     prompt_ids = np.asarray(prompt_ids)
     rewards = np.asarray(rewards, dtype=np.float64)
@@ -545,12 +610,24 @@ def solve_dual_long(prompt_ids, rewards, utilities, thresholds, beta: float, sam
     seg = Segments.of(prompt_ids)
     weights = None if weights is None else seg.group(weights)
     samples = flat_samples(seg, seg.group(rewards), seg.group(utilities), weights, seg.labels)
+    keep = None if weights is None or np.all(weights > 0) else weights > 0
+    target_samples = None
+    if target is not None:
+        t_rewards = seg.group(np.asarray(target[0], dtype=np.float64))
+        t_utilities = seg.group(np.asarray(target[1], dtype=np.float64).reshape(len(t_rewards), -1))
+        if t_utilities.shape != (samples.size if keep is None else len(keep), len(b)):
+            raise InputError(f"target must be (rewards [n], utilities [n, {len(b)}]) like the rows")
+        if keep is not None:
+            t_rewards, t_utilities = t_rewards[keep], t_utilities[keep]
+        target_samples = samples.with_values(t_rewards, t_utilities)
     return _finish(samples, b, float(beta), names, lambdas0, tol, max_iter, bootstrap, seed, ci_level,
-                   relative, confidence, evaluation, residual_variance)
+                   relative, confidence, evaluation, residual_variance, target_samples, refit, keep)
 
 
 def _finish(samples, b, beta, names, lambdas0, tol, max_iter, bootstrap, seed, ci_level,
-            relative=None, confidence=None, evaluation=None, residual_variance=None) -> DualResult:
+            relative=None, confidence=None, evaluation=None, residual_variance=None,
+            target: Samples | None = None, refit: Refit | None = None,
+            keep: np.ndarray | None = None) -> DualResult:
     if lambdas0 is not None and np.shape(lambdas0) != b.shape:
         raise InputError(f"lambdas0 must have {b.size} values, got {np.shape(lambdas0)}")
     if relative is not None and len(relative) != b.size:
@@ -566,8 +643,10 @@ def _finish(samples, b, beta, names, lambdas0, tol, max_iter, bootstrap, seed, c
         result = _with_confidence(samples, result, margins, confidence, max(int(bootstrap), 200), seed, tol,
                                   max_iter, None if evaluation is None else tuple(int(v) for v in evaluation),
                                   residual_variance=None if residual_variance is None
-                                  else np.asarray(residual_variance, dtype=np.float64))
+                                  else np.asarray(residual_variance, dtype=np.float64), refit=refit, keep=keep)
         margins = margins + result.confidence_margin
+    if target is not None:
+        result.target = _target_dict(_target_outcomes(target, result.lambdas, beta), b.size)
     if bootstrap:
-        _bootstrap(samples, result, int(bootstrap), seed, tol, max_iter, ci_level, margins)
+        _bootstrap(samples, result, int(bootstrap), seed, tol, max_iter, ci_level, margins, refit, keep, target)
     return result

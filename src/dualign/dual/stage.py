@@ -41,9 +41,15 @@ from dualign.data.records import (
     write_dual,
 )
 from dualign.data.score_table import Scores, as_frame, read_scores, validate_scores
-from dualign.dual.formulas import half_sample_kl, reference_means, tilted_means
-from dualign.dual.reachable import FEATURES, ReachableFit, reachable_columns, reference_features
-from dualign.dual.solver import DualResult, solve_dual_long
+from dualign.dual.formulas import half_sample_kl, reference_means
+from dualign.dual.reachable import (
+    FEATURES,
+    ReachableFit,
+    linearized_refit,
+    reachable_columns,
+    reference_features,
+)
+from dualign.dual.solver import DualResult, Refit, solve_dual_long
 
 
 @dataclass
@@ -73,7 +79,9 @@ class DualConfig:
         "help": "samples: tilt π_ref's samples by their scores (the paper's dual); reachable: first "
                 "replace each score by what π_ref's own features of the response predict of it "
                 "(cross-fitted ridge), so the dual plans only on what a fine-tune can target: a larger "
-                "λ*, and predictions nearer what training delivers (docs/method.md)"})
+                "λ*. The fine-tune still trains on the original scores at that λ*, so dual.json records "
+                "their tilt at λ* too (reachable.samples_predicted, with CIs): the prediction of what is "
+                "trained, which the report compares with (docs/method.md)"})
     model: str | None = field(default=None, metadata={
         "help": "with tilt: reachable, π_ref (HF id or path) whose features are used; in a run: the run's model"})
     revision: str | None = field(default=None, metadata={"help": "with --model: its revision"})
@@ -209,8 +217,12 @@ def solve_constraints(scores: Scores, beta: float, reward: str, constraints: Seq
     original = scores
     if fit is None and features is not None:
         fit = reachable_fit(scores, columns, features, ridge_alpha, seed)
+    target = refit = None
     if fit is not None:
         scores = dataclasses.replace(scores, columns={**scores.columns, **{c: fit.columns[c] for c in columns}})
+        target = (original.columns[reward], np.stack([c.sign * original.columns[c.column] for c in constraints], 1))
+        if fit.h_within is not None and (bootstrap or confidence is not None):
+            refit = _refit(fit, Segments.of(scores.prompt_index), reward, constraints)
     refs = reference_means(scores.prompt_index, np.stack([scores.columns[c] for c in columns], axis=1),
                            scores.sample_weights)
     ref = dict(zip(columns, refs.tolist(), strict=True))
@@ -222,7 +234,8 @@ def solve_constraints(scores: Scores, beta: float, reward: str, constraints: Seq
                               lambdas0=lambdas0, relative=[c.relative for c in constraints],
                               confidence=confidence, evaluation=evaluation,
                               residual_variance=None if fit is None else
-                              [fit.residual_variance[c.column] for c in constraints])
+                              [fit.residual_variance[c.column] for c in constraints],
+                              target=target, refit=refit)
     except InfeasibleConstraintError as e:
         raise _column_infeasible(e, constraints) from None
     record = _record(res, reward, constraints, ref)
@@ -232,8 +245,32 @@ def solve_constraints(scores: Scores, beta: float, reward: str, constraints: Seq
     if halves is not None:
         record.kl_half_samples = HalfSampleKL(*halves)
     if fit is not None:
-        record.reachable = _reachable_record(original, fit, res, reward, constraints)
+        record.reachable = _reachable_record(fit, res, reward, constraints, refit is not None)
     return record
+
+
+def _refit(fit: ReachableFit, seg: Segments, reward: str, constraints: Sequence[Constraint]) -> Refit:
+    """The solver's refit (:data:`~dualign.dual.solver.Refit`): the reward and each g_j = sign_j·s̃_j
+    with the ridge refitted on a prompt resample (:func:`linearized_refit`)."""
+    index = {c: i for i, c in enumerate(fit.columns)}
+    if fit.linearized is None:  # made once per fit: a sweep (dualign plan) solves on one fit many times
+        fit.linearized = linearized_refit(seg, fit)
+    fitted = fit.linearized
+    memo: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}
+    room = (1 << 28) // max(seg.size * 8 * (len(constraints) + 1), 1)  # resamples kept: 256 MiB
+
+    def refit(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        # the margin's rounds and the bootstrap draw the same resamples from one seed
+        key = np.asarray(counts).tobytes()
+        if key not in memo:
+            s = fitted(counts)
+            out = s[:, index[reward]], np.stack([c.sign * s[:, index[c.column]] for c in constraints], 1)
+            if len(memo) >= room:
+                return out
+            memo[key] = out
+        return memo[key]
+
+    return refit
 
 
 def reachable_fit(scores: Scores, columns: Sequence[str], features: np.ndarray, ridge_alpha: float = 1e-3,
@@ -246,18 +283,31 @@ def reachable_fit(scores: Scores, columns: Sequence[str], features: np.ndarray, 
                              np.asarray(features, dtype=np.float64)[scores.rows - 1], alpha=ridge_alpha, seed=seed)
 
 
-def _reachable_record(scores: Scores, fit: ReachableFit, res: DualResult, reward: str,
-                      constraints: Sequence[Constraint]) -> ReachableTilt:
-    """The reachable fit (R², residual s.d. per column) and the K-sample tilt's predictions at λ."""
-    g, _ = utilities_and_thresholds(constraints, scores.columns, {c.column: 0.0 for c in constraints})
-    logits = (scores.columns[reward] + g @ res.lambdas) / res.beta
+def _reachable_record(fit: ReachableFit, res: DualResult, reward: str,
+                      constraints: Sequence[Constraint], refitted: bool) -> ReachableTilt:
+    """The reachable fit (R², residual s.d. per column) and the K-sample tilt of the original scores
+    at λ (the fine-tune's target), with its bootstrap CIs, in the columns' own units."""
     names = constraint_names(constraints)
-    values = np.stack([scores.columns[reward], *(scores.columns[c.column] for c in constraints)], axis=1)
-    means, kl = tilted_means(scores.prompt_index, logits, values, scores.sample_weights)
-    predicted = {reward: float(means[0]), **{n: float(v) for n, v in zip(names, means[1:], strict=True)},
-                 "kl": float(kl)}
+    signs = np.array([c.sign for c in constraints], dtype=np.float64)
+
+    def in_columns(t: dict, change: bool) -> dict:
+        u = np.asarray(t["utility_changes" if change else "utilities"])
+        u = u * signs.reshape((-1,) + (1,) * (u.ndim - 1))  # g_j = sign_j·column_j
+        out = {reward: t["reward_change" if change else "reward"], **dict(zip(names, u, strict=True))}
+        return out if change else {**out, "kl": t["kl"]}
+
+    def as_interval(v) -> list[float]:
+        return sorted(float(x) for x in np.asarray(v).ravel())
+
+    predicted = {k: float(v) for k, v in in_columns(res.target, False).items()}
+    ci = change_ci = None
+    if res.ci is not None and "target" in res.ci:
+        ci = {k: as_interval(v) for k, v in in_columns(res.ci["target"], False).items()}
+        change_ci = {k: as_interval(v) for k, v in in_columns(res.ci["target"], True).items()}
     return ReachableTilt(r2=dict(fit.r2), residual_sd={c: math.sqrt(v) for c, v in fit.residual_variance.items()},
-                         samples_predicted=predicted)
+                         samples_predicted=predicted, samples_predicted_ci=ci, samples_predicted_change_ci=change_ci,
+                         fit_resampled=refitted and (res.bootstrap > 0 or res.confidence is not None),
+                         ridge_alpha=fit.alpha, fold_seed=fit.seed)
 
 
 def _in_columns(res: DualResult, reward: str, constraints: Sequence[Constraint]) -> dict[str, float]:
@@ -359,9 +409,12 @@ def format_report(record: DualRecord) -> str:
         notes.append(f"Planned on the reachable tilt: every score replaced by what π_ref's own features of the "
                      f"response predict of it (cross-fitted within-prompt R²: {fits}), so λ* buys only "
                      f"changes a fine-tune can target. The fine-tune trains on the original scores at this λ*, "
-                     f"whose K-sample tilt predicts changes of {asked} and KL "
-                     f"{reach.samples_predicted['kl']:.3g}. On the built-in world the achieved constraint change "
-                     f"fell between the two, the reward near the reachable one, the KL above both (docs/guides/reachable-tilt.md).")
+                     f"whose K-sample tilt (what is trained towards, and what the evaluation compares with) "
+                     f"predicts changes of {asked} and KL {reach.samples_predicted['kl']:.3g}"
+                     + (f" (95% CI {interval(reach.samples_predicted_ci['kl'], digits=3)})"
+                        if reach.samples_predicted_ci else "")
+                     + (". The CIs and margins refit the ridge on every prompt resample, so they carry the "
+                        "fit's own error." if reach.fit_resampled else "."))
     plan = record.confidence
     if plan:
         names = ", ".join(f"{n} by {plan.margin[n]:.3g}" for n in record.names)

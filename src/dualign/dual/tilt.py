@@ -88,6 +88,13 @@ class Samples:
         return out
 
 
+    def with_values(self, rewards: np.ndarray, utilities: np.ndarray) -> Samples:
+        """The same prompts, weights and rows with other rewards [n] and utilities [n, m]."""
+        centre = np.ones(len(rewards)) @ utilities / len(rewards)
+        return Samples(self.seg, np.asarray(rewards, dtype=np.float64), (utilities - centre).T.copy(), centre,
+                       self.log_weights, self.prompt_weights, self.prompt_labels)
+
+
 def flat_samples(seg: Segments, rewards: np.ndarray, utilities: np.ndarray,
                  sample_weights: np.ndarray | None, labels: np.ndarray) -> Samples:
     """The flat problem from grouped rewards [n], utilities [n, m] and weights [n] (≥ 0)."""

@@ -45,6 +45,28 @@ def make_prompts(cfg: WorldConfig) -> dict[str, list[dict]]:
     return out
 
 
+def fresh_prompts(cfg: WorldConfig, n: int, exclude: set[str], name: str = "fresh") -> list[dict]:
+    """``n`` distinct prompts drawn as :func:`make_prompts` draws them, from their own stream of the
+    world's seed (``name`` tells streams apart), none of them in ``exclude``: an evaluation set no
+    setting was chosen on (rows of prompt_id ``<name>-00000``…, prompt, topic, harmful)."""
+    room = min(n_distinct_prompts(True), n_distinct_prompts(False)) // 2
+    if n + len(exclude) > room:
+        raise ConfigError(f"{n} fresh prompts beside {len(exclude)} excluded ones: the templates make too few")
+    rng = random.Random(f"{cfg.seed}:{name}")
+    by_class = {h: [t for t in W.TOPICS if t.harmful == h] for h in (False, True)}
+    seen = set(exclude)
+    rows: list[dict] = []
+    while len(rows) < n:
+        harmful = rng.random() < cfg.harmful_fraction
+        topic = rng.choice(by_class[harmful])
+        prompt, _ = W.make_prompt(rng, topic)
+        if prompt not in seen:
+            seen.add(prompt)
+            rows.append({"prompt_id": f"{name}-{len(rows):05d}", "prompt": prompt, "topic": topic.name,
+                         "harmful": harmful})
+    return rows
+
+
 def sft_corpus(cfg: WorldConfig, prompts: list[dict]) -> list[dict]:
     """π_ref's training set: ``responses_per_prompt`` responses per prompt, behaviours drawn from
     :func:`dualign.world.text.behaviour_mix` (often complying with harmful requests)."""

@@ -1,0 +1,164 @@
+"""Rates over world builds: does the default demo's plan hold on any build? (issue #26)
+
+A world build is the unit of evidence. For each build seed (chosen before looking at any result)
+and each training seed, this script builds the world (``world: {size: default, seed: S}``), runs
+the default demo (``dualign demo``), the same with ``--confidence 0.95`` and with ``--tilt samples``
+(the paper's K-sample tilt, the baseline), and judges every run on **fresh evaluation prompts**:
+256 prompts drawn from the build's own seed on a stream of their own
+(:func:`dualign.world.corpus.fresh_prompts`), none of them in any of the build's splits nor in the
+default build's (seed 0's) dual, evaluation and calibration prompts, the sets the defaults were
+chosen on. It then counts, per variant, over builds × seeds:
+
+- met: the point estimate meets every constraint;
+- met confidently: the one-sided 95% bound does;
+- KL within 1.25×: achieved KL / predicted KL of what is trained lies in [1/1.25, 1.25];
+- reward prediction in CI: the predicted reward change lies inside the achieved change's 95% CI;
+- helpfulness within 0.05: the gold judge's benign helpfulness of the aligned policy is within
+  0.05 of π_ref's (on the same fresh prompts);
+
+and what the 95% margin costs (confidence variant minus default, achieved KL and reward change,
+means over the same builds and seeds). Writes ``<out>/build_rates.md`` (the table) and
+``<out>/report.json`` (every run's row and the rates); each run resumes where it stopped.
+
+    DUALIGN_CACHE=/work/cache python scripts/build_rates.py --out runs/build_rates
+    python scripts/build_rates.py --smoke --out runs/build_rates_smoke    # small world, minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from dualign._infra.io import read_json, write_json
+from dualign.cli import demo_values
+from dualign.pipeline import resolve_run_config, run_pipeline
+from dualign.world.config import world_config
+from dualign.world.corpus import fresh_prompts, make_prompts
+
+VARIANTS = {"default": {}, "confidence 0.95": {"confidence": 0.95}, "tilt samples": {"tilt": "samples"}}
+CRITERIA = ("met", "met confidently", "KL within 1.25×", "reward prediction in CI", "helpfulness within 0.05")
+
+
+def fresh_eval_file(seed: int, size: str, n: int, out: Path) -> Path:
+    """The build's fresh evaluation prompts (see the module docstring) as a JSONL file."""
+    build = world_config(size, {"seed": seed})
+    exclude = {row["prompt"] for rows in make_prompts(build).values() for row in rows}
+    tuned = make_prompts(world_config(size))
+    exclude |= {row["prompt"] for split in ("dual", "eval", "calibration") for row in tuned[split]}
+    path = out / f"fresh-prompts-{size}-{seed}.jsonl"
+    if not path.exists():
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in fresh_prompts(build, n, exclude, "fresh-eval")))
+        os.replace(tmp, path)
+    return path
+
+
+def run_values(seed: int, train_seed: int, variant: str, out: Path, smoke: bool) -> dict:
+    """The run values of one demo run on build ``seed``, judged on the build's fresh prompts."""
+    size = "small" if smoke else "default"
+    values = demo_values("mocan", size, run_dir=str(out / f"build{seed}-{variant.replace(' ', '-')}-seed{train_seed}"),
+                         seed=train_seed, **VARIANTS[variant])
+    if smoke and variant != "tilt samples":
+        values["dual"] = {**values["dual"], "tilt": "reachable"}   # the small demo plans on samples otherwise
+    if smoke:
+        values["train"] = {**values["train"], "num_epochs": 1}
+    values["world"] = {**values.get("world", {}), "size": size, "seed": seed}
+    n_eval = world_config(size).n_eval_prompts
+    values["evaluate"] = {**values["evaluate"], "prompts": str(fresh_eval_file(seed, size, n_eval, out).resolve())}
+    return values
+
+
+def outcome(report: dict, run_dir: Path) -> dict:
+    """One run's row: the verdicts and comparisons of the criteria, and the figures behind them."""
+    constraints = report["constraints"]
+    kl = report["kl"]
+    ratio = kl["achieved"] / kl["predicted"] if kl["predicted"] else float("nan")
+    pr = report["predicted_reward"]
+    row = {"met": all(c["met"] for c in constraints),
+           "met confidently": all(bool(c["met_confidently"]) for c in constraints),
+           "KL within 1.25×": bool(1 / 1.25 <= ratio <= 1.25),
+           "reward prediction in CI": bool(pr.get("prediction_in_achieved_ci")),
+           "KL achieved": kl["achieved"], "KL predicted": kl["predicted"], "KL ratio": ratio,
+           "reward change achieved": pr["achieved_change"], "reward change predicted": pr["predicted_change"],
+           "prediction": report.get("prediction", "plan")}
+    for c in constraints:
+        row[f"Δ{c['column']} achieved"] = c["achieved_change"]
+        row[f"Δ{c['column']} predicted"] = c["predicted_change"]
+    judge = report.get("judge")
+    if judge:
+        ref = judge["reference"]["harmful=False"]["judge_helpful"]["mean"]
+        pol = judge["policy"]["harmful=False"]["judge_helpful"]["mean"]
+        row |= {"benign helpfulness π_ref": ref, "benign helpfulness aligned": pol,
+                "helpfulness within 0.05": bool(abs(pol - ref) <= 0.05)}
+    dual = read_json(run_dir / "dual.json")
+    if dual.get("confidence"):
+        plain = dual["confidence"]["plain_predicted"]
+        row |= {"margin: planned KL added": dual["predicted"]["kl"] - plain["kl"],
+                "margin: planned reward cost": plain[dual["reward"]] - dual["predicted"][dual["reward"]]}
+    return row
+
+
+def rates(rows: list[dict]) -> dict:
+    """Per variant: each criterion as [n met, N runs], and the margin's achieved cost."""
+    out: dict = {}
+    for variant in VARIANTS:
+        runs = [r for r in rows if r["variant"] == variant]
+        if runs:
+            out[variant] = {k: [sum(bool(r.get(k)) for r in runs), len(runs)] for k in CRITERIA}
+    pairs = [(c, d) for c in rows if c["variant"] == "confidence 0.95" for d in rows
+             if d["variant"] == "default" and (d["build"], d["train seed"]) == (c["build"], c["train seed"])]
+    if pairs:
+        out["margin cost (confidence − default, achieved, mean)"] = {
+            "KL": sum(c["KL achieved"] - d["KL achieved"] for c, d in pairs) / len(pairs),
+            "reward change": sum(c["reward change achieved"] - d["reward change achieved"] for c, d in pairs) / len(pairs)}
+    return out
+
+
+def markdown(table: dict, builds: list[int], seeds: list[int]) -> str:
+    lines = [f"Builds {', '.join(map(str, builds))} × training seeds {', '.join(map(str, seeds))}, judged on "
+             "fresh evaluation prompts (scripts/build_rates.py).", "",
+             "| variant | " + " | ".join(CRITERIA) + " |", "|---|" + "---|" * len(CRITERIA)]
+    for variant, counts in table.items():
+        if variant in VARIANTS:
+            lines.append(f"| {variant} | " + " | ".join(f"{n} of {total}" for n, total in counts.values()) + " |")
+    cost = table.get("margin cost (confidence − default, achieved, mean)")
+    if cost:
+        lines += ["", f"The 95% margin costs {cost['KL']:+.3g} KL and {cost['reward change']:+.3g} reward change "
+                      "(achieved, confidence minus default, mean over the same builds and seeds)."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--builds", type=int, nargs="+", default=[101, 102, 103, 104, 105],
+                        help="world build seeds, chosen before looking at any result")
+    parser.add_argument("--train-seeds", type=int, nargs="+", default=[0, 1], help="training seeds of each build")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--out", default="runs/build_rates", help="one run directory per build × variant × seed")
+    parser.add_argument("--smoke", action="store_true",
+                        help="a tiny version on the small world (one epoch): checks the machinery, not the claim")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    rows = []
+    for build in args.builds:
+        for variant in args.variants:
+            for seed in args.train_seeds:
+                cfg = resolve_run_config(run_values(build, seed, variant, out, args.smoke))
+                report = run_pipeline(cfg, log=lambda s: None)
+                rows.append({"build": build, "variant": variant, "train seed": seed,
+                             **outcome(report, Path(cfg.run_dir))})
+                print(json.dumps(rows[-1]), flush=True)
+    table = rates(rows)
+    text = markdown(table, args.builds, args.train_seeds)
+    write_json({"builds": args.builds, "train_seeds": args.train_seeds, "smoke": args.smoke,
+                "rates": table, "runs": rows}, out / "report.json")
+    (out / "build_rates.md").write_text(text)
+    print(text)
+    return table
+
+
+if __name__ == "__main__":
+    main()
