@@ -304,5 +304,7 @@ def test_build_report_fields_equal_their_hand_computation():
     pr = report.predicted_reward
     assert (pr.predicted_eval, pr.predicted_change, pr.achieved_change) == pytest.approx((2.3, 0.8, 1.0))
     assert (report.kl.achieved, report.kl.predicted) == pytest.approx((0.25, 0.2)) and report.kl.predicted_ci95 == [0.1, 0.3]
-    assert report.kl.within_predicted_ci is True and report.beta == 0.37 and report.lambdas == {"cost": 0.7}
+    kl_lo, kl_hi = report.kl.ci95
+    assert report.kl.prediction_in_ci is (kl_lo <= 0.2 <= kl_hi)  # judged by the achieved KL's own CI
+    assert report.beta == 0.37 and report.lambdas == {"cost": 0.7}
     assert report.win_rate == {"reward": 1.0} and report.n_prompts == 2
