@@ -400,7 +400,8 @@ def _bootstrap(samples: Samples, result: DualResult, bootstrap: int, seed: int, 
     draws = np.array(draws)
     point = np.concatenate([result.lambdas, [result.predicted_reward], result.predicted_utilities, [result.kl],
                             [result.predicted_reward - result.reference_reward],
-                            result.predicted_utilities - result.reference_utilities])
+                            result.predicted_utilities - result.reference_utilities,
+                            *([] if target is None else [_target_outcomes(target, result.lambdas, result.beta)])])
     lo, hi = np.percentile(draws, [50 * (1 - level), 50 * (1 + level)], axis=0)
     bounds = np.stack([np.minimum(lo, point), np.maximum(hi, point)], axis=-1)
     m = samples.m
