@@ -20,7 +20,7 @@ and what the 95% margin costs (confidence variant minus default, achieved KL and
 means over the same builds and seeds). Writes ``<out>/build_rates.md`` (the table) and
 ``<out>/report.json`` (every run's row and the rates); each run resumes where it stopped.
 
-    DUALIGN_CACHE=/work/cache python scripts/build_rates.py --out runs/build_rates
+    python scripts/build_rates.py --out runs/build_rates
     python scripts/build_rates.py --smoke --out runs/build_rates_smoke    # small world, minutes
 """
 
