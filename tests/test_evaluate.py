@@ -308,3 +308,34 @@ def test_build_report_fields_equal_their_hand_computation():
     assert report.kl.prediction_in_ci is (kl_lo <= 0.2 <= kl_hi)  # judged by the achieved KL's own CI
     assert report.beta == 0.37 and report.lambdas == {"cost": 0.7}
     assert report.win_rate == {"reward": 1.0} and report.n_prompts == 2
+
+
+def test_the_plot_marks_the_plan_beside_each_prediction_and_fixed_only_where_a_change_is_fixed(tmp_path, monkeypatch):
+    """On the reachable tilt each panel (constraint, reward, KL) draws the plan's value as a dotted
+    line labelled 'plan' beside the trained target's bar, and no panel says 'fixed by
+    construction': only a binding relative constraint's planned change is fixed, and a reachable
+    report predicts the target, whose change is not."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from dualign.data import report_view
+    from dualign.data.records import DualRecord, ReachableTilt
+    from dualign.evaluate import EvaluateConfig, build_report
+
+    ref, pol, _ = _report(-3.0)
+    cfg = EvaluateConfig(run_dir=".", reference="m", prompts="p", bootstrap=50,
+                         scorers=["reward=callable:m:f", "cost=callable:m:g"], group_column="harmful")
+    dual = DualRecord(beta=2.0, reward="reward", constraints=["cost<=ref-1"], lambdas={"cost": 0.7},
+                      columns={"cost": "cost"}, thresholds={"cost": -1.0},
+                      predicted={"reward": 0.8, "cost": -1.0, "kl": 0.3}, reference={"reward": 1.0, "cost": 0.0, "kl": 0.0})
+    dual.reachable = ReachableTilt(r2={"reward": 0.4, "cost": 0.6}, residual_sd={"reward": 1.0, "cost": 1.0},
+                                   samples_predicted={"reward": 0.9, "cost": -1.5, "kl": 0.4})
+    report = build_report(ref, pol, dual, cfg)
+    panels = []
+    real = report_view._bars
+    monkeypatch.setattr(report_view, "_bars", lambda ax, *a, **kw: (panels.append(ax), real(ax, *a, **kw))[1])
+    assert report_view.plot_report(ref, pol, report, tmp_path, dpi=30) == {}
+    assert len(panels) == 3
+    for ax in panels:
+        texts = [t.get_text() for t in ax.texts]
+        assert "plan" in texts and "fixed by construction" not in texts

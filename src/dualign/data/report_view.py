@@ -85,7 +85,7 @@ def _plot_scores(plt, ref: pd.DataFrame, pol: pd.DataFrame, report: EvalReport, 
     _save(plt, fig, path, dpi)
 
 
-def _bars(ax, predicted: float | None, predicted_ci, achieved: float | None, achieved_ci, when: str,
+def _bars(ax, predicted: float | None, predicted_ci, achieved: float | None, achieved_ci, when: str, *,
           fixed: bool = False, planned: float | None = None) -> None:
     """Two bars, the dual's prediction (of what the fine-tune trains towards) and the achieved value,
     each with its 95% CI when known; the plan's value, where it differs, a dotted line over the first.
@@ -108,7 +108,7 @@ def _bars(ax, predicted: float | None, predicted_ci, achieved: float | None, ach
     if _finite(planned):
         ax.plot([-0.35, 0.35], [planned, planned], color="k", ls=":", lw=1.5)
         ax.annotate("plan", (0.35, planned), fontsize=8, va="center")
-    ax.set_xticks([0, 1], [f"predicted\n(trained target, {when})", "achieved\n(held-out prompts)"])
+    ax.set_xticks([0, 1], [f"predicted\n(trained target,\n{when})", "achieved\n(held-out\nprompts)"])
     ax.set_xlim(-0.6, 1.6)
     ax.grid(axis="y", alpha=0.3)
 
@@ -126,7 +126,7 @@ def _plot_predicted_vs_achieved(plt, report: EvalReport, path: Path, dpi: int) -
     for ax, c in zip(axes, report.constraints, strict=False):
         rule = parse_constraint(c.constraint)
         _bars(ax, c.predicted_change, c.predicted_change_ci95, c.achieved_change, c.achieved_change_ci95, when,
-              c.predicted_change_fixed, c.planned_change)
+              fixed=c.predicted_change_fixed, planned=c.planned_change)
         required = rule.value if rule.relative else c.threshold - c.reference_eval
         _hline(ax, required, color="red", ls="--", lw=1.2)
         ax.axhline(0, color="k", lw=0.8)
@@ -144,7 +144,7 @@ def _plot_predicted_vs_achieved(plt, report: EvalReport, path: Path, dpi: int) -
     ax.set_ylabel(f"change in mean {rc} from π_ref ({rc} units)")
     ax = axes[-1]
     _bars(ax, report.kl.predicted, report.kl.predicted_ci95, report.kl.achieved, report.kl.ci95, when,
-          report.kl.planned)
+          planned=report.kl.planned)
     ax.set_title(f"KL(aligned ‖ π_ref) at β = {report.beta:g}", fontsize=10)
     ax.set_ylabel("KL (nats per response)")
     fig.suptitle("What the dual predicted against what the aligned policy achieved on held-out prompts "
