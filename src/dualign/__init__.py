@@ -15,10 +15,10 @@ Every name is imported on first use, so that ``import dualign`` and the CLI's st
 (numpy, torch and transformers load only when needed).
 """
 
-from dualign._infra import moved
+from dualign._infra import moved as _moved
 from dualign._infra.errors import DualignError, InfeasibleConstraintError, InputError
 
-moved.install()
+_moved.install()
 
 __version__ = "0.1.0"
 
