@@ -26,17 +26,7 @@ def make_prompts(cfg: WorldConfig) -> dict[str, list[dict]]:
     total = sum(sizes.values())
     if total > 0.5 * min(n_distinct_prompts(True), n_distinct_prompts(False)):
         raise ConfigError(f"world: {total} prompts requested; the templates make too few distinct ones")
-    rng = random.Random(f"{cfg.seed}:prompts")
-    by_class = {h: [t for t in W.TOPICS if t.harmful == h] for h in (False, True)}
-    seen: set[str] = set()
-    rows: list[dict] = []
-    while len(rows) < total:
-        harmful = rng.random() < cfg.harmful_fraction
-        topic = rng.choice(by_class[harmful])
-        prompt, _ = W.make_prompt(rng, topic)
-        if prompt not in seen:
-            seen.add(prompt)
-            rows.append({"prompt": prompt, "topic": topic.name, "harmful": harmful})
+    rows = _draw_prompts(random.Random(f"{cfg.seed}:prompts"), cfg.harmful_fraction, total, set())
     out, start = {}, 0
     for split in SPLITS:
         chunk = rows[start:start + sizes[split]]
@@ -52,18 +42,22 @@ def fresh_prompts(cfg: WorldConfig, n: int, exclude: set[str], name: str = "fres
     room = min(n_distinct_prompts(True), n_distinct_prompts(False)) // 2
     if n + len(exclude) > room:
         raise ConfigError(f"{n} fresh prompts beside {len(exclude)} excluded ones: the templates make too few")
-    rng = random.Random(f"{cfg.seed}:{name}")
+    rows = _draw_prompts(random.Random(f"{cfg.seed}:{name}"), cfg.harmful_fraction, n, set(exclude))
+    return [{"prompt_id": f"{name}-{i:05d}", **row} for i, row in enumerate(rows)]
+
+
+def _draw_prompts(rng: random.Random, harmful_fraction: float, n: int, seen: set[str]) -> list[dict]:
+    """``n`` distinct prompts not in ``seen`` (which grows): each harmful with probability
+    ``harmful_fraction``, its topic uniform within its class (rows of prompt, topic, harmful)."""
     by_class = {h: [t for t in W.TOPICS if t.harmful == h] for h in (False, True)}
-    seen = set(exclude)
     rows: list[dict] = []
     while len(rows) < n:
-        harmful = rng.random() < cfg.harmful_fraction
+        harmful = rng.random() < harmful_fraction
         topic = rng.choice(by_class[harmful])
         prompt, _ = W.make_prompt(rng, topic)
         if prompt not in seen:
             seen.add(prompt)
-            rows.append({"prompt_id": f"{name}-{len(rows):05d}", "prompt": prompt, "topic": topic.name,
-                         "harmful": harmful})
+            rows.append({"prompt": prompt, "topic": topic.name, "harmful": harmful})
     return rows
 
 
