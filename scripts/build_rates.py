@@ -37,8 +37,12 @@ from dualign.pipeline import resolve_run_config, run_pipeline
 from dualign.world.config import world_config
 from dualign.world.corpus import fresh_prompts, make_prompts
 
-VARIANTS = {"default": {}, "confidence 0.95": {"confidence": 0.95}, "tilt samples": {"tilt": "samples"}}
+VARIANTS = {"default": {}, "confidence 0.9": {"confidence": 0.9}, "confidence 0.95": {"confidence": 0.95},
+            "tilt samples": {"tilt": "samples"}}
 CRITERIA = ("met", "met confidently", "KL within 1.25×", "reward prediction in CI", "helpfulness within 0.05")
+# the same comparisons against each distribution a prediction could be drawn from
+AGAINST = tuple(f"{k} ({name})" for name in ("target", "plan")
+                for k in ("KL within 1.25×", "reward prediction in CI", "constraints' predictions in CI"))
 
 
 def fresh_eval_file(seed: int, size: str, n: int, out: Path) -> Path:
@@ -71,22 +75,56 @@ def run_values(seed: int, train_seed: int, variant: str, out: Path, smoke: bool)
     return values
 
 
+def _inside(value, ci) -> bool:
+    return value is not None and ci is not None and ci[0] <= value <= ci[1]
+
+
+def predictions(report: dict) -> dict:
+    """The three predictions a run can be judged against, as changes over π_ref (reward column,
+    constraint columns, "kl"): "delivered" (what the report predicts: on the reachable tilt the
+    plan's means and the trained target's KL), "target" (what the fine-tune trains towards) and
+    "plan" (what λ* was chosen on). Reads reports of either release: 0.1's ("prediction": "target")
+    kept the plan as ``planned_*``; the K-sample tilt's plan is its target."""
+    pr, kl, cons = report["predicted_reward"], report["kl"], report["constraints"]
+    mode = report.get("prediction", "plan")
+    means = {report["reward"]: pr, **{c["column"]: c for c in cons}}
+    if mode == "plan":
+        one = {k: v["predicted_change"] for k, v in means.items()} | {"kl": kl["predicted"]}
+        return {"delivered": one, "target": one, "plan": one}
+    plan = {k: v["planned_change"] for k, v in means.items()} | {"kl": kl["planned"]}
+    if mode == "target":
+        target = {k: v["predicted_change"] for k, v in means.items()} | {"kl": kl["predicted"]}
+    else:
+        target = {k: v["target_change"] for k, v in means.items()} | {"kl": kl["predicted"]}
+    return {"delivered": {**plan, "kl": target["kl"]}, "target": target, "plan": plan}
+
+
 def outcome(report: dict, run_dir: Path) -> dict:
-    """One run's row: the verdicts and comparisons of the criteria, and the figures behind them."""
+    """One run's row: the verdicts and the criteria against the delivered prediction (what the
+    report predicts), the same comparisons against the trained target and the plan, and the figures
+    behind them."""
     constraints = report["constraints"]
     kl = report["kl"]
-    ratio = kl["achieved"] / kl["predicted"] if kl["predicted"] else float("nan")
     pr = report["predicted_reward"]
+    rc = report["reward"]
+    preds = predictions(report)
     row = {"met": all(c["met"] for c in constraints),
            "met confidently": all(bool(c["met_confidently"]) for c in constraints),
-           "KL within 1.25×": bool(1 / 1.25 <= ratio <= 1.25),
-           "reward prediction in CI": bool(pr.get("prediction_in_achieved_ci")),
-           "KL achieved": kl["achieved"], "KL predicted": kl["predicted"], "KL ratio": ratio,
-           "reward change achieved": pr["achieved_change"], "reward change predicted": pr["predicted_change"],
+           "KL achieved": kl["achieved"], "reward change achieved": pr["achieved_change"],
            "prediction": report.get("prediction", "plan")}
+    for name, p in preds.items():
+        ratio = kl["achieved"] / p["kl"] if p["kl"] else float("nan")
+        suffix = "" if name == "delivered" else f" ({name})"
+        row |= {f"KL within 1.25×{suffix}": bool(1 / 1.25 <= ratio <= 1.25),
+                f"reward prediction in CI{suffix}": _inside(p[rc], pr["achieved_change_ci95"]),
+                f"constraints' predictions in CI{suffix}": all(_inside(p[c["column"]], c["achieved_change_ci95"])
+                                                               for c in constraints),
+                f"KL predicted{suffix}": p["kl"], f"KL ratio{suffix}": ratio,
+                f"reward change predicted{suffix}": p[rc]}
+        for c in constraints:
+            row[f"Δ{c['column']} predicted{suffix}"] = p[c["column"]]
     for c in constraints:
         row[f"Δ{c['column']} achieved"] = c["achieved_change"]
-        row[f"Δ{c['column']} predicted"] = c["predicted_change"]
     judge = report.get("judge")
     if judge:
         ref = judge["reference"]["harmful=False"]["judge_helpful"]["mean"]
@@ -107,27 +145,39 @@ def rates(rows: list[dict]) -> dict:
     for variant in VARIANTS:
         runs = [r for r in rows if r["variant"] == variant]
         if runs:
-            out[variant] = {k: [sum(bool(r.get(k)) for r in runs), len(runs)] for k in CRITERIA}
-    pairs = [(c, d) for c in rows if c["variant"] == "confidence 0.95" for d in rows
-             if d["variant"] == "default" and (d["build"], d["train seed"]) == (c["build"], c["train seed"])]
-    if pairs:
-        out["margin cost (confidence − default, achieved, mean)"] = {
-            "KL": sum(c["KL achieved"] - d["KL achieved"] for c, d in pairs) / len(pairs),
-            "reward change": sum(c["reward change achieved"] - d["reward change achieved"] for c, d in pairs) / len(pairs)}
+            out[variant] = {k: [sum(bool(r.get(k)) for r in runs), len(runs)]
+                            for k in (*CRITERIA, "constraints' predictions in CI", *AGAINST)}
+    for level in [v for v in VARIANTS if v.startswith("confidence")]:
+        pairs = [(c, d) for c in rows if c["variant"] == level for d in rows
+                 if d["variant"] == "default" and (d["build"], d["train seed"]) == (c["build"], c["train seed"])]
+        if pairs:
+            out[f"margin cost ({level} − default, achieved, mean)"] = {
+                "KL": sum(c["KL achieved"] - d["KL achieved"] for c, d in pairs) / len(pairs),
+                "reward change": sum(c["reward change achieved"] - d["reward change achieved"]
+                                     for c, d in pairs) / len(pairs)}
     return out
 
 
 def markdown(table: dict, builds: list[int], seeds: list[int]) -> str:
+    """The rates table, the same comparisons against the trained target and against the plan, and
+    what each margin costs."""
+    cols = (*CRITERIA, "constraints' predictions in CI")
     lines = [f"Builds {', '.join(map(str, builds))} × training seeds {', '.join(map(str, seeds))}, judged on "
              "fresh evaluation prompts (scripts/build_rates.py).", "",
-             "| variant | " + " | ".join(CRITERIA) + " |", "|---|" + "---|" * len(CRITERIA)]
+             "| variant | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for variant, counts in table.items():
         if variant in VARIANTS:
-            lines.append(f"| {variant} | " + " | ".join(f"{n} of {total}" for n, total in counts.values()) + " |")
-    cost = table.get("margin cost (confidence − default, achieved, mean)")
-    if cost:
-        lines += ["", f"The 95% margin costs {cost['KL']:+.3g} KL and {cost['reward change']:+.3g} reward change "
-                      "(achieved, confidence minus default, mean over the same builds and seeds)."]
+            lines.append(f"| {variant} | " + " | ".join(f"{counts[k][0]} of {counts[k][1]}" for k in cols) + " |")
+    lines += ["", "The same comparisons against each distribution a prediction could be drawn from:", "",
+              "| variant | " + " | ".join(AGAINST) + " |", "|---|" + "---|" * len(AGAINST)]
+    for variant, counts in table.items():
+        if variant in VARIANTS:
+            lines.append(f"| {variant} | " + " | ".join(f"{counts[k][0]} of {counts[k][1]}" for k in AGAINST) + " |")
+    for key, cost in table.items():
+        if key.startswith("margin cost"):
+            level = key[len("margin cost ("):].split(" − ")[0]
+            lines += ["", f"The {level} margin costs {cost['KL']:+.3g} KL and {cost['reward change']:+.3g} reward "
+                          "change (achieved, minus the default's, mean over the same builds and seeds)."]
     return "\n".join(lines) + "\n"
 
 

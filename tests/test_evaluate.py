@@ -143,13 +143,15 @@ def test_a_report_planned_on_the_reachable_tilt_says_so_beside_lambda():
             "features predict of it): the policy was trained towards") in text
 
 
-def test_a_reachable_report_predicts_what_is_trained_and_judges_it_by_the_achieved_ci():
-    """On the reachable tilt every ``predicted`` is the K-sample tilt of the original scores at λ*
-    (reachable.samples_predicted: what the fine-tune trains towards), the plan's values kept as
-    ``planned``; a prediction equal to the achieved change lies inside the achieved change's own
-    95% CI, one 10 CI half-widths away lies outside, whatever the prediction's own interval."""
+def test_a_reachable_report_predicts_the_plans_means_and_the_targets_kl_and_judges_them_by_the_achieved_ci():
+    """On the reachable tilt each mean's ``predicted`` is the plan's (the fitted scores tilted at λ*:
+    what a fine-tune moves, docs/results/build_rates.md) and the KL's the trained target's
+    (reachable.samples_predicted: the original scores at λ*, what the fine-tune trains towards), each
+    with its own CI; the other distribution is kept (``target_*``, ``kl.planned``). A prediction
+    equal to the achieved change lies inside the achieved change's own 95% CI, one 10 CI
+    half-widths away outside, whatever the prediction's own interval."""
     from dualign._infra.text_table import num
-    from dualign.data.records import DualRecord, ReachableTilt
+    from dualign.data.records import DualCI, DualRecord, ReachableTilt
     from dualign.data.report_view import format_report
     from dualign.evaluate import EvaluateConfig, build_report
 
@@ -158,30 +160,40 @@ def test_a_reachable_report_predicts_what_is_trained_and_judges_it_by_the_achiev
     lo, hi = plain.constraints[0].achieved_change_ci95
     cfg = EvaluateConfig(run_dir=".", reference="m", prompts="p", bootstrap=50,
                          scorers=["reward=callable:m:f", "cost=callable:m:g"], group_column="harmful")
-    for target_change, inside in ((achieved, True), (achieved - 10 * (hi - lo) / 2, False)):
+    for plan_change, inside in ((achieved, True), (achieved - 10 * (hi - lo) / 2, False)):
         dual = DualRecord(beta=2.0, reward="reward", constraints=["cost<=ref-1"], lambdas={"cost": 0.7},
                           columns={"cost": "cost"}, thresholds={"cost": -1.0},
-                          predicted={"reward": 0.8, "cost": -1.0, "kl": 0.3},
+                          predicted={"reward": 0.8, "cost": plan_change, "kl": 0.3},
                           reference={"reward": 1.0, "cost": 0.0, "kl": 0.0})
+        dual.ci = DualCI(level=0.95, bootstrap=50, failed=0, lambdas={"cost": [0.6, 0.8]}, predicted={"reward": [0.7, 0.9], "kl": [0.25, 0.35]},
+                           predicted_change={"reward": [-0.3, -0.1], "cost": [plan_change - 0.1, plan_change + 0.1]})
         dual.reachable = ReachableTilt(
             r2={"reward": 0.4, "cost": 0.6}, residual_sd={"reward": 1.0, "cost": 1.0},
-            samples_predicted={"reward": 0.9, "cost": target_change, "kl": 0.4},
-            samples_predicted_change_ci={"reward": [-0.11, -0.09], "cost": [target_change - 1e-3, target_change + 1e-3]},
-            samples_predicted_ci={"reward": [0.89, 0.91], "cost": [target_change - 1e-3, target_change + 1e-3],
-                                  "kl": [0.39, 0.41]})
+            samples_predicted={"reward": 0.9, "cost": -7.0, "kl": 0.4},
+            samples_predicted_change_ci={"reward": [-0.11, -0.09], "cost": [-7.001, -6.999]},
+            samples_predicted_ci={"reward": [0.89, 0.91], "cost": [-7.001, -6.999], "kl": [0.39, 0.41]})
         report = build_report(ref, pol, dual, cfg)
         row = report.constraints[0]
-        assert report.prediction == "target"
-        assert row.predicted_change == pytest.approx(target_change) and row.planned_change == pytest.approx(-1.0)
-        assert report.predicted_reward.predicted_change == pytest.approx(-0.1)
-        assert report.predicted_reward.planned_change == pytest.approx(-0.2)
+        assert report.prediction == "delivered"
+        assert row.predicted_change == pytest.approx(plan_change) and row.planned_change == pytest.approx(plan_change)
+        assert row.predicted_change_ci95 == pytest.approx([plan_change - 0.1, plan_change + 0.1])
+        assert row.target_change == pytest.approx(-7.0) and row.target_change_ci95 == [-7.001, -6.999]
+        assert report.predicted_reward.predicted_change == pytest.approx(-0.2)
+        assert report.predicted_reward.target_change == pytest.approx(-0.1)
         assert report.kl.predicted == 0.4 and report.kl.planned == 0.3 and report.kl.predicted_ci95 == [0.39, 0.41]
         assert row.prediction_in_achieved_ci is inside
         assert report.kl.prediction_in_ci == (report.kl.ci95[0] <= 0.4 <= report.kl.ci95[1])
         text = " ".join(format_report(report).split())
-        assert "the change the fine-tune trains towards" in text
-        assert f"cost {num(target_change, True)} {'inside' if inside else 'OUTSIDE'}" in text
-        assert "The plan λ* was chosen on (the fitted scores) predicted reward -0.2, cost -1, KL 0.3" in text
+        assert "each mean's change as planned (the fitted scores tilted at λ*), the KL of the target" in text
+        assert f"cost {num(plan_change, True)} {'inside' if inside else 'OUTSIDE'}" in text
+        assert "whose tilt has changes of reward -0.1, cost -7 (KL 0.4; the plan's KL 0.3)" in text
+
+
+def test_delivered_takes_every_mean_from_the_plan_and_the_kl_from_the_target():
+    from dualign.data.records import delivered
+
+    assert delivered({"reward": 1.0, "cost": -4.0, "kl": 0.4}, {"reward": 2.0, "cost": -5.0, "kl": 0.6}) == \
+        {"reward": 1.0, "cost": -4.0, "kl": 0.6}
 
 
 def test_closing_lines_name_every_file_worth_opening(tmp_path):
@@ -310,11 +322,11 @@ def test_build_report_fields_equal_their_hand_computation():
     assert report.win_rate == {"reward": 1.0} and report.n_prompts == 2
 
 
-def test_the_plot_marks_the_plan_beside_each_prediction_and_fixed_only_where_a_change_is_fixed(tmp_path, monkeypatch):
-    """On the reachable tilt each panel (constraint, reward, KL) draws the plan's value as a dotted
-    line labelled 'plan' beside the trained target's bar, and no panel says 'fixed by
-    construction': only a binding relative constraint's planned change is fixed, and a reachable
-    report predicts the target, whose change is not."""
+def test_the_plot_marks_the_other_distribution_beside_each_prediction_and_fixed_only_where_a_change_is_fixed(
+        tmp_path, monkeypatch):
+    """On the reachable tilt each mean's panel (constraint, reward) draws the trained target's change
+    as a dotted line labelled 'target' beside the plan's bar, the KL panel the plan's KL labelled
+    'plan' beside the target's; no panel says 'fixed by construction' without dual.json's ci.fixed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -336,6 +348,6 @@ def test_the_plot_marks_the_plan_beside_each_prediction_and_fixed_only_where_a_c
     monkeypatch.setattr(report_view, "_bars", lambda ax, *a, **kw: (panels.append(ax), real(ax, *a, **kw))[1])
     assert report_view.plot_report(ref, pol, report, tmp_path, dpi=30) == {}
     assert len(panels) == 3
-    for ax in panels:
+    for ax, mark in zip(panels, ["target", "target", "plan"], strict=True):
         texts = [t.get_text() for t in ax.texts]
-        assert "plan" in texts and "fixed by construction" not in texts
+        assert mark in texts and "fixed by construction" not in texts

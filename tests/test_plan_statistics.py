@@ -119,9 +119,11 @@ def test_the_fit_error_widens_the_reachable_dual_ci_and_the_target_gets_its_own_
     assert refit.reachable.samples_predicted_ci["kl"][0] < target["kl"] < refit.reachable.samples_predicted_ci["kl"][1]
 
 
-def test_the_model_card_predicts_what_was_trained_and_names_the_plan_beside_it():
-    """On the reachable tilt the card's prediction is reachable.samples_predicted (KL 0.63 here),
-    the plan's (KL 0.43) named as such; on the K-sample tilt dual.json's predicted is the target."""
+def test_the_model_card_predicts_what_the_report_predicts_and_names_the_target_and_the_plan():
+    """On the reachable tilt the card predicts the plan's means and the trained target's KL (the
+    report's prediction: reward -2.29, cost -4, KL 0.63 here), and names the target
+    (reachable.samples_predicted, with its CIs) and the plan; on the K-sample tilt dual.json's
+    predicted is the target."""
     from dualign.data.records import DualRecord, ReachableTilt
     from dualign.train import TrainConfig, model_card
 
@@ -133,8 +135,11 @@ def test_the_model_card_predicts_what_was_trained_and_names_the_plan_beside_it()
     dual.reachable = ReachableTilt(r2={}, residual_sd={}, samples_predicted={"reward": -2.9, "cost": -5.1, "kl": 0.63},
                                    samples_predicted_ci={"kl": [0.55, 0.7]})
     card = model_card(cfg, dual, {}, 10)
-    target = next(line for line in card.splitlines() if "trained towards" in line)
-    planned = next(line for line in card.splitlines() if line.startswith("- planned"))
+    lines = card.splitlines()
+    deliver = next(line for line in lines if line.startswith("- predicted to deliver"))
+    target = next(line for line in lines if "trained towards" in line)
+    planned = next(line for line in lines if line.startswith("- planned"))
+    assert '{"reward": -2.29, "cost": -4.0, "kl": 0.63}' in deliver
     assert '"kl": 0.63' in target and '"kl": [0.55, 0.7]' in target and '"kl": 0.43' not in target
     assert '"kl": 0.43' in planned
 

@@ -447,8 +447,9 @@ def build_report(ref: pd.DataFrame, pol: pd.DataFrame, dual: DualRecord, cfg: Ev
 
     Changes against π_ref are paired by prompt (the same held-out prompts, one bootstrap draw of
     prompts for both sides), so a relative threshold's reference level is re-estimated on every
-    resample; an absolute threshold is judged on the policy's own mean. Every ``predicted`` is of
-    what the fine-tune trains towards (:func:`trained_target`), and is compared with the achieved
+    resample; an absolute threshold is judged on the policy's own mean. Every ``predicted`` is
+    :func:`trained_target`'s (on the reachable tilt the plan's means and the trained target's KL;
+    both distributions kept as ``planned_*`` and ``target_*``), and is compared with the achieved
     change through the achieved change's own 95% CI (``prediction_in_achieved_ci``).
     """
     reward = dual.reward
@@ -463,9 +464,10 @@ def build_report(ref: pd.DataFrame, pol: pd.DataFrame, dual: DualRecord, cfg: Ev
     target = trained_target(dual)
     planned = target.planned or {}
     planned_ci = target.planned_ci or {}
-    # a change fixed by construction (a binding relative constraint) is the plan's; the trained
-    # target's change (the reachable tilt's raw scores) is not fixed
-    fixed = set(dual.ci.fixed) if dual.ci is not None and target.planned is None else set()
+    trained, trained_ci = target.target or {}, target.target_ci or {}
+    # a change fixed by construction (a binding relative constraint) is the plan's, which is what
+    # a mean's prediction is on either tilt
+    fixed = set(dual.ci.fixed) if dual.ci is not None else set()
     key = ["prompt_id", "sample_index"]
     matched = ref[key + [reward]].merge(pol[key + [reward]], on=key, suffixes=("_ref", "_pol"))
     rows = []
@@ -489,7 +491,8 @@ def build_report(ref: pd.DataFrame, pol: pd.DataFrame, dual: DualRecord, cfg: Ev
             predicted_change_ci95=containing(target.change_ci.get(name), predicted - ref_dual),
             predicted_change_fixed=name in fixed, **verdict,
             prediction_in_achieved_ci=_inside(predicted - ref_dual, achieved_ci),
-            planned_change=planned.get(name), planned_change_ci95=planned_ci.get(name) if planned else None))
+            planned_change=planned.get(name), planned_change_ci95=planned_ci.get(name) if planned else None,
+            target_change=trained.get(name), target_change_ci95=trained_ci.get(name) if trained else None))
     pred_r, ref_r = target.values[reward], dual.reference[reward]
     r_change, r_draws = paired.change(reward)
     r_ci = percentile_ci(r_draws, point=r_change)
@@ -506,9 +509,10 @@ def build_report(ref: pd.DataFrame, pol: pd.DataFrame, dual: DualRecord, cfg: Ev
             pred_r, ref_r, ref_sum[reward].mean + pred_r - ref_r, pred_r - ref_r,
             containing(target.change_ci.get(reward), pred_r - ref_r),
             r_change, r_ci, _inside(pred_r - ref_r, r_ci), planned.get(reward),
-            planned_ci.get(reward) if planned else None),
+            planned_ci.get(reward) if planned else None, trained.get(reward),
+            trained_ci.get(reward) if trained else None),
         reward=reward, tilt="reachable" if dual.reachable is not None else "samples",
-        prediction="target" if target.planned is not None else "plan")
+        prediction="delivered" if target.planned is not None else "plan")
     if "judge_harmful" in pol:
         report.judge = {"reference": _judge_summary(ref, cfg), "policy": _judge_summary(pol, cfg)}
         report.win_rate["judge_helpful"] = win_rate(

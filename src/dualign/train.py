@@ -52,7 +52,7 @@ from dualign._infra.progress import Progress
 from dualign._infra.provenance import mark_done, record_stage, unmark, versions
 from dualign._infra.timing import part
 from dualign._infra.tracking import Tracker, check_report_to
-from dualign.data.records import DualRecord, read_dual
+from dualign.data.records import DualRecord, delivered, read_dual
 from dualign.methods import dpo, mocan, pecan
 from dualign.methods.losses import Diagnostics, kl_estimate, mocan_loss, pecan_loss, safedpo_loss
 from dualign.methods.pairs import require_columns, validate_pairs
@@ -680,18 +680,22 @@ def model_card(cfg: TrainConfig, dual: DualRecord | None, hashes: dict[str, str]
 
 
 def _card_predictions(dual: DualRecord) -> list[str]:
-    """The model card's predictions: of what this fine-tune trained towards (the original scores
-    tilted at λ*), with their 95% CIs, and the plan λ* was chosen on where it differs."""
+    """The model card's predictions, as the evaluation report makes them (records.trained_target):
+    on the K-sample tilt dual.json's predicted; on the reachable tilt the plan's means and the
+    trained target's KL, with both distributions named."""
     if dual.reachable is None:
         ci = dual.ci.predicted if dual.ci is not None else {}
         return [f"- predicted under π_λ*, the target this fine-tune trained towards (dual.json): "
                 f"{json.dumps(dual.predicted)}" + (f"; 95% CIs {json.dumps(ci)}" if ci else "")]
     reach = dual.reachable
-    return [f"- predicted under π_λ*, the target this fine-tune trained towards (the original scores tilted at "
-            f"λ*; dual.json reachable.samples_predicted): {json.dumps(reach.samples_predicted)}"
+    return [f"- predicted to deliver (the plan's means, the trained target's KL): "
+            f"{json.dumps(delivered(dual.predicted, reach.samples_predicted))}",
+            f"- the target this fine-tune trained towards (the original scores tilted at λ*; dual.json "
+            f"reachable.samples_predicted): {json.dumps(reach.samples_predicted)}"
             + (f"; 95% CIs {json.dumps(reach.samples_predicted_ci)}" if reach.samples_predicted_ci else ""),
             f"- planned (the fitted scores λ* was chosen on, dual.json predicted): {json.dumps(dual.predicted)}; "
-            "it differs because training uses the whole of each score, not only the part π_ref's features predict"]
+            "a fine-tune moves the means about as far as the plan and pays at least the target's KL "
+            "(docs/results/build_rates.md)"]
 
 
 # ---------------------------------------------------------------- in memory, as TRL's trainers

@@ -86,9 +86,10 @@ def _plot_scores(plt, ref: pd.DataFrame, pol: pd.DataFrame, report: EvalReport, 
 
 
 def _bars(ax, predicted: float | None, predicted_ci, achieved: float | None, achieved_ci, when: str, *,
-          fixed: bool = False, planned: float | None = None) -> None:
-    """Two bars, the dual's prediction (of what the fine-tune trains towards) and the achieved value,
-    each with its 95% CI when known; the plan's value, where it differs, a dotted line over the first.
+          fixed: bool = False, planned: float | None = None, mark: str = "plan") -> None:
+    """Two bars, the dual's prediction and the achieved value, each with its 95% CI when known; the
+    other distribution's value (``planned``, labelled ``mark``: the plan or the trained target),
+    where it differs, a dotted line over the first.
 
     A value that is None, NaN or infinite gets no bar; an interval end that is missing or infinite
     no whisker on that side; an interval that misses its point (a rounding error) a zero-length
@@ -107,8 +108,8 @@ def _bars(ax, predicted: float | None, predicted_ci, achieved: float | None, ach
         ax.annotate("fixed by construction", (0, predicted), ha="center", va="bottom", fontsize=8)
     if _finite(planned):
         ax.plot([-0.35, 0.35], [planned, planned], color="k", ls=":", lw=1.5)
-        ax.annotate("plan", (0.35, planned), fontsize=8, va="center")
-    ax.set_xticks([0, 1], [f"predicted\n(trained target,\n{when})", "achieved\n(held-out\nprompts)"])
+        ax.annotate(mark, (0.35, planned), fontsize=8, va="center")
+    ax.set_xticks([0, 1], [f"predicted\n({when})", "achieved\n(held-out\nprompts)"])
     ax.set_xlim(-0.6, 1.6)
     ax.grid(axis="y", alpha=0.3)
 
@@ -116,6 +117,14 @@ def _bars(ax, predicted: float | None, predicted_ci, achieved: float | None, ach
 def _hline(ax, y: float | None, **kw) -> None:
     if _finite(y):
         ax.axhline(y, **kw)
+
+
+def _other(report: EvalReport, planned: float | None, target: float | None, kl: bool = False) -> dict:
+    """The dotted marker beside a prediction: on a "delivered" report the trained target's change for
+    a mean and the plan's value for the KL, on an old "target" report the plan's; none otherwise."""
+    if report.prediction == "delivered":
+        return {"planned": planned, "mark": "plan"} if kl else {"planned": target, "mark": "target"}
+    return {"planned": planned, "mark": "plan"} if report.prediction == "target" else {}
 
 
 def _plot_predicted_vs_achieved(plt, report: EvalReport, path: Path, dpi: int) -> None:
@@ -126,7 +135,7 @@ def _plot_predicted_vs_achieved(plt, report: EvalReport, path: Path, dpi: int) -
     for ax, c in zip(axes, report.constraints, strict=False):
         rule = parse_constraint(c.constraint)
         _bars(ax, c.predicted_change, c.predicted_change_ci95, c.achieved_change, c.achieved_change_ci95, when,
-              fixed=c.predicted_change_fixed, planned=c.planned_change)
+              fixed=c.predicted_change_fixed, **_other(report, c.planned_change, c.target_change))
         required = rule.value if rule.relative else c.threshold - c.reference_eval
         _hline(ax, required, color="red", ls="--", lw=1.2)
         ax.axhline(0, color="k", lw=0.8)
@@ -138,13 +147,13 @@ def _plot_predicted_vs_achieved(plt, report: EvalReport, path: Path, dpi: int) -
     ax = axes[-2]
     achieved = _reward_change(report)
     _bars(ax, pr.predicted_change, pr.predicted_change_ci95, achieved, pr.achieved_change_ci95, when,
-          planned=pr.planned_change)
+          **_other(report, pr.planned_change, pr.target_change))
     ax.axhline(0, color="k", lw=0.8)
     ax.set_title(f"{rc}: the objective (higher is better)", fontsize=10)
     ax.set_ylabel(f"change in mean {rc} from π_ref ({rc} units)")
     ax = axes[-1]
     _bars(ax, report.kl.predicted, report.kl.predicted_ci95, report.kl.achieved, report.kl.ci95, when,
-          planned=report.kl.planned)
+          **_other(report, report.kl.planned, None, kl=True))
     ax.set_title(f"KL(aligned ‖ π_ref) at β = {report.beta:g}", fontsize=10)
     ax.set_ylabel("KL (nats per response)")
     fig.suptitle("What the dual predicted against what the aligned policy achieved on held-out prompts "
@@ -270,6 +279,9 @@ def format_report(report: EvalReport) -> str:
 
 PREDICTED = {
     "plan": "predicted = the dual's prediction of that change, made before training (95% CI: its bootstrap).",
+    "delivered": "predicted = what the fine-tune is predicted to deliver, before training: each mean's change "
+                 "as planned (the fitted scores tilted at λ*), the KL of the target it trains towards "
+                 "(95% CI: their bootstrap).",
     "target": "predicted = the change the fine-tune trains towards (the original scores tilted at λ*), predicted "
               "before training (95% CI: its bootstrap)."}
 
@@ -286,6 +298,15 @@ def _prediction_lines(report: EvalReport) -> list[str]:
     lines = []
     if parts:
         lines += textwrap.wrap("Each prediction against the achieved value's own 95% CI: " + "; ".join(parts) + ".", 100)
+    if report.prediction == "delivered":
+        target = [f"{rc} {num(pr.target_change, True)}", *(f"{c.column} {num(c.target_change, True)}"
+                                                          for c in report.constraints)]
+        lines += textwrap.wrap(
+            f"The fine-tune trains towards the original scores at λ*, whose tilt has changes of {', '.join(target)} "
+            f"(KL {num(kl.predicted)}; the plan's KL {num(kl.planned)}). It moves the means about as far as the plan "
+            "(the part of each score π_ref's features reach) and pays at least the target's KL: so the means "
+            "above are the plan's and the KL the target's (measured over world builds: docs/results/build_rates.md).",
+            100)
     if report.prediction == "target":
         plan = [f"{rc} {num(pr.planned_change, True)}", *(f"{c.column} {num(c.planned_change, True)}"
                                                          for c in report.constraints), f"KL {num(kl.planned)}"]

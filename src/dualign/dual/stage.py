@@ -80,8 +80,9 @@ class DualConfig:
                 "replace each score by what π_ref's own features of the response predict of it "
                 "(cross-fitted ridge), so the dual plans only on what a fine-tune can target: a larger "
                 "λ*. The fine-tune still trains on the original scores at that λ*, so dual.json records "
-                "their tilt at λ* too (reachable.samples_predicted, with CIs): the prediction of what is "
-                "trained, which the report compares with (docs/method.md)"})
+                "their tilt at λ* too (reachable.samples_predicted, with CIs). The report predicts the "
+                "plan's means (a fine-tune moves them about as far as planned) and that target's KL (it "
+                "pays at least that): docs/results/build_rates.md"})
     model: str | None = field(default=None, metadata={
         "help": "with tilt: reachable, π_ref (HF id or path) whose features are used; in a run: the run's model"})
     revision: str | None = field(default=None, metadata={"help": "with --model: its revision"})
@@ -409,12 +410,14 @@ def format_report(record: DualRecord) -> str:
         notes.append(f"Planned on the reachable tilt: every score replaced by what π_ref's own features of the "
                      f"response predict of it (cross-fitted within-prompt R²: {fits}), so λ* buys only "
                      f"changes a fine-tune can target. The fine-tune trains on the original scores at this λ*, "
-                     f"whose K-sample tilt (what is trained towards, and what the evaluation compares with) "
-                     f"predicts changes of {asked} and KL {reach.samples_predicted['kl']:.3g}"
+                     f"whose K-sample tilt (what is trained towards) has changes of {asked} and KL "
+                     f"{reach.samples_predicted['kl']:.3g}"
                      + (f" (95% CI {interval(reach.samples_predicted_ci['kl'], digits=3)})"
                         if reach.samples_predicted_ci else "")
                      + (". The CIs and margins refit the ridge on every prompt resample, so they carry the "
-                        "fit's own error." if reach.fit_resampled else "."))
+                        "fit's own error." if reach.fit_resampled else ".")
+                     + " A fine-tune moves the means about as far as planned (π_λ* above) and pays at least "
+                       "the target's KL: the evaluation compares with those.")
     plan = record.confidence
     if plan:
         names = ", ".join(f"{n} by {plan.margin[n]:.3g}" for n in record.names)
