@@ -38,6 +38,7 @@ from dualign.world.config import world_config
 from dualign.world.corpus import fresh_prompts, make_prompts
 
 VARIANTS = {"default": {}, "confidence 0.9": {"confidence": 0.9}, "confidence 0.95": {"confidence": 0.95},
+            "confidence 0.95 confidently": {"confidence": 0.95, "confidently": True},
             "tilt samples": {"tilt": "samples"}}
 CRITERIA = ("met", "met confidently", "KL within 1.25×", "reward prediction in CI", "helpfulness within 0.05")
 # the same comparisons against each distribution a prediction could be drawn from

@@ -34,9 +34,9 @@ from dualign._infra.errors import InfeasibleConstraintError
 from dualign._infra.io import read_json, write_json, write_table
 from dualign._infra.text_table import text_table
 from dualign.compare.comparison import run_compare
-from dualign.compare.compute_cost import literature_runs
+from dualign.compare.compute_cost import PKU_SAFERLHF_PROMPTS, literature_table
 from dualign.data.constraints import parse_constraint
-from dualign.modeling.flops import add_counts, project_flops, project_run
+from dualign.modeling.flops import add_counts, project_flops
 
 METHODS = ["mocan", *ONLINE]
 SHARED_ONCE = ("sample", "score")
@@ -98,20 +98,13 @@ def totals(points: pd.DataFrame, shared: dict, params: float) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def literature_table(points: int, rl_train_prompts: int | None, params: float) -> list[dict]:
-    """The literature's recipes at 7B for ``points`` thresholds: MoCAN's sample and score once and a
-    fine-tune per point; Safe-RLHF's PPO-Lagrangian a whole run per point."""
-    rows = []
-    for name, run in literature_runs(rl_train_prompts).items():
-        one = project_run(run["tokens"], run["resident"], params)
-        if name.startswith("mocan"):
-            shared = project_flops({k: v for k, v in run["tokens"].items() if k != "training"}, params)["total"]
-            total = shared + points * (one["flops"]["total"] - shared)
-        else:
-            total = points * one["flops"]["total"]
-        rows.append({"recipe": name, "flops_one_point": one["flops"]["total"], "flops_all_points": total,
-                     "memory_gb": one["memory_gb"]})
-    return rows
+def print_literature(points: int, rl_train_prompts: int, params: float) -> None:
+    """The literature recipes' FLOPs for one threshold and for ``points``, and their memory."""
+    rows = literature_table(points, rl_train_prompts, params)
+    print(f"{params:.0e} parameters; Safe-RLHF's PPO-Lagrangian over {rl_train_prompts} prompts (one epoch)")
+    print("\n".join(text_table(["recipe", "FLOPs, one point", f"FLOPs, {points} points", "memory GB"],
+                               [[r["recipe"], f"{r['flops_one_point']:.3g}", f"{r['flops_all_points']:.3g}",
+                                 f"{r['memory_gb']:.3g}"] for r in rows])))
 
 
 def plot(points: pd.DataFrame, summary: pd.DataFrame, path: Path) -> None:
@@ -159,11 +152,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--methods", nargs="+", default=METHODS)
     ap.add_argument("--params", type=float, default=7e9, help="model size of the projection")
-    ap.add_argument("--rl-train-prompts", type=int, default=None,
-                    help="Safe-RLHF's training prompts (one epoch); not sourced here: without it, its row is left out")
+    ap.add_argument("--rl-train-prompts", type=int, default=int(PKU_SAFERLHF_PROMPTS.value),
+                    help="Safe-RLHF's training prompts (one epoch; default: PKU-SafeRLHF's unique prompts, "
+                         "compute_cost.PKU_SAFERLHF_PROMPTS)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--smoke", action="store_true", help="a tiny model and scorers: checks the script")
+    ap.add_argument("--literature-only", action="store_true",
+                    help="print the literature recipes' projection for one and for len(--offsets) points, run nothing")
     args = ap.parse_args(argv)
+    if args.literature_only:
+        print_literature(len(args.offsets), args.rl_train_prompts, args.params)
+        return
     config = smoke_config(args.out / "smoke") if args.smoke else config_path(args.config)
     offsets = [-0.25, -0.5] if args.smoke else args.offsets
     base, _ = load(config, args.out / "points", {})
@@ -206,9 +205,7 @@ def main(argv: list[str] | None = None) -> None:
                                [[r["label"], f"{r['points_met']}/{r['points']}", g(r["flops"]), g(r["wall_s"]),
                                  g(r["flops_first_met"]), g(r["flops_7b"])] for r in summary.to_dict("records")])))
     print("\nAt the literature's iteration counts:")
-    print("\n".join(text_table(["recipe", "FLOPs, one point", f"FLOPs, {len(offsets)} points", "memory GB"],
-                               [[r["recipe"], g(r["flops_one_point"]), g(r["flops_all_points"]), g(r["memory_gb"])]
-                                for r in literature])))
+    print_literature(len(offsets), args.rl_train_prompts, args.params)
     print(f"\nwritten: {args.out}/sweep.csv, sweep_points.csv, sweep.json, sweep.png")
 
 

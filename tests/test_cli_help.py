@@ -106,3 +106,15 @@ def test_demo_refuses_a_full_size_pecan_run_before_writing_anything(tmp_path, mo
     monkeypatch.chdir(tmp_path)
     assert cli.main(["demo", "--method", "pecan", "--size", "full"]) == 2
     assert "--size full is MoCAN's" in capsys.readouterr().err and not any(tmp_path.iterdir())
+
+
+def test_demo_confidently_plans_for_the_evaluations_95_bound_and_needs_confidence(tmp_path, monkeypatch, capsys):
+    """--confidently sets the dual's evaluation_bound to the report's one-sided 95% and names it in
+    the run directory; without --confidence it is refused before anything is written."""
+    plain = cli.demo_values("mocan", "default", confidence=0.9)
+    bound = cli.demo_values("mocan", "default", confidence=0.9, confidently=True)
+    assert "evaluation_bound" not in plain["dual"] and bound["dual"]["evaluation_bound"] == 0.95
+    assert (plain["run_dir"], bound["run_dir"]) == ("runs/demo-confidence0.9", "runs/demo-confidence0.9-confidently")
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["demo", "--confidently"]) == 2
+    assert "--confidently needs --confidence" in capsys.readouterr().err and not any(tmp_path.iterdir())

@@ -490,3 +490,28 @@ def test_confidence_plan_with_an_evaluation_adds_its_noise_in_quadrature():
     assert planned.predicted_utilities[0] == pytest.approx(b + planned.confidence_margin[0], abs=1e-6)
     with pytest.raises(InputError, match="evaluation"):
         dualign.solve_dual(rewards, g, b, 1.0, confidence=0.9, evaluation=(0, 2))
+
+
+def test_a_plan_for_the_evaluations_bound_covers_that_bound_too():
+    """With evaluation_bound (the one-sided level of the evaluation's verdict) the evaluation's part
+    of the margin is (Φ⁻¹(confidence) + Φ⁻¹(bound))·SE_eval: the bound, not only the point, clears
+    the threshold with probability ≈ confidence; without it, Φ⁻¹(confidence)·SE_eval."""
+    from scipy.stats import norm
+
+    from dualign.dual.solver import evaluation_se
+
+    rewards, g = _prompt_level_world(n=80)
+    b = g.mean() + 0.5
+    n, k = rewards.shape
+    samples = flat_samples(Segments.rectangular(n, k), rewards.ravel(), g.reshape(-1, 1), None, np.arange(n))
+    point = dualign.solve_dual(rewards, g, b, 1.0, relative=[True], confidence=0.9, bootstrap=200, seed=1,
+                               evaluation=(64, 2))
+    bound = dualign.solve_dual(rewards, g, b, 1.0, relative=[True], confidence=0.9, bootstrap=200, seed=1,
+                               evaluation=(64, 2), evaluation_bound=0.95)
+    for res, z in ((point, norm.ppf(0.9)), (bound, norm.ppf(0.9) + norm.ppf(0.95))):
+        se = evaluation_se(samples, res.lambdas, 1.0, np.array([True]), 64, 2)[0]
+        assert res.confidence_parts[1][0] == pytest.approx(z * se, rel=0.02)
+    assert bound.confidence_bound == 0.95 and point.confidence_bound is None
+    assert bound.confidence_margin[0] > point.confidence_margin[0]
+    with pytest.raises(InputError, match="evaluation_bound"):
+        dualign.solve_dual(rewards, g, b, 1.0, confidence=0.9, evaluation_bound=0.95)   # no evaluation

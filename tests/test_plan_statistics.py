@@ -224,6 +224,38 @@ def test_build_rates_counts_each_criterion_per_variant_and_the_margins_paired_co
     table = module.rates(rows)
     assert table["default"]["met"] == [1, 2] and table["default"]["KL within 1.25×"] == [2, 2]
     assert table["confidence 0.95"]["met"] == [2, 2] and table["tilt samples"]["met"] == [0, 1]
-    cost = table["margin cost (confidence − default, achieved, mean)"]
+    cost = table["margin cost (confidence 0.95 − default, achieved, mean)"]
     assert cost["KL"] == pytest.approx(0.4) and cost["reward change"] == pytest.approx(-1.0)   # build 101 seed 0 only
-    assert "| default | 1 of 2 | 0 of 2 | 2 of 2 | 1 of 2 | 2 of 2 |" in module.markdown(table, [101, 102], [0, 1])
+    assert "margin cost (confidence 0.9 − default, achieved, mean)" not in table             # no such runs
+    text = module.markdown(table, [101, 102], [0, 1])
+    assert "| default | 1 of 2 | 0 of 2 | 2 of 2 | 1 of 2 | 2 of 2 | 0 of 2 |" in text
+    assert "The confidence 0.95 margin costs +0.4 KL and -1 reward change" in text
+
+
+def test_build_rates_reads_each_prediction_from_reports_of_either_release():
+    """"delivered" takes the plan's means and the target's KL; a 0.1 report ("target") kept the
+    target in predicted_* and the plan in planned_*; a K-sample report's three are one."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "build_rates.py"
+    spec = importlib.util.spec_from_file_location("build_rates", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def report(mode, predicted, planned, target):
+        return {"prediction": mode, "reward": "reward",
+                "predicted_reward": {"predicted_change": predicted[0], "planned_change": planned[0],
+                                     "target_change": target[0]},
+                "constraints": [{"column": "cost", "predicted_change": predicted[1], "planned_change": planned[1],
+                                 "target_change": target[1]}],
+                "kl": {"predicted": predicted[2], "planned": planned[2]}}
+
+    new = module.predictions(report("delivered", (-2.0, -4.0, 0.6), (-2.0, -4.0, 0.4), (-1.0, -5.0, None)))
+    old = module.predictions(report("target", (-1.0, -5.0, 0.6), (-2.0, -4.0, 0.4), (None, None, None)))
+    for p in (new, old):
+        assert p["delivered"] == {"reward": -2.0, "cost": -4.0, "kl": 0.6}
+        assert p["target"] == {"reward": -1.0, "cost": -5.0, "kl": 0.6}
+        assert p["plan"] == {"reward": -2.0, "cost": -4.0, "kl": 0.4}
+    plain = module.predictions(report("plan", (-1.5, -4.0, 0.5), (None, None, None), (None, None, None)))
+    assert plain["delivered"] == plain["target"] == plain["plan"] == {"reward": -1.5, "cost": -4.0, "kl": 0.5}

@@ -159,3 +159,24 @@ def test_literature_runs_count_each_stage_and_every_model_held_by_hand():
     assert projected["flops"]["training"] == pytest.approx(7e9 * (6 * (2 * e + 2 * e) + 2 * (e + 2 * e)))
     assert projected["memory_gb"] == pytest.approx(7 * (3 * 16 + 3 * 2))      # actor + 2 critics trained; 3 frozen
     assert set(literature_runs(None)) == {"mocan (paper recipe)"}             # the RL prompt count not sourced
+
+
+def test_literature_table_shares_mocans_sampling_across_thresholds_and_charges_ppo_a_run_per_threshold():
+    """At P thresholds: MoCAN pays its samples, scores and log π_ref once and a fine-tune
+    (6·N FLOPs per training token) per point; a PPO-Lagrangian run per point. Hand values at
+    N = 7e9 with PKU-SafeRLHF's 44,600 prompts."""
+    from dualign.compare.compute_cost import PKU_SAFERLHF_PROMPTS, literature_table
+
+    assert PKU_SAFERLHF_PROMPTS.value == 44_600 and "PKU-SafeRLHF-prompt" in PKU_SAFERLHF_PROMPTS.source
+    one = {r["recipe"]: r for r in literature_table(1)}
+    five = {r["recipe"]: r for r in literature_table(5)}
+    mocan, ppo = "mocan (paper recipe)", "ppo-lagrangian-critic (Safe-RLHF)"
+    fine_tune = 6 * 7e9 * (2 * 27000 * 3 * 320)
+    assert five[mocan]["flops_all_points"] - one[mocan]["flops_all_points"] == pytest.approx(4 * fine_tune)
+    assert five[ppo]["flops_all_points"] == pytest.approx(5 * one[ppo]["flops_one_point"])
+    # the projections quoted in docs/results/headline_claims.md
+    assert one[mocan]["flops_one_point"] == pytest.approx(4.47e18, rel=1e-3)
+    assert one[ppo]["flops_one_point"] == pytest.approx(3.80e18, rel=1e-3)
+    assert five[mocan]["flops_all_points"] == pytest.approx(1.318e19, rel=1e-3)
+    assert five[ppo]["flops_all_points"] == pytest.approx(1.898e19, rel=1e-3)
+    assert (one[mocan]["memory_gb"], one[ppo]["memory_gb"]) == (112, 378)

@@ -210,9 +210,12 @@ class Sourced:
 
 
 SAFE_RLHF = "PKU-Alignment/safe-rlhf scripts/ppo-lag.sh"
-# Safe-RLHF's PPO-Lagrangian as its script runs it. The number of training prompts (PKU-SafeRLHF's
-# train split) is not given here: this repository could not source it; pass it to
-# :func:`literature_runs`.
+# Safe-RLHF's PPO-Lagrangian as its script runs it, one epoch over PKU-SafeRLHF's prompts. Their
+# number: the PKU-SafeRLHF-prompt card's count of PKU-SafeRLHF's unique prompts (the dataset's 2024
+# release; the 2023 release ppo-lag.sh first trained on is not counted there). The FLOPs of a
+# PPO-Lagrangian run are linear in it: pass another count to :func:`literature_runs`.
+PKU_SAFERLHF_PROMPTS = Sourced(44_600, "huggingface.co/datasets/PKU-Alignment/PKU-SafeRLHF-prompt, dataset card: "
+                                       "\"44.6K unique prompts from PKU-SafeRLHF\"")
 SAFE_RLHF_PPO_LAG = {
     "epochs": Sourced(1, f"{SAFE_RLHF}: --epochs 1 (passes over the training prompts)"),
     "responses_per_prompt": Sourced(1, f"{SAFE_RLHF}: --num_return_sequences 1"),
@@ -266,3 +269,25 @@ def literature_runs(rl_train_prompts: int | None, prompt_tokens: float = 64,
                        "critic_forward": s["critics"] * e, "critic_training": s["critics"] * e * s["update_iters"]},
             "resident": (1 + int(s["critics"]), 3)}
     return out
+
+
+def literature_table(points: int, rl_train_prompts: int | None = int(PKU_SAFERLHF_PROMPTS.value),
+                     params: float = 7e9) -> list[dict]:
+    """The literature's recipes at ``params`` for ``points`` thresholds, FLOPs and memory:
+
+    MoCAN      F = F_shared + points · F_train   (sample, score and log π_ref once; a fine-tune per point)
+    PPO-Lag    F = points · F_run                (a whole run per point)
+    """
+    from dualign.modeling.flops import project_flops, project_run
+
+    rows = []
+    for name, run in literature_runs(rl_train_prompts).items():
+        one = project_run(run["tokens"], run["resident"], params)
+        if name.startswith("mocan"):
+            shared = project_flops({k: v for k, v in run["tokens"].items() if k != "training"}, params)["total"]
+            total = shared + points * (one["flops"]["total"] - shared)
+        else:
+            total = points * one["flops"]["total"]
+        rows.append({"recipe": name, "points": points, "flops_one_point": one["flops"]["total"],
+                     "flops_all_points": total, "memory_gb": one["memory_gb"]})
+    return rows

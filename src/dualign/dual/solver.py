@@ -61,6 +61,7 @@ class DualResult:
     plain: DualResult | None = None  # the solution without the margin, to show what it costs
     confidence_parts: tuple | None = None  # (s_dual [m], s_eval [m] or None): the margin's two parts
     confidence_evaluation: tuple[int, int] | None = None  # (prompts, responses per prompt) planned for
+    confidence_bound: float | None = None  # the one-sided level of the evaluation's bound the margin covers
     # [m] a relative constraint binding on the samples and on every resample: its predicted change
     # equals its margin by construction, so its bootstrap interval is zero-width and is not reported
     change_fixed: np.ndarray | None = None
@@ -485,14 +486,17 @@ def _with_confidence(samples: Samples, plain: DualResult, margins: np.ndarray, l
                      resamples: int, seed: int, tol: float, max_iter: int,
                      evaluation: tuple[int, int] | None = None, rounds: int = 6,
                      residual_variance: np.ndarray | None = None, refit: Refit | None = None,
-                     keep: np.ndarray | None = None) -> DualResult:
+                     keep: np.ndarray | None = None, bound: float | None = None) -> DualResult:
     """λ for which every constraint holds at its one-sided ``level`` bound: the fixed point of
     b'_j = b_j + s_j(λ(b')), solved again until s stops moving (a few rounds).
 
     s_j is the dual's own spread under prompt resampling (:func:`slack_spread`, s_dual); with an
     ``evaluation`` (n_e prompts, k_e responses per prompt) it is sqrt(s_dual² + (z·SE_eval)²),
     z = Φ⁻¹(level), SE_eval from :func:`evaluation_se`: then the evaluation's point estimate clears
-    b_j with probability ≈ ``level`` if the fine-tune lands on π_λ."""
+    b_j with probability ≈ ``level`` if the fine-tune lands on π_λ. With ``bound`` (the one-sided
+    level of the evaluation's verdict, 0.95 for the report's "met confidently") z is
+    Φ⁻¹(level) + Φ⁻¹(bound): then that bound, not only the point, clears b_j with probability
+    ≈ ``level``."""
     from scipy.stats import norm
 
     b = plain.thresholds
@@ -502,7 +506,8 @@ def _with_confidence(samples: Samples, plain: DualResult, margins: np.ndarray, l
         dual_part = slack_spread(samples, result.lambdas, b, margins, plain.beta, level, resamples, seed,
                                  refit, keep)
         if evaluation is not None:
-            eval_part = norm.ppf(level) * evaluation_se(samples, result.lambdas, plain.beta, relative,
+            z = norm.ppf(level) + (norm.ppf(bound) if bound is not None else 0.0)
+            eval_part = z * evaluation_se(samples, result.lambdas, plain.beta, relative,
                                                         *evaluation, residual_variance=residual_variance)
         new = dual_part if eval_part is None else np.hypot(dual_part, eval_part)
         done = np.all(np.abs(new - spread) <= 1e-3 * samples.scale(b))
@@ -513,6 +518,7 @@ def _with_confidence(samples: Samples, plain: DualResult, margins: np.ndarray, l
     result.confidence, result.confidence_margin, result.plain = level, spread, plain
     result.confidence_parts = (dual_part, eval_part)
     result.confidence_evaluation = evaluation
+    result.confidence_bound = bound
     return result
 
 
@@ -551,7 +557,8 @@ def solve_dual(rewards, utilities, thresholds, beta: float, sample_weights=None,
                bootstrap: int = 0, seed: int = 0, tol: float = 1e-9, max_iter: int = 100,
                names: Sequence[str] | None = None, lambdas0=None, ci_level: float = 0.95,
                relative: Sequence[bool] | None = None, confidence: float | None = None,
-               evaluation: tuple[int, int] | None = None, residual_variance=None) -> DualResult:
+               evaluation: tuple[int, int] | None = None, residual_variance=None,
+               evaluation_bound: float | None = None) -> DualResult:
     """λ* = argmin_{λ≥0} D(λ) for rewards [N, K], utilities [N, K, m] (or [N, K]), thresholds b.
 
     The constraints read mean_x E_π[g_j] ≥ b_j. ``sample_weights`` [N, K] ≥ 0 are normalised per
@@ -563,7 +570,9 @@ def solve_dual(rewards, utilities, thresholds, beta: float, sample_weights=None,
     without it); with ``evaluation`` = (prompts, responses per prompt) the margin also covers the
     noise of an evaluation of that size, so that its point estimate clears b_j with probability
     ≈ ``confidence`` if the fine-tune lands on π_λ; ``residual_variance`` [m] adds noise the
-    utilities leave out to that evaluation (:func:`evaluation_se`). Raises InfeasibleConstraintError
+    utilities leave out to that evaluation (:func:`evaluation_se`); ``evaluation_bound`` (e.g. 0.95)
+    makes the margin cover that one-sided bound of the evaluation too, so that the evaluation
+    reports the constraint met at that bound with probability ≈ ``confidence``. Raises InfeasibleConstraintError
     when no finite λ* exists.
     """
     rewards = np.asarray(rewards, dtype=np.float64)
@@ -578,7 +587,7 @@ def solve_dual(rewards, utilities, thresholds, beta: float, sample_weights=None,
     flat_w = None if weights is None else weights.ravel()
     samples = flat_samples(seg, rewards.ravel(), utilities.reshape(-1, len(b)), flat_w, np.arange(n_prompts))
     return _finish(samples, b, float(beta), names, lambdas0, tol, max_iter, bootstrap, seed, ci_level,
-                   relative, confidence, evaluation, residual_variance)
+                   relative, confidence, evaluation, residual_variance, evaluation_bound=evaluation_bound)
 
 
 def solve_dual_long(prompt_ids, rewards, utilities, thresholds, beta: float, sample_weights=None, *,
@@ -587,7 +596,7 @@ def solve_dual_long(prompt_ids, rewards, utilities, thresholds, beta: float, sam
                     relative: Sequence[bool] | None = None, confidence: float | None = None,
                     evaluation: tuple[int, int] | None = None, residual_variance=None,
                     target: tuple[np.ndarray, np.ndarray] | None = None,
-                    refit: Refit | None = None) -> DualResult:
+                    refit: Refit | None = None, evaluation_bound: float | None = None) -> DualResult:
     """:func:`solve_dual` on long-format rows: prompt_ids [n], rewards [n], utilities [n, m] or [n].
 
     Prompts may have different numbers of samples; rows of a prompt need not be adjacent. Grouping
@@ -622,13 +631,14 @@ def solve_dual_long(prompt_ids, rewards, utilities, thresholds, beta: float, sam
             t_rewards, t_utilities = t_rewards[keep], t_utilities[keep]
         target_samples = samples.with_values(t_rewards, t_utilities)
     return _finish(samples, b, float(beta), names, lambdas0, tol, max_iter, bootstrap, seed, ci_level,
-                   relative, confidence, evaluation, residual_variance, target_samples, refit, keep)
+                   relative, confidence, evaluation, residual_variance, target_samples, refit, keep,
+                   evaluation_bound)
 
 
 def _finish(samples, b, beta, names, lambdas0, tol, max_iter, bootstrap, seed, ci_level,
             relative=None, confidence=None, evaluation=None, residual_variance=None,
             target: Samples | None = None, refit: Refit | None = None,
-            keep: np.ndarray | None = None) -> DualResult:
+            keep: np.ndarray | None = None, evaluation_bound: float | None = None) -> DualResult:
     if lambdas0 is not None and np.shape(lambdas0) != b.shape:
         raise InputError(f"lambdas0 must have {b.size} values, got {np.shape(lambdas0)}")
     if relative is not None and len(relative) != b.size:
@@ -637,6 +647,9 @@ def _finish(samples, b, beta, names, lambdas0, tol, max_iter, bootstrap, seed, c
         raise InputError(f"confidence must lie in [0.5, 1), got {confidence!r}")
     if evaluation is not None and (len(evaluation) != 2 or min(evaluation) < 1):
         raise InputError(f"evaluation must be (prompts ≥ 1, responses per prompt ≥ 1), got {evaluation!r}")
+    if evaluation_bound is not None and (evaluation is None or confidence is None or not 0.5 <= evaluation_bound < 1):
+        raise InputError(f"evaluation_bound needs confidence and evaluation and must lie in [0.5, 1), "
+                         f"got {evaluation_bound!r}")
     result = _result(samples, b, beta, names, lambdas0, tol, max_iter)
     ref = result.reference_utilities
     margins = np.where(np.asarray(relative if relative is not None else [False] * b.size, bool), b - ref, np.nan)
@@ -644,7 +657,8 @@ def _finish(samples, b, beta, names, lambdas0, tol, max_iter, bootstrap, seed, c
         result = _with_confidence(samples, result, margins, confidence, max(int(bootstrap), 200), seed, tol,
                                   max_iter, None if evaluation is None else tuple(int(v) for v in evaluation),
                                   residual_variance=None if residual_variance is None
-                                  else np.asarray(residual_variance, dtype=np.float64), refit=refit, keep=keep)
+                                  else np.asarray(residual_variance, dtype=np.float64), refit=refit, keep=keep,
+                                  bound=evaluation_bound)
         margins = margins + result.confidence_margin
     if target is not None:
         result.target = _target_dict(_target_outcomes(target, result.lambdas, beta), b.size)

@@ -75,6 +75,11 @@ class DualConfig:
                 "spread only)"})
     evaluation_samples: int = field(default=1, metadata={
         "help": "with --evaluation-prompts: responses per prompt and policy in that evaluation"})
+    evaluation_bound: float | None = field(default=None, metadata={
+        "help": "with --confidence and an evaluation: the one-sided level of the bound that evaluation's "
+                "verdict rests on (0.95: the report's 'met confidently'); the margin then covers that bound "
+                "too, so the evaluation reports the constraint met at it with probability ≈ --confidence "
+                "(unset: its point estimate)"})
     tilt: Literal["samples", "reachable"] = field(default="samples", metadata={
         "help": "samples: tilt π_ref's samples by their scores (the paper's dual); reachable: first "
                 "replace each score by what π_ref's own features of the response predict of it "
@@ -114,6 +119,10 @@ class DualConfig:
             raise ValueError(f"evaluation_prompts must be ≥ 1, got {self.evaluation_prompts}")
         if self.evaluation_samples < 1:
             raise ValueError(f"evaluation_samples must be ≥ 1, got {self.evaluation_samples}")
+        if self.evaluation_bound is not None and not 0.5 <= self.evaluation_bound < 1:
+            raise ValueError(f"evaluation_bound must lie in [0.5, 1), got {self.evaluation_bound}")
+        if self.evaluation_bound is not None and self.confidence is None:
+            raise ValueError("evaluation_bound needs confidence (the probability the bound clears)")
         if not (math.isfinite(self.ridge_alpha) and self.ridge_alpha > 0):
             raise ValueError(f"ridge_alpha must be a positive finite number, got {self.ridge_alpha}")
 
@@ -199,7 +208,7 @@ def solve_constraints(scores: Scores, beta: float, reward: str, constraints: Seq
                       confidence: float | None = None,
                       evaluation: tuple[int, int] | None = None,
                       features: np.ndarray | None = None, ridge_alpha: float = 1e-3,
-                      fit: ReachableFit | None = None) -> DualRecord:
+                      fit: ReachableFit | None = None, evaluation_bound: float | None = None) -> DualRecord:
     """Solve the dual for parsed constraints on a scores table; return the dual.json record.
 
     With ``features`` [n, d] (π_ref's features of each row, in the table's file order) the dual is
@@ -236,7 +245,7 @@ def solve_constraints(scores: Scores, beta: float, reward: str, constraints: Seq
                               confidence=confidence, evaluation=evaluation,
                               residual_variance=None if fit is None else
                               [fit.residual_variance[c.column] for c in constraints],
-                              target=target, refit=refit)
+                              target=target, refit=refit, evaluation_bound=evaluation_bound if evaluation else None)
     except InfeasibleConstraintError as e:
         raise _column_infeasible(e, constraints) from None
     record = _record(res, reward, constraints, ref)
@@ -351,6 +360,7 @@ def _record(res: DualResult, reward: str, constraints: Sequence[Constraint],
                               evaluation=None if eval_part is None else {
                                   "prompts": res.confidence_evaluation[0],
                                   "samples": res.confidence_evaluation[1],
+                                  "bound": res.confidence_bound,
                                   "margin": {n: float(s) for n, s in zip(names, eval_part, strict=True)}})
     return DualRecord(
         beta=res.beta, reward=reward, constraints=[c.text for c in constraints],
@@ -426,8 +436,10 @@ def format_report(record: DualRecord) -> str:
             ev = plan.evaluation
             parts = "; ".join(f"{n}: {plan.dual_margin[n]:.3g} for the dual's prompt sampling, "
                               f"{ev['margin'][n]:.3g} for the evaluation's noise" for n in record.names)
+            what = ("point estimate" if ev.get("bound") is None
+                    else f"one-sided {round(100 * ev['bound'])}% bound")
             why = (f"an evaluation of {ev['prompts']} held-out prompts × {ev['samples']} responses finds the "
-                   f"point estimate past the threshold with probability ≈ {pct}% if the fine-tune lands on "
+                   f"{what} past the threshold with probability ≈ {pct}% if the fine-tune lands on "
                    f"π_λ* (the two parts added in quadrature: {parts})")
         else:
             why = f"the one-sided {pct}% bound under prompt resampling meets it"
@@ -444,7 +456,7 @@ def format_report(record: DualRecord) -> str:
 def make_plan(scores: Any, constraints: str | Sequence[str], *, beta: float = 0.1, reward: str = "reward",
               bootstrap: int = 0, seed: int = 0, confidence: float | None = None,
               evaluation_prompts: int | None = None, evaluation_samples: int = 1,
-              allow_unconverged: bool = False) -> DualRecord:
+              evaluation_bound: float | None = None, allow_unconverged: bool = False) -> DualRecord:
     """λ* and π_λ*'s predictions for ``constraints`` on scored samples of π_ref held in memory.
 
     ``scores``: a DataFrame or ``datasets.Dataset`` in the scores table's layout (``prompt_id``, the
@@ -457,7 +469,8 @@ def make_plan(scores: Any, constraints: str | Sequence[str], *, beta: float = 0.
     cfg = build_config(DualConfig, {
         "constraints": constraints, "beta": beta, "reward": reward, "bootstrap": bootstrap, "seed": seed,
         "confidence": confidence, "evaluation_prompts": evaluation_prompts,
-        "evaluation_samples": evaluation_samples, "allow_unconverged": allow_unconverged})
+        "evaluation_samples": evaluation_samples, "evaluation_bound": evaluation_bound,
+        "allow_unconverged": allow_unconverged})
     return solve_config(cfg, table=as_frame(scores, "scores"))
 
 
@@ -476,7 +489,7 @@ def solve_config(cfg: DualConfig, cache: Path | None = None, table: pd.DataFrame
                                       trust_remote_code=cfg.trust_remote_code, device=cfg.device)
     record = solve_constraints(scores, cfg.beta, cfg.reward, constraints, bootstrap=cfg.bootstrap,
                                confidence=cfg.confidence, evaluation=cfg.evaluation(), seed=cfg.seed,
-                               features=features, ridge_alpha=cfg.ridge_alpha)
+                               features=features, ridge_alpha=cfg.ridge_alpha, evaluation_bound=cfg.evaluation_bound)
     return require_converged(record, cfg.allow_unconverged)
 
 
