@@ -123,6 +123,23 @@ def plot_lambda(out: dict, root: Path, path: Path) -> None:
     plt.close(fig)
 
 
+def available(config: Path, run_dir: Path, methods: list[str], seeds: list[int]) -> tuple[dict, Path]:
+    """The comparison's records of the finished runs only (``eval/report.json`` written), each
+    method on its own finished seeds; nothing is trained. Raises SystemExit when none has finished."""
+    parts = []
+    for method in methods:
+        done = [s for s in seeds if (run_dir / "runs" / method / f"seed{s}" / "eval" / "report.json").exists()]
+        if done:
+            run, cmp = load(config, run_dir, {"methods": [method], "seeds": done})
+            cmp.sweep = {}
+            parts.append(run_compare(run, cmp, log=lambda m: None))
+    if not parts:
+        raise SystemExit(f"{run_dir}: no finished run of {', '.join(methods)}")
+    out = {"runs": [r for p in parts for r in p["runs"]], "budgets": [b for p in parts for b in p["budgets"]],
+           "constraints": parts[0]["constraints"]}
+    return out, run_dir
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="compare_world", help="packaged compare config or a YAML path")
@@ -131,13 +148,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--window", type=int, default=4, help="training iterations a rollout verdict averages")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--smoke", action="store_true", help="a tiny model and scorers, two seeds: checks the script")
+    ap.add_argument("--available", action="store_true",
+                    help="train nothing: tabulate each method on the seeds whose runs have finished")
     args = ap.parse_args(argv)
     config = smoke_config(args.out / "smoke") if args.smoke else config_path(args.config)
     seeds = [0, 1] if args.smoke else args.seeds
-    run, cmp = load(config, args.out / "run", {"methods": args.methods, "seeds": seeds})
-    cmp.sweep = {}
-    out = run_compare(run, cmp, log=print)
-    root = Path(run.run_dir)
+    if args.available:
+        out, root = available(config, args.out / "run", args.methods, seeds)
+    else:
+        run, cmp = load(config, args.out / "run", {"methods": args.methods, "seeds": seeds})
+        cmp.sweep = {}
+        out = run_compare(run, cmp, log=print)
+        root = Path(run.run_dir)
     runs = stability_runs(out, root, args.window)
     names = [c["name"] for c in out["constraints"]]
     summary = summarise(runs, names)
