@@ -42,7 +42,8 @@ def diagnose(run: Path, out: Path) -> dict:
     dual = read_dual(run / "dual.json")
     lam, beta = dual.lambdas["cost"], dual.beta
     scores, pairs = pd.read_parquet(run / "scores.parquet"), pd.read_parquet(run / "pairs.parquet")
-    build = int(re.search(r"build(\d+)", run.name).group(1)) if re.search(r"build(\d+)", run.name) else 0
+    named = re.search(r"build(\d+)", run.name)
+    build = int(named.group(1)) if named else 0
     ids = np.array(sorted(scores.prompt_id.unique()))
     half = set(np.random.default_rng(1000 + build).choice(ids, len(ids) // 2, replace=False))
     values = yaml.safe_load((run / "train.config.yaml").read_text())

@@ -123,7 +123,7 @@ def plot_lambda(out: dict, root: Path, path: Path) -> None:
     plt.close(fig)
 
 
-def available(config: Path, run_dir: Path, methods: list[str], seeds: list[int]) -> tuple[dict, Path]:
+def available(config: Path, run_dir: Path, methods: list[str], seeds: list[int]) -> dict:
     """The comparison's records of the finished runs only (``eval/report.json`` written), each
     method on its own finished seeds; nothing is trained. Raises SystemExit when none has finished."""
     parts = []
@@ -137,7 +137,7 @@ def available(config: Path, run_dir: Path, methods: list[str], seeds: list[int])
         raise SystemExit(f"{run_dir}: no finished run of {', '.join(methods)}")
     out = {"runs": [r for p in parts for r in p["runs"]], "budgets": [b for p in parts for b in p["budgets"]],
            "constraints": parts[0]["constraints"]}
-    return out, run_dir
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -153,13 +153,13 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     config = smoke_config(args.out / "smoke") if args.smoke else config_path(args.config)
     seeds = [0, 1] if args.smoke else args.seeds
+    root = args.out / "run"
     if args.available:
-        out, root = available(config, args.out / "run", args.methods, seeds)
+        out = available(config, root, args.methods, seeds)
     else:
-        run, cmp = load(config, args.out / "run", {"methods": args.methods, "seeds": seeds})
+        run, cmp = load(config, root, {"methods": args.methods, "seeds": seeds})
         cmp.sweep = {}
         out = run_compare(run, cmp, log=print)
-        root = Path(run.run_dir)
     runs = stability_runs(out, root, args.window)
     names = [c["name"] for c in out["constraints"]]
     summary = summarise(runs, names)

@@ -98,9 +98,10 @@ def totals(points: pd.DataFrame, shared: dict, params: float) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def print_literature(points: int, rl_train_prompts: int, params: float) -> None:
-    """The literature recipes' FLOPs for one threshold and for ``points``, and their memory."""
-    rows = literature_table(points, rl_train_prompts, params)
+def print_literature(rows: list[dict], rl_train_prompts: int, params: float) -> None:
+    """The literature recipes' FLOPs (:func:`literature_table`'s rows) for one threshold and for
+    all of them, and their memory."""
+    points = rows[0]["points"]
     print(f"{params:.0e} parameters; Safe-RLHF's PPO-Lagrangian over {rl_train_prompts} prompts (one epoch)")
     print("\n".join(text_table(["recipe", "FLOPs, one point", f"FLOPs, {points} points", "memory GB"],
                                [[r["recipe"], f"{r['flops_one_point']:.3g}", f"{r['flops_all_points']:.3g}",
@@ -161,7 +162,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="print the literature recipes' projection for one and for len(--offsets) points, run nothing")
     args = ap.parse_args(argv)
     if args.literature_only:
-        print_literature(len(args.offsets), args.rl_train_prompts, args.params)
+        print_literature(literature_table(len(args.offsets), args.rl_train_prompts, args.params),
+                         args.rl_train_prompts, args.params)
         return
     config = smoke_config(args.out / "smoke") if args.smoke else config_path(args.config)
     offsets = [-0.25, -0.5] if args.smoke else args.offsets
@@ -205,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
                                [[r["label"], f"{r['points_met']}/{r['points']}", g(r["flops"]), g(r["wall_s"]),
                                  g(r["flops_first_met"]), g(r["flops_7b"])] for r in summary.to_dict("records")])))
     print("\nAt the literature's iteration counts:")
-    print_literature(len(offsets), args.rl_train_prompts, args.params)
+    print_literature(literature, args.rl_train_prompts, args.params)
     print(f"\nwritten: {args.out}/sweep.csv, sweep_points.csv, sweep.json, sweep.png")
 
 

@@ -4,6 +4,7 @@ gradient descent, finite differences, invariances, infeasibility, weights and ra
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
 import dualign
@@ -515,3 +516,6 @@ def test_a_plan_for_the_evaluations_bound_covers_that_bound_too():
     assert bound.confidence_margin[0] > point.confidence_margin[0]
     with pytest.raises(InputError, match="evaluation_bound"):
         dualign.solve_dual(rewards, g, b, 1.0, confidence=0.9, evaluation_bound=0.95)   # no evaluation
+    scores = pd.DataFrame({"prompt_id": np.repeat(np.arange(n), k), "reward": rewards.ravel(), "cost": -g.ravel()})
+    with pytest.raises(InputError, match="evaluation_bound"):    # not silently planned for the point estimate
+        dualign.make_plan(scores, "cost<=ref-0.1", beta=1.0, confidence=0.9, evaluation_bound=0.95)

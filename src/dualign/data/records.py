@@ -199,8 +199,9 @@ def delivered(plan: dict[str, float], target: dict[str, float]) -> dict[str, flo
     plan's changes lie inside the achieved changes' 95% CIs on 8 to 10 of 10 build × seed runs,
     the target's on 1 or 2; docs/results/build_rates.md). The rest of s it fits on the training
     samples without moving the held-out means, and that still costs KL: the target's KL, not
-    the plan's, is the lower figure a fine-tune pays (achieved / plan 1.2 to 2.3×)."""
-    return {k: (target[k] if k == "kl" else v) for k, v in plan.items()}
+    the plan's, is the lower figure a fine-tune pays (achieved / plan 1.2 to 2.3×). Used on values
+    and on their CIs alike: a key missing on its side (a CI not computed) stays missing."""
+    return {k: v for k, v in plan.items() if k != "kl"} | ({"kl": target["kl"]} if "kl" in target else {})
 
 
 def trained_target(dual: DualRecord) -> TrainedTarget:
@@ -222,9 +223,8 @@ def trained_target(dual: DualRecord) -> TrainedTarget:
     target_ci = {**(reach.samples_predicted_change_ci or {}),
                  **({"kl": reach.samples_predicted_ci["kl"]} if reach.samples_predicted_ci else {})}
     plan, target = changes(dual.predicted), changes(reach.samples_predicted)
-    chosen_ci = {k: v for k, v in plan_ci.items() if k != "kl"} | ({"kl": target_ci["kl"]} if "kl" in target_ci else {})
-    return TrainedTarget(delivered(dict(dual.predicted), dict(reach.samples_predicted)), delivered(plan, target),
-                         chosen_ci, plan, plan_ci, target, target_ci)
+    return TrainedTarget(delivered(dual.predicted, reach.samples_predicted), delivered(plan, target),
+                         delivered(plan_ci, target_ci), plan, plan_ci, target, target_ci)
 
 
 # ------------------------------------------------------------------------------ eval/report.json

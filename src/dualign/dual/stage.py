@@ -245,7 +245,7 @@ def solve_constraints(scores: Scores, beta: float, reward: str, constraints: Seq
                               confidence=confidence, evaluation=evaluation,
                               residual_variance=None if fit is None else
                               [fit.residual_variance[c.column] for c in constraints],
-                              target=target, refit=refit, evaluation_bound=evaluation_bound if evaluation else None)
+                              target=target, refit=refit, evaluation_bound=evaluation_bound)
     except InfeasibleConstraintError as e:
         raise _column_infeasible(e, constraints) from None
     record = _record(res, reward, constraints, ref)
