@@ -1,6 +1,7 @@
 """Efficiency in the regime one shot is built for: five thresholds of one constraint (ref−2 …
-ref−6 by default). MoCAN samples and scores once and shares them (and its dual solver) across the
-points, one dual and one fine-tune per point; each online method (Safe-RLHF's critic-ful
+ref−6 by default). MoCAN (``mocan``, the paper's one shot; ``mocan-reachable``, the default plan)
+samples, scores and takes π_ref's features once and shares them across the points, one dual and
+one fine-tune per point; each online method (Safe-RLHF's critic-ful
 PPO-Lagrangian, the critic-free PPO-Lagrangian, GRPO-Lagrangian) runs once per threshold. Each
 point is a ``dualign compare`` run (so the script resumes); the first point's sample and score
 stages are copied into every other point's ``shared/``.
@@ -35,11 +36,19 @@ from dualign._infra.io import read_json, write_json, write_table
 from dualign._infra.text_table import text_table
 from dualign.compare.comparison import run_compare
 from dualign.compare.compute_cost import PKU_SAFERLHF_PROMPTS, literature_table
+from dualign.compare.tables import CHARGED
 from dualign.data.constraints import parse_constraint
 from dualign.modeling.flops import add_counts, project_flops
 
-METHODS = ["mocan", *ONLINE]
-SHARED_ONCE = ("sample", "score")
+METHODS = ["mocan", "mocan-reachable", *ONLINE]
+COPIED = ("sample", "score")                          # the stages copied into every point's shared/
+PAID_ONCE = ("sample", "score", "dual_reachable")     # what depends on the samples alone (π_ref's features)
+
+
+def paid_once(method: str) -> tuple[str, ...]:
+    """The shared stages a method is charged at every point (:data:`CHARGED`) that one sweep pays
+    once: MoCAN's sampling, scoring and (reachable tilt) π_ref's features; none for an online method."""
+    return tuple(s for s in CHARGED.get(method, ()) if s in PAID_ONCE)
 
 
 def point_constraint(constraint: str, offset: float) -> str:
@@ -57,7 +66,7 @@ def share_samples(first: Path, shared: Path) -> None:
             continue
         (shutil.copytree if path.is_dir() else shutil.copyfile)(path, shared / path.name)
     cost = read_json(first / "compute.json")
-    write_json({k: v for k, v in cost.items() if k in (*SHARED_ONCE, "sampled_tokens")}, shared / "compute.json")
+    write_json({k: v for k, v in cost.items() if k in (*COPIED, "sampled_tokens")}, shared / "compute.json")
 
 
 def point_rows(out: dict, offset: float, params: float) -> list[dict]:
@@ -79,15 +88,18 @@ def point_rows(out: dict, offset: float, params: float) -> list[dict]:
 
 
 def totals(points: pd.DataFrame, shared: dict, params: float) -> pd.DataFrame:
-    """Compute to deliver every point, per method: the sum over points, less MoCAN's shared sample
-    and score stages counted once per point beyond the first."""
-    once_flops = sum(shared["flops"][s]["total"] for s in SHARED_ONCE)
-    once_wall = sum(shared[s]["wall_s"] for s in SHARED_ONCE)
-    once_7b = project_flops(add_counts(*[shared["tokens"][s] for s in SHARED_ONCE]), params)["total"]
+    """Compute to deliver every point, per method: the sum over points, less the stages a method
+    pays once (:func:`paid_once`: MoCAN's sampling, scoring and π_ref's features) counted at every
+    point beyond the first."""
     rows = []
     for label, g in points.groupby("label", sort=False):
-        extra = len(g) - 1 if g["method"].iloc[0] == "mocan" else 0
-        rows.append({"label": label, "method": g["method"].iloc[0], "points": len(g), "points_met": int(g["met"].sum()),
+        method = g["method"].iloc[0]
+        stages = paid_once(method)
+        extra = len(g) - 1 if stages else 0
+        once_flops = sum(shared["flops"][s]["total"] for s in stages)
+        once_wall = sum(shared[s]["wall_s"] for s in stages)
+        once_7b = project_flops(add_counts(*[shared["tokens"][s] for s in stages]), params)["total"] if stages else 0.0
+        rows.append({"label": label, "method": method, "points": len(g), "points_met": int(g["met"].sum()),
                      "delivered": bool(g["met"].all()),
                      "flops": g["flops"].sum() - extra * once_flops, "wall_s": g["wall_s"].sum() - extra * once_wall,
                      "flops_first_met": g["flops_first_met"].sum() if g["flops_first_met"].notna().all() else np.nan,
@@ -122,7 +134,7 @@ def plot(points: pd.DataFrame, summary: pd.DataFrame, path: Path) -> None:
         g = g.set_index("offset").loc[offsets]
         flops = g["flops"].to_numpy(float)
         cumulative = np.cumsum(flops)
-        if g["method"].iloc[0] == "mocan" and len(flops) > 1:  # the shared stages, in every point's row, paid once
+        if paid_once(g["method"].iloc[0]) and len(flops) > 1:  # the shared stages, in every point's row, paid once
             once = (flops.sum() - summary.set_index("label").loc[label, "flops"]) / (len(flops) - 1)
             cumulative = cumulative - np.arange(len(flops)) * once
         left.plot(range(1, len(flops) + 1), cumulative, marker="o", label=label)

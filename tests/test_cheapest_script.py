@@ -1,0 +1,63 @@
+"""scripts/cheapest_mocan.py: the recipe grammar, the cheapest-that-meets rule, and the search on
+its tiny --smoke comparison (recipes sharing K and prompts share their samples)."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def _module():
+    sys.path.insert(0, str(SCRIPTS))
+    spec = importlib.util.spec_from_file_location("cheapest_mocan", SCRIPTS / "cheapest_mocan.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module                              # its dataclass looks itself up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_recipe_reads_back_as_written_and_sets_its_sections():
+    Recipe = _module().Recipe
+    r = Recipe.parse("4:512:6:1:0.9")
+    assert (r.k, r.prompts, r.pairs, r.epochs, r.confidence) == (4, 512, 6, 1, 0.9)
+    assert r.name == "4:512:6:1:0.9" and r.samples_key == "4:512"
+    assert r.overrides() == {"sample": {"num_samples": 4, "max_prompts": 512},
+                             "train": {"pairs_per_prompt": 6, "num_epochs": 1}, "dual": {"confidence": 0.9}}
+    default = Recipe.parse("8:all:28:3")
+    assert default.prompts is None and default.confidence is None and default.name == "8:all:28:3"
+
+
+@pytest.mark.parametrize("text", ["8:all:28", "8:all:29:3", "1:all:0:3", "8:ten:28:3", "8:all:28:0",
+                                  "8:all:28:3:0.4", "8:all:28:3:1.0", "8:0:28:3"])
+def test_a_bad_recipe_is_refused_with_its_text(text):
+    with pytest.raises(ValueError, match="recipe"):
+        _module().Recipe.parse(text)
+
+
+def test_the_cheapest_is_the_fewest_flops_among_the_recipes_that_meet():
+    cheapest = _module().cheapest
+    rows = pd.DataFrame({"recipe": ["a", "b", "c"], "met": [True, False, True], "flops": [3.0, 1.0, 2.0]})
+    assert cheapest(rows)["recipe"] == "c"                       # b is cheaper but misses
+    assert cheapest(rows.assign(met=False)) is None
+
+
+def test_the_smoke_search_runs_each_recipe_and_shares_samples_of_the_same_k_and_prompts(tmp_path):
+    _module().main(["--smoke", "--seeds", "0", "--out", str(tmp_path)])
+    table = pd.read_csv(tmp_path / "cheapest.csv")
+    assert list(table["recipe"]) == ["3:all:3:1", "3:all:1:2", "4:3:2:1"]
+    assert (table["flops"] > 0).all() and table["wall_s"].notna().all()
+    recipes = tmp_path / "recipes"
+    first = pd.read_parquet(recipes / "3_all_3_1" / "shared" / "samples.parquet")
+    shared = pd.read_parquet(recipes / "3_all_1_2" / "shared" / "samples.parquet")
+    other = pd.read_parquet(recipes / "4_3_2_1" / "shared" / "samples.parquet")
+    pd.testing.assert_frame_equal(first, shared)                 # copied, not drawn again
+    assert other["prompt_id"].nunique() == 3 and len(other) == 3 * 4
+    record = json.loads((tmp_path / "cheapest.json").read_text())
+    met = table[table["met"]]
+    assert record["cheapest"] == (met.sort_values("flops")["recipe"].iloc[0] if len(met) else None)
+    assert (tmp_path / "cheapest.png").stat().st_size > 0
