@@ -26,13 +26,12 @@ cheapest.png (compute against the achieved constraint), and each recipe's compar
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from headline_common import all_met, config_path, load, smoke_config
+from headline_common import all_met, config_path, load, parser, save_figure, smoke_config
 from threshold_sweep import share_samples
 
 from dualign._infra.io import write_json, write_table
@@ -132,14 +131,11 @@ def plot(rows: pd.DataFrame, path: Path) -> None:
     ax.set_ylabel(f"achieved {name} (held-out, seed mean)")
     ax.set_title("MoCAN recipes K:prompts:pairs:epochs[:confidence]; × = missed")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", default="compare_world", help="packaged compare config or a YAML path")
+    ap = parser(__doc__)
     ap.add_argument("--recipes", nargs="+", default=DEFAULT_RECIPES, help="K:PROMPTS:PAIRS:EPOCHS[:CONFIDENCE]")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--method", default="mocan-reachable", choices=["mocan", "mocan-reachable"],

@@ -1,9 +1,11 @@
-"""What scripts/stability.py and scripts/threshold_sweep.py share: the comparison config they run
-(a packaged compare config or a YAML file, with their overrides), the tiny setup of their
-``--smoke`` mode, and the verdict they judge by (every constraint met by its point estimate)."""
+"""What scripts/stability.py, threshold_sweep.py and cheapest_mocan.py share: the comparison config
+they run (a packaged compare config or a YAML file, with their overrides), their command line's
+first argument, the tiny setup of their ``--smoke`` mode, the verdict they judge by (every
+constraint met by its point estimate) and how they save a figure."""
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -83,3 +85,19 @@ def all_met(row: dict, constraints: list[dict]) -> bool:
     """Every constraint met by the point estimate: sign·(achieved − threshold) ≥ 0."""
     return all(parse_constraint(c["constraint"]).sign * (row[c["name"]] - row[f"{c['name']}_threshold"]) >= 0
                for c in constraints)
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+    """The script's parser (its docstring's first paragraph as description), with ``--config``."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--config", default="compare_world", help="packaged compare config or a YAML path")
+    return ap
+
+
+def save_figure(fig, path: Path) -> None:
+    """Lay out, write at 120 dpi and close."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -19,14 +19,13 @@ seed), stability.json, stability_lambda.png, and the comparison's own files unde
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from headline_common import ONLINE, all_met, config_path, load, smoke_config
+from headline_common import ONLINE, all_met, config_path, load, parser, save_figure, smoke_config
 
 from dualign._infra.io import read_json, write_json, write_table
 from dualign._infra.text_table import text_table
@@ -118,9 +117,7 @@ def plot_lambda(out: dict, root: Path, path: Path) -> None:
         ax.set_xlabel("iteration (rollout batches)")
         ax.set_ylabel("λ (reward units per cost unit)")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def available(config: Path, run_dir: Path, methods: list[str], seeds: list[int]) -> dict:
@@ -141,8 +138,7 @@ def available(config: Path, run_dir: Path, methods: list[str], seeds: list[int])
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", default="compare_world", help="packaged compare config or a YAML path")
+    ap = parser(__doc__)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--methods", nargs="+", default=METHODS)
     ap.add_argument("--window", type=int, default=4, help="training iterations a rollout verdict averages")

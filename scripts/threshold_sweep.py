@@ -23,13 +23,12 @@ five points together), sweep.json, sweep.png, and each point's comparison under 
 
 from __future__ import annotations
 
-import argparse
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from headline_common import ONLINE, all_met, config_path, load, smoke_config
+from headline_common import ONLINE, all_met, config_path, load, parser, save_figure, smoke_config
 
 from dualign._infra.errors import InfeasibleConstraintError
 from dualign._infra.io import read_json, write_json, write_table
@@ -152,14 +151,11 @@ def plot(points: pd.DataFrame, summary: pd.DataFrame, path: Path) -> None:
     right.set_ylabel(f"achieved {name} (held-out mean)")
     for ax in (left, right):
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", default="compare_world", help="packaged compare config or a YAML path")
+    ap = parser(__doc__)
     ap.add_argument("--offsets", type=float, nargs="+", default=[-2, -3, -4, -5, -6],
                     help="thresholds as offsets from π_ref's mean, in the constraint's units")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
