@@ -38,8 +38,8 @@ from dualign._infra.io import write_json, write_table
 from dualign._infra.text_table import text_table
 from dualign.compare.comparison import run_compare
 
-DEFAULT_RECIPES = ["8:all:28:3", "8:all:28:3:0.9", "8:all:28:1:0.9", "8:all:8:3:0.9", "4:all:6:3:0.9",
-                   "8:512:28:3:0.9", "4:512:6:3:0.9", "4:512:6:1:0.9"]
+DEFAULT_RECIPES = ["8:all:28:3", "8:all:28:3:0.9", "4:512:6:1:0.9", "4:512:6:3:0.9", "8:all:28:1:0.9",
+                   "8:512:28:3:0.9", "4:all:6:3:0.9", "8:all:8:3:0.9"]  # the built-in, its margin, then cheap first
 
 
 @dataclass(frozen=True)

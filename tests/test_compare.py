@@ -273,3 +273,23 @@ def test_packaged_compare_configs_build_every_method_and_sweep_setting(name):
     else:
         assert labels == {f"safedpo[safety_margin={d}]": [0, 1, 2] for d in (0.0, 2.0, 10.0)}
 
+
+
+def test_a_confidence_plan_in_compare_covers_the_runs_evaluation_on_either_tilt(compare_yaml, tmp_path):
+    """As `dualign run` plans it: the shared dual (K-sample tilt) and the reachable tilt's dual both
+    take the evaluate section's prompts and responses into the margin, which then exceeds the dual's
+    own. Before, compare solved both without the evaluation: a margin of the dual's error alone."""
+    from dualign.compare.comparison import load_compare_config, run_shared
+
+    run, cmp = load_compare_config(compare_yaml, {"run_dir": str(tmp_path / "conf"),
+                                                  "dual": {"constraints": ["cost<=ref-0.2"],
+                                                           "confidence": 0.6, "bootstrap": 20},
+                                                  "compare": {"methods": ["mocan", "mocan-reachable"]}})
+    shared = tmp_path / "conf" / "shared"
+    run_shared(run, shared, log=lambda line: None, cmp=cmp)
+    recorded = yaml.safe_load((shared / "dual.config.yaml").read_text())
+    assert (recorded["evaluation_prompts"], recorded["evaluation_samples"]) == (4, 2)
+    for name in ("dual.json", "dual_reachable.json"):
+        confidence = read_json(shared / name)["confidence"]
+        assert confidence["level"] == 0.6
+        assert confidence["margin"]["cost"] > confidence["dual_margin"]["cost"] >= 0, name

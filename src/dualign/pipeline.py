@@ -300,9 +300,9 @@ def _run_stages(cfg: RunConfig, run_dir: Path, log) -> float:
 
 def _dual_in_run(cfg: RunConfig) -> DualConfig:
     """The dual section as the run runs and records it: a confidence plan covers the run's
-    evaluation (:func:`_covering_evaluation`), and the reachable tilt takes π_ref's features from
+    evaluation (:func:`covering_evaluation`), and the reachable tilt takes π_ref's features from
     the model and template the samples were drawn with, unless the section names its own."""
-    return features_from_samples(_covering_evaluation(cfg.dual, cfg.evaluate), cfg.sample)
+    return features_from_samples(covering_evaluation(cfg.dual, cfg.evaluate), cfg.sample)
 
 
 def features_from_samples(dual: DualConfig, sample: SampleConfig) -> DualConfig:
@@ -314,7 +314,7 @@ def features_from_samples(dual: DualConfig, sample: SampleConfig) -> DualConfig:
                                trust_remote_code=sample.trust_remote_code)
 
 
-def _covering_evaluation(dual: DualConfig, evaluation: EvaluateConfig | None) -> DualConfig:
+def covering_evaluation(dual: DualConfig, evaluation: EvaluateConfig | None) -> DualConfig:
     """A confidence plan in a run covers the run's own evaluation: its held-out prompts (counted)
     and responses per prompt, unless the dual section names an evaluation itself."""
     if dual.confidence is None or dual.evaluation_prompts is not None or evaluation is None:

@@ -80,7 +80,12 @@ from dualign.modeling.flops import (
     stage_flops,
 )
 from dualign.modeling.models import load_tokenizer
-from dualign.pipeline import features_from_samples, load_run_values, resolve_run_config
+from dualign.pipeline import (
+    covering_evaluation,
+    features_from_samples,
+    load_run_values,
+    resolve_run_config,
+)
 from dualign.recalibrate import recalibrate
 from dualign.sample import sample
 from dualign.score import score
@@ -220,8 +225,9 @@ def _run_stage(fn, cfg, run_dir: Path) -> None:
 
 
 def run_shared(run, shared: Path, log=print, cmp: CompareConfig | None = None) -> dict[str, Any]:
-    """Sample, score and solve the dual once (skipping finished stages), and log π_ref of the
-    preference pairs when a preference baseline runs; their cost in ``compute.json``."""
+    """Sample, score and solve the dual once (skipping finished stages; a confidence plan covers the
+    run's evaluation, as in a run), and log π_ref of the preference pairs when a preference baseline
+    runs; their cost in ``compute.json``."""
     funcs = {"sample": sample, "score": score, "dual": run_dual}
     shared.mkdir(parents=True, exist_ok=True)
     cost_path = shared / "compute.json"
@@ -237,8 +243,9 @@ def run_shared(run, shared: Path, log=print, cmp: CompareConfig | None = None) -
                     cost[stage] = {"wall_s": float(timing["total"]), "from": f"{stage}.meta.json"}
             continue
         log(f"shared {stage} ...")
+        cfg = covering_evaluation(run.dual, run.evaluate) if stage == "dual" else getattr(run, stage)
         with measure() as used:
-            _run_stage(funcs[stage], getattr(run, stage), shared)
+            _run_stage(funcs[stage], cfg, shared)
         cost[stage], ran = used, True
         write_json(cost, cost_path)
     if ran or "flops" not in cost:  # counted once: it loads the tokenizer and the models' configs
@@ -285,9 +292,11 @@ def _shared_counts(run, samples: pd.DataFrame) -> tuple[dict, dict]:
 
 def _reachable_dual(run, shared: Path) -> int:
     """The run's dual section on the reachable tilt (π_ref's features from the model and template the
-    shared samples were drawn with, as in a run), solved on the shared scores into
-    ``shared/dual_reachable.json``; returns the tokens run through π_ref for the features."""
-    dual = dataclasses.replace(run.dual, tilt="reachable", scores=str(shared / "scores.parquet"))
+    shared samples were drawn with, and a confidence margin covering the run's evaluation, as in a
+    run), solved on the shared scores into ``shared/dual_reachable.json``; returns the tokens run
+    through π_ref for the features."""
+    dual = dataclasses.replace(covering_evaluation(run.dual, run.evaluate), tilt="reachable",
+                               scores=str(shared / "scores.parquet"))
     cfg = features_from_samples(dual, run.sample)
     write_dual(solve_config(cfg, shared / FEATURES), shared / REACHABLE_DUAL)
     return sequence_tokens(read_table(shared / "scores.parquet"), load_tokenizer(cfg.model, revision=cfg.revision),
