@@ -14,6 +14,8 @@ checkpoint meeting each point; the same at 7B (the measured token counts re-cost
 (:func:`dualign.compare.compute_cost.literature_runs`).
 
     python scripts/threshold_sweep.py --config compare_world --offsets -2 -3 -4 -5 -6 --out runs/sweep
+    python scripts/threshold_sweep.py --config compare_world --methods mocan-reachable --confidence 0.9 \
+        --out runs/sweep_margin                                           # the default plan with a margin
     python scripts/threshold_sweep.py --smoke --out /tmp/sweep-smoke     # a tiny check, seconds per run
 
 A threshold the dual finds infeasible on the shared samples is skipped (listed in sweep.json), so
@@ -160,6 +162,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="thresholds as offsets from π_ref's mean, in the constraint's units")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--methods", nargs="+", default=METHODS)
+    ap.add_argument("--confidence", type=float, default=None,
+                    help="plan every point with this confidence margin (the dual section's confidence; "
+                         "it covers the evaluation as in a run)")
     ap.add_argument("--params", type=float, default=7e9, help="model size of the projection")
     ap.add_argument("--rl-train-prompts", type=int, default=int(PKU_SAFERLHF_PROMPTS.value),
                     help="Safe-RLHF's training prompts (one epoch; default: PKU-SafeRLHF's unique prompts, "
@@ -179,10 +184,11 @@ def main(argv: list[str] | None = None) -> None:
     if len(base.dual.constraints) != 1:
         raise SystemExit(f"{config}: the sweep moves one constraint's threshold; the dual has {base.dual.constraints}")
     rows, first_shared, costed, infeasible = [], None, None, []
+    margin = {} if args.confidence is None else {"confidence": args.confidence}  # unset: the config's own
     for offset in offsets:
         text = point_constraint(base.dual.constraints[0], offset)
         run, cmp = load(config, args.out / "points" / f"{offset:+g}", {"methods": args.methods, "seeds": args.seeds},
-                        {"dual": {"constraints": [text]}})
+                        {"dual": {"constraints": [text], **margin}})
         cmp.sweep = {}
         shared = Path(run.run_dir) / "shared"
         if first_shared is not None:
@@ -205,7 +211,8 @@ def main(argv: list[str] | None = None) -> None:
     literature = literature_table(len(offsets), args.rl_train_prompts, args.params)
     write_table(points, args.out / "sweep_points.csv")
     write_table(summary, args.out / "sweep.csv")
-    write_json({"config": str(config), "offsets": offsets, "seeds": args.seeds, "infeasible": infeasible,
+    write_json({"config": str(config), "offsets": offsets, "seeds": args.seeds, "confidence": args.confidence,
+                "infeasible": infeasible,
                 "summary": summary.replace({np.nan: None}).to_dict("records"),
                 "points": points.replace({np.nan: None}).to_dict("records"), "literature_7b": literature},
                args.out / "sweep.json")

@@ -70,3 +70,14 @@ def test_the_smoke_sweep_runs_every_point_and_writes_its_tables_and_plot(tmp_pat
     record = json.loads((tmp_path / "sweep.json").read_text())
     assert record["offsets"] == [-0.25, -0.5] and len(record["points"]) == 4
     assert (tmp_path / "sweep.png").stat().st_size > 0
+    assert record["confidence"] is None
+    assert "confidence" not in json.loads((tmp_path / "points" / "-0.25" / "shared" / "dual.json").read_text())
+
+
+def test_a_sweep_with_a_margin_plans_every_point_with_it(tmp_path):
+    _module().main(["--smoke", "--methods", "mocan", "--confidence", "0.55", "--out", str(tmp_path)])
+    for offset in ("-0.25", "-0.5"):
+        dual = json.loads((tmp_path / "points" / offset / "shared" / "dual.json").read_text())
+        assert dual["confidence"]["level"] == 0.55
+        assert dual["confidence"]["margin"]["cost"] > dual["confidence"]["dual_margin"]["cost"]  # the evaluation's too
+    assert json.loads((tmp_path / "sweep.json").read_text())["confidence"] == 0.55
