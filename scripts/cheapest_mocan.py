@@ -10,9 +10,11 @@ each of the first 512 prompts, trains one epoch on all 6 pairs, and plans with t
 ``--confidence 0.9``. Recipes with the same K and prompts share their sample and score stages.
 
 A recipe meets when the seed mean of its point estimates meets every constraint on the held-out
-prompts (as ``dualign compare`` judges). The cheapest is the one with the fewest FLOPs among those
-that meet; its cost counts everything it pays (sampling, scoring, the dual's features, the
-fine-tune), not the evaluation.
+prompts (as ``dualign compare`` judges). It lands when, on every seed, its predicted reward change
+lies inside the achieved change's 95% CI: the fine-tune went where its plan said, rather than
+meeting the constraint by overshooting it at any price in reward and KL. The cheapest is the
+recipe with the fewest FLOPs among those that meet and land; its cost counts everything it pays
+(sampling, scoring, the dual's features, the fine-tune), not the evaluation.
 
     python scripts/cheapest_mocan.py --config compare_world --seeds 0 1 --out runs/cheapest
     python scripts/cheapest_mocan.py --config compare_world --seeds 0 1 --world-seed 106 \\
@@ -34,7 +36,7 @@ import pandas as pd
 from headline_common import all_met, config_path, load, parser, save_figure, smoke_config
 from threshold_sweep import share_samples
 
-from dualign._infra.io import write_json, write_table
+from dualign._infra.io import read_json, write_json, write_table
 from dualign._infra.text_table import text_table
 from dualign.compare.comparison import run_compare
 
@@ -91,25 +93,36 @@ class Recipe:
                 "dual": {"confidence": self.confidence}}
 
 
-def recipe_row(recipe: Recipe, out: dict, method: str) -> dict:
-    """The recipe's row: its verdict (seed mean), each constraint and the reward, KL, FLOPs,
-    wall-clock and the 7B projection."""
+def landing(reports: list[dict]) -> dict:
+    """Over a recipe's seeds (their report.json): the achieved and predicted reward change and KL
+    (means), and whether every seed's predicted reward change lies inside its achieved change's
+    95% CI."""
+    rewards = [r["predicted_reward"] for r in reports]
+    return {"reward_change": float(np.mean([p["achieved_change"] for p in rewards])),
+            "reward_change_predicted": float(np.mean([p["predicted_change"] for p in rewards])),
+            "kl_predicted": float(np.mean([r["kl"]["predicted"] for r in reports])),
+            "lands": all(bool(p["prediction_in_achieved_ci"]) for p in rewards)}
+
+
+def recipe_row(recipe: Recipe, out: dict, method: str, reports: list[dict]) -> dict:
+    """The recipe's row: its verdict (seed mean), whether it lands (:func:`landing`), each
+    constraint and the reward, KL, FLOPs, wall-clock and the 7B projection."""
     cons = out["constraints"]
     row = next(r for r in out["summary"] if r["label"] == method)
     projection = next(r for r in out["projection"] if r["label"] == method)
     return {"recipe": recipe.name, "k": recipe.k, "prompts": recipe.prompts, "pairs": recipe.pairs,
-            "epochs": recipe.epochs, "confidence": recipe.confidence, "seeds": row.get("seeds"),
-            "met": all_met(row, cons),
+            "epochs": recipe.epochs, "confidence": recipe.confidence, "seeds": len(reports),
+            "met": all_met(row, cons), **landing(reports),
             **{c["name"]: row[c["name"]] for c in cons}, **{f"{c['name']}_threshold": row[f"{c['name']}_threshold"]
                                                             for c in cons},
             "reward": row["reward"], "kl": row["kl"], "flops": row["flops"], "wall_s": row["wall_s"],
             "flops_7b": projection["flops"]}
 
 
-def cheapest(rows: pd.DataFrame) -> dict | None:
-    """The row with the fewest FLOPs among those that meet (None when none meets)."""
-    met = rows[rows["met"]]
-    return None if met.empty else met.sort_values("flops").iloc[0].to_dict()
+def cheapest(rows: pd.DataFrame, lands: bool = True) -> dict | None:
+    """The row with the fewest FLOPs among those that meet (and, with ``lands``, land); None when none does."""
+    ok = rows[rows["met"] & rows["lands"]] if lands else rows[rows["met"]]
+    return None if ok.empty else ok.sort_values("flops").iloc[0].to_dict()
 
 
 def plot(rows: pd.DataFrame, path: Path) -> None:
@@ -164,21 +177,27 @@ def main(argv: list[str] | None = None) -> None:
         print(f"recipe {recipe.name} ...")
         out = run_compare(run, cmp, log=print)
         shared_by_samples.setdefault(recipe.samples_key, shared)
-        rows.append(recipe_row(recipe, out, args.method))
+        runs = Path(run.run_dir) / "runs" / args.method
+        rows.append(recipe_row(recipe, out, args.method,
+                               [read_json(runs / f"seed{s}" / "eval" / "report.json") for s in args.seeds]))
     table = pd.DataFrame(rows)
-    best = cheapest(table)
+    best, met_only = cheapest(table), cheapest(table, lands=False)
     write_table(table, args.out / "cheapest.csv")
     write_json({"config": str(config), "method": args.method, "seeds": args.seeds, "world_seed": args.world_seed,
                 "cheapest": None if best is None else best["recipe"],
+                "cheapest_met_only": None if met_only is None else met_only["recipe"],
                 "rows": table.replace({np.nan: None}).to_dict("records")}, args.out / "cheapest.json")
     plot(table, args.out / "cheapest.png")
     name = [c for c in table.columns if c.endswith("_threshold")][0][: -len("_threshold")]
     print("\n".join(text_table(
-        ["recipe", "met", name, "threshold", "reward", "KL", "FLOPs", "wall s", "FLOPs at 7e9"],
-        [[r["recipe"], "yes" if r["met"] else "no", f"{r[name]:.2f}", f"{r[f'{name}_threshold']:.2f}",
-          f"{r['reward']:.2f}", f"{r['kl']:.2f}", f"{r['flops']:.3g}", f"{r['wall_s']:.0f}", f"{r['flops_7b']:.3g}"]
+        ["recipe", "met", "lands", name, "threshold", "Δreward (predicted)", "KL (predicted)", "FLOPs", "wall s",
+         "FLOPs at 7e9"],
+        [[r["recipe"], "yes" if r["met"] else "no", "yes" if r["lands"] else "no", f"{r[name]:.2f}",
+          f"{r[f'{name}_threshold']:.2f}", f"{r['reward_change']:.2f} ({r['reward_change_predicted']:.2f})",
+          f"{r['kl']:.2f} ({r['kl_predicted']:.2f})", f"{r['flops']:.3g}", f"{r['wall_s']:.0f}", f"{r['flops_7b']:.3g}"]
          for r in table.to_dict("records")])))
-    print(f"\ncheapest that meets: {'none' if best is None else best['recipe']}")
+    print(f"\ncheapest that meets and lands: {'none' if best is None else best['recipe']}"
+          f"; that meets: {'none' if met_only is None else met_only['recipe']}")
     print(f"written: {args.out}/cheapest.csv, cheapest.json, cheapest.png")
 
 

@@ -39,11 +39,25 @@ def test_a_bad_recipe_is_refused_with_its_text(text):
         _module().Recipe.parse(text)
 
 
-def test_the_cheapest_is_the_fewest_flops_among_the_recipes_that_meet():
+def test_the_cheapest_is_the_fewest_flops_among_the_recipes_that_meet_and_land():
     cheapest = _module().cheapest
-    rows = pd.DataFrame({"recipe": ["a", "b", "c"], "met": [True, False, True], "flops": [3.0, 1.0, 2.0]})
-    assert cheapest(rows)["recipe"] == "c"                       # b is cheaper but misses
+    rows = pd.DataFrame({"recipe": ["a", "b", "c", "d"], "met": [True, False, True, True],
+                         "lands": [True, True, True, False], "flops": [3.0, 1.0, 2.0, 0.5]})
+    assert cheapest(rows)["recipe"] == "c"                       # b misses, d overshoots its prediction
+    assert cheapest(rows, lands=False)["recipe"] == "d"
     assert cheapest(rows.assign(met=False)) is None
+
+
+def test_a_recipe_lands_only_when_every_seeds_reward_prediction_is_inside_its_achieved_ci():
+    landing = _module().landing
+
+    def report(achieved, predicted, inside, kl):
+        return {"predicted_reward": {"achieved_change": achieved, "predicted_change": predicted,
+                                     "prediction_in_achieved_ci": inside}, "kl": {"predicted": kl}}
+
+    both = landing([report(-2.0, -2.5, True, 0.8), report(-3.0, -2.5, True, 1.0)])
+    assert both == {"reward_change": -2.5, "reward_change_predicted": -2.5, "kl_predicted": 0.9, "lands": True}
+    assert landing([report(-2.0, -2.5, True, 0.8), report(-7.0, -2.5, False, 0.8)])["lands"] is False
 
 
 def test_the_smoke_search_runs_each_recipe_and_shares_samples_of_the_same_k_and_prompts(tmp_path):
@@ -58,6 +72,7 @@ def test_the_smoke_search_runs_each_recipe_and_shares_samples_of_the_same_k_and_
     pd.testing.assert_frame_equal(first, shared)                 # copied, not drawn again
     assert other["prompt_id"].nunique() == 3 and len(other) == 3 * 4
     record = json.loads((tmp_path / "cheapest.json").read_text())
-    met = table[table["met"]]
-    assert record["cheapest"] == (met.sort_values("flops")["recipe"].iloc[0] if len(met) else None)
+    ok = table[table["met"] & table["lands"]]
+    assert record["cheapest"] == (ok.sort_values("flops")["recipe"].iloc[0] if len(ok) else None)
+    assert set(table.columns) >= {"lands", "reward_change", "reward_change_predicted", "kl_predicted"}
     assert (tmp_path / "cheapest.png").stat().st_size > 0
