@@ -126,23 +126,30 @@ def cheapest(rows: pd.DataFrame, lands: bool = True) -> dict | None:
 
 
 def plot(rows: pd.DataFrame, path: Path) -> None:
-    """Each recipe's compute (FLOPs, log scale) against its achieved constraint, the threshold dashed;
-    × where it missed."""
+    """Each recipe's compute (FLOPs, log scale) against its achieved constraint, the threshold dashed:
+    a dot where it meets and lands, a triangle where it meets but overshoots its prediction, × where
+    it missed; each labelled with its KL."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     name = [c for c in rows.columns if c.endswith("_threshold")][0][: -len("_threshold")]
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(7.5, 4.4))
+    style = {(True, True): ("o", "tab:blue", "meets and lands"), (True, False): ("^", "tab:orange", "meets, overshoots"),
+             (False, True): ("x", "black", "missed"), (False, False): ("x", "black", "missed")}
+    seen = set()
     for r in rows.to_dict("records"):
-        ax.scatter(r["flops"], r[name], marker="o" if r["met"] else "x", color="tab:blue" if r["met"] else "black")
-        ax.annotate(r["recipe"], (r["flops"], r[name]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        marker, color, what = style[(bool(r["met"]), bool(r["lands"]))]
+        ax.scatter(r["flops"], r[name], marker=marker, color=color, label=None if what in seen else what)
+        seen.add(what)
+        ax.annotate(f"{r['recipe']} (KL {r['kl']:.2g})", (r["flops"], r[name]), fontsize=7, xytext=(4, 3),
+                    textcoords="offset points")
     ax.axhline(rows[f"{name}_threshold"].mean(), color="k", linestyle="--", label="threshold")
     ax.set_xscale("log")
     ax.set_xlabel("compute of the recipe (FLOPs, this world; the evaluation not counted)")
     ax.set_ylabel(f"achieved {name} (held-out, seed mean)")
-    ax.set_title("MoCAN recipes K:prompts:pairs:epochs[:confidence]; × = missed")
+    ax.set_title("MoCAN recipes K:prompts:pairs:epochs[:confidence]")
     ax.legend(fontsize=7)
     save_figure(fig, path)
 
