@@ -102,10 +102,12 @@ def totals(points: pd.DataFrame, shared: dict, params: float) -> pd.DataFrame:
         once_7b = project_flops(add_counts(*[shared["tokens"][s] for s in stages]), params)["total"] if stages else 0.0
         rows.append({"label": label, "method": method, "points": len(g), "points_met": int(g["met"].sum()),
                      "delivered": bool(g["met"].all()),
-                     "flops": g["flops"].sum() - extra * once_flops, "wall_s": g["wall_s"].sum() - extra * once_wall,
+                     # a point without a record (NaN) leaves the total unknown, not smaller
+                     "flops": g["flops"].sum(skipna=False) - extra * once_flops,
+                     "wall_s": g["wall_s"].sum(skipna=False) - extra * once_wall,
                      "flops_first_met": g["flops_first_met"].sum() if g["flops_first_met"].notna().all() else np.nan,
                      "wall_s_first_met": g["wall_s_first_met"].sum() if g["wall_s_first_met"].notna().all() else np.nan,
-                     "flops_7b": g["flops_7b"].sum() - extra * once_7b,
+                     "flops_7b": g["flops_7b"].sum(skipna=False) - extra * once_7b,
                      "flops_7b_first_met": (g["flops_7b_first_met"].sum() if g["flops_7b_first_met"].notna().all()
                                             else np.nan)})
     return pd.DataFrame(rows)

@@ -58,6 +58,9 @@ def test_mocan_pays_sampling_scoring_and_features_once_and_an_online_method_pays
     assert out.loc["ppo-lagrangian", "flops_first_met"] == pytest.approx(150)
     assert np.isnan(out.loc["mocan", "flops_first_met"])
     assert list(out["points_met"]) == [2, 2, 3] and list(out["delivered"]) == [False, False, True]
+    rows[1]["wall_s"] = np.nan                                   # one point's wall-clock was not recorded
+    out = sweep.totals(pd.DataFrame(rows), shared, params=1.0).set_index("label")
+    assert np.isnan(out.loc["mocan", "wall_s"]) and out.loc["mocan", "flops"] == pytest.approx(303 - 2 * 30)
 
 
 def test_the_smoke_sweep_runs_every_point_and_writes_its_tables_and_plot(tmp_path):
