@@ -124,7 +124,7 @@ def print_literature(rows: list[dict], rl_train_prompts: int, params: float) -> 
 
 
 def plot(points: pd.DataFrame, summary: pd.DataFrame, path: Path) -> None:
-    """Left: FLOPs to deliver the first k thresholds (k = 1..n); right: each point's achieved value
+    """Left: FLOPs to run the first k thresholds (k = 1..n), × where a point missed; right: each point's achieved value
     against its threshold."""
     import matplotlib
 
@@ -148,7 +148,7 @@ def plot(points: pd.DataFrame, summary: pd.DataFrame, path: Path) -> None:
     right.plot(offsets, points.groupby("offset")[f"{name}_threshold"].mean().loc[offsets], "k--", label="threshold")
     left.set_yscale("log")
     left.set_xticks(range(1, len(offsets) + 1))
-    left.set_xlabel("thresholds delivered (ref−2, ref−3, … in order)")
+    left.set_xlabel("thresholds run (ref−2, ref−3, … in order)")
     left.set_ylabel("compute (FLOPs, this world)")
     left.set_title("× = that point missed (point estimate)")
     right.set_xlabel(f"threshold offset from π_ref's mean ({name} units)")
