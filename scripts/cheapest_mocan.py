@@ -23,7 +23,8 @@ recipe with the fewest FLOPs among those that meet and land; its cost counts eve
 
 Outputs in ``--out``: cheapest.csv (one row per recipe), cheapest.json (with the chosen recipe),
 cheapest.png (compute against the achieved constraint), and each recipe's comparison under
-``recipes/``.
+``recipes/``. A recipe whose dual finds the constraint infeasible on its samples (a margin can
+ask more than any reweighting of them reaches) trains nothing; it is listed in cheapest.json.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import pandas as pd
 from headline_common import all_met, config_path, load, parser, save_figure, smoke_config
 from threshold_sweep import share_samples
 
+from dualign._infra.errors import InfeasibleConstraintError
 from dualign._infra.io import read_json, write_json, write_table
 from dualign._infra.text_table import text_table
 from dualign.compare.comparison import run_compare
@@ -156,7 +158,8 @@ def plot(rows: pd.DataFrame, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = parser(__doc__)
-    ap.add_argument("--recipes", nargs="+", default=DEFAULT_RECIPES, help="K:PROMPTS:PAIRS:EPOCHS[:CONFIDENCE]")
+    ap.add_argument("--recipes", nargs="+", default=None,
+                    help=f"K:PROMPTS:PAIRS:EPOCHS[:CONFIDENCE] (default: {' '.join(DEFAULT_RECIPES)})")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--method", default="mocan-reachable", choices=["mocan", "mocan-reachable"],
                     help="mocan-reachable: the default plan; mocan: the paper's K-sample tilt")
@@ -165,12 +168,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--smoke", action="store_true", help="a tiny model and scorers: checks the script")
     args = ap.parse_args(argv)
     try:
-        recipes = [Recipe.parse(t) for t in (["3:all:3:1", "3:all:1:2", "4:3:2:1"] if args.smoke else args.recipes)]
+        texts = args.recipes or (["3:all:3:1", "3:all:1:2", "4:3:2:1"] if args.smoke else DEFAULT_RECIPES)
+        recipes = [Recipe.parse(t) for t in texts]
     except ValueError as e:
         raise SystemExit(str(e)) from None
     config = smoke_config(args.out / "smoke") if args.smoke else config_path(args.config)
     extra = {} if args.world_seed is None else {"world": {"seed": args.world_seed}}
-    rows, shared_by_samples = [], {}
+    rows, shared_by_samples, infeasible = [], {}, []
     for recipe in recipes:
         overrides = recipe.overrides()
         for section, values in extra.items():
@@ -182,17 +186,25 @@ def main(argv: list[str] | None = None) -> None:
         if recipe.samples_key in shared_by_samples:
             share_samples(shared_by_samples[recipe.samples_key], shared)
         print(f"recipe {recipe.name} ...")
-        out = run_compare(run, cmp, log=print)
-        shared_by_samples.setdefault(recipe.samples_key, shared)
+        try:
+            out = run_compare(run, cmp, log=print)
+        except InfeasibleConstraintError as e:  # its dual plans nothing to train towards: no row, listed
+            print(f"recipe {recipe.name}: skipped, {e}")
+            infeasible.append(recipe.name)
+            continue
+        finally:
+            shared_by_samples.setdefault(recipe.samples_key, shared)
         runs = Path(run.run_dir) / "runs" / args.method
         rows.append(recipe_row(recipe, out, args.method,
                                [read_json(runs / f"seed{s}" / "eval" / "report.json") for s in args.seeds]))
+    if not rows:
+        raise SystemExit(f"every recipe is infeasible: {', '.join(infeasible)}")
     table = pd.DataFrame(rows)
     best, met_only = cheapest(table), cheapest(table, lands=False)
     write_table(table, args.out / "cheapest.csv")
     write_json({"config": str(config), "method": args.method, "seeds": args.seeds, "world_seed": args.world_seed,
                 "cheapest": None if best is None else best["recipe"],
-                "cheapest_met_only": None if met_only is None else met_only["recipe"],
+                "cheapest_met_only": None if met_only is None else met_only["recipe"], "infeasible": infeasible,
                 "rows": table.replace({np.nan: None}).to_dict("records")}, args.out / "cheapest.json")
     plot(table, args.out / "cheapest.png")
     name = [c for c in table.columns if c.endswith("_threshold")][0][: -len("_threshold")]

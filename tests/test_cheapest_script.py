@@ -76,3 +76,11 @@ def test_the_smoke_search_runs_each_recipe_and_shares_samples_of_the_same_k_and_
     assert record["cheapest"] == (ok.sort_values("flops")["recipe"].iloc[0] if len(ok) else None)
     assert set(table.columns) >= {"lands", "reward_change", "reward_change_predicted", "kl_predicted"}
     assert (tmp_path / "cheapest.png").stat().st_size > 0
+
+
+def test_a_recipe_its_dual_finds_infeasible_is_listed_and_the_others_still_run(tmp_path):
+    _module().main(["--smoke", "--seeds", "0", "--recipes", "3:all:3:1", "3:all:3:1:0.999", "--out", str(tmp_path)])
+    record = json.loads((tmp_path / "cheapest.json").read_text())
+    assert record["infeasible"] == ["3:all:3:1:0.999"]
+    assert list(pd.read_csv(tmp_path / "cheapest.csv")["recipe"]) == ["3:all:3:1"]
+    assert not (tmp_path / "recipes" / "3_all_3_1_0.999" / "runs").exists()   # nothing trained
