@@ -293,3 +293,24 @@ def test_a_confidence_plan_in_compare_covers_the_runs_evaluation_on_either_tilt(
         confidence = read_json(shared / name)["confidence"]
         assert confidence["level"] == 0.6
         assert confidence["margin"]["cost"] > confidence["dual_margin"]["cost"] >= 0, name
+
+
+def test_a_comparison_resumed_with_another_dual_section_is_refused_not_served_the_old_plan(compare_yaml, tmp_path):
+    """As a run refuses a stage made with other settings: the shared dual made without a margin is
+    not reused for a comparison that asks one (before, it was skipped because its file existed)."""
+    from dualign._infra.errors import InputError
+    from dualign.compare.comparison import load_compare_config, run_shared
+
+    overrides = {"run_dir": str(tmp_path / "resume"), "compare": {"methods": ["mocan"]}}
+    run, cmp = load_compare_config(compare_yaml, overrides)
+    shared = tmp_path / "resume" / "shared"
+    run_shared(run, shared, log=lambda line: None, cmp=cmp)
+    logs: list[str] = []
+    run_shared(run, shared, log=logs.append, cmp=cmp)                 # the same settings resume
+    assert sum("done, skipped" in line for line in logs) == 3
+    changed, cmp = load_compare_config(compare_yaml, {**overrides, "dual": {"constraints": ["cost<=ref-0.2"],
+                                                                            "confidence": 0.6, "bootstrap": 20}})
+    before = (shared / "dual.json").read_text()
+    with pytest.raises(InputError, match="shared stage 'dual' was run with a different config"):
+        run_shared(changed, shared, log=lambda line: None, cmp=cmp)
+    assert (shared / "dual.json").read_text() == before

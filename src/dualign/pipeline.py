@@ -220,7 +220,7 @@ def _substitute(text: str, prefix: str, base: Path | None, must_exist: bool) -> 
     return head + str(path) + comma + options
 
 
-def _stage_config_changed(run_dir: Path, stage: str, cfg: Any) -> str | None:
+def stage_config_changed(run_dir: Path, stage: str, cfg: Any) -> str | None:
     """Name the first key whose recorded value differs from ``cfg``, or None when they agree (a key
     added to dualign since the record was written agrees when it has its default)."""
     recorded = run_dir / f"{stage}.config.yaml"
@@ -277,7 +277,7 @@ def _run_stages(cfg: RunConfig, run_dir: Path, log) -> float:
     total = 0.0
     for i, stage in enumerate(stages):
         stage_cfg = _dual_in_run(cfg) if stage == "dual" else getattr(cfg, stage)
-        changed = _stage_config_changed(run_dir, stage, stage_cfg)
+        changed = stage_config_changed(run_dir, stage, stage_cfg)
         if changed:
             raise InputError(f"{run_dir}: stage '{stage}' was run with a different config ({changed}); "
                              f"use another --run-dir or --restart-from {stage}")

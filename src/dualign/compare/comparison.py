@@ -47,7 +47,7 @@ import numpy as np
 import pandas as pd
 
 from dualign._infra.config import build_config, merge
-from dualign._infra.errors import ConfigError
+from dualign._infra.errors import ConfigError, InputError
 from dualign._infra.io import read_json, read_table, write_json, write_table
 from dualign.baselines.dispatch import RENAMED, measure, run_method
 from dualign.baselines.dual_ascent import DualAscentConfig
@@ -85,6 +85,7 @@ from dualign.pipeline import (
     features_from_samples,
     load_run_values,
     resolve_run_config,
+    stage_config_changed,
 )
 from dualign.recalibrate import recalibrate
 from dualign.sample import sample
@@ -234,6 +235,11 @@ def run_shared(run, shared: Path, log=print, cmp: CompareConfig | None = None) -
     cost = read_json(cost_path) if cost_path.exists() else {}
     ran = False
     for stage, output in SHARED_STAGES:
+        cfg = None if run is None else covering_evaluation(run.dual, run.evaluate) if stage == "dual" else getattr(run, stage)
+        changed = stage_config_changed(shared, stage, cfg) if cfg is not None else None
+        if changed:  # as a run refuses: a shared stage made with other settings is not this comparison's
+            raise InputError(f"{shared}: shared stage '{stage}' was run with a different config ({changed}); "
+                             "use another --run-dir")
         if (shared / output).exists():
             log(f"shared {stage}: done, skipped")
             meta = shared / f"{stage}.meta.json"
@@ -243,7 +249,6 @@ def run_shared(run, shared: Path, log=print, cmp: CompareConfig | None = None) -
                     cost[stage] = {"wall_s": float(timing["total"]), "from": f"{stage}.meta.json"}
             continue
         log(f"shared {stage} ...")
-        cfg = covering_evaluation(run.dual, run.evaluate) if stage == "dual" else getattr(run, stage)
         with measure() as used:
             _run_stage(funcs[stage], cfg, shared)
         cost[stage], ran = used, True
