@@ -70,7 +70,7 @@ from dualign.data.preferences import read_preferences
 from dualign.data.records import EvalReport, read_dual, read_report, to_json, write_dual
 from dualign.dual import run_dual
 from dualign.dual.reachable import FEATURES
-from dualign.dual.stage import solve_config
+from dualign.dual.stage import DualConfig, solve_config
 from dualign.evaluate import evaluate
 from dualign.methods.objective import link_sample_config, sequence_tokens
 from dualign.modeling.flops import (
@@ -234,8 +234,9 @@ def run_shared(run, shared: Path, log=print, cmp: CompareConfig | None = None) -
     cost_path = shared / "compute.json"
     cost = read_json(cost_path) if cost_path.exists() else {}
     ran = False
+    dual = None if run is None else covering_evaluation(run.dual, run.evaluate)  # the dual section as a run runs it
     for stage, output in SHARED_STAGES:
-        cfg = None if run is None else covering_evaluation(run.dual, run.evaluate) if stage == "dual" else getattr(run, stage)
+        cfg = dual if stage == "dual" else getattr(run, stage, None)
         changed = stage_config_changed(shared, stage, cfg) if cfg is not None else None
         if changed:  # as a run refuses: a shared stage made with other settings is not this comparison's
             raise InputError(f"{shared}: shared stage '{stage}' was run with a different config ({changed}); "
@@ -263,7 +264,7 @@ def run_shared(run, shared: Path, log=print, cmp: CompareConfig | None = None) -
         else:
             log("shared dual on the reachable tilt ...")
             with measure() as used:
-                tokens = _reachable_dual(run, shared)
+                tokens = _reachable_dual(run, dual, shared)
             cost["dual_reachable"] = {**used, "tokens": {"reference": tokens}}
             cost["tokens"]["dual_reachable"] = cost["dual_reachable"]["tokens"]
             cost["flops"]["dual_reachable"] = stage_flops(cost["dual_reachable"]["tokens"],
@@ -295,14 +296,13 @@ def _shared_counts(run, samples: pd.DataFrame) -> tuple[dict, dict]:
     return tokens, {stage: stage_flops(t, n_policy, n_scorers) for stage, t in tokens.items()}
 
 
-def _reachable_dual(run, shared: Path) -> int:
-    """The run's dual section on the reachable tilt (π_ref's features from the model and template the
-    shared samples were drawn with, and a confidence margin covering the run's evaluation, as in a
-    run), solved on the shared scores into ``shared/dual_reachable.json``; returns the tokens run
-    through π_ref for the features."""
-    dual = dataclasses.replace(covering_evaluation(run.dual, run.evaluate), tilt="reachable",
-                               scores=str(shared / "scores.parquet"))
-    cfg = features_from_samples(dual, run.sample)
+def _reachable_dual(run, dual: DualConfig, shared: Path) -> int:
+    """The run's dual section as a run runs it (``dual``: a confidence margin covering the run's
+    evaluation) on the reachable tilt, π_ref's features from the model and template the shared
+    samples were drawn with, solved on the shared scores into ``shared/dual_reachable.json``;
+    returns the tokens run through π_ref for the features."""
+    cfg = features_from_samples(dataclasses.replace(dual, tilt="reachable", scores=str(shared / "scores.parquet")),
+                                run.sample)
     write_dual(solve_config(cfg, shared / FEATURES), shared / REACHABLE_DUAL)
     return sequence_tokens(read_table(shared / "scores.parquet"), load_tokenizer(cfg.model, revision=cfg.revision),
                            cfg.template)
