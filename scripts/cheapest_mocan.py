@@ -127,8 +127,8 @@ def cheapest(rows: pd.DataFrame, lands: bool = True) -> dict | None:
     return None if ok.empty else ok.sort_values("flops").iloc[0].to_dict()
 
 
-def plot(rows: pd.DataFrame, path: Path) -> None:
-    """Each recipe's compute (FLOPs, log scale) against its achieved constraint, the threshold dashed:
+def plot(rows: pd.DataFrame, name: str, path: Path) -> None:
+    """Each recipe's compute (FLOPs, log scale) against its achieved constraint ``name``, the threshold dashed:
     a dot where it meets and lands, a triangle where it meets but overshoots its prediction, × where
     it missed; each labelled with its KL."""
     import matplotlib
@@ -136,7 +136,6 @@ def plot(rows: pd.DataFrame, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    name = [c for c in rows.columns if c.endswith("_threshold")][0][: -len("_threshold")]
     fig, ax = plt.subplots(figsize=(7.5, 4.4))
     style = {(True, True): ("o", "tab:blue", "meets and lands"), (True, False): ("^", "tab:orange", "meets, overshoots"),
              (False, True): ("x", "black", "missed"), (False, False): ("x", "black", "missed")}
@@ -173,12 +172,11 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as e:
         raise SystemExit(str(e)) from None
     config = smoke_config(args.out / "smoke") if args.smoke else config_path(args.config)
-    extra = {} if args.world_seed is None else {"world": {"seed": args.world_seed}}
     rows, shared_by_samples, infeasible = [], {}, []
     for recipe in recipes:
         overrides = recipe.overrides()
-        for section, values in extra.items():
-            overrides[section] = {**overrides.get(section, {}), **values}
+        if args.world_seed is not None:
+            overrides["world"] = {"seed": args.world_seed}
         run, cmp = load(config, args.out / "recipes" / recipe.name.replace(":", "_"),
                         {"methods": [args.method], "seeds": args.seeds}, overrides)
         cmp.sweep = {}
@@ -206,8 +204,8 @@ def main(argv: list[str] | None = None) -> None:
                 "cheapest": None if best is None else best["recipe"],
                 "cheapest_met_only": None if met_only is None else met_only["recipe"], "infeasible": infeasible,
                 "rows": table.replace({np.nan: None}).to_dict("records")}, args.out / "cheapest.json")
-    plot(table, args.out / "cheapest.png")
-    name = [c for c in table.columns if c.endswith("_threshold")][0][: -len("_threshold")]
+    name = [c for c in table.columns if c.endswith("_threshold")][0][: -len("_threshold")]  # the constraint
+    plot(table, name, args.out / "cheapest.png")
     print("\n".join(text_table(
         ["recipe", "met", "lands", name, "threshold", "Δreward (predicted)", "KL (predicted)", "FLOPs", "wall s",
          "FLOPs at 7e9"],

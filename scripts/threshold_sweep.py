@@ -44,6 +44,7 @@ from dualign.modeling.flops import add_counts, project_flops
 METHODS = ["mocan", "mocan-reachable", *ONLINE]
 COPIED = ("sample", "score")                          # the stages copied into every point's shared/
 PAID_ONCE = ("sample", "score", "dual_reachable")     # what depends on the samples alone (π_ref's features)
+SUMMED = ["flops", "wall_s", "flops_first_met", "wall_s_first_met", "flops_7b", "flops_7b_first_met"]
 
 
 def paid_once(method: str) -> tuple[str, ...]:
@@ -100,16 +101,11 @@ def totals(points: pd.DataFrame, shared: dict, params: float) -> pd.DataFrame:
         once_flops = sum(shared["flops"][s]["total"] for s in stages)
         once_wall = sum(shared[s]["wall_s"] for s in stages)
         once_7b = project_flops(add_counts(*[shared["tokens"][s] for s in stages]), params)["total"] if stages else 0.0
+        total = g[SUMMED].sum(skipna=False)  # a point without a record (NaN) leaves its total unknown, not smaller
         rows.append({"label": label, "method": method, "points": len(g), "points_met": int(g["met"].sum()),
-                     "delivered": bool(g["met"].all()),
-                     # a point without a record (NaN) leaves the total unknown, not smaller
-                     "flops": g["flops"].sum(skipna=False) - extra * once_flops,
-                     "wall_s": g["wall_s"].sum(skipna=False) - extra * once_wall,
-                     "flops_first_met": g["flops_first_met"].sum() if g["flops_first_met"].notna().all() else np.nan,
-                     "wall_s_first_met": g["wall_s_first_met"].sum() if g["wall_s_first_met"].notna().all() else np.nan,
-                     "flops_7b": g["flops_7b"].sum(skipna=False) - extra * once_7b,
-                     "flops_7b_first_met": (g["flops_7b_first_met"].sum() if g["flops_7b_first_met"].notna().all()
-                                            else np.nan)})
+                     "delivered": bool(g["met"].all()), **total,
+                     "flops": total["flops"] - extra * once_flops, "wall_s": total["wall_s"] - extra * once_wall,
+                     "flops_7b": total["flops_7b"] - extra * once_7b})
     return pd.DataFrame(rows)
 
 
