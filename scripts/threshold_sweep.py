@@ -61,14 +61,17 @@ def point_constraint(constraint: str, offset: float) -> str:
 
 def share_samples(first: Path, shared: Path) -> None:
     """Copy the first point's sample and score stages (and π_ref's evaluation samples) into another
-    point's ``shared/``, with their recorded cost; its dual is solved anew."""
+    point's ``shared/``, with their recorded cost; its dual is solved anew. What the point already
+    has is kept, its ``compute.json`` included: a resumed sweep does not forget the point's own
+    records (which made it solve the reachable dual again and re-time it on every resume)."""
     shared.mkdir(parents=True, exist_ok=True)
     for path in first.iterdir():
         if path.name.startswith("dual") or path.name == "compute.json" or (shared / path.name).exists():
             continue
         (shutil.copytree if path.is_dir() else shutil.copyfile)(path, shared / path.name)
-    cost = read_json(first / "compute.json")
-    write_json({k: v for k, v in cost.items() if k in (*COPIED, "sampled_tokens")}, shared / "compute.json")
+    if not (shared / "compute.json").exists():
+        cost = read_json(first / "compute.json")
+        write_json({k: v for k, v in cost.items() if k in (*COPIED, "sampled_tokens")}, shared / "compute.json")
 
 
 def point_rows(out: dict, offset: float, params: float) -> list[dict]:

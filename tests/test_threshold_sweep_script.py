@@ -84,3 +84,24 @@ def test_a_sweep_with_a_margin_plans_every_point_with_it(tmp_path):
         assert dual["confidence"]["level"] == 0.55
         assert dual["confidence"]["margin"]["cost"] > dual["confidence"]["dual_margin"]["cost"]  # the evaluation's too
     assert json.loads((tmp_path / "sweep.json").read_text())["confidence"] == 0.55
+
+
+def test_sharing_samples_again_keeps_what_the_point_recorded(tmp_path):
+    """A resumed sweep copies nothing over a point's own files: its compute.json keeps the stages
+    the point ran itself (before, it was cut back to the copied stages on every resume)."""
+    share = _module().share_samples
+    first, point = tmp_path / "first", tmp_path / "point"
+    first.mkdir()
+    (first / "samples.parquet").write_text("samples")
+    (first / "dual.json").write_text("{}")
+    (first / "compute.json").write_text(json.dumps({"sample": {"wall_s": 1.0}, "score": {"wall_s": 2.0},
+                                                    "sampled_tokens": 5, "dual": {"wall_s": 0.1}}))
+    share(first, point)
+    assert json.loads((point / "compute.json").read_text()) == {"sample": {"wall_s": 1.0}, "score": {"wall_s": 2.0},
+                                                                "sampled_tokens": 5}
+    assert not (point / "dual.json").exists() and (point / "samples.parquet").read_text() == "samples"
+    recorded = {"sample": {"wall_s": 1.0}, "score": {"wall_s": 2.0}, "sampled_tokens": 5,
+                "dual_reachable": {"wall_s": 16.0}}
+    (point / "compute.json").write_text(json.dumps(recorded))
+    share(first, point)
+    assert json.loads((point / "compute.json").read_text()) == recorded
