@@ -2,12 +2,15 @@
 
 A world build is the unit of evidence. For each build seed (chosen before looking at any result)
 and each training seed, this script builds the world (``world: {size: default, seed: S}``), runs
-the default demo (``dualign demo``), the same with ``--confidence 0.95`` and with ``--tilt samples``
-(the paper's K-sample tilt, the baseline), and judges every run on **fresh evaluation prompts**:
-256 prompts drawn from the build's own seed on a stream of their own
-(:func:`dualign.world.corpus.fresh_prompts`), none of them in any of the build's splits nor in the
-default build's (seed 0's) dual, evaluation and calibration prompts, the sets the defaults were
-chosen on. It then counts, per variant, over builds × seeds:
+the default demo (``dualign demo``), the same with ``--confidence 0.95 --confidently`` (and the
+other variants named) and with ``--tilt samples`` (the paper's K-sample tilt, the baseline), and
+judges every run on **fresh evaluation prompts**: as many as the demo's own evaluation holds,
+drawn from the build's own seed on a stream of their own (``--stream``;
+:func:`dualign.world.corpus.fresh_prompts`), none of them in any of the build's splits or its
+held-out set, nor in the default build's (seed 0's) dual, evaluation and calibration prompts (the
+sets the defaults were chosen on), nor in any file ``--exclude-prompts`` names (sets a setting was
+chosen on since). The variants of a build and seed share the default's samples and scores (the
+same stages, drawn identically). It then counts, per variant, over builds × seeds:
 
 - met: the point estimate meets every constraint;
 - met confidently: the one-sided 95% bound does;
@@ -16,12 +19,12 @@ chosen on. It then counts, per variant, over builds × seeds:
 - helpfulness within 0.05: the gold judge's benign helpfulness of the aligned policy is within
   0.05 of π_ref's (on the same fresh prompts);
 
-and what the 95% margin costs (confidence variant minus default, achieved KL and reward change,
-means over the same builds and seeds). Writes ``<out>/build_rates.md`` (the table) and
+and what each margin costs (that variant minus the default, achieved KL and reward change, means
+over the same builds and seeds). Writes ``<out>/build_rates.md`` (the table) and
 ``<out>/report.json`` (every run's row and the rates); each run resumes where it stopped.
 
-    python scripts/build_rates.py --out runs/build_rates
-    python scripts/build_rates.py --smoke --out runs/build_rates_smoke    # small world, minutes
+    python scripts/build_rates.py --builds 111 112 113 114 115 --out runs/build_rates
+    python scripts/build_rates.py --smoke --builds 0 --train-seeds 0 --out runs/build_rates_smoke   # minutes
 """
 
 from __future__ import annotations
@@ -29,13 +32,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 from pathlib import Path
 
 from dualign._infra.io import read_json, write_json
 from dualign.cli import demo_values
+from dualign.data.prompts import load_prompts
 from dualign.pipeline import resolve_run_config, run_pipeline
 from dualign.world.config import world_config
-from dualign.world.corpus import fresh_prompts, make_prompts
+from dualign.world.corpus import fresh_prompts, heldout_prompts, make_prompts
 
 VARIANTS = {"default": {}, "confidence 0.9": {"confidence": 0.9}, "confidence 0.95": {"confidence": 0.95},
             "confidence 0.95 confidently": {"confidence": 0.95, "confidently": True},
@@ -46,33 +51,62 @@ AGAINST = tuple(f"{k} ({name})" for name in ("target", "plan")
                 for k in ("KL within 1.25×", "reward prediction in CI", "constraints' predictions in CI"))
 
 
-def fresh_eval_file(seed: int, size: str, n: int, out: Path) -> Path:
-    """The build's fresh evaluation prompts (see the module docstring) as a JSONL file."""
+def fresh_eval_file(seed: int, size: str, n: int, out: Path, stream: str = "fresh-judge",
+                    exclude_files: tuple[str, ...] = ()) -> Path:
+    """The build's fresh evaluation prompts (see the module docstring) as a JSONL file: ``n``
+    prompts of ``stream``, none in the build's splits or held-out set, in seed 0's tuned sets, or in
+    the files of ``exclude_files`` (patterns; ``{build}`` becomes the build seed)."""
     build = world_config(size, {"seed": seed})
-    exclude = {row["prompt"] for rows in make_prompts(build).values() for row in rows}
+    splits = make_prompts(build)
+    exclude = {row["prompt"] for rows in splits.values() for row in rows}
+    exclude |= {row["prompt"] for row in heldout_prompts(build, splits)}
     tuned = make_prompts(world_config(size))
     exclude |= {row["prompt"] for split in ("dual", "eval", "calibration") for row in tuned[split]}
-    path = out / f"fresh-prompts-{size}-{seed}.jsonl"
+    for pattern in exclude_files:
+        exclude |= set(load_prompts(pattern.format(build=seed))["prompt"])
+    path = out / f"{stream}-{size}-{seed}.jsonl"
     if not path.exists():
         out.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in fresh_prompts(build, n, exclude, "fresh-eval")))
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")   # two processes (one per training seed) may race here
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in fresh_prompts(build, n, exclude, stream)))
         os.replace(tmp, path)
     return path
 
 
-def run_values(seed: int, train_seed: int, variant: str, out: Path, smoke: bool) -> dict:
-    """The run values of one demo run on build ``seed``, judged on the build's fresh prompts."""
+def run_dir_of(out: Path, seed: int, variant: str, train_seed: int) -> Path:
+    return out / f"build{seed}-{variant.replace(' ', '-')}-seed{train_seed}"
+
+
+def share_samples(source: Path, run_dir: Path) -> None:
+    """Copy a finished run's sample and score stages (files and records) into another variant's run
+    directory, so that its pipeline starts at the dual: the stages are a function of the build and
+    the seed, and the variants differ from the dual on. Nothing is copied over what is there."""
+    if not ((source / "sample.done").exists() and (source / "score.done").exists()):
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for path in source.iterdir():
+        stage = path.name.split(".")[0]
+        if stage in ("sample", "score", "samples", "scores") and not (run_dir / path.name).exists():
+            shutil.copyfile(path, run_dir / path.name)
+
+
+def run_values(seed: int, train_seed: int, variant: str, out: Path, smoke: bool, stream: str = "fresh-judge",
+               exclude_files: tuple[str, ...] = ()) -> dict:
+    """The run values of one demo run on build ``seed``, judged on the build's fresh prompts (as
+    many as the demo's own evaluation holds)."""
     size = "small" if smoke else "default"
-    values = demo_values("mocan", size, run_dir=str(out / f"build{seed}-{variant.replace(' ', '-')}-seed{train_seed}"),
+    values = demo_values("mocan", size, run_dir=str(run_dir_of(out, seed, variant, train_seed)),
                          seed=train_seed, **VARIANTS[variant])
     if smoke and variant != "tilt samples":
         values["dual"] = {**values["dual"], "tilt": "reachable"}   # the small demo plans on samples otherwise
     if smoke:
         values["train"] = {**values["train"], "num_epochs": 1}
     values["world"] = {**values.get("world", {}), "size": size, "seed": seed}
-    n_eval = world_config(size).n_eval_prompts
-    values["evaluate"] = {**values["evaluate"], "prompts": str(fresh_eval_file(seed, size, n_eval, out).resolve())}
+    demo_eval = resolve_run_config(values).evaluate
+    n_eval = len(load_prompts(demo_eval.prompts, prompt_column=demo_eval.prompt_column, split=demo_eval.split,
+                              max_prompts=demo_eval.max_prompts))
+    path = fresh_eval_file(seed, size, n_eval, out, stream, exclude_files)
+    values["evaluate"] = {**values["evaluate"], "prompts": str(path.resolve())}
     return values
 
 
@@ -191,13 +225,21 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default="runs/build_rates", help="one run directory per build × variant × seed")
     parser.add_argument("--smoke", action="store_true",
                         help="a tiny version on the small world (one epoch): checks the machinery, not the claim")
+    parser.add_argument("--stream", default="fresh-judge",
+                        help="name of the fresh prompts' stream: a new name draws a new evaluation set")
+    parser.add_argument("--exclude-prompts", nargs="*", default=[], metavar="FILE",
+                        help="prompt files (JSONL/Parquet/CSV) whose prompts the fresh set leaves out: the sets "
+                             "a setting was chosen on; {build} in a name becomes the build seed")
     args = parser.parse_args(argv)
     out = Path(args.out)
     rows = []
     for build in args.builds:
         for variant in args.variants:
             for seed in args.train_seeds:
-                cfg = resolve_run_config(run_values(build, seed, variant, out, args.smoke))
+                if variant != "default":
+                    share_samples(run_dir_of(out, build, "default", seed), run_dir_of(out, build, variant, seed))
+                cfg = resolve_run_config(run_values(build, seed, variant, out, args.smoke, args.stream,
+                                                    tuple(args.exclude_prompts)))
                 report = run_pipeline(cfg, log=lambda s: None)
                 rows.append({"build": build, "variant": variant, "train seed": seed,
                              **outcome(report, Path(cfg.run_dir))})

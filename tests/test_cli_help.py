@@ -78,16 +78,18 @@ def test_train_help_lists_every_method_the_code_knows(capsys):
 
 
 def test_demo_sizes_the_default_on_640_prompts_and_the_reachable_tilt_and_full_on_all_1024():
-    """The default demo is the full-size one with only the prompt count and the tilt changed, and
-    the configs behind the research tables (docs/results/) (full, recalibrate, compare_world) keep the
-    paper's tilt on all 1024 dual prompts."""
+    """The default demo is the full-size one with only the prompt count, the tilt, the margin and the
+    evaluation's size changed, and the configs behind the research tables (docs/results/) (full,
+    recalibrate, compare_world) keep the paper's tilt on all 1024 dual prompts."""
     from dualign.pipeline import PACKAGED, load_run_values
 
     default, full = cli.demo_values("mocan", "default"), cli.demo_values("mocan", "full")
     assert (default["run_dir"], full["run_dir"]) == ("runs/demo", "runs/demo-mocan-full")
     assert default["sample"] == {**full["sample"], "max_prompts": 640}
-    assert default["dual"] == {**full["dual"], "tilt": "reachable"}
-    strip = {"run_dir", "sample", "dual"}
+    assert default["dual"] == {**full["dual"], "tilt": "reachable", "confidence": 0.9,
+                               "delivery_spread": default["dual"]["delivery_spread"]}
+    assert default["evaluate"] == {**full["evaluate"], "prompts": "world:prompts_heldout.jsonl"}
+    strip = {"run_dir", "sample", "dual", "evaluate"}
     assert {k: v for k, v in default.items() if k not in strip} == {k: v for k, v in full.items() if k not in strip}
     for name in ("full", "recalibrate"):
         values = load_run_values(PACKAGED[name])
@@ -111,10 +113,15 @@ def test_demo_refuses_a_full_size_pecan_run_before_writing_anything(tmp_path, mo
 def test_demo_confidently_plans_for_the_evaluations_95_bound_and_needs_confidence(tmp_path, monkeypatch, capsys):
     """--confidently sets the dual's evaluation_bound to the report's one-sided 95% and names it in
     the run directory; without --confidence it is refused before anything is written."""
-    plain = cli.demo_values("mocan", "default", confidence=0.9)
-    bound = cli.demo_values("mocan", "default", confidence=0.9, confidently=True)
+    plain = cli.demo_values("mocan", "default", confidence=0.95)
+    bound = cli.demo_values("mocan", "default", confidence=0.95, confidently=True)
     assert "evaluation_bound" not in plain["dual"] and bound["dual"]["evaluation_bound"] == 0.95
-    assert (plain["run_dir"], bound["run_dir"]) == ("runs/demo-confidence0.9", "runs/demo-confidence0.9-confidently")
+    assert (plain["run_dir"], bound["run_dir"]) == ("runs/demo-confidence0.95", "runs/demo-confidence0.95-confidently")
+    # the default demo plans for 0.9 with the fine-tune's spread: asking for it again is the same run
+    default = cli.demo_values("mocan", "default")
+    assert default["dual"]["confidence"] == 0.9 and default["dual"]["delivery_spread"] > 0
+    assert cli.demo_values("mocan", "default", confidence=0.9) == default
+    assert bound["dual"]["delivery_spread"] == default["dual"]["delivery_spread"]
     monkeypatch.chdir(tmp_path)
     assert cli.main(["demo", "--confidently"]) == 2
     assert "--confidently needs --confidence" in capsys.readouterr().err and not any(tmp_path.iterdir())

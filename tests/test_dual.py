@@ -9,7 +9,7 @@ import pytest
 
 import dualign
 from dualign import dual
-from dualign._infra.errors import InfeasibleConstraintError, InputError
+from dualign._infra.errors import ConfigError, InfeasibleConstraintError, InputError
 from dualign._infra.segments import Segments
 from dualign.data.example import example_arrays
 from dualign.dual import formulas as F
@@ -480,7 +480,8 @@ def test_confidence_plan_with_an_evaluation_adds_its_noise_in_quadrature():
     b = g.mean() + 0.5
     planned = dualign.solve_dual(rewards, g, b, 1.0, relative=[True], confidence=0.9, bootstrap=200,
                                  seed=1, evaluation=(64, 2))
-    dual_part, eval_part = planned.confidence_parts
+    dual_part, eval_part, delivery_part = planned.confidence_parts
+    assert delivery_part is None
     n, k = rewards.shape
     samples = flat_samples(Segments.rectangular(n, k), rewards.ravel(), g.reshape(-1, 1), None, np.arange(n))
     se = evaluation_se(samples, planned.lambdas, 1.0, np.array([True]), 64, 2)[0]
@@ -491,6 +492,44 @@ def test_confidence_plan_with_an_evaluation_adds_its_noise_in_quadrature():
     assert planned.predicted_utilities[0] == pytest.approx(b + planned.confidence_margin[0], abs=1e-6)
     with pytest.raises(InputError, match="evaluation"):
         dualign.solve_dual(rewards, g, b, 1.0, confidence=0.9, evaluation=(0, 2))
+
+
+def test_a_plan_for_the_fine_tunes_spread_adds_a_third_part_of_z_delta_times_the_planned_change():
+    """delivery δ: the margin's third part is Φ⁻¹(level)·δ·|b' − E_ref[g]| at the planned threshold
+    b' = b + margin (hand computation), added in quadrature to the dual's and the evaluation's parts;
+    the plan binds at b'. δ = 0 plans as without it; δ without a confidence, or outside [0, 1), is refused."""
+    from scipy.stats import norm
+
+    rewards, g = _prompt_level_world(n=80)
+    ref = g.mean()
+    b = ref + 0.5
+    kw = dict(relative=[True], confidence=0.9, bootstrap=200, seed=1, evaluation=(64, 2))
+    plain = dualign.solve_dual(rewards, g, b, 1.0, **kw)
+    spread = dualign.solve_dual(rewards, g, b, 1.0, delivery=0.1, **kw)
+    dual_part, eval_part, delivery_part = spread.confidence_parts
+    planned_change = abs(b + spread.confidence_margin[0] - ref)
+    # the parts were computed at the previous round's threshold; the fixed point moves it < 1e-3 × scale
+    assert delivery_part[0] == pytest.approx(norm.ppf(0.9) * 0.1 * planned_change, rel=0.01)
+    assert spread.confidence_margin[0] == pytest.approx(
+        np.sqrt(dual_part[0] ** 2 + eval_part[0] ** 2 + delivery_part[0] ** 2), rel=1e-9)
+    assert spread.confidence_margin[0] > plain.confidence_margin[0]
+    assert spread.predicted_utilities[0] == pytest.approx(b + spread.confidence_margin[0], abs=1e-6)
+    zero = dualign.solve_dual(rewards, g, b, 1.0, delivery=0.0, **kw)
+    assert zero.confidence_margin[0] == pytest.approx(plain.confidence_margin[0], rel=1e-12)
+    for bad in (-0.1, 1.0, float("nan")):
+        with pytest.raises(InputError, match="delivery"):
+            dualign.solve_dual(rewards, g, b, 1.0, delivery=bad, **kw)
+    with pytest.raises(InputError, match="delivery"):
+        dualign.solve_dual(rewards, g, b, 1.0, delivery=0.1)   # no confidence
+    n, k = rewards.shape
+    scores = pd.DataFrame({"prompt_id": np.repeat(np.arange(n), k), "reward": rewards.ravel(), "cost": -g.ravel()})
+    with pytest.raises(ConfigError, match="delivery_spread"):
+        dualign.make_plan(scores, "cost<=ref-0.1", beta=1.0, delivery_spread=0.05)
+    plan = dualign.make_plan(scores, "cost<=ref-0.5", beta=1.0, confidence=0.9, evaluation_prompts=64,
+                             evaluation_samples=2, delivery_spread=0.1, bootstrap=50)
+    assert plan.confidence.delivery["spread"] == 0.1
+    assert plan.confidence.delivery["margin"]["cost"] > 0
+    assert "fine-tune's spread" in " ".join(dualign.dual.format_report(plan).split())
 
 
 def test_a_plan_for_the_evaluations_bound_covers_that_bound_too():

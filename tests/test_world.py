@@ -21,6 +21,7 @@ from dualign.world import (
     default_world_dir,
     gold_harm,
     gold_helpfulness,
+    is_complete,
     judge,
     world_config,
 )
@@ -143,6 +144,35 @@ def test_world_directory_has_the_documented_files_and_schemas(world):
     assert 0.0 <= info["ref_model"]["harmful_compliance_rate"] <= 1.0
     for name in ("ref_model", "reward_model", "cost_model"):
         assert (world / name / "config.json").exists() and (world / name / "tokenizer.json").exists()
+
+
+def test_the_held_out_set_is_the_eval_split_and_fresh_prompts_of_no_split_derived_on_first_use(world, tmp_path):
+    """prompts_heldout.jsonl: the eval split, then 3 × n_eval fresh prompts (ids heldout-…) in none of
+    the splits, harmful about as often as the world's fraction (0.5 ± 0.12 at 192: 3.4 s.d.); a world
+    built before it existed (the file removed) gets the same rows from build_world, with the same
+    cache key."""
+    import shutil
+
+    from dualign.world.build import write_derived
+
+    cfg = world_config("small")
+    held = pd.read_json(world / "prompts_heldout.jsonl", lines=True)
+    ev = pd.read_json(world / "prompts_eval.jsonl", lines=True)
+    assert len(held) == C.HELDOUT_FACTOR * cfg.n_eval_prompts == 256
+    assert held.iloc[:64].reset_index(drop=True).equals(ev)
+    extra = held.iloc[64:]
+    assert extra["prompt_id"].tolist() == [f"heldout-{i:05d}" for i in range(192)]
+    splits = {r["prompt"] for rows in C.make_prompts(cfg).values() for r in rows}
+    assert held["prompt"].is_unique and not set(extra["prompt"]) & splits
+    assert abs(extra["harmful"].mean() - cfg.harmful_fraction) < 0.12
+    old = tmp_path / "old-world"
+    shutil.copytree(world, old)
+    (old / "prompts_heldout.jsonl").unlink()
+    assert is_complete(old, cfg)                       # not part of a complete world: the key is unchanged
+    assert build_world(cfg, out_dir=old, progress=False) == old
+    assert pd.read_json(old / "prompts_heldout.jsonl", lines=True).equals(held)
+    write_derived(old, cfg)                            # present: left as it is
+    assert pd.read_json(old / "prompts_heldout.jsonl", lines=True).equals(held)
 
 
 def test_world_directory_and_its_files_have_the_umask_s_mode(world):

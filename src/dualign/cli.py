@@ -481,9 +481,10 @@ examples:
   dualign demo --size small          a smoke run: the small world, every stage, a few minutes
   dualign demo --method pecan        PeCAN: the same world from its preference pairs alone
   dualign demo --recalibrate         then measure on calibration prompts, correct λ, fine-tune again
-  dualign demo --confidence 0.9      plan λ with a margin: the evaluation's estimate meets the
-                                     constraint with probability ≈ 0.9 (if the fine-tune lands on the plan)
-  dualign demo --confidence 0.9 --confidently
+  dualign demo --confidence 0.95     plan λ with another margin: the evaluation's estimate meets the
+                                     constraint with probability ≈ 0.95 (the default plans for 0.9;
+                                     --confidence 0.5 plans on the point, about no margin)
+  dualign demo --confidence 0.95 --confidently
                                      the same for its one-sided 95% bound: "met confidently"
   dualign demo --tilt samples        plan λ on π_ref's samples reweighted by their scores (the paper's)
 
@@ -505,7 +506,8 @@ eval/predicted_vs_achieved.png and the aligned model in policy/."""
                         "prompts and correct λ while the constraint misses (at most 2 extra fine-tunes)")
     p.add_argument("--confidence", type=float,
                    help="plan λ with a margin, so that the held-out evaluation's estimate meets the constraint "
-                        "with this probability (e.g. 0.9) if the fine-tune lands on the plan")
+                        "with this probability, the fine-tune's own spread included (the default demo plans for "
+                        "0.9; 0.5: no margin, the point)")
     p.add_argument("--confidently", action="store_true",
                    help="with --confidence: the margin covers the evaluation's one-sided 95%% bound too, so "
                         "that it reports 'met confidently' with that probability (a larger margin)")
@@ -557,8 +559,9 @@ def demo_values(method: str, size: str, *, recalibrate: bool = False, confidence
         values["recalibrate"] = load_run_values(RECALIBRATE_CONFIG)["recalibrate"]
         default_dir += "-recalibrate"
     if confidence is not None:
+        if confidence != values["dual"].get("confidence") or confidently:
+            default_dir += f"-confidence{confidence:g}"
         values["dual"] = {**values["dual"], "confidence": confidence}
-        default_dir += f"-confidence{confidence:g}"
         if confidently:
             values["dual"]["evaluation_bound"] = 0.95
             default_dir += "-confidently"

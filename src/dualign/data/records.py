@@ -56,6 +56,7 @@ class ConfidencePlan:
     plain_predicted: dict[str, float]  # reward column, constraint names, "kl"
     dual_margin: dict[str, float] | None = None  # the part for the dual's own prompt sampling
     evaluation: dict | None = None  # {"prompts", "samples", "margin": {name: part}}: the evaluation covered
+    delivery: dict | None = None  # {"spread": δ, "margin": {name: part}}: the fine-tune's spread covered
 
 
 @dataclass

@@ -59,7 +59,8 @@ class DualResult:
     confidence: float | None = None  # planned with a margin (see solve_dual's ``confidence``)
     confidence_margin: np.ndarray | None = None  # [m] added to b (g units) so the bound holds
     plain: DualResult | None = None  # the solution without the margin, to show what it costs
-    confidence_parts: tuple | None = None  # (s_dual [m], s_eval [m] or None): the margin's two parts
+    confidence_parts: tuple | None = None  # (s_dual [m], s_eval [m] or None, s_delivery [m] or None): its parts
+    confidence_delivery: float | None = None  # δ, the fine-tune's spread the margin covers (a fraction)
     confidence_evaluation: tuple[int, int] | None = None  # (prompts, responses per prompt) planned for
     confidence_bound: float | None = None  # the one-sided level of the evaluation's bound the margin covers
     # [m] a relative constraint binding on the samples and on every resample: its predicted change
@@ -482,11 +483,24 @@ def evaluation_se(samples: Samples, lambdas: np.ndarray, beta: float, relative: 
     return np.sqrt(between / prompts + (within @ q) / (prompts * per_prompt))
 
 
+def delivery_margin(thresholds: np.ndarray, reference: np.ndarray, delivery: float, level: float) -> np.ndarray:
+    """The margin's part for the fine-tune's own spread: z·δ·|b_j − E_ref[g_j]| with z = Φ⁻¹(level).
+
+    Fine-tunes towards one plan do not all land on it: their achieved change of E[g_j] from π_ref
+    scatters around the planned change b_j − E_ref[g_j] with a standard deviation of about δ times
+    its size (δ: ``delivery``, a fraction measured by repeating the fine-tune; nothing in π_ref's
+    samples shows it). → [m]."""
+    from scipy.stats import norm
+
+    return norm.ppf(level) * delivery * np.abs(np.asarray(thresholds, np.float64) - np.asarray(reference, np.float64))
+
+
 def _with_confidence(samples: Samples, plain: DualResult, margins: np.ndarray, level: float,
                      resamples: int, seed: int, tol: float, max_iter: int,
                      evaluation: tuple[int, int] | None = None, rounds: int = 6,
                      residual_variance: np.ndarray | None = None, refit: Refit | None = None,
-                     keep: np.ndarray | None = None, bound: float | None = None) -> DualResult:
+                     keep: np.ndarray | None = None, bound: float | None = None,
+                     delivery: float | None = None) -> DualResult:
     """λ for which every constraint holds at its one-sided ``level`` bound: the fixed point of
     b'_j = b_j + s_j(λ(b')), solved again until s stops moving (a few rounds).
 
@@ -496,12 +510,15 @@ def _with_confidence(samples: Samples, plain: DualResult, margins: np.ndarray, l
     b_j with probability ≈ ``level`` if the fine-tune lands on π_λ. With ``bound`` (the one-sided
     level of the evaluation's verdict, 0.95 for the report's "met confidently") z is
     Φ⁻¹(level) + Φ⁻¹(bound): then that bound, not only the point, clears b_j with probability
-    ≈ ``level``."""
+    ≈ ``level``. With ``delivery`` (δ, a fraction) a third part covers the fine-tune's own spread
+    around the plan, :func:`delivery_margin`; the parts are added in quadrature, so with all three
+    the evaluation's verdict holds with probability ≈ ``level`` where the fine-tune lands anywhere
+    in that spread."""
     from scipy.stats import norm
 
     b = plain.thresholds
     relative = ~np.isnan(margins)
-    result, spread, eval_part = plain, np.zeros_like(b), None
+    result, spread, eval_part, delivery_part = plain, np.zeros_like(b), None, None
     for _ in range(rounds):
         dual_part = slack_spread(samples, result.lambdas, b, margins, plain.beta, level, resamples, seed,
                                  refit, keep)
@@ -510,13 +527,17 @@ def _with_confidence(samples: Samples, plain: DualResult, margins: np.ndarray, l
             eval_part = z * evaluation_se(samples, result.lambdas, plain.beta, relative,
                                                         *evaluation, residual_variance=residual_variance)
         new = dual_part if eval_part is None else np.hypot(dual_part, eval_part)
+        if delivery:
+            delivery_part = delivery_margin(b + spread, plain.reference_utilities, delivery, level)
+            new = np.hypot(new, delivery_part)
         done = np.all(np.abs(new - spread) <= 1e-3 * samples.scale(b))
         spread = new
         result = _result(samples, b + spread, plain.beta, plain.names, result.lambdas, tol, max_iter)
         if done:
             break
     result.confidence, result.confidence_margin, result.plain = level, spread, plain
-    result.confidence_parts = (dual_part, eval_part)
+    result.confidence_parts = (dual_part, eval_part, delivery_part)
+    result.confidence_delivery = delivery
     result.confidence_evaluation = evaluation
     result.confidence_bound = bound
     return result
@@ -558,7 +579,7 @@ def solve_dual(rewards, utilities, thresholds, beta: float, sample_weights=None,
                names: Sequence[str] | None = None, lambdas0=None, ci_level: float = 0.95,
                relative: Sequence[bool] | None = None, confidence: float | None = None,
                evaluation: tuple[int, int] | None = None, residual_variance=None,
-               evaluation_bound: float | None = None) -> DualResult:
+               evaluation_bound: float | None = None, delivery: float | None = None) -> DualResult:
     """λ* = argmin_{λ≥0} D(λ) for rewards [N, K], utilities [N, K, m] (or [N, K]), thresholds b.
 
     The constraints read mean_x E_π[g_j] ≥ b_j. ``sample_weights`` [N, K] ≥ 0 are normalised per
@@ -572,8 +593,9 @@ def solve_dual(rewards, utilities, thresholds, beta: float, sample_weights=None,
     ≈ ``confidence`` if the fine-tune lands on π_λ; ``residual_variance`` [m] adds noise the
     utilities leave out to that evaluation (:func:`evaluation_se`); ``evaluation_bound`` (e.g. 0.95)
     makes the margin cover that one-sided bound of the evaluation too, so that the evaluation
-    reports the constraint met at that bound with probability ≈ ``confidence``. Raises InfeasibleConstraintError
-    when no finite λ* exists.
+    reports the constraint met at that bound with probability ≈ ``confidence``; ``delivery`` (δ, e.g.
+    0.05) makes it cover the fine-tune's own spread around the plan too (:func:`delivery_margin`).
+    Raises InfeasibleConstraintError when no finite λ* exists.
     """
     rewards = np.asarray(rewards, dtype=np.float64)
     if rewards.ndim != 2 or rewards.shape[0] == 0 or rewards.shape[1] == 0:
@@ -587,7 +609,8 @@ def solve_dual(rewards, utilities, thresholds, beta: float, sample_weights=None,
     flat_w = None if weights is None else weights.ravel()
     samples = flat_samples(seg, rewards.ravel(), utilities.reshape(-1, len(b)), flat_w, np.arange(n_prompts))
     return _finish(samples, b, float(beta), names, lambdas0, tol, max_iter, bootstrap, seed, ci_level,
-                   relative, confidence, evaluation, residual_variance, evaluation_bound=evaluation_bound)
+                   relative, confidence, evaluation, residual_variance, evaluation_bound=evaluation_bound,
+                   delivery=delivery)
 
 
 def solve_dual_long(prompt_ids, rewards, utilities, thresholds, beta: float, sample_weights=None, *,
@@ -596,7 +619,8 @@ def solve_dual_long(prompt_ids, rewards, utilities, thresholds, beta: float, sam
                     relative: Sequence[bool] | None = None, confidence: float | None = None,
                     evaluation: tuple[int, int] | None = None, residual_variance=None,
                     target: tuple[np.ndarray, np.ndarray] | None = None,
-                    refit: Refit | None = None, evaluation_bound: float | None = None) -> DualResult:
+                    refit: Refit | None = None, evaluation_bound: float | None = None,
+                    delivery: float | None = None) -> DualResult:
     """:func:`solve_dual` on long-format rows: prompt_ids [n], rewards [n], utilities [n, m] or [n].
 
     Prompts may have different numbers of samples; rows of a prompt need not be adjacent. Grouping
@@ -632,13 +656,14 @@ def solve_dual_long(prompt_ids, rewards, utilities, thresholds, beta: float, sam
         target_samples = samples.with_values(t_rewards, t_utilities)
     return _finish(samples, b, float(beta), names, lambdas0, tol, max_iter, bootstrap, seed, ci_level,
                    relative, confidence, evaluation, residual_variance, target_samples, refit, keep,
-                   evaluation_bound)
+                   evaluation_bound, delivery)
 
 
 def _finish(samples, b, beta, names, lambdas0, tol, max_iter, bootstrap, seed, ci_level,
             relative=None, confidence=None, evaluation=None, residual_variance=None,
             target: Samples | None = None, refit: Refit | None = None,
-            keep: np.ndarray | None = None, evaluation_bound: float | None = None) -> DualResult:
+            keep: np.ndarray | None = None, evaluation_bound: float | None = None,
+            delivery: float | None = None) -> DualResult:
     if lambdas0 is not None and np.shape(lambdas0) != b.shape:
         raise InputError(f"lambdas0 must have {b.size} values, got {np.shape(lambdas0)}")
     if relative is not None and len(relative) != b.size:
@@ -650,6 +675,8 @@ def _finish(samples, b, beta, names, lambdas0, tol, max_iter, bootstrap, seed, c
     if evaluation_bound is not None and (evaluation is None or confidence is None or not 0.5 <= evaluation_bound < 1):
         raise InputError(f"evaluation_bound needs confidence and evaluation and must lie in [0.5, 1), "
                          f"got {evaluation_bound!r}")
+    if delivery is not None and (confidence is None or not (np.isfinite(delivery) and 0 <= delivery < 1)):
+        raise InputError(f"delivery needs confidence and must lie in [0, 1), got {delivery!r}")
     result = _result(samples, b, beta, names, lambdas0, tol, max_iter)
     ref = result.reference_utilities
     margins = np.where(np.asarray(relative if relative is not None else [False] * b.size, bool), b - ref, np.nan)
@@ -658,7 +685,7 @@ def _finish(samples, b, beta, names, lambdas0, tol, max_iter, bootstrap, seed, c
                                   max_iter, None if evaluation is None else tuple(int(v) for v in evaluation),
                                   residual_variance=None if residual_variance is None
                                   else np.asarray(residual_variance, dtype=np.float64), refit=refit, keep=keep,
-                                  bound=evaluation_bound)
+                                  bound=evaluation_bound, delivery=delivery)
         margins = margins + result.confidence_margin
     if target is not None:
         result.target = _target_dict(_target_outcomes(target, result.lambdas, beta), b.size)

@@ -80,6 +80,13 @@ class DualConfig:
                 "verdict rests on (0.95: the report's 'met confidently'); the margin then covers that bound "
                 "too, so the evaluation reports the constraint met at it with probability ≈ --confidence "
                 "(unset: its point estimate)"})
+    delivery_spread: float | None = field(default=None, metadata={
+        "help": "with --confidence: the fine-tune's own spread around the plan, as a fraction of each "
+                "constraint's planned change from π_ref (fine-tunes towards one plan land about this far "
+                "apart; π_ref's samples cannot show it); the margin covers it too, so the evaluation's verdict "
+                "holds with probability ≈ --confidence where the fine-tune lands anywhere in it. The default "
+                "demo uses 0.05, measured over world builds (docs/results/build_rates.md); unset: the "
+                "fine-tune is taken to land on the plan"})
     tilt: Literal["samples", "reachable"] = field(default="samples", metadata={
         "help": "samples: tilt π_ref's samples by their scores (the paper's dual); reachable: first "
                 "replace each score by what π_ref's own features of the response predict of it "
@@ -123,6 +130,11 @@ class DualConfig:
             raise ValueError(f"evaluation_bound must lie in [0.5, 1), got {self.evaluation_bound}")
         if self.evaluation_bound is not None and self.confidence is None:
             raise ValueError("evaluation_bound needs confidence (the probability the bound clears)")
+        if self.delivery_spread is not None and not (math.isfinite(self.delivery_spread)
+                                                     and 0 <= self.delivery_spread < 1):
+            raise ValueError(f"delivery_spread must lie in [0, 1), got {self.delivery_spread}")
+        if self.delivery_spread is not None and self.confidence is None:
+            raise ValueError("delivery_spread needs confidence (the probability the margin is planned for)")
         if not (math.isfinite(self.ridge_alpha) and self.ridge_alpha > 0):
             raise ValueError(f"ridge_alpha must be a positive finite number, got {self.ridge_alpha}")
 
@@ -208,7 +220,8 @@ def solve_constraints(scores: Scores, beta: float, reward: str, constraints: Seq
                       confidence: float | None = None,
                       evaluation: tuple[int, int] | None = None,
                       features: np.ndarray | None = None, ridge_alpha: float = 1e-3,
-                      fit: ReachableFit | None = None, evaluation_bound: float | None = None) -> DualRecord:
+                      fit: ReachableFit | None = None, evaluation_bound: float | None = None,
+                      delivery_spread: float | None = None) -> DualRecord:
     """Solve the dual for parsed constraints on a scores table; return the dual.json record.
 
     With ``features`` [n, d] (π_ref's features of each row, in the table's file order) the dual is
@@ -245,7 +258,8 @@ def solve_constraints(scores: Scores, beta: float, reward: str, constraints: Seq
                               confidence=confidence, evaluation=evaluation,
                               residual_variance=None if fit is None else
                               [fit.residual_variance[c.column] for c in constraints],
-                              target=target, refit=refit, evaluation_bound=evaluation_bound)
+                              target=target, refit=refit, evaluation_bound=evaluation_bound,
+                              delivery=delivery_spread)
     except InfeasibleConstraintError as e:
         raise _column_infeasible(e, constraints) from None
     record = _record(res, reward, constraints, ref)
@@ -352,7 +366,7 @@ def _record(res: DualResult, reward: str, constraints: Sequence[Constraint],
     margin = res.confidence_margin if res.confidence_margin is not None else np.zeros(len(names))
     plan = None
     if res.plain is not None:
-        dual_part, eval_part = res.confidence_parts
+        dual_part, eval_part, delivery_part = res.confidence_parts
         plan = ConfidencePlan(res.confidence, {n: float(s) for n, s in zip(names, margin, strict=True)},
                               dict(zip(names, res.plain.lambdas.tolist(), strict=True)),
                               _in_columns(res.plain, reward, constraints),
@@ -361,7 +375,10 @@ def _record(res: DualResult, reward: str, constraints: Sequence[Constraint],
                                   "prompts": res.confidence_evaluation[0],
                                   "samples": res.confidence_evaluation[1],
                                   "bound": res.confidence_bound,
-                                  "margin": {n: float(s) for n, s in zip(names, eval_part, strict=True)}})
+                                  "margin": {n: float(s) for n, s in zip(names, eval_part, strict=True)}},
+                              delivery=None if delivery_part is None else {
+                                  "spread": res.confidence_delivery,
+                                  "margin": {n: float(s) for n, s in zip(names, delivery_part, strict=True)}})
     return DualRecord(
         beta=res.beta, reward=reward, constraints=[c.text for c in constraints],
         lambdas=dict(zip(names, res.lambdas.tolist(), strict=True)),
@@ -434,15 +451,25 @@ def format_report(record: DualRecord) -> str:
         pct = round(100 * plan.level)
         if plan.evaluation:
             ev = plan.evaluation
+            dv = plan.delivery
             parts = "; ".join(f"{n}: {plan.dual_margin[n]:.3g} for the dual's prompt sampling, "
-                              f"{ev['margin'][n]:.3g} for the evaluation's noise" for n in record.names)
+                              f"{ev['margin'][n]:.3g} for the evaluation's noise"
+                              + (f", {dv['margin'][n]:.3g} for the fine-tune's spread ({100 * dv['spread']:.3g}% "
+                                 "of the planned change)" if dv else "") for n in record.names)
             what = ("point estimate" if ev.get("bound") is None
                     else f"one-sided {round(100 * ev['bound'])}% bound")
+            where = ("wherever the fine-tune lands in its spread around π_λ*" if dv
+                     else "if the fine-tune lands on π_λ*")
             why = (f"an evaluation of {ev['prompts']} held-out prompts × {ev['samples']} responses finds the "
-                   f"{what} past the threshold with probability ≈ {pct}% if the fine-tune lands on "
-                   f"π_λ* (the two parts added in quadrature: {parts})")
+                   f"{what} past the threshold with probability ≈ {pct}% {where} (the parts added in "
+                   f"quadrature: {parts})")
         else:
             why = f"the one-sided {pct}% bound under prompt resampling meets it"
+            if plan.delivery:
+                why += (" wherever the fine-tune lands in its spread around π_λ* ("
+                        + "; ".join(f"{n}: {plan.dual_margin[n]:.3g} for the dual's prompt sampling, "
+                                    f"{plan.delivery['margin'][n]:.3g} for the fine-tune's spread" for n in record.names)
+                        + ")")
         notes.append(f"Planned with a {pct}% margin: π_λ* clears each threshold ({names}) so that "
                      f"{why}. Against the "
                      f"plain solution (λ* {', '.join(f'{v:.4g}' for v in plan.plain_lambdas.values())}) the margin "
@@ -456,7 +483,8 @@ def format_report(record: DualRecord) -> str:
 def make_plan(scores: Any, constraints: str | Sequence[str], *, beta: float = 0.1, reward: str = "reward",
               bootstrap: int = 0, seed: int = 0, confidence: float | None = None,
               evaluation_prompts: int | None = None, evaluation_samples: int = 1,
-              evaluation_bound: float | None = None, allow_unconverged: bool = False) -> DualRecord:
+              evaluation_bound: float | None = None, delivery_spread: float | None = None,
+              allow_unconverged: bool = False) -> DualRecord:
     """λ* and π_λ*'s predictions for ``constraints`` on scored samples of π_ref held in memory.
 
     ``scores``: a DataFrame or ``datasets.Dataset`` in the scores table's layout (``prompt_id``, the
@@ -470,7 +498,7 @@ def make_plan(scores: Any, constraints: str | Sequence[str], *, beta: float = 0.
         "constraints": constraints, "beta": beta, "reward": reward, "bootstrap": bootstrap, "seed": seed,
         "confidence": confidence, "evaluation_prompts": evaluation_prompts,
         "evaluation_samples": evaluation_samples, "evaluation_bound": evaluation_bound,
-        "allow_unconverged": allow_unconverged})
+        "delivery_spread": delivery_spread, "allow_unconverged": allow_unconverged})
     return solve_config(cfg, table=as_frame(scores, "scores"))
 
 
@@ -489,7 +517,8 @@ def solve_config(cfg: DualConfig, cache: Path | None = None, table: pd.DataFrame
                                       trust_remote_code=cfg.trust_remote_code, device=cfg.device)
     record = solve_constraints(scores, cfg.beta, cfg.reward, constraints, bootstrap=cfg.bootstrap,
                                confidence=cfg.confidence, evaluation=cfg.evaluation(), seed=cfg.seed,
-                               features=features, ridge_alpha=cfg.ridge_alpha, evaluation_bound=cfg.evaluation_bound)
+                               features=features, ridge_alpha=cfg.ridge_alpha, evaluation_bound=cfg.evaluation_bound,
+                               delivery_spread=cfg.delivery_spread)
     return require_converged(record, cfg.allow_unconverged)
 
 

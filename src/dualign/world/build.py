@@ -35,6 +35,10 @@ WORLD_FILES = ("world.json", "prompts_train.jsonl", "prompts_dual.jsonl", "promp
                "ref_model/config.json", "reward_model/config.json", "cost_model/config.json")
 
 
+# files derived from the config alone, written into a complete world on its first use (not in the key)
+DERIVED_FILES = ("prompts_heldout.jsonl",)
+
+
 def default_world_dir(cfg: WorldConfig) -> Path:
     """Where ``build_world(cfg)`` puts the world: ``$DUALIGN_CACHE/worlds/world-<hash>``."""
     return cache_root() / "worlds" / f"world-{config_hash(cfg)}"
@@ -225,6 +229,7 @@ def build_world(cfg: WorldConfig | None = None, out_dir: str | Path | None = Non
     cfg = cfg or WorldConfig()
     final = Path(out_dir) if out_dir is not None else default_world_dir(cfg)
     if is_complete(final, cfg):
+        write_derived(final, cfg)
         return final
     if is_complete(final):
         raise InputError(f"{final}: holds a world built from another config; choose another directory")
@@ -240,7 +245,9 @@ def build_world(cfg: WorldConfig | None = None, out_dir: str | Path | None = Non
         write_json({"world_version": WORLD_VERSION, "config_hash": config_hash(cfg), "seed": cfg.seed,
                     "config": dataclasses.asdict(cfg), **info, "versions": versions()}, tmp / "world.json")
         if is_complete(final, cfg):  # another process finished the same world meanwhile
+            write_derived(final, cfg)
             return final
+        write_derived(tmp, cfg)
         honour_umask(tmp)  # transformers writes weight shards 0600
         if final.exists():
             shutil.rmtree(final)
@@ -249,6 +256,13 @@ def build_world(cfg: WorldConfig | None = None, out_dir: str | Path | None = Non
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def write_derived(path: Path, cfg: WorldConfig) -> None:
+    """Write the :data:`DERIVED_FILES` a world directory lacks (atomically: processes sharing the
+    cache may race here, and both write the same rows)."""
+    if not (path / "prompts_heldout.jsonl").exists():
+        _write_jsonl(C.heldout_prompts(cfg), path / "prompts_heldout.jsonl")
 
 
 def load_world_info(path: str | Path) -> dict[str, Any]:

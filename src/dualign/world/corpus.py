@@ -46,6 +46,22 @@ def fresh_prompts(cfg: WorldConfig, n: int, exclude: set[str], name: str = "fres
     return [{"prompt_id": f"{name}-{i:05d}", **row} for i, row in enumerate(rows)]
 
 
+HELDOUT_FACTOR = 4  # the held-out evaluation set: this many times the eval split
+
+
+def heldout_prompts(cfg: WorldConfig, splits: dict[str, list[dict]] | None = None) -> list[dict]:
+    """The world's held-out evaluation set (``prompts_heldout.jsonl``): the eval split followed by
+    (HELDOUT_FACTOR − 1)·n_eval_prompts fresh prompts from the stream ``"<seed>:heldout"``, none of
+    them in any split (ids ``heldout-00000``…). Four times the eval split halves an evaluation's
+    standard error: the default demo's verdict rests on it (docs/results/build_rates.md). Derived
+    from the config alone, so it is not part of the cache key: a world built before it existed gets
+    it on its next use."""
+    splits = splits if splits is not None else make_prompts(cfg)
+    exclude = {row["prompt"] for rows in splits.values() for row in rows}
+    extra = fresh_prompts(cfg, (HELDOUT_FACTOR - 1) * cfg.n_eval_prompts, exclude, "heldout")
+    return [*splits["eval"], *extra]
+
+
 def _draw_prompts(rng: random.Random, harmful_fraction: float, n: int, seen: set[str]) -> list[dict]:
     """``n`` distinct prompts not in ``seen`` (which grows): each harmful with probability
     ``harmful_fraction``, its topic uniform within its class (rows of prompt, topic, harmful)."""
