@@ -35,9 +35,13 @@ import os
 import shutil
 from pathlib import Path
 
-from dualign._infra.io import read_json, write_json
+import numpy as np
+
+from dualign._infra.io import read_json, read_table, write_json
 from dualign.cli import demo_values
 from dualign.data.prompts import load_prompts
+from dualign.data.records import read_dual
+from dualign.dual.formulas import extrapolated_kl
 from dualign.pipeline import resolve_run_config, run_pipeline
 from dualign.world.config import world_config
 from dualign.world.corpus import fresh_prompts, heldout_prompts, make_prompts
@@ -47,7 +51,7 @@ VARIANTS = {"default": {}, "confidence 0.9": {"confidence": 0.9}, "confidence 0.
             "tilt samples": {"tilt": "samples"}}
 CRITERIA = ("met", "met confidently", "KL within 1.25×", "reward prediction in CI", "helpfulness within 0.05")
 # the same comparisons against each distribution a prediction could be drawn from
-AGAINST = tuple(f"{k} ({name})" for name in ("target", "plan")
+AGAINST = tuple(f"{k} ({name})" for name in ("target", "plan", "K samples")
                 for k in ("KL within 1.25×", "reward prediction in CI", "constraints' predictions in CI"))
 
 
@@ -134,6 +138,31 @@ def predictions(report: dict) -> dict:
     return {"delivered": {**plan, "kl": target["kl"]}, "target": target, "plan": plan}
 
 
+def kl_past_k(run_dir: Path) -> float | None:
+    """The KL of what the run trained towards (the original scores at its λ*) extrapolated past its
+    K samples (:func:`dualign.dual.formulas.extrapolated_kl`), from its dual.json and scores: what
+    this release's report predicts, for a run whose report an earlier release wrote."""
+    dual = read_dual(run_dir / "dual.json")
+    scores = read_table(run_dir / "scores.parquet")
+    g = np.stack([c.sign * scores[c.column].to_numpy(np.float64) for c in dual.parsed], axis=1)
+    out = extrapolated_kl(scores["prompt_id"].to_numpy(), scores[dual.reward].to_numpy(np.float64), g,
+                          np.array([dual.lambdas[n] for n in dual.names]), dual.beta)
+    return None if out is None else out[2]
+
+
+def past_k(preds: dict, report: dict, run_dir: Path) -> dict:
+    """The predictions with the KL of what is trained past its K samples as "delivered" (what this
+    release's report predicts: its ``kl.samples`` set; an earlier report's computed from the run's
+    files) and the K-sample KL beside it as "K samples"."""
+    samples = report["kl"].get("samples")
+    if samples is not None:
+        return {**preds, "K samples": {**preds["delivered"], "kl": samples}}
+    past = kl_past_k(run_dir) if (run_dir / "scores.parquet").exists() else None
+    if past is None:
+        return preds
+    return {**preds, "delivered": {**preds["delivered"], "kl": past}, "K samples": preds["delivered"]}
+
+
 def outcome(report: dict, run_dir: Path) -> dict:
     """One run's row: the verdicts and the criteria against the delivered prediction (what the
     report predicts), the same comparisons against the trained target and the plan, and the figures
@@ -142,7 +171,7 @@ def outcome(report: dict, run_dir: Path) -> dict:
     kl = report["kl"]
     pr = report["predicted_reward"]
     rc = report["reward"]
-    preds = predictions(report)
+    preds = past_k(predictions(report), report, run_dir)
     row = {"met": all(c["met"] for c in constraints),
            "met confidently": all(bool(c["met_confidently"]) for c in constraints),
            "KL achieved": kl["achieved"], "reward change achieved": pr["achieved_change"],

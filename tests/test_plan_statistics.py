@@ -4,9 +4,13 @@ fine-tune is trained towards, and the report's comparison of a prediction with a
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
+import pandas as pd
 import pytest
 
+import dualign
 from dualign._infra.segments import Segments
 from dualign.data.constraints import parse_constraint
 from dualign.dual.reachable import (
@@ -117,6 +121,9 @@ def test_the_fit_error_widens_the_reachable_dual_ci_and_the_target_gets_its_own_
         change = target[key] - refit.reference[key]
         assert ci[key][0] < change < ci[key][1]
     assert refit.reachable.samples_predicted_ci["kl"][0] < target["kl"] < refit.reachable.samples_predicted_ci["kl"][1]
+    # the KL extrapolated past K samples is of the same target: the original scores at λ*, not the fit's
+    assert refit.kl_extrapolated.samples == pytest.approx(target["kl"], rel=1e-9)
+    assert refit.kl_extrapolated.value > target["kl"] > refit.predicted["kl"]
 
 
 def test_the_model_card_predicts_what_the_report_predicts_and_names_the_target_and_the_plan():
@@ -259,3 +266,125 @@ def test_build_rates_reads_each_prediction_from_reports_of_either_release():
         assert p["plan"] == {"reward": -2.0, "cost": -4.0, "kl": 0.4}
     plain = module.predictions(report("plan", (-1.5, -4.0, 0.5), (None, None, None), (None, None, None)))
     assert plain["delivered"] == plain["target"] == plain["plan"] == {"reward": -1.5, "cost": -4.0, "kl": 0.5}
+
+
+def _script(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_delivery_spread_takes_the_evaluations_noise_out_of_the_residuals_spread():
+    """scripts/delivery_spread.py by hand: residuals +0.2, −0.2, 0 from a plan of −4 (Var 0.04 with
+    n − 1), each evaluation's s.e. 0.1 (CI ±1.96·0.1), so δ = sqrt(0.04 − 0.01)/4 = 0.0433; noisier
+    evaluations than the residuals' spread give 0, not a negative variance; the K-sample tilt's
+    plan is its predicted change; a named constraint is found by column; fewer than 3 runs refused."""
+    mod = _script("delivery_spread")
+
+    def report(achieved, se, planned_key="planned_change", planned=-4.0):
+        other = {"column": "harm", "achieved_change": 9.0, "achieved_change_ci95": [0.0, 1.0], planned_key: 0.0}
+        return {"constraints": [other, {"column": "cost", "achieved_change": achieved,
+                                        "achieved_change_ci95": [achieved - 1.959963984540054 * se,
+                                                                 achieved + 1.959963984540054 * se],
+                                        planned_key: planned}]}
+
+    reports = [report(-3.8, 0.1), report(-4.2, 0.1), report(-4.0, 0.1)]
+    out = mod.measure(reports, "cost", resamples=200)
+    assert out["delta"] == pytest.approx(np.sqrt(0.04 - 0.01) / 4, rel=1e-9)
+    assert out["residual_sd"] == pytest.approx(0.2) and out["evaluation_se_rms"] == pytest.approx(0.1)
+    assert 0 <= out["ci95"][0] <= out["delta"] <= out["ci95"][1]
+    noisy = [report(-3.8, 0.5), report(-4.2, 0.5), report(-4.0, 0.5)]
+    assert mod.measure(noisy, "cost", resamples=50)["delta"] == 0.0
+    samples = [report(a, 0.1, "predicted_change", -2.0) for a in (-1.8, -2.2, -2.0)]
+    assert mod.measure(samples, "cost", resamples=50)["delta"] == pytest.approx(np.sqrt(0.03) / 2, rel=1e-9)
+    with pytest.raises(SystemExit, match="at least 3"):
+        mod.measure(reports[:2], "cost")
+    with pytest.raises(SystemExit, match="no constraint"):
+        mod.measure(reports, "toxicity")
+
+
+def test_build_rates_fresh_set_leaves_out_the_builds_held_out_set_and_the_files_named(tmp_path):
+    """The fresh prompts of a build: none in its splits, its held-out set or an --exclude-prompts
+    file ({build} filled in); a variant's run directory gets the default's sample and score stages
+    copied (nothing else, nothing overwritten)."""
+    from dualign.world.config import world_config
+    from dualign.world.corpus import fresh_prompts, heldout_prompts, make_prompts
+
+    mod = _script("build_rates")
+    build = world_config("small", {"seed": 7})
+    splits = make_prompts(build)
+    taken = {r["prompt"] for r in fresh_prompts(build, 40, set(), "fresh-judge")[:20]}
+    (tmp_path / "chosen-7.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in sorted(taken)))
+    path = mod.fresh_eval_file(7, "small", 64, tmp_path / "out", "fresh-judge", (str(tmp_path / "chosen-{build}.jsonl"),))
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    texts = {r["prompt"] for r in rows}
+    assert len(rows) == len(texts) == 64 and path.name == "fresh-judge-small-7.jsonl"
+    assert not texts & taken
+    assert not texts & {r["prompt"] for rows_ in splits.values() for r in rows_}
+    assert not texts & {r["prompt"] for r in heldout_prompts(build, splits)}
+    src, dst = tmp_path / "default", tmp_path / "variant"
+    src.mkdir()
+    for name in ("samples.parquet", "scores.parquet", "sample.done", "score.done", "sample.meta.json",
+                 "score.config.yaml", "dual.json", "dual.done", "metrics.jsonl"):
+        (src / name).write_text(name)
+    dst.mkdir()
+    (dst / "scores.parquet").write_text("mine")
+    mod.share_samples(src, dst)
+    assert sorted(p.name for p in dst.iterdir()) == ["sample.done", "sample.meta.json", "samples.parquet",
+                                                      "score.config.yaml", "score.done", "scores.parquet"]
+    assert (dst / "scores.parquet").read_text() == "mine"
+
+
+def test_the_kl_extrapolated_past_k_samples_by_hand_and_nearer_a_gaussian_tilts_exact_kl():
+    """extrapolated_kl: KL_K = Σ p log(K·p) per prompt (p ∝ exp(s/β)), KL_{K/2} the mean of the same on
+    each half of the prompt's samples, and 2·KL_K − KL_{K/2}, by hand on two prompts; on a Gaussian
+    score (s ~ N(0, 1) per prompt, β = 1: the tilt's exact KL is 1/2) the K = 8 estimate is biased low
+    (0.36) and the extrapolation lands nearer (within 15%)."""
+    from dualign.dual.formulas import extrapolated_kl
+
+    def k_sample(s):
+        p = np.exp(s - s.max())
+        p /= p.sum()
+        return float(np.sum(p * np.log(len(s) * p)))
+
+    s = np.array([[0.3, -1.2, 2.0, 0.1], [1.5, 0.2, -0.4, -2.2]])
+    ids = np.repeat([0, 1], 4)
+    full, half, value = extrapolated_kl(ids, s.ravel(), np.zeros((8, 1)), np.zeros(1), 1.0)
+    assert full == pytest.approx(np.mean([k_sample(row) for row in s]), rel=1e-12)
+    assert half == pytest.approx(np.mean([k_sample(row[:2]) / 2 + k_sample(row[2:]) / 2 for row in s]), rel=1e-12)
+    assert value == pytest.approx(2 * full - half, rel=1e-12)
+    assert extrapolated_kl(np.arange(3), np.zeros(3), np.zeros((3, 1)), np.zeros(1), 1.0) is None   # K = 1
+    rng = np.random.default_rng(0)
+    g = rng.normal(size=(4000, 8))
+    full, _, value = extrapolated_kl(np.repeat(np.arange(4000), 8), np.zeros(g.size), g.reshape(-1, 1),
+                                     np.ones(1), 1.0)
+    assert full < 0.4 and abs(value - 0.5) < 0.075 and abs(value - 0.5) < abs(full - 0.5) / 2
+
+
+def test_the_report_predicts_the_kl_of_what_is_trained_past_its_k_samples_and_keeps_the_k_sample_value():
+    """dual.json's kl_extrapolated is of what is trained (the K-sample tilt of the original scores at
+    λ*: its ``samples`` is reachable.samples_predicted.kl on the reachable tilt, the plan's KL on the
+    K-sample tilt), its CI the K-sample CI scaled alike; the prediction a fine-tune is judged by takes
+    it (an old dual.json without it keeps the K-sample KL)."""
+    import dataclasses
+
+    from dualign.data.records import trained_target
+
+    rng = np.random.default_rng(3)
+    n, k = 120, 8
+    ids = np.repeat(np.arange(n), k)
+    table = pd.DataFrame({"prompt_id": ids, "reward": rng.normal(size=n * k),
+                          "cost": rng.normal(size=n * k) + rng.normal(size=n).repeat(k)})
+    plan = dualign.make_plan(table, "cost<=ref-0.3", beta=1.0, bootstrap=50)
+    ext = plan.kl_extrapolated
+    assert ext.samples == pytest.approx(plan.predicted["kl"], rel=1e-9) and ext.value > ext.samples
+    assert ext.ci == pytest.approx([c * ext.value / ext.samples for c in plan.ci.predicted["kl"]], rel=1e-9)
+    target = trained_target(plan)
+    assert target.values["kl"] == target.changes["kl"] == ext.value and target.change_ci["kl"] == ext.ci
+    old = trained_target(dataclasses.replace(plan, kl_extrapolated=None))
+    assert old.values["kl"] == plan.predicted["kl"] and old.change_ci["kl"] == plan.ci.predicted["kl"]

@@ -502,7 +502,8 @@ def build_report(ref: pd.DataFrame, pol: pd.DataFrame, dual: DualRecord, cfg: Ev
         beta=dual.beta, lambdas=dual.lambdas, reference=ref_sum, policy=pol_sum,
         kl=KLOutcome(kl_mean, [kl_lo, kl_hi], kl_pred, containing(target.change_ci.get("kl"), kl_pred),
                      None if kl_pred is None else _inside(kl_pred, [kl_lo, kl_hi]),
-                     planned.get("kl"), planned_ci.get("kl") if planned else None),
+                     planned.get("kl"), planned_ci.get("kl") if planned else None,
+                     dual.kl_extrapolated.samples if dual.kl_extrapolated else None),
         win_rate={reward: win_rate(matched[f"{reward}_pol"], matched[f"{reward}_ref"])},
         constraints=rows,
         predicted_reward=RewardPrediction(

@@ -90,6 +90,20 @@ class HalfSampleKL:
 
 
 @dataclass
+class ExtrapolatedKL:
+    """The KL of what is trained, past its K samples (:func:`dualign.dual.formulas.extrapolated_kl`):
+    the K-sample estimate (``samples``), the mean of it on each half of every prompt's samples
+    (``half``) and the Richardson extrapolation 2·samples − half (``value``), with ``ci`` the
+    K-sample estimate's bootstrap CI scaled by value / samples. Of the target a fine-tune trains
+    towards: on the reachable tilt the original scores at λ*, on the K-sample tilt the plan."""
+
+    samples: float
+    half: float
+    value: float
+    ci: list[float] | None = None
+
+
+@dataclass
 class DualRecord:
     """dual.json: λ for each constraint and what π_λ is predicted to reach on π_ref's samples.
 
@@ -116,6 +130,7 @@ class DualRecord:
     num_samples: int | None = None
     ci: DualCI | None = None
     kl_half_samples: HalfSampleKL | None = None
+    kl_extrapolated: ExtrapolatedKL | None = None  # the KL of what is trained, past K samples
     confidence: ConfidencePlan | None = None
     reachable: ReachableTilt | None = None
     allow_unconverged: bool | None = None  # true: the dual stage was told to keep an unconverged λ*
@@ -216,16 +231,27 @@ def trained_target(dual: DualRecord) -> TrainedTarget:
     def changes(values: dict[str, float]) -> dict[str, float]:
         return {k: values[k] - dual.reference[k] for k in keys} | {"kl": values["kl"]}
 
+    ext = dual.kl_extrapolated
+
+    def past_k(values: dict, ci: dict) -> tuple[dict, dict]:
+        """The KL of what is trained past its K samples, where dual.json has it (0.2 and later)."""
+        if ext is None:
+            return values, ci
+        return {**values, "kl": ext.value}, ({**ci, "kl": ext.ci} if ext.ci else
+                                             {k: v for k, v in ci.items() if k != "kl"})
+
     ci = dual.ci
     plan_ci = {**(ci.predicted_change if ci else {}), **({"kl": ci.predicted["kl"]} if ci and "kl" in ci.predicted else {})}
     reach = dual.reachable
     if reach is None:
-        return TrainedTarget(dict(dual.predicted), changes(dual.predicted), plan_ci)
+        values, changes_ci = past_k(dict(dual.predicted), plan_ci)
+        return TrainedTarget(values, {**changes(dual.predicted), "kl": values["kl"]}, changes_ci)
     target_ci = {**(reach.samples_predicted_change_ci or {}),
                  **({"kl": reach.samples_predicted_ci["kl"]} if reach.samples_predicted_ci else {})}
     plan, target = changes(dual.predicted), changes(reach.samples_predicted)
-    return TrainedTarget(delivered(dual.predicted, reach.samples_predicted), delivered(plan, target),
-                         delivered(plan_ci, target_ci), plan, plan_ci, target, target_ci)
+    values, _ = past_k(delivered(dual.predicted, reach.samples_predicted), {})
+    delivered_changes, delivered_ci = past_k(delivered(plan, target), delivered(plan_ci, target_ci))
+    return TrainedTarget(values, delivered_changes, delivered_ci, plan, plan_ci, target, target_ci)
 
 
 # ------------------------------------------------------------------------------ eval/report.json
@@ -248,6 +274,7 @@ class KLOutcome:
     prediction_in_ci: bool | None = None  # predicted inside ci95, the achieved KL's own interval
     planned: float | None = None  # the plan's KL, where it differs from predicted (the reachable tilt)
     planned_ci95: list[float] | None = None
+    samples: float | None = None  # what is trained's KL on its K samples, before the extrapolation past them
 
 
 @dataclass

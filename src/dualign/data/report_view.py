@@ -280,8 +280,8 @@ def format_report(report: EvalReport) -> str:
 PREDICTED = {
     "plan": "predicted = the dual's prediction of that change, made before training (95% CI: its bootstrap).",
     "delivered": "predicted = what the fine-tune is predicted to deliver, before training: each mean's change "
-                 "as planned (the fitted scores tilted at λ*), the KL of the target it trains towards "
-                 "(95% CI: their bootstrap).",
+                 "as planned (the fitted scores tilted at λ*), the KL of the target it trains towards, "
+                 "extrapolated past its K samples per prompt (95% CI: their bootstrap).",
     "target": "predicted = the change the fine-tune trains towards (the original scores tilted at λ*), predicted "
               "before training (95% CI: its bootstrap)."}
 
@@ -301,12 +301,18 @@ def _prediction_lines(report: EvalReport) -> list[str]:
     if report.prediction == "delivered":
         target = [f"{rc} {num(pr.target_change, True)}", *(f"{c.column} {num(c.target_change, True)}"
                                                           for c in report.constraints)]
+        kl_text = (f"KL {num(kl.samples)} on its K samples, {num(kl.predicted)} extrapolated past them"
+                   if kl.samples is not None else f"KL {num(kl.predicted)}")
         lines += textwrap.wrap(
             f"The fine-tune trains towards the original scores at λ*, whose tilt has changes of {', '.join(target)} "
-            f"(KL {num(kl.predicted)}; the plan's KL {num(kl.planned)}). It moves the means about as far as the plan "
-            "(the part of each score π_ref's features reach) and pays at least the target's KL: so the means "
+            f"({kl_text}; the plan's KL {num(kl.planned)}). It moves the means about as far as the plan "
+            "(the part of each score π_ref's features reach) and pays about the target's KL: so the means "
             "above are the plan's and the KL the target's (measured over world builds: docs/results/build_rates.md).",
             100)
+    elif kl.samples is not None:
+        lines += textwrap.wrap(f"The KL predicted is that of the tilt extrapolated past its K samples per prompt "
+                               f"({num(kl.samples)} on them): a fine-tune generalises it to responses it never saw.",
+                               100)
     if report.prediction == "target":
         plan = [f"{rc} {num(pr.planned_change, True)}", *(f"{c.column} {num(c.planned_change, True)}"
                                                          for c in report.constraints), f"KL {num(kl.planned)}"]

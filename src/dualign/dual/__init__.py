@@ -15,6 +15,7 @@ from dualign.dual.formulas import (
     dual_gradient,
     dual_hessian,
     dual_value,
+    extrapolated_kl,
     grouped_logsumexp,
     half_sample_kl,
     kl,
@@ -33,5 +34,5 @@ from dualign.dual.stage import (
 )
 
 __all__ = ["DualConfig", "DualResult", "dual_gradient", "dual_hessian", "dual_value", "format_report",
-           "grouped_logsumexp", "half_sample_kl", "kl", "predictions", "reference_means", "require_converged",
+           "extrapolated_kl", "grouped_logsumexp", "half_sample_kl", "kl", "predictions", "reference_means", "require_converged",
            "run_dual", "solve_constraints", "solve_dual", "solve_dual_long", "tilted_means", "tilted_weights"]

@@ -150,3 +150,33 @@ def half_sample_kl(prompt_ids, rewards, utilities, lambdas, beta: float,
         return _kl(sub, logits[rows], log_weights(sub, w[rows]))
 
     return estimate(keep & half), estimate(keep)
+
+
+def extrapolated_kl(prompt_ids, rewards, utilities, lambdas, beta: float,
+                    sample_weights=None) -> tuple[float, float, float] | None:
+    """(KL_K, KL_{K/2}, 2·KL_K − KL_{K/2}) of π_λ at fixed λ over the prompts with K_x ≥ 2: the
+    K-sample estimate mean_x Σ_k p_k log(p_k/w_k), the mean of the same on each half of every
+    prompt's samples (the first ⌊K_x/2⌋ and the rest), and their Richardson extrapolation.
+
+    The K-sample estimate is biased low, by about c/K (a tilt seen through K samples cannot put more
+    than log K nats on any one); 2·KL_K − KL_{K/2} removes that leading term, an estimate of the KL
+    of π_ref·exp((r + λᵀg)/β) itself, the distribution a fine-tune generalises towards on responses
+    it was not trained on (None when no prompt has two samples)."""
+    seg = Segments.of(prompt_ids)
+    counts = seg.expand(seg.counts)
+    position = np.arange(seg.size) - seg.expand(seg.starts)
+    keep = counts >= 2
+    if not keep.any():
+        return None
+    codes = np.repeat(np.arange(seg.num), seg.counts)  # the prompt of each grouped row
+    logits = seg.group(tilt_logits(rewards, utilities, lambdas, beta))
+    w = np.ones(seg.size) if sample_weights is None else seg.group(np.asarray(sample_weights, np.float64))
+
+    def estimate(rows: np.ndarray) -> float:
+        sub = Segments.of(codes[rows])
+        return _kl(sub, logits[rows], log_weights(sub, w[rows]))
+
+    first = position < counts // 2
+    full = estimate(keep)
+    half = 0.5 * (estimate(keep & first) + estimate(keep & ~first))
+    return full, half, 2.0 * full - half

@@ -36,12 +36,13 @@ from dualign.data.records import (
     ConfidencePlan,
     DualCI,
     DualRecord,
+    ExtrapolatedKL,
     HalfSampleKL,
     ReachableTilt,
     write_dual,
 )
 from dualign.data.score_table import Scores, as_frame, read_scores, validate_scores
-from dualign.dual.formulas import half_sample_kl, reference_means
+from dualign.dual.formulas import extrapolated_kl, half_sample_kl, reference_means
 from dualign.dual.reachable import (
     FEATURES,
     ReachableFit,
@@ -270,7 +271,21 @@ def solve_constraints(scores: Scores, beta: float, reward: str, constraints: Seq
         record.kl_half_samples = HalfSampleKL(*halves)
     if fit is not None:
         record.reachable = _reachable_record(fit, res, reward, constraints, refit is not None)
+    record.kl_extrapolated = _extrapolated(record, scores, target or (scores.columns[reward], g), res.lambdas, beta)
     return record
+
+
+def _extrapolated(record: DualRecord, scores: Scores, trained: tuple[np.ndarray, np.ndarray], lambdas: np.ndarray,
+                  beta: float) -> ExtrapolatedKL | None:
+    """The KL of what is trained (``trained`` = its rewards and utilities: the original scores)
+    past its K samples, its CI the K-sample one's scaled alike (:class:`ExtrapolatedKL`)."""
+    out = extrapolated_kl(scores.prompt_index, trained[0], trained[1], lambdas, beta, scores.sample_weights)
+    if out is None or not out[0] > 0:
+        return None
+    reach = record.reachable
+    ci = (reach.samples_predicted_ci or {}).get("kl") if reach else (record.ci.predicted.get("kl") if record.ci else None)
+    scale = out[2] / out[0]
+    return ExtrapolatedKL(*out, ci=[float(c * scale) for c in ci] if ci else None)
 
 
 def _refit(fit: ReachableFit, seg: Segments, reward: str, constraints: Sequence[Constraint]) -> Refit:
