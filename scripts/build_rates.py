@@ -259,12 +259,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--exclude-prompts", nargs="*", default=[], metavar="FILE",
                         help="prompt files (JSONL/Parquet/CSV) whose prompts the fresh set leaves out: the sets "
                              "a setting was chosen on; {build} in a name becomes the build seed")
+    parser.add_argument("--available", action="store_true",
+                        help="tabulate the runs that have finished (their eval/report.json), run nothing")
     args = parser.parse_args(argv)
     out = Path(args.out)
     rows = []
     for build in args.builds:
         for variant in args.variants:
             for seed in args.train_seeds:
+                if args.available:
+                    run_dir = run_dir_of(out, build, variant, seed)
+                    if (run_dir / "evaluate.done").exists():
+                        rows.append({"build": build, "variant": variant, "train seed": seed,
+                                     **outcome(read_json(run_dir / "eval" / "report.json"), run_dir)})
+                    continue
                 if variant != "default":
                     share_samples(run_dir_of(out, build, "default", seed), run_dir_of(out, build, variant, seed))
                 cfg = resolve_run_config(run_values(build, seed, variant, out, args.smoke, args.stream,
