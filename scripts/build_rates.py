@@ -46,7 +46,8 @@ from dualign.pipeline import resolve_run_config, run_pipeline
 from dualign.world.config import world_config
 from dualign.world.corpus import fresh_prompts, heldout_prompts, make_prompts
 
-VARIANTS = {"default": {}, "confidence 0.9": {"confidence": 0.9}, "confidence 0.95": {"confidence": 0.95},
+VARIANTS = {"default": {}, "no margin": {"confidence": 0.5}, "confidence 0.9": {"confidence": 0.9},
+            "confidence 0.95": {"confidence": 0.95},
             "confidence 0.95 confidently": {"confidence": 0.95, "confidently": True},
             "tilt samples": {"tilt": "samples"}}
 CRITERIA = ("met", "met confidently", "KL within 1.25×", "reward prediction in CI", "helpfulness within 0.05")
@@ -211,7 +212,7 @@ def rates(rows: list[dict]) -> dict:
         if runs:
             out[variant] = {k: [sum(bool(r.get(k)) for r in runs), len(runs)]
                             for k in (*CRITERIA, "constraints' predictions in CI", *AGAINST)}
-    for level in [v for v in VARIANTS if v.startswith("confidence")]:
+    for level in [v for v in VARIANTS if v.startswith("confidence") or v == "no margin"]:
         pairs = [(c, d) for c in rows if c["variant"] == level for d in rows
                  if d["variant"] == "default" and (d["build"], d["train seed"]) == (c["build"], c["train seed"])]
         if pairs:
@@ -240,7 +241,8 @@ def markdown(table: dict, builds: list[int], seeds: list[int]) -> str:
     for key, cost in table.items():
         if key.startswith("margin cost"):
             level = key[len("margin cost ("):].split(" − ")[0]
-            lines += ["", f"The {level} margin costs {cost['KL']:+.3g} KL and {cost['reward change']:+.3g} reward "
+            what = "Planning on the point (no margin) gives" if level == "no margin" else f"The {level} margin costs"
+            lines += ["", f"{what} {cost['KL']:+.3g} KL and {cost['reward change']:+.3g} reward "
                           "change (achieved, minus the default's, mean over the same builds and seeds)."]
     return "\n".join(lines) + "\n"
 
