@@ -127,18 +127,13 @@ def tilted_means(prompt_ids, logits, values, sample_weights=None) -> tuple[np.nd
     return means, _kl(seg, s, log_w)
 
 
-def half_sample_kl(prompt_ids, rewards, utilities, lambdas, beta: float,
-                   sample_weights=None) -> tuple[float, float] | None:
-    """(KL estimate on the first ⌊K_x/2⌋ samples of each prompt, on all K_x) at fixed λ, both
-    mean_x Σ_k p_k log(p_k/w_k) over the prompts with K_x ≥ 2 (None when there are none).
-
-    The K-sample estimate of KL(π_λ‖π_ref) is at most log K per prompt and biased low; it grows
-    with K until the samples cover π_λ's mass. Half-K well below all-K says K was too small and
-    π_λ's true KL (what a fine-tune towards it spends) is likely above the prediction.
-    """
+def _kl_on_rows(prompt_ids, rewards, utilities, lambdas, beta: float, sample_weights=None):
+    """(estimate, first, keep): ``estimate(rows)`` is mean_x Σ_k p_k log(p_k/w_k) at fixed λ on the
+    grouped rows selected; ``first`` marks each prompt's first ⌊K_x/2⌋ rows, ``keep`` the prompts
+    with K_x ≥ 2 (None when there are none)."""
     seg = Segments.of(prompt_ids)
     counts = seg.expand(seg.counts)
-    keep, half = counts >= 2, np.arange(seg.size) - seg.expand(seg.starts) < counts // 2
+    keep, first = counts >= 2, np.arange(seg.size) - seg.expand(seg.starts) < counts // 2
     if not keep.any():
         return None
     codes = np.repeat(np.arange(seg.num), seg.counts)  # the prompt of each grouped row
@@ -149,7 +144,23 @@ def half_sample_kl(prompt_ids, rewards, utilities, lambdas, beta: float,
         sub = Segments.of(codes[rows])
         return _kl(sub, logits[rows], log_weights(sub, w[rows]))
 
-    return estimate(keep & half), estimate(keep)
+    return estimate, first, keep
+
+
+def half_sample_kl(prompt_ids, rewards, utilities, lambdas, beta: float,
+                   sample_weights=None) -> tuple[float, float] | None:
+    """(KL estimate on the first ⌊K_x/2⌋ samples of each prompt, on all K_x) at fixed λ, both
+    mean_x Σ_k p_k log(p_k/w_k) over the prompts with K_x ≥ 2 (None when there are none).
+
+    The K-sample estimate of KL(π_λ‖π_ref) is at most log K per prompt and biased low; it grows
+    with K until the samples cover π_λ's mass. Half-K well below all-K says K was too small and
+    π_λ's true KL (what a fine-tune towards it spends) is likely above the prediction.
+    """
+    rows = _kl_on_rows(prompt_ids, rewards, utilities, lambdas, beta, sample_weights)
+    if rows is None:
+        return None
+    estimate, first, keep = rows
+    return estimate(keep & first), estimate(keep)
 
 
 def extrapolated_kl(prompt_ids, rewards, utilities, lambdas, beta: float,
@@ -162,21 +173,10 @@ def extrapolated_kl(prompt_ids, rewards, utilities, lambdas, beta: float,
     than log K nats on any one); 2·KL_K − KL_{K/2} removes that leading term, an estimate of the KL
     of π_ref·exp((r + λᵀg)/β) itself, the distribution a fine-tune generalises towards on responses
     it was not trained on (None when no prompt has two samples)."""
-    seg = Segments.of(prompt_ids)
-    counts = seg.expand(seg.counts)
-    position = np.arange(seg.size) - seg.expand(seg.starts)
-    keep = counts >= 2
-    if not keep.any():
+    rows = _kl_on_rows(prompt_ids, rewards, utilities, lambdas, beta, sample_weights)
+    if rows is None:
         return None
-    codes = np.repeat(np.arange(seg.num), seg.counts)  # the prompt of each grouped row
-    logits = seg.group(tilt_logits(rewards, utilities, lambdas, beta))
-    w = np.ones(seg.size) if sample_weights is None else seg.group(np.asarray(sample_weights, np.float64))
-
-    def estimate(rows: np.ndarray) -> float:
-        sub = Segments.of(codes[rows])
-        return _kl(sub, logits[rows], log_weights(sub, w[rows]))
-
-    first = position < counts // 2
+    estimate, first, keep = rows
     full = estimate(keep)
     half = 0.5 * (estimate(keep & first) + estimate(keep & ~first))
     return full, half, 2.0 * full - half
