@@ -507,7 +507,7 @@ eval/predicted_vs_achieved.png and the aligned model in policy/."""
     p.add_argument("--confidence", type=float,
                    help="plan λ with a margin, so that the held-out evaluation's estimate meets the constraint "
                         "with this probability, the fine-tune's own spread included (the default demo plans for "
-                        "0.9; 0.5: no margin, the point)")
+                        "0.9; 0.5: about no margin, the point)")
     p.add_argument("--confidently", action="store_true",
                    help="with --confidence: the margin covers the evaluation's one-sided 95%% bound too, so "
                         "that it reports 'met confidently' with that probability (a larger margin)")

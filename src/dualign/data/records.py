@@ -244,8 +244,8 @@ def trained_target(dual: DualRecord) -> TrainedTarget:
     plan_ci = {**(ci.predicted_change if ci else {}), **({"kl": ci.predicted["kl"]} if ci and "kl" in ci.predicted else {})}
     reach = dual.reachable
     if reach is None:
-        values, changes_ci = past_k(dict(dual.predicted), plan_ci)
-        return TrainedTarget(values, {**changes(dual.predicted), "kl": values["kl"]}, changes_ci)
+        values, _ = past_k(dict(dual.predicted), {})
+        return TrainedTarget(values, *past_k(changes(dual.predicted), plan_ci))
     target_ci = {**(reach.samples_predicted_change_ci or {}),
                  **({"kl": reach.samples_predicted_ci["kl"]} if reach.samples_predicted_ci else {})}
     plan, target = changes(dual.predicted), changes(reach.samples_predicted)

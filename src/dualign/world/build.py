@@ -36,7 +36,7 @@ WORLD_FILES = ("world.json", "prompts_train.jsonl", "prompts_dual.jsonl", "promp
 
 
 # files derived from the config alone, written into a complete world on its first use (not in the key)
-DERIVED_FILES = ("prompts_heldout.jsonl",)
+DERIVED_FILES = {"prompts_heldout.jsonl": C.heldout_prompts}
 
 
 def default_world_dir(cfg: WorldConfig) -> Path:
@@ -261,8 +261,9 @@ def build_world(cfg: WorldConfig | None = None, out_dir: str | Path | None = Non
 def write_derived(path: Path, cfg: WorldConfig) -> None:
     """Write the :data:`DERIVED_FILES` a world directory lacks (atomically: processes sharing the
     cache may race here, and both write the same rows)."""
-    if not (path / "prompts_heldout.jsonl").exists():
-        _write_jsonl(C.heldout_prompts(cfg), path / "prompts_heldout.jsonl")
+    for name, rows in DERIVED_FILES.items():
+        if not (path / name).exists():
+            _write_jsonl(rows(cfg), path / name)
 
 
 def load_world_info(path: str | Path) -> dict[str, Any]:
