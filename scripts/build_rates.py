@@ -3,9 +3,9 @@
 A world build is the unit of evidence. For each build seed (chosen before looking at any result)
 and each training seed, this script builds the world (``world: {size: default, seed: S}``), runs
 the default demo (``dualign demo``), the same with ``--confidence 0.95 --confidently`` (and the
-other variants named) and with ``--tilt samples`` (the paper's K-sample tilt, the baseline), and
-judges every run on **fresh evaluation prompts**: as many as the demo's own evaluation holds,
-drawn from the build's own seed on a stream of their own (``--stream``;
+other variants named, e.g. ``absolute``: the fine-tune's ``label: absolute``) and with
+``--tilt samples`` (the paper's K-sample tilt, the baseline), and judges every run on **fresh
+evaluation prompts**: as many as the demo's own evaluation holds, drawn from the build's own seed on a stream of their own (``--stream``;
 :func:`dualign.world.corpus.fresh_prompts`), none of them in any of the build's splits or its
 held-out set, nor in the default build's (seed 0's) dual, evaluation and calibration prompts (the
 sets the defaults were chosen on), nor in any file ``--exclude-prompts`` names (sets a setting was
@@ -49,7 +49,9 @@ from dualign.world.corpus import fresh_prompts, heldout_prompts, make_prompts
 VARIANTS = {"default": {}, "no margin": {"confidence": 0.5}, "confidence 0.9": {"confidence": 0.9},
             "confidence 0.95": {"confidence": 0.95},
             "confidence 0.95 confidently": {"confidence": 0.95, "confidently": True},
-            "tilt samples": {"tilt": "samples"}}
+            "tilt samples": {"tilt": "samples"},
+            "absolute": {"train": {"label": "absolute"}}}
+# A variant's keys are `dualign demo`'s flags (demo_values), except "train": keys of the train section.
 CRITERIA = ("met", "met confidently", "KL within 1.25×", "reward prediction in CI", "helpfulness within 0.05")
 # the same comparisons against each distribution a prediction could be drawn from
 AGAINST = tuple(f"{k} ({name})" for name in ("target", "plan", "K samples")
@@ -95,13 +97,22 @@ def share_samples(source: Path, run_dir: Path) -> None:
             shutil.copyfile(path, run_dir / path.name)
 
 
+def variant_values(variant: str, size: str, run_dir: str, train_seed: int) -> dict:
+    """The demo's run values with ``variant``'s flags (:data:`VARIANTS`), its "train" keys merged
+    into the train section."""
+    flags = dict(VARIANTS[variant])
+    train = flags.pop("train", {})
+    values = demo_values("mocan", size, run_dir=run_dir, seed=train_seed, **flags)
+    values["train"] = {**values["train"], **train}
+    return values
+
+
 def run_values(seed: int, train_seed: int, variant: str, out: Path, smoke: bool, stream: str = "fresh-judge",
                exclude_files: tuple[str, ...] = ()) -> dict:
     """The run values of one demo run on build ``seed``, judged on the build's fresh prompts (as
     many as the demo's own evaluation holds)."""
     size = "small" if smoke else "default"
-    values = demo_values("mocan", size, run_dir=str(run_dir_of(out, seed, variant, train_seed)),
-                         seed=train_seed, **VARIANTS[variant])
+    values = variant_values(variant, size, str(run_dir_of(out, seed, variant, train_seed)), train_seed)
     if smoke and variant != "tilt samples":
         values["dual"] = {**values["dual"], "tilt": "reachable"}   # the small demo plans on samples otherwise
     if smoke:

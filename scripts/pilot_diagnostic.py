@@ -7,7 +7,13 @@ pilot's self-normalised delivery p_k ∝ exp(ℓ_k) and the trained target's q_k
 s = r − λ·cost, give Δr, Δcost and the K-sample KL Σ p log(K p) of each; their means over the
 held-out prompts are printed beside the full run's achieved and predicted values (eval/report.json).
 
+Then, over the runs, does the pilot's share of the target's cost change (pilot Δcost / target
+Δcost, both on the held-out K samples) tell which runs will deliver less (achieved Δcost / the
+target's Δcost on the same held-out samples)? Printed: their correlation, and the delivered share's
+spread before and after a straight line through the *other* runs predicts it (leave one out).
+
     python scripts/pilot_diagnostic.py runs/build_rates/build101-default-seed0 [RUN ...]
+    python scripts/pilot_diagnostic.py --table runs/pilot/pilot.csv   # the analysis again, no training
 """
 
 from __future__ import annotations
@@ -38,6 +44,30 @@ def tilt_means(g: pd.DataFrame, logits: np.ndarray) -> dict[str, float]:
             "kl": float((p * np.log(p * len(p) + 1e-300)).sum())}
 
 
+def leave_one_out_line(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """ŷ_i = a_{−i} + b_{−i}·x_i, the least-squares line y ≈ a + b·x fitted without run i."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    if len(x) < 3:
+        raise ValueError("a leave-one-out line needs at least 3 runs")
+    out = np.empty_like(y)
+    for i in range(len(x)):
+        keep = np.arange(len(x)) != i
+        b, a = np.polyfit(x[keep], y[keep], 1)
+        out[i] = a + b * x[i]
+    return out
+
+
+def share_summary(table: pd.DataFrame) -> dict[str, float]:
+    """Correlation of the pilot's cost share with the delivered share, and the delivered share's
+    standard deviation raw and around its leave-one-out prediction (:func:`leave_one_out_line`)."""
+    pilot = table["pilot cost"] / table["target cost"]
+    delivered = table["achieved cost"] / table["target cost"]
+    residual = delivered - leave_one_out_line(pilot.to_numpy(), delivered.to_numpy())
+    return {"runs": len(table), "correlation": float(np.corrcoef(pilot, delivered)[0, 1]),
+            "delivered share sd": float(delivered.std(ddof=1)),
+            "sd around the leave-one-out line": float(np.sqrt(np.mean(residual ** 2)))}
+
+
 def diagnose(run: Path, out: Path) -> dict:
     dual = read_dual(run / "dual.json")
     lam, beta = dual.lambdas["cost"], dual.beta
@@ -66,14 +96,24 @@ def diagnose(run: Path, out: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("runs", nargs="+", type=Path)
-    ap.add_argument("--out", type=Path, default=Path("runs/pilot"), help="where the pilots' training files go")
+    ap.add_argument("runs", nargs="*", type=Path)
+    ap.add_argument("--out", type=Path, default=Path("runs/pilot"),
+                    help="where the pilots' training files and pilot.csv (the table) go")
+    ap.add_argument("--table", type=Path, help="a pilot.csv written before: analyse it, train nothing")
     args = ap.parse_args(argv)
-    torch.set_num_threads(1)
-    rows = [diagnose(run, args.out) for run in args.runs]
-    table = pd.DataFrame(rows)
+    if bool(args.runs) == bool(args.table):
+        ap.error("name run directories or --table, not both")
+    if args.table:
+        table = pd.read_csv(args.table)
+    else:
+        torch.set_num_threads(1)
+        table = pd.DataFrame([diagnose(run, args.out) for run in args.runs])
+        args.out.mkdir(parents=True, exist_ok=True)
+        table.to_csv(args.out / "pilot.csv", index=False)
     print(table.round(3).to_string(index=False))
     print("\nmedians:", table.drop(columns=["run"]).median().round(3).to_dict())
+    if len(table) >= 3:
+        print("pilot share → delivered share:", {k: round(v, 3) for k, v in share_summary(table).items()})
 
 
 if __name__ == "__main__":

@@ -388,3 +388,33 @@ def test_the_report_predicts_the_kl_of_what_is_trained_past_its_k_samples_and_ke
     assert target.values["kl"] == target.changes["kl"] == ext.value and target.change_ci["kl"] == ext.ci
     old = trained_target(dataclasses.replace(plan, kl_extrapolated=None))
     assert old.values["kl"] == plan.predicted["kl"] and old.change_ci["kl"] == plan.ci.predicted["kl"]
+
+
+def test_pilot_diagnostic_leave_one_out_line_by_hand_and_its_share_summary():
+    """scripts/pilot_diagnostic.py: the line through the other runs, by hand on four points (without
+    the outlier (3, 10) the line is y = x, so ŷ = 3; without (0, 0) it is y = −14/3 + 4.5x), and a
+    delivered share exactly linear in the pilot's share leaves no spread around that line."""
+    mod = _script("pilot_diagnostic")
+    pred = mod.leave_one_out_line(np.array([0.0, 1, 2, 3]), np.array([0.0, 1, 2, 10]))
+    assert pred[3] == pytest.approx(3.0) and pred[0] == pytest.approx(-14 / 3)
+    with pytest.raises(ValueError, match="3 runs"):
+        mod.leave_one_out_line(np.array([0.0, 1]), np.array([0.0, 1]))
+    pilot = np.array([0.58, 0.60, 0.62, 0.64])
+    table = pd.DataFrame({"target cost": -5.0, "pilot cost": -5.0 * pilot, "achieved cost": -5.0 * (4 * pilot - 1.7)})
+    out = mod.share_summary(table)
+    assert out["correlation"] == pytest.approx(1.0) and out["sd around the leave-one-out line"] == pytest.approx(0, abs=1e-9)
+    assert out["delivered share sd"] == pytest.approx(4 * np.std(pilot, ddof=1))
+
+
+def test_build_rates_variants_set_demo_flags_and_train_keys():
+    """A variant's "train" keys land in the train section; its other keys are the demo's flags."""
+    mod = _script("build_rates")
+    default = mod.variant_values("default", "default", "r", 0)
+    absolute = mod.variant_values("absolute", "default", "r", 1)
+    wide = mod.variant_values("confidence 0.95 confidently", "default", "r", 0)
+    assert default["train"]["label"] == "regression" and absolute["train"]["label"] == "absolute"
+    assert absolute["dual"] == default["dual"] and absolute["seed"] == 1
+    assert {k: v for k, v in absolute["train"].items() if k != "label"} == {
+        k: v for k, v in default["train"].items() if k != "label"}
+    assert wide["dual"]["confidence"] == 0.95 and wide["dual"]["evaluation_bound"] == 0.95
+    assert wide["train"] == default["train"]
