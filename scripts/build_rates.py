@@ -3,14 +3,15 @@
 A world build is the unit of evidence. For each build seed (chosen before looking at any result)
 and each training seed, this script builds the world (``world: {size: default, seed: S}``), runs
 the default demo (``dualign demo``), the same with ``--confidence 0.95 --confidently`` (and the
-other variants named, e.g. ``absolute``: the fine-tune's ``label: absolute``) and with
-``--tilt samples`` (the paper's K-sample tilt, the baseline), and judges every run on **fresh
-evaluation prompts**: as many as the demo's own evaluation holds, drawn from the build's own seed
-on a stream of their own (``--stream``; :func:`dualign.world.corpus.fresh_prompts`), none of them
-in any of the build's splits or its held-out set, nor in the default build's (seed 0's) dual, evaluation and calibration prompts (the
-sets the defaults were chosen on), nor in any file ``--exclude-prompts`` names (sets a setting was
-chosen on since). The variants of a build and seed share the default's samples and scores (the
-same stages, drawn identically). It then counts, per variant, over builds × seeds:
+other variants named, e.g. ``absolute``: the fine-tune's ``label: absolute``) and with ``--tilt
+samples`` (the paper's K-sample tilt, the baseline), and judges every run on **fresh evaluation
+prompts**: as many as the demo's own evaluation holds, drawn from the build's own seed on a stream
+of their own (``--stream``; :func:`dualign.world.corpus.fresh_prompts`), none of them in any of the
+build's splits or its held-out set, nor in the default build's (seed 0's) dual, evaluation and
+calibration prompts (the sets the defaults were chosen on), nor in any file ``--exclude-prompts``
+names (sets a setting was chosen on since). The variants of a build and seed share the default's
+samples and scores (the same stages, drawn identically). It then counts, per variant, over builds ×
+seeds:
 
 - met: the point estimate meets every constraint;
 - met confidently: the one-sided 95% bound does;
