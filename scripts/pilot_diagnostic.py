@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--table", type=Path, help="a pilot.csv written before: analyse it, train nothing")
     args = ap.parse_args(argv)
     if bool(args.runs) == bool(args.table):
-        ap.error("name run directories or --table, not both")
+        ap.error("name run directories or --table: exactly one of them")
     if args.table:
         table = pd.read_csv(args.table)
     else:
