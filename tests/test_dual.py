@@ -480,14 +480,15 @@ def test_confidence_plan_with_an_evaluation_adds_its_noise_in_quadrature():
     b = g.mean() + 0.5
     planned = dualign.solve_dual(rewards, g, b, 1.0, relative=[True], confidence=0.9, bootstrap=200,
                                  seed=1, evaluation=(64, 2))
-    dual_part, eval_part, delivery_part = planned.confidence_parts
+    dual_part, eval_part, delivery_part, bias_part = planned.confidence_parts
     assert delivery_part is None
+    assert abs(bias_part[0]) < 0.1 * dual_part[0]   # a plain prompt bootstrap of the tilt is nearly unbiased
     n, k = rewards.shape
     samples = flat_samples(Segments.rectangular(n, k), rewards.ravel(), g.reshape(-1, 1), None, np.arange(n))
     se = evaluation_se(samples, planned.lambdas, 1.0, np.array([True]), 64, 2)[0]
     # the parts were computed at the previous round's λ; the fixed point moves it < 1e-3 × scale
     assert eval_part[0] == pytest.approx(norm.ppf(0.9) * se, rel=0.02)
-    assert planned.confidence_margin[0] == pytest.approx(np.hypot(dual_part[0], eval_part[0]), rel=1e-9)
+    assert planned.confidence_margin[0] == pytest.approx(bias_part[0] + np.hypot(dual_part[0], eval_part[0]), rel=1e-9)
     assert eval_part[0] > dual_part[0] > 0   # 64 × 2 held-out responses are noisier than 80 × 6
     assert planned.predicted_utilities[0] == pytest.approx(b + planned.confidence_margin[0], abs=1e-6)
     with pytest.raises(InputError, match="evaluation"):
@@ -506,12 +507,12 @@ def test_a_plan_for_the_fine_tunes_spread_adds_a_third_part_of_z_delta_times_the
     kw = dict(relative=[True], confidence=0.9, bootstrap=200, seed=1, evaluation=(64, 2))
     plain = dualign.solve_dual(rewards, g, b, 1.0, **kw)
     spread = dualign.solve_dual(rewards, g, b, 1.0, delivery=0.1, **kw)
-    dual_part, eval_part, delivery_part = spread.confidence_parts
+    dual_part, eval_part, delivery_part, bias_part = spread.confidence_parts
     planned_change = abs(b + spread.confidence_margin[0] - ref)
     # the parts were computed at the previous round's threshold; the fixed point moves it < 1e-3 × scale
     assert delivery_part[0] == pytest.approx(norm.ppf(0.9) * 0.1 * planned_change, rel=0.01)
     assert spread.confidence_margin[0] == pytest.approx(
-        np.sqrt(dual_part[0] ** 2 + eval_part[0] ** 2 + delivery_part[0] ** 2), rel=1e-9)
+        bias_part[0] + np.sqrt(dual_part[0] ** 2 + eval_part[0] ** 2 + delivery_part[0] ** 2), rel=1e-9)
     assert spread.confidence_margin[0] > plain.confidence_margin[0]
     assert spread.predicted_utilities[0] == pytest.approx(b + spread.confidence_margin[0], abs=1e-6)
     zero = dualign.solve_dual(rewards, g, b, 1.0, delivery=0.0, **kw)

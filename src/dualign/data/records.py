@@ -57,6 +57,9 @@ class ConfidencePlan:
     dual_margin: dict[str, float] | None = None  # the part for the dual's own prompt sampling
     evaluation: dict | None = None  # {"prompts", "samples", "margin": {name: part}}: the evaluation covered
     delivery: dict | None = None  # {"spread": δ, "margin": {name: part}}: the fine-tune's spread covered
+    # the part for the resamples' bias (solver.slack_bias, g units; added outside the quadrature):
+    # ≈ 0 on the K-sample tilt, the refitted fit's optimism on the reachable tilt
+    bias_margin: dict[str, float] | None = None
 
 
 @dataclass
@@ -79,6 +82,10 @@ class ReachableTilt:
     fit_resampled: bool = False
     ridge_alpha: float | None = None  # the fit's α and fold seed, so a later stage (recalibrate) refits it alike
     fold_seed: int | None = None
+    # the refit bootstrap's bias of the plan's changes at λ* (reward column, constraint names: changes in
+    # column units; "kl"): how far the plan overstates what its tilt reaches past the fit's own noise
+    # (solver.fit_bias); the delivered prediction subtracts it. None: not refitted (or dual.json before 0.4)
+    fit_bias: dict[str, float] | None = None
 
 
 @dataclass
@@ -206,9 +213,11 @@ class TrainedTarget:
     target_ci: dict[str, list[float]] | None = None
 
 
-def delivered(plan: dict[str, float], target: dict[str, float]) -> dict[str, float]:
+def delivered(plan: dict[str, float], target: dict[str, float], bias: dict[str, float] | None = None) -> dict[str, float]:
     """What a fine-tune towards the reachable tilt's target is predicted to deliver: every mean
-    (reward, constraints) from the plan, the KL from the target.
+    (reward, constraints) from the plan less the fit's bias (``bias``, :class:`ReachableTilt`'s
+    ``fit_bias``: the plan's fitted scores carry the ridge's estimation noise, which the tilt turns
+    into change that no fine-tune reaches), the KL from the target.
 
     The fine-tune trains on the original scores s at λ*, but what it moves of each mean is about
     the part of s that π_ref's own features reach, the fitted s̃ the plan tilts (measured: the
@@ -217,13 +226,18 @@ def delivered(plan: dict[str, float], target: dict[str, float]) -> dict[str, flo
     samples without moving the held-out means, and that still costs KL: the target's KL, not
     the plan's, is the lower figure a fine-tune pays (achieved / plan 1.2 to 2.3×). Used on values
     and on their CIs alike: a key missing on its side (a CI not computed) stays missing."""
-    return {k: v for k, v in plan.items() if k != "kl"} | ({"kl": target["kl"]} if "kl" in target else {})
+    def less_bias(k: str, v):
+        shift = (bias or {}).get(k, 0.0)
+        return [x - shift for x in v] if isinstance(v, list) else v - shift
+
+    return ({k: less_bias(k, v) for k, v in plan.items() if k != "kl"}
+            | ({"kl": target["kl"]} if "kl" in target else {}))
 
 
 def trained_target(dual: DualRecord) -> TrainedTarget:
     """The prediction a fine-tune is judged by (see :func:`delivered`). On the K-sample tilt the
     plan is what is trained: ``dual.predicted``. On the reachable tilt the means are the plan's
-    (``dual.predicted``) and the KL the target's (``reachable.samples_predicted``, the K-sample
+    (``dual.predicted``) less the fit's bias (``reachable.fit_bias``, where recorded) and the KL the target's (``reachable.samples_predicted``, the K-sample
     tilt of the original scores at λ*), each with its own bootstrap CI; both distributions are
     kept, as ``planned`` and ``target``."""
     keys = [dual.reward, *dual.names]
@@ -249,8 +263,11 @@ def trained_target(dual: DualRecord) -> TrainedTarget:
     target_ci = {**(reach.samples_predicted_change_ci or {}),
                  **({"kl": reach.samples_predicted_ci["kl"]} if reach.samples_predicted_ci else {})}
     plan, target = changes(dual.predicted), changes(reach.samples_predicted)
-    values, _ = past_k(delivered(dual.predicted, reach.samples_predicted), {})
-    delivered_changes, delivered_ci = past_k(delivered(plan, target), delivered(plan_ci, target_ci))
+    bias = {k: v for k, v in (reach.fit_bias or {}).items() if k != "kl"}
+    values, _ = past_k(delivered(dual.predicted, reach.samples_predicted, bias), {})
+    # the resamples' percentile interval is centred near plan + bias; the corrected value is plan − bias
+    delivered_changes, delivered_ci = past_k(delivered(plan, target, bias),
+                                             delivered(plan_ci, target_ci, {k: 2 * v for k, v in bias.items()}))
     return TrainedTarget(values, delivered_changes, delivered_ci, plan, plan_ci, target, target_ci)
 
 

@@ -59,7 +59,8 @@ class DualResult:
     confidence: float | None = None  # planned with a margin (see solve_dual's ``confidence``)
     confidence_margin: np.ndarray | None = None  # [m] added to b (g units) so the bound holds
     plain: DualResult | None = None  # the solution without the margin, to show what it costs
-    confidence_parts: tuple | None = None  # (s_dual [m], s_eval [m] or None, s_delivery [m] or None): its parts
+    # (s_dual [m], s_eval [m] or None, s_delivery [m] or None, bias [m]): its parts (bias: :func:`slack_bias`)
+    confidence_parts: tuple | None = None
     confidence_delivery: float | None = None  # δ, the fine-tune's spread the margin covers (a fraction)
     confidence_evaluation: tuple[int, int] | None = None  # (prompts, responses per prompt) planned for
     confidence_bound: float | None = None  # the one-sided level of the evaluation's bound the margin covers
@@ -69,6 +70,9 @@ class DualResult:
     # ``target``: the tilt of other values at λ* (what a fine-tune trains towards when the dual
     # planned on fitted scores): {"reward", "utilities" [m], "kl", "reward_change", "utility_changes" [m]}
     target: dict | None = None
+    # [2 + m] the refit bootstrap's bias of the planned tilt at λ*, [reward change, utility changes, KL]
+    # (:func:`fit_bias`; only where the values are refitted on each resample, the reachable tilt)
+    fit_bias: np.ndarray | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,13 +419,12 @@ def _bootstrap(samples: Samples, result: DualResult, bootstrap: int, seed: int, 
         result.ci["target"] = _target_dict(bounds[3 * m + 3:], m)
 
 
-def slack_spread(samples: Samples, lambdas: np.ndarray, thresholds: np.ndarray, margins: np.ndarray,
-                 beta: float, level: float, resamples: int, seed: int, refit: Refit | None = None,
-                 keep: np.ndarray | None = None) -> np.ndarray:
-    """s_j = slack_j − q_{1−level}(slack*_j) at fixed λ, with slack_j = E_{p_λ}[g_j] − b_j on the
-    samples and slack*_j the same on prompt resamples (relative thresholds re-estimated; with
-    ``refit``, the values re-estimated too): how far the point prediction must clear b_j for the
-    one-sided ``level`` bound to clear it → [m]."""
+def _slack_draws(samples: Samples, lambdas: np.ndarray, thresholds: np.ndarray, margins: np.ndarray,
+                 beta: float, resamples: int, seed: int, refit: Refit | None = None,
+                 keep: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(slack_j [m], slack*_j [resamples, m]) at fixed λ: slack_j = E_{p_λ}[g_j] − b_j on the samples,
+    slack*_j the same on prompt resamples (relative thresholds re-estimated; with ``refit``, the
+    values re-estimated too). Seeded, so every caller with one seed sees the same resamples."""
     def slack(sub: Samples, b: np.ndarray) -> np.ndarray:
         tilt = Tilt(sub, b, beta)
         return tilt.outcomes(tilt.evaluate(lambdas))[1] - b
@@ -432,7 +435,60 @@ def slack_spread(samples: Samples, lambdas: np.ndarray, thresholds: np.ndarray, 
     for _ in range(resamples):
         sub = _draw(samples, rng.multinomial(num, np.full(num, 1.0 / num)), refit, keep)
         draws.append(slack(sub, _resample_thresholds(sub, thresholds, margins)))
-    return np.maximum(slack(samples, thresholds) - np.quantile(np.array(draws), 1 - level, axis=0), 0.0)
+    return slack(samples, thresholds), np.array(draws)
+
+
+def spread_of(draws: np.ndarray, level: float) -> np.ndarray:
+    """s_j = mean(slack*_j) − q_{1−level}(slack*_j): how far the one-sided ``level`` bound of the
+    resamples lies below their centre → [m] (≥ 0). Measured from the resamples' own mean, not from
+    the samples' slack: where the resamples are biased (:func:`slack_bias`) the distance from the
+    samples' value would take the bias for spread."""
+    return np.maximum(draws.mean(axis=0) - np.quantile(draws, 1 - level, axis=0), 0.0)
+
+
+def slack_bias(point: np.ndarray, draws: np.ndarray) -> np.ndarray:
+    """B_j = mean(slack*_j) − slack_j, the bootstrap's estimate of how far the samples' own slack
+    overstates the truth → [m].
+
+    A plain prompt bootstrap of a mean has B ≈ 0. On the reachable tilt every resample refits the
+    ridge, and the fit's estimation noise adds spread to the fitted scores s̃ that the tilt turns
+    into change (E_{p_λ}[s̃] − E_ref[s̃] grows with Var(s̃) at fixed λ): a resample's refit carries
+    that noise once more than the samples' fit does, so B > 0 there, and the samples' prediction is
+    optimistic by about B (measured on the default demo: B ≈ 0.19 of its cost change, about the
+    mean shortfall of its fine-tunes over fifteen world builds)."""
+    return draws.mean(axis=0) - point
+
+
+def slack_spread(samples: Samples, lambdas: np.ndarray, thresholds: np.ndarray, margins: np.ndarray,
+                 beta: float, level: float, resamples: int, seed: int, refit: Refit | None = None,
+                 keep: np.ndarray | None = None) -> np.ndarray:
+    """s_j = mean(slack*_j) − q_{1−level}(slack*_j) at fixed λ (:func:`spread_of` of
+    :func:`_slack_draws`): how far the point prediction must clear b_j, past any bias of the
+    resamples (:func:`slack_bias`), for the one-sided ``level`` bound to clear it → [m]."""
+    return spread_of(_slack_draws(samples, lambdas, thresholds, margins, beta, resamples, seed, refit, keep)[1],
+                     level)
+
+
+def _tilt_changes(sub: Samples, lambdas: np.ndarray, beta: float) -> np.ndarray:
+    """[Δreward, Δg_j (m), KL] of the tilt of ``sub`` at fixed λ, the changes against its π_ref means."""
+    tilt = Tilt(sub, np.zeros(sub.m), beta)
+    reward, utilities, kl_value = tilt.outcomes(tilt.evaluate(lambdas))
+    ref_reward, ref_utilities = sub.reference()
+    return np.concatenate([[reward - ref_reward], utilities - ref_utilities, [kl_value]])
+
+
+def fit_bias(samples: Samples, lambdas: np.ndarray, beta: float, resamples: int, seed: int,
+             refit: Refit, keep: np.ndarray | None = None) -> np.ndarray:
+    """B = mean_r o*_r − o → [2 + m]: o = [Δreward, Δg (m), KL], the tilt of the samples' fitted
+    values at fixed λ against π_ref's means, o*_r the same on prompt resample r with the values
+    refitted (``refit``). The bootstrap's bias estimate (see :func:`slack_bias`): o − B predicts
+    what the plan's tilt reaches past its own fit's noise. Seeded as the margin's resamples, so a
+    memoizing ``refit`` fits each resample once."""
+    rng = np.random.default_rng(seed)
+    num = samples.seg.num
+    draws = [_tilt_changes(_draw(samples, rng.multinomial(num, np.full(num, 1.0 / num)), refit, keep), lambdas, beta)
+             for _ in range(resamples)]
+    return np.mean(draws, axis=0) - _tilt_changes(samples, lambdas, beta)
 
 
 def evaluation_se(samples: Samples, lambdas: np.ndarray, beta: float, relative: np.ndarray,
@@ -513,30 +569,33 @@ def _with_confidence(samples: Samples, plain: DualResult, margins: np.ndarray, l
     ≈ ``level``. With ``delivery`` (δ, a fraction) a third part covers the fine-tune's own spread
     around the plan, :func:`delivery_margin`; the parts are added in quadrature, so with all three
     the evaluation's verdict holds with probability ≈ ``level`` where the fine-tune lands anywhere
-    in that spread."""
+    in that spread. The resamples' bias B (:func:`slack_bias`; > 0 where ``refit`` refits the
+    values, ≈ 0 otherwise) is added outside the quadrature, since it is a shift, not a spread:
+    b'_j = b_j + max(B_j + sqrt(s_dual² + …), 0)."""
     from scipy.stats import norm
 
     b = plain.thresholds
     relative = ~np.isnan(margins)
     result, spread, eval_part, delivery_part = plain, np.zeros_like(b), None, None
     for _ in range(rounds):
-        dual_part = slack_spread(samples, result.lambdas, b, margins, plain.beta, level, resamples, seed,
-                                 refit, keep)
+        point, draws = _slack_draws(samples, result.lambdas, b, margins, plain.beta, resamples, seed, refit, keep)
+        dual_part, bias_part = spread_of(draws, level), slack_bias(point, draws)
         if evaluation is not None:
             z = norm.ppf(level) + (norm.ppf(bound) if bound is not None else 0.0)
             eval_part = z * evaluation_se(samples, result.lambdas, plain.beta, relative,
                                                         *evaluation, residual_variance=residual_variance)
-        new = dual_part if eval_part is None else np.hypot(dual_part, eval_part)
+        noise = dual_part if eval_part is None else np.hypot(dual_part, eval_part)
         if delivery:
             delivery_part = delivery_margin(b + spread, plain.reference_utilities, delivery, level)
-            new = np.hypot(new, delivery_part)
+            noise = np.hypot(noise, delivery_part)
+        new = np.maximum(bias_part + noise, 0.0)
         done = np.all(np.abs(new - spread) <= 1e-3 * samples.scale(b))
         spread = new
         result = _result(samples, b + spread, plain.beta, plain.names, result.lambdas, tol, max_iter)
         if done:
             break
     result.confidence, result.confidence_margin, result.plain = level, spread, plain
-    result.confidence_parts = (dual_part, eval_part, delivery_part)
+    result.confidence_parts = (dual_part, eval_part, delivery_part, bias_part)
     result.confidence_delivery = delivery
     result.confidence_evaluation = evaluation
     result.confidence_bound = bound
@@ -689,6 +748,8 @@ def _finish(samples, b, beta, names, lambdas0, tol, max_iter, bootstrap, seed, c
         margins = margins + result.confidence_margin
     if target is not None:
         result.target = _target_dict(_target_outcomes(target, result.lambdas, beta), b.size)
+    if refit is not None and (bootstrap or confidence is not None):
+        result.fit_bias = fit_bias(samples, result.lambdas, beta, max(int(bootstrap), 200), seed, refit, keep)
     if bootstrap:
         _bootstrap(samples, result, int(bootstrap), seed, tol, max_iter, ci_level, margins, refit, keep, target)
     return result

@@ -343,10 +343,15 @@ def _reachable_record(fit: ReachableFit, res: DualResult, reward: str,
     if res.ci is not None and "target" in res.ci:
         ci = {k: as_interval(v) for k, v in in_columns(res.ci["target"], False).items()}
         change_ci = {k: as_interval(v) for k, v in in_columns(res.ci["target"], True).items()}
+    bias = None
+    if res.fit_bias is not None:  # [Δreward, Δg (m), KL] → column units
+        b = np.asarray(res.fit_bias, dtype=np.float64)
+        bias = {reward: float(b[0]), **{n: float(s * v) for n, s, v in zip(names, signs, b[1:-1], strict=True)},
+                "kl": float(b[-1])}
     return ReachableTilt(r2=dict(fit.r2), residual_sd={c: math.sqrt(v) for c, v in fit.residual_variance.items()},
                          samples_predicted=predicted, samples_predicted_ci=ci, samples_predicted_change_ci=change_ci,
                          fit_resampled=refitted and (res.bootstrap > 0 or res.confidence is not None),
-                         ridge_alpha=fit.alpha, fold_seed=fit.seed)
+                         ridge_alpha=fit.alpha, fold_seed=fit.seed, fit_bias=bias)
 
 
 def _in_columns(res: DualResult, reward: str, constraints: Sequence[Constraint]) -> dict[str, float]:
@@ -381,11 +386,12 @@ def _record(res: DualResult, reward: str, constraints: Sequence[Constraint],
     margin = res.confidence_margin if res.confidence_margin is not None else np.zeros(len(names))
     plan = None
     if res.plain is not None:
-        dual_part, eval_part, delivery_part = res.confidence_parts
+        dual_part, eval_part, delivery_part, bias_part = res.confidence_parts
         plan = ConfidencePlan(res.confidence, {n: float(s) for n, s in zip(names, margin, strict=True)},
                               dict(zip(names, res.plain.lambdas.tolist(), strict=True)),
                               _in_columns(res.plain, reward, constraints),
                               dual_margin={n: float(s) for n, s in zip(names, dual_part, strict=True)},
+                              bias_margin={n: float(s) for n, s in zip(names, bias_part, strict=True)},
                               evaluation=None if eval_part is None else {
                                   "prompts": res.confidence_evaluation[0],
                                   "samples": res.confidence_evaluation[1],
@@ -458,8 +464,17 @@ def format_report(record: DualRecord) -> str:
                         if reach.samples_predicted_ci else "")
                      + (". The CIs and margins refit the ridge on every prompt resample, so they carry the "
                         "fit's own error." if reach.fit_resampled else ".")
-                     + " A fine-tune moves the means about as far as planned (π_λ* above) and pays at least "
-                       "the target's KL: the evaluation compares with those.")
+                     + (" A fine-tune moves the means about as far as planned (π_λ* above) and pays at least "
+                        "the target's KL: the evaluation compares with those." if not reach.fit_bias else
+                        " A fine-tune moves the means about as far as planned (π_λ* above) less the fit's bias, "
+                        "and pays at least the target's KL: the evaluation compares with those. The fit's bias "
+                        "(what the refitted resamples' plans overstate, which the plan is taken to overstate "
+                        "alike: the ridge's noise turns into change no fine-tune reaches) is "
+                        + ", ".join(f"{n} {reach.fit_bias[n]:+.3g}" for n in [reward, *record.names]
+                                    if n in reach.fit_bias)
+                        + f", so a fine-tune is predicted to change "
+                        + ", ".join(f"{n} by {record.predicted[n] - record.reference[n] - reach.fit_bias[n]:+.4g}"
+                                    for n in [reward, *record.names] if n in reach.fit_bias) + "."))
     plan = record.confidence
     if plan:
         names = ", ".join(f"{n} by {plan.margin[n]:.3g}" for n in record.names)
@@ -478,6 +493,10 @@ def format_report(record: DualRecord) -> str:
             why = (f"an evaluation of {ev['prompts']} held-out prompts × {ev['samples']} responses finds the "
                    f"{what} past the threshold with probability ≈ {pct}% {where} (the parts added in "
                    f"quadrature: {parts})")
+            if plan.bias_margin and any(abs(v) >= 5e-4 for v in plan.bias_margin.values()):
+                why += (", and the resamples' bias added on top (" + "; ".join(
+                    f"{n}: {plan.bias_margin[n]:.3g}" for n in record.names) + ": the plan's own prediction "
+                        "overstates by that much)")
         else:
             why = f"the one-sided {pct}% bound under prompt resampling meets it"
             if plan.delivery:
