@@ -149,6 +149,10 @@ def test_the_model_card_predicts_what_the_report_predicts_and_names_the_target_a
     assert '{"reward": -2.29, "cost": -4.0, "kl": 0.63}' in deliver
     assert '"kl": 0.63' in target and '"kl": [0.55, 0.7]' in target and '"kl": 0.43' not in target
     assert '"kl": 0.43' in planned
+    # with the fit's bias recorded, the card's delivered means are the plan's less it, as the report's
+    dual.reachable.fit_bias = {"reward": 0.25, "cost": -0.5, "kl": 0.03}
+    deliver = next(line for line in model_card(cfg, dual, {}, 10).splitlines() if line.startswith("- predicted to deliver"))
+    assert "less the fit's bias" in deliver and '{"reward": -2.54, "cost": -3.5, "kl": 0.63}' in deliver
 
 
 def test_recalibration_plans_on_the_runs_reachable_tilt_and_its_dual_json_keeps_it(tmp_path):
@@ -418,3 +422,87 @@ def test_build_rates_variants_set_demo_flags_and_train_keys():
         k: v for k, v in default["train"].items() if k != "label"}
     assert wide["dual"]["confidence"] == 0.95 and wide["dual"]["evaluation_bound"] == 0.95
     assert wide["train"] == default["train"]
+
+
+def _inflating_refit(rewards: np.ndarray, g: np.ndarray, seg: Segments, factor: float):
+    """A refit whose every resample spreads each prompt's utilities ``factor`` times wider around
+    their prompt mean (what a noisier fit does to the fitted scores), rewards unchanged."""
+    mean = seg.expand(seg.sum(g.T) / seg.counts).T
+    inflated = mean + factor * (g - mean)
+    return (lambda counts: (rewards, inflated)), inflated
+
+
+def test_the_margin_measures_spread_from_the_resamples_centre_and_adds_their_bias_on_top():
+    """Resamples whose refit inflates the fitted spread are optimistic at fixed λ by
+    B = Δg(inflated) − Δg(samples) (the bootstrap's bias, by hand). The margin's spread is measured
+    from the resamples' mean, so it equals the plain bootstrap's spread of the inflated values
+    (identical resamples); the old spread, the samples' own slack less the resamples' quantile,
+    took B for spread and shrank to max(s − B, 0) = 0 here. The confidence plan adds B on top."""
+    from dualign.dual.solver import _slack_draws, fit_bias, slack_bias, slack_spread
+    from dualign.dual.tilt import Tilt
+
+    rng = np.random.default_rng(4)
+    n, k = 400, 6
+    level = rng.normal(0, 2, size=(n, 1))
+    cost = level + rng.normal(0, 1, size=(n, k))
+    rewards, g = (0.8 * cost + rng.normal(0, 1, size=(n, k))).ravel(), -cost.reshape(-1, 1)
+    seg = Segments.rectangular(n, k)
+    samples = flat_samples(seg, rewards, g, None, np.arange(n))
+    refit, inflated = _inflating_refit(rewards, g, seg, 1.2)
+    margin = 0.3
+    b = np.array([g.mean() + margin])
+    lam = dualign.solve_dual(rewards.reshape(n, k), g.reshape(n, k), b[0], 1.0).lambdas
+
+    def change(s):
+        tilt = Tilt(s, np.zeros(1), 1.0)
+        return tilt.outcomes(tilt.evaluate(lam))[1][0] - s.reference()[1][0]
+
+    by_hand = change(samples.with_values(rewards, inflated)) - change(samples)
+    bias = fit_bias(samples, lam, 1.0, 300, 2, refit)
+    assert bias[1] == pytest.approx(by_hand, rel=0.05) and by_hand > 0.1
+    point, draws = _slack_draws(samples, lam, b, np.array([margin]), 1.0, 300, 2, refit)
+    assert slack_bias(point, draws)[0] == pytest.approx(bias[1], rel=1e-9)   # the same resamples
+    spread = slack_spread(samples, lam, b, np.array([margin]), 1.0, 0.9, 300, 2, refit)
+    plain = slack_spread(samples.with_values(rewards, inflated), lam, b, np.array([margin]), 1.0, 0.9, 300, 2)
+    assert spread[0] == pytest.approx(plain[0], rel=1e-9) and spread[0] > 0.01
+    old = max(point[0] - np.quantile(draws[:, 0], 0.1), 0.0)
+    assert old < 0.5 * spread[0]   # the old spread: the bias taken for spread
+    from dualign.dual import solve_dual_long
+
+    planned = solve_dual_long(np.repeat(np.arange(n), k), rewards, g, b, 1.0, relative=[True],
+                              confidence=0.9, seed=2, refit=refit)
+    dual_part, eval_part, delivery_part, bias_part = planned.confidence_parts
+    assert eval_part is None and delivery_part is None
+    assert bias_part[0] > dual_part[0] > 0
+    assert planned.confidence_margin[0] == pytest.approx(bias_part[0] + dual_part[0], rel=1e-9)
+    assert planned.fit_bias[1] == pytest.approx(bias_part[0], rel=0.05)   # at the planned λ, one round on
+
+
+def test_the_delivered_prediction_is_the_plan_less_the_fit_bias_and_its_interval_moves_by_twice_it():
+    """trained_target on the reachable tilt: each mean's change is the plan's less the recorded fit
+    bias (by hand), its interval moved by 2·bias (the resamples' percentile interval sits near
+    plan + bias); the KL stays the target's; a record without fit_bias predicts the plan as before."""
+    from dualign.data.records import DualCI, DualRecord, ReachableTilt, trained_target
+
+    reach = ReachableTilt(r2={"reward": 0.4, "cost": 0.6}, residual_sd={"reward": 1.0, "cost": 1.0},
+                          samples_predicted={"reward": 0.5, "cost": -6.0, "kl": 0.7},
+                          samples_predicted_ci={"reward": [0.3, 0.7], "cost": [-6.3, -5.7], "kl": [0.6, 0.8]},
+                          samples_predicted_change_ci={"reward": [-0.7, -0.3], "cost": [-5.3, -4.7]},
+                          fit_resampled=True, fit_bias={"reward": 0.1, "cost": -0.2, "kl": 0.03})
+    record = DualRecord(beta=10.0, reward="reward", constraints=["cost<=ref-4"], lambdas={"cost": 3.0},
+                        columns={"cost": "cost"}, thresholds={"cost": -11.0},
+                        predicted={"reward": -1.0, "cost": -11.5, "kl": 0.5},
+                        reference={"reward": 1.0, "cost": -7.0, "kl": 0.0},
+                        ci=DualCI(0.95, 200, 0, {"cost": [2.5, 3.5]}, {"reward": [-1.5, -0.5], "cost": [-11.5, -11.5],
+                                                                        "kl": [0.4, 0.6]},
+                                  {"reward": [-2.5, -1.5]}, ["cost"]),
+                        reachable=reach)
+    t = trained_target(record)
+    assert t.changes["reward"] == pytest.approx(-2.0 - 0.1)
+    assert t.changes["cost"] == pytest.approx(-4.5 + 0.2)
+    assert t.changes["kl"] == pytest.approx(0.7)   # the target's KL (no extrapolation recorded)
+    assert t.change_ci["reward"] == pytest.approx([-2.7, -1.7])
+    assert t.values["cost"] == pytest.approx(-11.3) and t.planned["cost"] == pytest.approx(-4.5)
+    import dataclasses
+    plain = trained_target(dataclasses.replace(record, reachable=dataclasses.replace(reach, fit_bias=None)))
+    assert plain.changes["cost"] == pytest.approx(-4.5) and plain.change_ci["reward"] == pytest.approx([-2.5, -1.5])

@@ -681,15 +681,16 @@ def model_card(cfg: TrainConfig, dual: DualRecord | None, hashes: dict[str, str]
 
 def _card_predictions(dual: DualRecord) -> list[str]:
     """The model card's predictions, as the evaluation report makes them (records.trained_target):
-    on the K-sample tilt dual.json's predicted; on the reachable tilt the plan's means and the
-    trained target's KL, with both distributions named."""
+    on the K-sample tilt dual.json's predicted; on the reachable tilt the plan's means (less the
+    fit's bias, where dual.json has it) and the trained target's KL, with both distributions named."""
     if dual.reachable is None:
         ci = dual.ci.predicted if dual.ci is not None else {}
         return [f"- predicted under π_λ*, the target this fine-tune trained towards (dual.json): "
                 f"{json.dumps(dual.predicted)}" + (f"; 95% CIs {json.dumps(ci)}" if ci else "")]
     reach = dual.reachable
-    return [f"- predicted to deliver (the plan's means, the trained target's KL): "
-            f"{json.dumps(delivered(dual.predicted, reach.samples_predicted))}",
+    bias = {k: v for k, v in (reach.fit_bias or {}).items() if k != "kl"}
+    return ["- predicted to deliver (the plan's means" + (" less the fit's bias" if bias else "")
+            + f", the trained target's KL): {json.dumps(delivered(dual.predicted, reach.samples_predicted, bias))}",
             f"- the target this fine-tune trained towards (the original scores tilted at λ*; dual.json "
             f"reachable.samples_predicted): {json.dumps(reach.samples_predicted)}"
             + (f"; 95% CIs {json.dumps(reach.samples_predicted_ci)}" if reach.samples_predicted_ci else ""),

@@ -472,7 +472,7 @@ def format_report(record: DualRecord) -> str:
                         "alike: the ridge's noise turns into change no fine-tune reaches) is "
                         + ", ".join(f"{n} {reach.fit_bias[n]:+.3g}" for n in [reward, *record.names]
                                     if n in reach.fit_bias)
-                        + f", so a fine-tune is predicted to change "
+                        + ", so a fine-tune is predicted to change "
                         + ", ".join(f"{n} by {record.predicted[n] - record.reference[n] - reach.fit_bias[n]:+.4g}"
                                     for n in [reward, *record.names] if n in reach.fit_bias) + "."))
     plan = record.confidence
