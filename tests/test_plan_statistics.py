@@ -124,6 +124,13 @@ def test_the_fit_error_widens_the_reachable_dual_ci_and_the_target_gets_its_own_
     # the KL extrapolated past K samples is of the same target: the original scores at λ*, not the fit's
     assert refit.kl_extrapolated.samples == pytest.approx(target["kl"], rel=1e-9)
     assert refit.kl_extrapolated.value > target["kl"] > refit.predicted["kl"]
+    # the refitted resamples' bias is recorded (column units: a cost's change is −Δg) and the
+    # table says what a fine-tune is then predicted to change; held fixed, no bias is claimed
+    from dualign.dual.stage import format_report
+
+    assert set(refit.reachable.fit_bias) == {"reward", "cost", "kl"} and fixed.reachable.fit_bias is None
+    assert refit.reachable.fit_bias["cost"] < 0   # the resamples plan more cost reduction
+    assert "the fit's bias" in format_report(refit).replace("\n", " ")
 
 
 def test_the_model_card_predicts_what_the_report_predicts_and_names_the_target_and_the_plan():
