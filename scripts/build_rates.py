@@ -134,7 +134,7 @@ def _inside(value, ci) -> bool:
 def predictions(report: dict) -> dict:
     """The three predictions a run can be judged against, as changes over π_ref (reward column,
     constraint columns, "kl"): "delivered" (what the report predicts: on the reachable tilt the
-    plan's means and the trained target's KL), "target" (what the fine-tune trains towards) and
+    plan's means, less the fit's bias where the run's dual.json has it, and the trained target's KL), "target" (what the fine-tune trains towards) and
     "plan" (what λ* was chosen on). Reads reports of either release: 0.1's ("prediction": "target")
     kept the plan as ``planned_*``; the K-sample tilt's plan is its target."""
     pr, kl, cons = report["predicted_reward"], report["kl"], report["constraints"]
@@ -146,9 +146,11 @@ def predictions(report: dict) -> dict:
     plan = {k: v["planned_change"] for k, v in means.items()} | {"kl": kl["planned"]}
     if mode == "target":
         target = {k: v["predicted_change"] for k, v in means.items()} | {"kl": kl["predicted"]}
-    else:
-        target = {k: v["target_change"] for k, v in means.items()} | {"kl": kl["predicted"]}
-    return {"delivered": {**plan, "kl": target["kl"]}, "target": target, "plan": plan}
+        return {"delivered": {**plan, "kl": target["kl"]}, "target": target, "plan": plan}
+    target = {k: v["target_change"] for k, v in means.items()} | {"kl": kl["predicted"]}
+    # the report's own prediction: the plan's means less the fit's bias (where dual.json has it)
+    delivered = {k: v["predicted_change"] for k, v in means.items()} | {"kl": kl["predicted"]}
+    return {"delivered": delivered, "target": target, "plan": plan}
 
 
 def kl_past_k(run_dir: Path) -> float | None:

@@ -251,7 +251,8 @@ def test_build_rates_counts_each_criterion_per_variant_and_the_margins_paired_co
 
 
 def test_build_rates_reads_each_prediction_from_reports_of_either_release():
-    """"delivered" takes the plan's means and the target's KL; a 0.1 report ("target") kept the
+    """"delivered" takes the report's predicted means (the plan's, less the fit's bias where recorded)
+    and the target's KL; a 0.1 report ("target") kept the
     target in predicted_* and the plan in planned_*; a K-sample report's three are one."""
     import importlib.util
     from pathlib import Path
@@ -275,6 +276,10 @@ def test_build_rates_reads_each_prediction_from_reports_of_either_release():
         assert p["delivered"] == {"reward": -2.0, "cost": -4.0, "kl": 0.6}
         assert p["target"] == {"reward": -1.0, "cost": -5.0, "kl": 0.6}
         assert p["plan"] == {"reward": -2.0, "cost": -4.0, "kl": 0.4}
+    # a report whose delivered means are the plan's less the fit's bias: "delivered" is the report's own
+    biased = module.predictions(report("delivered", (-2.1, -3.8, 0.6), (-2.0, -4.0, 0.4), (-1.0, -5.0, None)))
+    assert biased["delivered"] == {"reward": -2.1, "cost": -3.8, "kl": 0.6}
+    assert biased["plan"] == {"reward": -2.0, "cost": -4.0, "kl": 0.4}
     plain = module.predictions(report("plan", (-1.5, -4.0, 0.5), (None, None, None), (None, None, None)))
     assert plain["delivered"] == plain["target"] == plain["plan"] == {"reward": -1.5, "cost": -4.0, "kl": 0.5}
 
