@@ -94,8 +94,9 @@ class DualConfig:
                 "(cross-fitted ridge), so the dual plans only on what a fine-tune can target: a larger "
                 "λ*. The fine-tune still trains on the original scores at that λ*, so dual.json records "
                 "their tilt at λ* too (reachable.samples_predicted, with CIs). The report predicts the "
-                "plan's means (a fine-tune moves them about as far as planned) and that target's KL (it "
-                "pays at least that): docs/results/build_rates.md"})
+                "plan's means less the fit's bias (reachable.fit_bias: refitted on prompt resamples, the "
+                "fit's noise plans change no fine-tune reaches; a --confidence margin adds it) and that "
+                "target's KL (a fine-tune pays at least that): docs/results/build_rates.md"})
     model: str | None = field(default=None, metadata={
         "help": "with tilt: reachable, π_ref (HF id or path) whose features are used; in a run: the run's model"})
     revision: str | None = field(default=None, metadata={"help": "with --model: its revision"})
