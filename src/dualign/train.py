@@ -688,7 +688,7 @@ def _card_predictions(dual: DualRecord) -> list[str]:
         return [f"- predicted under π_λ*, the target this fine-tune trained towards (dual.json): "
                 f"{json.dumps(dual.predicted)}" + (f"; 95% CIs {json.dumps(ci)}" if ci else "")]
     reach = dual.reachable
-    bias = {k: v for k, v in (reach.fit_bias or {}).items() if k != "kl"}
+    bias = reach.fit_bias  # its "kl" unused: delivered takes the KL from the target
     return ["- predicted to deliver (the plan's means" + (" less the fit's bias" if bias else "")
             + f", the trained target's KL): {json.dumps(delivered(dual.predicted, reach.samples_predicted, bias))}",
             f"- the target this fine-tune trained towards (the original scores tilted at λ*; dual.json "

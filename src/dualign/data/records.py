@@ -263,7 +263,7 @@ def trained_target(dual: DualRecord) -> TrainedTarget:
     target_ci = {**(reach.samples_predicted_change_ci or {}),
                  **({"kl": reach.samples_predicted_ci["kl"]} if reach.samples_predicted_ci else {})}
     plan, target = changes(dual.predicted), changes(reach.samples_predicted)
-    bias = {k: v for k, v in (reach.fit_bias or {}).items() if k != "kl"}
+    bias = reach.fit_bias or {}  # its "kl" unused: delivered takes the KL from the target
     values, _ = past_k(delivered(dual.predicted, reach.samples_predicted, bias), {})
     # the resamples' percentile interval is centred near plan + bias; the corrected value is plan − bias
     delivered_changes, delivered_ci = past_k(delivered(plan, target, bias),

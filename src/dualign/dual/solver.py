@@ -22,7 +22,7 @@ are in :mod:`dualign.dual.formulas`.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -349,6 +349,15 @@ def _draw(samples: Samples, counts: np.ndarray, refit: Refit | None = None,
     return samples.with_values(rewards, utilities).take(prompts, weights)
 
 
+def _resample_counts(num: int, resamples: int, seed: int) -> Iterator[np.ndarray]:
+    """``resamples`` prompt resamples [num] (multinomial counts, each prompt drawn with probability
+    1/num), seeded: every caller with one seed draws the same ones (the margin's rounds, the fit's
+    bias and the bootstrap share them, and so a memoizing refit)."""
+    rng = np.random.default_rng(seed)
+    for _ in range(resamples):
+        yield rng.multinomial(num, np.full(num, 1.0 / num))
+
+
 def _target_outcomes(target: Samples, lambdas: np.ndarray, beta: float) -> np.ndarray:
     """[reward, utilities (m), kl, reward change, utility changes (m)] of the tilt of ``target``'s
     values at λ (its changes against π_ref's mean on the same samples)."""
@@ -379,11 +388,10 @@ def _bootstrap(samples: Samples, result: DualResult, bootstrap: int, seed: int, 
     calls :func:`solve_dual_long` with the thresholds recomputed (tests/test_dual.py). With
     ``refit`` the values themselves are re-estimated on each resample (the fit's own error enters
     the CIs); with ``target`` the CIs also cover the tilt of its values at each resample's λ."""
-    rng = np.random.default_rng(seed)
     num = samples.seg.num
     draws = []
-    for _ in Progress(range(bootstrap), desc="bootstrap", unit="resamples"):
-        counts = rng.multinomial(num, np.full(num, 1.0 / num))
+    for counts in Progress(_resample_counts(num, bootstrap, seed), desc="bootstrap", unit="resamples",
+                           total=bootstrap):
         sub = _draw(samples, counts, refit, keep)
         b = _resample_thresholds(sub, result.thresholds, margins)
         try:
@@ -429,11 +437,9 @@ def _slack_draws(samples: Samples, lambdas: np.ndarray, thresholds: np.ndarray, 
         tilt = Tilt(sub, b, beta)
         return tilt.outcomes(tilt.evaluate(lambdas))[1] - b
 
-    rng = np.random.default_rng(seed)
-    num = samples.seg.num
     draws = []
-    for _ in range(resamples):
-        sub = _draw(samples, rng.multinomial(num, np.full(num, 1.0 / num)), refit, keep)
+    for counts in _resample_counts(samples.seg.num, resamples, seed):
+        sub = _draw(samples, counts, refit, keep)
         draws.append(slack(sub, _resample_thresholds(sub, thresholds, margins)))
     return slack(samples, thresholds), np.array(draws)
 
@@ -469,14 +475,6 @@ def slack_spread(samples: Samples, lambdas: np.ndarray, thresholds: np.ndarray, 
                      level)
 
 
-def _tilt_changes(sub: Samples, lambdas: np.ndarray, beta: float) -> np.ndarray:
-    """[Δreward, Δg_j (m), KL] of the tilt of ``sub`` at fixed λ, the changes against its π_ref means."""
-    tilt = Tilt(sub, np.zeros(sub.m), beta)
-    reward, utilities, kl_value = tilt.outcomes(tilt.evaluate(lambdas))
-    ref_reward, ref_utilities = sub.reference()
-    return np.concatenate([[reward - ref_reward], utilities - ref_utilities, [kl_value]])
-
-
 def fit_bias(samples: Samples, lambdas: np.ndarray, beta: float, resamples: int, seed: int,
              refit: Refit, keep: np.ndarray | None = None) -> np.ndarray:
     """B = mean_r o*_r − o → [2 + m]: o = [Δreward, Δg (m), KL], the tilt of the samples' fitted
@@ -484,11 +482,15 @@ def fit_bias(samples: Samples, lambdas: np.ndarray, beta: float, resamples: int,
     refitted (``refit``). The bootstrap's bias estimate (see :func:`slack_bias`): o − B predicts
     what the plan's tilt reaches past its own fit's noise. Seeded as the margin's resamples, so a
     memoizing ``refit`` fits each resample once."""
-    rng = np.random.default_rng(seed)
-    num = samples.seg.num
-    draws = [_tilt_changes(_draw(samples, rng.multinomial(num, np.full(num, 1.0 / num)), refit, keep), lambdas, beta)
-             for _ in range(resamples)]
-    return np.mean(draws, axis=0) - _tilt_changes(samples, lambdas, beta)
+    m = samples.m
+    pick = np.r_[m + 2, m + 3:2 * m + 3, m + 1]  # _target_outcomes' reward change, utility changes, KL
+
+    def changes(sub: Samples) -> np.ndarray:
+        return _target_outcomes(sub, lambdas, beta)[pick]
+
+    draws = [changes(_draw(samples, counts, refit, keep))
+             for counts in _resample_counts(samples.seg.num, resamples, seed)]
+    return np.mean(draws, axis=0) - changes(samples)
 
 
 def evaluation_se(samples: Samples, lambdas: np.ndarray, beta: float, relative: np.ndarray,
