@@ -280,8 +280,56 @@ def test_a_change_fixed_by_construction_has_no_ci_and_says_so_in_both_tables(tmp
     for text in (format_dual(dual), format_report(report)):
         line = next(line for line in text.splitlines() if line.startswith("cost"))
         assert line.rstrip().endswith(FIXED), line
-        assert "equals the required change by construction" in " ".join(text.split())
+        assert "equals the required change (moved by any confidence margin) by construction" in " ".join(text.split())
     assert plot_report(ref, pol, report, tmp_path, dpi=30) == {}
+
+
+def test_a_fixed_plan_less_the_fits_bias_is_drawn_as_the_plan_beside_the_bar(tmp_path, monkeypatch):
+    """A binding relative constraint on the reachable tilt with a fit bias of +0.25: the report
+    predicts −1 − 0.25 = −1.25 (the plan's fixed −1 less the bias). The cost panel draws a dashed
+    line at the plan's −1 labelled 'plan (fixed by construction)', not the bar at −1.25; without a
+    bias the bar itself is labelled, as before."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from dualign.data import report_view
+    from dualign.data.records import DualCI, DualRecord, ReachableTilt
+    from dualign.evaluate import EvaluateConfig, build_report
+
+    ref, pol = _tables(shift=-1.0)
+    ref["reward"], pol["reward"] = 1.0, 1.5
+    pol["logprob"], pol["ref_logprob"] = 0.0, -0.3
+    cfg = EvaluateConfig(run_dir=str(tmp_path), reference="m", prompts="p", bootstrap=50,
+                         scorers=["reward=callable:m:f", "cost=callable:m:g"])
+
+    def cost_panel(bias):
+        dual = DualRecord(beta=0.7, reward="reward", constraints=["cost<=ref-1"], lambdas={"cost": 1.3},
+                          columns={"cost": "cost"}, thresholds={"cost": -1.0},
+                          predicted={"reward": 1.4, "cost": -1.0, "kl": 0.2},
+                          reference={"reward": 1.0, "cost": 0.0, "kl": 0.0},
+                          ci=DualCI(0.95, 50, 0, {"cost": [1.0, 1.6]}, {"kl": [0.1, 0.3]}, {"reward": [0.3, 0.5]},
+                                    fixed=["cost"]))
+        dual.reachable = ReachableTilt(r2={"reward": 0.4, "cost": 0.6}, residual_sd={"reward": 1.0, "cost": 1.0},
+                                       samples_predicted={"reward": 1.5, "cost": -1.5, "kl": 0.4},
+                                       fit_bias=None if bias is None else {"reward": 0.0, "cost": bias})
+        report = build_report(ref, pol, dual, cfg)
+        panels = []
+        real = report_view._bars
+        monkeypatch.setattr(report_view, "_bars", lambda ax, *a, **kw: (panels.append(ax), real(ax, *a, **kw))[1])
+        report_view.plot_report(ref, pol, report, tmp_path, dpi=30)
+        monkeypatch.setattr(report_view, "_bars", real)
+        return report.constraints[0], panels[0]
+
+    row, ax = cost_panel(0.25)
+    assert row.predicted_change == pytest.approx(-1.25) and row.planned_change == pytest.approx(-1.0)
+    (label,) = [t for t in ax.texts if "fixed by" in t.get_text()]
+    assert label.get_text() == "plan (fixed by\nconstruction)" and label.xy[1] == pytest.approx(-1.0)
+    assert any(list(line.get_ydata()) == pytest.approx([-1.0, -1.0]) and line.get_linestyle() == "--"
+               for line in ax.lines)
+    row, ax = cost_panel(None)
+    assert row.predicted_change == pytest.approx(-1.0)
+    (label,) = [t for t in ax.texts if "fixed by construction" in t.get_text()]
+    assert label.get_text() == "fixed by construction" and label.xy[1] == pytest.approx(-1.0)
 
 
 def test_build_report_fields_equal_their_hand_computation():

@@ -8,8 +8,9 @@ from collections.abc import Sequence
 
 # the CI cell of a predicted change that is fixed by construction (dual.json ci.fixed)
 FIXED = "fixed (binding)"
-FIXED_NOTE = ("fixed (binding): a relative constraint that binds on every bootstrap resample; its predicted change "
-              "equals the required change by construction, so it has no CI.")
+FIXED_NOTE = ("fixed (binding): a relative constraint that binds on every bootstrap resample; its planned change "
+              "equals the required change (moved by any confidence margin) by construction, so it has no CI. "
+              "On the reachable tilt the predicted change is that less the fit's bias (dual.json reachable.fit_bias).")
 
 
 def text_table(header: Sequence[str], rows: Sequence[Sequence[str]], indent: str = "") -> list[str]:

@@ -8,6 +8,7 @@ matplotlib is imported by :func:`plot_report` only (about a second): printing a 
 
 from __future__ import annotations
 
+import math
 import textwrap
 from pathlib import Path
 
@@ -86,26 +87,35 @@ def _plot_scores(plt, ref: pd.DataFrame, pol: pd.DataFrame, report: EvalReport, 
 
 
 def _bars(ax, predicted: float | None, predicted_ci, achieved: float | None, achieved_ci, when: str, *,
-          fixed: bool = False, planned: float | None = None, mark: str = "plan") -> None:
+          fixed: bool = False, fixed_at: float | None = None, planned: float | None = None,
+          mark: str = "plan") -> None:
     """Two bars, the dual's prediction and the achieved value, each with its 95% CI when known; the
     other distribution's value (``planned``, labelled ``mark``: the plan or the trained target),
     where it differs, a dotted line over the first.
 
     A value that is None, NaN or infinite gets no bar; an interval end that is missing or infinite
     no whisker on that side; an interval that misses its point (a rounding error) a zero-length
-    whisker on that side. ``fixed``: the prediction is fixed by construction, labelled so, no CI."""
+    whisker on that side. ``fixed``: the prediction is fixed by construction, labelled so, no CI;
+    ``fixed_at``: the value that is fixed (the plan's change), where the bar is another (the plan's
+    change less the fit's bias): a dashed line there says so, and the bar keeps its CI."""
     for x, value, ci, color in ((0, predicted, predicted_ci, COLORS["predicted"]),
                                 (1, achieved, achieved_ci, COLORS["policy"])):
         if not _finite(value):
             continue
         ax.bar([x], [value], width=0.6, color=color, alpha=0.85)
-        if ci is None or len(ci) != 2 or (x == 0 and fixed):
+        shifted = fixed and _finite(fixed_at) and not math.isclose(fixed_at, value, rel_tol=1e-9, abs_tol=1e-12)
+        if ci is None or len(ci) != 2 or (x == 0 and fixed and not shifted):
             continue
         below, above = (value - ci[0] if _finite(ci[0]) else 0.0), (ci[1] - value if _finite(ci[1]) else 0.0)
         if below > 0 or above > 0:
             ax.errorbar([x], [value], yerr=[[max(below, 0.0)], [max(above, 0.0)]], color="k", capsize=5, lw=1.2)
     if fixed and _finite(predicted):
-        ax.annotate("fixed by construction", (0, predicted), ha="center", va="bottom", fontsize=8)
+        if _finite(fixed_at) and not math.isclose(fixed_at, predicted, rel_tol=1e-9, abs_tol=1e-12):
+            ax.plot([-0.35, 0.35], [fixed_at, fixed_at], color="k", ls="--", lw=1.2)
+            ax.annotate("plan (fixed by\nconstruction)", (0.35, fixed_at),
+                        fontsize=8, va="center")
+        else:
+            ax.annotate("fixed by construction", (0, predicted), ha="center", va="bottom", fontsize=8)
     if _finite(planned):
         ax.plot([-0.35, 0.35], [planned, planned], color="k", ls=":", lw=1.5)
         ax.annotate(mark, (0.35, planned), fontsize=8, va="center")
@@ -135,7 +145,8 @@ def _plot_predicted_vs_achieved(plt, report: EvalReport, path: Path, dpi: int) -
     for ax, c in zip(axes, report.constraints, strict=False):
         rule = parse_constraint(c.constraint)
         _bars(ax, c.predicted_change, c.predicted_change_ci95, c.achieved_change, c.achieved_change_ci95, when,
-              fixed=c.predicted_change_fixed, **_other(report, c.planned_change, c.target_change))
+              fixed=c.predicted_change_fixed, fixed_at=c.planned_change,
+              **_other(report, c.planned_change, c.target_change))
         required = rule.value if rule.relative else c.threshold - c.reference_eval
         _hline(ax, required, color="red", ls="--", lw=1.2)
         ax.axhline(0, color="k", lw=0.8)
