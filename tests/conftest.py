@@ -27,6 +27,28 @@ TINY_TEXTS = [
 
 
 @pytest.fixture(scope="session")
+def script():
+    """``script(name)``: scripts/<name>.py loaded as a module named ``name`` (scripts/ on sys.path,
+    so it imports its siblings; registered in sys.modules, where a dataclass looks itself up)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "scripts"
+
+    def load(name: str):
+        if str(folder) not in sys.path:
+            sys.path.insert(0, str(folder))
+        spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        return module
+
+    return load
+
+
+@pytest.fixture(scope="session")
 def tiny_gpt2(tmp_path_factory) -> str:
     from dualign.modeling.tiny import save_tiny_causal_lm
 

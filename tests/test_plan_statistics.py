@@ -220,16 +220,10 @@ def test_fresh_prompts_are_repeatable_and_avoid_every_excluded_prompt():
     assert rows[0]["prompt_id"] == "fresh-00000" and {"topic", "harmful"} <= set(rows[0])
 
 
-def test_build_rates_counts_each_criterion_per_variant_and_the_margins_paired_cost():
+def test_build_rates_counts_each_criterion_per_variant_and_the_margins_paired_cost(script):
     """scripts/build_rates.py's tally on hand-made rows: counts per variant, and the margin's cost
     as the mean of confidence − default over the same (build, seed) pairs only."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "build_rates.py"
-    spec = importlib.util.spec_from_file_location("build_rates", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = script("build_rates")
 
     def row(build, variant, seed, met, kl, reward):
         return {"build": build, "variant": variant, "train seed": seed, "met": met, "met confidently": False,
@@ -250,17 +244,11 @@ def test_build_rates_counts_each_criterion_per_variant_and_the_margins_paired_co
     assert "The confidence 0.95 margin costs +0.4 KL and -1 reward change" in text
 
 
-def test_build_rates_reads_each_prediction_from_reports_of_either_release():
+def test_build_rates_reads_each_prediction_from_reports_of_either_release(script):
     """"delivered" takes the report's predicted means (the plan's, less the fit's bias where recorded)
     and the target's KL; a 0.1 report ("target") kept the
     target in predicted_* and the plan in planned_*; a K-sample report's three are one."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "build_rates.py"
-    spec = importlib.util.spec_from_file_location("build_rates", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = script("build_rates")
 
     def report(mode, predicted, planned, target):
         return {"prediction": mode, "reward": "reward",
@@ -284,23 +272,12 @@ def test_build_rates_reads_each_prediction_from_reports_of_either_release():
     assert plain["delivered"] == plain["target"] == plain["plan"] == {"reward": -1.5, "cost": -4.0, "kl": 0.5}
 
 
-def _script(name: str):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_delivery_spread_takes_the_evaluations_noise_out_of_the_residuals_spread():
+def test_delivery_spread_takes_the_evaluations_noise_out_of_the_residuals_spread(script):
     """scripts/delivery_spread.py by hand: residuals +0.2, −0.2, 0 from a plan of −4 (Var 0.04 with
     n − 1), each evaluation's s.e. 0.1 (CI ±1.96·0.1), so δ = sqrt(0.04 − 0.01)/4 = 0.0433; noisier
     evaluations than the residuals' spread give 0, not a negative variance; the K-sample tilt's
     plan is its predicted change; a named constraint is found by column; fewer than 3 runs refused."""
-    mod = _script("delivery_spread")
+    mod = script("delivery_spread")
 
     def report(achieved, se, planned_key="planned_change", planned=-4.0):
         other = {"column": "harm", "achieved_change": 9.0, "achieved_change_ci95": [0.0, 1.0], planned_key: 0.0}
@@ -324,14 +301,14 @@ def test_delivery_spread_takes_the_evaluations_noise_out_of_the_residuals_spread
         mod.measure(reports, "toxicity")
 
 
-def test_build_rates_fresh_set_leaves_out_the_builds_held_out_set_and_the_files_named(tmp_path):
+def test_build_rates_fresh_set_leaves_out_the_builds_held_out_set_and_the_files_named(script, tmp_path):
     """The fresh prompts of a build: none in its splits, its held-out set or an --exclude-prompts
     file ({build} filled in); a variant's run directory gets the default's sample and score stages
     copied (nothing else, nothing overwritten)."""
     from dualign.world.config import world_config
     from dualign.world.corpus import fresh_prompts, heldout_prompts, make_prompts
 
-    mod = _script("build_rates")
+    mod = script("build_rates")
     build = world_config("small", {"seed": 7})
     splits = make_prompts(build)
     taken = {r["prompt"] for r in fresh_prompts(build, 40, set(), "fresh-judge")[:20]}
@@ -406,11 +383,11 @@ def test_the_report_predicts_the_kl_of_what_is_trained_past_its_k_samples_and_ke
     assert old.values["kl"] == plan.predicted["kl"] and old.change_ci["kl"] == plan.ci.predicted["kl"]
 
 
-def test_pilot_diagnostic_leave_one_out_line_by_hand_and_its_share_summary():
+def test_pilot_diagnostic_leave_one_out_line_by_hand_and_its_share_summary(script):
     """scripts/pilot_diagnostic.py: the line through the other runs, by hand on four points (without
     the outlier (3, 10) the line is y = x, so ŷ = 3; without (0, 0) it is y = −14/3 + 4.5x), and a
     delivered share exactly linear in the pilot's share leaves no spread around that line."""
-    mod = _script("pilot_diagnostic")
+    mod = script("pilot_diagnostic")
     pred = mod.leave_one_out_line(np.array([0.0, 1, 2, 3]), np.array([0.0, 1, 2, 10]))
     assert pred[3] == pytest.approx(3.0) and pred[0] == pytest.approx(-14 / 3)
     with pytest.raises(ValueError, match="3 runs"):
@@ -422,9 +399,9 @@ def test_pilot_diagnostic_leave_one_out_line_by_hand_and_its_share_summary():
     assert out["delivered share sd"] == pytest.approx(4 * np.std(pilot, ddof=1))
 
 
-def test_build_rates_variants_set_demo_flags_and_train_keys():
+def test_build_rates_variants_set_demo_flags_and_train_keys(script):
     """A variant's "train" keys land in the train section; its other keys are the demo's flags."""
-    mod = _script("build_rates")
+    mod = script("build_rates")
     default = mod.variant_values("default", "default", "r", 0)
     absolute = mod.variant_values("absolute", "default", "r", 1)
     wide = mod.variant_values("confidence 0.95 confidently", "default", "r", 0)

@@ -1,26 +1,13 @@
 """scripts/stability.py on its tiny --smoke comparison: the run, then --available, which tabulates
 each method on its finished seeds only and trains nothing."""
 
-import importlib.util
 import shutil
-import sys
-from pathlib import Path
 
 import pandas as pd
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
-
-def _module():
-    sys.path.insert(0, str(SCRIPTS))
-    spec = importlib.util.spec_from_file_location("stability", SCRIPTS / "stability.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_available_tabulates_each_methods_finished_seeds_and_trains_nothing(tmp_path):
-    stability = _module()
+def test_available_tabulates_each_methods_finished_seeds_and_trains_nothing(script, tmp_path):
+    stability = script("stability")
     methods = ["mocan", "ppo-lagrangian"]
     stability.main(["--smoke", "--methods", *methods, "--out", str(tmp_path)])
     full = pd.read_csv(tmp_path / "stability.csv")
