@@ -135,10 +135,10 @@ def test_the_fit_error_widens_the_reachable_dual_ci_and_the_target_gets_its_own_
 
 def test_the_model_card_predicts_what_the_report_predicts_and_names_the_target_and_the_plan():
     """On the reachable tilt the card predicts the plan's means and the trained target's KL (the
-    report's prediction: reward -2.29, cost -4, KL 0.63 here), and names the target
-    (reachable.samples_predicted, with its CIs) and the plan; on the K-sample tilt dual.json's
-    predicted is the target."""
-    from dualign.data.records import DualRecord, ReachableTilt
+    report's prediction: reward -2.29, cost -4, KL 0.63 here, the KL past its K samples where
+    dual.json has it), and names the target (reachable.samples_predicted, with its CIs) and the
+    plan; on the K-sample tilt dual.json's predicted is the target."""
+    from dualign.data.records import DualRecord, ExtrapolatedKL, ReachableTilt, trained_target
     from dualign.train import TrainConfig, model_card
 
     cfg = TrainConfig(run_dir="out", model="m", output_dir="out/policy")
@@ -160,6 +160,11 @@ def test_the_model_card_predicts_what_the_report_predicts_and_names_the_target_a
     dual.reachable.fit_bias = {"reward": 0.25, "cost": -0.5, "kl": 0.03}
     deliver = next(line for line in model_card(cfg, dual, {}, 10).splitlines() if line.startswith("- predicted to deliver"))
     assert "less the fit's bias" in deliver and '{"reward": -2.54, "cost": -3.5, "kl": 0.63}' in deliver
+    # with the KL past the K samples recorded, the card's KL is the report's: 2·0.63 − 0.4 = 0.86
+    dual.kl_extrapolated = ExtrapolatedKL(samples=0.63, half=0.4, value=0.86)
+    deliver = next(line for line in model_card(cfg, dual, {}, 10).splitlines() if line.startswith("- predicted to deliver"))
+    assert "past its K samples" in deliver and '{"reward": -2.54, "cost": -3.5, "kl": 0.86}' in deliver
+    assert trained_target(dual).values["kl"] == 0.86
 
 
 def test_recalibration_plans_on_the_runs_reachable_tilt_and_its_dual_json_keeps_it(tmp_path):

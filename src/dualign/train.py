@@ -52,7 +52,7 @@ from dualign._infra.progress import Progress
 from dualign._infra.provenance import mark_done, record_stage, unmark, versions
 from dualign._infra.timing import part
 from dualign._infra.tracking import Tracker, check_report_to
-from dualign.data.records import DualRecord, delivered, read_dual
+from dualign.data.records import DualRecord, read_dual, trained_target
 from dualign.methods import dpo, mocan, pecan
 from dualign.methods.losses import Diagnostics, kl_estimate, mocan_loss, pecan_loss, safedpo_loss
 from dualign.methods.pairs import require_columns, validate_pairs
@@ -688,9 +688,9 @@ def _card_predictions(dual: DualRecord) -> list[str]:
         return [f"- predicted under π_λ*, the target this fine-tune trained towards (dual.json): "
                 f"{json.dumps(dual.predicted)}" + (f"; 95% CIs {json.dumps(ci)}" if ci else "")]
     reach = dual.reachable
-    bias = reach.fit_bias  # its "kl" unused: delivered takes the KL from the target
-    return ["- predicted to deliver (the plan's means" + (" less the fit's bias" if bias else "")
-            + f", the trained target's KL): {json.dumps(delivered(dual.predicted, reach.samples_predicted, bias))}",
+    how = ("the plan's means" + (" less the fit's bias" if reach.fit_bias else "") + ", the trained target's KL"
+           + (" past its K samples" if dual.kl_extrapolated else ""))
+    return [f"- predicted to deliver ({how}): {json.dumps(trained_target(dual).values)}",
             f"- the target this fine-tune trained towards (the original scores tilted at λ*; dual.json "
             f"reachable.samples_predicted): {json.dumps(reach.samples_predicted)}"
             + (f"; 95% CIs {json.dumps(reach.samples_predicted_ci)}" if reach.samples_predicted_ci else ""),
