@@ -178,15 +178,26 @@ def past_k(preds: dict, report: dict, run_dir: Path) -> dict:
     return {**preds, "delivered": {**preds["delivered"], "kl": past}, "K samples": preds["delivered"]}
 
 
-def outcome(report: dict, run_dir: Path) -> dict:
+def calibrate_kl(preds: dict, report: dict, kl_delivery: tuple[float, float] | None) -> dict:
+    """The delivered KL × exp(a + b·log KL_K) (``kl_delivery`` = (a, b), KL_K the report's
+    ``kl.samples``), as the dual's ``kl_delivery`` makes it, for a run whose dual had none (a report
+    that has one already is left as it is)."""
+    samples = report["kl"].get("samples")
+    if kl_delivery is None or report.get("delivery") or not samples:
+        return preds
+    a, b = kl_delivery
+    return {**preds, "delivered": {**preds["delivered"], "kl": preds["delivered"]["kl"] * float(np.exp(a + b * np.log(samples)))}}
+
+
+def outcome(report: dict, run_dir: Path, kl_delivery: tuple[float, float] | None = None) -> dict:
     """One run's row: the verdicts and the criteria against the delivered prediction (what the
-    report predicts), the same comparisons against the trained target and the plan, and the figures
-    behind them."""
+    report predicts; with ``kl_delivery``, its KL calibrated so, :func:`calibrate_kl`), the same
+    comparisons against the trained target and the plan, and the figures behind them."""
     constraints = report["constraints"]
     kl = report["kl"]
     pr = report["predicted_reward"]
     rc = report["reward"]
-    preds = past_k(predictions(report), report, run_dir)
+    preds = calibrate_kl(past_k(predictions(report), report, run_dir), report, kl_delivery)
     row = {"met": all(c["met"] for c in constraints),
            "met confidently": all(bool(c["met_confidently"]) for c in constraints),
            "KL achieved": kl["achieved"], "reward change achieved": pr["achieved_change"],
@@ -277,6 +288,9 @@ def main(argv: list[str] | None = None) -> dict:
                              "a setting was chosen on; {build} in a name becomes the build seed")
     parser.add_argument("--available", action="store_true",
                         help="tabulate the runs that have finished (their eval/report.json), run nothing")
+    parser.add_argument("--kl-delivery", type=float, nargs=2, metavar=("A", "B"),
+                        help="with --available: judge the KL of runs whose dual had no kl_delivery against their "
+                             "prediction × exp(A + B·log KL_K), as the dual's kl_delivery would have predicted it")
     args = parser.parse_args(argv)
     out = Path(args.out)
     rows = []
@@ -287,7 +301,8 @@ def main(argv: list[str] | None = None) -> dict:
                     run_dir = run_dir_of(out, build, variant, seed)
                     if (run_dir / "evaluate.done").exists():
                         rows.append({"build": build, "variant": variant, "train seed": seed,
-                                     **outcome(read_json(run_dir / "eval" / "report.json"), run_dir)})
+                                     **outcome(read_json(run_dir / "eval" / "report.json"), run_dir,
+                                               args.kl_delivery)})
                     continue
                 if variant != "default":
                     share_samples(run_dir_of(out, build, "default", seed), run_dir_of(out, build, variant, seed))

@@ -18,7 +18,13 @@ build; default ``build(\\d+)``, as ``scripts/build_rates.py`` names its runs). I
   how hard it tilts): what a calibration from the dual's numbers does on a build it has not seen;
 - the rate a centred prediction with the residual spread s would reach, P(|z| ≤ log 1.25 / s).
 
+With ``--fit`` it also fits the KL's line on all the runs given and prints it as the dual's setting
+that applies it to a new plan's prediction (``dual: {kl_delivery: [a, b]}``: the KL predicted ×
+exp(a + b·log KL_K)). The reward's line is measured, not offered as a setting: on the built-in world
+it did not hold on builds it was not fitted on (docs/results/build_rates.md).
+
     python scripts/kl_delivery.py runs/confirm3/build1*-default-seed* runs/confirm4/build1*-default-seed*
+    python scripts/kl_delivery.py --fit runs/confirm3/build1*-default-seed* runs/confirm4/build1*-default-seed*
 """
 
 from __future__ import annotations
@@ -93,6 +99,21 @@ def ceiling(s: float) -> float:
     return math.erf(KL_BAND / s / math.sqrt(2)) if s > 0 else 1.0
 
 
+def fit(runs: list[dict]) -> dict[str, list[float]]:
+    """Least-squares lines of log(achieved / predicted KL) and of the reward's achieved − predicted
+    change on log KL_K over ``runs``: {"kl_delivery": [a, b], "reward": [c, d]} (intercept, slope)."""
+    if len(runs) < 3:
+        raise SystemExit(f"{len(runs)} runs: a line needs at least 3")
+    x = np.log([r["kl_k"] for r in runs])
+    if np.ptp(x) == 0:
+        raise SystemExit("every run has the same K-sample KL: no slope can be fitted on it")
+    out = {}
+    for key, name in (("q", "kl_delivery"), ("e", "reward")):
+        slope, intercept = np.polyfit(x, [r[key] for r in runs], 1)
+        out[name] = [float(intercept), float(slope)]
+    return out
+
+
 def measure(runs: list[dict]) -> dict:
     q, e = (np.array([r[k] for r in runs]) for k in ("q", "e"))
     groups = np.array([r["build"] for r in runs])
@@ -118,9 +139,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", help="run directories holding dual.json and eval/report.json")
     parser.add_argument("--group", default=r"build(\d+)", help="regular expression; its first group names the build")
+    parser.add_argument("--fit", action="store_true", help="also fit the lines on all the runs and print the "
+                        "dual's kl_delivery setting that applies the KL's")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
-    out = measure([read_run(r, args.group) for r in args.runs])
+    runs = [read_run(r, args.group) for r in args.runs]
+    out = measure(runs)
     kl, rew = out["kl"], out["reward"]
     print(f"{out['runs']} runs on {out['builds']} builds")
     print(f"KL: log(achieved / predicted) {kl['mean_log_ratio']:+.3f} on average (×{math.exp(kl['mean_log_ratio']):.2f}), "
@@ -134,6 +158,11 @@ def main(argv: list[str] | None = None) -> dict:
           f"the two seeds correlate {rew['seed_correlation']:+.2f}")
     print(f"  prediction inside the achieved CI, leave one build out: the report's {rew['in_ci']['report']:.0%}, "
           f"moved by the other builds' mean {rew['in_ci']['shifted']:.0%}, by their line on log KL_K {rew['in_ci']['line']:.0%}")
+    if args.fit:
+        out["fit"] = lines = fit(runs)
+        (a, b), (c, d) = lines["kl_delivery"], lines["reward"]
+        print(f"dual: {{kl_delivery: [{a:.4g}, {b:.4g}]}}   (the reward's line, not a setting: "
+              f"achieved − predicted = {c:+.4g} {d:+.4g}·log KL_K)")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     return out

@@ -78,8 +78,8 @@ def test_train_help_lists_every_method_the_code_knows(capsys):
 
 
 def test_demo_sizes_the_default_on_640_prompts_and_the_reachable_tilt_and_full_on_all_1024():
-    """The default demo is the full-size one with only the prompt count, the tilt, the margin and the
-    evaluation's size changed, and the configs behind the research tables (docs/results/) (full,
+    """The default demo is the full-size one with only the prompt count, the tilt, the margin, the KL
+    calibration and the evaluation's size changed, and the configs behind the research tables (docs/results/) (full,
     recalibrate, compare_world) keep the paper's tilt on all 1024 dual prompts."""
     from dualign.pipeline import PACKAGED, load_run_values
 
@@ -87,7 +87,8 @@ def test_demo_sizes_the_default_on_640_prompts_and_the_reachable_tilt_and_full_o
     assert (default["run_dir"], full["run_dir"]) == ("runs/demo", "runs/demo-mocan-full")
     assert default["sample"] == {**full["sample"], "max_prompts": 640}
     assert default["dual"] == {**full["dual"], "tilt": "reachable", "confidence": 0.9,
-                               "delivery_spread": default["dual"]["delivery_spread"]}
+                               "delivery_spread": default["dual"]["delivery_spread"],
+                               "kl_delivery": default["dual"]["kl_delivery"]}
     assert default["evaluate"] == {**full["evaluate"], "prompts": "world:prompts_heldout.jsonl"}
     strip = {"run_dir", "sample", "dual", "evaluate"}
     assert {k: v for k, v in default.items() if k not in strip} == {k: v for k, v in full.items() if k not in strip}
@@ -100,6 +101,8 @@ def test_demo_sizes_the_default_on_640_prompts_and_the_reachable_tilt_and_full_o
     assert cli.demo_values("mocan", "default", tilt="reachable")["run_dir"] == "runs/demo"
     samples = cli.demo_values("mocan", "default", tilt="samples", seed=3)
     assert (samples["run_dir"], samples["dual"]["tilt"], samples["seed"]) == ("runs/demo-samples", "samples", 3)
+    # the default's KL calibration was measured on its reachable tilt's fine-tunes: the paper's tilt drops it
+    assert len(default["dual"]["kl_delivery"]) == 2 and "kl_delivery" not in samples["dual"]
     assert cli.demo_values("mocan", "full", tilt="reachable", recalibrate=True)["run_dir"] == \
         "runs/demo-mocan-full-recalibrate-reachable"
 

@@ -369,6 +369,20 @@ def test_build_report_fields_equal_their_hand_computation():
     assert report.beta == 0.37 and report.lambdas == {"cost": 0.7}
     assert report.win_rate == {"reward": 1.0} and report.n_prompts == 2
 
+    # dual.json's KL delivery calibration (× 1.5): the report predicts that KL (and its CI), says so,
+    # and the achieved values and the means' predictions stay
+    from dualign.data.records import DeliveryCalibration
+    from dualign.data.report_view import format_report
+
+    dual.delivery = DeliveryCalibration(kl=[0.4, 0.0], x=-1.2, kl_factor=1.5)
+    cal = build_report(ref, pol, dual, cfg)
+    assert cal.kl.predicted == pytest.approx(0.3) and cal.kl.predicted_ci95 == pytest.approx([0.15, 0.45])
+    assert cal.predicted_reward.predicted_change == pytest.approx(0.8)
+    assert cal.constraints[0].predicted_change == pytest.approx(-1.8) and cal.kl.achieved == report.kl.achieved
+    text = " ".join(format_report(cal).split())
+    assert "The KL predicted is calibrated by the fine-tune's KL measured on earlier runs" in text
+    assert "× 1.5 at log KL_K = -1.2, the tilt's 0.2 before it" in text
+
 
 def test_the_plot_marks_the_other_distribution_beside_each_prediction_and_fixed_only_where_a_change_is_fixed(
         tmp_path, monkeypatch):

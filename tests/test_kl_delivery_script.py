@@ -51,15 +51,17 @@ def test_components_seed_correlation_and_left_out_rates_equal_their_hand_computa
 
 
 def test_a_delivery_linear_in_the_tilts_log_kl_is_predicted_exactly_by_the_left_out_line(script, tmp_path):
-    """q = 0.3 + 0.5·log KL_K and e = −0.2 − 1.5·log KL_K on four builds: the line fitted on the other
-    three builds predicts each left-out build exactly (every run within 1.25× and inside its CI),
+    """q = 0.3 + 0.5·log KL_K and e = −0.2 − 1.5·log KL_K on four builds: --fit finds both lines (the
+    KL's is the dual's kl_delivery), and the line fitted on the other three builds predicts
+    each left-out build exactly (every run within 1.25× and inside its CI),
     where the report's own prediction holds on one build of four; a centred prediction with no
     spread reaches 100%."""
     kd = script("kl_delivery")
     kl_k = {"1": 0.3, "2": 0.6, "3": 1.2, "4": 2.4}
     q = {b: [0.3 + 0.5 * math.log(v)] * 2 for b, v in kl_k.items()}
     e = {b: [-0.2 - 1.5 * math.log(v)] * 2 for b, v in kl_k.items()}
-    out = kd.main(_runs(tmp_path, q, e, kl_k))
+    out = kd.main(["--fit", *_runs(tmp_path, q, e, kl_k)])
+    assert out["fit"]["kl_delivery"] == pytest.approx([0.3, 0.5]) and out["fit"]["reward"] == pytest.approx([-0.2, -1.5])
     assert out["kl"]["within_1.25"]["line"] == 1.0 and out["reward"]["in_ci"]["line"] == 1.0
     assert out["kl"]["residual_sd"]["line"] == pytest.approx(0.0, abs=1e-9)
     assert out["kl"]["ceiling"]["line"] == 1.0

@@ -277,6 +277,20 @@ def test_build_rates_reads_each_prediction_from_reports_of_either_release(script
     assert plain["delivered"] == plain["target"] == plain["plan"] == {"reward": -1.5, "cost": -4.0, "kl": 0.5}
 
 
+def test_build_rates_applies_a_kl_delivery_to_runs_whose_dual_had_none(script):
+    """--kl-delivery a b: the delivered KL × exp(a + b·log KL_K), KL_K the report's kl.samples (0.5
+    here: × exp(0.2 + 0.8·log 0.5) = 0.7071); a report whose dual had a calibration, or none given,
+    is left as it is; the other predictions are untouched."""
+    mod = script("build_rates")
+    preds = {"delivered": {"reward": -2.0, "cost": -4.0, "kl": 1.0}, "plan": {"reward": -2.0, "cost": -4.0, "kl": 0.4}}
+    report = {"kl": {"samples": 0.5}}
+    out = mod.calibrate_kl(preds, report, (0.2, 0.8))
+    assert out["delivered"]["kl"] == pytest.approx(np.exp(0.2) * 0.5 ** 0.8)
+    assert out["delivered"]["cost"] == -4.0 and out["plan"] == preds["plan"]
+    assert mod.calibrate_kl(preds, report, None) == preds
+    assert mod.calibrate_kl(preds, {"kl": {"samples": 0.5}, "delivery": {"kl_factor": 1.1}}, (0.2, 0.8)) == preds
+
+
 def test_delivery_spread_takes_the_evaluations_noise_out_of_the_residuals_spread(script):
     """scripts/delivery_spread.py by hand: residuals +0.2, −0.2, 0 from a plan of −4 (Var 0.04 with
     n − 1), each evaluation's s.e. 0.1 (CI ±1.96·0.1), so δ = sqrt(0.04 − 0.01)/4 = 0.0433; noisier
@@ -364,6 +378,15 @@ def test_the_kl_extrapolated_past_k_samples_by_hand_and_nearer_a_gaussian_tilts_
     assert full < 0.4 and abs(value - 0.5) < 0.075 and abs(value - 0.5) < abs(full - 0.5) / 2
 
 
+def _kl_table() -> pd.DataFrame:
+    """120 prompts × 8 samples: normal reward, cost with a prompt-level part (seeded)."""
+    rng = np.random.default_rng(3)
+    n, k = 120, 8
+    ids = np.repeat(np.arange(n), k)
+    return pd.DataFrame({"prompt_id": ids, "reward": rng.normal(size=n * k),
+                         "cost": rng.normal(size=n * k) + rng.normal(size=n).repeat(k)})
+
+
 def test_the_report_predicts_the_kl_of_what_is_trained_past_its_k_samples_and_keeps_the_k_sample_value():
     """dual.json's kl_extrapolated is of what is trained (the K-sample tilt of the original scores at
     λ*: its ``samples`` is reachable.samples_predicted.kl on the reachable tilt, the plan's KL on the
@@ -373,11 +396,7 @@ def test_the_report_predicts_the_kl_of_what_is_trained_past_its_k_samples_and_ke
 
     from dualign.data.records import trained_target
 
-    rng = np.random.default_rng(3)
-    n, k = 120, 8
-    ids = np.repeat(np.arange(n), k)
-    table = pd.DataFrame({"prompt_id": ids, "reward": rng.normal(size=n * k),
-                          "cost": rng.normal(size=n * k) + rng.normal(size=n).repeat(k)})
+    table = _kl_table()
     plan = dualign.make_plan(table, "cost<=ref-0.3", beta=1.0, bootstrap=50)
     ext = plan.kl_extrapolated
     assert ext.samples == pytest.approx(plan.predicted["kl"], rel=1e-9) and ext.value > ext.samples
@@ -386,6 +405,37 @@ def test_the_report_predicts_the_kl_of_what_is_trained_past_its_k_samples_and_ke
     assert target.values["kl"] == target.changes["kl"] == ext.value and target.change_ci["kl"] == ext.ci
     old = trained_target(dataclasses.replace(plan, kl_extrapolated=None))
     assert old.values["kl"] == plan.predicted["kl"] and old.change_ci["kl"] == plan.ci.predicted["kl"]
+
+
+def test_a_kl_delivery_calibration_moves_the_kl_by_its_line_at_the_tilts_log_kl(tmp_path):
+    """kl_delivery [0.2, 0.5] at x = log KL_K (the K-sample KL of what is trained): the predicted KL
+    × exp(0.2 + 0.5x), its CI alike; the means' predictions and λ* as without it; dual.json keeps
+    the calibration and reads it back; the model card predicts the same KL; a line of one number
+    is refused."""
+    import math
+
+    from dualign._infra.errors import ConfigError
+    from dualign.data.records import DualRecord, trained_target
+    from dualign.train import _card_predictions
+
+    table = _kl_table()
+    plain = dualign.make_plan(table, "cost<=ref-0.3", beta=1.0, bootstrap=50)
+    cal = dualign.make_plan(table, "cost<=ref-0.3", beta=1.0, bootstrap=50, kl_delivery=[0.2, 0.5])
+    x = math.log(plain.kl_extrapolated.samples)
+    factor = math.exp(0.2 + 0.5 * x)
+    assert (cal.delivery.x, cal.delivery.kl_factor) == pytest.approx((x, factor))
+    t0, t1 = trained_target(plain), trained_target(cal)
+    assert t1.values["kl"] == pytest.approx(t0.values["kl"] * factor) == pytest.approx(t1.changes["kl"])
+    assert t1.change_ci["kl"] == pytest.approx([c * factor for c in t0.change_ci["kl"]])
+    for key in ("reward", "cost"):
+        assert t1.changes[key] == t0.changes[key] and t1.change_ci.get(key) == t0.change_ci.get(key)
+    assert cal.lambdas == plain.lambdas and cal.predicted == plain.predicted
+    back = DualRecord.load(cal.save(tmp_path))
+    assert back.delivery == cal.delivery and trained_target(back).values == t1.values
+    (line,) = [x for x in _card_predictions(cal) if "calibrated" in x]
+    assert f'"kl": {t1.values["kl"]}' in line
+    with pytest.raises(ConfigError, match="kl_delivery must be two finite numbers"):
+        dualign.make_plan(table, "cost<=ref-0.3", beta=1.0, kl_delivery=[0.2])
 
 
 def test_pilot_diagnostic_leave_one_out_line_by_hand_and_its_share_summary(script):

@@ -566,7 +566,9 @@ def demo_values(method: str, size: str, *, recalibrate: bool = False, confidence
             values["dual"]["evaluation_bound"] = 0.95
             default_dir += "-confidently"
     if tilt is not None and tilt != values["dual"].get("tilt", DualConfig.__dataclass_fields__["tilt"].default):
-        values["dual"] = {**values["dual"], "tilt": tilt}
+        # the config's KL calibration was measured on its own tilt's fine-tunes: not this one's
+        values["dual"] = {k: v for k, v in values["dual"].items() if k != "kl_delivery"}
+        values["dual"]["tilt"] = tilt
         default_dir += f"-{tilt}"
     values.update(run_dir=run_dir or default_dir, seed=seed)
     return values

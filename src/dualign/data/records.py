@@ -15,6 +15,7 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,6 +112,27 @@ class ExtrapolatedKL:
 
 
 @dataclass
+class DeliveryCalibration:
+    """The fine-tune's KL measured on earlier runs against how hard the trained tilt pushes,
+    x = log KL_K (``kl_extrapolated.samples``, the K-sample KL of what is trained): a fine-tune is
+    predicted to spend the KL prediction × exp(kl[0] + kl[1]·x) (:func:`calibrated`;
+    ``scripts/kl_delivery.py --fit`` fits the line on evaluated runs). ``x`` and ``kl_factor``: what
+    this dual applied."""
+
+    kl: list[float]
+    x: float
+    kl_factor: float
+
+
+def delivery_calibration(kl_k: float, kl: Sequence[float]) -> DeliveryCalibration:
+    """The calibration at x = log ``kl_k``: kl_factor = exp(kl[0] + kl[1]·x)."""
+    if not (math.isfinite(kl_k) and kl_k > 0):
+        raise InputError(f"a KL delivery calibration needs a positive K-sample KL of what is trained, got {kl_k}")
+    x = math.log(kl_k)
+    return DeliveryCalibration(kl=[float(v) for v in kl], x=x, kl_factor=math.exp(kl[0] + kl[1] * x))
+
+
+@dataclass
 class DualRecord:
     """dual.json: λ for each constraint and what π_λ is predicted to reach on π_ref's samples.
 
@@ -140,6 +162,7 @@ class DualRecord:
     kl_extrapolated: ExtrapolatedKL | None = None  # the KL of what is trained, past K samples
     confidence: ConfidencePlan | None = None
     reachable: ReachableTilt | None = None
+    delivery: DeliveryCalibration | None = None  # the fine-tune's measured KL, applied to the KL predicted
     allow_unconverged: bool | None = None  # true: the dual stage was told to keep an unconverged λ*
     method: str | None = None
     reward_weight: float | None = None
@@ -259,7 +282,7 @@ def trained_target(dual: DualRecord) -> TrainedTarget:
     reach = dual.reachable
     if reach is None:
         values, _ = past_k(dict(dual.predicted), {})
-        return TrainedTarget(values, *past_k(changes(dual.predicted), plan_ci))
+        return calibrated(TrainedTarget(values, *past_k(changes(dual.predicted), plan_ci)), dual)
     target_ci = {**(reach.samples_predicted_change_ci or {}),
                  **({"kl": reach.samples_predicted_ci["kl"]} if reach.samples_predicted_ci else {})}
     plan, target = changes(dual.predicted), changes(reach.samples_predicted)
@@ -268,7 +291,24 @@ def trained_target(dual: DualRecord) -> TrainedTarget:
     # the resamples' percentile interval is centred near plan + bias; the corrected value is plan − bias
     delivered_changes, delivered_ci = past_k(delivered(plan, target, bias),
                                              delivered(plan_ci, target_ci, {k: 2 * v for k, v in bias.items()}))
-    return TrainedTarget(values, delivered_changes, delivered_ci, plan, plan_ci, target, target_ci)
+    return calibrated(TrainedTarget(values, delivered_changes, delivered_ci, plan, plan_ci, target, target_ci), dual)
+
+
+def calibrated(target: TrainedTarget, dual: DualRecord) -> TrainedTarget:
+    """``target``'s prediction with dual.json's KL delivery calibration applied (none recorded: as
+    is): the KL's value, change and CI × ``kl_factor``; the means, the plan and the target it is
+    drawn from stay as they are."""
+    cal = dual.delivery
+    if cal is None:
+        return target
+
+    def apply(d: dict, ci: bool = False) -> dict:
+        if d.get("kl") is None:
+            return d
+        return {**d, "kl": [v * cal.kl_factor for v in d["kl"]] if ci else d["kl"] * cal.kl_factor}
+
+    return dataclasses.replace(target, values=apply(target.values), changes=apply(target.changes),
+                               change_ci=apply(target.change_ci, ci=True))
 
 
 # ------------------------------------------------------------------------------ eval/report.json
@@ -383,6 +423,8 @@ class EvalReport:
     # and ``target_*``); "plan" where the plan is the target (the K-sample tilt), or in a report from
     # before the key; "target" in reports of release 0.1 (every value the target's)
     prediction: str = "plan"
+    # dual.json's delivery calibration, where the prediction applied one (DeliveryCalibration)
+    delivery: DeliveryCalibration | None = None
 
 
 def read_report(path: str | Path) -> EvalReport:

@@ -324,6 +324,11 @@ def _prediction_lines(report: EvalReport) -> list[str]:
         lines += textwrap.wrap(f"The KL predicted is that of the tilt extrapolated past its K samples per prompt "
                                f"({num(kl.samples)} on them): a fine-tune generalises it to responses it never saw.",
                                100)
+    cal = report.delivery
+    if cal is not None and kl.predicted is not None:
+        lines += textwrap.wrap(f"The KL predicted is calibrated by the fine-tune's KL measured on earlier runs "
+                               f"(dual.json delivery: × {cal.kl_factor:.3g} at log KL_K = {cal.x:.3g}, the tilt's "
+                               f"{num(kl.predicted / cal.kl_factor)} before it).", 100)
     if report.prediction == "target":
         plan = [f"{rc} {num(pr.planned_change, True)}", *(f"{c.column} {num(c.planned_change, True)}"
                                                          for c in report.constraints), f"KL {num(kl.planned)}"]

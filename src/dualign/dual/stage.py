@@ -39,6 +39,7 @@ from dualign.data.records import (
     ExtrapolatedKL,
     HalfSampleKL,
     ReachableTilt,
+    delivery_calibration,
     write_dual,
 )
 from dualign.data.score_table import Scores, as_frame, read_scores, validate_scores
@@ -88,6 +89,11 @@ class DualConfig:
                 "holds with probability ≈ --confidence where the fine-tune lands anywhere in it. The default "
                 "demo uses 0.05, measured over world builds (docs/results/build_rates.md); unset: the "
                 "fine-tune is taken to land on the plan"})
+    kl_delivery: list[float] | None = field(default=None, metadata={
+        "help": "a, b: the fine-tune's KL measured on earlier runs, log(achieved / predicted) = a + b·log KL_K "
+                "(KL_K: the K-sample KL of what is trained, how hard its tilt pushes); the KL predicted is "
+                "then × exp(a + b·log KL_K), the means as without it (scripts/kl_delivery.py --fit measures "
+                "it; the default demo's, from world builds: docs/results/build_rates.md). Unset: as the tilt predicts"})
     tilt: Literal["samples", "reachable"] = field(default="samples", metadata={
         "help": "samples: tilt π_ref's samples by their scores (the paper's dual); reachable: first "
                 "replace each score by what π_ref's own features of the response predict of it "
@@ -137,6 +143,9 @@ class DualConfig:
             raise ValueError(f"delivery_spread must lie in [0, 1), got {self.delivery_spread}")
         if self.delivery_spread is not None and self.confidence is None:
             raise ValueError("delivery_spread needs confidence (the probability the margin is planned for)")
+        if self.kl_delivery is not None and (len(self.kl_delivery) != 2
+                                             or not all(math.isfinite(float(v)) for v in self.kl_delivery)):
+            raise ValueError(f"kl_delivery must be two finite numbers (intercept, slope on log KL_K), got {self.kl_delivery}")
         if not (math.isfinite(self.ridge_alpha) and self.ridge_alpha > 0):
             raise ValueError(f"ridge_alpha must be a positive finite number, got {self.ridge_alpha}")
 
@@ -519,7 +528,7 @@ def make_plan(scores: Any, constraints: str | Sequence[str], *, beta: float = 0.
               bootstrap: int = 0, seed: int = 0, confidence: float | None = None,
               evaluation_prompts: int | None = None, evaluation_samples: int = 1,
               evaluation_bound: float | None = None, delivery_spread: float | None = None,
-              allow_unconverged: bool = False) -> DualRecord:
+              kl_delivery: Sequence[float] | None = None, allow_unconverged: bool = False) -> DualRecord:
     """λ* and π_λ*'s predictions for ``constraints`` on scored samples of π_ref held in memory.
 
     ``scores``: a DataFrame or ``datasets.Dataset`` in the scores table's layout (``prompt_id``, the
@@ -533,7 +542,8 @@ def make_plan(scores: Any, constraints: str | Sequence[str], *, beta: float = 0.
         "constraints": constraints, "beta": beta, "reward": reward, "bootstrap": bootstrap, "seed": seed,
         "confidence": confidence, "evaluation_prompts": evaluation_prompts,
         "evaluation_samples": evaluation_samples, "evaluation_bound": evaluation_bound,
-        "delivery_spread": delivery_spread, "allow_unconverged": allow_unconverged})
+        "delivery_spread": delivery_spread, "allow_unconverged": allow_unconverged,
+        "kl_delivery": None if kl_delivery is None else list(kl_delivery)})
     return solve_config(cfg, table=as_frame(scores, "scores"))
 
 
@@ -554,6 +564,11 @@ def solve_config(cfg: DualConfig, cache: Path | None = None, table: pd.DataFrame
                                confidence=cfg.confidence, evaluation=cfg.evaluation(), seed=cfg.seed,
                                features=features, ridge_alpha=cfg.ridge_alpha, evaluation_bound=cfg.evaluation_bound,
                                delivery_spread=cfg.delivery_spread)
+    if cfg.kl_delivery is not None:
+        if record.kl_extrapolated is None:
+            raise InputError("kl_delivery calibrates by the K-sample KL of what is trained, which needs two "
+                             "samples or more of some prompt")
+        record.delivery = delivery_calibration(record.kl_extrapolated.samples, cfg.kl_delivery)
     return require_converged(record, cfg.allow_unconverged)
 
 
