@@ -380,8 +380,32 @@ def test_build_report_fields_equal_their_hand_computation():
     assert cal.predicted_reward.predicted_change == pytest.approx(0.8)
     assert cal.constraints[0].predicted_change == pytest.approx(-1.8) and cal.kl.achieved == report.kl.achieved
     text = " ".join(format_report(cal).split())
-    assert "The KL predicted is calibrated by the fine-tune's KL measured on earlier runs" in text
-    assert "× 1.5 at log KL_K = -1.2, the tilt's 0.2 before it" in text
+    assert "The KL predicted, 0.3, is the tilt's 0.2 calibrated by the KL fine-tunes spent on earlier runs" in text
+    assert "× 1.5 at log KL_K = -1.2" in text
+
+
+def test_on_the_reachable_tilt_a_calibrated_kl_names_the_tilts_own_kl_as_extrapolated():
+    """The target's KL 0.4 on its K samples, 0.5 past them, calibrated × 1.5: the report predicts
+    0.75 and says 0.5 is the extrapolated value and 0.75 the calibrated one (not 0.75 extrapolated)."""
+    from dualign.data.records import DeliveryCalibration, DualRecord, ExtrapolatedKL, ReachableTilt
+    from dualign.data.report_view import format_report
+    from dualign.evaluate import EvaluateConfig, build_report
+
+    ref, pol, _ = _report(-3.0)
+    cfg = EvaluateConfig(run_dir=".", reference="m", prompts="p", bootstrap=50,
+                         scorers=["reward=callable:m:f", "cost=callable:m:g"], group_column="harmful")
+    dual = DualRecord(beta=2.0, reward="reward", constraints=["cost<=ref-1"], lambdas={"cost": 0.7},
+                      columns={"cost": "cost"}, thresholds={"cost": -1.0},
+                      predicted={"reward": 0.8, "cost": -1.0, "kl": 0.3}, reference={"reward": 1.0, "cost": 0.0, "kl": 0.0})
+    dual.reachable = ReachableTilt(r2={"reward": 0.4, "cost": 0.6}, residual_sd={"reward": 1.0, "cost": 1.0},
+                                   samples_predicted={"reward": 0.9, "cost": -1.5, "kl": 0.4})
+    dual.kl_extrapolated = ExtrapolatedKL(samples=0.4, half=0.3, value=0.5)
+    dual.delivery = DeliveryCalibration(kl=[0.0, 0.0], x=-0.916, kl_factor=1.5)
+    report = build_report(ref, pol, dual, cfg)
+    assert report.kl.predicted == pytest.approx(0.75) and report.kl.samples == 0.4
+    text = " ".join(format_report(report).split())
+    assert "KL 0.4 on its K samples, 0.5 extrapolated past them" in text
+    assert "The KL predicted, 0.75, is the tilt's 0.5 calibrated" in text
 
 
 def test_the_plot_marks_the_other_distribution_beside_each_prediction_and_fixed_only_where_a_change_is_fixed(

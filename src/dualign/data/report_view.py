@@ -292,7 +292,8 @@ PREDICTED = {
     "plan": "predicted = the dual's prediction of that change, made before training (95% CI: its bootstrap).",
     "delivered": "predicted = what the fine-tune is predicted to deliver, before training: each mean's change "
                  "as planned (the fitted scores tilted at λ*), the KL of the target it trains towards, "
-                 "extrapolated past its K samples per prompt (95% CI: their bootstrap).",
+                 "extrapolated past its K samples per prompt (and calibrated, where said below; 95% CI: their "
+                 "bootstrap).",
     "target": "predicted = the change the fine-tune trains towards (the original scores tilted at λ*), predicted "
               "before training (95% CI: its bootstrap)."}
 
@@ -307,13 +308,16 @@ def _prediction_lines(report: EvalReport) -> list[str]:
     parts = [f"{what} {num(value, sign)} {'inside' if inside else 'OUTSIDE'} {interval(ci, sign)}"
              for what, value, ci, inside, sign in checks if inside is not None]
     lines = []
+    cal = report.delivery
+    # the tilt's own KL (past its K samples), before a delivery calibration moved the prediction
+    tilt_kl = kl.predicted / cal.kl_factor if cal is not None and kl.predicted is not None else kl.predicted
     if parts:
         lines += textwrap.wrap("Each prediction against the achieved value's own 95% CI: " + "; ".join(parts) + ".", 100)
     if report.prediction == "delivered":
         target = [f"{rc} {num(pr.target_change, True)}", *(f"{c.column} {num(c.target_change, True)}"
                                                           for c in report.constraints)]
-        kl_text = (f"KL {num(kl.samples)} on its K samples, {num(kl.predicted)} extrapolated past them"
-                   if kl.samples is not None else f"KL {num(kl.predicted)}")
+        kl_text = (f"KL {num(kl.samples)} on its K samples, {num(tilt_kl)} extrapolated past them"
+                   if kl.samples is not None else f"KL {num(tilt_kl)}")
         lines += textwrap.wrap(
             f"The fine-tune trains towards the original scores at λ*, whose tilt has changes of {', '.join(target)} "
             f"({kl_text}; the plan's KL {num(kl.planned)}). It moves the means about as far as the plan "
@@ -321,14 +325,13 @@ def _prediction_lines(report: EvalReport) -> list[str]:
             "above are the plan's and the KL the target's (measured over world builds: docs/results/build_rates.md).",
             100)
     elif kl.samples is not None:
-        lines += textwrap.wrap(f"The KL predicted is that of the tilt extrapolated past its K samples per prompt "
+        lines += textwrap.wrap(f"The KL of the tilt extrapolated past its K samples per prompt is {num(tilt_kl)} "
                                f"({num(kl.samples)} on them): a fine-tune generalises it to responses it never saw.",
                                100)
-    cal = report.delivery
     if cal is not None and kl.predicted is not None:
-        lines += textwrap.wrap(f"The KL predicted is calibrated by the fine-tune's KL measured on earlier runs "
-                               f"(dual.json delivery: × {cal.kl_factor:.3g} at log KL_K = {cal.x:.3g}, the tilt's "
-                               f"{num(kl.predicted / cal.kl_factor)} before it).", 100)
+        lines += textwrap.wrap(f"The KL predicted, {num(kl.predicted)}, is the tilt's {num(tilt_kl)} calibrated by "
+                               f"the KL fine-tunes spent on earlier runs (dual.json delivery: × {cal.kl_factor:.3g} "
+                               f"at log KL_K = {cal.x:.3g}).", 100)
     if report.prediction == "target":
         plan = [f"{rc} {num(pr.planned_change, True)}", *(f"{c.column} {num(c.planned_change, True)}"
                                                          for c in report.constraints), f"KL {num(kl.planned)}"]
