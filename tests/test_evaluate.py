@@ -384,12 +384,10 @@ def test_build_report_fields_equal_their_hand_computation():
     assert "× 1.5 at log KL_K = -1.2" in text
 
 
-def test_on_the_reachable_tilt_a_calibrated_kl_names_the_tilts_own_kl_as_extrapolated():
-    """The target's KL 0.4 on its K samples, 0.5 past them, calibrated × 1.5: the report predicts
-    0.75 and says 0.5 is the extrapolated value and 0.75 the calibrated one (not 0.75 extrapolated)."""
-    from dualign.data.records import DeliveryCalibration, DualRecord, ExtrapolatedKL, ReachableTilt
-    from dualign.data.report_view import format_report
-    from dualign.evaluate import EvaluateConfig, build_report
+def _reachable_case():
+    """_report's tables, an EvaluateConfig and a reachable-tilt dual.json (plan KL 0.3, target 0.4)."""
+    from dualign.data.records import DualRecord, ReachableTilt
+    from dualign.evaluate import EvaluateConfig
 
     ref, pol, _ = _report(-3.0)
     cfg = EvaluateConfig(run_dir=".", reference="m", prompts="p", bootstrap=50,
@@ -399,6 +397,17 @@ def test_on_the_reachable_tilt_a_calibrated_kl_names_the_tilts_own_kl_as_extrapo
                       predicted={"reward": 0.8, "cost": -1.0, "kl": 0.3}, reference={"reward": 1.0, "cost": 0.0, "kl": 0.0})
     dual.reachable = ReachableTilt(r2={"reward": 0.4, "cost": 0.6}, residual_sd={"reward": 1.0, "cost": 1.0},
                                    samples_predicted={"reward": 0.9, "cost": -1.5, "kl": 0.4})
+    return ref, pol, cfg, dual
+
+
+def test_on_the_reachable_tilt_a_calibrated_kl_names_the_tilts_own_kl_as_extrapolated():
+    """The target's KL 0.4 on its K samples, 0.5 past them, calibrated × 1.5: the report predicts
+    0.75 and says 0.5 is the extrapolated value and 0.75 the calibrated one (not 0.75 extrapolated)."""
+    from dualign.data.records import DeliveryCalibration, ExtrapolatedKL
+    from dualign.data.report_view import format_report
+    from dualign.evaluate import build_report
+
+    ref, pol, cfg, dual = _reachable_case()
     dual.kl_extrapolated = ExtrapolatedKL(samples=0.4, half=0.3, value=0.5)
     dual.delivery = DeliveryCalibration(kl=[0.0, 0.0], x=-0.916, kl_factor=1.5)
     report = build_report(ref, pol, dual, cfg)
@@ -417,17 +426,9 @@ def test_the_plot_marks_the_other_distribution_beside_each_prediction_and_fixed_
 
     matplotlib.use("Agg")
     from dualign.data import report_view
-    from dualign.data.records import DualRecord, ReachableTilt
-    from dualign.evaluate import EvaluateConfig, build_report
+    from dualign.evaluate import build_report
 
-    ref, pol, _ = _report(-3.0)
-    cfg = EvaluateConfig(run_dir=".", reference="m", prompts="p", bootstrap=50,
-                         scorers=["reward=callable:m:f", "cost=callable:m:g"], group_column="harmful")
-    dual = DualRecord(beta=2.0, reward="reward", constraints=["cost<=ref-1"], lambdas={"cost": 0.7},
-                      columns={"cost": "cost"}, thresholds={"cost": -1.0},
-                      predicted={"reward": 0.8, "cost": -1.0, "kl": 0.3}, reference={"reward": 1.0, "cost": 0.0, "kl": 0.0})
-    dual.reachable = ReachableTilt(r2={"reward": 0.4, "cost": 0.6}, residual_sd={"reward": 1.0, "cost": 1.0},
-                                   samples_predicted={"reward": 0.9, "cost": -1.5, "kl": 0.4})
+    ref, pol, cfg, dual = _reachable_case()
     report = build_report(ref, pol, dual, cfg)
     panels = []
     real = report_view._bars
