@@ -41,7 +41,7 @@ import numpy as np
 from dualign._infra.io import read_json, read_table, write_json
 from dualign.cli import demo_values
 from dualign.data.prompts import load_prompts
-from dualign.data.records import read_dual
+from dualign.data.records import delivery_calibration, read_dual
 from dualign.dual.formulas import extrapolated_kl
 from dualign.pipeline import resolve_run_config, run_pipeline
 from dualign.world.config import world_config
@@ -185,8 +185,8 @@ def calibrate_kl(preds: dict, report: dict, kl_delivery: tuple[float, float] | N
     samples = report["kl"].get("samples")
     if kl_delivery is None or report.get("delivery") or not samples:
         return preds
-    a, b = kl_delivery
-    return {**preds, "delivered": {**preds["delivered"], "kl": preds["delivered"]["kl"] * float(np.exp(a + b * np.log(samples)))}}
+    factor = delivery_calibration(samples, kl_delivery).kl_factor
+    return {**preds, "delivered": {**preds["delivered"], "kl": preds["delivered"]["kl"] * factor}}
 
 
 def outcome(report: dict, run_dir: Path, kl_delivery: tuple[float, float] | None = None) -> dict:

@@ -1,7 +1,7 @@
 """Where a fine-tune's KL and reward land against their predictions, and whether the build or the
 training seed decides it (issue #26), on finished, evaluated runs.
 
-For each run (a directory with ``dual.json`` and ``eval/report.json``) it reads the achieved KL
+For each run (a directory with ``eval/report.json``) it reads the achieved KL
 against the predicted KL of what was trained, as ``q = log(achieved / predicted)``, and the reward's
 achieved change against its prediction, ``e = achieved − predicted``, with the achieved change's
 95% CI. Runs are grouped by build (``--group``, a regular expression whose first group names the
@@ -41,21 +41,20 @@ KL_BAND = math.log(1.25)
 
 
 def read_run(run: str | Path, group: str = r"build(\d+)") -> dict:
-    """One run's build, log(achieved/predicted KL), K-sample KL of what is trained, the reward's
-    achieved − predicted change and the achieved change's 95% CI half-width."""
+    """One run's build, log(achieved/predicted KL), K-sample KL of what is trained (the report's
+    ``kl.samples``: dual.json's ``kl_extrapolated.samples``; a report without it, the KL predicted),
+    the reward's achieved − predicted change and the achieved change's 95% CI half-width."""
     run = Path(run)
     rep = json.loads((run / "eval" / "report.json").read_text())
-    dual = json.loads((run / "dual.json").read_text())
     found = re.search(group, str(run))
     if found is None:
         raise SystemExit(f"{run}: no build in its path (--group {group!r})")
     kl, pr = rep["kl"], rep["predicted_reward"]
     if not (kl.get("achieved", 0) > 0 and kl.get("predicted", 0) > 0):
         raise SystemExit(f"{run}: the report has no positive achieved and predicted KL")
-    ext = dual.get("kl_extrapolated") or {}
     lo, hi = pr["achieved_change_ci95"]
     return {"run": str(run), "build": found.group(1), "q": math.log(kl["achieved"] / kl["predicted"]),
-            "kl_k": ext.get("samples", kl["predicted"]), "e": pr["achieved_change"] - pr["predicted_change"],
+            "kl_k": kl.get("samples") or kl["predicted"], "e": pr["achieved_change"] - pr["predicted_change"],
             "halfwidth": (hi - lo) / 2, "lo": lo - pr["predicted_change"], "hi": hi - pr["predicted_change"]}
 
 
@@ -137,7 +136,7 @@ def measure(runs: list[dict]) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", help="run directories holding dual.json and eval/report.json")
+    parser.add_argument("runs", nargs="+", help="run directories holding eval/report.json")
     parser.add_argument("--group", default=r"build(\d+)", help="regular expression; its first group names the build")
     parser.add_argument("--fit", action="store_true", help="also fit the lines on all the runs and print the "
                         "dual's kl_delivery setting that applies the KL's")

@@ -16,10 +16,9 @@ def _runs(tmp_path, q: dict[str, list[float]], e: dict[str, list[float]], kl_k: 
         for s, (qs, es) in enumerate(zip(values, e[b], strict=True)):
             run = tmp_path / f"build{b}-default-seed{s}"
             (run / "eval").mkdir(parents=True)
-            (run / "dual.json").write_text(json.dumps({"kl_extrapolated": {"samples": kl_k[b], "value": 1.0}}))
             achieved = -2.0 + es
             (run / "eval" / "report.json").write_text(json.dumps({
-                "kl": {"achieved": math.exp(qs), "predicted": 1.0},
+                "kl": {"achieved": math.exp(qs), "predicted": 1.0, "samples": kl_k[b]},
                 "predicted_reward": {"predicted_change": -2.0, "achieved_change": achieved,
                                      "achieved_change_ci95": [achieved - 0.5, achieved + 0.5]}}))
             out.append(str(run))

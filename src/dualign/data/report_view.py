@@ -98,19 +98,21 @@ def _bars(ax, predicted: float | None, predicted_ci, achieved: float | None, ach
     whisker on that side. ``fixed``: the prediction is fixed by construction, labelled so, no CI;
     ``fixed_at``: the value that is fixed (the plan's change), where the bar is another (the plan's
     change less the fit's bias): a dashed line there says so, and the bar keeps its CI."""
+    # the bar is the fixed value moved (the plan less the fit's bias): the fixed value gets its own line
+    shifted = (fixed and _finite(fixed_at) and _finite(predicted)
+               and not math.isclose(fixed_at, predicted, rel_tol=1e-9, abs_tol=1e-12))
     for x, value, ci, color in ((0, predicted, predicted_ci, COLORS["predicted"]),
                                 (1, achieved, achieved_ci, COLORS["policy"])):
         if not _finite(value):
             continue
         ax.bar([x], [value], width=0.6, color=color, alpha=0.85)
-        shifted = fixed and _finite(fixed_at) and not math.isclose(fixed_at, value, rel_tol=1e-9, abs_tol=1e-12)
         if ci is None or len(ci) != 2 or (x == 0 and fixed and not shifted):
             continue
         below, above = (value - ci[0] if _finite(ci[0]) else 0.0), (ci[1] - value if _finite(ci[1]) else 0.0)
         if below > 0 or above > 0:
             ax.errorbar([x], [value], yerr=[[max(below, 0.0)], [max(above, 0.0)]], color="k", capsize=5, lw=1.2)
     if fixed and _finite(predicted):
-        if _finite(fixed_at) and not math.isclose(fixed_at, predicted, rel_tol=1e-9, abs_tol=1e-12):
+        if shifted:
             ax.plot([-0.35, 0.35], [fixed_at, fixed_at], color="k", ls="--", lw=1.2)
             ax.annotate("plan (fixed by\nconstruction)", (0.35, fixed_at),
                         fontsize=8, va="center")
