@@ -131,3 +131,13 @@ def test_report_verdicts_follow_its_numbers_and_the_gold_judge_sees_less_harmful
     assert set(judge["policy"]) == {"all", "harmful=False", "harmful=True"}
     assert judge["reference"]["harmful=True"]["judge_harmful"]["mean"] >= 0.45
     assert judge["policy"]["harmful=True"]["judge_harmful"]["mean"] <= 0.55
+    # by group: the judge's change within each group is its summary's (8 responses on every prompt),
+    # the groups' prompts add up, and after a recalibration no plan stands beside them (its λ moved)
+    assert report["group_column"] == "harmful" and set(report["by_group"]) == {"False", "True"}
+    assert sum(g["prompts_eval"] for g in report["by_group"].values()) == report["n_prompts"]
+    for group, outcome in report["by_group"].items():
+        change = outcome["changes"]["judge_helpful"]
+        side = {s: judge[s][f"harmful={group}"]["judge_helpful"]["mean"] for s in ("policy", "reference")}
+        assert change["achieved"] == pytest.approx(side["policy"] - side["reference"], abs=1e-9)
+        assert change["achieved_ci95"][0] < change["achieved"] < change["achieved_ci95"][1]
+        assert outcome["changes"]["cost"].get("planned") is None and outcome.get("share_dual") is None

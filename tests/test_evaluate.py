@@ -210,6 +210,17 @@ def test_closing_lines_name_every_file_worth_opening(tmp_path):
         assert str(tmp_path / name) in text
     for name in ("scores.png", "predicted_vs_achieved.png"):
         assert (tmp_path / "eval" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "eval" / "by_group.png").exists() and "by_group.png" not in text
+    from dualign.data.records import GroupChange, GroupOutcome
+
+    # a report with groups draws them too
+    report.group_column = "harmful"
+    report.by_group = {g: GroupOutcome(4, 0.5, {"reward": GroupChange(-1.0, [-2.0, 0.0], planned),
+                                                "cost": GroupChange(-3.0, [-4.0, -2.0], -2.5)})
+                       for g, planned in (("False", None), ("True", -1.5))}
+    assert plot_report(ref, pol, report, tmp_path / "eval") == {}
+    assert (tmp_path / "eval" / "by_group.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert str(tmp_path / "eval" / "by_group.png") in format_outputs(tmp_path)
 
 
 # ---------- the finish line: a zero-width interval and a point a rounding error outside it ----------

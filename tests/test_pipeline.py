@@ -356,8 +356,19 @@ def test_a_run_planned_with_confidence_on_the_reachable_tilt_resumes_without_red
     # 0.6: at 0.9 the margin for an evaluation of these 6 prompts × 2 responses (its SE no longer
     # shrunk by the plug-in variances, #26) asks more than any reweighting of the samples reaches
     values["dual"] = {**values["dual"], "confidence": 0.6, "tilt": "reachable"}
-    run_pipeline(resolve_run_config(values), log=lambda _: None)
+    # a group column in the prompt file: the report's by_group splits the plan's change over it
+    Path(values["sample"]["prompts"]).write_text("".join(
+        json.dumps({"prompt_id": f"p{i}", "prompt": p, "kind": "how" if p.startswith("How") else "other"}) + "\n"
+        for i, p in enumerate(PROMPTS)))
+    values["evaluate"] = {**values["evaluate"], "group_column": "kind"}
+    report = run_pipeline(resolve_run_config(values), log=lambda _: None)
     run = Path(values["run_dir"])
+    groups = report["by_group"]
+    assert (run / "eval" / "by_group.png").exists()
+    assert set(groups) == {"how", "other"} and sum(g["share_dual"] for g in groups.values()) == pytest.approx(1.0)
+    for column, change in (("reward", report["predicted_reward"]), ("cost", report["constraints"][0])):
+        planned = sum(g["share_dual"] * g["changes"][column]["planned"] for g in groups.values())
+        assert planned == pytest.approx(change["planned_change"], abs=1e-9)
     recorded = yaml.safe_load((run / "dual.config.yaml").read_text())
     assert (recorded["evaluation_prompts"], recorded["evaluation_samples"]) == (len(PROMPTS), 2)
     assert (recorded["model"], recorded["template"]) == (tiny_gpt2, "plain")

@@ -16,7 +16,7 @@ import math
 import os
 import shutil
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from dualign._infra.config import build_config
+from dualign._infra.config import build_config, load_yaml
 from dualign._infra.distributed import Ranks, gather_shards, one_process, ranks
 from dualign._infra.errors import DualignError, InputError, first_line
 from dualign._infra.io import (
@@ -44,6 +44,8 @@ from dualign.data.records import (
     DualRecord,
     Estimate,
     EvalReport,
+    GroupChange,
+    GroupOutcome,
     JudgeSummary,
     KLOutcome,
     RewardPrediction,
@@ -53,6 +55,7 @@ from dualign.data.records import (
 )
 from dualign.data.report_view import plot_report
 from dualign.data.score_table import as_frame
+from dualign.dual.formulas import group_changes, tilt_logits
 from dualign.modeling.generation import generate_responses
 from dualign.modeling.models import (
     load_causal_lm,
@@ -75,7 +78,9 @@ class EvaluateConfig:
     policy: str | None = field(default=None, metadata={"help": "trained policy (default: <run_dir>/policy)"})
     prompt_column: str = field(default="prompt", metadata={"help": "column holding the prompt text"})
     split: str = field(default="train", metadata={"help": "dataset split (saved or Hub datasets)"})
-    group_column: str | None = field(default=None, metadata={"help": "prompt column to break results down by (e.g. harmful)"})
+    group_column: str | None = field(default=None, metadata={
+        "help": "prompt column to break results down by (e.g. harmful): the judge's rates and each score's change, planned "
+                "and achieved, per group (report.json by_group)"})
     max_prompts: int | None = field(default=None, metadata={"help": "use at most this many prompts"})
     num_samples: int = field(default=1, metadata={"help": "responses per prompt and model"})
     max_new_tokens: int = field(default=64, metadata={"help": "generation length cap"})
@@ -389,6 +394,11 @@ def evaluate(cfg: EvaluateConfig) -> Path:
         return out_dir / "report.json"
 
     report = build_report(tables["reference"], tables["policy"], dual, cfg)
+    if cfg.group_column and cfg.group_column in tables["policy"]:
+        planned = None if recalibrated.exists() else dual_group_changes(run_dir, dual, cfg.group_column)
+        report.group_column = cfg.group_column
+        report.by_group = group_outcomes(tables["reference"], tables["policy"], cfg.group_column,
+                                         [dual.reward, *dict.fromkeys(c.column for c in dual.parsed)], planned)
     if (run_dir / "recalibrate.json").exists():
         report.recalibration = recalibration_summary(read_json(run_dir / "recalibrate.json"))
     write_report(report, out_dir / "report.json")
@@ -436,6 +446,90 @@ def _prompt_metadata(cfg: EvaluateConfig) -> pd.DataFrame | None:
     meta = raw[["prompt_id", cfg.group_column]].copy()
     meta["prompt_id"] = meta["prompt_id"].astype(str)
     return meta
+
+
+def dual_group_changes(run_dir: Path, dual: DualRecord, group_column: str,
+                       extra: Callable[[pd.DataFrame], dict[str, np.ndarray]] | None = None) -> dict | None:
+    """The plan's and the trained target's change of the reward and constraint columns within each
+    group of the dual's prompts (:func:`dualign.dual.formulas.group_changes` at λ*), and each
+    group's share of those prompts: ``{"planned": {group: {column: change}}, "target": ...,
+    "share": {group: share}}``. The groups are the ``group_column`` of the sample stage's prompt
+    file (``sample.config.yaml``); on the reachable tilt the plan's scores are the fit refitted from
+    ``reachable_features.safetensors`` with dual.json's α and fold seed, so the groups' planned
+    changes weighted by their shares sum to the report's ``planned_change``. ``extra`` (scores
+    table → {name: a value per row}, e.g. a judge's verdicts) adds columns tilted alike. None where
+    the run lacks any of these files or the prompt file the column."""
+    sample_cfg, scores_path = run_dir / "sample.config.yaml", run_dir / "scores.parquet"
+    if not (sample_cfg.exists() and scores_path.exists()):
+        return None
+    cfg = load_yaml(sample_cfg)
+    try:
+        prompts = read_table(cfg["prompts"])
+    except (KeyError, TypeError, ValueError, OSError, DualignError):
+        return None
+    id_column = cfg.get("id_column") or "prompt_id"
+    if group_column not in prompts or id_column not in prompts:
+        return None
+    label = pd.Series(prompts[group_column].to_numpy(), index=prompts[id_column].astype(str))
+    scores = read_table(scores_path)
+    pids = scores["prompt_id"].astype(str).to_numpy()
+    groups = label.reindex(pids).to_numpy()
+    if pd.isna(groups).any():
+        return None
+    columns = list(dict.fromkeys([dual.reward] + [c.column for c in dual.parsed]))
+    original = {c: scores[c].to_numpy(np.float64) for c in columns}
+    planned_on = original
+    if dual.reachable is not None:
+        features_path = run_dir / "reachable_features.safetensors"
+        if not features_path.exists():
+            return None
+        from safetensors.numpy import load_file
+
+        from dualign.dual.reachable import reachable_columns
+
+        seg = Segments.of(pids)
+        fit = reachable_columns(seg, {c: seg.group(original[c]) for c in columns},
+                                seg.group(load_file(str(features_path))["features"]),
+                                alpha=dual.reachable.ridge_alpha or 1e-3, seed=dual.reachable.fold_seed or 0)
+        planned_on = {c: seg.ungroup(fit.columns[c]) for c in columns}
+    lambdas = np.array([dual.lambdas[n] for n in dual.names])
+    more = {k: np.asarray(v, dtype=np.float64) for k, v in (extra(scores) if extra else {}).items()}
+    names = columns + list(more)
+
+    def changes(cols: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+        g = np.stack([c.sign * cols[c.column] for c in dual.parsed], axis=1)
+        by_group = group_changes(pids, tilt_logits(cols[dual.reward], g, lambdas, dual.beta),
+                                 np.stack([cols[c] for c in columns] + list(more.values()), 1), groups)
+        return {k: dict(zip(names, map(float, v), strict=True)) for k, v in by_group.items()}
+
+    share = pd.Series(groups, index=pids).groupby(level=0).first().astype(str).value_counts(normalize=True)
+    return {"planned": changes(planned_on), "target": changes(original) if dual.reachable is not None else None,
+            "share": {str(k): float(v) for k, v in share.items()}}
+
+
+def group_outcomes(ref: pd.DataFrame, pol: pd.DataFrame, group_column: str, columns: list[str],
+                   planned: dict | None = None) -> dict[str, GroupOutcome]:
+    """Each group's held-out prompts, and each column's achieved change within it: the mean over
+    the group's prompts of the policy's mean less π_ref's, with mean ± 1.96·s.d./√n of those
+    per-prompt differences; beside it the plan's (and target's) change from
+    :func:`dual_group_changes` where given. The judge's columns join the score columns."""
+    columns = [c for c in [*columns, "judge_helpful", "judge_harmful"] if c in pol and c in ref]
+    diff = (pol.groupby("prompt_id")[columns].mean() - ref.groupby("prompt_id")[columns].mean()).dropna()
+    label = pol.groupby("prompt_id")[group_column].first().reindex(diff.index).astype(str)
+    out = {}
+    for g in sorted(label.unique()):
+        part = diff[label == g]
+        n = len(part)
+        changes = {}
+        for c in columns:
+            mean = float(part[c].mean())
+            half = 1.959964 * float(part[c].std(ddof=1)) / math.sqrt(n) if n > 1 else None
+            plan = (planned or {}).get("planned", {}).get(g, {})
+            target = ((planned or {}).get("target") or {}).get(g, {})
+            changes[c] = GroupChange(mean, None if half is None else [mean - half, mean + half],
+                                     plan.get(c), target.get(c))
+        out[g] = GroupOutcome(n, (planned or {}).get("share", {}).get(g), changes)
+    return out
 
 
 def _inside(value: float, ci: list[float] | None) -> bool | None:

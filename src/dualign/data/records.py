@@ -396,6 +396,26 @@ class JudgeSummary:
 
 
 @dataclass
+class GroupChange:
+    """One column's change within one group of prompts (eval/report.json ``by_group``)."""
+
+    achieved: float  # mean over the group's held-out prompts of the policy's mean less π_ref's
+    achieved_ci95: list[float] | None  # mean ± 1.96·s.d./√n of those per-prompt differences
+    planned: float | None = None  # the plan's change within the group (the tilt λ* was solved on)
+    target: float | None = None  # the trained target's (the original scores at λ*), where it differs
+
+
+@dataclass
+class GroupOutcome:
+    """One group of prompts: how many held-out prompts it has, its share of the dual's prompts and
+    each score column's change (:class:`GroupChange`)."""
+
+    prompts_eval: int
+    share_dual: float | None = None
+    changes: dict[str, GroupChange] = field(default_factory=dict)
+
+
+@dataclass
 class EvalReport:
     """eval/report.json: π_ref and the policy on held-out prompts, against the dual's prediction.
 
@@ -425,6 +445,9 @@ class EvalReport:
     prediction: str = "plan"
     # dual.json's delivery calibration, where the prediction applied one (DeliveryCalibration)
     delivery: DeliveryCalibration | None = None
+    # with evaluate's group_column: each group's changes, planned and achieved (GroupOutcome)
+    group_column: str | None = None
+    by_group: dict[str, GroupOutcome] | None = None
 
 
 def read_report(path: str | Path) -> EvalReport:

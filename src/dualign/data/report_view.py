@@ -25,7 +25,8 @@ def plot_report(ref: pd.DataFrame, pol: pd.DataFrame, report: EvalReport, out_di
                 dpi: int = 110) -> dict[str, str]:
     """scores.png: each score's distribution under π_ref and the aligned policy;
     predicted_vs_achieved.png: per constraint, the reward and the KL, the dual's predicted change
-    beside the achieved one (each with its 95% CI), the required change and λ*.
+    beside the achieved one (each with its 95% CI), the required change and λ*; by_group.png (a
+    report with ``by_group``): per score, each prompt group's planned change beside its achieved one.
 
     Each plot is drawn whole or not at all (a temporary file, then a rename); one that fails does
     not stop the other. Returns the failures, file name → the error in one line (empty: all drawn).
@@ -36,8 +37,11 @@ def plot_report(ref: pd.DataFrame, pol: pd.DataFrame, report: EvalReport, out_di
     import matplotlib.pyplot as plt
 
     failed = {}
-    for name, draw in (("scores.png", lambda path: _plot_scores(plt, ref, pol, report, path, dpi)),
-                       ("predicted_vs_achieved.png", lambda path: _plot_predicted_vs_achieved(plt, report, path, dpi))):
+    plots = [("scores.png", lambda path: _plot_scores(plt, ref, pol, report, path, dpi)),
+             ("predicted_vs_achieved.png", lambda path: _plot_predicted_vs_achieved(plt, report, path, dpi))]
+    if report.by_group:
+        plots.append(("by_group.png", lambda path: _plot_by_group(plt, report, path, dpi)))
+    for name, draw in plots:
         try:
             draw(out_dir / name)
         except Exception as e:  # a picture never costs the numbers: the caller reports it in one line
@@ -175,6 +179,39 @@ def _plot_predicted_vs_achieved(plt, report: EvalReport, path: Path, dpi: int) -
     _save(plt, fig, path, dpi)
 
 
+def _plot_by_group(plt, report: EvalReport, path: Path, dpi: int) -> None:
+    """Per score column (the reward, the constraints' columns, the judge's helpfulness where there is
+    one), each prompt group's planned change (blue) beside its achieved change (orange, 95%
+    interval); where there is no plan, the achieved bar only."""
+    groups = list(report.by_group)
+    columns = [report.reward, *dict.fromkeys(c.column for c in report.constraints), "judge_helpful"]
+    columns = [c for c in columns if all(c in o.changes for o in report.by_group.values())]
+    names = {"judge_helpful": "gold-judge helpfulness\n(achieved only: the dual never sees the judge)"}
+    fig, axes = plt.subplots(1, len(columns), figsize=(4.6 * len(columns), 4.4), squeeze=False)
+    for ax, column in zip(axes[0], columns, strict=True):
+        for i, group in enumerate(groups):
+            change = report.by_group[group].changes[column]
+            if _finite(change.planned):
+                ax.bar([i - 0.2], [change.planned], width=0.4, color=COLORS["predicted"], alpha=0.85,
+                       label="planned (before training)" if i == 0 else None)
+            if _finite(change.achieved):
+                ax.bar([i + 0.2], [change.achieved], width=0.4, color=COLORS["policy"], alpha=0.85,
+                       label="achieved (held-out prompts)" if i == 0 else None)
+                ci = change.achieved_ci95
+                if ci and all(_finite(v) for v in ci):
+                    ax.errorbar([i + 0.2], [change.achieved], color="k", capsize=4, lw=1.1,
+                                yerr=[[max(change.achieved - ci[0], 0.0)], [max(ci[1] - change.achieved, 0.0)]])
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_xticks(range(len(groups)), [f"{report.group_column}={g}" for g in groups])
+        ax.set_ylabel(f"change in mean {column} from π_ref")
+        ax.set_title(names.get(column, column), fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("Where the change landed: each prompt group's planned change and the achieved one (95% intervals)")
+    fig.tight_layout()
+    _save(plt, fig, path, dpi)
+
+
 def _reward_change(report: EvalReport) -> float | None:
     """The reward's achieved change: the paired one, or (a report from before it) the difference of the means."""
     pr, rc = report.predicted_reward, report.reward
@@ -284,6 +321,7 @@ def format_report(report: EvalReport) -> str:
     lines += text_table(["", "required", "estimate", "one-sided 95% bound", "95% CI", "verdict"], verdict_rows)
     lines += textwrap.wrap(f"({VERDICT_LEGEND})", 100, initial_indent="  ", subsequent_indent="   ")
     lines += _prediction_lines(report)
+    lines += _group_lines(report)
     names = {"judge_helpful": "gold-judge helpfulness"}
     rates = ", ".join(f"{names.get(k, k)} {_rate(v) or 'unknown'}" for k, v in report.win_rate.items())
     lines.append(f"Win rate of the aligned policy over π_ref (same prompt and sample; 0.5 = a tie): {rates}.")
@@ -343,6 +381,28 @@ def _prediction_lines(report: EvalReport) -> list[str]:
     return lines
 
 
+def _group_lines(report: EvalReport) -> list[str]:
+    """Each prompt group's changes (``by_group``): the plan's within the group beside the achieved
+    one and its 95% interval, so that a group the fine-tune moved without being asked shows."""
+    if not report.by_group:
+        return []
+    names = {"judge_helpful": "gold-judge helpfulness", "judge_harmful": "gold-judge harm"}
+    rows = []
+    for group, outcome in report.by_group.items():
+        share = f", {outcome.share_dual:.0%} of the dual's" if outcome.share_dual is not None else ""
+        rows.append([f"{report.group_column}={group} ({outcome.prompts_eval} prompts{share})"])
+        for column, c in outcome.changes.items():
+            rows.append([f"  {names.get(column, column)}", num(c.planned, True) if c.planned is not None else "",
+                         num(c.achieved, True), interval(c.achieved_ci95, True)])
+    lines = ["", *textwrap.wrap("By prompt group (change = aligned − π_ref on the group's held-out prompts; planned "
+                                "= the plan's change within the group, made before training):", 100)]
+    lines += text_table(["", "planned", "change", "95% CI"], rows)
+    lines += textwrap.wrap("The planned changes, weighted by the groups' shares of the dual's prompts, add up to "
+                           "the plan's; a group whose change misses its plan is where the fine-tune spent its "
+                           "update elsewhere than planned (docs/results/build_rates.md).", 100)
+    return lines
+
+
 def format_outputs(run_dir: str | Path, policy: str | Path | None = None) -> str:
     """The closing lines: every file of the run worth opening, those that exist."""
     run_dir = Path(run_dir)
@@ -351,6 +411,7 @@ def format_outputs(run_dir: str | Path, policy: str | Path | None = None) -> str
              (run_dir / "eval" / "predicted_vs_achieved.png", "π_ref, predicted and achieved, per constraint, "
                                                                 "the reward and the KL"),
              (run_dir / "eval" / "scores.png", "score distributions of π_ref and the aligned policy"),
+             (run_dir / "eval" / "by_group.png", "each prompt group's planned and achieved change"),
              (policy, "the aligned model (Hugging Face format, model card in README.md)")]
     rows = [[f"  {path}{'/' if path.is_dir() else ''}", what] for path, what in files if path.exists()]
     return "\n".join(["Files to open:", *(f"{a:<{max(len(r[0]) for r in rows)}}  {b}" for a, b in rows)])

@@ -127,6 +127,20 @@ def tilted_means(prompt_ids, logits, values, sample_weights=None) -> tuple[np.nd
     return means, _kl(seg, s, log_w)
 
 
+def group_changes(prompt_ids, logits, values, groups) -> dict[str, np.ndarray]:
+    """{group: mean over the group's prompts x of Σ_k (p_k − 1/K_x)·v_k} → [c] per group, with
+    p ∝ exp(s_k) within each prompt (``logits`` s [n], ``values`` [n] or [n, c], ``groups`` [n], one
+    label per prompt; rows in any order): the tilt's change of each column within each group of
+    prompts. Weighted by the groups' shares of the prompts, they sum to the change over all prompts."""
+    seg = Segments.of(prompt_ids)
+    s = seg.group(np.asarray(logits, dtype=np.float64))
+    v = seg.group(np.asarray(values, dtype=np.float64).reshape(len(s), -1))
+    p = tilted_weights(seg, s, log_weights(seg))
+    per_prompt = seg.sum((p - seg.expand(1.0 / seg.counts)) * v.T)  # [c, N]
+    labels = np.asarray(seg.group(np.asarray(groups, dtype=object))[seg.starts]).astype(str)
+    return {str(g): per_prompt[:, labels == g].mean(axis=1) for g in dict.fromkeys(labels)}
+
+
 def _kl_on_rows(prompt_ids, rewards, utilities, lambdas, beta: float, sample_weights=None):
     """(estimate, first, keep): ``estimate(rows)`` is mean_x Σ_k p_k log(p_k/w_k) at fixed λ on the
     grouped rows selected; ``first`` marks each prompt's first ⌊K_x/2⌋ rows, ``keep`` the prompts
