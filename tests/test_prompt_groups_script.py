@@ -154,3 +154,37 @@ def test_the_report_keeps_and_prints_its_groups(tmp_path):
     report = replace(_report(), group_column="harmful", by_group=groups)
     write_report(report, tmp_path / "report.json")
     assert read_report(tmp_path / "report.json") == report
+
+
+def test_weighted_samples_are_tilted_from_their_weights_as_the_dual_tilts_them(tmp_path):
+    """π_ref's samples with ``sample_weight`` (as the dual reads them): the groups' planned changes,
+    weighted by their shares, equal make_plan's predicted − reference; dropping the weights would
+    not (the weights here tilt towards the high-cost samples)."""
+    from dualign import make_plan
+    from dualign.data.records import read_dual
+    from dualign.evaluate import dual_group_changes
+
+    rng = np.random.default_rng(11)
+    n_prompts, k = 60, 4
+    pid = np.repeat([f"x{i}" for i in range(n_prompts)], k)
+    group = np.repeat(rng.random(n_prompts) < 0.5, k)
+    cost = rng.normal(size=pid.size) + group
+    scores = pd.DataFrame({"prompt_id": pid, "prompt": pid, "response": [f"r{i}" for i in range(pid.size)],
+                           "reward": rng.normal(size=pid.size) + 0.5 * cost, "cost": cost,
+                           "sample_weight": np.exp(0.8 * cost)})
+    run = tmp_path / "run"
+    run.mkdir()
+    scores.to_parquet(run / "scores.parquet")
+    make_plan(scores, "cost<=ref-0.3", beta=1.0).save(run / "dual.json")
+    pd.DataFrame({"prompt_id": [f"x{i}" for i in range(n_prompts)], "prompt": "p", "g": group[::k]}) \
+        .to_json(run / "prompts.jsonl", orient="records", lines=True)
+    (run / "sample.config.yaml").write_text(yaml.safe_dump({"prompts": str(run / "prompts.jsonl")}))
+    dual = read_dual(run / "dual.json")
+    out = dual_group_changes(run, dual, "g")
+    for column in ("reward", "cost"):
+        overall = sum(out["share"][g] * out["planned"][g][column] for g in out["share"])
+        assert overall == pytest.approx(dual.predicted[column] - dual.reference[column], abs=1e-9)
+    scores.drop(columns="sample_weight").to_parquet(run / "scores.parquet")
+    unweighted = dual_group_changes(run, dual, "g")
+    overall = sum(unweighted["share"][g] * unweighted["planned"][g]["cost"] for g in unweighted["share"])
+    assert abs(overall - (dual.predicted["cost"] - dual.reference["cost"])) > 1e-3

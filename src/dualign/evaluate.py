@@ -54,7 +54,7 @@ from dualign.data.records import (
     write_report,
 )
 from dualign.data.report_view import plot_report
-from dualign.data.score_table import as_frame
+from dualign.data.score_table import WEIGHT_COLUMN, as_frame
 from dualign.dual.formulas import group_changes, tilt_logits
 from dualign.modeling.generation import generate_responses
 from dualign.modeling.models import (
@@ -452,7 +452,8 @@ def dual_group_changes(run_dir: Path, dual: DualRecord, group_column: str,
                        extra: Callable[[pd.DataFrame], dict[str, np.ndarray]] | None = None) -> dict | None:
     """The plan's and the trained target's change of the reward and constraint columns within each
     group of the dual's prompts (:func:`dualign.dual.formulas.group_changes` at λ*), and each
-    group's share of those prompts: ``{"planned": {group: {column: change}}, "target": ...,
+    group's share of those prompts (π_ref's samples weighted by ``sample_weight`` where the table
+    has it, as in the dual): ``{"planned": {group: {column: change}}, "target": ...,
     "share": {group: share}}``. The groups are the ``group_column`` of the sample stage's prompt
     file (``sample.config.yaml``); on the reachable tilt the plan's scores are the fit refitted from
     ``reachable_features.safetensors`` with dual.json's α and fold seed, so the groups' planned
@@ -493,13 +494,14 @@ def dual_group_changes(run_dir: Path, dual: DualRecord, group_column: str,
                                 alpha=dual.reachable.ridge_alpha or 1e-3, seed=dual.reachable.fold_seed or 0)
         planned_on = {c: seg.ungroup(fit.columns[c]) for c in columns}
     lambdas = np.array([dual.lambdas[n] for n in dual.names])
+    weights = scores[WEIGHT_COLUMN].to_numpy(np.float64) if WEIGHT_COLUMN in scores else None
     more = {k: np.asarray(v, dtype=np.float64) for k, v in (extra(scores) if extra else {}).items()}
     names = columns + list(more)
 
     def changes(cols: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
         g = np.stack([c.sign * cols[c.column] for c in dual.parsed], axis=1)
         by_group = group_changes(pids, tilt_logits(cols[dual.reward], g, lambdas, dual.beta),
-                                 np.stack([cols[c] for c in columns] + list(more.values()), 1), groups)
+                                 np.stack([cols[c] for c in columns] + list(more.values()), 1), groups, weights)
         return {k: dict(zip(names, map(float, v), strict=True)) for k, v in by_group.items()}
 
     share = pd.Series(groups, index=pids).groupby(level=0).first().astype(str).value_counts(normalize=True)

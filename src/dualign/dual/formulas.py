@@ -127,16 +127,18 @@ def tilted_means(prompt_ids, logits, values, sample_weights=None) -> tuple[np.nd
     return means, _kl(seg, s, log_w)
 
 
-def group_changes(prompt_ids, logits, values, groups) -> dict[str, np.ndarray]:
-    """{group: mean over the group's prompts x of Σ_k (p_k − 1/K_x)·v_k} → [c] per group, with
-    p ∝ exp(s_k) within each prompt (``logits`` s [n], ``values`` [n] or [n, c], ``groups`` [n], one
-    label per prompt; rows in any order): the tilt's change of each column within each group of
-    prompts. Weighted by the groups' shares of the prompts, they sum to the change over all prompts."""
+def group_changes(prompt_ids, logits, values, groups, sample_weights=None) -> dict[str, np.ndarray]:
+    """{group: mean over the group's prompts x of Σ_k (p_k − w_k)·v_k} → [c] per group, with
+    p ∝ w_k·exp(s_k) within each prompt and w π_ref's weights normalised per prompt (1/K_x by
+    default; ``logits`` s [n], ``values`` [n] or [n, c], ``groups`` [n], one label per prompt; rows
+    in any order): the tilt's change of each column within each group of prompts. Weighted by the
+    groups' shares of the prompts, they sum to the change over all prompts."""
     seg = Segments.of(prompt_ids)
     s = seg.group(np.asarray(logits, dtype=np.float64))
     v = seg.group(np.asarray(values, dtype=np.float64).reshape(len(s), -1))
-    p = tilted_weights(seg, s, log_weights(seg))
-    per_prompt = seg.sum((p - seg.expand(1.0 / seg.counts)) * v.T)  # [c, N]
+    w = None if sample_weights is None else seg.group(np.asarray(sample_weights, dtype=np.float64))
+    p = tilted_weights(seg, s, log_weights(seg, w))
+    per_prompt = seg.sum((p - normalised_weights(seg, w)) * v.T)  # [c, N]
     labels = np.asarray(seg.group(np.asarray(groups, dtype=object))[seg.starts]).astype(str)
     return {str(g): per_prompt[:, labels == g].mean(axis=1) for g in dict.fromkeys(labels)}
 
