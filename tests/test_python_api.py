@@ -200,3 +200,30 @@ def test_a_datasets_dataset_plans_as_its_dataframe_does(scores):
     assert from_dataset.lambdas == pytest.approx(from_frame.lambdas, rel=1e-12)
     for name in ("cost", "helpful"):
         assert from_dataset.ci.lambdas[name] == pytest.approx(from_frame.ci.lambdas[name], rel=1e-12)
+
+
+def test_evaluate_policy_splits_its_changes_by_a_prompt_column_with_the_plan_beside_them(tiny_gpt2):
+    """group_column: each group's achieved change is the mean of its prompts' policy − π_ref means
+    (recomputed here from the report's own numbers: the groups' changes weighted by their prompts add
+    up to the overall change); with plan_scores the plan's change within each group, whose
+    shares-weighted sum is the plan's change. A prompt table without the column is refused by name."""
+    scores = example_scores(6, 4, seed=3)
+    scores["kind"] = scores["prompt_id"].map(lambda p: "a" if p in ("p00000", "p00001") else "b")
+    plan = dualign.make_plan(scores, "cost<=ref-0.3", beta=0.5)
+    prompts = pd.DataFrame({"prompt": PROMPTS, "kind": ["a", "b", "b", "a"]})
+    report = dualign.evaluate_policy(tiny_gpt2, tiny_gpt2, prompts, {"reward": reward_length, "cost": cost_vowels},
+                                     plan, num_samples=2, max_new_tokens=5, bootstrap=20, device="cpu",
+                                     group_column="kind", plan_scores=scores)
+    assert report.group_column == "kind" and set(report.by_group) == {"a", "b"}
+    assert [g.prompts_eval for g in report.by_group.values()] == [2, 2]
+    for column, change in (("reward", report.predicted_reward.achieved_change),
+                           ("cost", report.constraints[0].achieved_change)):
+        split = sum(g.changes[column].achieved * g.prompts_eval for g in report.by_group.values()) / len(PROMPTS)
+        assert split == pytest.approx(change, abs=1e-9)
+        planned = sum(g.share_dual * g.changes[column].planned for g in report.by_group.values())
+        key = plan.names[0] if column == "cost" else column
+        assert planned == pytest.approx(plan.predicted[key] - plan.reference[key], abs=1e-9)
+    assert report.by_group["a"].share_dual == pytest.approx(2 / 6)
+    with pytest.raises(dualign.InputError, match="no group column 'kind'"):
+        dualign.evaluate_policy(tiny_gpt2, tiny_gpt2, PROMPTS, {"reward": reward_length, "cost": cost_vowels},
+                                plan, num_samples=1, max_new_tokens=3, device="cpu", group_column="kind")

@@ -477,9 +477,7 @@ def dual_group_changes(run_dir: Path, dual: DualRecord, group_column: str,
     groups = label.reindex(pids).to_numpy()
     if pd.isna(groups).any():
         return None
-    columns = list(dict.fromkeys([dual.reward] + [c.column for c in dual.parsed]))
-    original = {c: scores[c].to_numpy(np.float64) for c in columns}
-    planned_on = original
+    fitted = None
     if dual.reachable is not None:
         features_path = run_dir / "reachable_features.safetensors"
         if not features_path.exists():
@@ -488,14 +486,33 @@ def dual_group_changes(run_dir: Path, dual: DualRecord, group_column: str,
 
         from dualign.dual.reachable import reachable_columns
 
+        columns = list(dict.fromkeys([dual.reward] + [c.column for c in dual.parsed]))
         seg = Segments.of(pids)
-        fit = reachable_columns(seg, {c: seg.group(original[c]) for c in columns},
+        fit = reachable_columns(seg, {c: seg.group(scores[c].to_numpy(np.float64)) for c in columns},
                                 seg.group(load_file(str(features_path))["features"]),
                                 alpha=dual.reachable.ridge_alpha or 1e-3, seed=dual.reachable.fold_seed or 0)
-        planned_on = {c: seg.ungroup(fit.columns[c]) for c in columns}
+        fitted = {c: seg.ungroup(fit.columns[c]) for c in columns}
+    return plan_group_changes(scores, groups, dual, fitted, extra(scores) if extra else None)
+
+
+def plan_group_changes(scores: pd.DataFrame, groups, dual: DualRecord, fitted: dict[str, np.ndarray] | None = None,
+                       extra: dict[str, np.ndarray] | None = None) -> dict:
+    """The plan's change of the reward and constraint columns (and ``extra``'s, values per row)
+    within each group of the scores table's prompts at dual's λ (``groups``: a label per row), the
+    trained target's where ``fitted`` (the scores the plan was solved on, per column) differs from
+    the table's, and each group's share of the prompts: ``{"planned": {group: {column: change}},
+    "target": ... or None, "share": {group: share}}`` (:func:`dualign.dual.formulas.group_changes`;
+    π_ref's samples weighted by ``sample_weight`` where the table has it, as in the dual)."""
+    columns = list(dict.fromkeys([dual.reward] + [c.column for c in dual.parsed]))
+    missing = [c for c in columns if c not in scores]
+    if missing:
+        raise InputError(f"plan scores: missing score column(s) {', '.join(missing)}")
+    pids = scores["prompt_id"].astype(str).to_numpy()
+    groups = np.asarray(groups, dtype=object)
+    original = {c: scores[c].to_numpy(np.float64) for c in columns}
     lambdas = np.array([dual.lambdas[n] for n in dual.names])
     weights = scores[WEIGHT_COLUMN].to_numpy(np.float64) if WEIGHT_COLUMN in scores else None
-    more = {k: np.asarray(v, dtype=np.float64) for k, v in (extra(scores) if extra else {}).items()}
+    more = {k: np.asarray(v, dtype=np.float64) for k, v in (extra or {}).items()}
     names = columns + list(more)
 
     def changes(cols: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
@@ -505,7 +522,7 @@ def dual_group_changes(run_dir: Path, dual: DualRecord, group_column: str,
         return {k: dict(zip(names, map(float, v), strict=True)) for k, v in by_group.items()}
 
     share = pd.Series(groups, index=pids).groupby(level=0).first().astype(str).value_counts(normalize=True)
-    return {"planned": changes(planned_on), "target": changes(original) if dual.reachable is not None else None,
+    return {"planned": changes(fitted or original), "target": changes(original) if fitted else None,
             "share": {str(k): float(v) for k, v in share.items()}}
 
 
@@ -623,7 +640,8 @@ def build_report(ref: pd.DataFrame, pol: pd.DataFrame, dual: DualRecord, cfg: Ev
 def evaluate_policy(policy: Any, reference: Any, prompts: Any, scorers: Mapping[str, Any] | Sequence[str],
                     plan: DualRecord, *, tokenizer: Any = None,
                     num_samples: int = 1, max_new_tokens: int = 64, batch_size: int = 32, template: str = "auto",
-                    bootstrap: int = 1000, seed: int = 0, device: str = "auto") -> EvalReport:
+                    bootstrap: int = 1000, seed: int = 0, device: str = "auto", group_column: str | None = None,
+                    plan_scores: Any = None) -> EvalReport:
     """The policy against π_ref on held-out prompts, with objects in: the :class:`EvalReport` that
     ``dualign evaluate`` writes to eval/report.json, sampled and reported by the same functions.
 
@@ -635,7 +653,9 @@ def evaluate_policy(policy: Any, reference: Any, prompts: Any, scorers: Mapping[
     ``dualign score``), or a list of full specs ``NAME=KIND:PATH``; they must give the plan's reward
     and constraint columns. ``plan``: the :func:`dualign.make_plan` result the policy was trained
     on. The keyword arguments are :class:`EvaluateConfig`'s fields; a bad one is a ConfigError
-    naming it. Nothing is written.
+    naming it. With ``group_column`` (a column of ``prompts``) the report has ``by_group``: each
+    group's achieved changes, and with ``plan_scores`` (the scores table the plan was made from,
+    holding the same column) the plan's change within each group beside them. Nothing is written.
     """
     if not isinstance(plan, DualRecord):
         raise InputError(f"plan: expected the Plan of dualign.make_plan or Plan.load, got {type(plan).__name__}")
@@ -644,7 +664,7 @@ def evaluate_policy(policy: Any, reference: Any, prompts: Any, scorers: Mapping[
     cfg = build_config(EvaluateConfig, {
         "run_dir": "", "reference": "", "prompts": "", "scorers": specs, "num_samples": num_samples,
         "max_new_tokens": max_new_tokens, "batch_size": batch_size, "template": template,
-        "bootstrap": bootstrap, "seed": seed, "device": device})
+        "bootstrap": bootstrap, "seed": seed, "device": device, "group_column": group_column})
     missing = [c for c in dict.fromkeys([plan.reward, *(c.column for c in plan.parsed)]) if c not in named]
     if missing:
         raise InputError(f"scorers: the plan needs the score column(s) {', '.join(missing)}; scorers give "
@@ -652,6 +672,17 @@ def evaluate_policy(policy: Any, reference: Any, prompts: Any, scorers: Mapping[
     table = pd.DataFrame({"prompt": prompts}) if isinstance(prompts, list) else \
         prompts if isinstance(prompts, str | Path) else as_frame(prompts, "prompts")
     prompt_table = load_prompts(table)
+    planned, labels = None, None
+    if group_column:
+        raw = read_table(table) if isinstance(table, str | Path) else table
+        if group_column not in raw:
+            raise InputError(f"prompts: no group column {group_column!r} (columns: {', '.join(map(str, raw.columns))})")
+        labels = dict(zip(prompt_table["prompt_id"], raw[group_column].to_numpy()[:len(prompt_table)], strict=True))
+        if plan_scores is not None:
+            scores = as_frame(plan_scores, "plan_scores")
+            if group_column not in scores:
+                raise InputError(f"plan_scores: no group column {group_column!r}")
+            planned = plan_group_changes(scores, scores[group_column].to_numpy(), plan)
     ref_model, ref_tok = _model_object(reference, tokenizer, cfg, "reference")
     pol_model, pol_tok = _model_object(policy, tokenizer, cfg, "policy")
     tables = {}
@@ -659,7 +690,14 @@ def evaluate_policy(policy: Any, reference: Any, prompts: Any, scorers: Mapping[
                                            ("policy", pol_model, pol_tok, cfg.seed + 1, ref_model)):
         df = _generate(model, tok, prompt_table, cfg, seed_, other, ref_tok)
         tables[name] = _score_objects(df, named, cfg)
-    return build_report(tables["reference"], tables["policy"], plan, cfg)
+    report = build_report(tables["reference"], tables["policy"], plan, cfg)
+    if labels is not None:
+        for df in tables.values():
+            df[group_column] = df["prompt_id"].map(labels)
+        report.group_column = group_column
+        report.by_group = group_outcomes(tables["reference"], tables["policy"], group_column,
+                                         [plan.reward, *dict.fromkeys(c.column for c in plan.parsed)], planned)
+    return report
 
 
 def _scorer_objects(scorers: Mapping[str, Any] | Sequence[str]) -> dict[str, Any]:
