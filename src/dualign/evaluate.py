@@ -56,6 +56,7 @@ from dualign.data.records import (
 from dualign.data.report_view import plot_report
 from dualign.data.score_table import WEIGHT_COLUMN, as_frame
 from dualign.dual.formulas import group_changes, tilt_logits
+from dualign.dual.stage import planning_scores
 from dualign.modeling.generation import generate_responses
 from dualign.modeling.models import (
     load_causal_lm,
@@ -438,12 +439,16 @@ def recalibration_summary(record: dict) -> dict:
 
 
 def _prompt_metadata(cfg: EvaluateConfig) -> pd.DataFrame | None:
-    if not cfg.group_column:
-        return None
-    raw = read_table(cfg.prompts)
-    if cfg.group_column not in raw or "prompt_id" not in raw:
-        raise InputError(f"{cfg.prompts}: group column '{cfg.group_column}' (and prompt_id) not found")
-    meta = raw[["prompt_id", cfg.group_column]].copy()
+    return _prompt_groups(cfg.prompts, cfg.group_column) if cfg.group_column else None
+
+
+def _prompt_groups(path: str, group_column: str, id_column: str = "prompt_id") -> pd.DataFrame:
+    """``prompt_id`` (as text, from ``id_column``) and ``group_column`` of a prompt file; an
+    InputError where the file or either column is missing."""
+    raw = read_table(path)
+    if group_column not in raw or id_column not in raw:
+        raise InputError(f"{path}: group column '{group_column}' (and {id_column}) not found")
+    meta = raw[[id_column, group_column]].rename(columns={id_column: "prompt_id"})
     meta["prompt_id"] = meta["prompt_id"].astype(str)
     return meta
 
@@ -465,13 +470,10 @@ def dual_group_changes(run_dir: Path, dual: DualRecord, group_column: str,
         return None
     cfg = load_yaml(sample_cfg)
     try:
-        prompts = read_table(cfg["prompts"])
+        meta = _prompt_groups(cfg["prompts"], group_column, cfg.get("id_column") or "prompt_id")
     except (KeyError, TypeError, ValueError, OSError, DualignError):
         return None
-    id_column = cfg.get("id_column") or "prompt_id"
-    if group_column not in prompts or id_column not in prompts:
-        return None
-    label = pd.Series(prompts[group_column].to_numpy(), index=prompts[id_column].astype(str))
+    label = meta.set_index("prompt_id")[group_column]
     scores = read_table(scores_path)
     pids = scores["prompt_id"].astype(str).to_numpy()
     groups = label.reindex(pids).to_numpy()
@@ -479,19 +481,11 @@ def dual_group_changes(run_dir: Path, dual: DualRecord, group_column: str,
         return None
     fitted = None
     if dual.reachable is not None:
-        features_path = run_dir / "reachable_features.safetensors"
-        if not features_path.exists():
+        try:
+            planned = planning_scores(run_dir, scores, dual)
+        except InputError:  # π_ref's features are gone
             return None
-        from safetensors.numpy import load_file
-
-        from dualign.dual.reachable import reachable_columns
-
-        columns = list(dict.fromkeys([dual.reward] + [c.column for c in dual.parsed]))
-        seg = Segments.of(pids)
-        fit = reachable_columns(seg, {c: seg.group(scores[c].to_numpy(np.float64)) for c in columns},
-                                seg.group(load_file(str(features_path))["features"]),
-                                alpha=dual.reachable.ridge_alpha or 1e-3, seed=dual.reachable.fold_seed or 0)
-        fitted = {c: seg.ungroup(fit.columns[c]) for c in columns}
+        fitted = {c: planned[c].to_numpy(np.float64) for c in dict.fromkeys([dual.reward, *dual.columns.values()])}
     return plan_group_changes(scores, groups, dual, fitted, extra(scores) if extra else None)
 
 
@@ -535,19 +529,19 @@ def group_outcomes(ref: pd.DataFrame, pol: pd.DataFrame, group_column: str, colu
     columns = [c for c in [*columns, "judge_helpful", "judge_harmful"] if c in pol and c in ref]
     diff = (pol.groupby("prompt_id")[columns].mean() - ref.groupby("prompt_id")[columns].mean()).dropna()
     label = pol.groupby("prompt_id")[group_column].first().reindex(diff.index).astype(str)
+    planned = planned or {}
     out = {}
     for g in sorted(label.unique()):
         part = diff[label == g]
         n = len(part)
+        plan, target = planned.get("planned", {}).get(g, {}), (planned.get("target") or {}).get(g, {})
         changes = {}
         for c in columns:
             mean = float(part[c].mean())
             half = 1.959964 * float(part[c].std(ddof=1)) / math.sqrt(n) if n > 1 else None
-            plan = (planned or {}).get("planned", {}).get(g, {})
-            target = ((planned or {}).get("target") or {}).get(g, {})
             changes[c] = GroupChange(mean, None if half is None else [mean - half, mean + half],
                                      plan.get(c), target.get(c))
-        out[g] = GroupOutcome(n, (planned or {}).get("share", {}).get(g), changes)
+        out[g] = GroupOutcome(n, planned.get("share", {}).get(g), changes)
     return out
 
 

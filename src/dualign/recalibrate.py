@@ -53,6 +53,7 @@ from dualign.data.prompts import load_prompts
 from dualign.data.records import DualRecord, ReachableTilt, read_dual, write_dual
 from dualign.dual import formulas as F
 from dualign.dual import solve_dual_long
+from dualign.dual.stage import planning_scores
 from dualign.evaluate import Paired, percentile_ci, sample_model
 from dualign.methods.objective import (
     Objective,
@@ -213,36 +214,6 @@ def _scores_arrays(scores: pd.DataFrame, objective: Objective):
     r = scores[objective.reward].to_numpy(float)
     g = objective.utilities(scores)
     return seg, r, g, weights
-
-
-def planning_scores(run_dir: Path, scores: pd.DataFrame, dual: DualRecord) -> pd.DataFrame:
-    """The scores the run's dual planned on: on the reachable tilt (dual.json's ``reachable``) each
-    planned column replaced by its fit from π_ref's features (the dual stage's cache, refitted with
-    the recorded α and folds), else ``scores`` itself. Recalibration plans its corrections on these,
-    as the dual did, and trains on the original scores, as the one-shot fine-tune did."""
-    reach = dual.reachable
-    if reach is None:
-        return scores
-    from dualign.data.score_table import read_scores
-    from dualign.dual.reachable import FEATURES
-    from dualign.dual.stage import reachable_fit
-
-    path = run_dir / FEATURES
-    if not path.exists():
-        raise InputError(f"{path}: the run planned on the reachable tilt, but π_ref's features are missing "
-                         "(run the dual stage again)")
-    from safetensors.numpy import load_file
-
-    columns = list(dict.fromkeys([dual.reward, *dual.columns.values()]))
-    table = read_scores(run_dir / "scores.parquet", columns)
-    fit = reachable_fit(table, columns, load_file(str(path))["features"],
-                        reach.ridge_alpha if reach.ridge_alpha is not None else 1e-3, reach.fold_seed or 0)
-    planned = scores.copy()
-    for column in columns:
-        values = planned[column].to_numpy(float).copy()
-        values[table.rows - 1] = fit.columns[column]
-        planned[column] = values
-    return planned
 
 
 def round_dual(objective: Objective, scores: pd.DataFrame, planned: pd.DataFrame, lambdas: np.ndarray,

@@ -332,6 +332,33 @@ def reachable_fit(scores: Scores, columns: Sequence[str], features: np.ndarray, 
                              np.asarray(features, dtype=np.float64)[scores.rows - 1], alpha=ridge_alpha, seed=seed)
 
 
+def planning_scores(run_dir: Path, scores: pd.DataFrame, dual: DualRecord) -> pd.DataFrame:
+    """The scores the run's dual planned on: on the reachable tilt (dual.json's ``reachable``) each
+    planned column replaced by its fit from π_ref's features (the dual stage's cache, refitted with
+    the recorded α and folds), else ``scores`` itself. Recalibration plans its corrections on these,
+    as the dual did, and trains on the original scores, as the one-shot fine-tune did; the report's
+    ``by_group`` splits the plan's change over prompt groups on them."""
+    reach = dual.reachable
+    if reach is None:
+        return scores
+    path = run_dir / FEATURES
+    if not path.exists():
+        raise InputError(f"{path}: the run planned on the reachable tilt, but π_ref's features are missing "
+                         "(run the dual stage again)")
+    from safetensors.numpy import load_file
+
+    columns = list(dict.fromkeys([dual.reward, *dual.columns.values()]))
+    table = read_scores(run_dir / "scores.parquet", columns)
+    fit = reachable_fit(table, columns, load_file(str(path))["features"],
+                        reach.ridge_alpha if reach.ridge_alpha is not None else 1e-3, reach.fold_seed or 0)
+    planned = scores.copy()
+    for column in columns:
+        values = planned[column].to_numpy(float).copy()
+        values[table.rows - 1] = fit.columns[column]
+        planned[column] = values
+    return planned
+
+
 def _reachable_record(fit: ReachableFit, res: DualResult, reward: str,
                       constraints: Sequence[Constraint], refitted: bool) -> ReachableTilt:
     """The reachable fit (R², residual s.d. per column) and the K-sample tilt of the original scores
