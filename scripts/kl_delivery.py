@@ -20,7 +20,9 @@ build; default ``build(\\d+)``, as ``scripts/build_rates.py`` names its runs). I
 
 With ``--fit`` it also fits the KL's line on all the runs given and prints it as the dual's setting
 that applies it to a new plan's prediction (``dual: {kl_delivery: [a, b]}``: the KL predicted ×
-exp(a + b·log KL_K)). The reward's line is measured, not offered as a setting: on the built-in world
+exp(a + b·log KL_K)). A run planned with a ``kl_delivery`` already (dual.json's ``delivery``) is
+measured against its prediction before that factor, so the lines (b) and (c) and the fitted setting
+replace the calibration the runs were planned with, not add to it; (a) is the report's own. The reward's line is measured, not offered as a setting: on the built-in world
 it did not hold on builds it was not fitted on (docs/results/build_rates.md).
 
     python scripts/kl_delivery.py runs/confirm3/build1*-default-seed* runs/confirm4/build1*-default-seed*
@@ -41,7 +43,8 @@ KL_BAND = math.log(1.25)
 
 
 def read_run(run: str | Path, group: str = r"build(\d+)") -> dict:
-    """One run's build, log(achieved/predicted KL), K-sample KL of what is trained (the report's
+    """One run's build, log(achieved/predicted KL) (``q``; ``q_uncalibrated`` against the prediction
+    before the run's own kl_delivery factor, dual.json's ``delivery.kl_factor``), K-sample KL of what is trained (the report's
     ``kl.samples``: dual.json's ``kl_extrapolated.samples``; a report without it, the KL predicted),
     the reward's achieved − predicted change and the achieved change's 95% CI half-width."""
     run = Path(run)
@@ -53,7 +56,11 @@ def read_run(run: str | Path, group: str = r"build(\d+)") -> dict:
     if not (kl.get("achieved", 0) > 0 and kl.get("predicted", 0) > 0):
         raise SystemExit(f"{run}: the report has no positive achieved and predicted KL")
     lo, hi = pr["achieved_change_ci95"]
-    return {"run": str(run), "build": found.group(1), "q": math.log(kl["achieved"] / kl["predicted"]),
+    q = math.log(kl["achieved"] / kl["predicted"])
+    dual = run / "dual.json"
+    delivery = json.loads(dual.read_text()).get("delivery") if dual.is_file() else None
+    return {"run": str(run), "build": found.group(1), "q": q,
+            "q_uncalibrated": q + (math.log(delivery["kl_factor"]) if delivery else 0.0),
             "kl_k": kl.get("samples") or kl["predicted"], "e": pr["achieved_change"] - pr["predicted_change"],
             "halfwidth": (hi - lo) / 2, "lo": lo - pr["predicted_change"], "hi": hi - pr["predicted_change"]}
 
@@ -100,14 +107,15 @@ def ceiling(s: float) -> float:
 
 def fit(runs: list[dict]) -> dict[str, list[float]]:
     """Least-squares lines of log(achieved / predicted KL) and of the reward's achieved − predicted
-    change on log KL_K over ``runs``: {"kl_delivery": [a, b], "reward": [c, d]} (intercept, slope)."""
+    change on log KL_K over ``runs``: {"kl_delivery": [a, b], "reward": [c, d]} (intercept, slope);
+    the KL's against the prediction before any kl_delivery the runs were planned with."""
     if len(runs) < 3:
         raise SystemExit(f"{len(runs)} runs: a line needs at least 3")
     x = np.log([r["kl_k"] for r in runs])
     if np.ptp(x) == 0:
         raise SystemExit("every run has the same K-sample KL: no slope can be fitted on it")
     out = {}
-    for key, name in (("q", "kl_delivery"), ("e", "reward")):
+    for key, name in (("q_uncalibrated", "kl_delivery"), ("e", "reward")):
         slope, intercept = np.polyfit(x, [r[key] for r in runs], 1)
         out[name] = [float(intercept), float(slope)]
     return out
@@ -118,7 +126,9 @@ def measure(runs: list[dict]) -> dict:
     groups = np.array([r["build"] for r in runs])
     x = np.log([r["kl_k"] for r in runs])
     lo, hi = np.array([r["lo"] for r in runs]), np.array([r["hi"] for r in runs])
-    kl_res, rew_res = leave_one_build_out(q, x, groups), leave_one_build_out(e, x, groups)
+    q0 = np.array([r["q_uncalibrated"] for r in runs])
+    kl_res, rew_res = leave_one_build_out(q0, x, groups), leave_one_build_out(e, x, groups)
+    kl_res["report"] = q
     # a prediction p of the reward is inside the achieved CI when lo ≤ p − predicted ≤ hi, i.e. the
     # residual's correction c = e − residual moves the prediction by c: lo ≤ c ≤ hi
     return {"runs": len(runs), "builds": len(np.unique(groups)),

@@ -68,6 +68,29 @@ def test_a_delivery_linear_in_the_tilts_log_kl_is_predicted_exactly_by_the_left_
     assert out["kl"]["components"]["within"] == pytest.approx(0.0, abs=1e-12)
 
 
+def test_runs_planned_with_a_kl_delivery_fit_the_setting_that_replaces_it_not_an_increment(script, tmp_path):
+    """The same delivery as above, q0 = 0.3 + 0.5·log KL_K against the uncalibrated prediction, on
+    runs planned with kl_delivery [0.1, 0.2]: their reports predict 1 × exp(0.1 + 0.2·log KL_K), so
+    their own q is q0 − that. --fit still finds [0.3, 0.5], the setting that replaces theirs (the old
+    script fitted q and printed [0.2, 0.3], the increment); the left-out line still predicts every
+    build exactly; the report's own rate is measured on their calibrated predictions:
+    q = 0.3 + 0.3·log KL_K = −0.06, 0.15, 0.35, 0.56 → 4 of 8 within 1.25×."""
+    kd = script("kl_delivery")
+    kl_k = {"1": 0.3, "2": 0.6, "3": 1.2, "4": 2.4}
+    factor = {b: math.exp(0.1 + 0.2 * math.log(v)) for b, v in kl_k.items()}
+    q = {b: [0.3 + 0.5 * math.log(v) - math.log(factor[b])] * 2 for b, v in kl_k.items()}
+    e = {b: [0.0] * 2 for b in kl_k}
+    runs = _runs(tmp_path, q, e, kl_k)
+    for run in runs:
+        b = Path(run).name.split("-")[0].removeprefix("build")
+        (Path(run) / "dual.json").write_text(json.dumps(
+            {"delivery": {"kl": [0.1, 0.2], "x": math.log(kl_k[b]), "kl_factor": factor[b]}}))
+    out = kd.main(["--fit", *runs])
+    assert out["fit"]["kl_delivery"] == pytest.approx([0.3, 0.5])
+    assert out["kl"]["within_1.25"]["line"] == 1.0
+    assert out["kl"]["within_1.25"]["report"] == pytest.approx(4 / 8)
+
+
 def test_a_run_without_a_build_in_its_path_is_refused(script, tmp_path):
     kd = script("kl_delivery")
     (run,) = _runs(tmp_path, {"1": [0.0]}, {"1": [0.0]}, {"1": 1.0})
