@@ -118,6 +118,7 @@ def fit(runs: list[dict]) -> dict[str, list[float]]:
     for key, name in (("q_uncalibrated", "kl_delivery"), ("e", "reward")):
         slope, intercept = np.polyfit(x, [r[key] for r in runs], 1)
         out[name] = [float(intercept), float(slope)]
+    out["kl_k_range"] = [float(np.exp(x.min())), float(np.exp(x.max()))]
     return out
 
 
@@ -172,6 +173,9 @@ def main(argv: list[str] | None = None) -> dict:
         (a, b), (c, d) = lines["kl_delivery"], lines["reward"]
         print(f"dual: {{kl_delivery: [{a:.4g}, {b:.4g}]}}   (the reward's line, not a setting: "
               f"achieved − predicted = {c:+.4g} {d:+.4g}·log KL_K)")
+        lo, hi = lines["kl_k_range"]
+        print(f"  fitted on KL_K from {lo:.3g} to {hi:.3g}: a plan whose KL_K is outside extrapolates the line "
+              "(on the built-in world a line fitted on 0.76-0.97 missed by 1.7-2.0x at 0.61)")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     return out

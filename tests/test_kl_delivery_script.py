@@ -61,6 +61,7 @@ def test_a_delivery_linear_in_the_tilts_log_kl_is_predicted_exactly_by_the_left_
     e = {b: [-0.2 - 1.5 * math.log(v)] * 2 for b, v in kl_k.items()}
     out = kd.main(["--fit", *_runs(tmp_path, q, e, kl_k)])
     assert out["fit"]["kl_delivery"] == pytest.approx([0.3, 0.5]) and out["fit"]["reward"] == pytest.approx([-0.2, -1.5])
+    assert out["fit"]["kl_k_range"] == pytest.approx([0.3, 2.4])
     assert out["kl"]["within_1.25"]["line"] == 1.0 and out["reward"]["in_ci"]["line"] == 1.0
     assert out["kl"]["residual_sd"]["line"] == pytest.approx(0.0, abs=1e-9)
     assert out["kl"]["ceiling"]["line"] == 1.0
