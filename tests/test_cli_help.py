@@ -79,7 +79,7 @@ def test_train_help_lists_every_method_the_code_knows(capsys):
 
 def test_demo_sizes_the_default_on_640_prompts_and_the_reachable_tilt_and_full_on_all_1024():
     """The default demo is the full-size one with only the prompt count, the tilt, the margin, the KL
-    calibration and the evaluation's size changed, and the configs behind the research tables (docs/results/) (full,
+    calibration, the number of epochs and the evaluation's size changed, and the configs behind the research tables (docs/results/) (full,
     recalibrate, compare_world) keep the paper's tilt on all 1024 dual prompts."""
     from dualign.pipeline import PACKAGED, load_run_values
 
@@ -90,7 +90,8 @@ def test_demo_sizes_the_default_on_640_prompts_and_the_reachable_tilt_and_full_o
                                "delivery_spread": default["dual"]["delivery_spread"],
                                "kl_delivery": default["dual"]["kl_delivery"]}
     assert default["evaluate"] == {**full["evaluate"], "prompts": "world:prompts_heldout.jsonl"}
-    strip = {"run_dir", "sample", "dual", "evaluate"}
+    assert default["train"] == {**full["train"], "num_epochs": 6}
+    strip = {"run_dir", "sample", "dual", "train", "evaluate"}
     assert {k: v for k, v in default.items() if k not in strip} == {k: v for k, v in full.items() if k not in strip}
     for name in ("full", "recalibrate"):
         values = load_run_values(PACKAGED[name])
