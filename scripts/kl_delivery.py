@@ -19,8 +19,9 @@ build; default ``build(\\d+)``, as ``scripts/build_rates.py`` names its runs). I
 - the rate a centred prediction with the residual spread s would reach, P(|z| ≤ log 1.25 / s).
 
 With ``--fit`` it also fits the KL's line on all the runs given and prints it as the dual's setting
-that applies it to a new plan's prediction (``dual: {kl_delivery: [a, b]}``: the KL predicted ×
-exp(a + b·log KL_K)). A run planned with a ``kl_delivery`` already (dual.json's ``delivery``) is
+that applies it to a new plan's prediction (``dual: {kl_delivery: [a, b, lo, hi]}``: the KL
+predicted × exp(a + b·log KL_K), lo–hi the KL_K range it was fitted on, outside which a report says
+the line is extrapolated). A run planned with a ``kl_delivery`` already (dual.json's ``delivery``) is
 measured against its prediction before that factor, so the lines (b) and (c) and the fitted setting
 replace the calibration the runs were planned with, not add to it; (a) is the report's own. The reward's line is measured, not offered as a setting: on the built-in world
 it did not hold on builds it was not fitted on (docs/results/build_rates.md).
@@ -171,11 +172,12 @@ def main(argv: list[str] | None = None) -> dict:
     if args.fit:
         out["fit"] = lines = fit(runs)
         (a, b), (c, d) = lines["kl_delivery"], lines["reward"]
-        print(f"dual: {{kl_delivery: [{a:.4g}, {b:.4g}]}}   (the reward's line, not a setting: "
-              f"achieved − predicted = {c:+.4g} {d:+.4g}·log KL_K)")
         lo, hi = lines["kl_k_range"]
-        print(f"  fitted on KL_K from {lo:.3g} to {hi:.3g}: a plan whose KL_K is outside extrapolates the line "
-              "(on the built-in world a line fitted on 0.76-0.97 missed by 1.7-2.0x at 0.61)")
+        print(f"dual: {{kl_delivery: [{a:.4g}, {b:.4g}, {lo:.3g}, {hi:.3g}]}}   (the reward's line, not a setting: "
+              f"achieved − predicted = {c:+.4g} {d:+.4g}·log KL_K)")
+        print(f"  fitted on KL_K from {lo:.3g} to {hi:.3g} (the setting's last two numbers): a plan whose KL_K is "
+              "outside extrapolates the line, and its report says so (on the built-in world a line fitted on "
+              "0.76-0.97 missed by 1.7-2.0x at 0.61)")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     return out

@@ -103,7 +103,7 @@ def test_demo_sizes_the_default_on_640_prompts_and_the_reachable_tilt_and_full_o
     samples = cli.demo_values("mocan", "default", tilt="samples", seed=3)
     assert (samples["run_dir"], samples["dual"]["tilt"], samples["seed"]) == ("runs/demo-samples", "samples", 3)
     # the default's KL calibration was measured on its reachable tilt's fine-tunes: the paper's tilt drops it
-    assert len(default["dual"]["kl_delivery"]) == 2 and "kl_delivery" not in samples["dual"]
+    assert len(default["dual"]["kl_delivery"]) == 4 and "kl_delivery" not in samples["dual"]
     assert cli.demo_values("mocan", "full", tilt="reachable", recalibrate=True)["run_dir"] == \
         "runs/demo-mocan-full-recalibrate-reachable"
 

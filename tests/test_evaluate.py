@@ -392,7 +392,12 @@ def test_build_report_fields_equal_their_hand_computation():
     assert cal.constraints[0].predicted_change == pytest.approx(-1.8) and cal.kl.achieved == report.kl.achieved
     text = " ".join(format_report(cal).split())
     assert "The KL predicted, 0.3, is the tilt's 0.2 calibrated by the KL fine-tunes spent on earlier runs" in text
-    assert "× 1.5 at log KL_K = -1.2" in text
+    assert "× 1.5 at log KL_K = -1.2" in text and "extrapolates" not in text
+    # a line measured on KL_K 0.5-1 (this plan's KL_K exp(-1.2) = 0.301 lies below it): the report says
+    # the factor extrapolates the line
+    dual.delivery = DeliveryCalibration(kl=[0.4, 0.0], x=-1.2, kl_factor=1.5, kl_k_range=[0.5, 1.0], extrapolated=True)
+    text = " ".join(format_report(build_report(ref, pol, dual, cfg)).split())
+    assert "This plan's KL_K, 0.301, is outside the 0.5–1 the line was measured on: the factor extrapolates it" in text
 
 
 def _reachable_case():

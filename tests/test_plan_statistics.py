@@ -436,6 +436,32 @@ def test_a_kl_delivery_calibration_moves_the_kl_by_its_line_at_the_tilts_log_kl(
     assert f'"kl": {t1.values["kl"]}' in line
     with pytest.raises(ConfigError, match="kl_delivery must be two finite numbers"):
         dualign.make_plan(table, "cost<=ref-0.3", beta=1.0, kl_delivery=[0.2])
+    assert cal.delivery.kl_k_range is None and not cal.delivery.extrapolated
+
+
+def test_a_kl_delivery_with_its_measured_range_says_when_a_plan_extrapolates_it(tmp_path):
+    """kl_delivery [a, b, lo, hi]: the same factor as [a, b]; ``extrapolated`` exactly when the plan's
+    KL_K lies outside [lo, hi] (here KL_K ≈ 0.2: inside [0.1, 1], outside [0.5, 1]); dual.json keeps
+    the range and the flag; a range with lo > hi, a non-positive lo or three numbers is refused."""
+    from dualign._infra.errors import ConfigError
+    from dualign.data.records import DualRecord
+
+    table = _kl_table()
+    two = dualign.make_plan(table, "cost<=ref-0.3", beta=1.0, bootstrap=20, kl_delivery=[0.2, 0.5])
+    kl_k = two.kl_extrapolated.samples
+    inside = dualign.make_plan(table, "cost<=ref-0.3", beta=1.0, bootstrap=20, kl_delivery=[0.2, 0.5, kl_k / 2, kl_k * 2])
+    outside = dualign.make_plan(table, "cost<=ref-0.3", beta=1.0, bootstrap=20, kl_delivery=[0.2, 0.5, kl_k * 1.1, kl_k * 3])
+    assert inside.delivery.kl_factor == outside.delivery.kl_factor == two.delivery.kl_factor
+    assert inside.delivery.kl == outside.delivery.kl == [0.2, 0.5]
+    assert not inside.delivery.extrapolated and outside.delivery.extrapolated
+    assert outside.delivery.kl_k_range == pytest.approx([kl_k * 1.1, kl_k * 3])
+    assert DualRecord.load(outside.save(tmp_path)).delivery == outside.delivery
+    from dualign.train import _card_predictions
+    assert any("extrapolated past the KL_K range" in x for x in _card_predictions(outside))
+    assert not any("extrapolated past the KL_K range" in x for x in _card_predictions(inside))
+    for bad in ([0.2, 0.5, 1.0, 0.5], [0.2, 0.5, 0.0, 1.0], [0.2, 0.5, 1.0]):
+        with pytest.raises(ConfigError, match="kl_delivery must be two finite numbers"):
+            dualign.make_plan(table, "cost<=ref-0.3", beta=1.0, kl_delivery=bad)
 
 
 def test_pilot_diagnostic_leave_one_out_line_by_hand_and_its_share_summary(script):

@@ -687,12 +687,16 @@ def _card_predictions(dual: DualRecord) -> list[str]:
         ci = dual.ci.predicted if dual.ci is not None else {}
         return [f"- predicted under π_λ*, the target this fine-tune trained towards (dual.json): "
                 f"{json.dumps(dual.predicted)}" + (f"; 95% CIs {json.dumps(ci)}" if ci else "")] + (
-            [f"- predicted to deliver, the KL past its K samples and calibrated by the fine-tune's KL measured "
-             f"on earlier runs (dual.json delivery): {json.dumps(trained_target(dual).values)}"] if dual.delivery else [])
+            ["- predicted to deliver, the KL past its K samples and calibrated by the fine-tune's KL measured "
+             "on earlier runs (dual.json delivery"
+             + ("; extrapolated past the KL_K range it was measured on" if dual.delivery.extrapolated else "")
+             + f"): {json.dumps(trained_target(dual).values)}"] if dual.delivery else [])
     reach = dual.reachable
     how = ("the plan's means" + (" less the fit's bias" if reach.fit_bias else "") + ", the trained target's KL"
            + (" past its K samples" if dual.kl_extrapolated else "")
-           + (", calibrated by the fine-tune's KL measured on earlier runs (dual.json delivery)" if dual.delivery else ""))
+           + (", calibrated by the fine-tune's KL measured on earlier runs (dual.json delivery)" if dual.delivery else "")
+           + (", extrapolating that calibration past the KL_K range it was measured on"
+              if dual.delivery and dual.delivery.extrapolated else ""))
     return [f"- predicted to deliver ({how}): {json.dumps(trained_target(dual).values)}",
             f"- the target this fine-tune trained towards (the original scores tilted at λ*; dual.json "
             f"reachable.samples_predicted): {json.dumps(reach.samples_predicted)}"

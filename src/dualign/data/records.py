@@ -117,19 +117,27 @@ class DeliveryCalibration:
     x = log KL_K (``kl_extrapolated.samples``, the K-sample KL of what is trained): a fine-tune is
     predicted to spend the KL prediction × exp(kl[0] + kl[1]·x) (:func:`calibrated`;
     ``scripts/kl_delivery.py --fit`` fits the line on evaluated runs). ``x`` and ``kl_factor``: what
-    this dual applied."""
+    this dual applied. ``kl_k_range``: the KL_K from which to which the line was measured (where the
+    setting gives it, ``kl[2:4]``); ``extrapolated``: this plan's KL_K lies outside it, so the factor
+    is the line extrapolated (a line fitted on KL_K 0.76–0.97 missed by 1.7–2.0× at 0.61 on the
+    built-in world)."""
 
     kl: list[float]
     x: float
     kl_factor: float
+    kl_k_range: list[float] | None = None
+    extrapolated: bool = False
 
 
 def delivery_calibration(kl_k: float, kl: Sequence[float]) -> DeliveryCalibration:
-    """The calibration at x = log ``kl_k``: kl_factor = exp(kl[0] + kl[1]·x)."""
+    """The calibration at x = log ``kl_k``: kl_factor = exp(kl[0] + kl[1]·x); with ``kl[2:4]`` = (lo,
+    hi), the KL_K range the line was measured on, ``extrapolated`` = kl_k ∉ [lo, hi]."""
     if not (math.isfinite(kl_k) and kl_k > 0):
         raise InputError(f"a KL delivery calibration needs a positive K-sample KL of what is trained, got {kl_k}")
     x = math.log(kl_k)
-    return DeliveryCalibration(kl=[float(v) for v in kl], x=x, kl_factor=math.exp(kl[0] + kl[1] * x))
+    span = [float(v) for v in kl[2:4]] if len(kl) == 4 else None
+    return DeliveryCalibration(kl=[float(v) for v in kl[:2]], x=x, kl_factor=math.exp(kl[0] + kl[1] * x),
+                               kl_k_range=span, extrapolated=span is not None and not span[0] <= kl_k <= span[1])
 
 
 @dataclass

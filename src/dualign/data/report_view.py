@@ -371,7 +371,10 @@ def _prediction_lines(report: EvalReport) -> list[str]:
     if cal is not None and kl.predicted is not None:
         lines += textwrap.wrap(f"The KL predicted, {num(kl.predicted)}, is the tilt's {num(tilt_kl)} calibrated by "
                                f"the KL fine-tunes spent on earlier runs (dual.json delivery: × {cal.kl_factor:.3g} "
-                               f"at log KL_K = {cal.x:.3g}).", 100)
+                               f"at log KL_K = {cal.x:.3g})."
+                               + (f" This plan's KL_K, {math.exp(cal.x):.3g}, is outside the {cal.kl_k_range[0]:.3g}–"
+                                  f"{cal.kl_k_range[1]:.3g} the line was measured on: the factor extrapolates it, "
+                                  "so trust the KL predicted less." if cal.extrapolated and cal.kl_k_range else ""), 100)
     if report.prediction == "target":
         plan = [f"{rc} {num(pr.planned_change, True)}", *(f"{c.column} {num(c.planned_change, True)}"
                                                          for c in report.constraints), f"KL {num(kl.planned)}"]

@@ -93,7 +93,9 @@ class DualConfig:
         "help": "a, b: the fine-tune's KL measured on earlier runs, log(achieved / predicted) = a + b·log KL_K "
                 "(KL_K: the K-sample KL of what is trained, how hard its tilt pushes); the KL predicted is "
                 "then × exp(a + b·log KL_K), the means as without it (scripts/kl_delivery.py --fit measures "
-                "it; the default demo's, from world builds: docs/results/build_rates.md). Unset: as the tilt predicts"})
+                "it; the default demo's, from world builds: docs/results/build_rates.md). Two more numbers, lo, hi: "
+                "the KL_K range it was measured on; a plan outside it is reported as extrapolating the line. "
+                "Unset: as the tilt predicts"})
     tilt: Literal["samples", "reachable"] = field(default="samples", metadata={
         "help": "samples: tilt π_ref's samples by their scores (the paper's dual); reachable: first "
                 "replace each score by what π_ref's own features of the response predict of it "
@@ -143,9 +145,12 @@ class DualConfig:
             raise ValueError(f"delivery_spread must lie in [0, 1), got {self.delivery_spread}")
         if self.delivery_spread is not None and self.confidence is None:
             raise ValueError("delivery_spread needs confidence (the probability the margin is planned for)")
-        if self.kl_delivery is not None and (len(self.kl_delivery) != 2
-                                             or not all(math.isfinite(float(v)) for v in self.kl_delivery)):
-            raise ValueError(f"kl_delivery must be two finite numbers (intercept, slope on log KL_K), got {self.kl_delivery}")
+        if self.kl_delivery is not None and (len(self.kl_delivery) not in (2, 4)
+                                             or not all(math.isfinite(float(v)) for v in self.kl_delivery)
+                                             or (len(self.kl_delivery) == 4
+                                                 and not 0 < self.kl_delivery[2] <= self.kl_delivery[3])):
+            raise ValueError("kl_delivery must be two finite numbers (intercept, slope on log KL_K), or four (and "
+                             f"the KL_K range 0 < lo <= hi the line was measured on), got {self.kl_delivery}")
         if not (math.isfinite(self.ridge_alpha) and self.ridge_alpha > 0):
             raise ValueError(f"ridge_alpha must be a positive finite number, got {self.ridge_alpha}")
 
