@@ -340,7 +340,8 @@ def reachable_fit(scores: Scores, columns: Sequence[str], features: np.ndarray, 
 def planning_scores(run_dir: Path, scores: pd.DataFrame, dual: DualRecord) -> pd.DataFrame:
     """The scores the run's dual planned on: on the reachable tilt (dual.json's ``reachable``) each
     planned column replaced by its fit from π_ref's features (the dual stage's cache, refitted with
-    the recorded α and folds), else ``scores`` itself. Recalibration plans its corrections on these,
+    the recorded α and folds), else ``scores`` itself; ``scores`` is the run's scores.parquet, as read.
+    Recalibration plans its corrections on these,
     as the dual did, and trains on the original scores, as the one-shot fine-tune did; the report's
     ``by_group`` splits the plan's change over prompt groups on them."""
     reach = dual.reachable
@@ -353,7 +354,7 @@ def planning_scores(run_dir: Path, scores: pd.DataFrame, dual: DualRecord) -> pd
     from safetensors.numpy import load_file
 
     columns = list(dict.fromkeys([dual.reward, *dual.columns.values()]))
-    table = read_scores(run_dir / "scores.parquet", columns)
+    table = validate_scores(scores, columns, str(run_dir / "scores.parquet"))   # the run's table, already read
     fit = reachable_fit(table, columns, load_file(str(path))["features"],
                         reach.ridge_alpha if reach.ridge_alpha is not None else 1e-3, reach.fold_seed or 0)
     planned = scores.copy()
