@@ -51,7 +51,7 @@ VARIANTS = {"default": {}, "no margin": {"confidence": 0.5}, "confidence 0.9": {
             "confidence 0.95": {"confidence": 0.95},
             "confidence 0.95 confidently": {"confidence": 0.95, "confidently": True},
             "tilt samples": {"tilt": "samples"},
-            "absolute": {"train": {"label": "absolute"}}}
+            "absolute": {"train": {"label": "absolute"}}, "pilot": {"pilot": True}, "no pilot": {"pilot": False}}
 # A variant's keys are `dualign demo`'s flags (demo_values), except "train": keys of the train section.
 CRITERIA = ("met", "met confidently", "KL within 1.25×", "reward prediction in CI", "helpfulness within 0.05")
 # the same comparisons against each distribution a prediction could be drawn from

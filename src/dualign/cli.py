@@ -481,6 +481,8 @@ examples:
   dualign demo --size small          a smoke run: the small world, every stage, a few minutes
   dualign demo --method pecan        PeCAN: the same world from its preference pairs alone
   dualign demo --recalibrate         then measure on calibration prompts, correct λ, fine-tune again
+  dualign demo --pilot               first a pilot fine-tune on half the dual's prompts: the share of
+                                     the plan it delivers on the other half, and a plan corrected for it
   dualign demo --confidence 0.95     plan λ with another margin: the evaluation's estimate meets the
                                      constraint with probability ≈ 0.95 (the default plans for 0.9;
                                      --confidence 0.5 plans on the point, about no margin)
@@ -504,6 +506,10 @@ eval/predicted_vs_achieved.png and the aligned model in policy/."""
     p.add_argument("--recalibrate", action="store_true",
                    help="add the recalibrate stage: measure the aligned policy on held-out calibration "
                         "prompts and correct λ while the constraint misses (at most 2 extra fine-tunes)")
+    p.add_argument("--pilot", action=argparse.BooleanOptionalAction, default=None,
+                   help="add (--pilot) or drop (--no-pilot) the pilot stage: before the fine-tune, a pilot "
+                        "fine-tune on half the dual's prompts, its delivered share of the plan measured on the "
+                        "other half's samples (no sampling), and λ planned for that share")
     p.add_argument("--confidence", type=float,
                    help="plan λ with a margin, so that the held-out evaluation's estimate meets the constraint "
                         "with this probability, the fine-tune's own spread included (the default demo plans for "
@@ -526,14 +532,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if args.confidently and args.confidence is None:
         raise ConfigError("--confidently needs --confidence (the probability that the bound meets the constraint)")
     values = demo_values(args.method, args.size, recalibrate=args.recalibrate, confidence=args.confidence,
-                         tilt=args.tilt, run_dir=args.run_dir, seed=args.seed, confidently=args.confidently)
+                         tilt=args.tilt, run_dir=args.run_dir, seed=args.seed, confidently=args.confidently,
+                         pilot=args.pilot)
     run_pipeline(resolve_run_config(values), restart_from=args.restart_from)
     return 0
 
 
 def demo_values(method: str, size: str, *, recalibrate: bool = False, confidence: float | None = None,
                 tilt: str | None = None, run_dir: str | None = None, seed: int = 0,
-                confidently: bool = False) -> dict:
+                confidently: bool = False, pilot: bool | None = None) -> dict:
     """The run values of ``dualign demo``: the packaged config of (method, size) with the flags'
     sections added, and a default run directory naming every flag that changed the run
     (runs/demo for the default demo)."""
@@ -558,6 +565,10 @@ def demo_values(method: str, size: str, *, recalibrate: bool = False, confidence
     if recalibrate:
         values["recalibrate"] = load_run_values(RECALIBRATE_CONFIG)["recalibrate"]
         default_dir += "-recalibrate"
+    if pilot is not None and pilot != ("pilot" in values):
+        values = ({**values, "pilot": values.get("pilot") or {}} if pilot
+                  else {k: v for k, v in values.items() if k != "pilot"})
+        default_dir += "-pilot" if pilot else "-no-pilot"
     if confidence is not None:
         if confidence != values["dual"].get("confidence") or confidently:
             default_dir += f"-confidence{confidence:g}"

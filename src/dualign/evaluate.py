@@ -620,7 +620,8 @@ def build_report(ref: pd.DataFrame, pol: pd.DataFrame, dual: DualRecord, cfg: Ev
             planned_ci.get(reward) if planned else None, trained.get(reward),
             trained_ci.get(reward) if trained else None),
         reward=reward, tilt="reachable" if dual.reachable is not None else "samples",
-        prediction="delivered" if target.planned is not None else "plan", delivery=dual.delivery)
+        prediction="delivered" if target.planned is not None else "plan", delivery=dual.delivery,
+        pilot=dual.pilot)
     if "judge_harmful" in pol:
         report.judge = {"reference": _judge_summary(ref, cfg), "policy": _judge_summary(pol, cfg)}
         report.win_rate["judge_helpful"] = win_rate(

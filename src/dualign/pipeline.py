@@ -44,6 +44,7 @@ from dualign.data.report_view import format_outputs, format_report
 from dualign.dual import DualConfig, run_dual
 from dualign.evaluate import EvaluateConfig, evaluate
 from dualign.modeling import checks
+from dualign.pilot import PilotConfig, pilot, restore_first_plan
 from dualign.prealign import PrealignConfig, prealign, view_configs
 from dualign.recalibrate import RecalibrateConfig, recalibrate
 from dualign.sample import SampleConfig, sample
@@ -51,14 +52,14 @@ from dualign.score import ScoreConfig, score
 from dualign.train import LOSSES, TrainConfig, train
 from dualign.world import build_world, default_world_dir, is_complete, world_config
 
-STAGES = ("sample", "prealign", "score", "dual", "train", "recalibrate", "evaluate")
+STAGES = ("sample", "prealign", "score", "dual", "pilot", "train", "recalibrate", "evaluate")
 OUTPUTS = {"sample": "samples.parquet", "prealign": "prealign/safe/policy", "score": "scores.parquet",
-           "dual": "dual.json", "train": "policy", "recalibrate": "recalibrate.json",
+           "dual": "dual.json", "pilot": "pilot/pilot.json", "train": "policy", "recalibrate": "recalibrate.json",
            "evaluate": "eval/report.json"}
 # Everything a stage leaves in the run directory (final output, resume state, side files).
 PRODUCTS = {"sample": ("samples.parquet", "samples.shards"), "prealign": ("prealign",),
             "score": ("scores.parquet", "scores.cache", "preference_scores.parquet"),
-            "dual": ("dual.json",), "train": ("policy", "train.state", "pairs.parquet", "metrics.jsonl"),
+            "dual": ("dual.json",), "pilot": ("pilot",), "train": ("policy", "train.state", "pairs.parquet", "metrics.jsonl"),
             "recalibrate": ("recalibrate", "recalibrate.json"), "evaluate": ("eval",)}
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
 FULL_CONFIG = Path(__file__).parent / "configs" / "full.yaml"
@@ -81,6 +82,9 @@ class RunConfig:
     evaluate: EvaluateConfig
     seed: int = field(default=0, metadata={"help": "seed shared by every stage"})
     prealign: PrealignConfig | None = field(default=None, metadata={"help": "PeCAN's DPO pre-alignment"})
+    pilot: PilotConfig | None = field(default=None, metadata={
+        "help": "before the fine-tune: a pilot fine-tune on part of the dual's prompts measures the share of the "
+                "plan a fine-tune delivers on the rest, and the dual plans for it"})
     recalibrate: RecalibrateConfig | None = field(default=None, metadata={
         "help": "measure the trained policy on calibration prompts and correct λ while a constraint misses"})
     world: dict | None = field(default=None, metadata={
@@ -93,6 +97,7 @@ _SHARED = {
     "prealign": {"run_dir": "run_dir", "model": "model"},
     "score": {"run_dir": "run_dir"},
     "dual": {"seed": "seed"},
+    "pilot": {"run_dir": "run_dir", "model": "model", "seed": "seed"},
     "train": {"run_dir": "run_dir", "model": "model", "seed": "seed"},
     "recalibrate": {"run_dir": "run_dir", "reference": "model", "seed": "seed"},
     "evaluate": {"run_dir": "run_dir", "reference": "model", "seed": "seed"},
@@ -142,7 +147,7 @@ def resolve_run_config(values: dict[str, Any]) -> RunConfig:
     values = dict(values)
     for stage, shared in _SHARED.items():
         section = values.get(stage)
-        if stage in ("prealign", "recalibrate") and section is None:
+        if stage in ("prealign", "pilot", "recalibrate") and section is None:
             continue
         if section is not None and not isinstance(section, dict):
             raise ConfigError(f"config key '{stage}': expected a mapping of {stage} keys, got {section!r:.60}")
@@ -259,6 +264,8 @@ def run_pipeline(cfg: RunConfig, restart_from: str | None = None, log=print) -> 
                 if stage == "recalibrate" and oneshot.exists() and (run_dir / "policy").exists():
                     _remove(run_dir / "policy")  # the train stage's own policy comes back
                     oneshot.rename(run_dir / "policy")
+                if stage == "pilot" and restart_from == "pilot":
+                    restore_first_plan(run_dir)  # dual.json goes back to the plan the pilot measured
                 for name in PRODUCTS[stage] + (f"{stage}.config.yaml", f"{stage}.meta.json", f"{stage}.done"):
                     _remove(run_dir / name)
         total = _run_stages(cfg, run_dir, log)
@@ -271,7 +278,8 @@ def run_pipeline(cfg: RunConfig, restart_from: str | None = None, log=print) -> 
 def _run_stages(cfg: RunConfig, run_dir: Path, log) -> float:
     """Each stage not marked complete, in order (its config recorded first); the seconds spent."""
     funcs = {"sample": sample, "prealign": prealign, "score": score,
-             "dual": lambda c: run_dual(c, run_dir), "train": train,
+             "dual": lambda c: run_dual(c, run_dir), "pilot": lambda c: pilot(c, cfg.train, _dual_in_run(cfg)),
+             "train": train,
              "recalibrate": lambda c: recalibrate(c, cfg.train), "evaluate": evaluate}
     stages = [s for s in STAGES if getattr(cfg, s) is not None]
     total = 0.0

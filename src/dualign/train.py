@@ -685,14 +685,20 @@ def _card_predictions(dual: DualRecord) -> list[str]:
     fit's bias, where dual.json has it) and the trained target's KL, with both distributions named."""
     if dual.reachable is None:
         ci = dual.ci.predicted if dual.ci is not None else {}
-        return [f"- predicted under π_λ*, the target this fine-tune trained towards (dual.json): "
+        pilot = ([f"- predicted to deliver, each mean's change × the share a pilot fine-tune delivered "
+                  f"(dual.json pilot, {json.dumps(dual.pilot.share)}): {json.dumps(trained_target(dual).values)}"]
+                 if dual.pilot else [])
+        return pilot + [f"- predicted under π_λ*, the target this fine-tune trained towards (dual.json): "
                 f"{json.dumps(dual.predicted)}" + (f"; 95% CIs {json.dumps(ci)}" if ci else "")] + (
             ["- predicted to deliver, the KL past its K samples and calibrated by the fine-tune's KL measured "
              "on earlier runs (dual.json delivery"
              + ("; extrapolated past the KL_K range it was measured on" if dual.delivery.extrapolated else "")
              + f"): {json.dumps(trained_target(dual).values)}"] if dual.delivery else [])
     reach = dual.reachable
-    how = ("the plan's means" + (" less the fit's bias" if reach.fit_bias else "") + ", the trained target's KL"
+    bias = reach.fit_bias and dual.pilot is None
+    how = ("the plan's means" + (" less the fit's bias" if bias else "")
+           + (" × the share a pilot fine-tune delivered (dual.json pilot)" if dual.pilot else "")
+           + ", the trained target's KL"
            + (" past its K samples" if dual.kl_extrapolated else "")
            + (", calibrated by the fine-tune's KL measured on earlier runs (dual.json delivery)" if dual.delivery else "")
            + (", extrapolating that calibration past the KL_K range it was measured on"

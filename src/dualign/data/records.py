@@ -129,6 +129,34 @@ class DeliveryCalibration:
     extrapolated: bool = False
 
 
+@dataclass
+class PilotMeasure:
+    """The pilot stage (:mod:`dualign.pilot`): a fine-tune towards the first plan on
+    ``prompts_trained`` of the dual's prompts, measured on the other ``prompts_measured`` prompts'
+    π_ref samples by importance weights (no sampling). By key (reward column, constraint names;
+    column units): ``planned``, the first plan's change on the measured prompts; ``measured``, the
+    pilot's; ``share``, their ratio ρ (clipped to ``bounds``), the share of a plan that a fine-tune
+    delivers on prompts it was not trained on. λ was then solved so that the plan changes each
+    constraint by its required change / ρ (``planned_constraints``), and the predictions are the
+    plan's changes × ρ. ``kl``: the pilot's importance-weighted KL on the measured prompts and the
+    first plan's trained target's K-sample KL there (``kl_target``). ``first_lambdas`` and
+    ``first_predicted``: the plan before the pilot (kept in ``pilot/planned.json``)."""
+
+    fraction: float
+    seed: int
+    prompts_trained: int
+    prompts_measured: int
+    planned: dict[str, float]
+    measured: dict[str, float]
+    share: dict[str, float]
+    bounds: list[float]
+    planned_constraints: list[str]
+    kl: float
+    kl_target: float
+    first_lambdas: dict[str, float]
+    first_predicted: dict[str, float]
+
+
 def delivery_calibration(kl_k: float, kl: Sequence[float]) -> DeliveryCalibration:
     """The calibration at x = log ``kl_k``: kl_factor = exp(kl[0] + kl[1]·x); with ``kl[2:4]`` = (lo,
     hi), the KL_K range the line was measured on, ``extrapolated`` = kl_k ∉ [lo, hi]."""
@@ -171,6 +199,7 @@ class DualRecord:
     confidence: ConfidencePlan | None = None
     reachable: ReachableTilt | None = None
     delivery: DeliveryCalibration | None = None  # the fine-tune's measured KL, applied to the KL predicted
+    pilot: PilotMeasure | None = None  # a pilot fine-tune's delivered share, applied to the means predicted
     allow_unconverged: bool | None = None  # true: the dual stage was told to keep an unconverged λ*
     method: str | None = None
     reward_weight: float | None = None
@@ -294,7 +323,9 @@ def trained_target(dual: DualRecord) -> TrainedTarget:
     target_ci = {**(reach.samples_predicted_change_ci or {}),
                  **({"kl": reach.samples_predicted_ci["kl"]} if reach.samples_predicted_ci else {})}
     plan, target = changes(dual.predicted), changes(reach.samples_predicted)
-    bias = reach.fit_bias or {}  # its "kl" unused: delivered takes the KL from the target
+    # its "kl" unused: delivered takes the KL from the target; after a pilot its share, measured against
+    # the plan itself, takes the place of the fit's bias
+    bias = {} if dual.pilot is not None else reach.fit_bias or {}
     values, _ = past_k(delivered(dual.predicted, reach.samples_predicted, bias), {})
     # the resamples' percentile interval is centred near plan + bias; the corrected value is plan − bias
     delivered_changes, delivered_ci = past_k(delivered(plan, target, bias),
@@ -303,9 +334,22 @@ def trained_target(dual: DualRecord) -> TrainedTarget:
 
 
 def calibrated(target: TrainedTarget, dual: DualRecord) -> TrainedTarget:
-    """``target``'s prediction with dual.json's KL delivery calibration applied (none recorded: as
-    is): the KL's value, change and CI × ``kl_factor``; the means, the plan and the target it is
-    drawn from stay as they are."""
+    """``target``'s prediction with dual.json's delivery calibrations applied (none recorded: as
+    is): after a pilot (``dual.pilot``) each mean's change and its CI × the pilot's share ρ (the
+    value π_ref's mean + that change); with a KL line (``dual.delivery``) the KL's value, change and
+    CI × ``kl_factor``. The plan and the target it is drawn from stay as they are."""
+    if dual.pilot is not None:
+        share = dual.pilot.share
+
+        def scaled(d: dict, ci: bool = False) -> dict:
+            return {k: ([x * share[k] for x in v] if ci else v * share[k]) if k in share and v is not None else v
+                    for k, v in d.items()}
+
+        changes = scaled(target.changes)
+        values = {k: dual.reference[k] + changes[k] if k in share and k in dual.reference else v
+                  for k, v in target.values.items()}
+        target = dataclasses.replace(target, values=values, changes=changes,
+                                     change_ci=scaled(target.change_ci, ci=True))
     cal = dual.delivery
     if cal is None:
         return target
@@ -453,6 +497,7 @@ class EvalReport:
     prediction: str = "plan"
     # dual.json's delivery calibration, where the prediction applied one (DeliveryCalibration)
     delivery: DeliveryCalibration | None = None
+    pilot: PilotMeasure | None = None  # dual.json's pilot: the share its predictions were scaled by
     # with evaluate's group_column: each group's changes, planned and achieved (GroupOutcome)
     group_column: str | None = None
     by_group: dict[str, GroupOutcome] | None = None

@@ -375,6 +375,15 @@ def _prediction_lines(report: EvalReport) -> list[str]:
                                + (f" This plan's KL_K, {math.exp(cal.x):.3g}, is outside the {cal.kl_k_range[0]:.3g}–"
                                   f"{cal.kl_k_range[1]:.3g} the line was measured on: the factor extrapolates it, "
                                   "so trust the KL predicted less." if cal.extrapolated and cal.kl_k_range else ""), 100)
+    if report.pilot is not None:
+        p = report.pilot
+        shares = ", ".join(f"{k} {p.share[k]:.2f}" for k in p.share)
+        lines += textwrap.wrap(
+            f"A pilot fine-tune on {p.prompts_trained} of the dual's prompts delivered these shares of the plan's "
+            f"changes on the other {p.prompts_measured} prompts' π_ref samples (importance-weighted): {shares}. "
+            f"λ* was then planned for {', '.join(p.planned_constraints)}, and each mean predicted above is that "
+            "plan's change × its share (dual.json pilot; the first plan's λ: "
+            + ", ".join(f"{k} {v:.3g}" for k, v in p.first_lambdas.items()) + ").", 100)
     if report.prediction == "target":
         plan = [f"{rc} {num(pr.planned_change, True)}", *(f"{c.column} {num(c.planned_change, True)}"
                                                          for c in report.constraints), f"KL {num(kl.planned)}"]

@@ -196,3 +196,29 @@ def extrapolated_kl(prompt_ids, rewards, utilities, lambdas, beta: float,
     full = estimate(keep)
     half = 0.5 * (estimate(keep & first) + estimate(keep & ~first))
     return full, half, 2.0 * full - half
+
+
+# -------------------------------------------------- what a trained policy delivers, seen on π_ref's samples
+
+def importance_changes(prompt_ids, logratios, values, sample_weights=None) -> tuple[np.ndarray, float]:
+    """(mean_x Σ_k (q_k − w_k)·v_k [c], mean_x KL(q‖w)) with q_k = w_k·exp(ℓ_k) / Σ_k' w_k'·exp(ℓ_k')
+    and ℓ_k = log π(y_k|x) − log π_ref(y_k|x): a trained policy π's change of each column over π_ref,
+    estimated on π_ref's own samples by self-normalised importance weights (no sampling of π).
+
+    The same estimator as the plan's (:func:`tilted_means` with logits ℓ in place of (r + λᵀg)/β):
+    a policy that reached π_λ exactly would show the plan's change on the same samples, so the
+    ratio of the two is the share of the plan a fine-tune delivers, on the footing of the plan."""
+    v = np.asarray(values, dtype=np.float64)
+    tilted, kl_q = tilted_means(prompt_ids, logratios, v, sample_weights)
+    return tilted - reference_means(prompt_ids, v.reshape(len(v), -1), sample_weights), kl_q
+
+
+def delivered_shares(achieved, planned, bounds: tuple[float, float] = (0.5, 2.0)) -> np.ndarray:
+    """ρ_j = Δa_j / Δp_j, the share of each planned change Δp_j that a fine-tune delivered (Δa_j),
+    clipped to ``bounds``; a planned change of 0, or a share of the wrong sign, says nothing about
+    the scale and gives 1."""
+    a, p = np.asarray(achieved, dtype=np.float64), np.asarray(planned, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        share = np.where(p != 0, a / np.where(p != 0, p, 1.0), 1.0)
+    share = np.where(np.isfinite(share) & (share > 0), share, 1.0)
+    return np.clip(share, *bounds)

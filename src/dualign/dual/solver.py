@@ -558,7 +558,7 @@ def _with_confidence(samples: Samples, plain: DualResult, margins: np.ndarray, l
                      evaluation: tuple[int, int] | None = None, rounds: int = 6,
                      residual_variance: np.ndarray | None = None, refit: Refit | None = None,
                      keep: np.ndarray | None = None, bound: float | None = None,
-                     delivery: float | None = None) -> DualResult:
+                     delivery: float | None = None, shift_bias: bool = True) -> DualResult:
     """λ for which every constraint holds at its one-sided ``level`` bound: the fixed point of
     b'_j = b_j + s_j(λ(b')), solved again until s stops moving (a few rounds).
 
@@ -573,7 +573,8 @@ def _with_confidence(samples: Samples, plain: DualResult, margins: np.ndarray, l
     the evaluation's verdict holds with probability ≈ ``level`` where the fine-tune lands anywhere
     in that spread. The resamples' bias B (:func:`slack_bias`; > 0 where ``refit`` refits the
     values, ≈ 0 otherwise) is added outside the quadrature, since it is a shift, not a spread:
-    b'_j = b_j + max(B_j + sqrt(s_dual² + …), 0)."""
+    b'_j = b_j + max(B_j + sqrt(s_dual² + …), 0). ``shift_bias=False`` leaves B out (a pilot's measured
+    share of the plan, :mod:`dualign.pilot`, already holds the plan's optimism)."""
     from scipy.stats import norm
 
     b = plain.thresholds
@@ -582,6 +583,8 @@ def _with_confidence(samples: Samples, plain: DualResult, margins: np.ndarray, l
     for _ in range(rounds):
         point, draws = _slack_draws(samples, result.lambdas, b, margins, plain.beta, resamples, seed, refit, keep)
         dual_part, bias_part = spread_of(draws, level), slack_bias(point, draws)
+        if not shift_bias:
+            bias_part = np.zeros_like(bias_part)
         if evaluation is not None:
             z = norm.ppf(level) + (norm.ppf(bound) if bound is not None else 0.0)
             eval_part = z * evaluation_se(samples, result.lambdas, plain.beta, relative,
@@ -681,7 +684,7 @@ def solve_dual_long(prompt_ids, rewards, utilities, thresholds, beta: float, sam
                     evaluation: tuple[int, int] | None = None, residual_variance=None,
                     target: tuple[np.ndarray, np.ndarray] | None = None,
                     refit: Refit | None = None, evaluation_bound: float | None = None,
-                    delivery: float | None = None) -> DualResult:
+                    delivery: float | None = None, shift_bias: bool = True) -> DualResult:
     """:func:`solve_dual` on long-format rows: prompt_ids [n], rewards [n], utilities [n, m] or [n].
 
     Prompts may have different numbers of samples; rows of a prompt need not be adjacent. Grouping
@@ -717,14 +720,14 @@ def solve_dual_long(prompt_ids, rewards, utilities, thresholds, beta: float, sam
         target_samples = samples.with_values(t_rewards, t_utilities)
     return _finish(samples, b, float(beta), names, lambdas0, tol, max_iter, bootstrap, seed, ci_level,
                    relative, confidence, evaluation, residual_variance, target_samples, refit, keep,
-                   evaluation_bound, delivery)
+                   evaluation_bound, delivery, shift_bias)
 
 
 def _finish(samples, b, beta, names, lambdas0, tol, max_iter, bootstrap, seed, ci_level,
             relative=None, confidence=None, evaluation=None, residual_variance=None,
             target: Samples | None = None, refit: Refit | None = None,
             keep: np.ndarray | None = None, evaluation_bound: float | None = None,
-            delivery: float | None = None) -> DualResult:
+            delivery: float | None = None, shift_bias: bool = True) -> DualResult:
     if lambdas0 is not None and np.shape(lambdas0) != b.shape:
         raise InputError(f"lambdas0 must have {b.size} values, got {np.shape(lambdas0)}")
     if relative is not None and len(relative) != b.size:
@@ -746,7 +749,7 @@ def _finish(samples, b, beta, names, lambdas0, tol, max_iter, bootstrap, seed, c
                                   max_iter, None if evaluation is None else tuple(int(v) for v in evaluation),
                                   residual_variance=None if residual_variance is None
                                   else np.asarray(residual_variance, dtype=np.float64), refit=refit, keep=keep,
-                                  bound=evaluation_bound, delivery=delivery)
+                                  bound=evaluation_bound, delivery=delivery, shift_bias=shift_bias)
         margins = margins + result.confidence_margin
     if target is not None:
         result.target = _target_dict(_target_outcomes(target, result.lambdas, beta), b.size)

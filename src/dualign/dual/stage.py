@@ -237,7 +237,7 @@ def solve_constraints(scores: Scores, beta: float, reward: str, constraints: Seq
                       evaluation: tuple[int, int] | None = None,
                       features: np.ndarray | None = None, ridge_alpha: float = 1e-3,
                       fit: ReachableFit | None = None, evaluation_bound: float | None = None,
-                      delivery_spread: float | None = None) -> DualRecord:
+                      delivery_spread: float | None = None, shift_bias: bool = True) -> DualRecord:
     """Solve the dual for parsed constraints on a scores table; return the dual.json record.
 
     With ``features`` [n, d] (π_ref's features of each row, in the table's file order) the dual is
@@ -275,7 +275,7 @@ def solve_constraints(scores: Scores, beta: float, reward: str, constraints: Seq
                               residual_variance=None if fit is None else
                               [fit.residual_variance[c.column] for c in constraints],
                               target=target, refit=refit, evaluation_bound=evaluation_bound,
-                              delivery=delivery_spread)
+                              delivery=delivery_spread, shift_bias=shift_bias)
     except InfeasibleConstraintError as e:
         raise _column_infeasible(e, constraints) from None
     record = _record(res, reward, constraints, ref)
@@ -580,9 +580,10 @@ def make_plan(scores: Any, constraints: str | Sequence[str], *, beta: float = 0.
     return solve_config(cfg, table=as_frame(scores, "scores"))
 
 
-def solve_config(cfg: DualConfig, cache: Path | None = None, table: pd.DataFrame | None = None) -> DualRecord:
+def solve_config(cfg: DualConfig, cache: Path | None = None, table: pd.DataFrame | None = None,
+                 shift_bias: bool = True) -> DualRecord:
     """The dual of a DualConfig on its scores table (``table`` in memory, else the file ``cfg.scores``),
-    converged or refused."""
+    converged or refused (``shift_bias``: see :func:`dualign.dual.solver.solve_dual_long`)."""
     if cfg.tilt == "reachable" and (cfg.model is None or table is not None):
         raise InputError("tilt: reachable needs π_ref's features of a scores file: give --model (in a run, the "
                          "run's model is used)")
@@ -596,7 +597,7 @@ def solve_config(cfg: DualConfig, cache: Path | None = None, table: pd.DataFrame
     record = solve_constraints(scores, cfg.beta, cfg.reward, constraints, bootstrap=cfg.bootstrap,
                                confidence=cfg.confidence, evaluation=cfg.evaluation(), seed=cfg.seed,
                                features=features, ridge_alpha=cfg.ridge_alpha, evaluation_bound=cfg.evaluation_bound,
-                               delivery_spread=cfg.delivery_spread)
+                               delivery_spread=cfg.delivery_spread, shift_bias=shift_bias)
     if cfg.kl_delivery is not None:
         if record.kl_extrapolated is None:
             raise InputError("kl_delivery calibrates by the K-sample KL of what is trained, which needs two "
