@@ -104,7 +104,8 @@ FLOORS = [
     ("the dual's math and the built-in world", {"dualign.dual", "dualign.world"}),
     ("losses and pairs", {"dualign.methods"}),
     ("the stages", {"dualign.sample", "dualign.score", "dualign.dual.stage", "dualign.dual.__init__", "dualign.train",
-                    "dualign.evaluate", "dualign.recalibrate", "dualign.plan", "dualign.prealign"}),
+                    "dualign.evaluate", "dualign.recalibrate", "dualign.plan", "dualign.prealign",
+                    "dualign.pilot"}),
     ("the baselines", {"dualign.baselines"}),
     ("the comparison and the pipeline", {"dualign.compare", "dualign.pipeline"}),
     ("the command line and the public API", {"dualign.cli", "dualign.__main__", "dualign.__init__"}),
@@ -151,7 +152,7 @@ def test_an_upward_import_is_caught():
 def test_the_package_root_holds_only_the_stages_the_pipeline_and_the_cli():
     root = {p.stem for p in PACKAGE.glob("*.py")}
     assert root == {"__init__", "__main__", "cli", "pipeline", "sample", "score", "train", "evaluate",
-                    "recalibrate", "plan", "prealign"}
+                    "recalibrate", "plan", "prealign", "pilot"}
 
 
 def test_the_evaluate_stage_imports_no_other_stage():

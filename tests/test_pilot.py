@@ -43,6 +43,23 @@ def test_a_policy_that_reached_the_plan_shows_the_plans_own_change():
     assert kl == pytest.approx(F.kl(seg, r, -cost, lam, beta))
 
 
+def test_the_per_prompt_changes_average_to_the_importance_change_and_bootstrap_the_share():
+    from dualign.pilot import share_intervals
+
+    rng = np.random.default_rng(1)
+    ids = np.repeat(np.arange(300), 4)[rng.permutation(1200)]      # rows out of order
+    ell, v = rng.normal(size=1200), rng.normal(size=(1200, 2))
+    per = F.prompt_changes(ids, ell, v)
+    np.testing.assert_allclose(per.mean(axis=1), F.importance_changes(ids, ell, v)[0], atol=1e-12)
+    # a pilot that delivered exactly 0.8 of the plan on every prompt: the interval is the point
+    planned = rng.normal(-1.0, 0.5, size=(1, 300))
+    np.testing.assert_allclose(share_intervals(0.8 * planned, planned), [[0.8, 0.8]], atol=1e-12)
+    # noise around 0.8 gives an interval around the sample's ratio that narrows with more prompts
+    noisy = 0.8 * planned + rng.normal(0, 0.5, size=(1, 300))
+    lo, hi = share_intervals(noisy, planned)[0]
+    assert lo < noisy.mean() / planned.mean() < hi and hi - lo < 0.4
+
+
 def test_delivered_shares_are_clipped_and_uninformative_ones_are_one():
     np.testing.assert_allclose(F.delivered_shares([-3.0, -5.0, 1.0, 2.0, -1.0], [-4.0, -4.0, -4.0, 0.0, -4.0]),
                                [0.75, 1.25, 1.0, 1.0, 0.5])   # 0.25 clipped to 0.5
@@ -79,7 +96,8 @@ def test_after_a_pilot_each_mean_is_predicted_as_the_plans_change_times_the_shar
     measure = PilotMeasure(fraction=0.5, seed=0, prompts_trained=10, prompts_measured=10,
                            planned={"reward": -1.0, "cost": -4.0}, measured={"reward": -0.5, "cost": -3.2},
                            share={"reward": 0.5, "cost": 0.8}, bounds=[0.5, 2.0], planned_constraints=["cost<=ref-5"],
-                           kl=0.4, kl_target=0.6, first_lambdas={"cost": 1.0}, first_predicted={})
+                           kl=0.4, kl_target=0.6, first_lambdas={"cost": 1.0}, first_predicted={},
+                           share_ci={"reward": [0.2, 0.8], "cost": [0.6, 1.0]})
     rec = _record(pilot=measure)
     target = trained_target(rec)
     # the plan changes the cost by −4.5 and the reward by −1: delivered × 0.8 and × 0.5
@@ -114,7 +132,8 @@ def test_the_pilot_stage_measures_replans_and_resumes_and_restarts_to_the_same_p
     values["dual"]["constraints"] = ["cost<=ref-0.1"]
     values["pilot"] = {"fraction": 0.5, "keep_policy": True}
     run = Path(values["run_dir"])
-    report = run_pipeline(resolve_run_config(values), log=lambda s: None)
+    printed: list[str] = []
+    report = run_pipeline(resolve_run_config(values), log=printed.append)
     first, dual = read_dual(run / "pilot" / "planned.json"), read_dual(run / "dual.json")
     summary = json.loads((run / "pilot" / "pilot.json").read_text())
     measure = dual.pilot
@@ -127,12 +146,20 @@ def test_the_pilot_stage_measures_replans_and_resumes_and_restarts_to_the_same_p
     assert share == pytest.approx(min(max(expect, lo), hi) if expect > 0 else 1.0)
     assert measure.planned_constraints == [f"cost<=ref-{0.1 / share:.6g}"]
     assert summary["share"] == measure.share
+    lo_ci, hi_ci = measure.share_ci["cost"]
+    assert lo_ci <= expect <= hi_ci
     # λ was solved for the rescaled change: the first plan's change / share at the new λ
     plan_change = dual.predicted["cost"] - dual.reference["cost"]
     assert plan_change == pytest.approx(-0.1 / share, rel=1e-4, abs=1e-6) or dual.lambdas["cost"] == 0.0
     # the report predicts the plan's change × share
     cost = report["constraints"][0]
     assert cost["predicted_change"] == pytest.approx(plan_change * share, rel=1e-6)
+    # the report and the model card say what the pilot measured and what λ was planned for
+    text = " ".join(" ".join(printed).split())
+    assert f"A pilot fine-tune on {measure.prompts_trained} of the dual's prompts" in text
+    assert f"planned for {measure.planned_constraints[0]}" in text
+    card = next(p for p in (run / "policy").iterdir() if p.name.lower() == "readme.md").read_text()
+    assert "the share a pilot fine-tune delivered" in card
     logs: list[str] = []
     run_pipeline(resolve_run_config(values), log=logs.append)
     assert sum("done, skipped" in line for line in logs) == 6

@@ -576,3 +576,37 @@ def test_the_delivered_prediction_is_the_plan_less_the_fit_bias_and_its_interval
     import dataclasses
     plain = trained_target(dataclasses.replace(record, reachable=dataclasses.replace(reach, fit_bias=None)))
     assert plain.changes["cost"] == pytest.approx(-4.5) and plain.change_ci["reward"] == pytest.approx([-2.5, -1.5])
+
+
+def test_without_the_bias_shift_the_margin_is_the_spread_alone():
+    """After a pilot (shift_bias=False) the confidence margin leaves out the resamples' bias B: the
+    pilot's share was measured against the plan itself, so it holds the plan's optimism already.
+    On the inflating refit above B > 0, so the margin shrinks by it and bias_part reads 0."""
+    from dualign.dual import solve_dual_long
+
+    rng = np.random.default_rng(4)
+    n, k = 400, 6
+    level = rng.normal(0, 2, size=(n, 1))
+    cost = level + rng.normal(0, 1, size=(n, k))
+    rewards, g = (0.8 * cost + rng.normal(0, 1, size=(n, k))).ravel(), -cost.reshape(-1, 1)
+    seg = Segments.rectangular(n, k)
+    refit, _ = _inflating_refit(rewards, g, seg, 1.2)
+    b = np.array([g.mean() + 0.3])
+    kw = dict(relative=[True], confidence=0.9, seed=2, refit=refit)
+    ids = np.repeat(np.arange(n), k)
+    shifted = solve_dual_long(ids, rewards, g, b, 1.0, **kw)
+    plain = solve_dual_long(ids, rewards, g, b, 1.0, shift_bias=False, **kw)
+    dual_part, _, _, bias_part = plain.confidence_parts
+    assert bias_part[0] == 0.0 and shifted.confidence_parts[3][0] > 0.1
+    assert plain.confidence_margin[0] == pytest.approx(dual_part[0], rel=1e-9)
+    assert plain.confidence_margin[0] < shifted.confidence_margin[0] - 0.1
+    assert plain.lambdas[0] < shifted.lambdas[0]
+
+
+def test_the_pilot_variants_add_or_drop_the_pilot_section(script):
+    mod = script("build_rates")
+    default = mod.variant_values("default", "default", "r", 0)
+    with_pilot = mod.variant_values("pilot", "default", "r", 0)
+    assert with_pilot["pilot"] == {} and "pilot" not in default
+    assert {k: v for k, v in with_pilot.items() if k != "pilot"} == default
+    assert "pilot" not in mod.variant_values("no pilot", "default", "r", 0)

@@ -509,7 +509,8 @@ eval/predicted_vs_achieved.png and the aligned model in policy/."""
     p.add_argument("--pilot", action=argparse.BooleanOptionalAction, default=None,
                    help="add (--pilot) or drop (--no-pilot) the pilot stage: before the fine-tune, a pilot "
                         "fine-tune on half the dual's prompts, its delivered share of the plan measured on the "
-                        "other half's samples (no sampling), and λ planned for that share")
+                        "other half's samples (no sampling), and λ planned for that share (off by default: on the "
+                        "built-in world it spent 1.9x the KL and met no more often; docs/guides/pilot.md)")
     p.add_argument("--confidence", type=float,
                    help="plan λ with a margin, so that the held-out evaluation's estimate meets the constraint "
                         "with this probability, the fine-tune's own spread included (the default demo plans for "

@@ -107,7 +107,8 @@ def measure_pilot(policy, tokenizer, reference, scores: pd.DataFrame, planned: p
     """The pilot ``policy``'s change of every column on the ``measured_rows`` of ``scores`` (π_ref's
     samples; ``planned``: the same rows as the dual planned on them), by importance weights
     ℓ = log π_policy − log π_ref (``reference``: π_ref), against the plan's change there.
-    Returns {"planned", "measured", "kl", "kl_target"} by key (reward column, constraint names)."""
+    Returns {"planned", "measured", "share_ci"} by key (reward column, constraint names) and "kl",
+    "kl_target"."""
     from dualign.modeling.refprobs import reference_logprobs, trainer_numerics
 
     rows = scores[measured_rows].reset_index(drop=True)
@@ -120,12 +121,29 @@ def measure_pilot(policy, tokenizer, reference, scores: pd.DataFrame, planned: p
     keys = [dual.reward, *dual.names]
     columns = [dual.reward, *(c.column for c in dual.parsed)]
     weights = rows["sample_weight"].to_numpy(float) if "sample_weight" in rows else None
-    measured, kl = F.importance_changes(rows["prompt_id"].to_numpy(), logratio, rows[columns].to_numpy(float), weights)
-    plan = _plan_changes(planned[measured_rows].reset_index(drop=True), dual, columns)
+    ids = rows["prompt_id"].to_numpy()
+    measured, kl = F.importance_changes(ids, logratio, rows[columns].to_numpy(float), weights)
+    plan_rows = planned[measured_rows].reset_index(drop=True)
+    plan = _plan_changes(plan_rows, dual, columns)
     target = _plan_changes(rows, dual, columns)
+    per_measured = F.prompt_changes(ids, logratio, rows[columns].to_numpy(float), weights)
+    per_planned = F.prompt_changes(ids, mocan.lagrangian_reward(plan_rows, dual) / dual.beta,
+                                   plan_rows[columns].to_numpy(float), weights)
     return {"planned": dict(zip(keys, plan[:-1].tolist(), strict=True)),
             "measured": dict(zip(keys, measured.tolist(), strict=True)),
-            "kl": float(kl), "kl_target": float(target[-1])}
+            "kl": float(kl), "kl_target": float(target[-1]),
+            "share_ci": dict(zip(keys, share_intervals(per_measured, per_planned).tolist(), strict=True))}
+
+
+def share_intervals(measured: np.ndarray, planned: np.ndarray, resamples: int = 1000, seed: int = 0) -> np.ndarray:
+    """Each share's 95% percentile interval [c, 2] over a bootstrap of the measured prompts: the
+    ratio of the resampled means of the per-prompt changes ``measured`` and ``planned`` [c, N]
+    (:func:`dualign.dual.formulas.prompt_changes`), unclipped."""
+    n = measured.shape[1]
+    idx = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = measured[:, idx].mean(axis=2) / planned[:, idx].mean(axis=2)   # [c, resamples]
+    return np.nanpercentile(ratios, [2.5, 97.5], axis=1).T
 
 
 def rescaled_constraints(dual: DualRecord, share: dict[str, float]) -> list[str]:
@@ -182,7 +200,10 @@ def pilot(cfg: PilotConfig, train_cfg: TrainConfig, dual_cfg: DualConfig) -> Dua
                                     dual=str(root / PLANNED), scores=str(scores_path), report_to=["none"])
     tokenizer = load_tokenizer(train_cfg.model, revision=train_cfg.revision, trust_remote_code=train_cfg.trust_remote_code)
     if (root / "train.done").exists() and (root / "policy").exists():
-        policy = load_causal_lm(str(root / "policy"), dtype="float32", device="cpu")
+        import torch
+
+        device = "cuda" if train_cfg.device != "cpu" and torch.cuda.is_available() else "cpu"
+        policy = load_causal_lm(str(root / "policy"), dtype="float32", device=torch.device(device))
     else:
         pairs = mocan.pairs_from_scores(scores[trained].reset_index(drop=True), first, train_cfg.pairs_per_prompt,
                                         train_cfg.seed, str(scores_path))
@@ -204,7 +225,8 @@ def pilot(cfg: PilotConfig, train_cfg: TrainConfig, dual_cfg: DualConfig) -> Dua
                                 prompts_measured=n_measured, planned=measure["planned"], measured=measure["measured"],
                                 share=share, bounds=list(cfg.share_bounds), planned_constraints=texts,
                                 kl=measure["kl"], kl_target=measure["kl_target"],
-                                first_lambdas=dict(first.lambdas), first_predicted=dict(first.predicted))
+                                first_lambdas=dict(first.lambdas), first_predicted=dict(first.predicted),
+                                share_ci=measure["share_ci"])
     write_json({"share": share, "planned_constraints": texts, "first_lambdas": first.lambdas,
                 "lambdas": record.lambdas, **measure}, root / "pilot.json")
     if not cfg.keep_policy:

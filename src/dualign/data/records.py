@@ -155,6 +155,8 @@ class PilotMeasure:
     kl_target: float
     first_lambdas: dict[str, float]
     first_predicted: dict[str, float]
+    # each share's 95% interval over a bootstrap of the measured prompts (the measure's own noise)
+    share_ci: dict[str, list[float]] | None = None
 
 
 def delivery_calibration(kl_k: float, kl: Sequence[float]) -> DeliveryCalibration:

@@ -377,7 +377,8 @@ def _prediction_lines(report: EvalReport) -> list[str]:
                                   "so trust the KL predicted less." if cal.extrapolated and cal.kl_k_range else ""), 100)
     if report.pilot is not None:
         p = report.pilot
-        shares = ", ".join(f"{k} {p.share[k]:.2f}" for k in p.share)
+        shares = ", ".join(f"{k} {p.share[k]:.2f}" + (f" (95% CI {p.share_ci[k][0]:.2f}–{p.share_ci[k][1]:.2f})"
+                                                       if p.share_ci and k in p.share_ci else "") for k in p.share)
         lines += textwrap.wrap(
             f"A pilot fine-tune on {p.prompts_trained} of the dual's prompts delivered these shares of the plan's "
             f"changes on the other {p.prompts_measured} prompts' π_ref samples (importance-weighted): {shares}. "

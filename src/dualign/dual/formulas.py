@@ -213,6 +213,18 @@ def importance_changes(prompt_ids, logratios, values, sample_weights=None) -> tu
     return tilted - reference_means(prompt_ids, v.reshape(len(v), -1), sample_weights), kl_q
 
 
+def prompt_changes(prompt_ids, logits, values, sample_weights=None) -> np.ndarray:
+    """Σ_k (p_k − w_k)·v_k for every prompt x → [c, N] (prompts in order of first appearance), with
+    p ∝ w·exp(s) within each prompt: the per-prompt terms whose mean over prompts is the change of
+    :func:`tilted_means` / :func:`importance_changes` (so a prompt bootstrap can resample them)."""
+    seg = Segments.of(prompt_ids)
+    s = seg.group(np.asarray(logits, dtype=np.float64))
+    v = seg.group(np.asarray(values, dtype=np.float64).reshape(len(s), -1))
+    w = None if sample_weights is None else seg.group(np.asarray(sample_weights, dtype=np.float64))
+    p = tilted_weights(seg, s, log_weights(seg, w))
+    return seg.sum((p - normalised_weights(seg, w)) * v.T)
+
+
 def delivered_shares(achieved, planned, bounds: tuple[float, float] = (0.5, 2.0)) -> np.ndarray:
     """ρ_j = Δa_j / Δp_j, the share of each planned change Δp_j that a fine-tune delivered (Δa_j),
     clipped to ``bounds``; a planned change of 0, or a share of the wrong sign, says nothing about
