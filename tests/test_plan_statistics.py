@@ -494,6 +494,16 @@ def test_build_rates_variants_set_demo_flags_and_train_keys(script):
     assert wide["train"] == default["train"]
 
 
+def _correlated_world(n: int = 400, k: int = 6, seed: int = 4):
+    """(n, k, rewards [n·k], g [n·k, 1], segments): a cost with a per-prompt level and a reward
+    correlated with it, so that a constraint on the cost binds."""
+    rng = np.random.default_rng(seed)
+    level = rng.normal(0, 2, size=(n, 1))
+    cost = level + rng.normal(0, 1, size=(n, k))
+    rewards, g = (0.8 * cost + rng.normal(0, 1, size=(n, k))).ravel(), -cost.reshape(-1, 1)
+    return n, k, rewards, g, Segments.rectangular(n, k)
+
+
 def _inflating_refit(rewards: np.ndarray, g: np.ndarray, seg: Segments, factor: float):
     """A refit whose every resample spreads each prompt's utilities ``factor`` times wider around
     their prompt mean (what a noisier fit does to the fitted scores), rewards unchanged."""
@@ -511,12 +521,7 @@ def test_the_margin_measures_spread_from_the_resamples_centre_and_adds_their_bia
     from dualign.dual.solver import _slack_draws, fit_bias, slack_bias, slack_spread
     from dualign.dual.tilt import Tilt
 
-    rng = np.random.default_rng(4)
-    n, k = 400, 6
-    level = rng.normal(0, 2, size=(n, 1))
-    cost = level + rng.normal(0, 1, size=(n, k))
-    rewards, g = (0.8 * cost + rng.normal(0, 1, size=(n, k))).ravel(), -cost.reshape(-1, 1)
-    seg = Segments.rectangular(n, k)
+    n, k, rewards, g, seg = _correlated_world()
     samples = flat_samples(seg, rewards, g, None, np.arange(n))
     refit, inflated = _inflating_refit(rewards, g, seg, 1.2)
     margin = 0.3
@@ -584,12 +589,7 @@ def test_without_the_bias_shift_the_margin_is_the_spread_alone():
     On the inflating refit above B > 0, so the margin shrinks by it and bias_part reads 0."""
     from dualign.dual import solve_dual_long
 
-    rng = np.random.default_rng(4)
-    n, k = 400, 6
-    level = rng.normal(0, 2, size=(n, 1))
-    cost = level + rng.normal(0, 1, size=(n, k))
-    rewards, g = (0.8 * cost + rng.normal(0, 1, size=(n, k))).ravel(), -cost.reshape(-1, 1)
-    seg = Segments.rectangular(n, k)
+    n, k, rewards, g, seg = _correlated_world()
     refit, _ = _inflating_refit(rewards, g, seg, 1.2)
     b = np.array([g.mean() + 0.3])
     kw = dict(relative=[True], confidence=0.9, seed=2, refit=refit)
