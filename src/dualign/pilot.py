@@ -93,15 +93,6 @@ def pilot_folds(prompt_ids: np.ndarray, fraction: float, seed: int) -> np.ndarra
     return seg.ungroup(seg.expand(drawn))
 
 
-def _plan_changes(table: pd.DataFrame, dual: DualRecord, columns: list[str]) -> np.ndarray:
-    """The tilt at dual's λ of ``table``'s rows: each column's change over π_ref's mean [c], and its KL."""
-    ids = table["prompt_id"].to_numpy()
-    values = table[columns].to_numpy(float)
-    changes, kl = F.importance_changes(ids, mocan.lagrangian_reward(table, dual) / dual.beta, values,
-                                       table["sample_weight"].to_numpy(float) if "sample_weight" in table else None)
-    return np.append(changes, kl)
-
-
 def measure_pilot(policy, tokenizer, reference, scores: pd.DataFrame, planned: pd.DataFrame, dual: DualRecord,
                   measured_rows: np.ndarray, template: str, batch_size: int = 16) -> dict[str, Any]:
     """The pilot ``policy``'s change of every column on the ``measured_rows`` of ``scores`` (π_ref's
@@ -121,17 +112,17 @@ def measure_pilot(policy, tokenizer, reference, scores: pd.DataFrame, planned: p
     keys = [dual.reward, *dual.names]
     columns = [dual.reward, *(c.column for c in dual.parsed)]
     weights = rows["sample_weight"].to_numpy(float) if "sample_weight" in rows else None
-    ids = rows["prompt_id"].to_numpy()
-    measured, kl = F.importance_changes(ids, logratio, rows[columns].to_numpy(float), weights)
+    ids, values = rows["prompt_id"].to_numpy(), rows[columns].to_numpy(float)
+    measured, kl = F.importance_changes(ids, logratio, values, weights)
     plan_rows = planned[measured_rows].reset_index(drop=True)
-    plan = _plan_changes(plan_rows, dual, columns)
-    target = _plan_changes(rows, dual, columns)
-    per_measured = F.prompt_changes(ids, logratio, rows[columns].to_numpy(float), weights)
+    # the plan's per-prompt changes: their mean is its change on these prompts, their resamples the share's CI
     per_planned = F.prompt_changes(ids, mocan.lagrangian_reward(plan_rows, dual) / dual.beta,
                                    plan_rows[columns].to_numpy(float), weights)
-    return {"planned": dict(zip(keys, plan[:-1].tolist(), strict=True)),
+    per_measured = F.prompt_changes(ids, logratio, values, weights)
+    _, kl_target = F.tilted_means(ids, mocan.lagrangian_reward(rows, dual) / dual.beta, values, weights)
+    return {"planned": dict(zip(keys, per_planned.mean(axis=1).tolist(), strict=True)),
             "measured": dict(zip(keys, measured.tolist(), strict=True)),
-            "kl": float(kl), "kl_target": float(target[-1]),
+            "kl": float(kl), "kl_target": float(kl_target),
             "share_ci": dict(zip(keys, share_intervals(per_measured, per_planned).tolist(), strict=True))}
 
 

@@ -134,11 +134,7 @@ def group_changes(prompt_ids, logits, values, groups, sample_weights=None) -> di
     in any order): the tilt's change of each column within each group of prompts. Weighted by the
     groups' shares of the prompts, they sum to the change over all prompts."""
     seg = Segments.of(prompt_ids)
-    s = seg.group(np.asarray(logits, dtype=np.float64))
-    v = seg.group(np.asarray(values, dtype=np.float64).reshape(len(s), -1))
-    w = None if sample_weights is None else seg.group(np.asarray(sample_weights, dtype=np.float64))
-    p = tilted_weights(seg, s, log_weights(seg, w))
-    per_prompt = seg.sum((p - normalised_weights(seg, w)) * v.T)  # [c, N]
+    per_prompt = prompt_changes(prompt_ids, logits, values, sample_weights)  # [c, N]
     labels = np.asarray(seg.group(np.asarray(groups, dtype=object))[seg.starts]).astype(str)
     return {str(g): per_prompt[:, labels == g].mean(axis=1) for g in dict.fromkeys(labels)}
 
